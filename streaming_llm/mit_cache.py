@@ -1,0 +1,79 @@
+"""StartRecentKVCache: the public form of MIT's cache (mit-han-lab/streaming-llm, kv_cache.py).
+
+It works on a transformers-4.33-style `past_key_values`: a list, one entry per layer, of (keys, values)
+tensors whose sequence dimension is `k_seq_dim` / `v_seq_dim`. Selected with streaming_mode="mit",
+where the streaming cache hands its per-layer tensors to it after every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PastKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _slice(x: torch.Tensor, dim: int, start: int, end: int | None) -> torch.Tensor:
+    return x.narrow(dim, start, (x.size(dim) if end is None else end) - start)
+
+
+class StartRecentKVCache:
+    """Keep the first `start_size` and the last `recent_size` entries of every layer's keys and values."""
+
+    def __init__(self, start_size: int = 4, recent_size: int = 512, k_seq_dim: int = 2, v_seq_dim: int = 2):
+        if start_size < 0:
+            raise ValueError(f"start_size must be >= 0, got {start_size}")
+        if recent_size < 1:
+            raise ValueError(f"recent_size must be >= 1, got {recent_size}")
+        self.start_size = start_size
+        self.recent_size = recent_size
+        self.cache_size = start_size + recent_size
+        self.k_seq_dim = k_seq_dim
+        self.v_seq_dim = v_seq_dim
+
+    def _keep(self, past: PastKeyValues, recent_from_end: int) -> PastKeyValues:
+        """Concatenate [0, start_size) with the `recent_from_end` last entries of every layer."""
+        kept = []
+        for k, v in past:
+            seq_len = k.size(self.k_seq_dim)
+            k_kept = torch.cat(
+                [_slice(k, self.k_seq_dim, 0, self.start_size), _slice(k, self.k_seq_dim, seq_len - recent_from_end, None)],
+                dim=self.k_seq_dim,
+            )
+            v_kept = torch.cat(
+                [_slice(v, self.v_seq_dim, 0, self.start_size), _slice(v, self.v_seq_dim, seq_len - recent_from_end, None)],
+                dim=self.v_seq_dim,
+            )
+            kept.append((k_kept, v_kept))
+        return kept
+
+    def __call__(self, past: PastKeyValues | None) -> PastKeyValues | None:
+        """Cut every layer to start + recent entries (a no-op while it still fits)."""
+        if past is None:
+            return None
+        if past[0][0].size(self.k_seq_dim) <= self.cache_size:
+            return past
+        return self._keep(past, self.recent_size)
+
+    def evict_for_space(self, past: PastKeyValues | None, num_coming: int) -> PastKeyValues | None:
+        """Evict before a step so that `num_coming` new entries fit within start + recent."""
+        if past is None:
+            return None
+        seq_len = past[0][0].size(self.k_seq_dim)
+        if seq_len + num_coming <= self.cache_size:
+            return past
+        return self._keep(past, max(0, self.recent_size - num_coming))
+
+    def evict_range(self, past: PastKeyValues | None, start: int, end: int) -> PastKeyValues | None:
+        """Drop entries [start, end) of every layer."""
+        if past is None:
+            return None
+        seq_len = past[0][0].size(self.k_seq_dim)
+        if not 0 <= start <= end <= seq_len:
+            raise ValueError(f"evict_range needs 0 <= start <= end <= {seq_len}, got start={start}, end={end}")
+        return [
+            (
+                torch.cat([_slice(k, self.k_seq_dim, 0, start), _slice(k, self.k_seq_dim, end, None)], dim=self.k_seq_dim),
+                torch.cat([_slice(v, self.v_seq_dim, 0, start), _slice(v, self.v_seq_dim, end, None)], dim=self.v_seq_dim),
+            )
+            for k, v in past
+        ]

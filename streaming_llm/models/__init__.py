@@ -1,0 +1,68 @@
+"""Model adapters: where each architecture family keeps its rotary embedding and attention layers.
+
+The streaming attention itself is architecture-independent (it only needs the cos/sin the model
+passes to `cache.update` and the rotary frequencies); an adapter only says where to find them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from torch import nn
+
+from streaming_llm.models import gpt_neox, llama
+from streaming_llm.rope import RotaryParams
+
+ADAPTERS: tuple[ModuleType, ...] = (llama, gpt_neox)
+SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.MODEL_TYPES)
+# RoPE variants whose frequencies do not depend on the sequence length seen so far.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the streaming code needs to know about a loaded model."""
+
+    model_type: str
+    rotary: RotaryParams
+    attention_modules: list[nn.Module]
+    max_positions: int | None
+
+    @property
+    def rotary_ndims(self) -> int:
+        return self.rotary.rotary_ndims
+
+
+def adapter_for(config) -> ModuleType:
+    """The adapter module for a config, or ValueError naming the supported model types."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.MODEL_TYPES:
+            return adapter
+    raise ValueError(
+        f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+        "(RoPE decoder-only models)"
+    )
+
+
+def describe(model: nn.Module) -> Architecture:
+    """Inspect a loaded Hugging Face causal LM; ValueError if streaming cannot support it."""
+    config = model.config
+    adapter = adapter_for(config)
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ValueError(
+            f"RoPE type {rope_type!r} changes its frequencies with the sequence length, which a fixed-position "
+            f"streaming cache cannot honour; supported RoPE types: {', '.join(STATIC_ROPE_TYPES)}"
+        )
+    rotary_emb = adapter.rotary_embedding(model)
+    inv_freq = rotary_emb.inv_freq.detach().float()
+    rotary = RotaryParams(inv_freq, 2 * inv_freq.shape[0], float(getattr(rotary_emb, "attention_scaling", 1.0)))
+    return Architecture(
+        model_type=config.model_type,
+        rotary=rotary,
+        attention_modules=adapter.attention_modules(model),
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )

@@ -1,0 +1,83 @@
+"""The three position modes of SEMANTICS.md §2, each a small policy over one frame of reference.
+
+Every mode places a kept key at a frame position phi(p) (p = its stream position) and gives each
+query t two positions: psi_sink(t) for the sink keys and psi_window(t) for all other keys. Attention
+scores then depend on the differences only:
+
+- pos_shift / rerotate:  psi_window(t) - phi(p) = t - p                (true distance to window keys)
+                         psi_sink(t)   - phi(j) = min(t, C) - j         (sinks sit at the cache start)
+- absolute:              both differences are t - p (every key keeps its first position).
+
+Sinks always sit at phi(j) = j. Window keys sit at phi(p) = p - base, where `base` is the frame
+offset: 0 for absolute; for pos_shift and rerotate it is chosen so that positions stay within the
+cache capacity however long the stream gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+POSITION_MODES = ("pos_shift", "rerotate", "absolute")
+
+
+@dataclass(frozen=True)
+class PositionPolicy:
+    """How keys are stored and which positions a step uses.
+
+    mode: one of POSITION_MODES; stores_raw_keys: keys are kept un-rotated and rotated at attention
+    time (pos_shift, as MIT's pos-shift attention does) rather than stored rotated (rerotate, absolute).
+    """
+
+    mode: str
+    n_sink: int
+    window_size: int
+
+    @property
+    def capacity(self) -> int:
+        return self.n_sink + self.window_size
+
+    @property
+    def stores_raw_keys(self) -> bool:
+        return self.mode == "pos_shift"
+
+    def step_base(self, last_position: int) -> int:
+        """Frame offset for a step whose newest token has stream position `last_position`.
+
+        pos_shift puts the newest query at slot min(t, C), exactly MIT's cache index; absolute keeps
+        stream positions. (rerotate keeps its own stored offset, see `kept_base`.)
+        """
+        if self.mode == "absolute":
+            return 0
+        return max(0, last_position - self.capacity)
+
+    def kept_base(self, seen: int) -> int:
+        """Offset that puts the kept window keys at their cache slots after `seen` tokens (rerotate)."""
+        if self.mode == "absolute":
+            return 0
+        first_window = max(self.n_sink, seen - self.window_size)
+        return first_window - min(self.n_sink, seen)
+
+    def key_frame(self, positions: torch.Tensor, base: int) -> torch.Tensor:
+        """phi(p): sinks at their index, every other key at p - base."""
+        return torch.where(positions < self.n_sink, positions, positions - base)
+
+    def query_frames(self, positions: torch.Tensor, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(psi_sink(t), psi_window(t)) for query stream positions t."""
+        if self.mode == "absolute":
+            return positions, positions
+        return positions.clamp(max=self.capacity), positions - base
+
+
+def visible(query_positions: torch.Tensor, key_positions: torch.Tensor, n_sink: int, window_size: int) -> torch.Tensor:
+    """Boolean [n_query, n_key]: which keys each query attends to (SEMANTICS.md §1).
+
+    Query t sees sinks {j < n_sink, j <= t} and the window {max(n_sink, t - window_size) <= p <= t}.
+    Key positions < 0 mark empty slots and are never visible.
+    """
+    t = query_positions[:, None]
+    p = key_positions[None, :]
+    causal = (p >= 0) & (p <= t)
+    in_window = p >= torch.clamp(t - window_size, min=n_sink)
+    return causal & ((p < n_sink) | in_window)

@@ -1,0 +1,93 @@
+"""Rotary position embedding (RoPE) math: rotate, un-rotate and re-rotate keys and queries.
+
+Convention: the `rotate_half` form used by Llama and GPTNeoX in transformers. Only the first
+`rotary_ndims` features of each head are rotated (partial rotary, GPTNeoX `rotary_pct`); the
+rest pass through unchanged in every function here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `positions[..., seq] * inv_freq`, shaped [..., seq, rotary_ndims], in float32.
+
+    Computed the way transformers computes them (float32 outer product, then duplicated halves), so
+    that a key rotated here at position p equals the model's own key at p bit for bit or nearly so.
+    """
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` features of x ([..., seq, head_dim]) by the angles in cos/sin."""
+    rotary_ndims = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if rotary_ndims == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary_ndims], x[..., rotary_ndims:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def undo_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of `apply_rotation` with the same cos/sin (rotation by the negative angle)."""
+    return apply_rotation(x, cos, -sin)
+
+
+def rerotate_keys(
+    keys: torch.Tensor,
+    delta: int | torch.Tensor,
+    inv_freq: torch.Tensor,
+    rotary_ndims: int | None = None,
+) -> torch.Tensor:
+    """Rotate already-rotated keys [..., seq, head_dim] by a position delta.
+
+    `delta` is an int or a LongTensor broadcastable to [..., seq]; `rotary_ndims` defaults to
+    2 * len(inv_freq). Satisfies rerotate_keys(rope(k, p), q - p, ...) == rope(k, q), since RoPE
+    rotations compose additively.
+    """
+    ndims = 2 * inv_freq.shape[-1]
+    if rotary_ndims is not None and rotary_ndims != ndims:
+        raise ValueError(f"rotary_ndims={rotary_ndims} does not match inv_freq ({inv_freq.shape[-1]} frequencies)")
+    delta = torch.as_tensor(delta, device=keys.device)
+    if delta.ndim == 0:
+        delta = delta.expand(keys.shape[-2])
+    cos, sin = cos_sin(delta, inv_freq)
+    return apply_rotation(keys, cos, sin)
+
+
+@dataclass(frozen=True)
+class RotaryParams:
+    """What the cache needs to rotate keys and queries at positions of its choosing.
+
+    inv_freq: [rotary_ndims // 2] float32 frequencies; rotary_ndims: rotated features per head;
+    attention_scaling: the factor some RoPE variants fold into cos/sin (1.0 for the default type).
+    """
+
+    inv_freq: torch.Tensor
+    rotary_ndims: int
+    attention_scaling: float = 1.0
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [..., seq, head_dim] rotated at `positions` [seq] (or broadcastable [..., seq])."""
+        cos, sin = cos_sin(positions, self.inv_freq)
+        return apply_rotation(x, cos * self.attention_scaling, sin * self.attention_scaling)
+
+    def unrotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Recover pre-RoPE features from x rotated by the model with (cos, sin) [batch, seq, rotary_ndims].
+
+        cos/sin carry `attention_scaling` a (x = a * R(theta) x_raw), so the inverse rotation is
+        scaled by 1 / a**2; the features past rotary_ndims were never touched.
+        """
+        inverse_scale = 1.0 / (self.attention_scaling**2)
+        return undo_rotation(x, cos[:, None] * inverse_scale, sin[:, None] * inverse_scale)

@@ -1,0 +1,61 @@
+"""StreamingLLMWrapper: a loaded model + a StreamingKVCache, fed the stream a block at a time."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from streaming_llm.attention import prepare_model
+from streaming_llm.cache import StreamingKVCache, validate_config
+from streaming_llm.models import describe
+
+
+class StreamingLLMWrapper:
+    """Feed an endless stream through `model` with a cache of `n_sink + window_size` tokens.
+
+    `wrapper(input_ids)` takes the next tokens of the stream, [batch, n] with n >= 1, and returns their
+    logits [batch, n, vocab]. Feeding n tokens at once equals feeding them one at a time: a long prompt
+    is streamed through the window with its sinks, never attended densely. Every row of a batch is an
+    independent stream of the same length.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_sink: int = 4,
+        window_size: int = 1020,
+        position_mode: str = "pos_shift",
+        streaming_mode: str = "ours",
+    ):
+        validate_config(n_sink, window_size, position_mode, streaming_mode)
+        self.architecture = describe(model)
+        self.model = prepare_model(model)
+        self.n_sink, self.window_size = n_sink, window_size
+        self.position_mode, self.streaming_mode = position_mode, streaming_mode
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> StreamingKVCache:
+        return StreamingKVCache(self.n_sink, self.window_size, self.position_mode, self.streaming_mode)
+
+    @property
+    def cache_capacity(self) -> int:
+        return self.n_sink + self.window_size
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.cache.get_seq_length()
+
+    def reset(self) -> None:
+        """Forget the stream: the next call starts at stream position 0."""
+        self.cache = self._new_cache()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [batch, n] with n >= 1, got shape {tuple(input_ids.shape)}")
+        # Position 0 makes the model's own RoPE the identity; the cache applies the real positions.
+        position_ids = torch.zeros_like(input_ids)
+        output = self.model(
+            input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True
+        )
+        return output.logits
