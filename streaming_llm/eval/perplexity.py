@@ -1,0 +1,82 @@
+"""compute_perplexity: score a stream with any stepper, one token per step or in exact blocks (SEMANTICS.md §4).
+
+A *stepper* is anything with `reset()` and `__call__(input_ids [1, n]) -> logits [1, n, vocab]` that
+feeds the next n tokens of one stream: StreamingLLMWrapper, the baselines in `baselines.py`, the
+kvpress adapters. Every method is scored by this one function on the same token ids.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Stepper(Protocol):
+    def reset(self) -> None: ...
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class PerplexityResult:
+    """perplexity = exp(mean NLL) over the T-1 predictions; nlls[t] scores token t+1 from step t."""
+
+    perplexity: float
+    nlls: torch.Tensor  # [T-1] float64, natural log
+    num_tokens: int
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.num_tokens - 1) / self.wall_s if self.wall_s > 0 else float("inf")
+
+
+def compute_perplexity(
+    stepper: Stepper,
+    input_ids: torch.Tensor,
+    block_size: int = 1,
+    progress: bool = False,
+    description: str = "perplexity",
+    on_block=None,
+) -> PerplexityResult:
+    """Feed tokens 0..T-2 of `input_ids` [1, T] through `stepper` and score tokens 1..T-1.
+
+    block_size=1 is the decode loop; a larger block is the exact parallel evaluator for steppers whose
+    block path equals their token path (streaming and dense). `on_block(end, nlls_so_far)` is called
+    after each block (for checkpoints).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+    total = input_ids.shape[1]
+    if total < 2:
+        raise ValueError(f"need at least 2 tokens to score a prediction, got {total}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    steps = total - 1
+    nlls = torch.empty(steps, dtype=torch.float64)
+    stepper.reset()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=description, unit="tok", leave=False)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, steps, block_size):
+            end = min(start + block_size, steps)
+            logits = stepper(input_ids[:, start:end])
+            targets = input_ids[0, start + 1 : end + 1].to(logits.device)
+            nlls[start:end] = F.cross_entropy(logits[0].double(), targets, reduction="none").cpu()
+            if bar is not None:
+                bar.update(end - start)
+            if on_block is not None:
+                on_block(end, nlls[:end])
+    wall = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    return PerplexityResult(float(torch.exp(nlls.mean())), nlls, total, wall)
