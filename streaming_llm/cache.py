@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible
-from streaming_llm.rope import RotaryParams, rerotate_keys
+from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
 
 STREAMING_MODES = ("ours", "mit")
 
@@ -40,168 +40,6 @@ def validate_config(n_sink: int, window_size: int, position_mode: str, streaming
         raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}; got {position_mode!r}")
     if streaming_mode not in STREAMING_MODES:
         raise ValueError(f"streaming_mode must be one of {', '.join(STREAMING_MODES)}; got {streaming_mode!r}")
-
-
-class StreamingLayer(CacheLayerMixin):
-    """One layer's kept keys/values and the streaming attention over them."""
-
-    def __init__(self, policy: PositionPolicy, streaming_mode: str):
-        super().__init__()
-        self.policy = policy
-        self.streaming_mode = streaming_mode
-        self.seen = 0  # tokens of the stream this layer has processed
-        self.base = 0  # frame offset of the stored window keys (rerotate mode)
-        self.pending: dict[str, Any] | None = None
-        self.positions: torch.Tensor | None = None  # stream position of every stored slot, -1 = empty
-        if streaming_mode == "mit":
-            self.mit = StartRecentKVCache(policy.n_sink, policy.window_size, k_seq_dim=2, v_seq_dim=2)
-
-    # -- transformers' CacheLayerMixin contract ------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, kv_heads, _, head_dim = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        if self.streaming_mode == "ours":
-            slots = self.policy.capacity
-            self.keys = key_states.new_zeros(batch, kv_heads, slots, head_dim)
-            self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
-            self.positions = torch.full((slots,), -1, dtype=torch.long, device=self.device)
-        else:
-            self.keys = key_states[:, :, :0]
-            self.values = value_states[:, :, :0]
-            self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, cache_kwargs=None):
-        """Record the step's new keys/values; the attention function consumes them (see attention.py)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.keys.shape[0]:
-            raise ValueError(
-                f"this cache holds a batch of {self.keys.shape[0]} streams; got {key_states.shape[0]} (call reset())"
-            )
-        cache_kwargs = cache_kwargs or {}
-        if "cos" not in cache_kwargs or "sin" not in cache_kwargs:
-            raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs (RoPE models only)")
-        self.pending = {"keys": key_states, "values": value_states, "cos": cache_kwargs["cos"], "sin": cache_kwargs["sin"]}
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_cache_length() + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1  # unbounded stream; the kept length is bounded by `capacity`
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def max_cache_len(self) -> int:
-        return self.policy.capacity
-
-    def reset(self) -> None:
-        self.keys = self.values = self.positions = None
-        self.is_initialized = False
-        self.seen = self.base = 0
-        self.pending = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.index_select(0, beam_idx.to(self.keys.device))
-            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
-
-    # -- streaming ------------------------------------------------------------------------------------
-    def get_cache_length(self) -> int:
-        """Tokens held now (<= capacity after every step)."""
-        if self.positions is None:
-            return 0
-        return int((self.positions >= 0).sum())
-
-    def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
-        """Streaming attention of this step's queries over the kept and the new keys, then eviction.
-
-        query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
-        """
-        step = self.pending
-        self.pending = None
-        policy = self.policy
-        n = query.shape[-2]
-        groups = query.shape[1] // step["keys"].shape[1]
-        new_positions = torch.arange(self.seen, self.seen + n, device=query.device)
-        base = self.base if policy.mode == "rerotate" else policy.step_base(self.seen + n - 1)
-
-        query_raw = rotary.unrotate(query, step["cos"], step["sin"])
-        keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
-        new_keys = keys_raw if policy.stores_raw_keys else rotary.rotate(keys_raw, policy.key_frame(new_positions, base))
-
-        sink_frame, window_frame = policy.query_frames(new_positions, base)
-        query_window = rotary.rotate(query_raw, window_frame)
-        query_sink = rotary.rotate(query_raw, sink_frame) if policy.mode != "absolute" else query_window
-
-        blocks = [(self.keys, self.values, self.positions), (new_keys, step["values"], new_positions)]
-        scores, values = [], []
-        for keys, block_values, positions in blocks:
-            if keys.shape[-2] == 0:
-                continue
-            if policy.stores_raw_keys:
-                keys = rotary.rotate(keys, policy.key_frame(positions, base))
-            block_scores = _grouped_scores(query_window, keys)
-            if policy.n_sink > 0 and policy.mode != "absolute":
-                is_sink = positions < policy.n_sink
-                if bool(is_sink.any()):
-                    block_scores = torch.where(is_sink, _grouped_scores(query_sink, keys), block_scores)
-            mask = visible(new_positions, positions, policy.n_sink, policy.window_size).repeat(groups, 1)
-            scores.append(block_scores.masked_fill(~mask, float("-inf")))
-            values.append(block_values)
-        probabilities = torch.softmax(torch.cat(scores, dim=-1).float() * scaling, dim=-1).to(query.dtype)
-        output = _grouped_output(probabilities, values, query.shape[1])
-
-        self._store(new_keys, step["values"], new_positions, rotary)
-        return output
-
-    def _store(self, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor, rotary: RotaryParams):
-        """Keep the first n_sink and the most recent window_size tokens (eviction after attention)."""
-        policy = self.policy
-        self.seen += new_keys.shape[-2]
-        if self.streaming_mode == "ours":
-            keep = (new_positions < policy.n_sink) | (new_positions >= self.seen - policy.window_size)
-            positions = new_positions[keep]
-            slots = torch.where(
-                positions < policy.n_sink, positions, policy.n_sink + (positions - policy.n_sink) % policy.window_size
-            )
-            self.keys.index_copy_(2, slots, new_keys[:, :, keep])
-            self.values.index_copy_(2, slots, new_values[:, :, keep])
-            self.positions.index_copy_(0, slots, positions)
-        else:
-            (self.keys, self.values), = self.mit([(torch.cat([self.keys, new_keys], 2), torch.cat([self.values, new_values], 2))])
-            all_positions = torch.cat([self.positions, new_positions])
-            self.positions = all_positions if all_positions.shape[0] <= policy.capacity else torch.cat(
-                [all_positions[: policy.n_sink], all_positions[-policy.window_size :]]
-            )
-        if policy.mode == "rerotate":
-            new_base = policy.kept_base(self.seen)
-            if new_base != self.base:
-                is_window = self.positions >= policy.n_sink
-                moved = rerotate_keys(self.keys, self.base - new_base, rotary.inv_freq)
-                self.keys = torch.where(is_window[:, None], moved, self.keys)
-                self.base = new_base
-
-    def compress(self, rotary: RotaryParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kept (keys, values, positions) in stream order, keys rotated at their cache slots 0..len-1."""
-        held = self.positions >= 0
-        order = torch.argsort(torch.where(held, self.positions, torch.iinfo(torch.long).max))[: int(held.sum())]
-        positions = self.positions[order]
-        keys, values = self.keys[:, :, order], self.values[:, :, order]
-        slots = torch.arange(positions.shape[0], device=positions.device)
-        if self.policy.stores_raw_keys:
-            keys = rotary.rotate(keys, slots)
-        else:
-            stored_frame = self.policy.key_frame(positions, self.base)
-            keys = rerotate_keys(keys, slots - stored_frame, rotary.inv_freq)
-        return keys, values, positions
 
 
 def _grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -228,6 +66,303 @@ def _grouped_output(probabilities: torch.Tensor, values: list[torch.Tensor], hea
     return output.reshape(batch, heads, grouped_n * kv_heads // heads, dim)
 
 
+class StreamingLayer(CacheLayerMixin):
+    """One layer's kept keys/values and the streaming attention over them (storage in subclasses)."""
+
+    def __init__(self, policy: PositionPolicy, shared: dict):
+        super().__init__()
+        self.policy = policy
+        self.shared = shared  # per-step values every layer reuses (the decode rotation matrices)
+        self.seen = 0  # tokens of the stream this layer has processed
+        self.base = 0  # frame offset of the stored window keys: key p sits at position p - base
+        self.pending: dict[str, Any] | None = None
+        self.positions: torch.Tensor | None = None  # stream position of every stored slot, -1 = empty
+
+    stores_raw_keys = False
+
+    # -- transformers' CacheLayerMixin contract ------------------------------------------------------
+    def update(self, key_states, value_states, cache_kwargs=None):
+        """Record the step's new keys/values; the attention function consumes them (see attention.py)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.values.shape[0]:
+            raise ValueError(
+                f"this cache holds a batch of {self.values.shape[0]} streams; got {key_states.shape[0]} (reset it first)"
+            )
+        cache_kwargs = cache_kwargs or {}
+        if "cos" not in cache_kwargs or "sin" not in cache_kwargs:
+            raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs (RoPE models only)")
+        self.pending = {"keys": key_states, "values": value_states, "cos": cache_kwargs["cos"], "sin": cache_kwargs["sin"]}
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_cache_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1  # unbounded stream; the kept length is bounded by `capacity`
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.policy.capacity
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = None
+        self.is_initialized = False
+        self.seen = self.base = 0
+        self.pending = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with a streaming cache")
+
+    # -- what every storage provides --------------------------------------------------------------------
+    def held_mask(self) -> torch.Tensor:
+        """Which stored slots hold a kept token: the sinks and the last window_size tokens."""
+        policy = self.policy
+        recent = self.positions >= self.seen - policy.window_size
+        return (self.positions >= 0) & ((self.positions < policy.n_sink) | recent)
+
+    def get_cache_length(self) -> int:
+        """Tokens held now (<= capacity after every step)."""
+        return 0 if self.positions is None else int(self.held_mask().sum())
+
+    def held_blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(keys, values, positions) blocks in their stored frame; empty slots have position -1."""
+        raise NotImplementedError
+
+    def store(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write a step's new tokens (keys in the stored frame) and drop what the window no longer holds."""
+        raise NotImplementedError
+
+    def shift_window_keys(self, delta: int, rotary: RotaryParams) -> None:
+        """Rotate every stored window key (position >= n_sink) by `delta` positions."""
+        raise NotImplementedError
+
+    # -- streaming attention ----------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
+        """Streaming attention of this step's queries over the kept and the new keys, then eviction.
+
+        query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
+        """
+        step, self.pending = self.pending, None
+        if step["sin"].any():
+            query_raw = rotary.unrotate(query, step["cos"], step["sin"])
+            keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
+        else:  # the model rotated at position 0 (the wrapper's choice): nothing to undo
+            query_raw, keys_raw = query, step["keys"]
+        output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling)
+        self.store(stored_keys, step["values"], new_positions)
+        self.seen += query.shape[-2]
+        self.advance_frame(rotary)
+        return output
+
+    def attend_block(self, query_raw, keys_raw, values, rotary: RotaryParams, scaling: float):
+        """The general path: any number of new tokens, positions and visibility from SEMANTICS.md.
+
+        Returns (output [b, heads, n, d], new keys in the stored frame, their stream positions).
+        """
+        policy = self.policy
+        n = query_raw.shape[-2]
+        groups = query_raw.shape[1] // keys_raw.shape[1]
+        new_positions = torch.arange(self.seen, self.seen + n, device=query_raw.device)
+        base = policy.step_base(self.seen + n - 1) if self.stores_raw_keys else self.base
+
+        new_keys = rotary.rotate(keys_raw, policy.key_frame(new_positions, base))
+        sink_frame, window_frame = policy.query_frames(new_positions, base)
+        query_window = rotary.rotate(query_raw, window_frame)
+        query_sink = rotary.rotate(query_raw, sink_frame) if policy.mode != "absolute" else query_window
+
+        blocks = self.held_blocks()
+        if self.stores_raw_keys:
+            blocks = [(rotary.rotate(k, policy.key_frame(p, base)), v, p) for k, v, p in blocks]
+        blocks.append((new_keys, values, new_positions))
+        scores, block_values = [], []
+        for keys, vals, positions in blocks:
+            if keys.shape[-2] == 0:
+                continue
+            block_scores = _grouped_scores(query_window, keys)
+            is_sink = positions < policy.n_sink
+            if policy.n_sink > 0 and policy.mode != "absolute" and bool(is_sink.any()):
+                block_scores = torch.where(is_sink, _grouped_scores(query_sink, keys), block_scores)
+            mask = visible(new_positions, positions, policy.n_sink, policy.window_size).repeat(groups, 1)
+            scores.append(block_scores.masked_fill(~mask, float("-inf")))
+            block_values.append(vals)
+        probabilities = torch.softmax(torch.cat(scores, dim=-1).float() * scaling, dim=-1).to(query_raw.dtype)
+        output = _grouped_output(probabilities, block_values, query_raw.shape[1])
+        return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
+
+    def advance_frame(self, rotary: RotaryParams) -> None:
+        """After a step, move the stored window keys to the policy's frame (see PositionPolicy.next_base)."""
+        if self.stores_raw_keys:
+            return
+        new_base = self.policy.next_base(self.base, self.seen)
+        if new_base != self.base:
+            self.shift_window_keys(self.base - new_base, rotary)
+            self.base = new_base
+
+    def compress(self, rotary: RotaryParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept (keys, values, positions) in stream order, keys rotated at their cache slots 0..len-1."""
+        keys, values, positions = (torch.cat(parts, dim=-2 if parts[0].ndim > 1 else 0) for parts in zip(*self.held_blocks()))
+        held = (positions >= 0) & ((positions < self.policy.n_sink) | (positions >= self.seen - self.policy.window_size))
+        order = torch.argsort(torch.where(held, positions, torch.iinfo(torch.long).max))[: int(held.sum())]
+        positions, keys, values = positions[order], keys[:, :, order], values[:, :, order]
+        slots = torch.arange(positions.shape[0], device=positions.device)
+        if self.stores_raw_keys:
+            return rotary.rotate(keys, slots), values, positions
+        stored_frame = self.policy.key_frame(positions, self.base)
+        return rerotate_keys(keys, slots - stored_frame, rotary.inv_freq), values, positions
+
+
+class RingLayer(StreamingLayer):
+    """streaming_mode="ours": preallocated buffers, nothing copied or re-rotated per step.
+
+    keys/values: [batch, kv_heads, n_sink + window_size + 1, head_dim]. Slots [0, n_sink) hold the sinks,
+    slots [n_sink, ...) a ring where stream position p >= n_sink lives at n_sink + (p - n_sink) % (window_size + 1).
+    The ring keeps one slot more than the window: a decode step writes its token over the one it
+    evicts only at the next step, since token t still attends to t - window_size (eviction after
+    attention). So token t's keys are exactly the filled prefix of the buffer and a decode step is one
+    scaled_dot_product_attention call, as for a dense static cache.
+
+    Window keys are stored rotated at p - base. Sinks are kept separately at their own index j
+    (`sink_keys`); each decode step writes them, rotated by the offset between the query's window and
+    sink positions, into the buffer's first slots.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, kv_heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        slots = self.policy.capacity + 1
+        self.keys = key_states.new_zeros(batch, kv_heads, slots, head_dim)
+        self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
+        self.sink_keys = key_states.new_zeros(batch, kv_heads, self.policy.n_sink, head_dim)
+        self.positions = torch.full((slots,), -1, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def held_blocks(self):
+        n_sink = self.policy.n_sink
+        held_sinks = min(n_sink, self.seen)
+        return [
+            (self.sink_keys[:, :, :held_sinks], self.values[:, :, :held_sinks], self.positions[:held_sinks]),
+            (self.keys[:, :, n_sink:], self.values[:, :, n_sink:], self.positions[n_sink:]),
+        ]
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        n_sink = self.policy.n_sink
+        return torch.where(positions < n_sink, positions, n_sink + (positions - n_sink) % (self.policy.window_size + 1))
+
+    def store(self, keys, values, positions):
+        n_sink, ring = self.policy.n_sink, self.policy.window_size + 1
+        last = self.seen + positions.shape[0]
+        keep = (positions < n_sink) | (positions >= last - ring)
+        positions, keys, values = positions[keep], keys[:, :, keep], values[:, :, keep]
+        slots = self._slots(positions)
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
+        self.positions.index_copy_(0, slots, positions)
+        is_sink = positions < n_sink
+        if bool(is_sink.any()):
+            self.sink_keys.index_copy_(2, positions[is_sink], keys[:, :, is_sink])
+
+    def shift_window_keys(self, delta, rotary):
+        window = self.keys[:, :, self.policy.n_sink :]
+        window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
+
+    def attend(self, query, rotary, scaling):
+        if query.shape[-2] != 1:
+            return super().attend(query, rotary, scaling)
+        return self._decode_step(query, rotary, scaling)
+
+    def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
+        """One token: rotate q, k (one matmul each), write k/v into its slot, one SDPA over the buffer."""
+        step, self.pending = self.pending, None
+        policy, t = self.policy, self.seen
+        to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
+        keys = step["keys"] @ to_window_frame
+        query = query @ to_window_frame
+        slot = t if t < policy.n_sink else policy.n_sink + (t - policy.n_sink) % (policy.window_size + 1)
+        self.keys[:, :, slot] = keys[:, :, 0]
+        self.values[:, :, slot] = step["values"][:, :, 0]
+        self.positions[slot] = t
+        held_sinks = min(policy.n_sink, t + 1)
+        if t < policy.n_sink:
+            self.sink_keys[:, :, t] = keys[:, :, 0]
+        if held_sinks and sinks_to_window is not None:
+            self.keys[:, :, :held_sinks] = self.sink_keys[:, :, :held_sinks] @ sinks_to_window
+        elif held_sinks:
+            self.keys[:, :, :held_sinks] = self.sink_keys[:, :, :held_sinks]
+        filled = min(t + 1, policy.capacity + 1)
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, self.keys[:, :, :filled], self.values[:, :, :filled], scale=scaling, enable_gqa=True
+        )
+        self.seen += 1
+        self.advance_frame(rotary)
+        return output
+
+    def _decode_rotations(self, step, rotary: RotaryParams, dtype: torch.dtype):
+        """Per-step [head_dim, head_dim] matrices, computed by the first layer and reused by the rest:
+        the model's rotation undone and the window frame t - base applied (for q and the new k), and
+        the sink keys' move from position j to j + (window frame - sink frame)."""
+        t, base = self.seen, self.base
+        key = (t, base, step["cos"].data_ptr(), dtype)
+        if self.shared.get("decode_key") != key:
+            head_dim = step["keys"].shape[-1]
+            position = torch.tensor([t], device=step["keys"].device)
+            sink_frame, window_frame = self.policy.query_frames(position, base)
+            cos, sin = cos_sin(window_frame, rotary.inv_freq)
+            to_window = rotation_matrix(cos[0] * rotary.attention_scaling, sin[0] * rotary.attention_scaling, head_dim)
+            model_sin = step["sin"][0, 0].float()
+            if model_sin.any():
+                scale = 1.0 / rotary.attention_scaling**2
+                model_cos = step["cos"][0, 0].float()
+                to_window = rotation_matrix(model_cos * scale, -model_sin * scale, head_dim) @ to_window
+            offset = int(window_frame[0] - sink_frame[0])
+            sinks_to_window = None
+            if offset:
+                cos, sin = cos_sin(torch.tensor([offset], device=position.device), rotary.inv_freq)
+                sinks_to_window = rotation_matrix(cos[0], sin[0], head_dim).to(dtype)
+            self.shared["decode_key"] = key
+            self.shared["decode_rotations"] = (to_window.to(dtype), sinks_to_window)
+        return self.shared["decode_rotations"]
+
+
+class ContiguousLayer(StreamingLayer):
+    """streaming_mode="mit": one tensor per layer in stream order, cut by StartRecentKVCache after
+    every step (a copy of the kept cache per step, as MIT's code does). With pos_shift it also keeps
+    MIT's key handling: keys stored un-rotated and rotated at their cache index on every step."""
+
+    def __init__(self, policy: PositionPolicy, shared: dict):
+        super().__init__(policy, shared)
+        self.mit = StartRecentKVCache(policy.n_sink, policy.window_size, k_seq_dim=2, v_seq_dim=2)
+        self.stores_raw_keys = policy.mode == "pos_shift"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def held_blocks(self):
+        return [(self.keys, self.values, self.positions)]
+
+    def store(self, keys, values, positions):
+        ((self.keys, self.values),) = self.mit([(torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2))])
+        all_positions = torch.cat([self.positions, positions])
+        if all_positions.shape[0] > self.policy.capacity:
+            all_positions = torch.cat([all_positions[: self.policy.n_sink], all_positions[-self.policy.window_size :]])
+        self.positions = all_positions
+
+    def shift_window_keys(self, delta, rotary):
+        is_window = (self.positions >= self.policy.n_sink)[:, None]
+        self.keys = torch.where(is_window, rerotate_keys(self.keys, delta, rotary.inv_freq), self.keys)
+
+
 class StreamingKVCache(Cache):
     """Fixed-capacity KV cache: the first `n_sink` tokens plus the most recent `window_size` tokens.
 
@@ -249,11 +384,13 @@ class StreamingKVCache(Cache):
         self.policy = PositionPolicy(position_mode, n_sink, window_size)
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
+        self._shared: dict = {}
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
         super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
 
     def _new_layer(self) -> StreamingLayer:
-        return StreamingLayer(self.policy, self.streaming_mode)
+        layer_class = RingLayer if self.streaming_mode == "ours" else ContiguousLayer
+        return layer_class(self.policy, self._shared)
 
     def __repr__(self) -> str:
         return (
@@ -289,10 +426,10 @@ class StreamingKVCache(Cache):
 
     def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
         """Stream positions of the held tokens, in stream order."""
-        positions = self.layers[layer_idx].positions
-        if positions is None:
+        if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
             return torch.zeros(0, dtype=torch.long)
-        return torch.sort(positions[positions >= 0]).values
+        layer = self.layers[layer_idx]
+        return torch.sort(layer.positions[layer.held_mask()]).values
 
     @property
     def is_compileable(self) -> bool:

@@ -106,24 +106,23 @@ def _load_dataset(spec: str) -> str:
     # prepared cache can answer, and that needs a non-streaming load.
     streaming = not datasets.config.HF_HUB_OFFLINE
     try:
-        rows = datasets.load_dataset(name, config, split=split, streaming=streaming)
-        column = _text_column(spec, rows.column_names)
-        texts = [row[column] for row in rows]
-    except ValueError:
-        raise
+        rows = list(datasets.load_dataset(name, config, split=split, streaming=streaming))
     except Exception as error:  # the hub's errors are many (ConnectionError, DatasetNotFoundError, ...)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"dataset {spec!r} could not be loaded ({type(error).__name__}: {reason}); it is not a local file "
             "either. Is the hub reachable, or the dataset cached (then set HF_HUB_OFFLINE=1)?"
         ) from None
-    return TEXT_SEPARATOR.join(texts)
+    if not rows:
+        raise ValueError(f"dataset {spec!r}: split {split!r} has no rows")
+    column = _text_column(spec, list(rows[0]))
+    return TEXT_SEPARATOR.join(row[column] for row in rows)
 
 
-def _text_column(spec: str, column_names: list[str] | None) -> str:
-    if column_names and "text" in column_names:
+def _text_column(spec: str, column_names: list[str]) -> str:
+    if "text" in column_names:
         return "text"
-    if column_names and len(column_names) == 1:
+    if len(column_names) == 1:
         return column_names[0]
     raise ValueError(f"dataset {spec!r}: no 'text' column (columns: {column_names})")
 
@@ -194,7 +193,8 @@ def load_tokens(
 
 
 def _encode_enough(tokenizer, text: str, num_ids: int | None) -> list[int]:
-    """The first `num_ids` ids of the text (all of them when None; fewer when the text runs out), plus a margin."""
+    """At least the first `num_ids` ids of the whole text's tokenization (all of them when None or when the text
+    runs out first)."""
     if num_ids is None:
         return _encode(tokenizer, text)
     num_chars = 8 * (num_ids + _TOKENIZE_MARGIN)  # English BPE: ~4 characters a token; 8 rarely needs a retry

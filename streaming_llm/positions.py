@@ -43,21 +43,32 @@ class PositionPolicy:
         return self.mode == "pos_shift"
 
     def step_base(self, last_position: int) -> int:
-        """Frame offset for a step whose newest token has stream position `last_position`.
-
-        pos_shift puts the newest query at slot min(t, C), exactly MIT's cache index; absolute keeps
-        stream positions. (rerotate keeps its own stored offset, see `kept_base`.)
-        """
+        """Frame offset for a step whose newest token has stream position `last_position`, for keys
+        rotated afresh every step (MIT's pos-shift): the newest query sits at slot min(t, C)."""
         if self.mode == "absolute":
             return 0
         return max(0, last_position - self.capacity)
 
     def kept_base(self, seen: int) -> int:
-        """Offset that puts the kept window keys at their cache slots after `seen` tokens (rerotate)."""
+        """Offset that puts the kept window keys at their cache slots after `seen` tokens: the number
+        of tokens evicted so far (the kept window starts at seen - window_size, slot n_sink)."""
         if self.mode == "absolute":
             return 0
-        first_window = max(self.n_sink, seen - self.window_size)
-        return first_window - min(self.n_sink, seen)
+        return max(0, seen - self.capacity)
+
+    def next_base(self, base: int, seen: int) -> int:
+        """Frame offset of stored (rotated) window keys after a step, given the current one.
+
+        rerotate: every eviction moves the kept keys back to their cache slots (the seed's method).
+        pos_shift: the same frame change, deferred until the newest position would pass 2 * capacity,
+        so keys are re-rotated once per ~capacity tokens instead of every step; distances, and hence
+        attention, are identical, and positions stay below 2 * capacity + 1.
+        """
+        if self.mode == "absolute":
+            return 0
+        if self.mode == "rerotate" or seen - base > 2 * self.capacity:
+            return self.kept_base(seen)
+        return base
 
     def key_frame(self, positions: torch.Tensor, base: int) -> torch.Tensor:
         """phi(p): sinks at their index, every other key at p - base."""

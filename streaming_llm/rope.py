@@ -91,3 +91,13 @@ class RotaryParams:
         """
         inverse_scale = 1.0 / (self.attention_scaling**2)
         return undo_rotation(x, cos[:, None] * inverse_scale, sin[:, None] * inverse_scale)
+
+
+def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The [..., head_dim, head_dim] matrix M with x @ M == apply_rotation(x, cos, sin).
+
+    cos/sin [..., rotary_ndims] for one position each. A rotation is linear, so M's rows are the rotated
+    unit vectors; one matmul then replaces the slice/neg/cat/mul/add sequence on the decode path.
+    """
+    eye = torch.eye(head_dim, dtype=cos.dtype, device=cos.device)
+    return apply_rotation(eye.expand(*cos.shape[:-1], head_dim, head_dim), cos[..., None, :], sin[..., None, :])

@@ -1,0 +1,162 @@
+"""What every `streaming-llm` subcommand shares: the common options, their early validation, and
+loading the model + StreamingLLMWrapper they describe.
+
+This module imports neither torch nor transformers at import time, so `streaming-llm --help` and
+option errors are instant; the loaders import them when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+EMBEDDED_ALIAS = "embedded"
+POSITION_MODES = ("pos_shift", "rerotate", "absolute")
+STREAMING_MODES = ("ours", "mit")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEFAULT_N_SINK = 4
+DEFAULT_WINDOW_SIZE = 1020
+
+
+def common_parent() -> argparse.ArgumentParser:
+    """The parent parser holding the options of every subcommand (pass it as `parents=[...]`)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    model = parent.add_argument_group("model and cache (common to every subcommand)")
+    model.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help=(
+            "the model: omit (or 'embedded') for the embedded SmolLM2-135M-Instruct (GGUF, no download); a Hugging "
+            "Face hub id such as EleutherAI/pythia-70m (needs network or a local HF cache); a local model folder; "
+            "or a .gguf file. Supported: Llama-family and GPT-NeoX RoPE decoder-only models"
+        ),
+    )
+    model.add_argument(
+        "--n-sink",
+        type=int,
+        default=DEFAULT_N_SINK,
+        metavar="N",
+        help=f"attention sinks: the first N tokens of the stream, kept for ever (default {DEFAULT_N_SINK}; 0 = window attention)",
+    )
+    model.add_argument(
+        "--window-size",
+        type=int,
+        default=DEFAULT_WINDOW_SIZE,
+        metavar="N",
+        help=(
+            f"the most recent N tokens kept next to the sinks (default {DEFAULT_WINDOW_SIZE}); the cache holds at "
+            "most n-sink + window-size tokens however long the stream runs"
+        ),
+    )
+    model.add_argument(
+        "--position-mode",
+        choices=POSITION_MODES,
+        default="pos_shift",
+        help=(
+            "positions RoPE sees: pos_shift = positions inside the cache (the paper's method, default); rerotate = "
+            "the same math with keys stored rotated and re-rotated on eviction; absolute = original stream "
+            "positions (ablation: degrades past the model's trained context)"
+        ),
+    )
+    model.add_argument(
+        "--streaming-mode",
+        choices=STREAMING_MODES,
+        default="ours",
+        help="cache storage: ours = preallocated ring buffer written in place (default); mit = MIT's StartRecentKVCache (concatenate, then cut)",
+    )
+    model.add_argument(
+        "--device",
+        default="auto",
+        metavar="{cpu,cuda,cuda:N,mps,auto}",
+        help="where the model runs (default auto: cuda if available, else cpu)",
+    )
+    model.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="float32",
+        help="weights and compute dtype (default float32; bfloat16/float16 halve memory on GPU)",
+    )
+    output = parent.add_argument_group("output (common to every subcommand)")
+    output.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status messages on stderr")
+    output.add_argument("--json", action="store_true", help="machine-readable JSON on stdout instead of text")
+    return parent
+
+
+def validate_common_args(args: argparse.Namespace) -> None:
+    """Refuse bad common options before anything is loaded: ValueError with the reason."""
+    n_sink, window_size = getattr(args, "n_sink", DEFAULT_N_SINK), getattr(args, "window_size", DEFAULT_WINDOW_SIZE)
+    if n_sink is not None and n_sink < 0:
+        raise ValueError(f"--n-sink must be >= 0 (0 = no sinks), got {n_sink}")
+    if window_size is not None and window_size < 1:
+        raise ValueError(f"--window-size must be >= 1, got {window_size}")
+    device = getattr(args, "device", None)
+    if device is not None and not DEVICE_PATTERN.match(device):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or auto; got {device!r}")
+    if getattr(args, "model", None) == EMBEDDED_ALIAS:
+        args.model = None
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """A short name for the model the options select."""
+    return "SmolLM2-135M-Instruct (embedded)" if args.model is None else str(args.model)
+
+
+def status(args: argparse.Namespace, message: str) -> None:
+    """A progress/status line on stderr, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def load_from_args(args: argparse.Namespace):
+    """(model, tokenizer) for --model/--device/--dtype; ValueError if the model cannot be loaded."""
+    from streaming_llm.loading import load_model
+
+    status(args, f"loading {model_label(args)} ...")
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def check_capacity(args: argparse.Namespace, max_positions: int | None) -> None:
+    """pos_shift and rerotate give positions 0..capacity; refuse a capacity the model was not trained for."""
+    capacity = args.n_sink + args.window_size
+    if max_positions and args.position_mode != "absolute" and capacity >= max_positions:
+        raise ValueError(
+            f"cache capacity n_sink + window_size = {capacity} needs positions 0..{capacity}, but the model has "
+            f"{max_positions} positions; use --window-size <= {max_positions - 1 - args.n_sink}"
+        )
+
+
+def wrapper_from_args(args: argparse.Namespace):
+    """(StreamingLLMWrapper, tokenizer) for the common options: loads the model, checks the capacity."""
+    from streaming_llm.models import describe
+    from streaming_llm.wrapper import StreamingLLMWrapper
+
+    model, tokenizer = load_from_args(args)
+    check_capacity(args, describe(model).max_positions)
+    wrapper = StreamingLLMWrapper(
+        model,
+        n_sink=args.n_sink,
+        window_size=args.window_size,
+        position_mode=args.position_mode,
+        streaming_mode=args.streaming_mode,
+    )
+    return wrapper, tokenizer
+
+
+def print_json(payload: dict[str, Any], file=None) -> None:
+    """One JSON object on one line (stdout by default)."""
+    print(json.dumps(payload, ensure_ascii=False), file=file or sys.stdout, flush=True)
+
+
+def peak_memory_mb() -> float | None:
+    """Peak resident memory of this process in MiB (None where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)

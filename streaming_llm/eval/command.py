@@ -1,0 +1,230 @@
+"""The `streaming-llm eval` and `streaming-llm plot` subcommands.
+
+`register(subparsers, common_parent)` adds both; each sets `handler=fn` with fn(args) -> exit code, and
+raises ValueError on bad input (the CLI prints it on one line and exits with status 2).
+`streaming-llm eval` with no arguments scores the default methods on the embedded model and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from streaming_llm.eval.methods import DEFAULT_METHODS, METHODS, get_methods
+
+DEFAULT_NUM_TOKENS = 4096
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_OUTPUT_DIR = "results/comprehensive"
+
+
+def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
+    """Add `eval` and `plot` to the CLI's subparsers; `common_parent` carries --model, --n-sink, ... ."""
+    evaluate = subparsers.add_parser(
+        "eval",
+        parents=[common_parent],
+        help="perplexity of several methods on one long stream; one result JSON per method",
+        description=(
+            "Score one token stream with several methods (same token ids, same code path) and write one JSON "
+            "per method (+ per-token NLLs) under --output-dir. Methods that allow it run the exact parallel "
+            "evaluator in blocks; kvpress_decode_* run the decode loop. Finished configurations are skipped "
+            "unless --force. --position-mode/--streaming-mode do not apply: each method names its modes."
+        ),
+    )
+    evaluate.add_argument("--num-tokens", type=int, default=DEFAULT_NUM_TOKENS, help=f"stream length in tokens (default {DEFAULT_NUM_TOKENS})")
+    evaluate.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, or 'all' (default {','.join(DEFAULT_METHODS)}; known: {', '.join(METHODS)})",
+    )
+    evaluate.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"tokens per step for methods with an exact block path; 1 = the decode loop (default {DEFAULT_BLOCK_SIZE})",
+    )
+    evaluate.add_argument("--data", default=None, help="text source: a .txt file or a datasets spec name[:config[:split]] (default: embedded text)")
+    evaluate.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where result files go (default {DEFAULT_OUTPUT_DIR})")
+    evaluate.add_argument("--force", action="store_true", help="re-run configurations whose results already exist")
+    evaluate.add_argument(
+        "--recompute-tokens", type=int, default=None, help="score `recompute` on this prefix of the stream only (it costs ~one forward of capacity+1 tokens per token)"
+    )
+    evaluate.add_argument(
+        "--decode-tokens", type=int, default=None, help="score the decode-loop-only methods (kvpress_decode_*) on this prefix only"
+    )
+    evaluate.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG", help="also draw the NLL curves (default path: <output-dir>/<run>.png)")
+    evaluate.set_defaults(handler=run_eval)
+
+    plot = subparsers.add_parser(
+        "plot",
+        parents=[common_parent],
+        help="figure of NLL over the stream from result files",
+        description="Draw the moving-average NLL of result JSONs (files, or every JSON of a folder) on one log-scale figure.",
+    )
+    plot.add_argument("results", nargs="*", default=[DEFAULT_OUTPUT_DIR], help=f"result JSONs or folders (default {DEFAULT_OUTPUT_DIR})")
+    plot.add_argument("--output", "-o", default=None, help="PNG path (default: nll_curves.png next to the first result)")
+    plot.add_argument("--smooth", type=int, default=256, help="moving-average width in tokens (default 256)")
+    plot.add_argument("--title", default=None)
+    plot.set_defaults(handler=run_plot)
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def _model_name(model_arg) -> str:
+    from streaming_llm.loading import EMBEDDED_MODEL
+
+    if model_arg is None:
+        return EMBEDDED_MODEL
+    return Path(str(model_arg)).name.removesuffix(".gguf") or str(model_arg)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of `streaming-llm eval`."""
+    from streaming_llm.data import describe_source, load_text, load_tokens
+    from streaming_llm.eval.harness import run_method
+    from streaming_llm.loading import load_model
+
+    _positive("num-tokens", args.num_tokens, 2)
+    _positive("block-size", args.block_size)
+    _positive("recompute-tokens", args.recompute_tokens, 2)
+    _positive("decode-tokens", args.decode_tokens, 2)
+    methods = get_methods(args.methods)
+    n_sink, window_size = getattr(args, "n_sink", 4), getattr(args, "window_size", 1020)
+    if n_sink is None:
+        n_sink = 4
+    if window_size is None:
+        window_size = 1020
+    quiet = getattr(args, "quiet", False)
+    device, dtype = getattr(args, "device", None) or "cpu", getattr(args, "dtype", None) or "float32"
+
+    text = load_text(args.data)
+    data = describe_source(args.data, text=text)
+    model, tokenizer = load_model(getattr(args, "model", None), dtype=dtype, device=device)
+    device = str(next(model.parameters()).device)
+    input_ids = load_tokens(tokenizer, args.data, args.num_tokens).to(device)
+    model_name = _model_name(getattr(args, "model", None))
+
+    runs = []
+    for method in methods:
+        prefix = args.num_tokens
+        if method.name == "recompute" and args.recompute_tokens:
+            prefix = min(prefix, args.recompute_tokens)
+        if method.feed == "decode" and args.decode_tokens:
+            prefix = min(prefix, args.decode_tokens)
+        run = run_method(
+            method,
+            model,
+            input_ids[:, :prefix],
+            model_name=model_name,
+            data=data,
+            n_sink=n_sink,
+            window_size=window_size,
+            block_size=args.block_size,
+            output_dir=args.output_dir,
+            force=args.force,
+            progress=not quiet,
+            device=device,
+            dtype=dtype,
+        )
+        runs.append(run)
+        if not quiet:
+            status = "skipped (exists)" if run.skipped else f"{run.record['wall_s']:.1f} s"
+            print(f"{method.name}: ppl {run.record['perplexity']:.3f} [{status}] -> {run.json_path}", file=sys.stderr, flush=True)
+
+    if args.plot is not None:
+        png = Path(args.plot) if args.plot else Path(args.output_dir) / f"nll_curves_T{args.num_tokens}_s{n_sink}_w{window_size}.png"
+        from streaming_llm.eval.plots import plot_nll_curves
+
+        context = getattr(model.config, "max_position_embeddings", None)
+        plot_nll_curves([run.json_path for run in runs], png, capacity=n_sink + window_size, context_length=context)
+        if not quiet:
+            print(f"plot: {png}", file=sys.stderr)
+
+    if getattr(args, "json", False):
+        print(json.dumps([dict(run.record, json_path=str(run.json_path), skipped=run.skipped) for run in runs], indent=2))
+    else:
+        print(format_table([run.record for run in runs]))
+    return 0
+
+
+def format_table(records: list[dict]) -> str:
+    """A markdown table of result records (one row each)."""
+    header = "| method | evaluator | tokens | perplexity | tokens/s | wall s | peak MiB |"
+    lines = [header, "|" + "---|" * 7]
+    for record in records:
+        peak = record.get("peak_memory_mib")
+        lines.append(
+            f"| {record['method']} | {record['evaluator']} | {record['num_tokens']} | {record['perplexity']:.3f} | "
+            f"{record['tokens_per_s']:.1f} | {record['wall_s']:.1f} | {'' if peak is None else f'{peak:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def _collect(paths: list[str]) -> list[Path]:
+    from streaming_llm.eval.results import list_results
+
+    files: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            files.extend(list_results(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"no result file or folder at {str(path)!r}")
+    if not files:
+        raise ValueError(f"no result JSON found in {', '.join(paths)}")
+    return files
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Handler of `streaming-llm plot`."""
+    from streaming_llm.eval.plots import plot_nll_curves
+
+    _positive("smooth", args.smooth)
+    files = _collect(args.results)
+    output = Path(args.output) if args.output else files[0].parent / "nll_curves.png"
+    png = plot_nll_curves(files, output, window=args.smooth, title=args.title)
+    print(png)
+    return 0
+
+
+def _fallback_common_parent() -> argparse.ArgumentParser:
+    """The CLI's common options, for running this module alone (`python -m streaming_llm.eval.command`)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--model", default=None)
+    parent.add_argument("--n-sink", type=int, default=4)
+    parent.add_argument("--window-size", type=int, default=1020)
+    parent.add_argument("--position-mode", default="pos_shift")
+    parent.add_argument("--streaming-mode", default="ours")
+    parent.add_argument("--device", default="cpu")
+    parent.add_argument("--dtype", default="float32")
+    parent.add_argument("--quiet", action="store_true")
+    parent.add_argument("--json", action="store_true")
+    return parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`eval`/`plot` without the full CLI; the `streaming-llm` command is the usual entry point."""
+    try:
+        from streaming_llm.cli import main as cli_main
+    except ImportError:
+        cli_main = None
+    if cli_main is not None:
+        return cli_main(argv)
+    parser = argparse.ArgumentParser(prog="streaming-llm")
+    register(parser.add_subparsers(dest="command", required=True), _fallback_common_parent())
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

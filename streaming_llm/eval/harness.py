@@ -1,0 +1,109 @@
+"""Score several methods on one stream and write one result per method (the `streaming-llm eval` engine)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streaming_llm.eval.methods import Method
+from streaming_llm.eval.perplexity import compute_perplexity
+from streaming_llm.eval.results import (
+    PeakMemory,
+    build_record,
+    is_finished,
+    read_result,
+    result_paths,
+    result_stem,
+    write_result,
+)
+
+
+@dataclass
+class MethodRun:
+    """One method's outcome: its record (as written, or read back when skipped) and where it lives."""
+
+    method: str
+    record: dict
+    json_path: Path
+    skipped: bool
+
+
+def run_method(
+    method: Method,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    model_name: str,
+    data: dict,
+    n_sink: int,
+    window_size: int,
+    block_size: int,
+    output_dir: str | os.PathLike,
+    force: bool = False,
+    progress: bool = False,
+    on_block=None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    extra: dict | None = None,
+) -> MethodRun:
+    """Score `input_ids` [1, T] with `method` and write its result, unless a finished one exists (and not `force`).
+
+    `on_block(end, nlls)` is passed to compute_perplexity; an exception from it (or Ctrl-C) aborts the run
+    and writes nothing.
+    """
+    num_tokens = input_ids.shape[1]
+    size = method.block_size(block_size)
+    evaluator = method.evaluator(block_size)
+    stem = result_stem(model_name, data, num_tokens, n_sink, window_size, method.name, evaluator)
+    json_path, _ = result_paths(output_dir, stem)
+    if not force and is_finished(output_dir, stem):
+        record, _ = read_result(json_path)
+        return MethodRun(method.name, record, json_path, skipped=True)
+    stepper = method.build(model, n_sink, window_size)
+    with PeakMemory(device) as peak:
+        result = compute_perplexity(
+            stepper, input_ids, block_size=size, progress=progress, description=method.name, on_block=on_block
+        )
+    record = build_record(
+        model_name=model_name,
+        data=data,
+        num_tokens=num_tokens,
+        n_sink=n_sink,
+        window_size=window_size,
+        method=method.name,
+        method_description=method.description,
+        evaluator=evaluator,
+        block_size=size,
+        perplexity=result.perplexity,
+        mean_nll=float(result.nlls.mean()),
+        wall_s=result.wall_s,
+        tokens_per_s=result.tokens_per_s,
+        peak_memory=peak,
+        device=device,
+        dtype=dtype,
+        extra={**(extra or {}), **result.extra, **_stepper_extra(stepper)},
+    )
+    write_result(output_dir, stem, record, result.nlls)
+    return MethodRun(method.name, record, json_path, skipped=False)
+
+
+def _stepper_extra(stepper) -> dict:
+    """What a stepper reports about itself after a run (kvpress: the kept positions at the end)."""
+    extra = {}
+    kept = getattr(stepper, "kept_positions", None)
+    if callable(kept):
+        try:
+            positions = kept()
+        except Exception:  # a stepper that cannot say: nothing recorded
+            return extra
+        positions = torch.as_tensor(positions)
+        if positions.dim() == 2:  # [kv_heads, held] (kvpress): the first head's
+            positions = positions[0]
+        positions = [int(p) for p in positions.tolist()]
+        extra["final_kept_positions_head"] = positions[:16]
+        extra["final_kept_count"] = len(positions)
+    return extra

@@ -1,0 +1,94 @@
+"""Figures from result files: NLL over the stream, every method on one figure (matplotlib, Agg, PNG)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from streaming_llm.eval.results import read_result
+
+# Stable colours and order, so figures from different runs read alike.
+METHOD_STYLES = {
+    "dense": ("tab:red", "-"),
+    "window": ("tab:orange", "-"),
+    "streaming_pos_shift": ("tab:blue", "-"),
+    "streaming_rerotate": ("tab:cyan", "--"),
+    "streaming_absolute": ("tab:purple", "-"),
+    "mit": ("tab:green", ":"),
+    "recompute": ("black", "-"),
+    "kvpress_decode_shipped": ("tab:brown", "-"),
+    "kvpress_decode_corrected": ("tab:pink", "--"),
+}
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` values (shorter at the start), same length as `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    if window <= 1 or values.size == 0:
+        return values
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, values.size + 1)
+    starts = np.maximum(0, ends - window)
+    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
+
+
+def plot_nll_curves(
+    result_files: list[str | os.PathLike],
+    output_path: str | os.PathLike,
+    window: int = 256,
+    title: str | None = None,
+    capacity: int | None = None,
+    context_length: int | None = None,
+) -> Path:
+    """One PNG with the moving-average NLL (log-scale y) of every result against the token index.
+
+    result_files: result JSONs (their .nlls.npy next to them); window: moving-average width in tokens;
+    capacity / context_length: draw vertical lines at the cache capacity and the model's trained context.
+    Returns the PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for path in result_files:
+        record, nlls = read_result(path)
+        if nlls is None or nlls.size == 0:
+            continue
+        curves.append((record, nlls))
+    if not curves:
+        raise ValueError("no result with per-token NLLs to plot")
+    order = list(METHOD_STYLES)
+    curves.sort(key=lambda item: (order.index(item[0]["method"]) if item[0]["method"] in order else len(order), item[0]["method"]))
+
+    figure, axis = plt.subplots(figsize=(10, 5.5), dpi=110)
+    for record, nlls in curves:
+        color, style = METHOD_STYLES.get(record["method"], (None, "-"))
+        steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
+        label = f"{record['method']} (ppl {record['perplexity']:.2f}, {record['evaluator']}, {record['num_tokens']} tok)"
+        axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=label)
+    longest = max(nlls.size for _, nlls in curves)
+    if capacity and capacity < longest:
+        axis.axvline(capacity, color="gray", linewidth=0.8, linestyle="--")
+        axis.text(capacity, 1.0, " cache capacity", transform=axis.get_xaxis_transform(), va="top", fontsize=8, color="gray")
+    if context_length and context_length < longest:
+        axis.axvline(context_length, color="gray", linewidth=0.8, linestyle="-.")
+        axis.text(context_length, 1.0, " trained context", transform=axis.get_xaxis_transform(), va="top", fontsize=8, color="gray")
+    axis.set_yscale("log")
+    axis.set_xlabel("token index in the stream")
+    axis.set_ylabel(f"NLL (nats), moving average over {window} tokens, log scale")
+    first = curves[0][0]
+    axis.set_title(title or f"{first['model']} on {first['data'].get('name', 'data')}: n_sink={first['n_sink']}, window={first['window_size']}")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8, loc="best", framealpha=0.85)
+    figure.tight_layout()
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
+    figure.savefig(tmp, format="png")
+    plt.close(figure)
+    os.replace(tmp, output_path)
+    return output_path

@@ -1,0 +1,238 @@
+"""Results on disk: one JSON per (run, method) plus its per-token NLLs, written atomically.
+
+A run is identified by its configuration (model, data, number of tokens, n_sink, window, method,
+evaluator); `result_stem` turns that into a deterministic file name, so re-running a finished
+configuration finds its file and can skip it. Each result is two files in one folder:
+
+  <stem>.json        what was run and what it measured (see `build_record`)
+  <stem>.nlls.npy    float32 [T-1]: nlls[t] = -log p(token t+1 | step t), natural log
+
+Both are written to a temporary file in the same folder and moved in place with os.replace, the NLLs
+first and the JSON last: a JSON exists only for a finished run, and an interruption (Ctrl-C, a crash)
+leaves no results file, at most a `*.tmp` that the next write replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+NLLS_SUFFIX = ".nlls.npy"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of `text`: letters, digits, '.', '-' and '_' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "none"
+
+
+def data_label(data: dict) -> str:
+    """Short name of a data source description (describe_source): its name plus 8 hex digits of its sha256."""
+    name = Path(str(data.get("name", "data"))).stem
+    digest = str(data.get("sha256", ""))[:8]
+    return slug(f"{name}-{digest}" if digest else name)
+
+
+def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, window_size: int, method: str, evaluator: str) -> str:
+    """Deterministic file stem of one configuration, e.g.
+    SmolLM2-135M-Instruct__shakespeare-1a2b3c4d__T20480__s4_w1020__streaming_pos_shift__block256."""
+    parts = [slug(model_name), data_label(data), f"T{num_tokens}", f"s{n_sink}_w{window_size}", slug(method), slug(evaluator)]
+    return "__".join(parts)
+
+
+def result_paths(output_dir: str | os.PathLike, stem: str) -> tuple[Path, Path]:
+    """(json path, nlls path) of a stem."""
+    folder = Path(output_dir)
+    return folder / f"{stem}.json", folder / f"{stem}{NLLS_SUFFIX}"
+
+
+def is_finished(output_dir: str | os.PathLike, stem: str) -> bool:
+    """True when both files of a result exist (the JSON is written last)."""
+    json_path, nlls_path = result_paths(output_dir, stem)
+    return json_path.is_file() and nlls_path.is_file()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file next to `path`, then move it in place (never a half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_result(output_dir: str | os.PathLike, stem: str, record: dict, nlls: torch.Tensor) -> Path:
+    """Write <stem>.nlls.npy then <stem>.json atomically; return the JSON path."""
+    json_path, nlls_path = result_paths(output_dir, stem)
+    array = nlls.detach().cpu().to(torch.float32).numpy()
+    _atomic_write(nlls_path, lambda handle: np.save(handle, array, allow_pickle=False))
+    record = dict(record, nlls_file=nlls_path.name)
+    text = json.dumps(record, indent=2, sort_keys=False) + "\n"
+    _atomic_write(json_path, lambda handle: handle.write(text.encode("utf-8")))
+    return json_path
+
+
+def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
+    """(record, nlls or None if the companion file is missing) of a result JSON."""
+    json_path = Path(json_path)
+    record = json.loads(json_path.read_text(encoding="utf-8"))
+    nlls_path = json_path.with_name(record.get("nlls_file", json_path.stem + NLLS_SUFFIX))
+    nlls = np.load(nlls_path, allow_pickle=False) if nlls_path.is_file() else None
+    return record, nlls
+
+
+def list_results(folder: str | os.PathLike) -> list[Path]:
+    """Result JSONs in `folder` (not recursive), sorted by name."""
+    return sorted(path for path in Path(folder).glob("*.json") if not path.name.startswith("."))
+
+
+def versions() -> dict:
+    """Versions of what produced a result."""
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        from importlib.metadata import version
+
+        found["kvpress"] = version("kvpress")
+    except Exception:  # not installed: recorded as absent
+        found["kvpress"] = None
+    try:
+        import streaming_llm
+
+        found["streaming_llm"] = streaming_llm.__version__
+    except Exception:
+        found["streaming_llm"] = None
+    return found
+
+
+def git_commit(folder: str | os.PathLike | None = None) -> str | None:
+    """HEAD of the repository holding this package, with '+dirty' when tracked files differ; None outside git."""
+    folder = folder or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def device_description(device: str | torch.device) -> str:
+    device = str(device)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+
+
+class PeakMemory:
+    """Peak memory while the `with` block runs, in MiB.
+
+    CUDA: torch.cuda.max_memory_allocated after a reset (tensor memory only). CPU: the process's peak
+    resident set size. Linux lets a process reset its peak RSS (writing 5 to /proc/self/clear_refs), so
+    the value is this block's peak ("kind": "rss_block"); where that is refused it is the process's peak
+    since start, getrusage's ru_maxrss ("kind": "rss_process"), an upper bound.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = str(device)
+        self.peak_mib: float | None = None
+        self.kind = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda_max_memory_allocated"
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.kind = "rss_block"
+            except OSError:
+                self.kind = "rss_process"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.kind == "rss_block":
+            self.peak_mib = _vm_hwm_kib() / 1024
+        else:
+            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _vm_hwm_kib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def build_record(
+    *,
+    model_name: str,
+    data: dict,
+    num_tokens: int,
+    n_sink: int,
+    window_size: int,
+    method: str,
+    method_description: str,
+    evaluator: str,
+    block_size: int,
+    perplexity: float,
+    mean_nll: float,
+    wall_s: float,
+    tokens_per_s: float,
+    peak_memory: PeakMemory,
+    device: str,
+    dtype: str,
+    extra: dict | None = None,
+) -> dict:
+    """The JSON record of one finished (run, method)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model_name,
+        "data": data,
+        "num_tokens": num_tokens,
+        "num_predictions": num_tokens - 1,
+        "n_sink": n_sink,
+        "window_size": window_size,
+        "cache_capacity": n_sink + window_size,
+        "method": method,
+        "method_description": method_description,
+        "evaluator": evaluator,
+        "block_size": block_size,
+        "perplexity": perplexity,
+        "mean_nll": mean_nll,
+        "tokens_per_s": tokens_per_s,
+        "wall_s": wall_s,
+        "peak_memory_mib": peak_memory.peak_mib,
+        "peak_memory_kind": peak_memory.kind,
+        "device": device_description(device),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "command": " ".join(sys.argv),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "extra": extra or {},
+    }

@@ -1,0 +1,483 @@
+"""Text generation and multi-turn chat through a StreamingLLMWrapper, in constant memory.
+
+`generate_stream(wrapper, tokenizer, prompt_ids, ...)` feeds the prompt through the wrapper in blocks
+(exact: a block equals its tokens fed one by one, SEMANTICS.md §1), then samples one token at a time and
+feeds it back. Every piece of state the loop keeps is bounded — the cache (n_sink + window_size tokens),
+the recent tokens of the repetition penalty, the few undecoded tokens of a split UTF-8 character, the
+text held back while it could still become a stop string — so a stream of any length runs in constant
+memory. `StreamingChat` drives a conversation with the tokenizer's chat template through one wrapper,
+feeding each turn's new tokens only.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# A byte-level piece may end inside a UTF-8 character (up to 4 bytes); past this many undecodable
+# tokens the decoder emits what it has (with U+FFFD) rather than wait for ever.
+MAX_PENDING_TOKENS = 8
+# Tokens of left context decoded with each new token: enough for tokenizers whose pieces depend on
+# their neighbour (SentencePiece's leading space) without re-decoding the whole output.
+DECODE_CONTEXT_TOKENS = 6
+DEFAULT_PREFILL_BLOCK_SIZE = 256
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen from the logits of the last fed token.
+
+    temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / temperature).
+    top_k: sample among the k most likely tokens only (0 = no limit).
+    top_p: nucleus sampling, the smallest set of tokens whose probability reaches top_p (1 = no limit).
+    repetition_penalty: CTRL-style (Keskar et al. 2019), > 1 discourages repeats: a positive logit is
+      divided by it, a negative one multiplied; applied to the distinct ids among the last
+      `repetition_window` tokens of the stream (prompt included), so its cost does not grow with the stream.
+    seed: seeds the sampler's own torch.Generator (None: non-deterministic).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    repetition_window: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if isinstance(self.repetition_window, bool) or not isinstance(self.repetition_window, int) or self.repetition_window < 1:
+            raise ValueError(f"repetition_window must be an integer >= 1, got {self.repetition_window!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class TokenSampler:
+    """Picks the next token id from logits [vocab]; `recent` holds the last tokens of the stream."""
+
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self._generator: torch.Generator | None = None
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            if self.config.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.config.seed)
+        return self._generator
+
+    def __call__(self, logits: torch.Tensor, recent: Iterable[int] = ()) -> int:
+        config = self.config
+        logits = logits.float()
+        if config.repetition_penalty != 1.0:
+            recent_ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+            if recent_ids.numel():
+                logits = logits.clone()
+                scores = logits[recent_ids]
+                penalised = torch.where(scores > 0, scores / config.repetition_penalty, scores * config.repetition_penalty)
+                logits[recent_ids] = penalised
+        if config.greedy:
+            return int(logits.argmax())
+        logits = logits / config.temperature
+        if 0 < config.top_k < logits.shape[-1]:
+            kth_largest = torch.topk(logits, config.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        if config.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probabilities = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the tokens before it already reach top_p; the most likely one always stays.
+            outside = (torch.cumsum(probabilities, dim=-1) - probabilities) >= config.top_p
+            logits = logits.index_fill(0, order[outside], float("-inf"))
+        probabilities = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probabilities, 1, generator=self._generator_for(logits.device)))
+
+
+class IncrementalDecoder:
+    """Text deltas of a growing token sequence, never splitting a character, in constant memory.
+
+    Each new token is decoded together with a few tokens of left context, and the text beyond the
+    context's own decoding is emitted. A delta that ends in U+FFFD (a byte-level piece that stops
+    inside a UTF-8 character) is held back until the character completes.
+    """
+
+    def __init__(self, tokenizer, context_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens: list[int] = [int(i) for i in list(context_ids)[-DECODE_CONTEXT_TOKENS:]]
+        self.prefix_offset = 0  # tokens[prefix_offset:read_offset] is context already emitted
+        self.read_offset = len(self.tokens)  # tokens[read_offset:] are not emitted yet
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes ('' while a character is incomplete)."""
+        self.tokens.append(int(token_id))
+        if len(self.tokens) - self.read_offset > MAX_PENDING_TOKENS:
+            return self.flush()
+        prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.tokens[self.prefix_offset :])
+        if full_text.endswith("\ufffd"):
+            return ""
+        return self._emit(prefix_text, full_text)
+
+    def flush(self) -> str:
+        """Emit whatever is pending, complete or not."""
+        prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        return self._emit(prefix_text, self._decode(self.tokens[self.prefix_offset :]))
+
+    def _emit(self, prefix_text: str, full_text: str) -> str:
+        delta = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else full_text
+        # The newest emitted tokens become the next context; older ones are dropped.
+        keep_from = max(self.read_offset, len(self.tokens) - DECODE_CONTEXT_TOKENS)
+        self.tokens = self.tokens[keep_from:]
+        self.prefix_offset, self.read_offset = 0, len(self.tokens)
+        return delta
+
+
+class StopStringFilter:
+    """Cuts the text at the first stop string, holding back only text that could still start one."""
+
+    def __init__(self, stop_strings: Sequence[str] = ()):
+        self.stop_strings = [s for s in stop_strings if s]
+        self.held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached); after True, stop generating."""
+        if not self.stop_strings:
+            return text, False
+        text = self.held + text
+        matches = [index for index in (text.find(stop) for stop in self.stop_strings) if index >= 0]
+        if matches:
+            self.held = ""
+            return text[: min(matches)], True
+        hold = 0
+        for stop in self.stop_strings:
+            for length in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:length]):
+                    hold = length
+                    break
+        self.held = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token and the text it adds to the output ('' while text is held back)."""
+
+    token_id: int
+    text: str
+
+
+class GenerationStream:
+    """Iterate to generate: yields one Piece per sampled token, then sets the fields below.
+
+    stop_reason: "length" (max_new_tokens reached), "eos" (a stop token id was sampled; its Piece is the
+    last one) or "stop" (a stop string appeared; the text ends right before it).
+    pending_token: the last sampled token, which is never fed to the model (as in model.generate()); a
+    caller that continues the stream feeds it first (StreamingChat does).
+    """
+
+    def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if prefill_block_size < 1:
+            raise ValueError(f"prefill_block_size must be >= 1, got {prefill_block_size}")
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("the prompt is empty: generation needs at least one token to continue from")
+        self.wrapper, self.tokenizer = wrapper, tokenizer
+        self.prompt_ids = ids
+        self.sampling = sampling or SamplingConfig()
+        self.stop = list(stop)
+        self.max_new_tokens = max_new_tokens
+        self.stop_token_ids = frozenset(int(i) for i in (stop_token_ids or ()))
+        self.prefill_block_size = prefill_block_size
+        self.progress = progress
+        self.prompt_tokens = ids.numel()
+        self.new_tokens = 0
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.stop_reason: str | None = None
+        self.pending_token: int | None = None
+        self._started = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second after the prompt (sampling, feeding and detokenisation included)."""
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def __iter__(self) -> Iterator[Piece]:
+        if self._started:
+            raise RuntimeError("a GenerationStream can be iterated once")
+        self._started = True
+        return self._run()
+
+    def _prefill(self, device: torch.device) -> torch.Tensor:
+        """Feed the prompt in blocks; the last logits [vocab]."""
+        from tqdm.auto import tqdm
+
+        blocks = self.prompt_ids.split(self.prefill_block_size)
+        bar = tqdm(blocks, desc="prompt", unit="block", disable=not self.progress or len(blocks) < 4, leave=False)
+        for block in bar:
+            logits = self.wrapper(block[None].to(device))[0, -1]
+        return logits
+
+    def _run(self) -> Iterator[Piece]:
+        device = next(self.wrapper.model.parameters()).device
+        start = time.perf_counter()
+        logits = self._prefill(device)
+        self.prefill_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+
+        sampler = TokenSampler(self.sampling)
+        recent = deque(self.prompt_ids[-self.sampling.repetition_window :].tolist(), maxlen=self.sampling.repetition_window)
+        decoder = IncrementalDecoder(self.tokenizer, context_ids=self.prompt_ids[-DECODE_CONTEXT_TOKENS:].tolist())
+        stopper = StopStringFilter(self.stop)
+
+        def final_text(text: str) -> str:
+            text, reached = stopper.push(text + decoder.flush())
+            return text if reached else text + stopper.flush()
+
+        while True:
+            token = sampler(logits, recent)
+            self.new_tokens += 1
+            self.pending_token = token
+            if token in self.stop_token_ids:
+                self.stop_reason = "eos"
+                text = final_text("")
+            else:
+                text, reached = stopper.push(decoder.push(token))
+                if reached:
+                    self.stop_reason = "stop"
+                elif self.new_tokens == self.max_new_tokens:
+                    self.stop_reason = "length"
+                    text += final_text("")
+            if self.stop_reason is not None:
+                self.decode_seconds = time.perf_counter() - start
+                yield Piece(token, text)
+                return
+            yield Piece(token, text)
+            recent.append(token)
+            logits = self.wrapper(torch.tensor([[token]], device=device))[0, -1]
+            self.pending_token = None
+            self.decode_seconds = time.perf_counter() - start
+
+
+def generate_stream(
+    wrapper,
+    tokenizer,
+    prompt_ids,
+    sampling: SamplingConfig | None = None,
+    stop: Sequence[str] = (),
+    max_new_tokens: int = 100,
+    *,
+    stop_token_ids: Iterable[int] | None = None,
+    prefill_block_size: int = DEFAULT_PREFILL_BLOCK_SIZE,
+    progress: bool = False,
+) -> GenerationStream:
+    """Continue `wrapper`'s stream with `prompt_ids` and generate up to `max_new_tokens` tokens.
+
+    prompt_ids: the next tokens of the stream, a list or tensor [n] or [1, n] with n >= 1: the whole
+    prompt on a fresh wrapper, only the new part when continuing (the wrapper keeps its cache).
+    sampling: SamplingConfig (default greedy). stop: strings that end generation (not included in the
+    text). stop_token_ids: ids that end generation (e.g. `end_of_turn_ids(...)`; default none).
+    Returns a GenerationStream: iterate it for Pieces (token id + text delta), e.g.
+
+        for piece in generate_stream(wrapper, tokenizer, ids, max_new_tokens=50):
+            print(piece.text, end="", flush=True)
+    """
+    return GenerationStream(
+        wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress
+    )
+
+
+def end_of_turn_ids(tokenizer, model=None) -> set[int]:
+    """Token ids that end an answer: the model's and tokenizer's eos, and the special token the chat
+    template closes a message with (e.g. SmolLM2's <|im_end|>)."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (eos, tokenizer.eos_token_id):
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00end-of-message\x00"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        closing = rendered.split(marker, 1)[-1]
+        closing_ids = tokenizer(closing, add_special_tokens=False)["input_ids"] if closing else []
+        if closing_ids and closing_ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
+            ids.add(closing_ids[0])
+    return ids
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """One answer of a StreamingChat. answer: its text (special tokens and stop strings removed);
+    fed_tokens: the tokens fed for the user turn (template included); stop_reason as GenerationStream's,
+    or "interrupted" when the caller stopped iterating."""
+
+    answer: str
+    new_tokens: int
+    fed_tokens: int
+    stop_reason: str
+    seconds: float
+    tokens_per_second: float
+
+
+class StreamingChat:
+    """A multi-turn conversation through one wrapper, using the tokenizer's chat template.
+
+    The template renders a whole conversation, but a streaming cache must see each token once. So each
+    turn renders the conversation with the new user message and feeds only the part the model has not
+    seen: rendered[len(seen_text):], where seen_text is the previous rendering plus the answer exactly as
+    the model produced it. A template that rewrites earlier turns (its rendering of the longer
+    conversation does not extend what the model saw before the last answer) cannot be streamed:
+    ValueError. One that only re-formats the last answer (e.g. strips its trailing spaces) is fed from
+    the first character that differs (with a warning).
+
+    `send(text)` yields the answer's Pieces; once it is exhausted, `last_turn` describes the turn.
+    `messages` holds the conversation text (the template needs it); the model's memory of it is the
+    fixed cache. An exception inside a turn leaves the cache in an unknown state: call reset().
+    """
+
+    def __init__(
+        self,
+        wrapper,
+        tokenizer,
+        system_prompt: str | None = None,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int = 256,
+        stop: Sequence[str] = (),
+        stop_token_ids: Iterable[int] | None = None,
+    ):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template; StreamingChat needs an instruct model's tokenizer")
+        self.wrapper, self.tokenizer = wrapper, tokenizer
+        self.system_prompt = system_prompt
+        self.sampling = sampling or SamplingConfig()
+        self.max_new_tokens = max_new_tokens
+        self.stop = list(stop)
+        self.stop_token_ids = set(end_of_turn_ids(tokenizer, wrapper.model) if stop_token_ids is None else stop_token_ids)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation and empty the cache."""
+        self.wrapper.reset()
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.seen_text = ""  # the conversation text fed to the model so far
+        self._answer_start = 0  # len(seen_text) where the last answer begins
+        self._pending_token: int | None = None  # last sampled token, not fed yet
+        self._pending_text = ""  # its text, as it continues the answer
+        self.turns = 0
+        self.last_turn: TurnResult | None = None
+
+    def _decode_after(self, context_ids: list[int], ids: list[int]) -> str:
+        """Text of `ids` as they continue `context_ids` (so a leading space is kept)."""
+        context_text = self.tokenizer.decode(context_ids, skip_special_tokens=False)
+        return self.tokenizer.decode(context_ids + ids, skip_special_tokens=False)[len(context_text) :]
+
+    def _ids_to_reach(self, rendered: str) -> tuple[list[int], str]:
+        """(token ids that bring the model from what it has seen to `rendered`, the text they stand for)."""
+        feed: list[int] = []
+        seen = self.seen_text
+        if self._pending_token is not None and rendered.startswith(seen + self._pending_text):
+            feed, seen = [self._pending_token], seen + self._pending_text
+        if not rendered.startswith(seen):
+            common = _common_prefix_length(rendered, seen)
+            if common < self._answer_start:
+                raise ValueError(
+                    "the chat template rewrites earlier turns of the conversation, which a streaming cache has "
+                    "already consumed; use a template whose rendering of a conversation extends the rendering "
+                    "of every earlier part"
+                )
+            warnings.warn(
+                f"the chat template re-formats the last answer ({len(seen) - common} characters differ); "
+                "feeding the rendered conversation from the first difference",
+                stacklevel=3,
+            )
+            seen = rendered[:common]
+        suffix = rendered[len(seen) :]
+        if suffix:
+            feed += self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        return feed, rendered
+
+    def send(self, user_text: str, max_new_tokens: int | None = None) -> Iterator[Piece]:
+        """Add a user message and generate the answer: yields its Pieces (iterate to the end)."""
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        feed, seen_text = self._ids_to_reach(rendered)
+        stream = generate_stream(
+            self.wrapper,
+            self.tokenizer,
+            feed,
+            self.sampling,
+            self.stop,
+            max_new_tokens or self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+        )
+        context_ids = feed[-DECODE_CONTEXT_TOKENS:]
+        answer_ids: list[int] = []
+        answer_text: list[str] = []
+        try:
+            for piece in stream:
+                if not answer_ids:  # the prompt has been fed
+                    self.messages, self.seen_text, self._answer_start = messages, seen_text, len(seen_text)
+                    self._pending_token = None
+                answer_ids.append(piece.token_id)
+                answer_text.append(piece.text)
+                yield piece
+        finally:
+            if answer_ids:
+                self._record_answer(stream, context_ids, answer_ids, "".join(answer_text), len(feed))
+
+    def _record_answer(self, stream: GenerationStream, context_ids: list[int], answer_ids: list[int], answer_text: str, fed_tokens: int) -> None:
+        content_ids = answer_ids[:-1] if stream.stop_reason == "eos" else answer_ids
+        self.messages = self.messages + [{"role": "assistant", "content": self._decode_after(context_ids, content_ids)}]
+        # Every generated token has been fed except the last one, which the next turn feeds if the template agrees.
+        fed_text = self._decode_after(context_ids, answer_ids[:-1])
+        self._pending_token = answer_ids[-1]
+        self._pending_text = self._decode_after((context_ids + answer_ids[:-1])[-DECODE_CONTEXT_TOKENS:], answer_ids[-1:])
+        self.seen_text += fed_text
+        self.turns += 1
+        self.last_turn = TurnResult(
+            answer=answer_text,
+            new_tokens=len(answer_ids),
+            fed_tokens=fed_tokens,
+            stop_reason=stream.stop_reason or "interrupted",
+            seconds=stream.prefill_seconds + stream.decode_seconds,
+            tokens_per_second=stream.tokens_per_second,
+        )
+
+    def ask(self, user_text: str, max_new_tokens: int | None = None) -> str:
+        """Send a message and return the whole answer."""
+        return "".join(piece.text for piece in self.send(user_text, max_new_tokens))
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    length = 0
+    for char_a, char_b in zip(a, b):
+        if char_a != char_b:
+            break
+        length += 1
+    return length
