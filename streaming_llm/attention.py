@@ -43,8 +43,8 @@ def streaming_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query [b, heads, n, d] -> output [b, n, heads, d] (the layout transformers' attention functions return)."""
@@ -55,7 +55,16 @@ def streaming_attention_forward(
     _handoff.step = None
     if layer_idx != module.layer_idx:
         raise RuntimeError(f"streaming cache updated layer {layer_idx} but attention ran for layer {module.layer_idx}")
-    rotary = module.streaming_rotary
+    rotary = getattr(module, "streaming_rotary", None)
+    if rotary is None:
+        raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
+    max_positions = getattr(module.config, "max_position_embeddings", None)
+    if max_positions is not None and cache.cache_capacity > max_positions:
+        raise ValueError(
+            f"cache capacity {cache.cache_capacity} (n_sink + window_size) exceeds the model's "
+            f"max_position_embeddings={max_positions}: distances inside the cache would leave the trained range; "
+            f"use n_sink + window_size <= {max_positions}"
+        )
     cache.rotary = rotary
     scaling = module.scaling if scaling is None else scaling
     output = cache.layers[layer_idx].attend(query, rotary, scaling)

@@ -29,6 +29,12 @@ class StreamingLLMWrapper:
     ):
         validate_config(n_sink, window_size, position_mode, streaming_mode)
         self.architecture = describe(model)
+        max_positions = self.architecture.max_positions
+        if max_positions is not None and n_sink + window_size > max_positions:
+            raise ValueError(
+                f"cache capacity n_sink + window_size = {n_sink + window_size} exceeds the model's "
+                f"max_position_embeddings={max_positions}; use at most {max_positions}"
+            )
         self.model = prepare_model(model)
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode

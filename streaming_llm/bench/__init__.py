@@ -1,0 +1,1 @@
+"""Benchmarks: decode latency and memory side by side (latency.py), profiling (profile.py), plots."""

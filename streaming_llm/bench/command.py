@@ -1,0 +1,182 @@
+"""`streaming-llm bench`: decode latency and memory of every method side by side; JSON + PNG under results/latency/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
+DEFAULT_METHODS = "dense_static,dense_dynamic,streaming_pos_shift,streaming_rerotate,streaming_absolute,mit,kvpress_decode,recompute"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        parents=[common_parent],
+        help="per-token decode latency and memory of every KV-cache strategy, side by side",
+        description=(
+            "Times one decode step of each method at each cache size, round-robin in one process so the ratios are "
+            "fair; optionally streams up to --stream-tokens tokens through our cache, recording latency and memory "
+            "along the way. Writes JSON and a PNG under --output-dir."
+        ),
+    )
+    parser.add_argument("--shape", default="embedded",
+                        help="model to time: embedded (--model, real weights) or a random-weight shape: "
+                             "smollm2-135m, pythia-70m, llama-2-7b (timing does not depend on weights)")
+    parser.add_argument("--cache-sizes", type=_int_list, default=_int_list(DEFAULT_CACHE_SIZES),
+                        help=f"comma-separated cache capacities, n-sink included (default {DEFAULT_CACHE_SIZES})")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated methods (default: all: {DEFAULT_METHODS})")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds per cache size (default 5)")
+    parser.add_argument("--steps", type=int, default=6, help="timed decode steps per method per round (default 6)")
+    parser.add_argument("--stream-tokens", type=int, default=0,
+                        help="also stream this many tokens through our cache (capacity = the largest of "
+                             "--cache-sizes that is <= 1024) and record latency and memory along the way (0 = skip)")
+    parser.add_argument("--profile", action="store_true",
+                        help="record a torch.profiler trace of streaming decode steps and print the top operators")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output-dir", default="results/latency", help="where JSON and PNG go (default results/latency)")
+    parser.add_argument("--tag", default=None, help="name of this run's files (default: shape, device and date)")
+    parser.set_defaults(handler=run_bench)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from streaming_llm.bench import latency
+    from streaming_llm.cli_common import validate_common_args
+    from streaming_llm.loading import resolve_device, resolve_dtype
+
+    validate_common_args(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in latency.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(latency.METHODS)}")
+    if args.rounds < 1 or args.steps < 1:
+        raise ValueError("--rounds and --steps must be >= 1")
+    if min(args.cache_sizes) <= args.n_sink:
+        raise ValueError(f"every cache size must exceed --n-sink ({args.n_sink}); got {min(args.cache_sizes)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.shape == "embedded" and args.model is not None:
+        from streaming_llm.loading import load_model
+
+        model, _ = load_model(args.model, dtype=dtype, device=device)
+    else:
+        model = latency.build_model(args.shape, dtype, device)
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"bench: shape={args.shape} device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    rows = []
+    for capacity in args.cache_sizes:
+        progress = None
+        if not args.quiet:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=args.rounds * len(methods), desc=f"capacity {capacity}", leave=False, file=sys.stderr)
+        for row in latency.measure_latency(model, methods, capacity, args.n_sink, args.rounds, args.steps,
+                                           progress=progress):
+            rows.append(row.summary())
+        if progress is not None:
+            progress.close()
+
+    stream_rows = []
+    if args.stream_tokens:
+        capacity = max([c for c in args.cache_sizes if c <= 1024] or [min(args.cache_sizes)])
+        checkpoints = sorted({capacity, *(n for n in (1_000, 10_000, 50_000, 100_000) if n < args.stream_tokens),
+                              args.stream_tokens})
+        progress = None
+        if not args.quiet:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=args.stream_tokens, desc="streaming", unit="tok", leave=False, file=sys.stderr)
+        stream_rows = latency.measure_stream(model, capacity, args.n_sink, checkpoints, progress=progress)
+        if progress is not None:
+            progress.close()
+
+    profile_table = None
+    if args.profile:
+        from streaming_llm.bench.profile import profile_decode
+
+        profile_table = profile_decode(model, min(args.cache_sizes, key=lambda c: abs(c - 1024)), args.n_sink)
+        say(profile_table)
+
+    tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    report = {
+        "kind": "decode_latency", "shape": args.shape, "model": args.model or "embedded", "dtype": args.dtype,
+        "n_sink": args.n_sink, "rounds": args.rounds, "steps_per_round": args.steps,
+        "environment": latency.environment(device), "rows": rows, "stream": stream_rows,
+        "ratios_vs_dense_static": _ratios(rows), "profile_top_ops": profile_table,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    output_dir = Path(args.output_dir)
+    json_path = output_dir / f"{tag}.json"
+    _write_atomically(json_path, json.dumps(report, indent=2) + "\n")
+    png_path = output_dir / f"{tag}.png"
+    from streaming_llm.bench.plots import plot_latency
+
+    plot_latency(report, png_path)
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(rows))
+        if stream_rows:
+            print(format_stream(stream_rows))
+        print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    """Each method's median step latency divided by dense_static's at the same capacity."""
+    baseline = {r["capacity"]: r["median_ms"] for r in rows if r["method"] == "dense_static"}
+    return [
+        {"method": r["method"], "capacity": r["capacity"], "ratio": r["median_ms"] / baseline[r["capacity"]]}
+        for r in rows if r["capacity"] in baseline
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    baseline = {r["capacity"]: r["median_ms"] for r in rows if r["method"] == "dense_static"}
+    lines = [f"{'method':<22}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}{'vs static':>11}{'cache MiB':>11}"]
+    for r in rows:
+        ratio = r["median_ms"] / baseline[r["capacity"]] if r["capacity"] in baseline else float("nan")
+        lines.append(f"{r['method']:<22}{r['capacity']:>9}{r['median_ms']:>11.2f}{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+                     f"{ratio:>10.2f}x{r['cache_bytes'] / 2**20:>11.1f}")
+    return "\n".join(lines)
+
+
+def format_stream(rows: list[dict]) -> str:
+    lines = [f"{'tokens streamed':>16}{'median ms':>11}{'RSS MiB':>10}{'cache len':>11}"]
+    for r in rows:
+        lines.append(f"{r['tokens_streamed']:>16}{r['median_ms']:>11.2f}{r['rss_bytes'] / 2**20:>10.1f}{r['cache_length']:>11}")
+    return "\n".join(lines)

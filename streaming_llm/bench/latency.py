@@ -1,0 +1,331 @@
+"""Per-token decode latency and memory of every KV-cache strategy, measured side by side in one run.
+
+Each method is a *decoder*: `prepare(capacity)` brings it to steady state (a full cache of
+`capacity` tokens) and `step()` decodes one more token at that state. Methods are timed round-robin,
+a few steps each per round, so that whatever else the machine is doing hits them all alike; the
+numbers that matter are the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from streaming_llm.attention import prepare_model
+from streaming_llm.eval.baselines import RecomputeStepper
+from streaming_llm.wrapper import StreamingLLMWrapper
+
+MODEL_SHAPES = {
+    # name: (config class name, config kwargs); random weights, timing does not depend on them.
+    "smollm2-135m": (
+        "LlamaConfig",
+        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+             rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    ),
+    "pythia-70m": (
+        "GPTNeoXConfig",
+        dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+             vocab_size=50304, max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000,
+             use_parallel_residual=True),
+    ),
+    "llama-2-7b": (
+        "LlamaConfig",
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0),
+    ),
+}
+METHODS = (
+    "dense_static", "dense_dynamic", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute",
+    "mit", "kvpress_decode", "recompute",
+)
+
+
+def build_model(shape: str, dtype: torch.dtype, device: str) -> nn.Module:
+    """A randomly initialised model of a named shape, or the embedded model for shape="embedded"."""
+    if shape == "embedded":
+        from streaming_llm.loading import load_model
+
+        model, _ = load_model(None, dtype=dtype, device=device)
+        return model
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose embedded or one of {', '.join(MODEL_SHAPES)}")
+    import transformers
+
+    config_name, kwargs = MODEL_SHAPES[shape]
+    config = getattr(transformers, config_name)(**kwargs)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _random_ids(model: nn.Module, n: int, device) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, n), device=device)
+
+
+class Decoder:
+    """One method's decode step at a fixed cache size."""
+
+    name = "?"
+
+    def __init__(self, model: nn.Module, n_sink: int, capacity: int):
+        self.model, self.n_sink, self.capacity = model, n_sink, capacity
+        self.device = next(model.parameters()).device
+        self.token = _random_ids(model, 1, self.device)
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        return 0
+
+    def cache_length(self) -> int:
+        return self.capacity
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class DenseStaticDecoder(Decoder):
+    """transformers' StaticCache holding `capacity` tokens; each timed step attends to capacity + 1."""
+
+    name = "dense_static"
+
+    def prepare(self):
+        from transformers import StaticCache
+
+        self.model.set_attn_implementation("sdpa")
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.capacity + 1)
+        with torch.no_grad():
+            self.model(_random_ids(self.model, self.capacity, self.device), past_key_values=self.cache,
+                       cache_position=torch.arange(self.capacity, device=self.device))
+        self.position = torch.tensor([self.capacity], device=self.device)
+
+    @torch.no_grad()
+    def step(self):
+        # The same slot every step: the cost of a step at a constant cache length.
+        self.model(self.token, past_key_values=self.cache, cache_position=self.position,
+                   position_ids=self.position[None])
+
+    def cache_bytes(self):
+        return _tensor_bytes(t for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+
+class DenseDynamicDecoder(DenseStaticDecoder):
+    """A DynamicCache of `capacity` tokens, cropped back after every step (so the length is constant)."""
+
+    name = "dense_dynamic"
+
+    def prepare(self):
+        from transformers import DynamicCache
+
+        self.model.set_attn_implementation("sdpa")
+        self.cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(_random_ids(self.model, self.capacity, self.device), past_key_values=self.cache)
+        self.position = torch.tensor([self.capacity], device=self.device)
+
+    @torch.no_grad()
+    def step(self):
+        self.model(self.token, past_key_values=self.cache, cache_position=self.position, position_ids=self.position[None])
+        self.cache.crop(self.capacity)
+
+
+class StreamingDecoder(Decoder):
+    """Our StreamingKVCache (ring buffer); stream 2 * capacity tokens first so eviction is in steady state."""
+
+    def __init__(self, model, n_sink, capacity, position_mode="pos_shift", streaming_mode="ours"):
+        super().__init__(model, n_sink, capacity)
+        self.position_mode, self.streaming_mode = position_mode, streaming_mode
+        self.name = "mit" if streaming_mode == "mit" else f"streaming_{position_mode}"
+
+    def prepare(self):
+        self.wrapper = StreamingLLMWrapper(self.model, self.n_sink, self.capacity - self.n_sink,
+                                           self.position_mode, self.streaming_mode)
+        self.wrapper(_random_ids(self.model, 2 * self.capacity, self.device))
+
+    def step(self):
+        self.wrapper(self.token)
+
+    def cache_bytes(self):
+        layers = self.wrapper.cache.layers
+        return _tensor_bytes(t for layer in layers for t in (layer.keys, layer.values, getattr(layer, "sink_keys", None)))
+
+    def cache_length(self):
+        return self.wrapper.cache.get_cache_length()
+
+
+class RecomputeDecoder(Decoder):
+    """Sliding window with re-computation: a forward pass over capacity + 1 tokens per token."""
+
+    name = "recompute"
+
+    def prepare(self):
+        self.model.set_attn_implementation("sdpa")
+        self.stepper = RecomputeStepper(self.model, self.capacity, batch_windows=1)
+        self.stepper.history = _random_ids(self.model, self.capacity + 1, self.device)
+
+    def step(self):
+        self.stepper(self.token)
+
+
+class KvpressDecoder(Decoder):
+    """kvpress's DecodingPress + StreamingLLMPress (compression every step), corrected variant."""
+
+    name = "kvpress_decode"
+
+    def prepare(self):
+        from streaming_llm.eval.kvpress_adapters import KvpressDecodeStepper
+
+        self.model.set_attn_implementation("sdpa")
+        self.stepper = KvpressDecodeStepper(self.model, self.n_sink, self.capacity - self.n_sink, variant="corrected")
+        self.stepper.reset()
+        with torch.no_grad():
+            for token in _random_ids(self.model, self.capacity + 8, self.device)[0]:
+                self.stepper(token.view(1, 1))
+
+    def step(self):
+        with torch.no_grad():
+            self.stepper(self.token)
+
+
+def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int) -> Decoder:
+    if method == "dense_static":
+        return DenseStaticDecoder(model, n_sink, capacity)
+    if method == "dense_dynamic":
+        return DenseDynamicDecoder(model, n_sink, capacity)
+    if method.startswith("streaming_"):
+        return StreamingDecoder(model, n_sink, capacity, position_mode=method.removeprefix("streaming_"))
+    if method == "mit":
+        return StreamingDecoder(model, n_sink, capacity, "pos_shift", "mit")
+    if method == "recompute":
+        return RecomputeDecoder(model, n_sink, capacity)
+    if method == "kvpress_decode":
+        return KvpressDecoder(model, n_sink, capacity)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+@dataclass
+class LatencyRow:
+    method: str
+    capacity: int
+    step_ms: list[float] = field(default_factory=list)
+    cache_bytes: int = 0
+    cache_length: int = 0
+
+    def summary(self) -> dict:
+        ordered = sorted(self.step_ms)
+
+        def quantile(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return {
+            "method": self.method, "capacity": self.capacity, "steps": len(ordered),
+            "median_ms": statistics.median(ordered), "p10_ms": quantile(0.1), "p90_ms": quantile(0.9),
+            "cache_bytes": self.cache_bytes, "cache_length": self.cache_length,
+        }
+
+
+def _synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink: int = 4, rounds: int = 5,
+                    steps_per_round: int = 6, warmup: int = 3, progress=None) -> list[LatencyRow]:
+    """Round-robin timing of each method's decode step at one cache size; returns a row per method."""
+    device = next(model.parameters()).device
+    decoders = []
+    for method in methods:
+        decoder = make_decoder(method, model, n_sink, capacity)
+        decoder.prepare()
+        for _ in range(warmup):
+            decoder.step()
+        decoders.append((decoder, LatencyRow(method, capacity)))
+    for _ in range(rounds):
+        for decoder, row in decoders:
+            prepare_attn(decoder)
+            for _ in range(steps_per_round):
+                _synchronize(device)
+                started = time.perf_counter()
+                decoder.step()
+                _synchronize(device)
+                row.step_ms.append(1000 * (time.perf_counter() - started))
+            if progress is not None:
+                progress.update(1)
+    for decoder, row in decoders:
+        row.cache_bytes, row.cache_length = decoder.cache_bytes(), decoder.cache_length()
+    return [row for _, row in decoders]
+
+
+def prepare_attn(decoder: Decoder) -> None:
+    """Methods share one model: switch its attention implementation to what the method needs."""
+    if isinstance(decoder, StreamingDecoder):
+        prepare_model(decoder.model)
+    else:
+        decoder.model.set_attn_implementation("sdpa")
+
+
+def resident_memory_bytes() -> int:
+    """Current resident set size of this process (Linux /proc), 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: list[int], block: int = 512,
+                   steps: int = 8, progress=None) -> list[dict]:
+    """Stream up to max(checkpoints) tokens through our cache (blocks: exact and fast), and at each
+    checkpoint time `steps` decode steps and record resident memory and the cache length."""
+    prepare_model(model)
+    device = next(model.parameters()).device
+    wrapper = StreamingLLMWrapper(model, n_sink, capacity - n_sink)
+    token = _random_ids(model, 1, device)
+    rows = []
+    for checkpoint in sorted(checkpoints):
+        while wrapper.tokens_seen < checkpoint:
+            n = min(block, checkpoint - wrapper.tokens_seen)
+            wrapper(_random_ids(model, n, device))
+            if progress is not None:
+                progress.update(n)
+        times = []
+        for _ in range(steps):
+            _synchronize(device)
+            started = time.perf_counter()
+            wrapper(token)
+            _synchronize(device)
+            times.append(1000 * (time.perf_counter() - started))
+        rows.append({
+            "tokens_streamed": wrapper.tokens_seen, "median_ms": statistics.median(times),
+            "rss_bytes": resident_memory_bytes(), "cache_length": wrapper.cache.get_cache_length(),
+            "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else None,
+        })
+    return rows
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": device, "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info

@@ -1,0 +1,348 @@
+"""Soak test: stream a very long input through a StreamingLLMWrapper and watch for drift, leaks and overflow.
+
+    python -m streaming_llm.bench.soak --model tiny --tokens 1000000 --every 20000 --block 256 \
+        --out results/soak/tiny_1M.json
+    python -m streaming_llm.bench.soak --model embedded --tokens 50000 --every 1000 --block 256 \
+        --n-sink 4 --window-size 1020 --out results/soak/embedded_50k.json
+
+The stream is fed in blocks of `--block` tokens (exactly equal to feeding it one token at a time, see
+SEMANTICS.md §5). Every `--every` tokens one record is taken:
+
+    tokens_seen     cache.get_seq_length()
+    cache_length    cache.get_cache_length() (tokens held by layer 0)
+    cache_bytes     bytes of every tensor the cache holds, all layers
+    rss_mib         resident memory of this process (VmRSS of /proc/self/status), MiB, read after gc.collect()
+                    and glibc malloc_trim(0): live memory, without the free pages the allocator keeps
+    rss_raw_mib     the same, read just before (allocator noise included: a few MiB up and down)
+    max_abs_logit   max |logit| over the tokens fed since the previous record
+    nonfinite       NaN/inf logits over the same tokens
+    mean_nll        mean -log p(next token) over the same tokens (nats); flat for a healthy stream
+
+At the end three checks are evaluated (and the exit status is 1 if one fails):
+    cache_length    == min(tokens_seen, capacity) at every record (so == capacity once full)
+    rss_growth      (max RSS after warm-up - max RSS during warm-up) / max RSS during warm-up < 1%
+    finite          no NaN/inf logit in the whole stream
+
+The JSON is written to a temporary file next to `--out` and moved in place (os.replace), so an interrupted
+soak leaves no partial result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RSS_GROWTH_LIMIT = 0.01
+TINY_VOCAB_SIZE = 128
+
+
+# -- measurements --------------------------------------------------------------------------------------------
+
+
+def resident_memory_mib() -> float:
+    """VmRSS of this process in MiB (Linux /proc; getrusage's peak as a fallback elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024  # the line is "VmRSS:   123456 kB"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C allocator's free pages back to the OS (glibc malloc_trim; a no-op
+    elsewhere), so that the next RSS reading counts live memory, not pages the allocator keeps for reuse."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every tensor held by the cache's layers (keys, values, sink keys, positions)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in vars(layer).values():
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
+    """Write `payload` as JSON to a temporary file next to `path`, then os.replace it in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+# -- models and token streams --------------------------------------------------------------------------------
+
+
+def build_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer random Llama (hidden 64, 4 query / 2 kv heads, vocab 128), weights drawn with std 0.2 so that
+    logits are O(1). Built from a config: nothing is downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def random_token_source(vocab_size: int, seed: int) -> Callable[[int, int], torch.Tensor]:
+    """Token ids drawn uniformly, block by block, from one seeded generator: never the whole stream in memory."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def next_ids(start: int, count: int) -> torch.Tensor:
+        return torch.randint(0, vocab_size, (1, count), generator=generator)
+
+    return next_ids
+
+
+def slice_token_source(input_ids: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Consecutive slices of a tokenized text [1, T]."""
+
+    def next_ids(start: int, count: int) -> torch.Tensor:
+        return input_ids[:, start : start + count]
+
+    return next_ids
+
+
+# -- the soak loop -------------------------------------------------------------------------------------------
+
+
+def run_soak(
+    wrapper,
+    next_ids: Callable[[int, int], torch.Tensor],
+    num_tokens: int,
+    every: int,
+    block_size: int,
+    warmup_tokens: int,
+    progress: bool = False,
+) -> dict:
+    """Stream `num_tokens` tokens (next_ids(start, count) -> [1, count]) through `wrapper`, recording every
+    `every` tokens; returns {"records": [...], "checks": {...}, "passed": bool, "wall_s": ...}."""
+    if min(num_tokens, every, block_size) < 1:
+        raise ValueError(f"tokens, every and block must be >= 1; got {num_tokens}, {every}, {block_size}")
+    capacity = wrapper.cache_capacity
+    wrapper.reset()
+    records: list[dict] = []
+    interval = {"max_abs_logit": 0.0, "nonfinite": 0, "nll_sum": 0.0, "nll_count": 0}
+    previous_last_logits = None  # [vocab] logits of the previous block's last token: it predicts this block's first
+    seen, total_nonfinite = 0, 0
+    started = time.perf_counter()
+    next_record = every
+    while seen < num_tokens:
+        count = min(block_size, next_record - seen, num_tokens - seen)
+        ids = next_ids(seen, count)
+        logits = wrapper(ids)[0]  # [count, vocab]
+        finite = torch.isfinite(logits)
+        interval["nonfinite"] += int((~finite).sum())
+        interval["max_abs_logit"] = max(interval["max_abs_logit"], float(logits.abs().max()))
+        if previous_last_logits is None:  # the stream's first token has no prediction
+            predicting, targets = logits[:-1], ids[0, 1:]
+        else:
+            predicting, targets = torch.cat([previous_last_logits[None], logits[:-1]]), ids[0]
+        if targets.numel():
+            nlls = F.cross_entropy(predicting.double(), targets, reduction="none")
+            interval["nll_sum"] += float(nlls.sum())
+            interval["nll_count"] += targets.numel()
+        previous_last_logits = logits[-1]
+        seen += count
+        if seen == next_record or seen == num_tokens:
+            cache = wrapper.cache
+            rss_raw = resident_memory_mib()
+            release_free_memory()
+            records.append(
+                {
+                    "tokens_seen": cache.get_seq_length(),
+                    "cache_length": cache.get_cache_length(),
+                    "cache_bytes": cache_bytes(cache),
+                    "rss_mib": round(resident_memory_mib(), 3),
+                    "rss_raw_mib": round(rss_raw, 3),
+                    "max_abs_logit": interval["max_abs_logit"],
+                    "nonfinite": interval["nonfinite"],
+                    "mean_nll": interval["nll_sum"] / max(1, interval["nll_count"]),
+                    "elapsed_s": round(time.perf_counter() - started, 3),
+                }
+            )
+            total_nonfinite += interval["nonfinite"]
+            interval = {"max_abs_logit": 0.0, "nonfinite": 0, "nll_sum": 0.0, "nll_count": 0}
+            next_record += every
+            if progress:
+                last = records[-1]
+                print(
+                    f"{last['tokens_seen']:>10} tokens  held {last['cache_length']}  rss {last['rss_mib']:.1f} MiB  "
+                    f"max|logit| {last['max_abs_logit']:.2f}  nll {last['mean_nll']:.3f}  {last['elapsed_s']:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    wall_s = time.perf_counter() - started
+    checks = evaluate_checks(records, capacity, warmup_tokens, total_nonfinite)
+    return {
+        "records": records,
+        "checks": checks,
+        "passed": all(check["passed"] for check in checks.values()),
+        "wall_s": wall_s,
+        "tokens_per_s": num_tokens / wall_s if wall_s > 0 else None,
+    }
+
+
+def evaluate_checks(records: list[dict], capacity: int, warmup_tokens: int, total_nonfinite: int) -> dict:
+    """The three soak checks over the records (see the module docstring)."""
+    wrong_lengths = [
+        (r["tokens_seen"], r["cache_length"]) for r in records if r["cache_length"] != min(r["tokens_seen"], capacity)
+    ]
+    full = [r for r in records if r["tokens_seen"] >= capacity]
+    cache_bytes_values = sorted({r["cache_bytes"] for r in full})
+    during_warmup = [r for r in records if r["tokens_seen"] <= warmup_tokens]
+    after_warmup = [r for r in records if r["tokens_seen"] > warmup_tokens]
+    if during_warmup and len(after_warmup) >= 2:
+        # Baseline: the warm-up's high-water mark. The allocator returns and re-takes pages, so single
+        # readings move by a few tenths of a percent; a leak shows as a climb past the warm-up peak and a slope.
+        baseline = max(r["rss_mib"] for r in during_warmup)
+        peak = max(r["rss_mib"] for r in after_warmup)
+        growth = (peak - baseline) / baseline
+        tokens = torch.tensor([r["tokens_seen"] for r in after_warmup], dtype=torch.float64)
+        rss_values = torch.tensor([r["rss_mib"] for r in after_warmup], dtype=torch.float64)
+        centred = tokens - tokens.mean()
+        slope = float((centred * (rss_values - rss_values.mean())).sum() / (centred**2).sum())
+        rss = {
+            "passed": growth < RSS_GROWTH_LIMIT,
+            "limit": RSS_GROWTH_LIMIT,
+            "warmup_tokens": warmup_tokens,
+            "baseline_mib": baseline,
+            "baseline": "max RSS over the records taken during the warm-up",
+            "max_after_warmup_mib": peak,
+            "max_raw_after_warmup_mib": max(r["rss_raw_mib"] for r in after_warmup),
+            "final_mib": after_warmup[-1]["rss_mib"],
+            "growth": growth,
+            "slope_mib_per_million_tokens": slope * 1e6,
+        }
+    else:
+        rss = {"passed": False, "reason": f"need records during and >= 2 after the warm-up of {warmup_tokens} tokens"}
+    return {
+        "cache_length": {
+            "passed": not wrong_lengths,
+            "capacity": capacity,
+            "wrong_at": wrong_lengths[:10],
+            "cache_bytes_once_full": cache_bytes_values,
+        },
+        "rss_growth": rss,
+        "finite": {
+            "passed": total_nonfinite == 0,
+            "nonfinite_logits": total_nonfinite,
+            "max_abs_logit": max((r["max_abs_logit"] for r in records), default=None),
+        },
+    }
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m streaming_llm.bench.soak", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
+                        help="tiny: 2-layer random Llama built in memory; embedded: SmolLM2-135M-Instruct (GGUF)")
+    parser.add_argument("--tokens", type=int, default=20_000, help="stream length")
+    parser.add_argument("--every", type=int, default=1_000, help="take a record every N tokens")
+    parser.add_argument("--block", type=int, default=256, help="tokens fed per wrapper call")
+    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--window-size", type=int, default=None, help="default: 60 (tiny), 1020 (embedded)")
+    parser.add_argument("--position-mode", default="pos_shift", choices=("pos_shift", "rerotate", "absolute"))
+    parser.add_argument("--streaming-mode", default="ours", choices=("ours", "mit"))
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="tokens before the RSS baseline is taken (default: max(10%% of the stream, 4 x capacity))")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights and of its random tokens")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", default=None, help="JSON result path")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from streaming_llm.eval.results import device_description, git_commit, versions
+    from streaming_llm.wrapper import StreamingLLMWrapper
+
+    window_size = args.window_size or (60 if args.model == "tiny" else 1020)
+    capacity = args.n_sink + window_size
+    warmup = args.warmup if args.warmup is not None else max(args.tokens // 10, 4 * capacity)
+    if args.model == "tiny":
+        model = build_tiny_llama(args.seed)
+        next_ids, model_name, data = random_token_source(TINY_VOCAB_SIZE, args.seed + 1), "tiny-llama-random", {
+            "kind": "uniform random ids", "vocab_size": TINY_VOCAB_SIZE, "seed": args.seed + 1}
+    else:
+        from streaming_llm.data import load_tokens
+        from streaming_llm.loading import EMBEDDED_MODEL, load_model
+
+        model, tokenizer = load_model(None)
+        input_ids = load_tokens(tokenizer, None, args.tokens)
+        next_ids, model_name, data = slice_token_source(input_ids), EMBEDDED_MODEL, {
+            "kind": "embedded Shakespeare corpus (streaming_llm.data.load_tokens)", "num_tokens": args.tokens}
+    wrapper = StreamingLLMWrapper(model, args.n_sink, window_size, args.position_mode, args.streaming_mode)
+    outcome = run_soak(wrapper, next_ids, args.tokens, args.every, args.block, warmup, progress=not args.quiet)
+    payload = {
+        "benchmark": "soak",
+        "model": model_name,
+        "data": data,
+        "num_tokens": args.tokens,
+        "record_every": args.every,
+        "block_size": args.block,
+        "n_sink": args.n_sink,
+        "window_size": window_size,
+        "cache_capacity": capacity,
+        "position_mode": args.position_mode,
+        "streaming_mode": args.streaming_mode,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": device_description("cpu"),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "command": " ".join(["python -m streaming_llm.bench.soak", *(argv if argv is not None else sys.argv[1:])]),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **outcome,
+    }
+    summary = ", ".join(f"{name} {'ok' if check['passed'] else 'FAILED'}" for name, check in outcome["checks"].items())
+    print(f"soak {model_name}: {args.tokens} tokens in {outcome['wall_s']:.1f} s; {summary}", file=sys.stderr)
+    if args.out:
+        print(f"-> {write_json_atomic(args.out, payload)}", file=sys.stderr)
+    return 0 if outcome["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
