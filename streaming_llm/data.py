@@ -16,7 +16,8 @@ modern ``_gut`` file, sometimes under another name: ``twelfe-night_gut_f`` / ``t
 would put each of those 35 plays in the stream twice, so a long-range model could score the second copy by
 copying from the first. We keep the 42 modern-spelling texts (closest to the English the models were trained
 on), in sorted file-name order, each with trailing whitespace removed, joined by one blank line (``"\\n\\n"``).
-The files hold the texts without the Gutenberg licence headers. About 5.0 M characters.
+The files hold the texts without the Gutenberg licence headers. 5,057,279 characters; 1,564,850 tokens with
+the embedded SmolLM2 tokenizer (BOS included).
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ class SortedStreamingLLMPress(StreamingLLMPress):
             return keys, values
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)  # [batch, kv_heads, k_len]
         n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
-        kept_slots = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values  # the fix: sorted, as in KeyRerotationPress
+        # The fix: sorted kept indices, as KeyRerotationPress.compress has them.
+        kept_slots = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
         kept_slots = kept_slots.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
         return keys.gather(2, kept_slots).contiguous(), values.gather(2, kept_slots).contiguous()
 
@@ -185,6 +186,8 @@ class KvpressDecodeStepper:
                 self.tokens_seen += 1
         return torch.cat(logits, dim=1)
 
+    __call__ = step  # the stepper protocol compute_perplexity uses
+
     def _advance_positions(self, position: int, kept_slots: dict[int, torch.Tensor]) -> None:
         for layer_idx, layer_positions in enumerate(self._positions):
             kv_heads = self.cache.layers[layer_idx].keys.shape[1]
@@ -201,7 +204,7 @@ class KvpressDecodeStepper:
                 )
 
     def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
-        """Stream positions of the tokens held in layer `layer_idx`, in cache order: LongTensor [kv_heads, cache_len]."""
+        """Stream positions of the tokens held in layer `layer_idx`, cache order: LongTensor [kv_heads, cache_len]."""
         positions = self._positions[layer_idx]
         return torch.empty(0, 0, dtype=torch.long) if positions is None else positions[0].clone()
 
@@ -273,7 +276,9 @@ def kvpress_prefill_compress(
 
 
 @torch.no_grad()
-def kvpress_score_continuation(model: nn.Module, prefill: KvpressPrefill, continuation_ids: torch.Tensor) -> torch.Tensor:
+def kvpress_score_continuation(
+    model: nn.Module, prefill: KvpressPrefill, continuation_ids: torch.Tensor
+) -> torch.Tensor:
     """Per-token NLLs (nats, float32 [m]) of continuation_ids [1, m] given the compressed context.
 
     NLL i is -log p(continuation[i] | context, continuation[:i]); i = 0 is scored from prefill.last_logits.

@@ -1,0 +1,184 @@
+"""A naive StreamingLLM reference, written straight from ../shared/SEMANTICS.md and independent of the package.
+
+Tokens are processed one at a time. Every token's raw (pre-RoPE) keys and values are kept for every layer
+(nothing is ever evicted here); for token t the visible keys are listed explicitly,
+
+    sinks  {j : 0 <= j < n_sink, j <= t}   and   window  {p : max(n_sink, t - window_size) <= p <= t},
+
+and RoPE is applied by hand at positions chosen per mode:
+- "pos_shift" and "rerotate": a key's position is its index in that list (stream order), the query's is the
+  last index;
+- "absolute": key p sits at position p, the query at t.
+
+Only the model's own sub-modules are used (embeddings, norms, q/k/v projections, MLP, output projection);
+RoPE, the attention scores, the softmax and the head mixing are written out here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+POSITION_MODES = ("pos_shift", "rerotate", "absolute")
+
+
+# --- RoPE, by hand -------------------------------------------------------------------------------------------
+
+
+def rotary_ndims_of(config) -> int:
+    """Rotated features per head: all of them for Llama, `head_dim * rotary_pct` for GPTNeoX."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    partial = getattr(config, "rotary_pct", None)
+    if partial is None:
+        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return int(head_dim * partial)
+
+
+def rope_theta_of(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    return float(getattr(config, "rope_theta", getattr(config, "rotary_emb_base", 10000.0)))
+
+
+def inv_freq_of(config) -> torch.Tensor:
+    """[rotary_ndims // 2] float32: 1 / theta^(2i / rotary_ndims)."""
+    rotary_ndims = rotary_ndims_of(config)
+    exponents = torch.arange(0, rotary_ndims, 2, dtype=torch.int64).to(torch.float32) / rotary_ndims
+    return 1.0 / (rope_theta_of(config) ** exponents)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [..., seq, head_dim] rotated at integer `positions` [seq]; only the first 2*len(inv_freq) features turn."""
+    rotary_ndims = 2 * inv_freq.shape[-1]
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [seq, rotary_ndims/2]
+    emb = torch.cat((angles, angles), dim=-1)  # [seq, rotary_ndims]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x_rot, x_pass = x[..., :rotary_ndims], x[..., rotary_ndims:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# --- which keys a token sees, and where ----------------------------------------------------------------------
+
+
+def visible_keys(t: int, n_sink: int, window_size: int | None) -> list[int]:
+    """Stream indices of the keys token t attends to, in stream order (SEMANTICS §1). None = dense."""
+    if window_size is None:
+        return list(range(t + 1))
+    sinks = [j for j in range(n_sink) if j <= t]
+    window = list(range(max(n_sink, t - window_size), t + 1))
+    return sinks + window
+
+
+def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Tensor, int]:
+    """(key positions [len(keys)], query position) for token t under `position_mode` (SEMANTICS §2)."""
+    if position_mode in ("pos_shift", "rerotate"):
+        return torch.arange(len(keys)), len(keys) - 1
+    if position_mode == "absolute":
+        return torch.tensor(keys), t
+    raise ValueError(f"unknown position_mode {position_mode!r}")
+
+
+# --- the architectures, layer by layer -----------------------------------------------------------------------
+
+
+def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads):
+    """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw)."""
+    n_kv_heads, head_dim = keys.shape[1], keys.shape[2]
+    query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq)[:, 0, :]  # [n_heads, head_dim]
+    keys = rope(keys.transpose(0, 1), key_positions, inv_freq)  # [n_kv_heads, n_keys, head_dim]
+    values = values.transpose(0, 1)  # [n_kv_heads, n_keys, head_dim]
+    group = n_heads // n_kv_heads  # query head h reads kv head h // group (GQA)
+    outputs = []
+    for head in range(n_heads):
+        scores = keys[head // group] @ query[head] / head_dim**0.5  # [n_keys]
+        weights = torch.softmax(scores, dim=-1)
+        outputs.append(weights @ values[head // group])  # [head_dim]
+    return torch.cat(outputs)  # [n_heads * head_dim]
+
+
+def _llama_layer_qkv(layer, x, config):
+    n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // n_heads
+    h = layer.input_layernorm(x)
+    attn = layer.self_attn
+    return (
+        attn.q_proj(h).view(n_heads, head_dim),
+        attn.k_proj(h).view(n_kv_heads, head_dim),
+        attn.v_proj(h).view(n_kv_heads, head_dim),
+    )
+
+
+def _llama_layer_out(layer, x, attended):
+    x = x + layer.self_attn.o_proj(attended)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _neox_layer_qkv(layer, x, config):
+    n_heads = config.num_attention_heads
+    head_dim = config.hidden_size // n_heads
+    # query_key_value is laid out per head: [q_h | k_h | v_h] for h = 0..n_heads-1.
+    qkv = layer.attention.query_key_value(layer.input_layernorm(x)).view(n_heads, 3 * head_dim)
+    return qkv[:, :head_dim], qkv[:, head_dim : 2 * head_dim], qkv[:, 2 * head_dim :]
+
+
+def _neox_layer_out(layer, x, attended):
+    attn_out = layer.attention.dense(attended)
+    if layer.use_parallel_residual:
+        return x + attn_out + layer.mlp(layer.post_attention_layernorm(x))
+    x = x + attn_out
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _parts(model):
+    """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM."""
+    model_type = model.config.model_type
+    if model_type == "llama":
+        body = model.model
+        return body.embed_tokens, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
+    if model_type == "gpt_neox":
+        body = model.gpt_neox
+        return body.embed_in, body.layers, body.final_layer_norm, model.embed_out, _neox_layer_qkv, _neox_layer_out
+    raise NotImplementedError(f"reference has no adapter for {model_type!r}")
+
+
+@torch.no_grad()
+def naive_streaming_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    n_sink: int,
+    window_size: int | None,
+    position_mode: str = "pos_shift",
+) -> torch.Tensor:
+    """Logits [T, vocab] of one stream `input_ids` [T], token by token, under SEMANTICS.md.
+
+    `window_size=None` means dense attention (no eviction); the positions are then the plain 0..t in every mode.
+    """
+    if position_mode not in POSITION_MODES:
+        raise ValueError(f"unknown position_mode {position_mode!r}")
+    config = model.config
+    embed, layers, final_norm, output, layer_qkv, layer_out = _parts(model)
+    inv_freq = inv_freq_of(config)
+    n_heads = config.num_attention_heads
+    raw_keys = [[] for _ in layers]  # per layer, per token: [n_kv_heads, head_dim], before RoPE
+    raw_values = [[] for _ in layers]
+    logits = []
+    for t, token in enumerate(input_ids.tolist()):
+        keys_seen = visible_keys(t, n_sink, window_size)
+        key_positions, query_position = positions_for(t, keys_seen, position_mode)
+        x = embed(torch.tensor(token))  # [hidden]
+        for layer_idx, layer in enumerate(layers):
+            query, key, value = layer_qkv(layer, x, config)
+            raw_keys[layer_idx].append(key)
+            raw_values[layer_idx].append(value)
+            keys = torch.stack([raw_keys[layer_idx][p] for p in keys_seen])
+            values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
+            attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads)
+            x = layer_out(layer, x, attended)
+        logits.append(output(final_norm(x)))
+    return torch.stack(logits)

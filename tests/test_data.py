@@ -1,0 +1,221 @@
+"""Corpora (streaming_llm.data): the embedded Shakespeare texts, local files, `datasets` specs, tokenization."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import sys
+import types
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from streaming_llm import data
+from streaming_llm.data import describe_source, embedded_files, load_text, load_tokens, parse_dataset_spec
+
+
+@pytest.fixture(scope="module")
+def embedded_text() -> str:
+    return load_text()
+
+
+def word_tokenizer(text: str, adds_bos: bool) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer over the 500 most common words of `text` (others -> [UNK]); BOS "<s>" is
+    added by default when `adds_bos`, as Llama's tokenizer does, and not otherwise, as GPT-NeoX's does."""
+    counts: dict[str, int] = {}
+    for word in text[:200_000].split():
+        counts[word] = counts.get(word, 0) + 1
+    vocab = {"[UNK]": 0, "<s>": 1}
+    for word in sorted(counts, key=counts.get, reverse=True)[:500]:
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="[UNK]")
+
+
+# --- the embedded corpus --------------------------------------------------------------------------------
+
+
+def test_embedded_corpus_is_the_modern_spelling_texts_in_sorted_order(embedded_text):
+    files = embedded_files()
+    assert len(files) == 42 and files == sorted(files)
+    assert all(name.endswith("_gut.txt") for name in files)
+    texts_dir = data._embedded_texts_dir()
+    parts = [(texts_dir / name).read_text(encoding="utf-8").rstrip() for name in files]
+    assert embedded_text == "\n\n".join(parts)
+    assert embedded_text.startswith("ALL'S WELL THAT ENDS WELL") and embedded_text.endswith(parts[-1])
+    assert "HAMLET, PRINCE OF DENMARK" in embedded_text
+    assert "The Tragedie of Hamlet" not in embedded_text, "no First Folio edition"
+    assert 4_500_000 < len(embedded_text) < 5_500_000
+    assert load_text("shakespeare") == embedded_text
+
+
+def test_skipped_files_are_exactly_the_folio_editions():
+    """metadata.txt marks the `_gut_f` files "folio": the file-name rule and the metadata agree."""
+    texts_dir = data._embedded_texts_dir()
+    metadata = configparser.ConfigParser(interpolation=None)
+    metadata.read(texts_dir / "metadata.txt", encoding="utf-8")
+    folio = {section for section in metadata.sections() if "folio" in metadata[section].get("notes", "")}
+    all_texts = {path.stem for path in texts_dir.glob("*.txt")} - {"metadata"}
+    assert folio == {stem for stem in all_texts if stem.endswith("_gut_f")} and len(folio) == 35
+    assert {name[: -len(".txt")] for name in embedded_files()} == all_texts - folio
+
+
+def test_describe_embedded_source(embedded_text):
+    description = describe_source(None, text=embedded_text)
+    assert description["name"] == "shakespeare" and description["kind"] == "embedded"
+    assert description["files"] == embedded_files()
+    assert description["num_chars"] == len(embedded_text)
+    assert description["sha256"] == describe_source(None)["sha256"]  # loads again: same text
+    assert len(description["sha256"]) == 64
+
+
+# --- local files ----------------------------------------------------------------------------------------
+
+
+def test_local_utf8_file(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("Thou art more lovely — and more temperate.\n", encoding="utf-8")
+    assert load_text(str(path)) == "Thou art more lovely — and more temperate.\n"
+    assert load_text(path) == load_text(str(path))
+    description = describe_source(str(path))
+    assert description["kind"] == "file" and description["path"] == str(path.resolve())
+    assert description["name"] == "book.txt"
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda tmp: tmp / "missing.txt", "no such file"),
+        (lambda tmp: tmp, "is a directory"),
+        (lambda tmp: _write(tmp / "latin1.txt", "caf\xe9".encode("latin-1")), "not valid UTF-8"),
+        (lambda tmp: _write(tmp / "empty.txt", b""), "empty"),
+        (lambda tmp: _write(tmp / "blank.txt", b" \n\n\t\n"), "empty"),
+    ],
+)
+def test_bad_files_are_one_line_value_errors_naming_the_file(tmp_path, make, reason):
+    path = make(tmp_path)
+    with pytest.raises(ValueError) as raised:
+        load_text(str(path))
+    message = str(raised.value)
+    assert reason in message and str(path) in message and "\n" not in message
+    assert raised.value.__cause__ is None
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path):
+    path = _write(tmp_path / "secret.txt", b"text")
+    path.chmod(0)
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_text(str(path))
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+# --- datasets specs -------------------------------------------------------------------------------------
+
+
+def test_dataset_spec_parsing():
+    assert parse_dataset_spec("pg19") == ("pg19", None, "test")
+    assert parse_dataset_spec("wikitext:wikitext-2-raw-v1") == ("wikitext", "wikitext-2-raw-v1", "test")
+    assert parse_dataset_spec("wikitext:wikitext-2-raw-v1:validation") == (
+        "wikitext",
+        "wikitext-2-raw-v1",
+        "validation",
+    )
+    for bad in ("a:b:c:d", "pg19::test", ":x"):
+        with pytest.raises(ValueError, match="name\\[:config\\[:split\\]\\]"):
+            parse_dataset_spec(bad)
+
+
+def _fake_datasets(monkeypatch, load_dataset):
+    """Stand in for the `datasets` package (no hub here): load_text imports it lazily."""
+    module = types.SimpleNamespace(load_dataset=load_dataset, config=types.SimpleNamespace(HF_HUB_OFFLINE=False))
+    monkeypatch.setitem(sys.modules, "datasets", module)
+
+
+def test_dataset_rows_are_joined_by_blank_lines(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "First book.", "title": "a"}, {"text": "Second book.", "title": "b"}])
+
+    _fake_datasets(monkeypatch, load_dataset)
+    assert load_text("emozilla/pg19-test") == "First book.\n\nSecond book."
+    assert load_text("wikitext:wikitext-2-raw-v1:validation") == "First book.\n\nSecond book."
+    assert calls == [
+        ("emozilla/pg19-test", None, "test", True),
+        ("wikitext", "wikitext-2-raw-v1", "validation", True),
+    ]
+    description = describe_source("wikitext:wikitext-2-raw-v1", text="x")
+    assert description["kind"] == "datasets" and description["config"] == "wikitext-2-raw-v1"
+
+
+def test_unreachable_dataset_is_a_clear_value_error(monkeypatch):
+    def load_dataset(name, config, split, streaming):
+        raise ConnectionError("Couldn't reach 'pg19' on the Hub (LocalEntryNotFoundError)\nmore lines")
+
+    _fake_datasets(monkeypatch, load_dataset)
+    with pytest.raises(ValueError) as raised:
+        load_text("pg19")
+    message = str(raised.value)
+    assert "'pg19'" in message and "Couldn't reach" in message and "\n" not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_dataset_without_text_column_or_rows(monkeypatch):
+    _fake_datasets(monkeypatch, lambda name, config, split, streaming: iter([{"a": "x", "b": "y"}]))
+    with pytest.raises(ValueError, match="no 'text' column"):
+        load_text("some/dataset")
+    _fake_datasets(monkeypatch, lambda name, config, split, streaming: iter([]))
+    with pytest.raises(ValueError, match="no rows"):
+        load_text("some/dataset")
+
+
+# --- tokens ---------------------------------------------------------------------------------------------
+
+
+def test_tokens_follow_the_tokenizers_own_bos_rule(tmp_path, embedded_text):
+    path = tmp_path / "verse.txt"
+    path.write_text("the king is dead\nlong live the king\n", encoding="utf-8")
+    with_bos, without_bos = word_tokenizer(embedded_text, True), word_tokenizer(embedded_text, False)
+    plain = without_bos.encode(path.read_text(), add_special_tokens=False)
+    assert load_tokens(with_bos, str(path)).tolist() == [[1] + plain]
+    assert load_tokens(without_bos, str(path)).tolist() == [plain]
+    assert load_tokens(with_bos, str(path), add_bos=False).tolist() == [plain]
+    assert load_tokens(without_bos, str(path), add_bos=True).tolist() == [[1] + plain]
+    ids = load_tokens(with_bos, str(path), num_tokens=4)
+    assert ids.dtype == torch.long and ids.tolist() == [[1] + plain[:3]]
+
+
+def test_num_tokens_gives_the_prefix_of_the_whole_texts_tokens(tmp_path, embedded_text):
+    """Only a prefix of the text is tokenized when num_tokens is given; the ids must not depend on that."""
+    path = tmp_path / "plays.txt"
+    path.write_text(embedded_text[:300_000], encoding="utf-8")
+    tokenizer = word_tokenizer(embedded_text, True)
+    whole = load_tokens(tokenizer, str(path))
+    assert whole.shape[1] > 40_000
+    for num_tokens in (2, 1000, 4096, whole.shape[1]):
+        assert torch.equal(load_tokens(tokenizer, str(path), num_tokens=num_tokens), whole[:, :num_tokens])
+    embedded = load_tokens(tokenizer, num_tokens=3000)
+    assert embedded.shape == (1, 3000) and embedded[0, 0] == 1
+
+
+def test_too_few_tokens(tmp_path, embedded_text):
+    tokenizer = word_tokenizer(embedded_text, False)
+    path = _write(tmp_path / "one.txt", b"king")
+    with pytest.raises(ValueError, match="text has 1 tokens; need at least 2"):
+        load_tokens(tokenizer, str(path))
+    path = _write(tmp_path / "three.txt", b"the king is")
+    with pytest.raises(ValueError, match="num_tokens=5, but the text has only 3 tokens"):
+        load_tokens(tokenizer, str(path), num_tokens=5)
+    with pytest.raises(ValueError, match="num_tokens=1"):
+        load_tokens(tokenizer, str(path), num_tokens=1)

@@ -1,0 +1,139 @@
+"""Acceptance: the package's logits against dense, against each other, and against the naive reference.
+
+"Equal" is max |Δlogit| <= 1e-4 in fp32 (SEMANTICS §6). Streams are fed token by token and in irregular
+blocks, including a first block larger than the cache capacity: feeding n tokens at once must be exactly
+feeding them one at a time.
+"""
+
+import pytest
+import torch
+from reference import naive_streaming_logits
+from tiny_models import block_sizes_covering, dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids
+
+TOLERANCE = 1e-4
+POSITION_MODES = ["pos_shift", "rerotate", "absolute"]
+STREAMING_MODES = ["ours", "mit"]
+
+N_SINK, WINDOW_SIZE = 4, 16  # capacity 20
+LONG_STREAM = 96  # > 3x capacity
+IRREGULAR_BLOCKS = [1, 7, 30, 2, 13, 1, 1, 25]
+FEEDINGS = {
+    "tokens": lambda length: [1] * length,
+    "blocks": lambda length: block_sizes_covering(length, IRREGULAR_BLOCKS),
+    "first_block_over_capacity": lambda length: block_sizes_covering(length, [30, 1, 7, 2, 25]),
+}
+
+
+@pytest.mark.parametrize("feeding", ["tokens", "blocks"])
+@pytest.mark.parametrize("streaming_mode", STREAMING_MODES)
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_no_eviction_equals_dense(model, position_mode, streaming_mode, feeding):
+    """a. window_size >= T: nothing is evicted and every mode is the dense model."""
+    length = 48
+    input_ids = random_ids(length, seed=20)
+    wrapper = make_wrapper(model, N_SINK, length, position_mode=position_mode, streaming_mode=streaming_mode)
+    streamed = feed_stream(wrapper, input_ids, FEEDINGS[feeding](length))
+    assert max_abs_diff(streamed, dense_logits(model, input_ids)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("feeding", ["tokens", "blocks"])
+@pytest.mark.parametrize("streaming_mode", STREAMING_MODES)
+def test_pos_shift_equals_rerotate(model, streaming_mode, feeding):
+    """b. Rotating stored keys back as they move is the same as rotating at cache indices."""
+    input_ids = random_ids(LONG_STREAM, seed=21)
+    sizes = FEEDINGS[feeding](LONG_STREAM)
+    logits = {
+        mode: feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=mode, streaming_mode=streaming_mode),
+                          input_ids, sizes)
+        for mode in ("pos_shift", "rerotate")
+    }
+    assert max_abs_diff(logits["pos_shift"], logits["rerotate"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_mit_equals_ours(model, position_mode):
+    """b. MIT's StartRecentKVCache convention is the package's for the same n_sink and window_size."""
+    input_ids = random_ids(LONG_STREAM, seed=22)
+    logits = {
+        mode: feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=position_mode, streaming_mode=mode),
+                          input_ids)
+        for mode in STREAMING_MODES
+    }
+    assert max_abs_diff(logits["ours"], logits["mit"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("feeding", list(FEEDINGS))
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_matches_reference(model, position_mode, feeding):
+    """c. The package streams exactly as the naive reference, in every position mode."""
+    input_ids = random_ids(LONG_STREAM, seed=23)
+    wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=position_mode)
+    streamed = feed_stream(wrapper, input_ids, FEEDINGS[feeding](LONG_STREAM))
+    expected = naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE, position_mode)
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_mit_matches_reference_in_blocks(model, position_mode):
+    """c. The MIT-style cache also follows the reference when fed in blocks."""
+    input_ids = random_ids(LONG_STREAM, seed=24)
+    wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=position_mode, streaming_mode="mit")
+    streamed = feed_stream(wrapper, input_ids, FEEDINGS["first_block_over_capacity"](LONG_STREAM))
+    expected = naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE, position_mode)
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("n_sink, window_size", [(0, 8), (1, 1), (8, 3)])
+def test_edge_configurations_match_reference(llama_model, n_sink, window_size):
+    """Window attention (no sinks), a one-token window, more sinks than window."""
+    input_ids = random_ids(50, seed=25)
+    wrapper = make_wrapper(llama_model, n_sink, window_size)
+    streamed = feed_stream(wrapper, input_ids, block_sizes_covering(50, [1, 11, 2, 5]))
+    expected = naive_streaming_logits(llama_model, input_ids, n_sink, window_size)
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+def test_batch_rows_are_independent_streams(model):
+    """Each batch row is its own stream: a batch of two equals each stream on its own."""
+    input_ids = random_ids(LONG_STREAM, seed=26, batch=2)
+    wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE)
+    streamed = feed_stream(wrapper, input_ids, FEEDINGS["blocks"](LONG_STREAM))
+    for row in range(2):
+        expected = naive_streaming_logits(model, input_ids[row], N_SINK, WINDOW_SIZE)
+        assert max_abs_diff(streamed[row], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_reset_starts_a_new_stream(model, position_mode):
+    first, second = random_ids(70, seed=27), random_ids(60, seed=28)
+    wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=position_mode)
+    feed_stream(wrapper, first, FEEDINGS["blocks"](70))
+    wrapper.reset()
+    assert wrapper.cache.get_seq_length() == 0 and wrapper.cache.get_cache_length() == 0
+    streamed = feed_stream(wrapper, second, FEEDINGS["blocks"](60))
+    expected = naive_streaming_logits(model, second, N_SINK, WINDOW_SIZE, position_mode)
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+def test_wrong_configuration_is_detected(model):
+    """d. The comparisons above can fail: an off-by-one window, a missing sink, or other positions differ by far
+    more than the tolerance, and a long stream is not the dense model."""
+    input_ids = random_ids(LONG_STREAM, seed=23)
+    streamed = feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids)
+    assert max_abs_diff(streamed, naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE)) <= TOLERANCE
+    wrong = {
+        "window + 1": naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE + 1),
+        "window - 1": naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE - 1),
+        "one sink fewer": naive_streaming_logits(model, input_ids, N_SINK - 1, WINDOW_SIZE + 1),
+        "absolute positions": naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE, "absolute"),
+        "dense": dense_logits(model, input_ids),
+    }
+    for name, logits in wrong.items():
+        assert max_abs_diff(streamed, logits) > 1e-3, name
+
+
+def test_logits_are_float_and_shaped(llama_model):
+    wrapper = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    logits = wrapper(random_ids(5, seed=29, batch=3))
+    assert logits.shape == (3, 5, llama_model.config.vocab_size)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

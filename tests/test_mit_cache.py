@@ -1,0 +1,98 @@
+"""StartRecentKVCache: MIT's public form (mit-han-lab/streaming-llm, streaming_llm/kv_cache.py).
+
+Each past is a list of (key, value) per layer; tensors hold their stream index in every entry so that what is
+kept can be read off directly, and the expectation is an explicit index list.
+"""
+
+import pytest
+import torch
+from streaming_llm import StartRecentKVCache
+
+
+def make_past(seq_len: int, n_layers: int = 2, seq_dim: int = 2, value_seq_dim: int | None = None):
+    """[(key, value)] per layer, [batch=1, heads=2, seq, head_dim=3] (seq moved to seq_dim); entry = index + layer/10,
+    values negated."""
+    value_seq_dim = seq_dim if value_seq_dim is None else value_seq_dim
+
+    def tensor(layer, dim, sign):
+        entries = sign * (torch.arange(seq_len, dtype=torch.float32) + layer / 10)
+        full = entries.view(1, 1, seq_len, 1).expand(1, 2, seq_len, 3)
+        return full.movedim(2, dim).contiguous()
+
+    return [(tensor(layer, seq_dim, 1.0), tensor(layer, value_seq_dim, -1.0)) for layer in range(n_layers)]
+
+
+def kept_indices(tensor: torch.Tensor, seq_dim: int) -> list[int]:
+    """The stream indices a tensor made by make_past still holds, in order."""
+    first = tensor.movedim(seq_dim, 2)[0, 0, :, 0]
+    return first.abs().floor().long().tolist()
+
+
+def assert_keeps(past, expected: list[int], seq_dim: int = 2, value_seq_dim: int = 2):
+    for layer, (key, value) in enumerate(past):
+        assert kept_indices(key, seq_dim) == expected
+        assert kept_indices(value, value_seq_dim) == expected
+        # Every entry of a kept slice travelled with it (all heads, all features, the layer's own tensors).
+        reference = make_past(max(expected) + 1 if expected else 1, len(past), seq_dim, value_seq_dim)[layer]
+        index = torch.tensor(expected, dtype=torch.long)
+        assert torch.equal(key, reference[0].index_select(seq_dim, index))
+        assert torch.equal(value, reference[1].index_select(value_seq_dim, index))
+
+
+@pytest.mark.parametrize("start_size, recent_size, seq_len", [(4, 8, 20), (0, 5, 9), (2, 1, 30), (4, 8, 13)])
+def test_call_keeps_start_and_recent(start_size, recent_size, seq_len):
+    cache = StartRecentKVCache(start_size=start_size, recent_size=recent_size, k_seq_dim=2, v_seq_dim=2)
+    kept = cache(make_past(seq_len))
+    assert_keeps(kept, list(range(start_size)) + list(range(seq_len - recent_size, seq_len)))
+
+
+@pytest.mark.parametrize("seq_len", [0, 1, 11, 12])
+def test_call_leaves_short_pasts_alone(seq_len):
+    cache = StartRecentKVCache(start_size=4, recent_size=8)
+    past = make_past(seq_len)
+    kept = cache(past)
+    assert len(kept) == len(past)
+    for (key, value), (old_key, old_value) in zip(kept, past):
+        assert torch.equal(key, old_key) and torch.equal(value, old_value)
+
+
+def test_none_passes_through():
+    cache = StartRecentKVCache(start_size=4, recent_size=8)
+    assert cache(None) is None
+    assert cache.evict_for_space(None, 3) is None
+    assert cache.evict_range(None, 0, 1) is None
+
+
+@pytest.mark.parametrize("seq_len, num_coming", [(12, 1), (12, 5), (10, 3), (30, 4), (9, 3)])
+def test_evict_for_space_makes_room(seq_len, num_coming):
+    """Room for num_coming tokens: keep the start and the last recent_size - num_coming, unless it already fits."""
+    start_size, recent_size = 4, 8
+    cache = StartRecentKVCache(start_size=start_size, recent_size=recent_size)
+    kept = cache.evict_for_space(make_past(seq_len), num_coming)
+    if seq_len + num_coming <= start_size + recent_size:
+        expected = list(range(seq_len))
+    else:
+        expected = list(range(start_size)) + list(range(seq_len - recent_size + num_coming, seq_len))
+    assert_keeps(kept, expected)
+
+
+@pytest.mark.parametrize("start, end", [(0, 0), (2, 5), (0, 10), (9, 10), (4, 4)])
+def test_evict_range_removes_exactly_that_range(start, end):
+    cache = StartRecentKVCache(start_size=4, recent_size=8)
+    kept = cache.evict_range(make_past(10), start, end)
+    assert_keeps(kept, list(range(start)) + list(range(end, 10)))
+
+
+@pytest.mark.parametrize("start, end", [(5, 3), (2, 11)])
+def test_evict_range_rejects_bad_ranges(start, end):
+    cache = StartRecentKVCache(start_size=4, recent_size=8)
+    with pytest.raises((AssertionError, ValueError, IndexError)):
+        cache.evict_range(make_past(10), start, end)
+
+
+@pytest.mark.parametrize("k_seq_dim, v_seq_dim", [(1, 1), (3, 2)])
+def test_other_sequence_dims(k_seq_dim, v_seq_dim):
+    """MIT supports the sequence axis at dims 1, 2 or 3, separately for keys and values."""
+    cache = StartRecentKVCache(start_size=3, recent_size=4, k_seq_dim=k_seq_dim, v_seq_dim=v_seq_dim)
+    kept = cache(make_past(15, seq_dim=k_seq_dim, value_seq_dim=v_seq_dim))
+    assert_keeps(kept, [0, 1, 2, 11, 12, 13, 14], seq_dim=k_seq_dim, value_seq_dim=v_seq_dim)

@@ -1,0 +1,132 @@
+"""Tiny randomly initialised models (fp32, eval, seeded) and the code that drives a stream through the package.
+
+The models are built from configs, never downloaded. Weights are drawn with initializer_range=0.2 and the norm
+weights/biases are perturbed away from 1/0, so logits are O(1) and differ visibly between configurations: a
+comparison at 1e-4 can fail.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+VOCAB_SIZE = 128
+ARCHITECTURES = ("llama", "gpt_neox")
+
+
+@torch.no_grad()
+def _perturb_norms_and_biases(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Norm weights 1 +- 0.1 and biases +- 0.1, so that no parameter is a no-op the package could ignore."""
+    for name, parameter in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=generator))
+        elif name.endswith("bias"):
+            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    _perturb_norms_and_biases(model, torch.Generator().manual_seed(seed))
+    # No eos: greedy generation always runs to max_new_tokens without any logits processor touching the scores.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(torch.float32).eval()
+
+
+def build_llama() -> LlamaForCausalLM:
+    """2 layers, hidden 64, 4 query heads sharing 2 kv heads (GQA), full rotary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="eager",
+    )
+    return _finish(LlamaForCausalLM(config), seed=1)
+
+
+def build_gpt_neox() -> GPTNeoXForCausalLM:
+    """2 layers, hidden 64, 4 heads, rotary on 25% of each head (4 of 16 features), parallel residual."""
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="eager",
+    )
+    return _finish(GPTNeoXForCausalLM(config), seed=2)
+
+
+def random_ids(length: int, seed: int, batch: int | None = None) -> torch.Tensor:
+    """Token ids [length] (or [batch, length]) drawn from a fixed seed."""
+    shape = (length,) if batch is None else (batch, length)
+    return torch.randint(0, VOCAB_SIZE, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def dense_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The unmodified model's logits [T, vocab] for one stream [T], one forward, explicit all-ones mask."""
+    ids = input_ids[None]
+    return model(ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+
+
+def make_wrapper(model: torch.nn.Module, n_sink: int, window_size: int, **modes):
+    """A StreamingLLMWrapper around a private copy of `model`, so that prepare_model never touches the fixture."""
+    from streaming_llm import StreamingLLMWrapper
+
+    return StreamingLLMWrapper(copy.deepcopy(model), n_sink=n_sink, window_size=window_size, **modes)
+
+
+def block_sizes_covering(length: int, pattern: list[int]) -> list[int]:
+    """Cycle through `pattern` until `length` tokens are covered (the last block is cut to fit)."""
+    sizes, index = [], 0
+    while sum(sizes) < length:
+        sizes.append(min(pattern[index % len(pattern)], length - sum(sizes)))
+        index += 1
+    return sizes
+
+
+def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None = None) -> torch.Tensor:
+    """Feed `input_ids` [T] or [batch, T] through `wrapper` in blocks; logits [T, vocab] or [batch, T, vocab].
+
+    After every call checks the cache bookkeeping: get_seq_length() == tokens seen,
+    get_cache_length() == min(seen, cache_capacity).
+    """
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    length = ids.shape[1]
+    block_sizes = block_sizes or [1] * length
+    assert sum(block_sizes) == length
+    capacity = wrapper.cache.cache_capacity
+    logits, seen = [], 0
+    for size in block_sizes:
+        block_logits = wrapper(ids[:, seen : seen + size])
+        assert block_logits.shape == (ids.shape[0], size, VOCAB_SIZE)
+        seen += size
+        assert wrapper.cache.get_seq_length() == seen
+        assert wrapper.cache.get_cache_length() == min(seen, capacity), (seen, capacity)
+        logits.append(block_logits.float())
+    logits = torch.cat(logits, dim=1)
+    return logits if input_ids.dim() == 2 else logits[0]
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
