@@ -49,7 +49,6 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                              "--cache-sizes that is <= 1024) and record latency and memory along the way (0 = skip)")
     parser.add_argument("--profile", action="store_true",
                         help="record a torch.profiler trace of streaming decode steps and print the top operators")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output-dir", default="results/latency", help="where JSON and PNG go (default results/latency)")
     parser.add_argument("--tag", default=None, help="name of this run's files (default: shape, device and date)")
     parser.set_defaults(handler=run_bench)

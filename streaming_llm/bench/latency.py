@@ -9,6 +9,7 @@ numbers that matter are the ratios within one run.
 from __future__ import annotations
 
 import platform
+import sys
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,8 @@ class KvpressDecoder(Decoder):
     def prepare(self):
         from streaming_llm.eval.kvpress_adapters import KvpressDecodeStepper
 
+        if not hasattr(self.model, "model"):
+            raise ValueError(f"kvpress 0.5.5 does not support {type(self.model).__name__} (Llama-family models only)")
         self.model.set_attn_implementation("sdpa")
         self.stepper = KvpressDecodeStepper(self.model, self.n_sink, self.capacity - self.n_sink, variant="corrected")
         self.stepper.reset()
@@ -198,6 +201,9 @@ class KvpressDecoder(Decoder):
     def step(self):
         with torch.no_grad():
             self.stepper(self.token)
+
+    def cache_bytes(self):
+        return _tensor_bytes(t for layer in self.stepper.cache.layers for t in (layer.keys, layer.values))
 
 
 def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int) -> Decoder:
@@ -249,7 +255,12 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
     decoders = []
     for method in methods:
         decoder = make_decoder(method, model, n_sink, capacity)
-        decoder.prepare()
+        prepare_attn(decoder)
+        try:
+            decoder.prepare()
+        except ValueError as error:  # a method that cannot run this model: reported, not fatal
+            print(f"bench: skipping {method}: {error}", file=sys.stderr)
+            continue
         for _ in range(warmup):
             decoder.step()
         decoders.append((decoder, LatencyRow(method, capacity)))

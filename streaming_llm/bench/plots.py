@@ -41,6 +41,9 @@ def plot_latency(report: dict, path: Path) -> None:
         memory = right.twinx()
         memory.plot(tokens, [r["rss_bytes"] / 2**20 for r in stream], marker="s", color="tab:red", label="RSS")
         memory.set_ylabel("resident memory (MiB)", color="tab:red")
+        # From zero, so that "flat" reads as flat rather than as noise blown up to fill the axis.
+        right.set_ylim(0, 1.2 * max(r["median_ms"] for r in stream))
+        memory.set_ylim(0, 1.2 * max(r["rss_bytes"] for r in stream) / 2**20)
         right.set_title("our cache along the stream")
         right.grid(alpha=0.3)
     figure.tight_layout()

@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--position-mode", default="pos_shift", choices=("pos_shift", "rerotate", "absolute"))
     parser.add_argument("--streaming-mode", default="ours", choices=("ours", "mit"))
     parser.add_argument("--warmup", type=int, default=None,
-                        help="tokens before the RSS baseline is taken (default: max(10%% of the stream, 4 x capacity))")
+                        help="tokens before the RSS baseline is taken (default: max(10%% of the stream, 4 x capacity, --every))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights and of its random tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default=None, help="JSON result path")
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     window_size = args.window_size or (60 if args.model == "tiny" else 1020)
     capacity = args.n_sink + window_size
-    warmup = args.warmup if args.warmup is not None else max(args.tokens // 10, 4 * capacity)
+    warmup = args.warmup if args.warmup is not None else max(args.tokens // 10, 4 * capacity, args.every)
     if args.model == "tiny":
         model = build_tiny_llama(args.seed)
         next_ids, model_name, data = random_token_source(TINY_VOCAB_SIZE, args.seed + 1), "tiny-llama-random", {
