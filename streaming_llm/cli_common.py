@@ -81,8 +81,15 @@ def common_parent() -> argparse.ArgumentParser:
         default="float32",
         help="weights and compute dtype (default float32; bfloat16/float16 halve memory on GPU)",
     )
+    model.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core); 1 is often fastest on a busy or small machine",
+    )
     output = parent.add_argument_group("output (common to every subcommand)")
-    output.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status messages on stderr")
+    output.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status messages on stderr (they only appear when stderr is a terminal)")
     output.add_argument("--json", action="store_true", help="machine-readable JSON on stdout instead of text")
     return parent
 
@@ -94,6 +101,9 @@ def validate_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--n-sink must be >= 0 (0 = no sinks), got {n_sink}")
     if window_size is not None and window_size < 1:
         raise ValueError(f"--window-size must be >= 1, got {window_size}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     device = getattr(args, "device", None)
     if device is not None and not DEVICE_PATTERN.match(device):
         raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or auto; got {device!r}")
@@ -101,14 +111,28 @@ def validate_common_args(args: argparse.Namespace) -> None:
         args.model = None
 
 
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU thread count from --threads (when given)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def model_label(args: argparse.Namespace) -> str:
     """A short name for the model the options select."""
     return "SmolLM2-135M-Instruct (embedded)" if args.model is None else str(args.model)
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars and status lines go to stderr when it is a terminal and --quiet is not given, so that
+    a piped or captured stderr holds only warnings and the one-line error."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
 def status(args: argparse.Namespace, message: str) -> None:
-    """A progress/status line on stderr, unless --quiet."""
-    if not getattr(args, "quiet", False):
+    """A status line on stderr (see show_progress)."""
+    if show_progress(args):
         print(message, file=sys.stderr, flush=True)
 
 
@@ -120,23 +144,12 @@ def load_from_args(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
-def check_capacity(args: argparse.Namespace, max_positions: int | None) -> None:
-    """pos_shift and rerotate give positions 0..capacity; refuse a capacity the model was not trained for."""
-    capacity = args.n_sink + args.window_size
-    if max_positions and args.position_mode != "absolute" and capacity >= max_positions:
-        raise ValueError(
-            f"cache capacity n_sink + window_size = {capacity} needs positions 0..{capacity}, but the model has "
-            f"{max_positions} positions; use --window-size <= {max_positions - 1 - args.n_sink}"
-        )
-
-
 def wrapper_from_args(args: argparse.Namespace):
-    """(StreamingLLMWrapper, tokenizer) for the common options: loads the model, checks the capacity."""
-    from streaming_llm.models import describe
+    """(StreamingLLMWrapper, tokenizer) for the common options; the wrapper refuses a capacity beyond the
+    model's positions (ValueError)."""
     from streaming_llm.wrapper import StreamingLLMWrapper
 
     model, tokenizer = load_from_args(args)
-    check_capacity(args, describe(model).max_positions)
     wrapper = StreamingLLMWrapper(
         model,
         n_sink=args.n_sink,

@@ -26,6 +26,8 @@ MAX_PENDING_TOKENS = 8
 # their neighbour (SentencePiece's leading space) without re-decoding the whole output.
 DECODE_CONTEXT_TOKENS = 6
 DEFAULT_PREFILL_BLOCK_SIZE = 256
+# Top-p first looks for its nucleus among this many most likely tokens (see TokenSampler._candidates).
+NUCLEUS_PROBE = 256
 
 
 @dataclass(frozen=True)
@@ -94,17 +96,33 @@ class TokenSampler:
         if config.greedy:
             return int(logits.argmax())
         logits = logits / config.temperature
-        if 0 < config.top_k < logits.shape[-1]:
-            kth_largest = torch.topk(logits, config.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        generator = self._generator_for(logits.device)
+        if config.top_k == 0 and config.top_p == 1.0:
+            return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+        values, ids = self._candidates(logits)
+        return int(ids[torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)])
+
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, ids) of the tokens top-k and then top-p keep, most likely first.
+
+        Without top_k, the nucleus is looked for among the NUCLEUS_PROBE most likely tokens first and
+        the whole vocabulary is sorted only when they do not hold top_p of the mass: exact either way.
+        """
+        config, vocab = self.config, logits.shape[-1]
+        count = min(config.top_k or NUCLEUS_PROBE, vocab)
+        values, ids = torch.topk(logits, count)
         if config.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probabilities = torch.softmax(sorted_logits, dim=-1)
-            # Drop a token when the tokens before it already reach top_p; the most likely one always stays.
-            outside = (torch.cumsum(probabilities, dim=-1) - probabilities) >= config.top_p
-            logits = logits.index_fill(0, order[outside], float("-inf"))
-        probabilities = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probabilities, 1, generator=self._generator_for(logits.device)))
+            if config.top_k:  # top-p applies to the distribution top-k left
+                probabilities = torch.softmax(values, dim=-1)
+            else:
+                probabilities = torch.exp(values - torch.logsumexp(logits, dim=-1))
+                if count < vocab and float(probabilities.sum()) < config.top_p:
+                    values, ids = torch.sort(logits, descending=True)
+                    probabilities = torch.softmax(values, dim=-1)
+            # Keep a token while the more likely ones hold less than top_p; the most likely always stays.
+            keep = (torch.cumsum(probabilities, dim=-1) - probabilities) < config.top_p
+            values, ids = values[keep], ids[keep]
+        return values, ids
 
 
 class IncrementalDecoder:
@@ -205,6 +223,13 @@ class GenerationStream:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty: generation needs at least one token to continue from")
+        vocab = wrapper.model.get_input_embeddings().num_embeddings
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise ValueError(
+                f"token id {bad} ({tokenizer.convert_ids_to_tokens(bad) if bad >= 0 else 'negative'}) is outside the "
+                f"model's vocabulary of {vocab}: the tokenizer knows tokens the model does not"
+            )
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.prompt_ids = ids
         self.sampling = sampling or SamplingConfig()

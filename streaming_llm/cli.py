@@ -1,0 +1,553 @@
+"""The `streaming-llm` command: generate, chat and info here; eval/plot and bench registered from their
+packages when present.
+
+Every subcommand takes the common options of cli_common.py and sets `handler=fn(args) -> exit status`.
+Errors a user can fix (ValueError, a missing file, a bad option) print one line,
+`streaming-llm: error: <reason>`, and exit with status 2; Ctrl-C exits with 130 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from streaming_llm.cli_common import (
+    apply_threads,
+    common_parent,
+    model_label,
+    peak_memory_mb,
+    print_json,
+    show_progress,
+    status,
+    validate_common_args,
+    wrapper_from_args,
+)
+
+PROG = "streaming-llm"
+# Subcommands owned by other packages: module with `register(subparsers, common_parent)`.
+OPTIONAL_COMMANDS = ("streaming_llm.eval.command", "streaming_llm.bench.command")
+OWN_COMMANDS = ("generate", "chat", "info")
+CACHE_CHECK_EVERY = 64  # tokens between two looks at the cache length during `generate`
+
+
+class UsageError(Exception):
+    """A command-line mistake argparse found; main() prints it on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, per: str) -> None:
+    sampling = parser.add_argument_group("generation")
+    sampling.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"tokens to generate {per} (default {max_new_tokens}); any number works: the cache never grows",
+    )
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the most likely token (default); > 0 samples, higher = more random")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: sample among the most likely tokens holding this probability mass (default 1 = all)")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (default 0 = all)")
+    sampling.add_argument("--seed", type=int, default=None, help="seed of the sampler, for reproducible sampling (default: random)")
+    sampling.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating any of the last --repetition-window tokens (CTRL-style; default 1 = off)"
+    )
+    sampling.add_argument("--repetition-window", type=int, default=64, metavar="N", help="how many recent tokens the repetition penalty looks at (default 64)")
+    sampling.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (not printed); repeat for several")
+    sampling.add_argument("--system", default=None, metavar="TEXT", help="system message for the chat template (default: the template's own)")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; given the `command` about to run, the optional subcommands (whose modules import
+    torch) are only imported when it may be one of theirs."""
+    parent = common_parent()
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "StreamingLLM: endless generation and chat with attention sinks. The KV cache keeps the first "
+            "--n-sink tokens and the last --window-size tokens, so memory stays fixed however long the stream."
+        ),
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    generate = subparsers.add_parser(
+        "generate",
+        parents=[parent],
+        help="stream a continuation of a prompt to stdout",
+        description=(
+            "Feed the prompt through the streaming cache (in blocks), then generate one token at a time, printing text "
+            "as it is produced. Stops at --max-new-tokens, at the model's end-of-sequence token (unless --ignore-eos) "
+            "or at a --stop string."
+        ),
+    )
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--prompt", "-p", default=None, metavar="TEXT", help="the prompt text")
+    source.add_argument("--prompt-file", "-f", default=None, metavar="PATH", help="read the prompt from a UTF-8 file ('-' = stdin)")
+    _add_sampling_arguments(generate, max_new_tokens=256, per="after the prompt")
+    generate.add_argument(
+        "--chat-template",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="wrap the prompt as a user message in the tokenizer's chat template: auto (default) = on when the tokenizer has one (instruct models), off = raw text continuation",
+    )
+    generate.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens (for long generation)")
+    generate.add_argument("--stats", action="store_true", help="print tokens/s, cache length and peak memory to stderr at the end (always included with --json)")
+    generate.set_defaults(handler=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat",
+        parents=[parent],
+        help="multi-turn chat with an instruct model through the fixed cache",
+        description=(
+            "Chat using the tokenizer's chat template. The whole conversation streams through one fixed-size cache: "
+            "each turn feeds only its new tokens, old turns are never fed again. Interactive commands: /reset (new "
+            "conversation), /stats, /exit. With --script, every prompt of a JSONL file is sent in order through one "
+            "conversation and the answers are recorded with --output."
+        ),
+    )
+    chat.add_argument(
+        "--script",
+        default=None,
+        metavar="PROMPTS.jsonl",
+        help='scripted mode: one JSON object per line with a "prompt" string or a "turns" list (MT-Bench style)',
+    )
+    chat.add_argument("--output", "-o", default=None, metavar="ANSWERS.jsonl", help="with --script: write one JSON record per answer (written when the script completes)")
+    _add_sampling_arguments(chat, max_new_tokens=256, per="per answer")
+    chat.set_defaults(handler=run_chat)
+
+    info = subparsers.add_parser(
+        "info",
+        parents=[parent],
+        help="the resolved model, its architecture and the cache configuration",
+        description="Load the model and show what streaming will use: architecture, rotary dims, cache capacity, position mode, versions.",
+    )
+    info.set_defaults(handler=run_info)
+
+    for module_name in OPTIONAL_COMMANDS if command not in OWN_COMMANDS else ():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue  # that subcommand's package is not installed in this tree
+            raise
+        module.register(subparsers, parent)
+    parser.set_defaults(handler=None, command_names=list(subparsers.choices))
+    return parser
+
+
+# -- shared helpers --------------------------------------------------------------------------------------
+def read_text_file(path: str, what: str) -> str:
+    """The UTF-8 text of `path` ('-' = stdin); ValueError naming the file otherwise."""
+    if path == "-":
+        return sys.stdin.read()
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise ValueError(f"{what} not found: {path}")
+    if not file.is_file():
+        raise ValueError(f"{what} is not a file: {path}")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte offset {error.start})") from error
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror}") from error
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from streaming_llm.generation import SamplingConfig
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        return SamplingConfig(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            repetition_window=args.repetition_window,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise ValueError(f"--{str(error).replace('_', '-')}") from None
+
+
+def _cache_stats(wrapper) -> dict:
+    return {
+        "tokens_seen": wrapper.tokens_seen,
+        "cache_length": wrapper.cache.get_cache_length(),
+        "cache_capacity": wrapper.cache_capacity,
+        "n_sink": wrapper.n_sink,
+        "window_size": wrapper.window_size,
+        "position_mode": wrapper.position_mode,
+        "streaming_mode": wrapper.streaming_mode,
+    }
+
+
+def _write_text(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+# -- generate --------------------------------------------------------------------------------------------
+def run_generate(args: argparse.Namespace) -> int:
+    """Handler of `streaming-llm generate`."""
+    from streaming_llm.generation import end_of_turn_ids, generate_stream
+
+    if args.prompt is None and args.prompt_file is None:
+        raise ValueError("give the prompt with --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
+    prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
+    sampling = sampling_from_args(args)
+    wrapper, tokenizer = wrapper_from_args(args)
+
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.chat_template == "on" and not has_template:
+        raise ValueError(f"--chat-template on: the tokenizer of {model_label(args)} has no chat template")
+    if args.chat_template == "on" or (args.chat_template == "auto" and has_template):
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        if args.system:
+            raise ValueError("--system needs the chat template (--chat-template auto/on with an instruct model)")
+        prompt_ids = tokenizer(prompt)["input_ids"]
+
+    stream = generate_stream(
+        wrapper,
+        tokenizer,
+        prompt_ids,
+        sampling,
+        stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        stop_token_ids=() if args.ignore_eos else end_of_turn_ids(tokenizer, wrapper.model),
+        progress=show_progress(args),
+    )
+    pieces: list[str] = []
+    max_cache_length = 0
+    for piece in stream:
+        if args.json:
+            pieces.append(piece.text)
+        else:
+            _write_text(piece.text)
+        if stream.new_tokens % CACHE_CHECK_EVERY == 0:
+            max_cache_length = max(max_cache_length, wrapper.cache.get_cache_length())
+    if not args.json:
+        _write_text("\n")
+
+    stats = {
+        "model": model_label(args),
+        "prompt_tokens": stream.prompt_tokens,
+        "new_tokens": stream.new_tokens,
+        "stop_reason": stream.stop_reason,
+        "prefill_seconds": round(stream.prefill_seconds, 4),
+        "decode_seconds": round(stream.decode_seconds, 4),
+        "tokens_per_second": round(stream.tokens_per_second, 2),
+        **_cache_stats(wrapper),
+        "max_cache_length": max(max_cache_length, wrapper.cache.get_cache_length()),
+        "device": str(next(wrapper.model.parameters()).device),
+        "dtype": args.dtype,
+        "peak_rss_mib": peak_memory_mb(),
+    }
+    if args.json:
+        print_json({"text": "".join(pieces), **stats})
+    elif args.stats:
+        print(
+            f"[stats] {stats['new_tokens']} tokens in {stats['decode_seconds']:.2f} s = {stats['tokens_per_second']:.1f} tokens/s "
+            f"(prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s); stop: {stats['stop_reason']}; "
+            f"cache {stats['cache_length']}/{stats['cache_capacity']} tokens (max {stats['max_cache_length']}) after "
+            f"{stats['tokens_seen']} seen; peak RSS {stats['peak_rss_mib']:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
+    return 0
+
+
+# -- chat ------------------------------------------------------------------------------------------------
+def read_script(path: str) -> list[dict]:
+    """Records of a JSONL script: each {"turns": [str, ...], "fields": other keys of the line}."""
+    records = []
+    for line_number, line in enumerate(read_text_file(path, "script").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+        turns = record.get("turns", [record["prompt"]] if "prompt" in record else None) if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
+            raise ValueError(f'{path} line {line_number}: needs a "prompt" string or a non-empty "turns" list of strings')
+        fields = {key: value for key, value in record.items() if key not in ("prompt", "turns")}
+        records.append({"turns": turns, "fields": fields})
+    if not records:
+        raise ValueError(f"script {path} has no prompts")
+    return records
+
+
+def _chat_stats_line(chat) -> str:
+    wrapper, last = chat.wrapper, chat.last_turn
+    line = (
+        f"[stats] {chat.turns} turns, {wrapper.tokens_seen} tokens seen, cache {wrapper.cache.get_cache_length()}/"
+        f"{wrapper.cache_capacity} ({wrapper.n_sink} sinks + {wrapper.window_size} window)"
+    )
+    if last is not None:
+        line += f"; last answer {last.new_tokens} tokens at {last.tokens_per_second:.1f} tokens/s ({last.stop_reason})"
+    return line
+
+
+def _chat_stats(chat) -> dict:
+    last = chat.last_turn
+    return {
+        "turns": chat.turns,
+        **_cache_stats(chat.wrapper),
+        "last_answer_tokens": last.new_tokens if last else None,
+        "last_tokens_per_second": round(last.tokens_per_second, 2) if last else None,
+        "peak_rss_mib": peak_memory_mb(),
+    }
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Handler of `streaming-llm chat`."""
+    from streaming_llm.generation import StreamingChat
+
+    if args.output and not args.script:
+        raise ValueError("--output records the answers of a --script run; give --script too")
+    script = read_script(args.script) if args.script else None
+    sampling = sampling_from_args(args)
+    wrapper, tokenizer = wrapper_from_args(args)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{model_label(args)} has no chat template; chat needs an instruct model (for a base model use generate --chat-template off)")
+    chat = StreamingChat(wrapper, tokenizer, system_prompt=args.system, sampling=sampling, max_new_tokens=args.max_new_tokens, stop=args.stop)
+    if script is not None:
+        return _run_script(args, chat, script)
+    return _run_interactive(args, chat)
+
+
+def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
+    from tqdm.auto import tqdm
+
+    total_turns = sum(len(record["turns"]) for record in script)
+    bar = tqdm(total=total_turns, desc="turns", unit="turn", disable=not (args.json and show_progress(args)))
+    answers, new_tokens, start = [], 0, time.perf_counter()
+    for record_index, record in enumerate(script):
+        for turn_index, prompt in enumerate(record["turns"]):
+            if not args.json:
+                _write_text(f"USER: {prompt}\n\nASSISTANT: ")
+            for piece in chat.send(prompt):
+                if not args.json:
+                    _write_text(piece.text)
+            if not args.json:
+                _write_text("\n\n")
+            turn = chat.last_turn
+            new_tokens += turn.new_tokens
+            answers.append(
+                {
+                    **record["fields"],
+                    "record": record_index,
+                    "turn": turn_index,
+                    "prompt": prompt,
+                    "answer": turn.answer,
+                    "new_tokens": turn.new_tokens,
+                    "fed_tokens": turn.fed_tokens,
+                    "stop_reason": turn.stop_reason,
+                    "tokens_seen": chat.wrapper.tokens_seen,
+                    "cache_length": chat.wrapper.cache.get_cache_length(),
+                    "seconds": round(turn.seconds, 4),
+                }
+            )
+            bar.update()
+    bar.close()
+    if args.output:
+        _write_jsonl_atomically(Path(args.output), answers)
+    seconds = time.perf_counter() - start
+    summary = {
+        "model": model_label(args),
+        "records": len(script),
+        "answers": len(answers),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None,
+        **_chat_stats(chat),
+        "output": args.output,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        status(args, _chat_stats_line(chat) + (f"; {len(answers)} answers written to {args.output}" if args.output else ""))
+    return 0
+
+
+def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
+    """Write all records or nothing: a temporary file in the same folder, renamed when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            for record in records:
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _run_interactive(args: argparse.Namespace, chat) -> int:
+    interactive = sys.stdin.isatty()
+    status(
+        args,
+        f"chatting with {model_label(args)}; cache {chat.wrapper.n_sink} sinks + {chat.wrapper.window_size} window "
+        f"= {chat.wrapper.cache_capacity} tokens. Commands: /reset /stats /exit",
+    )
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                _write_text("\n")
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.rstrip("\n")
+            _write_text(f"> {line}\n")
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            chat.reset()
+            status(args, "[conversation reset: cache emptied]")
+        elif command == "/stats":
+            if args.json:
+                print_json(_chat_stats(chat))
+            else:
+                print(_chat_stats_line(chat), flush=True)
+        elif command.startswith("/"):
+            print(f"unknown command {command}; commands: /reset /stats /exit", flush=True)
+        else:
+            for piece in chat.send(line):
+                _write_text(piece.text)
+            _write_text("\n\n")
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------------------
+def _resolved_source(model_arg: str | None) -> str:
+    """Where the model came from: the embedded GGUF's path, a local path made absolute, or the hub id."""
+    from streaming_llm.loading import embedded_model_path
+
+    if model_arg is None:
+        return str(embedded_model_path())
+    path = Path(model_arg).expanduser()
+    return str(path.resolve()) if path.exists() else model_arg
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Handler of `streaming-llm info`."""
+    import platform
+
+    import tokenizers
+    import torch
+    import transformers
+
+    import streaming_llm
+
+    wrapper, tokenizer = wrapper_from_args(args)
+    model, architecture = wrapper.model, wrapper.architecture
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    payload = {
+        "model": model_label(args),
+        "resolved": _resolved_source(args.model),
+        "model_type": architecture.model_type,
+        "architecture": type(model).__name__,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "layers": config.num_hidden_layers,
+        "attention_heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "rotary_ndims": architecture.rotary_ndims,
+        "vocab_size": config.vocab_size,
+        "max_positions": architecture.max_positions,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "n_sink": wrapper.n_sink,
+        "window_size": wrapper.window_size,
+        "cache_capacity": wrapper.cache_capacity,
+        "position_mode": wrapper.position_mode,
+        "streaming_mode": wrapper.streaming_mode,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+            "streaming_llm": streaming_llm.__version__,
+        },
+    }
+    if args.json:
+        print_json(payload)
+    else:
+        width = max(len(key) for key in payload)
+        for key, value in payload.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{name} {version}" for name, version in value.items())
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------------------
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
+    try:
+        sys.stdout.reconfigure(errors="replace")
+    except (AttributeError, ValueError):
+        pass  # a replaced stdout (tests, notebooks) keeps its own settings
+    try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(command=next((word for word in argv if not word.startswith("-")), None))
+        args = parser.parse_args(argv)
+        if args.handler is None:
+            raise UsageError(f"choose a command: {', '.join(args.command_names)} (see {PROG} --help)")
+        validate_common_args(args)
+        apply_threads(args)
+        return int(args.handler(args) or 0)
+    except SystemExit as exit_request:  # --help, --version
+        return exit_request.code if isinstance(exit_request.code, int) else 0
+    except (UsageError, ValueError, OSError) as error:
+        if isinstance(error, BrokenPipeError):  # stdout closed early, e.g. `| head`: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+        sys.stdout.flush()
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

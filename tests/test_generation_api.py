@@ -1,0 +1,248 @@
+"""The Python generation API: model.generate() with a StreamingKVCache across turns and with a streamer,
+generate_stream's sampling / detokenisation / stop rules, StreamingChat's incremental feeding, examples/.
+
+Model: the tiny random Llama with the embedded SmolLM2 tokenizer, saved by test_cli.py's checkpoint helper.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from threading import Thread
+
+import pytest
+import torch
+from test_cli import tiny_checkpoint
+from transformers import TextIteratorStreamer
+
+from streaming_llm import StreamingKVCache, StreamingLLMWrapper, load_model, prepare_model
+from streaming_llm.generation import (
+    IncrementalDecoder,
+    SamplingConfig,
+    StopStringFilter,
+    StreamingChat,
+    TokenSampler,
+    end_of_turn_ids,
+    generate_stream,
+)
+
+N_SINK, WINDOW_SIZE = 4, 60
+CAPACITY = N_SINK + WINDOW_SIZE
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_tiny(model_dir: Path):
+    """A fresh (model, tokenizer); eos switched off so greedy runs always reach max_new_tokens."""
+    model, tokenizer = load_model(model_dir)
+    model.generation_config.eos_token_id = None
+    return model, tokenizer
+
+
+def user_turn(tokenizer, text: str) -> torch.Tensor:
+    """The ids of one templated user turn followed by the assistant prompt (SmolLM2's ChatML)."""
+    return torch.tensor(tokenizer(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+
+
+def test_multi_turn_generate_with_streamer_equals_the_wrapper_loop(model_dir):
+    """Three generate() calls through one cache, each passed the whole conversation; a TextIteratorStreamer
+    shows the text. The wrapper's step loop (generate_stream), fed the same tokens, picks the same ones."""
+    model, tokenizer = load_tiny(model_dir)
+    prepare_model(model)
+    cache = StreamingKVCache(n_sink=N_SINK, window_size=WINDOW_SIZE)
+    wrapper = StreamingLLMWrapper(load_tiny(model_dir)[0], n_sink=N_SINK, window_size=WINDOW_SIZE)
+    new_tokens = 90
+
+    conversation = torch.zeros(0, dtype=torch.long)
+    pending: list[int] = []  # the wrapper's side: the last token of a turn is fed with the next turn
+    for question in ["What is streaming attention?", "Why keep sink tokens?", "Summarise."]:
+        user_ids = user_turn(tokenizer, question)
+        conversation = torch.cat([conversation, user_ids])
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+        arguments = dict(
+            input_ids=conversation[None], attention_mask=torch.ones(1, len(conversation), dtype=torch.long), past_key_values=cache,
+            max_new_tokens=new_tokens, do_sample=False, streamer=streamer, pad_token_id=0,
+        )
+        thread = Thread(target=lambda: result.update(sequences=model.generate(**arguments)))
+        thread.start()
+        streamed = "".join(streamer)
+        thread.join()
+        sequences = result["sequences"][0]
+        assert torch.equal(sequences[: len(conversation)], conversation)
+        generated = sequences[len(conversation) :].tolist()
+        assert len(generated) == new_tokens and cache.get_cache_length() <= CAPACITY
+
+        stream = generate_stream(wrapper, tokenizer, pending + user_ids.tolist(), max_new_tokens=new_tokens)
+        pieces = list(stream)
+        assert [piece.token_id for piece in pieces] == generated
+        assert streamed == "".join(piece.text for piece in pieces) == tokenizer.decode(generated, skip_special_tokens=True)
+        assert stream.stop_reason == "length" and stream.pending_token == generated[-1]
+        pending = [stream.pending_token]
+        conversation = sequences
+
+    assert len(conversation) > 3 * CAPACITY
+    assert cache.get_seq_length() == wrapper.tokens_seen == len(conversation) - 1
+    assert cache.get_cache_length() == wrapper.cache.get_cache_length() == CAPACITY
+
+
+class RecordingWrapper:
+    """A StreamingLLMWrapper that records every token fed; with `end_after`, the end-of-turn token wins
+    the greedy choice once that many single tokens were fed in a turn (so some answers end by eos)."""
+
+    def __init__(self, wrapper: StreamingLLMWrapper, end_id: int, end_after: int | None = None):
+        self.inner, self.end_id, self.end_after = wrapper, end_id, end_after
+        self.fed: list[int] = []
+        self.steps_in_turn = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def reset(self):
+        self.inner.reset()
+        self.fed = []
+
+    def __call__(self, input_ids):
+        self.fed += input_ids[0].tolist()
+        self.steps_in_turn = self.steps_in_turn + 1 if input_ids.shape[1] == 1 else 0
+        logits = self.inner(input_ids)
+        if self.end_after is not None and self.steps_in_turn >= self.end_after:
+            logits[..., self.end_id] = logits.max() + 1
+        return logits
+
+
+@pytest.mark.parametrize("end_after", [None, 5], ids=["answers-cut-by-length", "answers-end-with-eos"])
+def test_chat_feeds_each_turn_once_and_matches_the_template(model_dir, end_after):
+    """After every user turn, the tokens fed so far decode to exactly the template's rendering of the
+    conversation: each turn adds only its suffix, and no token of the history is fed twice."""
+    model, tokenizer = load_tiny(model_dir)
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    wrapper = RecordingWrapper(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), end_id, end_after)
+    chat = StreamingChat(wrapper, tokenizer, system_prompt="Be brief.", max_new_tokens=12)
+    assert end_id in chat.stop_token_ids
+    for turn, question in enumerate(["Hello!", "What is 2 + 2?", "Why?", "Thanks, bye."]):
+        for index, piece in enumerate(chat.send(question)):
+            if index == 0:
+                rendered = tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
+                assert tokenizer.decode(wrapper.fed, skip_special_tokens=False) == rendered
+        assert chat.last_turn.stop_reason == ("eos" if end_after else "length")
+        assert chat.last_turn.new_tokens == (end_after + 1 if end_after else 12)
+        assert len(chat.messages) == 1 + 2 * (turn + 1) and chat.messages[-1]["role"] == "assistant"
+        assert wrapper.tokens_seen == len(wrapper.fed)
+    assert wrapper.tokens_seen > CAPACITY and wrapper.cache.get_cache_length() == CAPACITY
+    chat.reset()
+    assert wrapper.tokens_seen == 0 and chat.messages == [{"role": "system", "content": "Be brief."}]
+    assert isinstance(chat.ask("Again?"), str) and chat.turns == 1
+
+
+def test_generate_stream_stop_rules(model_dir):
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    prompt = tokenizer("A long time ago")["input_ids"]
+    reference = list(generate_stream(wrapper, tokenizer, prompt, max_new_tokens=40))
+    ids, text = [piece.token_id for piece in reference], "".join(piece.text for piece in reference)
+
+    wrapper.reset()  # a stop token id ends the stream; its Piece is the last one
+    stream = generate_stream(wrapper, tokenizer, prompt, max_new_tokens=40, stop_token_ids={ids[7]})
+    assert [piece.token_id for piece in stream] == ids[: ids.index(ids[7]) + 1] and stream.stop_reason == "eos"
+
+    wrapper.reset()  # a stop string ends the text right before it
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stream = generate_stream(wrapper, tokenizer, prompt, max_new_tokens=40, stop=[stop, "never appears"])
+    assert "".join(piece.text for piece in stream) == text[: text.index(stop)] and stream.stop_reason == "stop"
+
+    wrapper.reset()  # prefill in blocks of 3 is exact: the same greedy tokens
+    assert [p.token_id for p in generate_stream(wrapper, tokenizer, prompt, max_new_tokens=40, prefill_block_size=3)] == ids
+
+    wrapper.reset()
+    stream = generate_stream(wrapper, tokenizer, prompt, max_new_tokens=1)
+    assert len(list(stream)) == 1 and stream.stop_reason == "length" and wrapper.tokens_seen == len(prompt)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate_stream(wrapper, tokenizer, [], max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_stream(wrapper, tokenizer, prompt, max_new_tokens=0)
+
+
+def test_end_of_turn_ids_include_the_template_closing_token(model_dir):
+    model, tokenizer = load_model(model_dir)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in end_of_turn_ids(tokenizer, model)
+
+
+def test_incremental_decoder_never_splits_characters(model_dir):
+    _, tokenizer = load_model(model_dir)
+    text = " naïve café — 日本語のテキスト 🙂🚀 and ASCII again\n\tend"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some pieces do end inside a character
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
+    assert len(decoder.tokens) <= 8  # constant memory
+
+
+def test_stop_string_filter_holds_back_only_possible_prefixes():
+    stopper = StopStringFilter(["</s>", "STOP"])
+    assert stopper.push("hello <") == ("hello ", False)
+    assert stopper.push("/") == ("", False)
+    assert stopper.push("x> ok ST") == ("</x> ok ", False)
+    assert stopper.push("OP and more") == ("", True)
+    stopper = StopStringFilter(["ab", "b"])
+    assert stopper.push("xab") == ("x", True)  # the earliest match wins
+    assert StopStringFilter([]).push("anything") == ("anything", False)
+
+
+def test_sampler():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    best = int(logits.argmax())
+    assert TokenSampler(SamplingConfig())(logits) == best
+    assert TokenSampler(SamplingConfig(temperature=1.0, top_k=1, seed=0))(logits) == best
+    assert TokenSampler(SamplingConfig(temperature=1.0, top_p=1e-6, seed=0))(logits) == best
+    draws = [[TokenSampler(SamplingConfig(temperature=1.0, seed=seed))(logits) for _ in range(5)] for seed in (7, 7, 8)]
+    sampler = TokenSampler(SamplingConfig(temperature=1.0, seed=7))
+    assert [sampler(logits) for _ in range(20)] != [sampler(logits) for _ in range(20)]  # the generator advances
+    assert draws[0] == draws[1]
+    # The repetition penalty only looks at the recent window: the best token, recently seen, loses to the second.
+    second = int(logits.topk(2).indices[1])
+    penalised = TokenSampler(SamplingConfig(repetition_penalty=1e3))
+    assert penalised(logits, recent=[best]) == second and penalised(logits, recent=[]) == best
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.5), (0, 0.999), (40, 0.8), (40, 1.0)])
+def test_sampler_candidates_are_exact_top_k_then_top_p(top_k, top_p):
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(1)) * 2
+    _, ids = TokenSampler(SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p))._candidates(logits)
+    values, order = torch.sort(logits, descending=True)  # the definition, over the sorted vocabulary
+    if top_k:
+        values, order = values[:top_k], order[:top_k]
+    probabilities = torch.softmax(values, dim=-1)
+    expected = order[(torch.cumsum(probabilities, dim=-1) - probabilities) < top_p]
+    assert ids.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("temperature", -0.1, "temperature"), ("top_p", 0.0, "top_p"), ("top_k", -1, "top_k"), ("repetition_penalty", 0.0, "repetition_penalty"), ("repetition_window", 0, "repetition_window")],
+)
+def test_sampling_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("example", ["generate_stream.py", "multi_turn.py", "chat_wrapper.py"])
+def test_examples_run(example, model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [example, str(model_dir)])
+    runpy.run_path(str(EXAMPLES / example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "cache" in out
