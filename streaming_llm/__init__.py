@@ -10,13 +10,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "SamplingConfig",
     "StartRecentKVCache",
+    "StreamingChat",
     "StreamingKVCache",
     "StreamingLLMWrapper",
+    "generate_stream",
     "load_model",
     "prepare_model",
     "rerotate_keys",
 ]
+
+
+def __getattr__(name):
+    """The generation helpers, imported on first use (generation.py pulls in the tokenizer machinery)."""
+    if name in ("generate_stream", "StreamingChat", "SamplingConfig"):
+        from streaming_llm import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'streaming_llm' has no attribute {name!r}")
 
 
 def load_model(*args, **kwargs):

@@ -59,11 +59,11 @@ def streaming_attention_forward(
     if rotary is None:
         raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
     max_positions = getattr(module.config, "max_position_embeddings", None)
-    if max_positions is not None and cache.cache_capacity > max_positions:
+    if max_positions is not None and cache.cache_capacity >= max_positions:
         raise ValueError(
-            f"cache capacity {cache.cache_capacity} (n_sink + window_size) exceeds the model's "
-            f"max_position_embeddings={max_positions}: distances inside the cache would leave the trained range; "
-            f"use n_sink + window_size <= {max_positions}"
+            f"cache capacity {cache.cache_capacity} (n_sink + window_size) is too large for the model's "
+            f"max_position_embeddings={max_positions}: a step attends to capacity + 1 tokens at positions "
+            f"0..capacity; use n_sink + window_size <= {max_positions - 1}"
         )
     cache.rotary = rotary
     scaling = module.scaling if scaling is None else scaling

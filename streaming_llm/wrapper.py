@@ -30,10 +30,12 @@ class StreamingLLMWrapper:
         validate_config(n_sink, window_size, position_mode, streaming_mode)
         self.architecture = describe(model)
         max_positions = self.architecture.max_positions
-        if max_positions is not None and n_sink + window_size > max_positions:
+        if max_positions is not None and n_sink + window_size >= max_positions:
+            # A step attends to capacity + 1 keys at positions 0..capacity.
             raise ValueError(
-                f"cache capacity n_sink + window_size = {n_sink + window_size} exceeds the model's "
-                f"max_position_embeddings={max_positions}; use at most {max_positions}"
+                f"cache capacity n_sink + window_size = {n_sink + window_size} is too large for the model's "
+                f"max_position_embeddings={max_positions}: a step attends to capacity + 1 tokens; use at most "
+                f"{max_positions - 1}"
             )
         self.model = prepare_model(model)
         self.n_sink, self.window_size = n_sink, window_size

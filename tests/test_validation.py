@@ -32,3 +32,33 @@ def test_valid_edges_are_accepted():
     cache = StreamingKVCache(n_sink=0, window_size=1)
     assert cache.cache_capacity == 1
     assert StreamingKVCache(n_sink=4, window_size=60).cache_capacity == 64
+
+
+def test_capacity_must_fit_the_model_positions(llama_model):
+    """A step attends to capacity + 1 keys at positions 0..capacity: capacity < max_position_embeddings."""
+    max_positions = llama_model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        make_wrapper(llama_model, 4, max_positions - 4)
+    assert make_wrapper(llama_model, 4, max_positions - 5).cache_capacity == max_positions - 1
+
+
+def test_generate_path_checks_capacity_too(llama_model):
+    import copy
+
+    import torch
+    from streaming_llm import prepare_model
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    cache = StreamingKVCache(n_sink=0, window_size=model.config.max_position_embeddings)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 2, dtype=torch.long), past_key_values=cache)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from streaming_llm import StreamingLLMWrapper
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="llama.*gpt_neox"):
+        StreamingLLMWrapper(model, 4, 8)
