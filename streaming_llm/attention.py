@@ -55,6 +55,11 @@ def streaming_attention_forward(
     _handoff.step = None
     if layer_idx != module.layer_idx:
         raise RuntimeError(f"streaming cache updated layer {layer_idx} but attention ran for layer {module.layer_idx}")
+    if attention_mask is not None and _has_padding(attention_mask):
+        raise ValueError(
+            "StreamingKVCache does not support padded batches (an attention_mask with zeros): every row must be "
+            "a stream of the same length; stream sequences of different lengths separately"
+        )
     rotary = getattr(module, "streaming_rotary", None)
     if rotary is None:
         raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
@@ -69,6 +74,14 @@ def streaming_attention_forward(
     scaling = module.scaling if scaling is None else scaling
     output = cache.layers[layer_idx].attend(query, rotary, scaling)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _has_padding(attention_mask: torch.Tensor) -> bool:
+    """A 4D mask [b, 1, q, k] hides padding as key columns no query may see (causal masking never does)."""
+    if attention_mask.ndim != 4:
+        return False
+    hidden = ~attention_mask if attention_mask.dtype == torch.bool else torch.isneginf(attention_mask)
+    return bool(hidden.all(dim=-2).any())
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, streaming_attention_forward)

@@ -305,11 +305,12 @@ class RingLayer(StreamingLayer):
         return output
 
     def _decode_rotations(self, step, rotary: RotaryParams, dtype: torch.dtype):
-        """Per-step [head_dim, head_dim] matrices, computed by the first layer and reused by the rest:
+        """Per-step [head_dim, head_dim] matrices, computed by the first layer of each forward pass (the
+        cache clears `shared` when layer 0 updates) and reused by the rest:
         the model's rotation undone and the window frame t - base applied (for q and the new k), and
         the sink keys' move from position j to j + (window frame - sink frame)."""
         t, base = self.seen, self.base
-        key = (t, base, step["cos"].data_ptr(), dtype)
+        key = (t, base, dtype)
         if self.shared.get("decode_key") != key:
             head_dim = step["keys"].shape[-1]
             position = torch.tensor([t], device=step["keys"].device)
@@ -406,6 +407,8 @@ class StreamingKVCache(Cache):
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         from streaming_llm.attention import expect_streaming_attention
 
+        if layer_idx == 0:  # a new forward pass: per-step values shared across layers are recomputed
+            self._shared.clear()
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         expect_streaming_attention(self, layer_idx)
         return keys, values

@@ -107,6 +107,8 @@ def load_model(
         elif path.exists() or str(name_or_path).startswith((".", "/", "~")):
             if not path.is_dir():
                 raise ValueError(f"model path not found or not a folder: {path}")
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{path} is not a model folder (no config.json); pass a model folder, a .gguf file or a hub id")
             source = str(path)
         else:
             source = str(name_or_path)
@@ -116,7 +118,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, attn_implementation=attn_implementation, **load_kwargs
             )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError, ImportError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"could not load model {name_or_path or EMBEDDED_MODEL!r}: {first_line}") from error
     return model.to(device).eval(), tokenizer

@@ -59,8 +59,16 @@ class StreamingLLMWrapper:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [batch, n] with n >= 1, got shape {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or min(input_ids.shape) < 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, n] tensor with batch, n >= 1; got {shape}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}) for this model; got values in [{low}, {high}]")
+        input_ids = input_ids.long()
         # Position 0 makes the model's own RoPE the identity; the cache applies the real positions.
         position_ids = torch.zeros_like(input_ids)
         output = self.model(

@@ -62,3 +62,33 @@ def test_unsupported_architecture_names_the_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).eval()
     with pytest.raises(ValueError, match="llama.*gpt_neox"):
         StreamingLLMWrapper(model, 4, 8)
+
+
+def test_model_without_rotary_features_is_refused():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from streaming_llm import StreamingLLMWrapper
+
+    config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           vocab_size=64, rotary_pct=0.0)
+    with pytest.raises(ValueError, match="rotary"):
+        StreamingLLMWrapper(GPTNeoXForCausalLM(config).eval(), 4, 8)
+
+
+@pytest.mark.parametrize("bad_ids, reason", [
+    ("out_of_range", r"\[0, 128\)"), ("negative", r"\[0, 128\)"), ("float", "integer"), ("empty", "batch, n >= 1"),
+])
+def test_bad_token_ids_are_clear_errors(llama_model, bad_ids, reason):
+    import torch
+
+    ids = {"out_of_range": torch.tensor([[200]]), "negative": torch.tensor([[-1]]),
+           "float": torch.tensor([[1.0]]), "empty": torch.zeros(0, 3, dtype=torch.long)}[bad_ids]
+    with pytest.raises(ValueError, match=reason):
+        make_wrapper(llama_model, 4, 8)(ids)
+
+
+def test_empty_model_folder_is_a_clear_error(tmp_path):
+    from streaming_llm import load_model
+
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(tmp_path)

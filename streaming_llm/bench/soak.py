@@ -286,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--position-mode", default="pos_shift", choices=("pos_shift", "rerotate", "absolute"))
     parser.add_argument("--streaming-mode", default="ours", choices=("ours", "mit"))
     parser.add_argument("--warmup", type=int, default=None,
-                        help="tokens before the RSS baseline is taken (default: max(10%% of the stream, 4 x capacity, --every))")
+                        help="tokens before the RSS baseline is taken "
+                        "(default: max(10%% of the stream, 4 x capacity, --every))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights and of its random tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default=None, help="JSON result path")

@@ -32,7 +32,8 @@ class RecomputeStepper:
     [max(0, t - capacity), t] with positions 0..n-1; the last logit predicts t+1.
 
     The quality oracle; cost O(T * capacity^2). Windows of one block are batched, `batch_windows` at a
-    time (all windows of a batch have the same length once the stream is longer than the capacity).
+    time (all windows of a batch have the same length once the stream is longer than the capacity); the
+    windows of the first `capacity` tokens all start at token 0, so one causal forward scores them together.
     """
 
     def __init__(self, model: nn.Module, capacity: int, batch_windows: int = 8):
@@ -52,6 +53,14 @@ class RecomputeStepper:
         seen = self.history.shape[1]
         targets = list(range(seen - input_ids.shape[1], seen))
         logits = []
+        # While the stream is within the capacity every window starts at token 0: one causal forward over the
+        # longest of them gives each window's last logit at once.
+        prefixes = [t for t in targets if t < self.capacity]
+        if prefixes:
+            window = self.history[:, : prefixes[-1] + 1]
+            out = self.model(window, attention_mask=torch.ones_like(window), use_cache=False).logits[0]
+            logits.extend((t, out[t]) for t in prefixes)
+        targets = [t for t in targets if t >= self.capacity]
         for group_start in range(0, len(targets), self.batch_windows):
             group = targets[group_start : group_start + self.batch_windows]
             lengths = {min(t, self.capacity) + 1 for t in group}
@@ -61,10 +70,54 @@ class RecomputeStepper:
                 # Explicit all-ones mask: transformers 5 would otherwise read fresh positions as packed sequences.
                 mask = torch.ones_like(windows)
                 positions = torch.arange(length, device=windows.device)[None].expand(len(ts), -1)
-                out = self.model(windows, attention_mask=mask, position_ids=positions, use_cache=False).logits
+                # logits_to_keep=1: only the last position's logits are needed (saves most of the lm_head).
+                out = self.model(windows, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits
                 logits.extend(zip(ts, out[:, -1]))
         logits.sort(key=lambda item: item[0])
         keep = self.history.shape[1] - self.capacity - 1
         if keep > 0:
             self.history = self.history[:, keep:]
         return torch.stack([row for _, row in logits])[None]
+
+
+@torch.no_grad()
+def recompute_nlls_at(
+    model: nn.Module, input_ids: torch.Tensor, capacity: int, steps: list[int], batch_windows: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """The recompute baseline at chosen steps only: float64 [len(steps)], entry i = the NLL of token steps[i] + 1
+    from a fresh forward over tokens [max(0, t - capacity), t] (t = steps[i]) at positions 0..n-1.
+
+    Equals RecomputeStepper's nlls[t] at those steps; lets the O(capacity)-per-token oracle be sampled across a
+    long stream instead of run on a short prefix.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    if any(not 0 <= t < input_ids.shape[1] - 1 for t in steps):
+        raise ValueError(f"steps must lie in [0, {input_ids.shape[1] - 2}]")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(steps), desc="recompute (sampled)", unit="tok", leave=False)
+    nlls = torch.empty(len(steps), dtype=torch.float64)
+    by_length: dict[int, list[int]] = {}
+    for index, t in enumerate(steps):
+        by_length.setdefault(min(t, capacity) + 1, []).append(index)
+    for length, indices in sorted(by_length.items()):
+        for group_start in range(0, len(indices), batch_windows):
+            group = indices[group_start : group_start + batch_windows]
+            windows = torch.stack([input_ids[0, steps[i] + 1 - length : steps[i] + 1] for i in group])
+            positions = torch.arange(length, device=windows.device)[None].expand(len(group), -1)
+            # Explicit all-ones mask: transformers 5 would otherwise read fresh positions as packed sequences.
+            logits = model(
+                windows, attention_mask=torch.ones_like(windows), position_ids=positions, use_cache=False, logits_to_keep=1
+            ).logits[:, -1]
+            targets = torch.stack([input_ids[0, steps[i] + 1] for i in group]).to(logits.device)
+            nlls[group] = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none").cpu()
+            if bar is not None:
+                bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return nlls

@@ -36,7 +36,8 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, or 'all' (default {','.join(DEFAULT_METHODS)}; known: {', '.join(METHODS)})",
+        help=f"comma-separated, or 'all'; NAME:N scores that method on the first N tokens only (default "
+        f"{','.join(DEFAULT_METHODS)}; known: {', '.join(METHODS)})",
     )
     evaluate.add_argument(
         "--block-size",
@@ -49,6 +50,14 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--force", action="store_true", help="re-run configurations whose results already exist")
     evaluate.add_argument(
         "--recompute-tokens", type=int, default=None, help="score `recompute` on this prefix of the stream only (it costs ~one forward of capacity+1 tokens per token)"
+    )
+    evaluate.add_argument(
+        "--recompute-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score `recompute` at N steps spread over the stream past the capacity instead of on every token "
+        "(with --recompute-tokens as well, both are run)",
     )
     evaluate.add_argument(
         "--decode-tokens", type=int, default=None, help="score the decode-loop-only methods (kvpress_decode_*) on this prefix only"
@@ -69,6 +78,21 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     plot.set_defaults(handler=run_plot)
 
 
+def parse_methods(spec: str):
+    """'a,b:N,...' -> (methods, {name: N}); a method given as NAME:N is scored on the first N tokens only."""
+    names, prefixes = [], {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, tokens = item.partition(":")
+        names.append(name)
+        if tokens:
+            if not tokens.isdigit() or int(tokens) < 2:
+                raise ValueError(f"--methods {item!r}: the token count after ':' must be an integer >= 2")
+            prefixes[name] = int(tokens)
+    return get_methods(names), prefixes
+
+
 def _positive(name: str, value: int | None, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise ValueError(f"--{name} must be >= {minimum}, got {value}")
@@ -85,14 +109,15 @@ def _model_name(model_arg) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm eval`."""
     from streaming_llm.data import describe_source, load_text, load_tokens
-    from streaming_llm.eval.harness import run_method
+    from streaming_llm.eval.harness import run_method, run_recompute_sample
     from streaming_llm.loading import load_model
 
     _positive("num-tokens", args.num_tokens, 2)
     _positive("block-size", args.block_size)
     _positive("recompute-tokens", args.recompute_tokens, 2)
     _positive("decode-tokens", args.decode_tokens, 2)
-    methods = get_methods(args.methods)
+    _positive("recompute-samples", args.recompute_samples)
+    methods, prefixes = parse_methods(args.methods)
     n_sink, window_size = getattr(args, "n_sink", 4), getattr(args, "window_size", 1020)
     if n_sink is None:
         n_sink = 4
@@ -108,32 +133,31 @@ def run_eval(args: argparse.Namespace) -> int:
     input_ids = load_tokens(tokenizer, args.data, args.num_tokens).to(device)
     model_name = _model_name(getattr(args, "model", None))
 
+    common = dict(
+        model_name=model_name,
+        data=data,
+        n_sink=n_sink,
+        window_size=window_size,
+        output_dir=args.output_dir,
+        force=args.force,
+        progress=not quiet,
+        device=device,
+        dtype=dtype,
+    )
     runs = []
     for method in methods:
-        prefix = args.num_tokens
+        if method.name == "recompute" and args.recompute_samples:
+            runs.append(run_recompute_sample(model, input_ids, num_samples=args.recompute_samples, **common))
+            _report(runs[-1], quiet)
+            if not args.recompute_tokens:
+                continue
+        prefix = min(args.num_tokens, prefixes.get(method.name, args.num_tokens))
         if method.name == "recompute" and args.recompute_tokens:
             prefix = min(prefix, args.recompute_tokens)
         if method.feed == "decode" and args.decode_tokens:
             prefix = min(prefix, args.decode_tokens)
-        run = run_method(
-            method,
-            model,
-            input_ids[:, :prefix],
-            model_name=model_name,
-            data=data,
-            n_sink=n_sink,
-            window_size=window_size,
-            block_size=args.block_size,
-            output_dir=args.output_dir,
-            force=args.force,
-            progress=not quiet,
-            device=device,
-            dtype=dtype,
-        )
-        runs.append(run)
-        if not quiet:
-            status = "skipped (exists)" if run.skipped else f"{run.record['wall_s']:.1f} s"
-            print(f"{method.name}: ppl {run.record['perplexity']:.3f} [{status}] -> {run.json_path}", file=sys.stderr, flush=True)
+        runs.append(run_method(method, model, input_ids[:, :prefix], block_size=args.block_size, **common))
+        _report(runs[-1], quiet)
 
     if args.plot is not None:
         png = Path(args.plot) if args.plot else Path(args.output_dir) / f"nll_curves_T{args.num_tokens}_s{n_sink}_w{window_size}.png"
@@ -145,10 +169,17 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"plot: {png}", file=sys.stderr)
 
     if getattr(args, "json", False):
-        print(json.dumps([dict(run.record, json_path=str(run.json_path), skipped=run.skipped) for run in runs], indent=2))
+        results = [dict(run.record, json_path=str(run.json_path), skipped=run.skipped) for run in runs]
+        print(json.dumps({"results": results}), flush=True)
     else:
         print(format_table([run.record for run in runs]))
     return 0
+
+
+def _report(run, quiet: bool) -> None:
+    if not quiet:
+        status = "skipped (exists)" if run.skipped else f"{run.record['wall_s']:.1f} s"
+        print(f"{run.method}: ppl {run.record['perplexity']:.3f} [{status}] -> {run.json_path}", file=sys.stderr, flush=True)
 
 
 def format_table(records: list[dict]) -> str:
@@ -193,37 +224,11 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fallback_common_parent() -> argparse.ArgumentParser:
-    """The CLI's common options, for running this module alone (`python -m streaming_llm.eval.command`)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--model", default=None)
-    parent.add_argument("--n-sink", type=int, default=4)
-    parent.add_argument("--window-size", type=int, default=1020)
-    parent.add_argument("--position-mode", default="pos_shift")
-    parent.add_argument("--streaming-mode", default="ours")
-    parent.add_argument("--device", default="cpu")
-    parent.add_argument("--dtype", default="float32")
-    parent.add_argument("--quiet", action="store_true")
-    parent.add_argument("--json", action="store_true")
-    return parent
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`eval`/`plot` without the full CLI; the `streaming-llm` command is the usual entry point."""
-    try:
-        from streaming_llm.cli import main as cli_main
-    except ImportError:
-        cli_main = None
-    if cli_main is not None:
-        return cli_main(argv)
-    parser = argparse.ArgumentParser(prog="streaming-llm")
-    register(parser.add_subparsers(dest="command", required=True), _fallback_common_parent())
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """`python -m streaming_llm.eval.command ...` = `streaming-llm ...` (the CLI registers this module)."""
+    from streaming_llm.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

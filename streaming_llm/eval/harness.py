@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +65,14 @@ def run_method(
         record, _ = read_result(json_path)
         return MethodRun(method.name, record, json_path, skipped=True)
     stepper = method.build(model, n_sink, window_size)
+    cpu_started = time.process_time()
     with PeakMemory(device) as peak:
         result = compute_perplexity(
             stepper, input_ids, block_size=size, progress=progress, description=method.name, on_block=on_block
         )
+    # CPU seconds of this process: on a shared machine, tokens per CPU-second compares runs that saw
+    # different loads better than wall-clock tokens/s does.
+    cpu_s = time.process_time() - cpu_started
     record = build_record(
         model_name=model_name,
         data=data,
@@ -85,10 +90,83 @@ def run_method(
         peak_memory=peak,
         device=device,
         dtype=dtype,
-        extra={**(extra or {}), **result.extra, **_stepper_extra(stepper)},
+        extra={**(extra or {}), **result.extra, **_stepper_extra(stepper), "cpu_s": cpu_s},
     )
     write_result(output_dir, stem, record, result.nlls)
     return MethodRun(method.name, record, json_path, skipped=False)
+
+
+def sample_steps(num_tokens: int, capacity: int, num_samples: int) -> list[int]:
+    """`num_samples` steps spread evenly over [capacity, num_tokens - 2] (the part of the stream past the
+    first eviction), as distinct sorted ints."""
+    first, last = min(capacity, num_tokens - 2), num_tokens - 2
+    if num_samples < 1:
+        raise ValueError(f"need at least one sample, got {num_samples}")
+    return sorted({int(round(first + (last - first) * i / max(1, num_samples - 1))) for i in range(num_samples)})
+
+
+def run_recompute_sample(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    num_samples: int,
+    model_name: str,
+    data: dict,
+    n_sink: int,
+    window_size: int,
+    output_dir: str | os.PathLike,
+    force: bool = False,
+    progress: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> MethodRun:
+    """The recompute oracle at `num_samples` steps spread over the stream past the capacity (see
+    baselines.recompute_nlls_at). Its NLL file holds NaN at the steps not scored; its perplexity is over the
+    scored steps only (compare other methods on the same steps with `perplexity_at`)."""
+    from streaming_llm.eval.baselines import recompute_nlls_at
+    from streaming_llm.eval.methods import METHODS
+
+    num_tokens, capacity = input_ids.shape[1], n_sink + window_size
+    steps = sample_steps(num_tokens, capacity, num_samples)
+    evaluator = f"sample{len(steps)}"
+    stem = result_stem(model_name, data, num_tokens, n_sink, window_size, "recompute", evaluator)
+    json_path, _ = result_paths(output_dir, stem)
+    if not force and is_finished(output_dir, stem):
+        record, _ = read_result(json_path)
+        return MethodRun("recompute", record, json_path, skipped=True)
+    cpu_started, started = time.process_time(), time.perf_counter()
+    with PeakMemory(device) as peak:
+        sampled = recompute_nlls_at(model, input_ids, capacity, steps, progress=progress)
+    wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    nlls = torch.full((num_tokens - 1,), float("nan"), dtype=torch.float64)
+    nlls[steps] = sampled
+    record = build_record(
+        model_name=model_name,
+        data=data,
+        num_tokens=num_tokens,
+        n_sink=n_sink,
+        window_size=window_size,
+        method="recompute",
+        method_description=METHODS["recompute"].description + f", at {len(steps)} steps spread over [{steps[0]}, {steps[-1]}]",
+        evaluator=evaluator,
+        block_size=8,
+        perplexity=float(torch.exp(sampled.mean())),
+        mean_nll=float(sampled.mean()),
+        wall_s=wall,
+        tokens_per_s=len(steps) / wall if wall > 0 else float("inf"),
+        peak_memory=peak,
+        device=device,
+        dtype=dtype,
+        extra={"sampled_steps": steps, "cpu_s": cpu_s},
+    )
+    write_result(output_dir, stem, record, nlls)
+    return MethodRun("recompute", record, json_path, skipped=False)
+
+
+def perplexity_at(nlls, steps: list[int]) -> float:
+    """exp(mean NLL) over the given steps of a per-token NLL array (nlls[t] scores token t+1)."""
+    values = torch.as_tensor(nlls, dtype=torch.float64)[list(steps)]
+    return float(torch.exp(values.mean()))
 
 
 def _stepper_extra(stepper) -> dict:

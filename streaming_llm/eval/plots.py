@@ -42,7 +42,9 @@ def plot_nll_curves(
     capacity: int | None = None,
     context_length: int | None = None,
 ) -> Path:
-    """One PNG with the moving-average NLL (log-scale y) of every result against the token index.
+    """One PNG with the moving-average NLL (log-scale y) of every result against the token index; when a
+    sampled result (recompute at chosen steps) is among them, a lower panel shows every method's NLL minus it
+    at those steps.
 
     result_files: result JSONs (their .nlls.npy next to them); window: moving-average width in tokens;
     capacity / context_length: draw vertical lines at the cache capacity and the model's trained context.
@@ -53,7 +55,7 @@ def plot_nll_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = []
+    curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
     for path in result_files:
         record, nlls = read_result(path)
         if nlls is None or nlls.size == 0:
@@ -64,21 +66,49 @@ def plot_nll_curves(
     order = list(METHOD_STYLES)
     curves.sort(key=lambda item: (order.index(item[0]["method"]) if item[0]["method"] in order else len(order), item[0]["method"]))
 
-    figure, axis = plt.subplots(figsize=(10, 5.5), dpi=110)
-    for record, nlls in curves:
+    full = [(record, nlls) for record, nlls in curves if np.isfinite(nlls).all()]
+    sampled = [(record, nlls) for record, nlls in curves if not np.isfinite(nlls).all()]
+    if sampled and full:
+        figure, (axis, lower) = plt.subplots(2, 1, figsize=(10, 7.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    else:
+        figure, axis = plt.subplots(figsize=(10, 5.5), dpi=110)
+        lower = None
+    for record, nlls in full:
         color, style = METHOD_STYLES.get(record["method"], (None, "-"))
         steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
         label = f"{record['method']} (ppl {record['perplexity']:.2f}, {record['evaluator']}, {record['num_tokens']} tok)"
         axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=label)
+    if lower is not None:
+        # A sampled oracle (recompute at chosen steps) is too sparse for a moving average: show each method's
+        # NLL minus the oracle's at the sampled steps instead.
+        oracle_record, oracle = sampled[0]
+        scored = np.flatnonzero(np.isfinite(oracle))
+        for record, nlls in full:
+            steps = scored[scored < nlls.size]
+            if steps.size == 0:
+                continue
+            color, _ = METHOD_STYLES.get(record["method"], (None, "-"))
+            lower.plot(steps + 1, nlls[steps] - oracle[steps], color=color, marker="o", markersize=3, linewidth=0.6,
+                       label=record["method"])
+        lower.axhline(0.0, color="black", linewidth=0.8)
+        lower.set_ylabel(f"NLL − {oracle_record['method']}\n(at its {scored.size} sampled tokens)")
+        lower.set_xlabel("token index in the stream")
+        lower.grid(True, alpha=0.3)
     longest = max(nlls.size for _, nlls in curves)
+    for ax in (axis, lower):
+        if ax is None:
+            continue
+        if capacity and capacity < longest:
+            ax.axvline(capacity, color="gray", linewidth=0.8, linestyle="--")
+        if context_length and context_length < longest:
+            ax.axvline(context_length, color="gray", linewidth=0.8, linestyle="-.")
     if capacity and capacity < longest:
-        axis.axvline(capacity, color="gray", linewidth=0.8, linestyle="--")
         axis.text(capacity, 1.0, " cache capacity", transform=axis.get_xaxis_transform(), va="top", fontsize=8, color="gray")
     if context_length and context_length < longest:
-        axis.axvline(context_length, color="gray", linewidth=0.8, linestyle="-.")
         axis.text(context_length, 1.0, " trained context", transform=axis.get_xaxis_transform(), va="top", fontsize=8, color="gray")
     axis.set_yscale("log")
-    axis.set_xlabel("token index in the stream")
+    if lower is None:
+        axis.set_xlabel("token index in the stream")
     axis.set_ylabel(f"NLL (nats), moving average over {window} tokens, log scale")
     first = curves[0][0]
     axis.set_title(title or f"{first['model']} on {first['data'].get('name', 'data')}: n_sink={first['n_sink']}, window={first['window_size']}")

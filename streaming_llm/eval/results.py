@@ -89,6 +89,14 @@ def write_result(output_dir: str | os.PathLike, stem: str, record: dict, nlls: t
     return json_path
 
 
+def write_json_atomically(path: str | os.PathLike, payload) -> Path:
+    """Any JSON-ready payload to `path`, atomically (summaries, comparisons)."""
+    path = Path(path)
+    text = json.dumps(payload, indent=2) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path
+
+
 def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
     """(record, nlls or None if the companion file is missing) of a result JSON."""
     json_path = Path(json_path)

@@ -46,6 +46,10 @@ def adapter_for(config) -> ModuleType:
     )
 
 
+def model_type_name(config) -> str:
+    return str(getattr(config, "model_type", type(config).__name__))
+
+
 def describe(model: nn.Module) -> Architecture:
     """Inspect a loaded Hugging Face causal LM; ValueError if streaming cannot support it."""
     config = model.config
@@ -59,6 +63,11 @@ def describe(model: nn.Module) -> Architecture:
         )
     rotary_emb = adapter.rotary_embedding(model)
     inv_freq = rotary_emb.inv_freq.detach().float()
+    if inv_freq.numel() == 0:
+        raise ValueError(
+            f"this {model_type_name(config)} model rotates no features (rotary dimensions = 0): streaming needs "
+            "rotary position embeddings"
+        )
     rotary = RotaryParams(inv_freq, 2 * inv_freq.shape[0], float(getattr(rotary_emb, "attention_scaling", 1.0)))
     return Architecture(
         model_type=config.model_type,

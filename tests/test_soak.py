@@ -1,0 +1,156 @@
+"""Soak checks (streaming_llm.bench.soak): long streams keep a constant cache, flat memory and finite logits.
+
+The default run streams 20,000 tokens through a tiny random Llama (a few seconds). The full soaks of the issue
+(1,000,000 tokens tiny, 50,000 tokens through the embedded model) are marked slow: `pytest -m slow tests/test_soak.py`.
+"""
+
+import json
+
+import pytest
+import torch
+from streaming_llm import StreamingLLMWrapper
+from streaming_llm.bench import soak
+
+
+def _tiny_wrapper(n_sink=4, window_size=60, **modes):
+    return StreamingLLMWrapper(soak.build_tiny_llama(seed=0), n_sink, window_size, **modes)
+
+
+def _assert_soak_passed(outcome, capacity):
+    checks = outcome["checks"]
+    assert checks["cache_length"]["passed"], checks["cache_length"]
+    assert checks["finite"]["passed"], checks["finite"]
+    assert checks["rss_growth"]["passed"], checks["rss_growth"]
+    assert outcome["passed"]
+    full = [r for r in outcome["records"] if r["tokens_seen"] >= capacity]
+    assert full and all(r["cache_length"] == capacity for r in full)
+    assert len({r["cache_bytes"] for r in full}) == 1  # no buffer grows
+
+
+@pytest.mark.parametrize("position_mode, streaming_mode", [("pos_shift", "ours"), ("rerotate", "mit")])
+def test_tiny_soak_20k(position_mode, streaming_mode):
+    wrapper = _tiny_wrapper(position_mode=position_mode, streaming_mode=streaming_mode)
+    source = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=1)
+    outcome = soak.run_soak(wrapper, source, num_tokens=20_000, every=1_000, block_size=256, warmup_tokens=4_000)
+    assert [r["tokens_seen"] for r in outcome["records"]] == list(range(1_000, 20_001, 1_000))
+    _assert_soak_passed(outcome, capacity=64)
+
+
+def test_decode_path_soak():
+    """One token per call (the generation path, RingLayer's single-SDPA step) for 30 windows."""
+    wrapper = _tiny_wrapper(n_sink=2, window_size=30)
+    source = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=2)
+    outcome = soak.run_soak(wrapper, source, num_tokens=1_000, every=100, block_size=1, warmup_tokens=300)
+    _assert_soak_passed(outcome, capacity=32)
+
+
+def test_records_land_on_every_and_at_the_end():
+    wrapper = _tiny_wrapper(n_sink=1, window_size=7)
+    source = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=3)
+    outcome = soak.run_soak(wrapper, source, num_tokens=250, every=100, block_size=64, warmup_tokens=100)
+    assert [r["tokens_seen"] for r in outcome["records"]] == [100, 200, 250]
+    assert [r["cache_length"] for r in outcome["records"]] == [8, 8, 8]
+
+
+def test_nan_is_reported():
+    """A model that produces NaN fails the finite check instead of passing silently."""
+    model = soak.build_tiny_llama(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    wrapper = StreamingLLMWrapper(model, 4, 60)
+    outcome = soak.run_soak(wrapper, soak.random_token_source(soak.TINY_VOCAB_SIZE, 1), 300, 100, 50, 100)
+    assert not outcome["checks"]["finite"]["passed"] and not outcome["passed"]
+    assert outcome["checks"]["finite"]["nonfinite_logits"] > 0
+
+
+class LeakyWrapper:
+    """A wrapper that keeps 1 MiB per call alive for ever: what a leak looks like to the soak."""
+
+    def __init__(self, wrapper):
+        self.wrapper, self.kept = wrapper, []
+
+    def __getattr__(self, name):
+        return getattr(self.wrapper, name)
+
+    def __call__(self, ids):
+        self.kept.append(torch.randn(256 * 1024))
+        return self.wrapper(ids)
+
+
+def test_a_leak_is_caught():
+    """~100 MiB kept over the stream must fail the 1% RSS check."""
+    source = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=4)
+    outcome = soak.run_soak(LeakyWrapper(_tiny_wrapper()), source, num_tokens=6_400, every=256, block_size=64,
+                            warmup_tokens=1_024)
+    assert outcome["checks"]["cache_length"]["passed"]
+    assert not outcome["checks"]["rss_growth"]["passed"], outcome["checks"]["rss_growth"]
+    assert outcome["checks"]["rss_growth"]["slope_mib_per_million_tokens"] > 0
+
+
+def test_cli_writes_json_atomically(tmp_path):
+    out = tmp_path / "soak" / "tiny.json"
+    status = soak.main(["--model", "tiny", "--tokens", "3000", "--every", "500", "--block", "128", "--quiet",
+                        "--out", str(out)])
+    assert status == 0
+    payload = json.loads(out.read_text())
+    assert payload["passed"] and payload["cache_capacity"] == 64 and len(payload["records"]) == 6
+    assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # no temporary file left behind
+
+
+def test_interrupted_soak_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the stream: the exception propagates and no JSON (or temporary file) exists."""
+    real_source = soak.random_token_source
+
+    def interrupted_source(vocab_size, seed):
+        next_ids = real_source(vocab_size, seed)
+
+        def source(start, count):
+            if start >= 1_000:
+                raise KeyboardInterrupt
+            return next_ids(start, count)
+
+        return source
+
+    monkeypatch.setattr(soak, "random_token_source", interrupted_source)
+    out = tmp_path / "soak.json"
+    with pytest.raises(KeyboardInterrupt):
+        soak.main(["--model", "tiny", "--tokens", "3000", "--every", "500", "--quiet", "--out", str(out)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    out = tmp_path / "result.json"
+    soak.write_json_atomic(out, {"run": 1})
+
+    def broken_dump(payload, handle, **kwargs):
+        handle.write('{"run": 2, "trunc')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(soak.json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        soak.write_json_atomic(out, {"run": 2})
+    assert json.loads(out.read_text()) == {"run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.slow
+def test_tiny_soak_one_million_tokens():
+    torch.set_num_threads(1)
+    wrapper = _tiny_wrapper()
+    source = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=1)
+    outcome = soak.run_soak(wrapper, source, num_tokens=1_000_000, every=10_000, block_size=256, warmup_tokens=100_000)
+    _assert_soak_passed(outcome, capacity=64)
+
+
+@pytest.mark.slow
+def test_embedded_soak_50k_tokens():
+    from streaming_llm.data import load_tokens
+    from streaming_llm.loading import load_model
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(None)
+    wrapper = StreamingLLMWrapper(model, 4, 1020)
+    source = soak.slice_token_source(load_tokens(tokenizer, None, 50_000))
+    outcome = soak.run_soak(wrapper, source, num_tokens=50_000, every=1_000, block_size=256, warmup_tokens=5_000)
+    _assert_soak_passed(outcome, capacity=1024)
+    assert max(r["max_abs_logit"] for r in outcome["records"]) < 1e3
