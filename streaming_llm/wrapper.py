@@ -16,7 +16,8 @@ class StreamingLLMWrapper:
     `wrapper(input_ids)` takes the next tokens of the stream, [batch, n] with n >= 1, and returns their
     logits [batch, n, vocab]. Feeding n tokens at once equals feeding them one at a time: a long prompt
     is streamed through the window with its sinks, never attended densely. Every row of a batch is an
-    independent stream of the same length.
+    independent stream of the same length. Inputs longer than `max_block` tokens are fed in blocks of that
+    size (exact, and it bounds the attention scores a block materialises to max_block x (capacity + max_block)).
     """
 
     def __init__(
@@ -26,8 +27,12 @@ class StreamingLLMWrapper:
         window_size: int = 1020,
         position_mode: str = "pos_shift",
         streaming_mode: str = "ours",
+        max_block: int = 512,
     ):
         validate_config(n_sink, window_size, position_mode, streaming_mode)
+        if max_block < 1:
+            raise ValueError(f"max_block must be >= 1, got {max_block}")
+        self.max_block = max_block
         self.architecture = describe(model)
         max_positions = self.architecture.max_positions
         if max_positions is not None and n_sink + window_size >= max_positions:
@@ -69,9 +74,11 @@ class StreamingLLMWrapper:
         if low < 0 or high >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}) for this model; got values in [{low}, {high}]")
         input_ids = input_ids.long()
+        logits = [self._feed(block) for block in input_ids.split(self.max_block, dim=1)]
+        return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
+
+    def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Position 0 makes the model's own RoPE the identity; the cache applies the real positions.
         position_ids = torch.zeros_like(input_ids)
-        output = self.model(
-            input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True
-        )
+        output = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
         return output.logits

@@ -137,3 +137,13 @@ def test_logits_are_float_and_shaped(llama_model):
     logits = wrapper(random_ids(5, seed=29, batch=3))
     assert logits.shape == (3, 5, llama_model.config.vocab_size)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_long_inputs_are_split_into_exact_blocks(llama_model):
+    """A call longer than max_block is fed in blocks of max_block: same logits as the naive reference."""
+    input_ids = random_ids(LONG_STREAM, seed=29)
+    wrapper = make_wrapper(llama_model, N_SINK, WINDOW_SIZE, max_block=7)
+    streamed = wrapper(input_ids[None])
+    assert streamed.shape[1] == LONG_STREAM
+    expected = naive_streaming_logits(llama_model, input_ids, N_SINK, WINDOW_SIZE, "pos_shift")
+    assert max_abs_diff(streamed[0], expected) <= TOLERANCE
