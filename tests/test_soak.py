@@ -10,6 +10,7 @@ import pytest
 import torch
 from streaming_llm import StreamingLLMWrapper
 from streaming_llm.bench import soak
+from streaming_llm.eval.results import write_json_atomically
 
 
 def _tiny_wrapper(n_sink=4, window_size=60, **modes):
@@ -119,16 +120,19 @@ def test_interrupted_soak_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    out = tmp_path / "result.json"
-    soak.write_json_atomic(out, {"run": 1})
+    """Interrupted after the temporary file is written but before it replaces the result: the old file stays
+    whole and no temporary file is left behind."""
+    from streaming_llm.eval import results
 
-    def broken_dump(payload, handle, **kwargs):
-        handle.write('{"run": 2, "trunc')
+    out = tmp_path / "result.json"
+    write_json_atomically(out, {"run": 1})
+
+    def interrupted_replace(source, destination):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(soak.json, "dump", broken_dump)
+    monkeypatch.setattr(results.os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
-        soak.write_json_atomic(out, {"run": 2})
+        write_json_atomically(out, {"run": 2})
     assert json.loads(out.read_text()) == {"run": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,22 +52,11 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run_bench)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from streaming_llm.bench import latency
+    from streaming_llm.eval.results import write_json_atomically
     from streaming_llm.cli_common import validate_common_args
     from streaming_llm.loading import resolve_device, resolve_dtype
 
@@ -139,7 +126,7 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     output_dir = Path(args.output_dir)
     json_path = output_dir / f"{tag}.json"
-    _write_atomically(json_path, json.dumps(report, indent=2) + "\n")
+    write_json_atomically(json_path, report)
     png_path = output_dir / f"{tag}.png"
     from streaming_llm.bench.plots import plot_latency
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from streaming_llm.attention import prepare_model
+from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
 from streaming_llm.eval.baselines import RecomputeStepper
 from streaming_llm.wrapper import StreamingLLMWrapper
 
@@ -160,8 +161,7 @@ class StreamingDecoder(Decoder):
         self.wrapper(self.token)
 
     def cache_bytes(self):
-        layers = self.wrapper.cache.layers
-        return _tensor_bytes(t for layer in layers for t in (layer.keys, layer.values, getattr(layer, "sink_keys", None)))
+        return cache_bytes(self.wrapper.cache)
 
     def cache_length(self):
         return self.wrapper.cache.get_cache_length()
@@ -288,18 +288,6 @@ def prepare_attn(decoder: Decoder) -> None:
         decoder.model.set_attn_implementation("sdpa")
 
 
-def resident_memory_bytes() -> int:
-    """Current resident set size of this process (Linux /proc), 0 where unavailable."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: list[int], block: int = 512,
                    steps: int = 8, progress=None) -> list[dict]:
     """Stream up to max(checkpoints) tokens through our cache (blocks: exact and fast), and at each
@@ -315,6 +303,7 @@ def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: li
             wrapper(_random_ids(model, n, device))
             if progress is not None:
                 progress.update(n)
+        release_free_memory()
         times = []
         for _ in range(steps):
             _synchronize(device)
@@ -324,7 +313,7 @@ def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: li
             times.append(1000 * (time.perf_counter() - started))
         rows.append({
             "tokens_streamed": wrapper.tokens_seen, "median_ms": statistics.median(times),
-            "rss_bytes": resident_memory_bytes(), "cache_length": wrapper.cache.get_cache_length(),
+            "rss_bytes": int(resident_memory_mib() * 2**20), "cache_length": wrapper.cache.get_cache_length(),
             "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else None,
         })
     return rows

@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/precision/precision.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from streaming_llm.bench.soak import build_tiny_llama, write_json_atomic
+    from streaming_llm.bench.soak import build_tiny_llama
+    from streaming_llm.eval.results import write_json_atomically
     from streaming_llm.eval.results import device_description, git_commit, versions
 
     started = time.perf_counter()
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(rows, columns), file=sys.stderr)
 
     payload["wall_s"] = time.perf_counter() - started
-    print(f"-> {write_json_atomic(args.out, payload)}", file=sys.stderr)
+    print(f"-> {write_json_atomically(args.out, payload)}", file=sys.stderr)
     return 0
 
 

@@ -30,71 +30,18 @@ soak leaves no partial result.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
+from streaming_llm.eval.results import write_json_atomically
+
 RSS_GROWTH_LIMIT = 0.01
 TINY_VOCAB_SIZE = 128
-
-
-# -- measurements --------------------------------------------------------------------------------------------
-
-
-def resident_memory_mib() -> float:
-    """VmRSS of this process in MiB (Linux /proc; getrusage's peak as a fallback elsewhere)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024  # the line is "VmRSS:   123456 kB"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def release_free_memory() -> None:
-    """Collect garbage and hand the C allocator's free pages back to the OS (glibc malloc_trim; a no-op
-    elsewhere), so that the next RSS reading counts live memory, not pages the allocator keeps for reuse."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of every tensor held by the cache's layers (keys, values, sink keys, positions)."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in vars(layer).values():
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write `payload` as JSON to a temporary file next to `path`, then os.replace it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    return path
 
 
 # -- models and token streams --------------------------------------------------------------------------------
@@ -341,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{name} {'ok' if check['passed'] else 'FAILED'}" for name, check in outcome["checks"].items())
     print(f"soak {model_name}: {args.tokens} tokens in {outcome['wall_s']:.1f} s; {summary}", file=sys.stderr)
     if args.out:
-        print(f"-> {write_json_atomic(args.out, payload)}", file=sys.stderr)
+        print(f"-> {write_json_atomically(args.out, payload)}", file=sys.stderr)
     return 0 if outcome["passed"] else 1
 
 

@@ -1,0 +1,39 @@
+"""Memory readings shared by the benchmarks: resident set size, allocator trimming, cache bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+from pathlib import Path
+
+import torch
+
+
+def resident_memory_mib() -> float:
+    """VmRSS of this process in MiB (Linux /proc; getrusage's peak as a fallback elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024  # the line is "VmRSS:   123456 kB"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C allocator's free pages back to the OS (glibc malloc_trim; a no-op
+    elsewhere), so that the next RSS reading counts live memory, not pages the allocator keeps for reuse."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every tensor held by the cache's layers (keys, values, sink keys, positions)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in vars(layer).values():
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
