@@ -238,3 +238,16 @@ def test_prefill_without_compression_scores_like_the_dense_model(kv_model):
     logits = dense_logits(kv_model, torch.cat([context, continuation], dim=1)[0])[11:-1]
     dense_nlls = -torch.log_softmax(logits, -1).gather(-1, continuation[0, :, None])[:, 0]
     assert max_abs_diff(nlls, dense_nlls) <= TOLERANCE
+
+
+def test_prefill_equals_feeding_one_token_at_a_time(kv_model):
+    """prefill (one forward, no press while the cache fits) then decode = the pure decode loop."""
+    ids = random_ids(40, seed=5)[None]
+    one_by_one = KvpressDecodeStepper(kv_model, 4, 16, variant="corrected")
+    expected = one_by_one(ids)
+    prefilled = KvpressDecodeStepper(kv_model, 4, 16, variant="corrected")
+    logits = torch.cat([prefilled.prefill(ids[:, :20]), prefilled(ids[:, 20:])], dim=1)
+    assert max_abs_diff(logits, expected) <= 1e-4
+    assert torch.equal(prefilled.kept_positions(), one_by_one.kept_positions())
+    with pytest.raises(ValueError, match="capacity"):
+        prefilled.prefill(ids[:, :1])

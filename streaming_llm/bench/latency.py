@@ -194,9 +194,8 @@ class KvpressDecoder(Decoder):
         self.model.set_attn_implementation("sdpa")
         self.stepper = KvpressDecodeStepper(self.model, self.n_sink, self.capacity - self.n_sink, variant="corrected")
         self.stepper.reset()
-        with torch.no_grad():
-            for token in _random_ids(self.model, self.capacity + 8, self.device)[0]:
-                self.stepper(token.view(1, 1))
+        self.stepper.prefill(_random_ids(self.model, self.capacity, self.device))
+        self.stepper(_random_ids(self.model, 8, self.device))  # eight compressed steps: steady state
 
     def step(self):
         with torch.no_grad():
