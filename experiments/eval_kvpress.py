@@ -1,0 +1,110 @@
+"""kvpress's intended protocol ("kvpress_official") next to ours, and how the two key rerotations differ.
+
+A context is prefilled densely and compressed by KeyRerotationPress(StreamingLLMPress) to n_sink + window_size
+tokens, then a continuation is scored (streaming_llm.eval.kvpress_compare). Writes one JSON per configuration
+under results/kvpress/ and prints the summary. Example (the committed numbers):
+
+    python experiments/eval_kvpress.py --context-length 4096 --continuation-length 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--continuation-length", type=int, default=512)
+    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--window-size", type=int, default=1020)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--timing-repeats", type=int, default=20)
+    parser.add_argument("--output-dir", default="results/kvpress")
+    parser.add_argument("--demo-tokens", type=int, default=400, help="decode-loop demo of the kept positions (0 = skip)")
+    parser.add_argument("--demo-window", type=int, default=60, help="window of the kept-positions demo (n_sink = --n-sink)")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+
+    from streaming_llm.data import describe_source, load_text, load_tokens
+    from streaming_llm.eval.command import _model_name
+    from streaming_llm.eval.kvpress_compare import compare_prefill_protocol
+    from streaming_llm.eval.results import data_label, device_description, git_commit, versions, write_json_atomically
+    from streaming_llm.loading import load_model
+
+    data = describe_source(args.data, text=load_text(args.data))
+    model_name = _model_name(args.model)
+    path = Path(args.output_dir) / (
+        f"{model_name}__{data_label(data)}__L{args.context_length}_m{args.continuation_length}"
+        f"__s{args.n_sink}_w{args.window_size}__kvpress_official.json"
+    )
+    if path.exists() and not args.force:
+        print(f"exists (use --force): {path}", file=sys.stderr)
+        return 0
+    model, tokenizer = load_model(args.model)
+    ids = load_tokens(tokenizer, args.data, args.context_length + args.continuation_length)
+    report = compare_prefill_protocol(
+        model, ids, args.context_length, args.continuation_length, args.n_sink, args.window_size, args.timing_repeats
+    )
+    if args.demo_tokens:
+        report["decode_kept_positions_demo"] = kept_positions_demo(model, ids[:, : args.demo_tokens], args.n_sink, args.demo_window)
+    report = {"model": model_name, "data": data, **report, "device": device_description("cpu"),
+              "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
+    write_json_atomically(path, report)
+
+    print(f"context {args.context_length} -> kept {args.n_sink}+{args.window_size}, continuation {args.continuation_length} tokens")
+    print("| variant | continuation perplexity |\n|---|---|")
+    for name, value in report["perplexity"].items():
+        print(f"| {name} | {value:.4f} |")
+    for name, value in report["max_abs_delta_nll"].items():
+        print(f"max |dNLL| {name}: {value:.3e}")
+    keys = report["keys"]
+    print(f"max |dkey| kvpress vs ours (all layers): {keys['max_abs_delta_all_layers']:.3e} (max |key| {keys['max_abs_key']:.1f})")
+    for mode, layer0 in keys["layer0_streaming_cache_compress"].items():
+        print(f"layer 0, StreamingKVCache.compress ({mode}): kept set equal {layer0['kept_positions_equal']}, "
+              f"max |dkey| {layer0['max_abs_delta_keys_vs_kvpress']:.3e}")
+    timing = report["rerotation_timing"]
+    print(f"rerotation of one layer's kept keys {timing['keys_shape']}: ours {timing['ours_rerotate_keys_s'] * 1e6:.0f} us, "
+          f"kvpress {timing['kvpress_rerotate_keys_s'] * 1e6:.0f} us (median of {timing['repeats']})")
+    for variant, demo in report.get("decode_kept_positions_demo", {}).items():
+        print(f"decode loop, {variant}: after {demo['steps']} steps layer 0 head 0 holds true sinks {demo['true_sinks_kept']}/"
+              f"{args.n_sink}, {demo['in_true_window']}/{args.demo_window} of the last window; first slots {demo['slots'][:8]}")
+    print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
+def kept_positions_demo(model, ids, n_sink: int, window_size: int) -> dict:
+    """kvpress's decode loop (shipped and corrected) over ids [1, n]: which stream positions layer 0 holds at the
+    end, in cache-slot order (head 0), how many of them are the true sinks and the true last window."""
+    from streaming_llm.eval.kvpress_adapters import KvpressDecodeStepper
+
+    steps = ids.shape[1]
+    true_window = set(range(max(n_sink, steps - window_size), steps))
+    demo = {}
+    for variant in ("shipped", "corrected"):
+        stepper = KvpressDecodeStepper(model, n_sink, window_size, variant=variant)
+        stepper.step(ids)
+        slots = [int(p) for p in stepper.kept_positions(0)[0].tolist()]
+        demo[variant] = {
+            "steps": steps,
+            "slots": slots,
+            "true_sinks_kept": sum(p < n_sink for p in slots),
+            "in_true_window": sum(p in true_window for p in slots),
+            "same_in_every_layer_and_head": all(
+                torch_equal(stepper.kept_positions(layer), stepper.kept_positions(0)) for layer in range(model.config.num_hidden_layers)
+            ),
+        }
+    return demo
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Table (markdown) and figure of one comprehensive run: every result of a stream length in one place.
+
+    python experiments/summarize_results.py --num-tokens 20480
+
+Reads the results of <output-dir> for n_sink/window (per method its longest run of at most --num-tokens tokens),
+prints the markdown table, writes it to <output-dir>/summary/table__T<n>.md and the figure to
+<output-dir>/nll_curves__T<n>__s<s>_w<w>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-tokens", type=int, default=20480)
+    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--window-size", type=int, default=1020)
+    parser.add_argument("--context-length", type=int, default=8192, help="the model's trained context (SmolLM2: 8192)")
+    parser.add_argument("--output-dir", default="results/comprehensive")
+    args = parser.parse_args(argv)
+
+    from streaming_llm.eval.plots import plot_nll_curves
+    from streaming_llm.eval.report import markdown_table, summary_rows
+    from streaming_llm.eval.results import list_results, read_result, write_json_atomically
+
+    tag = f"s{args.n_sink}_w{args.window_size}"
+    # Per method, its longest run of at most --num-tokens tokens (blocks preferred over the decode loop at equal
+    # length): the stream is scored causally, so a run on the first N tokens has the NLLs of those N tokens.
+    best: dict[str, tuple] = {}
+    for path in list_results(args.output_dir):
+        record, _ = read_result(path)
+        if record["n_sink"] != args.n_sink or record["window_size"] != args.window_size or record["num_tokens"] > args.num_tokens:
+            continue
+        key = (record["num_tokens"], record["evaluator"] != "decode" or record["method"].startswith("kvpress"))
+        if record["method"] not in best or key > best[record["method"]][0]:
+            best[record["method"]] = (key, path, record)
+    if not best:
+        raise SystemExit(f"no results ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
+    order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
+             "kvpress_decode_shipped", "kvpress_decode_corrected"]
+    chosen = sorted(best.values(), key=lambda item: order.index(item[2]["method"]) if item[2]["method"] in order else len(order))
+    files = [path for _, path, _ in chosen]
+    samples = next((r["extra"]["sampled_steps"] for _, _, r in chosen if "sampled_steps" in r.get("extra", {})), None)
+    capacity, context = args.n_sink + args.window_size, args.context_length
+    # Step ranges: before any eviction | then up to 2,048, 4,096 tokens (the prefixes the decode-loop-only and the
+    # 4,096-token runs cover) | the rest of the trained context | its first 2,048 tokens past it | the rest.
+    boundaries = sorted({0, capacity, 2047, 4095, context - 1, context + 2047, args.num_tokens - 1})
+    rows = summary_rows(files, boundaries, samples)
+    table = markdown_table(rows)
+    print(table)
+    summary_dir = Path(args.output_dir) / "summary"
+    (summary_dir / f"table__T{args.num_tokens}__{tag}.md").write_text(table + "\n", encoding="utf-8")
+    # Cross-checks over the common prefix of two runs (NLL files are float32: resolution ~1e-6).
+    pairs = [("mit", "streaming_pos_shift"), ("streaming_rerotate", "streaming_pos_shift"),
+             ("kvpress_decode_corrected", "streaming_absolute"), ("kvpress_decode_shipped", "streaming_absolute"),
+             ("kvpress_decode_shipped", "kvpress_decode_corrected"), ("window", "streaming_pos_shift")]
+    nlls = {record["method"]: read_result(path)[1] for _, path, record in chosen}
+    checks = []
+    for a, b in pairs:
+        if a in nlls and b in nlls:
+            common = min(nlls[a].size, nlls[b].size)
+            delta = abs(nlls[a][:common].astype("float64") - nlls[b][:common].astype("float64"))
+            checks.append({"a": a, "b": b, "predictions": common, "max_abs_delta_nll": float(delta.max()),
+                           "first_step_above_1e-3": int((delta > 1e-3).argmax()) if (delta > 1e-3).any() else None})
+            print(f"max |dNLL| {a} vs {b} over the first {common} predictions: {delta.max():.3g}"
+                  f" (first step > 1e-3: {checks[-1]['first_step_above_1e-3']})")
+    write_json_atomically(summary_dir / f"table__T{args.num_tokens}__{tag}.json", {"rows": rows, "recompute_samples": samples, "cross_checks": checks})
+    png = Path(args.output_dir) / f"nll_curves__T{args.num_tokens}__{tag}.png"
+    plot_nll_curves(files, png, capacity=args.n_sink + args.window_size, context_length=args.context_length)
+    print(f"figure: {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Chunked evaluation and the strided sliding window: their limiting cases equal the decode loop / recompute."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from streaming_llm.eval.chunked import chunked_streaming_perplexity, deviation, strided_window_perplexity
+from streaming_llm.eval.methods import METHODS
+from streaming_llm.eval.perplexity import compute_perplexity
+from tiny_models import random_ids
+
+TOLERANCE = 1e-4
+
+
+def _decode(model, name, ids, n_sink, window_size):
+    stepper = METHODS[name].build(copy.deepcopy(model), n_sink, window_size)
+    return compute_perplexity(stepper, ids, block_size=1).nlls
+
+
+def test_chunk_of_one_token_is_the_decode_loop(model):
+    ids = random_ids(36, seed=8)[None]
+    chunked = chunked_streaming_perplexity(model, ids, n_sink=2, window_size=7, chunk_size=1).nlls
+    assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] <= TOLERANCE
+
+
+def test_larger_chunks_see_more_than_the_decode_loop(model):
+    """Before the first cut (the first chunk) chunked equals dense; after it, it differs from the decode loop."""
+    ids = random_ids(36, seed=9)[None]
+    chunked = chunked_streaming_perplexity(model, ids, n_sink=2, window_size=7, chunk_size=12).nlls
+    dense = _decode(model, "dense", ids, 2, 7)
+    assert deviation(chunked[:12], dense[:12])["max_abs_delta_nll"] <= TOLERANCE
+    assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] > 1e-3
+
+
+def test_stride_one_with_capacity_plus_one_is_recompute(llama_model):
+    ids = random_ids(30, seed=10)[None]
+    strided = strided_window_perplexity(llama_model, ids, context_size=2 + 6 + 1, stride=1).nlls
+    recompute = _decode(llama_model, "recompute", ids, 2, 6)
+    assert deviation(strided, recompute)["max_abs_delta_nll"] <= TOLERANCE
+
+
+def test_bad_chunk_and_stride_are_clear_errors(llama_model):
+    ids = random_ids(10, seed=11)[None]
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_streaming_perplexity(llama_model, ids, 2, 6, chunk_size=0)
+    with pytest.raises(ValueError, match="stride"):
+        strided_window_perplexity(llama_model, ids, context_size=4, stride=5)
+
+
+def test_kvpress_prefill_rerotation_equals_ours(llama_model):
+    """kvpress_official protocol: KeyRerotationPress keeps the same tokens as ours and rotates them to the same
+    keys; the continuation's NLLs agree; streaming the context through our cache gives the same layer-0 keys."""
+    pytest.importorskip("kvpress")
+    from streaming_llm.eval.kvpress_compare import compare_prefill_protocol
+
+    ids = random_ids(60, seed=12)[None]
+    report = compare_prefill_protocol(copy.deepcopy(llama_model), ids, 40, 12, 2, 8, timing_repeats=1)
+    assert report["kept_positions_kvpress_equal_ours"]
+    assert report["keys"]["max_abs_delta_all_layers"] <= 1e-5
+    for mode in ("rerotate", "pos_shift"):
+        layer0 = report["keys"]["layer0_streaming_cache_compress"][mode]
+        assert layer0["kept_positions_equal"] and layer0["max_abs_delta_keys_vs_kvpress"] <= 1e-5
+    assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_same_protocol"] <= TOLERANCE
+    # Rerotation matters, and the prefill protocol is not the decode loop:
+    assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_kvpress_no_rerotate"] > 1e-3
+    assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_streaming"] > 1e-3

@@ -1,0 +1,116 @@
+"""The exact parallel evaluator (SEMANTICS.md §5): scoring in blocks gives the decode loop's per-token NLLs.
+
+Every method with feed="exact" is scored by compute_perplexity with block_size=1 (the decode loop) and with
+larger blocks, on the tiny Llama and GPTNeoX models and on the real embedded model; |ΔNLL| <= 1e-4 per token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from streaming_llm.eval.methods import METHODS, get_methods
+from streaming_llm.eval.perplexity import compute_perplexity
+from tiny_models import random_ids
+
+TOLERANCE = 1e-4
+EXACT_METHODS = [method.name for method in METHODS.values() if method.feed == "exact"]
+
+
+def _nlls(model, method_name: str, ids: torch.Tensor, n_sink: int, window_size: int, block_size: int) -> torch.Tensor:
+    stepper = METHODS[method_name].build(copy.deepcopy(model), n_sink, window_size)
+    return compute_perplexity(stepper, ids, block_size=block_size).nlls
+
+
+@pytest.mark.parametrize("method_name", EXACT_METHODS)
+@pytest.mark.parametrize("block_size", [7, 64])
+def test_blocks_equal_decode_loop(model, method_name, block_size):
+    """40 tokens through a capacity of 2 + 9: eviction starts at token 11, blocks cross it and the window."""
+    ids = random_ids(40, seed=3)[None]
+    decode = _nlls(model, method_name, ids, n_sink=2, window_size=9, block_size=1)
+    blocks = _nlls(model, method_name, ids, n_sink=2, window_size=9, block_size=block_size)
+    assert decode.shape == blocks.shape == (39,)
+    assert (decode - blocks).abs().max().item() <= TOLERANCE
+
+
+def test_methods_differ_once_tokens_are_evicted(llama_model):
+    """The comparison is not vacuous: window, streaming and dense give different NLLs past the capacity,
+    and equal ones before it."""
+    ids = random_ids(40, seed=4)[None]
+    runs = {name: _nlls(llama_model, name, ids, 2, 9, 8) for name in ("dense", "window", "streaming_pos_shift")}
+    capacity = 11
+    for name in ("window", "streaming_pos_shift"):
+        assert (runs[name][:capacity] - runs["dense"][:capacity]).abs().max().item() <= TOLERANCE
+        assert (runs[name][capacity:] - runs["dense"][capacity:]).abs().max().item() > 1e-3
+    assert (runs["window"][capacity:] - runs["streaming_pos_shift"][capacity:]).abs().max().item() > 1e-3
+
+
+def test_mit_and_rerotate_equal_pos_shift(model):
+    ids = random_ids(30, seed=5)[None]
+    pos_shift = _nlls(model, "streaming_pos_shift", ids, 3, 6, 10)
+    for name in ("mit", "streaming_rerotate"):
+        assert (_nlls(model, name, ids, 3, 6, 10) - pos_shift).abs().max().item() <= TOLERANCE
+
+
+def test_recompute_equals_streaming_before_eviction_and_batches_exactly(llama_model):
+    """Recompute re-encodes the last capacity+1 tokens: before any eviction that is the dense prefix;
+    batching its windows (block size) never changes a number."""
+    ids = random_ids(24, seed=6)[None]
+    one = _nlls(llama_model, "recompute", ids, 2, 6, 1)
+    batched = _nlls(llama_model, "recompute", ids, 2, 6, 16)
+    dense = _nlls(llama_model, "dense", ids, 2, 6, 24)
+    assert (one - batched).abs().max().item() <= TOLERANCE
+    assert (one[:8] - dense[:8]).abs().max().item() <= TOLERANCE
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method"):
+        get_methods("dense,streaming")
+    assert [m.name for m in get_methods("all")] == list(METHODS)
+
+
+def test_decode_only_methods_are_fed_one_token():
+    for method in METHODS.values():
+        if method.name.startswith("kvpress"):
+            assert method.feed == "decode" and method.block_size(256) == 1 and method.evaluator(256) == "decode"
+
+
+@pytest.fixture(scope="module")
+def embedded_model():
+    """The real embedded SmolLM2-135M (fp32, CPU), loaded once for this module (~18 s)."""
+    from streaming_llm.loading import load_model
+
+    try:
+        return load_model(None)
+    except ValueError as error:
+        pytest.skip(f"embedded model unavailable: {error}")
+
+
+def test_real_model_blocks_equal_decode_loop(embedded_model):
+    """300 tokens of the embedded text through 4 sinks + a 64-token window: decode loop vs blocks of 100."""
+    from streaming_llm.data import load_tokens
+
+    model, tokenizer = embedded_model
+    ids = load_tokens(tokenizer, None, 300)
+    method = METHODS["streaming_pos_shift"]
+    decode = compute_perplexity(method.build(model, 4, 64), ids, block_size=1).nlls
+    blocks = compute_perplexity(method.build(model, 4, 64), ids, block_size=100).nlls
+    assert (decode - blocks).abs().max().item() <= TOLERANCE
+
+
+def test_sampled_recompute_equals_recompute_stepper(llama_model, tmp_path):
+    from streaming_llm.eval.baselines import recompute_nlls_at
+    from streaming_llm.eval.harness import perplexity_at, run_recompute_sample, sample_steps
+
+    ids = random_ids(30, seed=13)[None]
+    full = _nlls(llama_model, "recompute", ids, 2, 6, 8)
+    steps = sample_steps(30, capacity=8, num_samples=5)
+    assert steps == [8, 13, 18, 23, 28]
+    sampled = recompute_nlls_at(llama_model, ids, 8, [3] + steps, batch_windows=2)
+    assert (sampled - full[[3] + steps]).abs().max().item() <= TOLERANCE
+    run = run_recompute_sample(llama_model, ids, num_samples=5, model_name="tiny", data={"name": "random"},
+                               n_sink=2, window_size=6, output_dir=tmp_path)
+    assert run.record["evaluator"] == "sample5" and run.record["extra"]["sampled_steps"] == steps
+    assert abs(run.record["perplexity"] - perplexity_at(full, steps)) <= 1e-6 * run.record["perplexity"]
