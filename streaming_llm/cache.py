@@ -178,24 +178,34 @@ class StreamingLayer(CacheLayerMixin):
         query_window = rotary.rotate(query_raw, window_frame)
         query_sink = rotary.rotate(query_raw, sink_frame) if policy.mode != "absolute" else query_window
 
-        blocks = self.held_blocks()
-        if self.stores_raw_keys:
-            blocks = [(rotary.rotate(k, policy.key_frame(p, base)), v, p) for k, v, p in blocks]
-        blocks.append((new_keys, values, new_positions))
-        scores, block_values = [], []
-        for keys, vals, positions in blocks:
-            if keys.shape[-2] == 0:
-                continue
-            block_scores = _grouped_scores(query_window, keys)
-            is_sink = positions < policy.n_sink
-            if policy.n_sink > 0 and policy.mode != "absolute" and bool(is_sink.any()):
-                block_scores = torch.where(is_sink, _grouped_scores(query_sink, keys), block_scores)
-            mask = visible(new_positions, positions, policy.n_sink, policy.window_size).repeat(groups, 1)
-            scores.append(block_scores.masked_fill(~mask, float("-inf")))
-            block_values.append(vals)
-        probabilities = torch.softmax(torch.cat(scores, dim=-1).float() * scaling, dim=-1).to(query_raw.dtype)
-        output = _grouped_output(probabilities, block_values, query_raw.shape[1])
+        blocks = self.held_blocks() + [(new_keys, values, new_positions)]
+        positions = torch.cat([p for _, _, p in blocks])
+        keys = torch.cat([k for k, _, _ in blocks], dim=-2)
+        if self.stores_raw_keys:  # only the held part is raw; the new keys were rotated above
+            held = positions.shape[0] - n
+            keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
+        all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
+
+        scores = _grouped_scores(query_window, keys)  # [b, kv_heads, groups * n, keys]
+        if policy.n_sink > 0 and policy.mode != "absolute":
+            # Sink columns (at most n_sink of them) take the query at its sink position instead.
+            sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
+            if sink_columns.numel():
+                scores[..., sink_columns] = _grouped_scores(query_sink, keys[:, :, sink_columns])
+        scores = scores * scaling + self._visibility_bias(new_positions, positions, groups, scores.dtype)
+        probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
+        output = _grouped_output(probabilities, [all_values], query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
+
+    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """0 where a query sees a key, -inf elsewhere, [groups * n, keys]; every layer holds its tokens at the
+        same positions, so the first layer of a forward pass builds it and the others reuse it."""
+        key = ("bias", self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype)
+        if self.shared.get("bias_key") != key:
+            mask = visible(query_positions, key_positions, self.policy.n_sink, self.policy.window_size)
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self.shared["bias_key"], self.shared["bias"] = key, bias.repeat(groups, 1)
+        return self.shared["bias"]
 
     def advance_frame(self, rotary: RotaryParams) -> None:
         """After a step, move the stored window keys to the policy's frame (see PositionPolicy.next_base)."""
