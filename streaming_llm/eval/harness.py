@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from streaming_llm.eval.methods import Method
 from streaming_llm.eval.perplexity import compute_perplexity
 from streaming_llm.eval.results import (
     PeakMemory,
+    atomic_write,
     build_record,
     is_finished,
     read_result,
@@ -50,8 +52,12 @@ def run_method(
     device: str = "cpu",
     dtype: str = "float32",
     extra: dict | None = None,
+    checkpoint_every: int = 1024,
 ) -> MethodRun:
     """Score `input_ids` [1, T] with `method` and write its result, unless a finished one exists (and not `force`).
+
+    Every `checkpoint_every` scored tokens the NLLs so far are saved next to the result (0 = never); an
+    interrupted run of the same configuration resumes from there and ends with the same numbers.
 
     `on_block(end, nlls)` is passed to compute_perplexity; an exception from it (or Ctrl-C) aborts the run
     and writes nothing.
@@ -65,10 +71,19 @@ def run_method(
         record, _ = read_result(json_path)
         return MethodRun(method.name, record, json_path, skipped=True)
     stepper = method.build(model, n_sink, window_size)
+    checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every)
+    resume_nlls = None if force else checkpoint.load()
+
+    def after_block(end: int, nlls: torch.Tensor) -> None:
+        checkpoint.maybe_save(end, nlls)
+        if on_block is not None:
+            on_block(end, nlls)
+
     cpu_started = time.process_time()
     with PeakMemory(device) as peak:
         result = compute_perplexity(
-            stepper, input_ids, block_size=size, progress=progress, description=method.name, on_block=on_block
+            stepper, input_ids, block_size=size, progress=progress, description=method.name, on_block=after_block,
+            resume_nlls=resume_nlls,
         )
     # CPU seconds of this process: on a shared machine, tokens per CPU-second compares runs that saw
     # different loads better than wall-clock tokens/s does.
@@ -92,8 +107,45 @@ def run_method(
         dtype=dtype,
         extra={**(extra or {}), **result.extra, **_stepper_extra(stepper), "cpu_s": cpu_s},
     )
+    if resume_nlls is not None:
+        record["resumed_from_step"] = int(resume_nlls.shape[0])
     write_result(output_dir, stem, record, result.nlls)
+    checkpoint.remove()
     return MethodRun(method.name, record, json_path, skipped=False)
+
+
+CHECKPOINT_SUFFIX = ".checkpoint.npz"
+
+
+class Checkpoint:
+    """The per-token NLLs of an unfinished run, saved atomically every `every` scored tokens.
+
+    Not a result: `is_finished` ignores it, and it is removed once the result is written. A later run of
+    the same configuration (same stem, same block size) resumes from it (see compute_perplexity)."""
+
+    def __init__(self, path: Path, block_size: int, every: int):
+        self.path, self.block_size, self.every = path, block_size, every
+        self.saved_at = 0
+
+    def load(self) -> torch.Tensor | None:
+        if not self.path.is_file():
+            return None
+        with np.load(self.path) as saved:
+            if int(saved["block_size"]) != self.block_size:
+                return None
+            nlls = torch.from_numpy(saved["nlls"].astype(np.float64))
+        self.saved_at = nlls.shape[0]
+        return nlls
+
+    def maybe_save(self, end: int, nlls: torch.Tensor) -> None:
+        if self.every <= 0 or end - self.saved_at < self.every:
+            return
+        array = nlls[:end].detach().cpu().numpy()
+        atomic_write(self.path, lambda handle: np.savez(handle, nlls=array, block_size=np.int64(self.block_size)))
+        self.saved_at = end
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def sample_steps(num_tokens: int, capacity: int, num_samples: int) -> list[int]:

@@ -43,12 +43,17 @@ def compute_perplexity(
     progress: bool = False,
     description: str = "perplexity",
     on_block=None,
+    resume_nlls: torch.Tensor | None = None,
 ) -> PerplexityResult:
     """Feed tokens 0..T-2 of `input_ids` [1, T] through `stepper` and score tokens 1..T-1.
 
     block_size=1 is the decode loop; a larger block is the exact parallel evaluator for steppers whose
     block path equals their token path (streaming and dense). `on_block(end, nlls_so_far)` is called
     after each block (for checkpoints).
+
+    `resume_nlls` (the first `end` NLLs of an interrupted run with the same block_size, `end` a block
+    boundary) resumes it: the stepper is fed tokens 0..end-1 again in the same blocks without scoring,
+    which rebuilds exactly the cache the interrupted run had, and scoring continues from `end`.
     """
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
@@ -59,15 +64,22 @@ def compute_perplexity(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     steps = total - 1
     nlls = torch.empty(steps, dtype=torch.float64)
+    first = 0 if resume_nlls is None else resume_nlls.shape[0]
+    if first and (first > steps or (first % block_size and first != steps)):
+        raise ValueError(f"cannot resume at step {first}: not a block boundary of {block_size} within {steps} steps")
     stepper.reset()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=description, unit="tok", leave=False)
+        bar = tqdm(total=steps, initial=first, desc=description, unit="tok", leave=False)
     started = time.perf_counter()
     with torch.no_grad():
-        for start in range(0, steps, block_size):
+        for start in range(0, first, block_size):  # replay the interrupted run's blocks, unscored
+            stepper(input_ids[:, start : min(start + block_size, first)])
+        if first:
+            nlls[:first] = resume_nlls.to(torch.float64)
+        for start in range(first, steps, block_size):
             end = min(start + block_size, steps)
             logits = stepper(input_ids[:, start:end])
             targets = input_ids[0, start + 1 : end + 1].to(logits.device)

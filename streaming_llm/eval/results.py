@@ -63,7 +63,7 @@ def is_finished(output_dir: str | os.PathLike, stem: str) -> bool:
     return json_path.is_file() and nlls_path.is_file()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temporary file next to `path`, then move it in place (never a half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -82,10 +82,10 @@ def write_result(output_dir: str | os.PathLike, stem: str, record: dict, nlls: t
     """Write <stem>.nlls.npy then <stem>.json atomically; return the JSON path."""
     json_path, nlls_path = result_paths(output_dir, stem)
     array = nlls.detach().cpu().to(torch.float32).numpy()
-    _atomic_write(nlls_path, lambda handle: np.save(handle, array, allow_pickle=False))
+    atomic_write(nlls_path, lambda handle: np.save(handle, array, allow_pickle=False))
     record = dict(record, nlls_file=nlls_path.name)
     text = json.dumps(record, indent=2, sort_keys=False) + "\n"
-    _atomic_write(json_path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(json_path, lambda handle: handle.write(text.encode("utf-8")))
     return json_path
 
 
@@ -93,7 +93,7 @@ def write_json_atomically(path: str | os.PathLike, payload) -> Path:
     """Any JSON-ready payload to `path`, atomically (summaries, comparisons)."""
     path = Path(path)
     text = json.dumps(payload, indent=2) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
     return path
 
 

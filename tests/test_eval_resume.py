@@ -1,0 +1,60 @@
+"""Interrupted evaluation resumes from its last checkpoint and ends with the same numbers (issue 6)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from streaming_llm.eval.harness import CHECKPOINT_SUFFIX, run_method
+from streaming_llm.eval.methods import METHODS
+from streaming_llm.eval.results import read_result
+from tiny_models import random_ids
+
+DATA = {"name": "random", "kind": "test", "sha256": "fedcba9876543210"}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _run(model, output_dir, method, on_block=None, force=False):
+    return run_method(
+        METHODS[method], copy.deepcopy(model), random_ids(120, seed=11)[None], model_name="tiny-llama", data=DATA,
+        n_sink=2, window_size=10, block_size=8, output_dir=output_dir, force=force, on_block=on_block,
+        checkpoint_every=16,
+    )
+
+
+def _interrupt_at(step: int):
+    def on_block(end, nlls):
+        if end >= step:
+            raise Interrupted(end)
+
+    return on_block
+
+
+@pytest.mark.parametrize("method", ["streaming_pos_shift", "mit", "dense", "kvpress_decode_corrected"])
+def test_resume_after_interruption_gives_the_same_numbers(llama_model, tmp_path, method):
+    uninterrupted = _run(llama_model, tmp_path / "whole", method)
+    _, expected_nlls = read_result(uninterrupted.json_path)
+
+    with pytest.raises(Interrupted):
+        _run(llama_model, tmp_path / "cut", method, on_block=_interrupt_at(72))
+    files = sorted(p.name for p in (tmp_path / "cut").iterdir())
+    assert len(files) == 1 and files[0].endswith(CHECKPOINT_SUFFIX), files  # a checkpoint, no result
+
+    resumed = _run(llama_model, tmp_path / "cut", method)
+    record, nlls = read_result(resumed.json_path)
+    assert record["resumed_from_step"] in (64, 72) and not resumed.skipped
+    assert np.array_equal(nlls, expected_nlls)  # bit for bit: the same blocks were replayed
+    assert record["perplexity"] == uninterrupted.record["perplexity"]
+    assert not any(p.name.endswith(CHECKPOINT_SUFFIX) for p in (tmp_path / "cut").iterdir())
+
+
+def test_force_ignores_a_checkpoint(llama_model, tmp_path):
+    with pytest.raises(Interrupted):
+        _run(llama_model, tmp_path, "streaming_pos_shift", on_block=_interrupt_at(40))
+    record, _ = read_result(_run(llama_model, tmp_path, "streaming_pos_shift", force=True).json_path)
+    assert "resumed_from_step" not in record
