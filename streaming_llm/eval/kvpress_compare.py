@@ -27,7 +27,6 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
