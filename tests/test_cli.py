@@ -257,7 +257,7 @@ def test_bad_options_give_one_line_and_status_2(argv, fragment, capsys):
 
 def test_errors_found_after_loading(model_dir, tmp_path, capsys):
     status, _, err = run_main(capsys, "generate", "--model", str(model_dir), "-p", "x", "--window-size", "5000")
-    assert_one_line_error(status, err, "exceeds the model's max_position_embeddings=4096")
+    assert_one_line_error(status, err, "too large for the model's max_position_embeddings=4096")
     bad_script = tmp_path / "bad.jsonl"
     bad_script.write_text('{"prompt": "fine"}\n{"no_prompt": 1}\n', encoding="utf-8")
     status, _, err = run_main(capsys, "chat", "--model", str(model_dir), "--script", str(bad_script))
