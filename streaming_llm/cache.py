@@ -42,6 +42,17 @@ def validate_config(n_sink: int, window_size: int, position_mode: str, streaming
         raise ValueError(f"streaming_mode must be one of {', '.join(STREAMING_MODES)}; got {streaming_mode!r}")
 
 
+def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tensor, policy: PositionPolicy) -> bool:
+    """The fused path needs PyTorch's CPU flash kernel (it returns the log-sum-exp the sink merge needs), a
+    dtype it takes, and a block with no new sink tokens (so every query has a visible window key)."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.bfloat16)
+        and int(new_positions[0]) >= policy.n_sink
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
 def _grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q·k for grouped-query attention without repeating keys.
 
@@ -186,6 +197,10 @@ class StreamingLayer(CacheLayerMixin):
             keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
         all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
 
+        if _can_use_fused_cpu_attention(query_raw, new_positions, policy):
+            output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
+            return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
+
         scores = _grouped_scores(query_window, keys)  # [b, kv_heads, groups * n, keys]
         if policy.n_sink > 0 and policy.mode != "absolute":
             # Sink columns (at most n_sink of them) take the query at its sink position instead.
@@ -197,12 +212,43 @@ class StreamingLayer(CacheLayerMixin):
         output = _grouped_output(probabilities, [all_values], query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
-    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype) -> torch.Tensor:
-        """0 where a query sees a key, -inf elsewhere, [groups * n, keys]; every layer holds its tokens at the
-        same positions, so the first layer of a forward pass builds it and the others reuse it."""
-        key = ("bias", self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype)
+    def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling):
+        """The block path through the fused CPU flash-attention kernel (about half the time of the explicit
+        softmax). The kernel takes one query per row, so it scores the window keys only and returns their
+        log-sum-exp; the few sink columns, which need the query at its sink position, are scored apart and
+        merged into the same softmax through that log-sum-exp."""
+        policy = self.policy
+        groups = query_window.shape[1] // keys.shape[1]
+        keys_all = keys.repeat_interleave(groups, dim=1)
+        values_all = values.repeat_interleave(groups, dim=1)
+        is_sink = (positions >= 0) & (positions < policy.n_sink)
+        has_sinks = policy.mode != "absolute" and bool(is_sink.any())
+        bias = self._visibility_bias(new_positions, positions, 1, query_window.dtype, exclude_sinks=has_sinks)
+        output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query_window, keys_all, values_all, 0.0, False, attn_mask=bias, scale=scaling
+        )
+        if not has_sinks:
+            return output
+        # Every query of such a block sees every held sink (t >= n_sink), so the sink scores need no mask.
+        sink_columns = torch.nonzero(is_sink).squeeze(1)
+        sink_scores = (query_sink @ keys_all[:, :, sink_columns].transpose(-1, -2)).float() * scaling
+        log_sum_exp = log_sum_exp.float()
+        peak = torch.maximum(log_sum_exp, sink_scores.amax(dim=-1))
+        window_weight = torch.exp(log_sum_exp - peak)[..., None]  # [b, heads, n, 1]
+        sink_weights = torch.exp(sink_scores - peak[..., None])  # [b, heads, n, sinks]
+        merged = window_weight * output.float() + sink_weights @ values_all[:, :, sink_columns].float()
+        return (merged / (window_weight + sink_weights.sum(dim=-1, keepdim=True))).to(query_window.dtype)
+
+    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype,
+                         exclude_sinks: bool = False) -> torch.Tensor:
+        """0 where a query sees a key, -inf elsewhere, [groups * n, keys] (sink columns hidden with
+        `exclude_sinks`); every layer holds its tokens at the same positions, so the first layer of a forward
+        pass builds it and the others reuse it."""
+        key = ("bias", self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
         if self.shared.get("bias_key") != key:
             mask = visible(query_positions, key_positions, self.policy.n_sink, self.policy.window_size)
+            if exclude_sinks:
+                mask &= (key_positions >= self.policy.n_sink)[None, :]
             bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             self.shared["bias_key"], self.shared["bias"] = key, bias.repeat(groups, 1)
         return self.shared["bias"]
