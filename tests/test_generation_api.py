@@ -37,14 +37,6 @@ def model_dir(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_tiny(model_dir: Path):
     """A fresh (model, tokenizer); eos switched off so greedy runs always reach max_new_tokens."""
     model, tokenizer = load_model(model_dir)

@@ -27,15 +27,6 @@ from streaming_llm.eval.kvpress_adapters import (  # noqa: E402
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 2-layer model at one token a step is ~100x faster on one thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def kv_model():
     """A private tiny Llama: entering a press sets `self_attn.rotary_emb` on its layers."""

@@ -12,6 +12,8 @@ import copy
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from streaming_llm.bench.latency import TINY_LLAMA
+
 VOCAB_SIZE = 128
 ARCHITECTURES = ("llama", "gpt_neox")
 
@@ -37,21 +39,8 @@ def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def build_llama() -> LlamaForCausalLM:
     """2 layers, hidden 64, 4 query heads sharing 2 kv heads (GQA), full rotary."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        attn_implementation="eager",
-    )
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         attn_implementation="eager", **TINY_LLAMA)
     return _finish(LlamaForCausalLM(config), seed=1)
 
 

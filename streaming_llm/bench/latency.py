@@ -22,6 +22,10 @@ from streaming_llm.bench.memory import cache_bytes, release_free_memory, residen
 from streaming_llm.eval.baselines import RecomputeStepper
 from streaming_llm.wrapper import StreamingLLMWrapper
 
+# A 2-layer Llama with grouped-query attention, for soak runs and tests; vocab and special ids set by the caller.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, initializer_range=0.2)
+
 MODEL_SHAPES = {
     # name: (config class name, config kwargs); random weights, timing does not depend on them.
     "smollm2-135m": (

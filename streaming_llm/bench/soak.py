@@ -53,20 +53,9 @@ def build_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        initializer_range=0.2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    from streaming_llm.bench.latency import TINY_LLAMA
+
+    config = LlamaConfig(vocab_size=TINY_VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None, **TINY_LLAMA)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
