@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from streaming_llm.attention import expect_streaming_attention
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
@@ -65,14 +66,9 @@ def _grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return grouped @ keys.transpose(-1, -2)
 
 
-def _grouped_output(probabilities: torch.Tensor, values: list[torch.Tensor], heads: int) -> torch.Tensor:
-    """Sum over key blocks of P_block @ V_block, back to [b, heads, n, d]."""
-    output, start = None, 0
-    for block_values in values:
-        width = block_values.shape[-2]
-        part = probabilities[..., start : start + width] @ block_values
-        output = part if output is None else output + part
-        start += width
+def _grouped_output(probabilities: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
+    """P @ V for grouped-query attention, [b, kv_heads, groups * n, m] x [b, kv_heads, m, d] -> [b, heads, n, d]."""
+    output = probabilities @ values
     batch, kv_heads, grouped_n, dim = output.shape
     return output.reshape(batch, heads, grouped_n * kv_heads // heads, dim)
 
@@ -209,7 +205,7 @@ class StreamingLayer(CacheLayerMixin):
                 scores[..., sink_columns] = _grouped_scores(query_sink, keys[:, :, sink_columns])
         scores = scores * scaling + self._visibility_bias(new_positions, positions, groups, scores.dtype)
         probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
-        output = _grouped_output(probabilities, [all_values], query_raw.shape[1])
+        output = _grouped_output(probabilities, all_values, query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
     def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling):
@@ -461,8 +457,6 @@ class StreamingKVCache(Cache):
         return self.n_sink + self.window_size
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        from streaming_llm.attention import expect_streaming_attention
-
         if layer_idx == 0:  # a new forward pass: per-step values shared across layers are recomputed
             self._shared.clear()
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
