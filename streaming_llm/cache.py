@@ -296,6 +296,25 @@ class RingLayer(StreamingLayer):
         self.positions = torch.full((slots,), -1, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor) -> None:
+        """Use preallocated buffers instead of allocating on first use (the static decode step of fast.py
+        writes the same ones): keys/values [batch, kv_heads, capacity + 1, d], sink_keys [batch, kv_heads, n_sink, d]."""
+        self.keys, self.values, self.sink_keys = keys, values, sink_keys
+        self.dtype, self.device = keys.dtype, keys.device
+        self.positions = torch.full((keys.shape[-2],), -1, dtype=torch.long, device=keys.device)
+        self.is_initialized = True
+
+    def resume(self, seen: int, base: int) -> None:
+        """Take up a stream whose tokens were written into the buffers by someone else (the static decode step):
+        `seen` tokens so far, window keys stored at p - base. Rebuilds the slot positions from `seen`."""
+        n_sink, ring = self.policy.n_sink, self.policy.window_size + 1
+        sinks = torch.arange(n_sink, device=self.device)
+        offsets = torch.arange(ring, device=self.device)
+        ring_seen = seen - n_sink  # tokens that went to the ring so far; the latest one of each slot is held
+        latest = n_sink + offsets + ring * torch.div(ring_seen - 1 - offsets, ring, rounding_mode="floor")
+        self.positions = torch.cat([torch.where(sinks < seen, sinks, -1), torch.where(offsets < ring_seen, latest, -1)])
+        self.seen, self.base = seen, base
+
     def held_blocks(self):
         n_sink = self.policy.n_sink
         held_sinks = min(n_sink, self.seen)

@@ -1,0 +1,256 @@
+"""The static-shape decode step: one token through a fixed buffer, with no host-side decisions, so that
+`torch.compile(mode="reduce-overhead")` can capture the whole step (all layers) in one CUDA graph.
+
+`FastStreamingWrapper` is a `StreamingLLMWrapper` whose single-token steps take this path; blocks (prompts,
+new chat turns) and the first `n_sink` tokens take the general path of cache.py. Both paths write the same
+storage: one key and one value tensor for all layers, [layers, batch, kv_heads, capacity + 1, head_dim],
+laid out exactly as `RingLayer` lays out one layer (sinks in slots [0, n_sink), stream position p >= n_sink
+in slot n_sink + (p - n_sink) % (window_size + 1)), plus the sinks' keys at their own positions j.
+
+What the step does differently from the general decode path (same positions, SEMANTICS.md §2):
+- the model's own RoPE rotates q and k at the window frame t - base (passed as `position_ids`), instead of
+  rotating at 0 and re-rotating; the slot index (`cache_position`) and t, base are device tensors;
+- the sinks, kept at their own positions j, are rotated by the step's offset (window frame - sink frame) for
+  every layer at once, in one elementwise kernel, into their buffer slots;
+- attention is one `scaled_dot_product_attention` over the whole buffer, grouped-query heads folded into the
+  query length (no repeat of keys), with a mask only while the buffer is still filling.
+The frame offset `base` moves (one rotation of the stored window keys, outside the graph) when the policy says so:
+once per ~capacity tokens for pos_shift, every step for rerotate, never for absolute.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from streaming_llm.cache import StreamingKVCache
+from streaming_llm.rope import rerotate_keys
+from streaming_llm.wrapper import StreamingLLMWrapper
+
+STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
+COMPILE_CHOICES = ("auto", "always", "never")
+
+
+def static_streaming_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    streaming_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots.
+
+    The query heads that share a kv head become rows of one query block ([b, kv_heads, groups, d]), so keys and
+    values are read once per kv head and any SDPA kernel applies (none needs enable_gqa).
+    """
+    batch, heads, n, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n, dim)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=streaming_mask,
+                                                              scale=scaling)
+    return output.reshape(batch, heads, n, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+# Registered without a mask function: transformers then builds no mask at all for this implementation.
+AttentionInterface.register(STATIC_ATTN_IMPLEMENTATION, static_streaming_attention_forward)
+
+
+class StaticStepLayer(CacheLayerMixin):
+    """One layer's view of the shared buffers; `update` writes the step's key/value at the slot it is given."""
+
+    is_compileable = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):  # the buffers exist from the start
+        pass
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        slot = cache_kwargs["cache_position"]
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError("the static step is driven by FastStreamingWrapper, which passes every position")
+
+    def get_mask_sizes(self, cache_position):
+        return self.keys.shape[-2], 0
+
+    def get_max_cache_shape(self) -> int:
+        return self.keys.shape[-2]
+
+
+class StaticStepCache(Cache):
+    """The `Cache` the compiled step hands the model: per-layer views of the shared buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__(layers=[StaticStepLayer(k, v) for k, v in zip(keys, values)])
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+class FastStreamingWrapper(StreamingLLMWrapper):
+    """A StreamingLLMWrapper whose one-token steps run the static decode step, compiled on CUDA.
+
+    compile: "auto" compiles the step with `torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA graphs)
+    when the model is on a CUDA device and runs it eagerly elsewhere; "always" compiles on any device; "never"
+    runs it eagerly. Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
+    `step(token_ids)` is the unchecked hot path for loops that produce their own tokens ([batch, 1] on the
+    model's device); calling the wrapper validates its input as StreamingLLMWrapper does.
+    """
+
+    def __init__(self, model: nn.Module, n_sink: int = 4, window_size: int = 1020, position_mode: str = "pos_shift",
+                 max_block: int = 512, compile: str = "auto"):
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {compile!r}")
+        super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
+        self.device = next(model.parameters()).device
+        self.compile = compile == "always" or (compile == "auto" and self.device.type == "cuda")
+        self._compiled: dict[bool, object] = {}
+
+    # -- storage shared by both paths -------------------------------------------------------------------------
+    def _new_cache(self) -> StreamingKVCache:
+        """Allocate the buffers of all layers once; the general path's RingLayers get views of them."""
+        config = self.model.config.get_text_config()
+        parameter = next(self.model.parameters())
+        layers = config.num_hidden_layers
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        capacity, batch = self.n_sink + self.window_size, self._batch_size
+        self.keys = parameter.new_zeros(layers, batch, kv_heads, capacity + 1, head_dim)
+        self.values = torch.zeros_like(self.keys)
+        self.sink_keys = parameter.new_zeros(layers, batch, kv_heads, self.n_sink, head_dim)
+        self.step_position = torch.zeros((), dtype=torch.long, device=parameter.device)  # t of the next token
+        self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
+        for tensor in (self.keys, self.values, self.sink_keys, self.step_position, self.frame_base):
+            torch._dynamo.mark_static_address(tensor)
+        self.static_cache = StaticStepCache(self.keys, self.values)
+        self.seen = self.base = 0
+        self._ring_current = True  # the RingLayers' host state matches the buffers
+        cache = StreamingKVCache(self.n_sink, self.window_size, self.position_mode, "ours", num_layers=layers)
+        for index, layer in enumerate(cache.layers):
+            layer.adopt(self.keys[index], self.values[index], self.sink_keys[index])
+        return cache
+
+    _batch_size = 1
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.seen
+
+    @property
+    def cache(self) -> StreamingKVCache:
+        """The StreamingKVCache over the shared buffers, brought up to date with the static steps taken since."""
+        if not self._ring_current:
+            for layer in self._cache.layers:
+                layer.resume(self.seen, self.base)
+            self._ring_current = True
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: StreamingKVCache) -> None:
+        self._cache = cache
+
+    def reset(self, batch_size: int | None = None) -> None:
+        """Forget the stream (and optionally change the batch size, which reallocates the buffers)."""
+        if batch_size is not None:
+            self._batch_size = batch_size
+        self.cache = self._new_cache()
+        self._compiled.clear()
+
+    # -- feeding ------------------------------------------------------------------------------------------------
+    def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[0] != self._batch_size:
+            if self.seen:
+                raise ValueError(f"this stream holds a batch of {self._batch_size}; got {input_ids.shape[0]} (reset it first)")
+            self.reset(input_ids.shape[0])
+        if input_ids.shape[1] == 1 and self.seen >= self.n_sink:
+            return self.step(input_ids)
+        return self._feed_general(input_ids)
+
+    def _feed_general(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Blocks and the first n_sink tokens: the general path of cache.py on the same buffers."""
+        self.model.set_attn_implementation("streaming_llm")
+        logits = super()._feed(input_ids)
+        layer = self.cache.layers[0]
+        self.seen, self.base = layer.seen, layer.base
+        self.step_position.fill_(self.seen)
+        self.frame_base.fill_(self.base)
+        return logits
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
+        if self.seen < self.n_sink:
+            return self._feed_general(token_ids)
+        if self.model.config._attn_implementation != STATIC_ATTN_IMPLEMENTATION:
+            self.model.set_attn_implementation(STATIC_ATTN_IMPLEMENTATION)
+        filling = self.seen < self.n_sink + self.window_size  # some slot is still empty
+        step = self._step_function(filling)
+        if self.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(token_ids)
+        if self.compile:
+            logits = logits.clone()  # the graph's output buffer is reused by the next replay
+        self._ring_current = False
+        self.seen += 1
+        new_base = self._cache.policy.next_base(self.base, self.seen)
+        if new_base != self.base:
+            window = self.keys[:, :, :, self.n_sink :]
+            window.copy_(rerotate_keys(window, self.base - new_base, self.architecture.rotary.inv_freq))
+            self.base = new_base
+            self.frame_base.fill_(new_base)
+        return logits
+
+    def _step_function(self, filling: bool):
+        if filling not in self._compiled:
+            function = self._static_step_filling if filling else self._static_step_full
+            if self.compile:
+                function = torch.compile(function, mode="reduce-overhead", fullgraph=True)
+            self._compiled[filling] = function
+        return self._compiled[filling]
+
+    def _static_step_filling(self, token_ids: torch.Tensor) -> torch.Tensor:
+        slots = torch.arange(self.keys.shape[-2], device=self.keys.device)
+        hidden = torch.zeros(slots.shape, dtype=self.keys.dtype, device=slots.device)
+        mask = hidden.masked_fill(slots > self.step_position, float("-inf"))
+        return self._static_step(token_ids, mask[None, None, None])
+
+    def _static_step_full(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._static_step(token_ids, None)
+
+    def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Token t (t >= n_sink) of every stream: the whole step on device tensors, nothing read back."""
+        policy, t = self._cache.policy, self.step_position
+        window_position = t - self.frame_base
+        if self.n_sink:
+            sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
+            rotated = rerotate_keys(self.sink_keys.float(), window_position - sink_position,
+                                    self.architecture.rotary.inv_freq)
+            self.keys[:, :, :, : self.n_sink].copy_(rotated)
+        ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
+        batch = token_ids.shape[0]
+        output = self.model(
+            input_ids=token_ids,
+            position_ids=window_position.reshape(1, 1).expand(batch, 1),
+            cache_position=ring_slot.reshape(1),
+            past_key_values=self.static_cache,
+            use_cache=True,
+            streaming_mask=mask,
+        )
+        t.add_(1)
+        return output.logits
+
