@@ -8,8 +8,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from streaming_llm.bench import COMPILED_METHODS, METHODS
+
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
-DEFAULT_METHODS = "dense_static,dense_dynamic,streaming_pos_shift,streaming_rerotate,streaming_absolute,mit,kvpress_decode,recompute"
 
 
 def _int_list(text: str) -> list[int]:
@@ -20,6 +21,20 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def select_methods(text: str, device: str) -> list[str]:
+    """The --methods list: names, or 'all', or 'default' (compiled methods on CUDA only)."""
+    if text == "all":
+        return list(METHODS)
+    if text == "default":
+        on_cuda = device.startswith("cuda")
+        return [m for m in METHODS if on_cuda or m not in COMPILED_METHODS]
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or text!r}; choose from {', '.join(METHODS)}")
+    return methods
 
 
 def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
@@ -38,8 +53,10 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                              "smollm2-135m, pythia-70m, llama-2-7b (timing does not depend on weights)")
     parser.add_argument("--cache-sizes", type=_int_list, default=_int_list(DEFAULT_CACHE_SIZES),
                         help=f"comma-separated cache capacities, n-sink included (default {DEFAULT_CACHE_SIZES})")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated methods (default: all: {DEFAULT_METHODS})")
+    parser.add_argument("--methods", default="default",
+                        help="comma-separated methods from: " + ", ".join(METHODS) + "; 'all' for every one, "
+                             "'default' for every one except the compiled ones off CUDA (dense_static_compiled, "
+                             "streaming_compiled: a compilation per cache size)")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds per cache size (default 5)")
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per method per round (default 6)")
     parser.add_argument("--stream-tokens", type=int, default=0,
@@ -61,10 +78,6 @@ def run_bench(args: argparse.Namespace) -> int:
     from streaming_llm.loading import resolve_device, resolve_dtype
 
     validate_common_args(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in latency.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(latency.METHODS)}")
     if args.rounds < 1 or args.steps < 1:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
@@ -72,6 +85,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    methods = select_methods(args.methods, device)
     dtype = resolve_dtype(args.dtype, device)
     if args.shape == "embedded" and args.model is not None:
         from streaming_llm.loading import load_model
@@ -121,7 +135,10 @@ def run_bench(args: argparse.Namespace) -> int:
         "kind": "decode_latency", "shape": args.shape, "model": args.model or "embedded", "dtype": args.dtype,
         "n_sink": args.n_sink, "rounds": args.rounds, "steps_per_round": args.steps,
         "environment": latency.environment(device), "rows": rows, "stream": stream_rows,
-        "ratios_vs_dense_static": _ratios(rows), "profile_top_ops": profile_table,
+        "ratios_vs_dense_static": _ratios(rows, "dense_static"),
+        "ratios_vs_dense_static_compiled": _ratios(rows, "dense_static_compiled"),
+        "bandwidth_floor": _bandwidth_floor(model, device, args.cache_sizes), "compile_counters": _compile_counters(),
+        "profile_top_ops": profile_table,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     output_dir = Path(args.output_dir)
@@ -136,15 +153,42 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_table(rows))
+        if report["bandwidth_floor"]:
+            floor = report["bandwidth_floor"]
+            print(f"bandwidth floor (weights + KV) / {floor['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s: "
+                  + ", ".join(f"{f['floor_ms']:.2f} ms at {f['capacity']}" for f in floor["per_capacity"]))
         if stream_rows:
             print(format_stream(stream_rows))
         print(f"wrote {json_path} and {png_path}")
     return 0
 
 
-def _ratios(rows: list[dict]) -> list[dict]:
-    """Each method's median step latency divided by dense_static's at the same capacity."""
-    baseline = {r["capacity"]: r["median_ms"] for r in rows if r["method"] == "dense_static"}
+def _compile_counters() -> dict:
+    """torch.compile's own counts: graphs compiled, and any CUDA-graph capture it skipped (and why)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+            **{key: value for key, value in counters["inductor"].items() if "cudagraph" in key}}
+
+
+def _bandwidth_floor(model, device: str, capacities: list[int]) -> dict | None:
+    """The least time a decode step can take on this GPU: (weight bytes + dense KV bytes) / copy bandwidth."""
+    from streaming_llm.bench import latency
+
+    bandwidth = latency.measure_copy_bandwidth(device)
+    if bandwidth is None:
+        return None
+    weights = latency.weight_bytes(model)
+    floors = []
+    for capacity in capacities:
+        kv = latency.dense_kv_bytes(model, capacity)
+        floors.append({"capacity": capacity, "kv_bytes": kv, "floor_ms": 1000 * (weights + kv) / bandwidth})
+    return {"copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights, "per_capacity": floors}
+
+
+def _ratios(rows: list[dict], baseline_method: str) -> list[dict]:
+    """Each method's median step latency divided by the baseline method's at the same capacity."""
+    baseline = {r["capacity"]: r["median_ms"] for r in rows if r["method"] == baseline_method}
     return [
         {"method": r["method"], "capacity": r["capacity"], "ratio": r["median_ms"] / baseline[r["capacity"]]}
         for r in rows if r["capacity"] in baseline

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from streaming_llm.attention import prepare_model
+from streaming_llm.bench import COMPILED_METHODS, METHODS  # noqa: F401  (re-exported)
 from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
 from streaming_llm.eval.baselines import RecomputeStepper
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -46,14 +47,9 @@ MODEL_SHAPES = {
              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0),
     ),
 }
-METHODS = (
-    "dense_static", "dense_dynamic", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute",
-    "mit", "kvpress_decode", "recompute",
-)
-
-
-def build_model(shape: str, dtype: torch.dtype, device: str) -> nn.Module:
-    """A randomly initialised model of a named shape, or the embedded model for shape="embedded"."""
+def build_model(shape: str, dtype: torch.dtype, device: str, **overrides) -> nn.Module:
+    """A randomly initialised model of a named shape (config fields replaced by `overrides`), or the embedded
+    model for shape="embedded"."""
     if shape == "embedded":
         from streaming_llm.loading import load_model
 
@@ -64,7 +60,7 @@ def build_model(shape: str, dtype: torch.dtype, device: str) -> nn.Module:
     import transformers
 
     config_name, kwargs = MODEL_SHAPES[shape]
-    config = getattr(transformers, config_name)(**kwargs)
+    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
@@ -128,6 +124,22 @@ class DenseStaticDecoder(Decoder):
         return _tensor_bytes(t for layer in self.cache.layers for t in (layer.keys, layer.values))
 
 
+class DenseStaticCompiledDecoder(DenseStaticDecoder):
+    """The same StaticCache step under torch.compile(mode="reduce-overhead"): CUDA graphs on GPU."""
+
+    name = "dense_static_compiled"
+
+    def prepare(self):
+        super().prepare()
+        self.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+
+    @torch.no_grad()
+    def step(self):
+        torch.compiler.cudagraph_mark_step_begin()
+        self.forward(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
+                     position_ids=self.position[None])
+
+
 class DenseDynamicDecoder(DenseStaticDecoder):
     """A DynamicCache of `capacity` tokens, cropped back after every step (so the length is constant)."""
 
@@ -166,6 +178,32 @@ class StreamingDecoder(Decoder):
 
     def cache_bytes(self):
         return cache_bytes(self.wrapper.cache)
+
+    def cache_length(self):
+        return self.wrapper.cache.get_cache_length()
+
+
+class FastStreamingDecoder(Decoder):
+    """FastStreamingWrapper's static decode step (pos_shift): eager ("streaming_static") or compiled with
+    CUDA graphs ("streaming_compiled")."""
+
+    def __init__(self, model, n_sink, capacity, compile: str):
+        super().__init__(model, n_sink, capacity)
+        self.compile = compile
+        self.name = "streaming_compiled" if compile == "always" else "streaming_static"
+
+    def prepare(self):
+        from streaming_llm.fast import FastStreamingWrapper
+
+        self.wrapper = FastStreamingWrapper(self.model, self.n_sink, self.capacity - self.n_sink, "pos_shift",
+                                            compile=self.compile)
+        self.wrapper(_random_ids(self.model, 2 * self.capacity, self.device))
+
+    def step(self):
+        self.wrapper.step(self.token)
+
+    def cache_bytes(self):
+        return _tensor_bytes((self.wrapper.keys, self.wrapper.values, self.wrapper.sink_keys))
 
     def cache_length(self):
         return self.wrapper.cache.get_cache_length()
@@ -212,6 +250,10 @@ class KvpressDecoder(Decoder):
 def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int) -> Decoder:
     if method == "dense_static":
         return DenseStaticDecoder(model, n_sink, capacity)
+    if method == "dense_static_compiled":
+        return DenseStaticCompiledDecoder(model, n_sink, capacity)
+    if method in ("streaming_static", "streaming_compiled"):
+        return FastStreamingDecoder(model, n_sink, capacity, "never" if method == "streaming_static" else "always")
     if method == "dense_dynamic":
         return DenseDynamicDecoder(model, n_sink, capacity)
     if method.startswith("streaming_"):
@@ -232,6 +274,7 @@ class LatencyRow:
     step_ms: list[float] = field(default_factory=list)
     cache_bytes: int = 0
     cache_length: int = 0
+    setup_s: float = 0.0  # building the state and the warm-up steps (compilation included)
 
     def summary(self) -> dict:
         ordered = sorted(self.step_ms)
@@ -242,7 +285,7 @@ class LatencyRow:
         return {
             "method": self.method, "capacity": self.capacity, "steps": len(ordered),
             "median_ms": statistics.median(ordered), "p10_ms": quantile(0.1), "p90_ms": quantile(0.9),
-            "cache_bytes": self.cache_bytes, "cache_length": self.cache_length,
+            "cache_bytes": self.cache_bytes, "cache_length": self.cache_length, "setup_s": round(self.setup_s, 2),
         }
 
 
@@ -259,14 +302,16 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
     for method in methods:
         decoder = make_decoder(method, model, n_sink, capacity)
         prepare_attn(decoder)
+        started = time.perf_counter()
         try:
             decoder.prepare()
-        except ValueError as error:  # a method that cannot run this model: reported, not fatal
+        except (ValueError, ImportError) as error:  # cannot run this model / optional package missing: reported
             print(f"bench: skipping {method}: {error}", file=sys.stderr)
             continue
-        for _ in range(warmup):
+        for _ in range(warmup):  # >= 3: a CUDA-graph step is compiled, then recorded, then replayed
             decoder.step()
-        decoders.append((decoder, LatencyRow(method, capacity)))
+        _synchronize(device)
+        decoders.append((decoder, LatencyRow(method, capacity, setup_s=time.perf_counter() - started)))
     for _ in range(rounds):
         for decoder, row in decoders:
             prepare_attn(decoder)
@@ -320,6 +365,41 @@ def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: li
             "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else None,
         })
     return rows
+
+
+def measure_copy_bandwidth(device, size_bytes: int = 2**30, repeats: int = 20) -> float | None:
+    """Device memory bandwidth in bytes/s as a device-to-device copy achieves it (bytes read + bytes written),
+    the denominator of the decode step's floor; None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    source = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * size_bytes * repeats / seconds
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter (tied ones once): what a decode step reads, the input embedding's rows aside."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def dense_kv_bytes(model: nn.Module, capacity: int) -> int:
+    """Bytes of a dense KV cache holding `capacity + 1` tokens (what a step at that length reads)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * (capacity + 1) * element
 
 
 def environment(device: str) -> dict:
