@@ -3,15 +3,15 @@
 
 `FastStreamingWrapper` is a `StreamingLLMWrapper` whose single-token steps take this path; blocks (prompts,
 new chat turns) and the first `n_sink` tokens take the general path of cache.py. Both paths write the same
-storage: one key and one value tensor for all layers, [layers, batch, kv_heads, capacity + 1, head_dim],
-laid out exactly as `RingLayer` lays out one layer (sinks in slots [0, n_sink), stream position p >= n_sink
+storage: per layer one key and one value tensor [batch, kv_heads, capacity + 1, head_dim], allocated once and
+marked as static addresses (CUDA graphs may write them in place), laid out exactly as `RingLayer` lays them out (sinks in slots [0, n_sink), stream position p >= n_sink
 in slot n_sink + (p - n_sink) % (window_size + 1)), plus the sinks' keys at their own positions j.
 
 What the step does differently from the general decode path (same positions, SEMANTICS.md §2):
 - the model's own RoPE rotates q and k at the window frame t - base (passed as `position_ids`), instead of
   rotating at 0 and re-rotating; the slot index (`cache_position`) and t, base are device tensors;
-- the sinks, kept at their own positions j, are rotated by the step's offset (window frame - sink frame) for
-  every layer at once, in one elementwise kernel, into their buffer slots;
+- the sinks, kept at their own positions j, are rotated by the step's offset (window frame - sink frame) into
+  their buffer slots (n_sink keys per layer; the angles are computed once per step);
 - attention is one `scaled_dot_product_attention` over the whole buffer, grouped-query heads folded into the
   query length (no repeat of keys), with a mask only while the buffer is still filling.
 The frame offset `base` moves (one rotation of the stored window keys, outside the graph) when the policy says so:
@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.cache import StreamingKVCache
-from streaming_llm.rope import rerotate_keys
+from streaming_llm.rope import apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
 STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
@@ -130,12 +130,14 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         capacity, batch = self.n_sink + self.window_size, self._batch_size
-        self.keys = parameter.new_zeros(layers, batch, kv_heads, capacity + 1, head_dim)
-        self.values = torch.zeros_like(self.keys)
-        self.sink_keys = parameter.new_zeros(layers, batch, kv_heads, self.n_sink, head_dim)
+        # One tensor per layer, each its own allocation (as transformers' StaticCache): a CUDA graph may mutate a
+        # static input in place, but not a view of one, which would be a different input aliasing it.
+        self.keys = [parameter.new_zeros(batch, kv_heads, capacity + 1, head_dim) for _ in range(layers)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        self.sink_keys = [parameter.new_zeros(batch, kv_heads, self.n_sink, head_dim) for _ in range(layers)]
         self.step_position = torch.zeros((), dtype=torch.long, device=parameter.device)  # t of the next token
         self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
-        for tensor in (self.keys, self.values, self.sink_keys, self.step_position, self.frame_base):
+        for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
             torch._dynamo.mark_static_address(tensor)
         self.static_cache = StaticStepCache(self.keys, self.values)
         self.seen = self.base = 0
@@ -205,12 +207,16 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         logits = step(token_ids)
         if self.compile:
             logits = logits.clone()  # the graph's output buffer is reused by the next replay
+        # t advances outside the graph: a graph input it reads, never one it writes besides the buffers.
+        self.step_position.add_(1)
         self._ring_current = False
         self.seen += 1
         new_base = self._cache.policy.next_base(self.base, self.seen)
         if new_base != self.base:
-            window = self.keys[:, :, :, self.n_sink :]
-            window.copy_(rerotate_keys(window, self.base - new_base, self.architecture.rotary.inv_freq))
+            inv_freq = self.architecture.rotary.inv_freq
+            for keys in self.keys:
+                window = keys[:, :, self.n_sink :]
+                window.copy_(rerotate_keys(window, self.base - new_base, inv_freq))
             self.base = new_base
             self.frame_base.fill_(new_base)
         return logits
@@ -224,8 +230,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return self._compiled[filling]
 
     def _static_step_filling(self, token_ids: torch.Tensor) -> torch.Tensor:
-        slots = torch.arange(self.keys.shape[-2], device=self.keys.device)
-        hidden = torch.zeros(slots.shape, dtype=self.keys.dtype, device=slots.device)
+        slots = torch.arange(self.keys[0].shape[-2], device=self.step_position.device)
+        hidden = torch.zeros(slots.shape, dtype=self.keys[0].dtype, device=slots.device)
         mask = hidden.masked_fill(slots > self.step_position, float("-inf"))
         return self._static_step(token_ids, mask[None, None, None])
 
@@ -238,9 +244,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         window_position = t - self.frame_base
         if self.n_sink:
             sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
-            rotated = rerotate_keys(self.sink_keys.float(), window_position - sink_position,
-                                    self.architecture.rotary.inv_freq)
-            self.keys[:, :, :, : self.n_sink].copy_(rotated)
+            cos, sin = cos_sin((window_position - sink_position).reshape(1), self.architecture.rotary.inv_freq)
+            for keys, sink_keys in zip(self.keys, self.sink_keys):
+                keys[:, :, : self.n_sink].copy_(apply_rotation(sink_keys.float(), cos, sin))
         ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
         batch = token_ids.shape[0]
         output = self.model(
@@ -251,6 +257,5 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             use_cache=True,
             streaming_mask=mask,
         )
-        t.add_(1)
         return output.logits
 
