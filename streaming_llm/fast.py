@@ -33,6 +33,48 @@ STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
 COMPILE_CHOICES = ("auto", "always", "never")
 
 
+DECODE_ATTENTION = ("grouped", "gqa", "expanded_masked", "matmul")
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None, variant: str = "grouped") -> torch.Tensor:
+    """Attention of one query token per head over a buffer of keys; [b, heads, 1, d] -> [b, heads, 1, dv].
+
+    The formulations differ only in which kernel does the work (results agree to rounding):
+    - grouped: the query heads sharing a kv head become rows of one query block ([b, kv_heads, groups, d]), so
+      keys and values are read once per kv head; one SDPA call, any backend;
+    - gqa: SDPA with enable_gqa (the kernel maps query heads to kv heads);
+    - expanded_masked: what transformers' compiled StaticCache step does: keys/values repeated per query head and
+      an explicit mask (which selects SDPA's masked kernels);
+    - matmul: q·kᵀ, softmax in float32, ·v as plain batched matmuls (cuBLAS splits the long key axis).
+    `mask` is additive, broadcastable to [b, *, 1, slots], or None.
+    """
+    batch, heads, n, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if variant == "gqa":
+        return sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    if variant == "expanded_masked":
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        if mask is None:
+            mask = torch.zeros(1, 1, 1, key.shape[-2], dtype=query.dtype, device=query.device)
+        return sdpa(query, key, value, attn_mask=mask, scale=scaling)
+    grouped = query.reshape(batch, kv_heads, groups * n, dim)
+    if variant == "matmul":
+        scale = dim**-0.5 if scaling is None else scaling
+        scores = (grouped @ key.transpose(-1, -2)).float() * scale
+        if mask is not None:
+            scores = scores + mask
+        output = torch.softmax(scores, dim=-1).to(value.dtype) @ value
+    elif variant == "grouped":
+        output = sdpa(grouped, key, value, attn_mask=mask, scale=scaling)
+    else:
+        raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
+    return output.reshape(batch, heads, n, value.shape[-1])
+
+
 def static_streaming_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -42,19 +84,12 @@ def static_streaming_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     streaming_mask: torch.Tensor | None = None,
+    streaming_decode_attention: str = "grouped",
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots.
-
-    The query heads that share a kv head become rows of one query block ([b, kv_heads, groups, d]), so keys and
-    values are read once per kv head and any SDPA kernel applies (none needs enable_gqa).
-    """
-    batch, heads, n, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * n, dim)
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=streaming_mask,
-                                                              scale=scaling)
-    return output.reshape(batch, heads, n, value.shape[-1]).transpose(1, 2).contiguous(), None
+    """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots."""
+    output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention)
+    return output.transpose(1, 2).contiguous(), None
 
 
 # Registered without a mask function: transformers then builds no mask at all for this implementation.
@@ -112,9 +147,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     """
 
     def __init__(self, model: nn.Module, n_sink: int = 4, window_size: int = 1020, position_mode: str = "pos_shift",
-                 max_block: int = 512, compile: str = "auto"):
+                 max_block: int = 512, compile: str = "auto", decode_attention: str = "grouped"):
         if compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {compile!r}")
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}; got {decode_attention!r}")
+        self.decode_attention = decode_attention
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
         self.device = next(model.parameters()).device
         self.compile = compile == "always" or (compile == "auto" and self.device.type == "cuda")
@@ -256,6 +294,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             past_key_values=self.static_cache,
             use_cache=True,
             streaming_mask=mask,
+            streaming_decode_attention=self.decode_attention,
         )
         return output.logits
 

@@ -62,6 +62,10 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-tokens", type=int, default=0,
                         help="also stream this many tokens through our cache (capacity = the largest of "
                              "--cache-sizes that is <= 1024) and record latency and memory along the way (0 = skip)")
+    parser.add_argument("--decode-attention", default="grouped",
+                        choices=("grouped", "gqa", "expanded_masked", "matmul"),
+                        help="attention kernel formulation of the static decode step (streaming_static/_compiled; "
+                             "see streaming_llm.fast.decode_attention; default grouped)")
     parser.add_argument("--profile", action="store_true",
                         help="record a torch.profiler trace of streaming decode steps and print the top operators")
     parser.add_argument("--output-dir", default="results/latency", help="where JSON and PNG go (default results/latency)")
@@ -104,7 +108,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
             progress = tqdm(total=args.rounds * len(methods), desc=f"capacity {capacity}", leave=False, file=sys.stderr)
         for row in latency.measure_latency(model, methods, capacity, args.n_sink, args.rounds, args.steps,
-                                           progress=progress):
+                                           progress=progress, decode_attention=args.decode_attention):
             rows.append(row.summary())
         if progress is not None:
             progress.close()
@@ -133,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
     tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     report = {
         "kind": "decode_latency", "shape": args.shape, "model": args.model or "embedded", "dtype": args.dtype,
-        "n_sink": args.n_sink, "rounds": args.rounds, "steps_per_round": args.steps,
+        "n_sink": args.n_sink, "decode_attention": args.decode_attention, "rounds": args.rounds, "steps_per_round": args.steps,
         "environment": latency.environment(device), "rows": rows, "stream": stream_rows,
         "ratios_vs_dense_static": _ratios(rows, "dense_static"),
         "ratios_vs_dense_static_compiled": _ratios(rows, "dense_static_compiled"),

@@ -190,16 +190,16 @@ class FastStreamingDecoder(Decoder):
     """FastStreamingWrapper's static decode step (pos_shift): eager ("streaming_static") or compiled with
     CUDA graphs ("streaming_compiled")."""
 
-    def __init__(self, model, n_sink, capacity, compile: str):
+    def __init__(self, model, n_sink, capacity, compile: str, decode_attention: str = "grouped"):
         super().__init__(model, n_sink, capacity)
-        self.compile = compile
+        self.compile, self.decode_attention = compile, decode_attention
         self.name = "streaming_compiled" if compile == "always" else "streaming_static"
 
     def prepare(self):
         from streaming_llm.fast import FastStreamingWrapper
 
         self.wrapper = FastStreamingWrapper(self.model, self.n_sink, self.capacity - self.n_sink, "pos_shift",
-                                            compile=self.compile)
+                                            compile=self.compile, decode_attention=self.decode_attention)
         self.wrapper(_random_ids(self.model, 2 * self.capacity, self.device))
 
     def step(self):
@@ -250,13 +250,14 @@ class KvpressDecoder(Decoder):
         return _tensor_bytes(t for layer in self.stepper.cache.layers for t in (layer.keys, layer.values))
 
 
-def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int) -> Decoder:
+def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int, decode_attention: str = "grouped") -> Decoder:
     if method == "dense_static":
         return DenseStaticDecoder(model, n_sink, capacity)
     if method == "dense_static_compiled":
         return DenseStaticCompiledDecoder(model, n_sink, capacity)
     if method in ("streaming_static", "streaming_compiled"):
-        return FastStreamingDecoder(model, n_sink, capacity, "never" if method == "streaming_static" else "always")
+        compile = "never" if method == "streaming_static" else "always"
+        return FastStreamingDecoder(model, n_sink, capacity, compile, decode_attention)
     if method == "dense_dynamic":
         return DenseDynamicDecoder(model, n_sink, capacity)
     if method.startswith("streaming_"):
@@ -298,12 +299,13 @@ def _synchronize(device) -> None:
 
 
 def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink: int = 4, rounds: int = 5,
-                    steps_per_round: int = 6, warmup: int = 3, progress=None) -> list[LatencyRow]:
+                    steps_per_round: int = 6, warmup: int = 3, progress=None,
+                    decode_attention: str = "grouped") -> list[LatencyRow]:
     """Round-robin timing of each method's decode step at one cache size; returns a row per method."""
     device = next(model.parameters()).device
     decoders = []
     for method in methods:
-        decoder = make_decoder(method, model, n_sink, capacity)
+        decoder = make_decoder(method, model, n_sink, capacity, decode_attention)
         prepare_attn(decoder)
         started = time.perf_counter()
         try:
