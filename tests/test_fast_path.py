@@ -1,0 +1,142 @@
+"""The static decode step (streaming_llm/fast.py): exactly the general path's logits, kept tokens and bookkeeping,
+in every position mode, for both architectures, token by token and mixed with blocks; and, compiled, a single graph
+whose only in-place writes are to static buffers (what a CUDA-graph capture needs), checked here on CPU.
+"""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import block_sizes_covering, feed_stream, make_wrapper, max_abs_diff, random_ids
+
+from streaming_llm.fast import DECODE_ATTENTION, FastStreamingWrapper
+
+TOLERANCE = 1e-4
+N_SINK, WINDOW_SIZE = 4, 16
+LENGTH = 120  # > 5x capacity: the buffer fills, then pos_shift moves its frame several times
+
+
+def make_fast(model, n_sink=N_SINK, window_size=WINDOW_SIZE, **options):
+    return FastStreamingWrapper(copy.deepcopy(model), n_sink=n_sink, window_size=window_size, **options)
+
+
+class CountingSteps:
+    """Counts calls of the static step functions (so a test knows the fast path, not the general one, ran)."""
+
+    def __init__(self, wrapper):
+        self.calls = {"filling": 0, "full": 0}
+        for name in self.calls:
+            original = getattr(wrapper, f"_static_step_{name}")
+
+            def counted(*args, _name=name, _original=original):
+                self.calls[_name] += 1
+                return _original(*args)
+
+            setattr(wrapper, f"_static_step_{name}", counted)
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+@pytest.mark.parametrize("n_sink, window_size", [(N_SINK, WINDOW_SIZE), (0, 9), (1, 5)])
+def test_token_by_token_equals_general_path(model, position_mode, n_sink, window_size):
+    input_ids = random_ids(LENGTH, seed=40)
+    general = feed_stream(make_wrapper(model, n_sink, window_size, position_mode=position_mode), input_ids)
+    fast = make_fast(model, n_sink, window_size, position_mode=position_mode)
+    counter = CountingSteps(fast)
+    assert max_abs_diff(feed_stream(fast, input_ids), general) <= TOLERANCE
+    capacity = n_sink + window_size
+    # Every token from n_sink on went through the static step: masked while the buffer filled, then unmasked.
+    assert counter.calls == {"filling": capacity - n_sink, "full": LENGTH - capacity}
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "absolute"])
+def test_blocks_and_steps_mixed(model, position_mode):
+    """Blocks (general path) after static steps see the kept tokens the steps wrote, and the other way round."""
+    input_ids = random_ids(LENGTH, seed=41)
+    sizes = block_sizes_covering(LENGTH, [1, 1, 9, 1, 1, 1, 30, 1, 5, 1, 1])
+    general = make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=position_mode)
+    fast = make_fast(model, position_mode=position_mode)
+    assert max_abs_diff(feed_stream(fast, input_ids, sizes), feed_stream(general, input_ids, sizes)) <= TOLERANCE
+    assert torch.equal(fast.cache.kept_positions(), general.cache.kept_positions())
+    for layer in range(len(fast.cache.layers)):
+        fast_keys, fast_values = fast.cache.compress(layer)
+        general_keys, general_values = general.cache.compress(layer)
+        assert max_abs_diff(fast_keys, general_keys) <= TOLERANCE
+        assert max_abs_diff(fast_values, general_values) <= TOLERANCE
+
+
+@pytest.mark.parametrize("variant", DECODE_ATTENTION)
+def test_every_decode_attention_formulation(llama_model, variant):
+    input_ids = random_ids(70, seed=42)
+    general = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    fast = make_fast(llama_model, decode_attention=variant)
+    assert max_abs_diff(feed_stream(fast, input_ids), general) <= TOLERANCE
+
+
+def test_batch_of_streams(llama_model):
+    input_ids = random_ids(60, seed=43, batch=2)
+    general = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    fast = make_fast(llama_model)
+    assert max_abs_diff(feed_stream(fast, input_ids), general) <= TOLERANCE
+    with pytest.raises(ValueError, match="batch of 2"):
+        fast(random_ids(1, seed=44, batch=3))
+
+
+def test_reset_starts_a_new_stream(llama_model):
+    input_ids = random_ids(50, seed=45)
+    fast = make_fast(llama_model)
+    first = feed_stream(fast, input_ids)
+    fast.reset()
+    assert fast.tokens_seen == 0 and fast.cache.get_cache_length() == 0
+    assert torch.equal(feed_stream(fast, input_ids), first)
+
+
+def test_step_hot_path_equals_call(llama_model):
+    """`step` (no input checks) is the same computation as calling the wrapper with one token."""
+    input_ids = random_ids(40, seed=46)
+    called, stepped = make_fast(llama_model), make_fast(llama_model)
+    called(input_ids[None, :30])
+    stepped(input_ids[None, :30])
+    for position in range(30, 40):
+        token = input_ids[None, position : position + 1]
+        assert torch.equal(called(token), stepped.step(token))
+
+
+def test_bad_options_are_refused(llama_model):
+    with pytest.raises(ValueError, match="compile must be one of"):
+        make_fast(llama_model, compile="sometimes")
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        make_fast(llama_model, decode_attention="flash")
+    with pytest.raises(ValueError, match="token ids"):
+        make_fast(llama_model)(torch.tensor([[10_000]]))
+
+
+def test_compiled_step_is_one_graph_that_writes_only_static_buffers(llama_model):
+    """What CUDA graphs need, checked on CPU: torch.compile traces the whole step with fullgraph=True (a graph
+    break raises), and every tensor the graph writes in place is a static input (the per-layer buffers); a write to
+    any other input (a view of a buffer, say) makes inductor skip CUDA-graph capture on GPU."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    graphs = []
+
+    def inspect(graph_module, example_inputs):
+        metadata = TracingContext.get().fw_metadata
+        mutated = list(metadata.mutated_inp_runtime_indices)
+        graphs.append({"mutated": mutated, "not_static": sorted(set(mutated) - set(metadata.static_input_indices))})
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    fast = make_fast(llama_model)
+    fast.compile = False  # compiled below with the inspecting backend instead of inductor
+    for filling in (True, False):
+        function = fast._static_step_filling if filling else fast._static_step_full
+        fast._compiled[filling] = torch.compile(function, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
+    input_ids = random_ids(60, seed=47)
+    streamed = feed_stream(fast, input_ids)
+    assert max_abs_diff(streamed, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)) <= TOLERANCE
+    assert len(graphs) == 2  # the filling and the full step, each traced once: no recompilation along the stream
+    for graph in graphs:
+        layers = llama_model.config.num_hidden_layers
+        assert len(graph["mutated"]) == 2 * layers  # each layer's key and value buffer, nothing else
+        assert graph["not_static"] == []
