@@ -145,19 +145,21 @@ def load_from_args(args: argparse.Namespace):
 
 
 def wrapper_from_args(args: argparse.Namespace):
-    """(StreamingLLMWrapper, tokenizer) for the common options; the wrapper refuses a capacity beyond the
-    model's positions (ValueError)."""
+    """(StreamingLLMWrapper, tokenizer) for the common options (a FastStreamingWrapper, whose one-token steps are
+    compiled, where --compile asks for it); the wrapper refuses a capacity beyond the model's positions (ValueError)."""
     from streaming_llm.wrapper import StreamingLLMWrapper
 
+    compile_choice = getattr(args, "compile", "never")
+    if compile_choice == "always" and args.streaming_mode != "ours":
+        raise ValueError("--compile always needs --streaming-mode ours (the static decode step uses its buffers)")
     model, tokenizer = load_from_args(args)
-    wrapper = StreamingLLMWrapper(
-        model,
-        n_sink=args.n_sink,
-        window_size=args.window_size,
-        position_mode=args.position_mode,
-        streaming_mode=args.streaming_mode,
-    )
-    return wrapper, tokenizer
+    options = dict(n_sink=args.n_sink, window_size=args.window_size, position_mode=args.position_mode)
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if args.streaming_mode == "ours" and (compile_choice == "always" or (compile_choice == "auto" and on_cuda)):
+        from streaming_llm.fast import FastStreamingWrapper
+
+        return FastStreamingWrapper(model, compile="always", **options), tokenizer
+    return StreamingLLMWrapper(model, streaming_mode=args.streaming_mode, **options), tokenizer
 
 
 def print_json(payload: dict[str, Any], file=None) -> None:

@@ -122,6 +122,20 @@ def test_generate_text_mode_streams_the_same_text_as_json(model_dir, capsys):
     assert status == 0 and out == json.loads(json_out)["text"] + "\n"
 
 
+def test_generate_compiled_static_step_gives_the_same_tokens(model_dir, capsys):
+    """--compile always (torch.compile of the static decode step; CUDA graphs on GPU, inductor here) generates
+    what the general path generates, greedily, far past the cache capacity."""
+    argv = ["generate", "--model", str(model_dir), *CACHE_OPTIONS, "-p", "Once upon a time", "--max-new-tokens", "150",
+            "--ignore-eos", "--json"]
+    texts = {}
+    for choice in ("never", "always"):
+        status, out, err = run_main(capsys, *argv, "--compile", choice)
+        assert status == 0, err
+        texts[choice] = json.loads(out)
+    assert texts["always"]["text"] == texts["never"]["text"]
+    assert texts["always"]["cache_length"] == CAPACITY
+
+
 def test_generate_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     argv = ["generate", "--model", str(model_dir), "-p", "x", "--max-new-tokens", "20", "--ignore-eos", "--json", "--temperature", "1.0"]
     texts = [json.loads(run_main(capsys, *argv, "--seed", str(seed))[1])["text"] for seed in (1, 1, 2)]
@@ -225,6 +239,7 @@ def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
         (["generate", "-p", "x", "--temperature", "-1"], "--temperature must be >= 0"),
         (["generate", "-p", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["generate", "-p", "x", "--position-mode", "sideways"], "invalid choice"),
+        (["generate", "-p", "x", "--compile", "always", "--streaming-mode", "mit"], "--compile always needs --streaming-mode ours"),
         (["generate", "-p", "x", "--device", "tpu"], "--device must be"),
         (["generate", "--prompt", "x", "--prompt-file", "y"], "not allowed with argument"),
         (["frobnicate"], "invalid choice"),
