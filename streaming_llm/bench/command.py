@@ -200,12 +200,20 @@ def _ratios(rows: list[dict], baseline_method: str) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    baseline = {r["capacity"]: r["median_ms"] for r in rows if r["method"] == "dense_static"}
-    lines = [f"{'method':<22}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}{'vs static':>11}{'cache MiB':>11}"]
+    """One line per method and cache size; ratios to the static dense step, eager and compiled (where timed)."""
+    baselines = {name: {r["capacity"]: r["median_ms"] for r in rows if r["method"] == name}
+                 for name in ("dense_static", "dense_static_compiled")}
+    baselines = {name: values for name, values in baselines.items() if values}
+    labels = {"dense_static": "vs static", "dense_static_compiled": "vs compiled"}
+    header = f"{'method':<22}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}"
+    lines = [header + "".join(f"{labels[name]:>13}" for name in baselines) + f"{'cache MiB':>11}"]
     for r in rows:
-        ratio = r["median_ms"] / baseline[r["capacity"]] if r["capacity"] in baseline else float("nan")
+        ratios = "".join(
+            f"{r['median_ms'] / values[r['capacity']]:>12.2f}x" if r["capacity"] in values else f"{'':>13}"
+            for values in baselines.values()
+        )
         lines.append(f"{r['method']:<22}{r['capacity']:>9}{r['median_ms']:>11.2f}{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}"
-                     f"{ratio:>10.2f}x{r['cache_bytes'] / 2**20:>11.1f}")
+                     f"{ratios}{r['cache_bytes'] / 2**20:>11.1f}")
     return "\n".join(lines)
 
 

@@ -162,6 +162,9 @@ class DenseDynamicDecoder(DenseStaticDecoder):
         self.model(self.token, past_key_values=self.cache, cache_position=self.position, position_ids=self.position[None])
         self.cache.crop(self.capacity)
 
+    def cache_length(self):
+        return self.cache.get_seq_length()
+
 
 class StreamingDecoder(Decoder):
     """Our StreamingKVCache (ring buffer); stream 2 * capacity tokens first so eviction is in steady state."""
@@ -248,6 +251,9 @@ class KvpressDecoder(Decoder):
 
     def cache_bytes(self):
         return _tensor_bytes(t for layer in self.stepper.cache.layers for t in (layer.keys, layer.values))
+
+    def cache_length(self):
+        return self.stepper.cache.get_seq_length()
 
 
 def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int, decode_attention: str = "grouped") -> Decoder:
