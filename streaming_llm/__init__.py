@@ -2,6 +2,7 @@
 
 from streaming_llm.attention import ATTN_IMPLEMENTATION, prepare_model
 from streaming_llm.cache import StreamingKVCache
+from streaming_llm.fast import FastStreamingWrapper
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.rope import rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "FastStreamingWrapper",
     "SamplingConfig",
     "StartRecentKVCache",
     "StreamingChat",
