@@ -97,7 +97,7 @@ AttentionInterface.register(STATIC_ATTN_IMPLEMENTATION, static_streaming_attenti
 
 
 class StaticStepLayer(CacheLayerMixin):
-    """One layer's view of the shared buffers; `update` writes the step's key/value at the slot it is given."""
+    """One layer's buffers; `update` writes the step's key/value at the slot it is given (`cache_position`)."""
 
     is_compileable = True
 
@@ -126,7 +126,7 @@ class StaticStepLayer(CacheLayerMixin):
 
 
 class StaticStepCache(Cache):
-    """The `Cache` the compiled step hands the model: per-layer views of the shared buffers."""
+    """The `Cache` the compiled step hands the model: the per-layer buffers the general path also uses."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__(layers=[StaticStepLayer(k, v) for k, v in zip(keys, values)])
@@ -160,7 +160,22 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     # -- storage shared by both paths -------------------------------------------------------------------------
     def _new_cache(self) -> StreamingKVCache:
-        """Allocate the buffers of all layers once; the general path's RingLayers get views of them."""
+        """A fresh stream over the buffers (allocated on first use or for a new batch size, zeroed otherwise, so
+        that the compiled graphs, which hold their addresses, stay valid); the general path's RingLayers get the
+        same tensors."""
+        if getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size:
+            self._allocate()
+        else:
+            for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
+                tensor.zero_()
+        self.seen = self.base = 0
+        self._ring_current = True  # the RingLayers' host state matches the buffers
+        cache = StreamingKVCache(self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
+        for index, layer in enumerate(cache.layers):
+            layer.adopt(self.keys[index], self.values[index], self.sink_keys[index])
+        return cache
+
+    def _allocate(self) -> None:
         config = self.model.config.get_text_config()
         parameter = next(self.model.parameters())
         layers = config.num_hidden_layers
@@ -178,12 +193,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
             torch._dynamo.mark_static_address(tensor)
         self.static_cache = StaticStepCache(self.keys, self.values)
-        self.seen = self.base = 0
-        self._ring_current = True  # the RingLayers' host state matches the buffers
-        cache = StreamingKVCache(self.n_sink, self.window_size, self.position_mode, "ours", num_layers=layers)
-        for index, layer in enumerate(cache.layers):
-            layer.adopt(self.keys[index], self.values[index], self.sink_keys[index])
-        return cache
+        if hasattr(self, "_compiled"):
+            self._compiled.clear()  # new addresses: the graphs are traced again
 
     _batch_size = 1
 
@@ -205,11 +216,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._cache = cache
 
     def reset(self, batch_size: int | None = None) -> None:
-        """Forget the stream (and optionally change the batch size, which reallocates the buffers)."""
+        """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers)."""
         if batch_size is not None:
             self._batch_size = batch_size
         self.cache = self._new_cache()
-        self._compiled.clear()
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -81,13 +81,22 @@ def test_batch_of_streams(llama_model):
         fast(random_ids(1, seed=44, batch=3))
 
 
-def test_reset_starts_a_new_stream(llama_model):
+def test_reset_starts_a_new_stream_on_the_same_buffers(llama_model):
+    """reset() zeroes the buffers in place, so the step functions (compiled graphs hold the buffers' addresses)
+    are kept; a new batch size allocates new buffers and drops them."""
     input_ids = random_ids(50, seed=45)
     fast = make_fast(llama_model)
     first = feed_stream(fast, input_ids)
+    buffers, steps = [t.data_ptr() for t in fast.keys], dict(fast._compiled)
     fast.reset()
     assert fast.tokens_seen == 0 and fast.cache.get_cache_length() == 0
+    assert all(t.abs().sum() == 0 for t in (*fast.keys, *fast.values, *fast.sink_keys))
     assert torch.equal(feed_stream(fast, input_ids), first)
+    assert [t.data_ptr() for t in fast.keys] == buffers and fast._compiled == steps
+    fast.reset(batch_size=2)
+    assert fast.keys[0].shape[0] == 2 and fast._compiled == {}
+    batch = random_ids(50, seed=45, batch=2)
+    assert max_abs_diff(feed_stream(fast, batch)[0], first) <= TOLERANCE
 
 
 def test_step_hot_path_equals_call(llama_model):
