@@ -1,5 +1,5 @@
 """`streaming-llm bench` and the decoders it times: every method decodes at a constant cache length, reports its
-cache bytes, and the command writes one JSON + PNG (or a one-line error). Timings are never asserted."""
+cache bytes (and, on CUDA, what a step allocates), and the command writes one JSON + PNG (or a one-line error). Timings are never asserted."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def test_measure_latency_times_every_method_round_robin(model):
         summary = row.summary()
         assert summary["steps"] == 4 and summary["p10_ms"] <= summary["median_ms"] <= summary["p90_ms"]
         assert summary["cache_length"] == CAPACITY
+        assert (summary["step_peak_bytes"] is None) == (not torch.cuda.is_available())
 
 
 def test_stream_keeps_cache_length_and_reports_each_checkpoint(model):

@@ -206,14 +206,17 @@ def format_table(rows: list[dict]) -> str:
     baselines = {name: values for name, values in baselines.items() if values}
     labels = {"dense_static": "vs static", "dense_static_compiled": "vs compiled"}
     header = f"{'method':<22}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}"
-    lines = [header + "".join(f"{labels[name]:>13}" for name in baselines) + f"{'cache MiB':>11}"]
+    with_peak = any(r.get("step_peak_bytes") is not None for r in rows)
+    lines = [header + "".join(f"{labels[name]:>13}" for name in baselines) + f"{'cache MiB':>11}"
+             + (f"{'step MiB':>10}" if with_peak else "")]
     for r in rows:
         ratios = "".join(
             f"{r['median_ms'] / values[r['capacity']]:>12.2f}x" if r["capacity"] in values else f"{'':>13}"
             for values in baselines.values()
         )
         lines.append(f"{r['method']:<22}{r['capacity']:>9}{r['median_ms']:>11.2f}{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}"
-                     f"{ratios}{r['cache_bytes'] / 2**20:>11.1f}")
+                     f"{ratios}{r['cache_bytes'] / 2**20:>11.1f}"
+                     + (f"{(r.get('step_peak_bytes') or 0) / 2**20:>10.1f}" if with_peak else ""))
     return "\n".join(lines)
 
 

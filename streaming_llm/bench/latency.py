@@ -285,6 +285,7 @@ class LatencyRow:
     cache_bytes: int = 0
     cache_length: int = 0
     setup_s: float = 0.0  # building the state and the warm-up steps (compilation included)
+    step_peak_bytes: int | None = None  # CUDA only: what one step allocates on top of what is held
 
     def summary(self) -> dict:
         ordered = sorted(self.step_ms)
@@ -296,6 +297,7 @@ class LatencyRow:
             "method": self.method, "capacity": self.capacity, "steps": len(ordered),
             "median_ms": statistics.median(ordered), "p10_ms": quantile(0.1), "p90_ms": quantile(0.9),
             "cache_bytes": self.cache_bytes, "cache_length": self.cache_length, "setup_s": round(self.setup_s, 2),
+            "step_peak_bytes": self.step_peak_bytes,
         }
 
 
@@ -336,7 +338,22 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
                 progress.update(1)
     for decoder, row in decoders:
         row.cache_bytes, row.cache_length = decoder.cache_bytes(), decoder.cache_length()
+        prepare_attn(decoder)
+        row.step_peak_bytes = step_peak_bytes(decoder, device)
     return [row for _, row in decoders]
+
+
+def step_peak_bytes(decoder: Decoder, device) -> int | None:
+    """Device memory one decode step allocates beyond what is already held (its transient peak: a copied
+    cache, re-computed activations), on CUDA; None elsewhere (CPU allocations are not tracked per step)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    decoder.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - held
 
 
 def prepare_attn(decoder: Decoder) -> None:
