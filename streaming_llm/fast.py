@@ -246,13 +246,19 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
         if self.seen < self.n_sink:
             return self._feed_general(token_ids)
-        if self.model.config._attn_implementation != STATIC_ATTN_IMPLEMENTATION:
-            self.model.set_attn_implementation(STATIC_ATTN_IMPLEMENTATION)
         filling = self.seen < self.n_sink + self.window_size  # some slot is still empty
         step = self._step_function(filling)
         if self.compile:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = step(token_ids)
+        # The model runs the static attention for this step only, so that the model keeps working with a plain
+        # StreamingKVCache in between (set on the config directly: set_attn_implementation walks every module).
+        config = self.model.config
+        previous = config._attn_implementation
+        config._attn_implementation = STATIC_ATTN_IMPLEMENTATION
+        try:
+            logits = step(token_ids)
+        finally:
+            config._attn_implementation = previous
         if self.compile:
             logits = logits.clone()  # the graph's output buffer is reused by the next replay
         # t advances outside the graph: a graph input it reads, never one it writes besides the buffers.

@@ -110,6 +110,20 @@ def test_step_hot_path_equals_call(llama_model):
         assert torch.equal(called(token), stepped.step(token))
 
 
+def test_the_model_stays_usable_with_a_plain_streaming_cache(llama_model):
+    """The static attention is switched on for each static step only: afterwards the same model object runs a
+    StreamingKVCache (generate(), another wrapper) as prepare_model left it."""
+    from streaming_llm import StreamingLLMWrapper
+
+    input_ids = random_ids(60, seed=48)
+    model = copy.deepcopy(llama_model)
+    fast = FastStreamingWrapper(model, N_SINK, WINDOW_SIZE)
+    fast_logits = feed_stream(fast, input_ids)
+    assert model.config._attn_implementation == "streaming_llm"
+    plain = feed_stream(StreamingLLMWrapper(model, N_SINK, WINDOW_SIZE), input_ids)
+    assert max_abs_diff(plain, fast_logits) <= TOLERANCE
+
+
 def test_bad_options_are_refused(llama_model):
     with pytest.raises(ValueError, match="compile must be one of"):
         make_fast(llama_model, compile="sometimes")

@@ -16,7 +16,7 @@ import torch
 from test_cli import tiny_checkpoint
 from transformers import TextIteratorStreamer
 
-from streaming_llm import StreamingKVCache, StreamingLLMWrapper, load_model, prepare_model
+from streaming_llm import FastStreamingWrapper, StreamingKVCache, StreamingLLMWrapper, load_model, prepare_model
 from streaming_llm.generation import (
     IncrementalDecoder,
     SamplingConfig,
@@ -49,13 +49,18 @@ def user_turn(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
 
 
-def test_multi_turn_generate_with_streamer_equals_the_wrapper_loop(model_dir):
+WRAPPERS = {"general": StreamingLLMWrapper, "static_step": FastStreamingWrapper}
+
+
+@pytest.mark.parametrize("wrapper_kind", WRAPPERS)
+def test_multi_turn_generate_with_streamer_equals_the_wrapper_loop(model_dir, wrapper_kind):
     """Three generate() calls through one cache, each passed the whole conversation; a TextIteratorStreamer
-    shows the text. The wrapper's step loop (generate_stream), fed the same tokens, picks the same ones."""
+    shows the text. The wrapper's step loop (generate_stream), fed the same tokens, picks the same ones; with
+    FastStreamingWrapper its steps take the static decode step and each new turn the general block path."""
     model, tokenizer = load_tiny(model_dir)
     prepare_model(model)
     cache = StreamingKVCache(n_sink=N_SINK, window_size=WINDOW_SIZE)
-    wrapper = StreamingLLMWrapper(load_tiny(model_dir)[0], n_sink=N_SINK, window_size=WINDOW_SIZE)
+    wrapper = WRAPPERS[wrapper_kind](load_tiny(model_dir)[0], n_sink=N_SINK, window_size=WINDOW_SIZE)
     new_tokens = 90
 
     conversation = torch.zeros(0, dtype=torch.long)
@@ -116,13 +121,14 @@ class RecordingWrapper:
         return logits
 
 
+@pytest.mark.parametrize("wrapper_kind", WRAPPERS)
 @pytest.mark.parametrize("end_after", [None, 5], ids=["answers-cut-by-length", "answers-end-with-eos"])
-def test_chat_feeds_each_turn_once_and_matches_the_template(model_dir, end_after):
+def test_chat_feeds_each_turn_once_and_matches_the_template(model_dir, end_after, wrapper_kind):
     """After every user turn, the tokens fed so far decode to exactly the template's rendering of the
     conversation: each turn adds only its suffix, and no token of the history is fed twice."""
     model, tokenizer = load_tiny(model_dir)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    wrapper = RecordingWrapper(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), end_id, end_after)
+    wrapper = RecordingWrapper(WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE), end_id, end_after)
     chat = StreamingChat(wrapper, tokenizer, system_prompt="Be brief.", max_new_tokens=12)
     assert end_id in chat.stop_token_ids
     for turn, question in enumerate(["Hello!", "What is 2 + 2?", "Why?", "Thanks, bye."]):
