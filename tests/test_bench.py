@@ -78,6 +78,25 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert "streaming_static" in out and "vs static" in out
 
 
+def test_profile_reports_the_cache_stages(tmp_path, capsys):
+    """--profile: Chrome traces next to the JSON and the time of each cache stage; rerotate moves its frame (re-rotates
+    every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64."""
+    status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "64", "--methods", "streaming_pos_shift",
+                       "--rounds", "1", "--steps", "1", "--profile", "--output-dir", str(tmp_path), "--tag", "p"])
+    err = capsys.readouterr().err
+    assert status == 0 and "cache: frame move" in err
+    report = json.loads((tmp_path / "p.json").read_text())
+    layers = 6  # the pythia-70m shape
+    moves = {}
+    for profile in report["profile"]:
+        assert (tmp_path / profile["trace"]).stat().st_size > 0
+        stages = {stage["label"]: stage for stage in profile["stages"]}
+        moves[profile["position_mode"]] = stages["cache: frame move (re-rotate stored window keys)"]["calls"]
+        assert stages["cache: decode step of one layer (rotate q/k, write, sinks, SDPA)"]["calls"] == 10 * layers
+        assert 0 < stages["cache: decode step of one layer (rotate q/k, write, sinks, SDPA)"]["share"] < 1
+    assert moves["rerotate"] == 10 * layers and moves["pos_shift"] <= layers
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["bench", "--methods", "fastest"], "unknown method"),
     (["bench", "--cache-sizes", "4", "--n-sink", "4"], "must exceed --n-sink"),

@@ -67,7 +67,9 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                         help="attention kernel formulation of the static decode step (streaming_static/_compiled; "
                              "see streaming_llm.fast.decode_attention; default grouped)")
     parser.add_argument("--profile", action="store_true",
-                        help="record a torch.profiler trace of streaming decode steps and print the top operators")
+                        help="profile 10 decode steps of our cache (pos_shift and rerotate) at the cache size nearest 1024: "
+                             "prints the top operators and the time of each cache stage (token writes, rotations, "
+                             "frame moves); Chrome traces go next to the JSON (*.trace.json)")
     parser.add_argument("--output-dir", default="results/latency", help="where JSON and PNG go (default results/latency)")
     parser.add_argument("--tag", default=None, help="name of this run's files (default: shape, device and date)")
     parser.set_defaults(handler=run_bench)
@@ -127,14 +129,23 @@ def run_bench(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
 
-    profile_table = None
+    profiles = []
+    tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    output_dir = Path(args.output_dir)
     if args.profile:
         from streaming_llm.bench.profile import profile_decode
 
-        profile_table = profile_decode(model, min(args.cache_sizes, key=lambda c: abs(c - 1024)), args.n_sink)
-        say(profile_table)
+        capacity = min(args.cache_sizes, key=lambda c: abs(c - 1024))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for position_mode in ("pos_shift", "rerotate"):
+            trace = output_dir / f"{tag}.{position_mode}.trace.json"
+            profiled = profile_decode(model, capacity, args.n_sink, position_mode=position_mode, trace_path=str(trace))
+            if position_mode == "pos_shift":
+                say(profiled.top_operators)
+            say(profiled.text())
+            profiles.append({"position_mode": position_mode, "capacity": capacity, "trace": trace.name,
+                             "stages": profiled.stages, "top_operators": profiled.top_operators})
 
-    tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     report = {
         "kind": "decode_latency", "shape": args.shape, "model": args.model or "embedded", "dtype": args.dtype,
         "n_sink": args.n_sink, "decode_attention": args.decode_attention, "rounds": args.rounds, "steps_per_round": args.steps,
@@ -142,10 +153,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "ratios_vs_dense_static": _ratios(rows, "dense_static"),
         "ratios_vs_dense_static_compiled": _ratios(rows, "dense_static_compiled"),
         "bandwidth_floor": _bandwidth_floor(model, device, args.cache_sizes), "compile_counters": _compile_counters(),
-        "profile_top_ops": profile_table,
+        "profile": profiles,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    output_dir = Path(args.output_dir)
     json_path = output_dir / f"{tag}.json"
     write_json_atomically(json_path, report)
     png_path = output_dir / f"{tag}.png"
