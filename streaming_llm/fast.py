@@ -4,16 +4,17 @@
 `FastStreamingWrapper` is a `StreamingLLMWrapper` whose single-token steps take this path; blocks (prompts,
 new chat turns) and the first `n_sink` tokens take the general path of cache.py. Both paths write the same
 storage: per layer one key and one value tensor [batch, kv_heads, capacity + 1, head_dim], allocated once and
-marked as static addresses (CUDA graphs may write them in place), laid out exactly as `RingLayer` lays them out (sinks in slots [0, n_sink), stream position p >= n_sink
-in slot n_sink + (p - n_sink) % (window_size + 1)), plus the sinks' keys at their own positions j.
+marked as static addresses (CUDA graphs may write them in place), laid out as `RingLayer` lays them out (sinks
+in slots [0, n_sink), stream position p >= n_sink in slot n_sink + (p - n_sink) % (window_size + 1)), plus the
+sinks' keys at their own positions j.
 
 What the step does differently from the general decode path (same positions, SEMANTICS.md §2):
 - the model's own RoPE rotates q and k at the window frame t - base (passed as `position_ids`), instead of
   rotating at 0 and re-rotating; the slot index (`cache_position`) and t, base are device tensors;
 - the sinks, kept at their own positions j, are rotated by the step's offset (window frame - sink frame) into
   their buffer slots (n_sink keys per layer; the angles are computed once per step);
-- attention is one `scaled_dot_product_attention` over the whole buffer, grouped-query heads folded into the
-  query length (no repeat of keys), with a mask only while the buffer is still filling.
+- attention is one call over the whole buffer per layer (`decode_attention`; by default SDPA with grouped-query
+  heads folded into the query length, no repeat of keys), with a mask only while the buffer is still filling.
 The frame offset `base` moves (one rotation of the stored window keys, outside the graph) when the policy says so:
 once per ~capacity tokens for pos_shift, every step for rerotate, never for absolute.
 """
@@ -31,8 +32,6 @@ from streaming_llm.wrapper import StreamingLLMWrapper
 
 STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
 COMPILE_CHOICES = ("auto", "always", "never")
-
-
 DECODE_ATTENTION = ("grouped", "gqa", "expanded_masked", "matmul")
 
 
