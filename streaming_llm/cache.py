@@ -54,7 +54,7 @@ def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tenso
     )
 
 
-def _grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """q·k for grouped-query attention without repeating keys.
 
     query [b, heads, n, d], keys [b, kv_heads, m, d] -> [b, kv_heads, groups * n, m]; query head i
@@ -66,7 +66,7 @@ def _grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return grouped @ keys.transpose(-1, -2)
 
 
-def _grouped_output(probabilities: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
+def grouped_output(probabilities: torch.Tensor, values: torch.Tensor, heads: int) -> torch.Tensor:
     """P @ V for grouped-query attention, [b, kv_heads, groups * n, m] x [b, kv_heads, m, d] -> [b, heads, n, d]."""
     output = probabilities @ values
     batch, kv_heads, grouped_n, dim = output.shape
@@ -197,15 +197,15 @@ class StreamingLayer(CacheLayerMixin):
             output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
             return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
-        scores = _grouped_scores(query_window, keys)  # [b, kv_heads, groups * n, keys]
+        scores = grouped_scores(query_window, keys)  # [b, kv_heads, groups * n, keys]
         if policy.n_sink > 0 and policy.mode != "absolute":
             # Sink columns (at most n_sink of them) take the query at its sink position instead.
             sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
             if sink_columns.numel():
-                scores[..., sink_columns] = _grouped_scores(query_sink, keys[:, :, sink_columns])
+                scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
         scores = scores * scaling + self._visibility_bias(new_positions, positions, groups, scores.dtype)
         probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
-        output = _grouped_output(probabilities, all_values, query_raw.shape[1])
+        output = grouped_output(probabilities, all_values, query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
     def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling):
@@ -288,17 +288,14 @@ class RingLayer(StreamingLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, kv_heads, _, head_dim = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
         slots = self.policy.capacity + 1
-        self.keys = key_states.new_zeros(batch, kv_heads, slots, head_dim)
-        self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
-        self.sink_keys = key_states.new_zeros(batch, kv_heads, self.policy.n_sink, head_dim)
-        self.positions = torch.full((slots,), -1, dtype=torch.long, device=self.device)
-        self.is_initialized = True
+        self.adopt(key_states.new_zeros(batch, kv_heads, slots, head_dim),
+                   value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1]),
+                   key_states.new_zeros(batch, kv_heads, self.policy.n_sink, head_dim))
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor) -> None:
-        """Use preallocated buffers instead of allocating on first use (the static decode step of fast.py
-        writes the same ones): keys/values [batch, kv_heads, capacity + 1, d], sink_keys [batch, kv_heads, n_sink, d]."""
+        """Hold these buffers, empty: keys/values [batch, kv_heads, capacity + 1, d], sink_keys [batch, kv_heads,
+        n_sink, d]. Allocated on first use, or given by FastStreamingWrapper (its static decode step writes them too)."""
         self.keys, self.values, self.sink_keys = keys, values, sink_keys
         self.dtype, self.device = keys.dtype, keys.device
         self.positions = torch.full((keys.shape[-2],), -1, dtype=torch.long, device=keys.device)

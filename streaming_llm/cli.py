@@ -471,22 +471,22 @@ def run_info(args: argparse.Namespace) -> int:
     import transformers
 
     import streaming_llm
+    from streaming_llm.models import attention_shape
 
     wrapper, tokenizer = wrapper_from_args(args)
     model, architecture = wrapper.model, wrapper.architecture
     config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = attention_shape(config)
     payload = {
         "model": model_label(args),
         "resolved": _resolved_source(args.model),
         "model_type": architecture.model_type,
         "architecture": type(model).__name__,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "layers": config.num_hidden_layers,
-        "attention_heads": heads,
-        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
+        "layers": shape.layers,
+        "attention_heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
         "rotary_ndims": architecture.rotary_ndims,
         "vocab_size": config.vocab_size,
         "max_positions": architecture.max_positions,

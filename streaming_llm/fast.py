@@ -26,7 +26,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.cache import StreamingKVCache
+from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores
+from streaming_llm.models import attention_shape
 from streaming_llm.rope import apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
@@ -60,18 +61,17 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if mask is None:
             mask = torch.zeros(1, 1, 1, key.shape[-2], dtype=query.dtype, device=query.device)
         return sdpa(query, key, value, attn_mask=mask, scale=scaling)
-    grouped = query.reshape(batch, kv_heads, groups * n, dim)
     if variant == "matmul":
         scale = dim**-0.5 if scaling is None else scaling
-        scores = (grouped @ key.transpose(-1, -2)).float() * scale
+        scores = grouped_scores(query, key).float() * scale
         if mask is not None:
             scores = scores + mask
-        output = torch.softmax(scores, dim=-1).to(value.dtype) @ value
-    elif variant == "grouped":
+        return grouped_output(torch.softmax(scores, dim=-1).to(value.dtype), value, heads)
+    if variant == "grouped":
+        grouped = query.reshape(batch, kv_heads, groups * n, dim)  # the layout of cache.grouped_scores
         output = sdpa(grouped, key, value, attn_mask=mask, scale=scaling)
-    else:
-        raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
-    return output.reshape(batch, heads, n, value.shape[-1])
+        return output.reshape(batch, heads, n, value.shape[-1])
+    raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
 
 
 def static_streaming_attention_forward(
@@ -175,12 +175,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return cache
 
     def _allocate(self) -> None:
-        config = self.model.config.get_text_config()
+        shape = attention_shape(self.model.config)
         parameter = next(self.model.parameters())
-        layers = config.num_hidden_layers
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers, kv_heads, head_dim = shape.layers, shape.kv_heads, shape.head_dim
         capacity, batch = self.n_sink + self.window_size, self._batch_size
         # One tensor per layer, each its own allocation (as transformers' StaticCache): a CUDA graph may mutate a
         # static input in place, but not a view of one, which would be a different input aliasing it.

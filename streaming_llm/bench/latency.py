@@ -21,6 +21,7 @@ from streaming_llm.attention import prepare_model
 from streaming_llm.bench import COMPILED_METHODS, METHODS  # noqa: F401  (re-exported)
 from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
 from streaming_llm.eval.baselines import RecomputeStepper
+from streaming_llm.models import attention_shape
 from streaming_llm.wrapper import StreamingLLMWrapper
 
 # A 2-layer Llama with grouped-query attention, for soak runs and tests; vocab and special ids set by the caller.
@@ -422,12 +423,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 def dense_kv_bytes(model: nn.Module, capacity: int) -> int:
     """Bytes of a dense KV cache holding `capacity + 1` tokens (what a step at that length reads)."""
-    config = model.config.get_text_config()
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape = attention_shape(model.config)
     element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * (capacity + 1) * element
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * (capacity + 1) * element
 
 
 def environment(device: str) -> dict:

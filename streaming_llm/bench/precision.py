@@ -40,6 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from streaming_llm.models import attention_shape
 from streaming_llm.positions import PositionPolicy
 from streaming_llm.rope import RotaryParams
 
@@ -156,8 +157,8 @@ def oracle_logits(model, ids: torch.Tensor, stream_positions: torch.Tensor, n_si
     (increasing, gaps allowed), with SEMANTICS.md's visibility and the closed-form distances of §2."""
     config = model.config
     body = model.model
-    n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    shape = attention_shape(config)
+    n_heads, n_kv_heads, head_dim = shape.heads, shape.kv_heads, shape.head_dim
     inv_freq = body.rotary_emb.inv_freq.double()
     capacity = n_sink + window_size
     t, p = stream_positions[:, None], stream_positions[None, :]

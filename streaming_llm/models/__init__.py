@@ -34,6 +34,29 @@ class Architecture:
         return self.rotary.rotary_ndims
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """Layers and the per-layer attention sizes of a config: what a KV cache for it holds."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def attention_shape(config) -> AttentionShape:
+    """The AttentionShape of a (text) model config; kv_heads = heads without grouped-query attention, head_dim =
+    hidden_size / heads where the config does not say."""
+    config = config.get_text_config()
+    heads = config.num_attention_heads
+    return AttentionShape(
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
 def adapter_for(config) -> ModuleType:
     """The adapter module for a config, or ValueError naming the supported model types."""
     model_type = getattr(config, "model_type", None)
