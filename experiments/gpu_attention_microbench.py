@@ -55,6 +55,41 @@ def time_layers(function, layers: int, replays: int, device) -> float:
     return 1000 * start.elapsed_time(end) / (replays * layers)
 
 
+def _divisor_chunks(slots: int, target: int = 32) -> int:
+    """The number of equal chunks (a divisor of slots) nearest `target`."""
+    divisors = [n for n in range(1, slots + 1) if slots % n == 0]
+    return min(divisors, key=lambda n: abs(n - target))
+
+
+def diagnostic_variants(query, keys, values) -> dict:
+    """Not selectable in the library; they tell which kernel a faster formulation would need: each SDPA backend
+    forced (no mask), and the P·V product split along the key axis (as flash-decoding splits it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, heads, _, dim = query.shape
+    kv_heads, slots = keys[0].shape[1], keys[0].shape[2]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    variants = {}
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        def forced(layer, backend=getattr(SDPBackend, backend)):
+            with sdpa_kernel(backend):
+                output = torch.nn.functional.scaled_dot_product_attention(grouped, keys[layer], values[layer])
+                return output.reshape(batch, heads, 1, dim)
+        variants[f"sdpa_{backend.lower()}"] = forced
+    chunks = _divisor_chunks(slots)
+
+    def matmul_split(layer):
+        groups = heads // kv_heads
+        scores = torch.matmul(grouped, keys[layer].transpose(-1, -2)).float() * dim**-0.5  # [b, kv, g, slots]
+        probabilities = torch.softmax(scores, dim=-1).to(values[layer].dtype)
+        p = probabilities.reshape(batch, kv_heads, groups, chunks, slots // chunks).transpose(2, 3)
+        v = values[layer].reshape(batch, kv_heads, chunks, slots // chunks, dim)
+        partial = torch.matmul(p, v)  # [b, kv, chunks, g, d]
+        return partial.float().sum(2).to(query.dtype).reshape(batch, heads, 1, dim)
+    variants[f"matmul_split{chunks}"] = matmul_split
+    return variants
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +117,7 @@ def main() -> int:
         variants = {v: (lambda layer, v=v: decode_attention(query, keys[layer], values[layer], None, None, v))
                     for v in DECODE_ATTENTION}
         variants["transformers_static_masked"] = transformers_static
+        variants.update(diagnostic_variants(query, keys, values))
         reference = decode_attention(query, keys[0], values[0], None, None, "matmul").float()
         kv_bytes = 2 * kv_heads * slots * head_dim * 2
         rows = {}

@@ -1,0 +1,142 @@
+"""Where the time of one compiled decode step goes: transformers' compiled StaticCache step next to our compiled
+streaming step (one per decode-attention formulation), at one shape and cache size.
+
+For each step it reports the wall time of a synchronised step (what `streaming-llm bench` times), the device time
+of back-to-back steps (CUDA events, no host synchronisation in between: the GPU's own cost), and torch.profiler's
+device kernels of a few steps grouped by name (with the share of device time each takes).
+
+    python experiments/gpu_step_breakdown.py --shape llama-2-7b --capacity 4096 --output breakdown.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streaming_llm.bench.latency import build_model, make_decoder, prepare_attn  # noqa: E402
+from streaming_llm.fast import DECODE_ATTENTION  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_ms(decoder, device, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        decoder.step()
+        _sync(device)
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def device_ms(decoder, device, steps: int) -> float | None:
+    """Device time per step when steps are queued back to back (host overhead hidden while the GPU is busy)."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _sync(device)
+    start.record()
+    for _ in range(steps):
+        decoder.step()
+    end.record()
+    _sync(device)
+    return start.elapsed_time(end) / steps
+
+
+def kernels(decoder, device, steps: int, top: int) -> dict:
+    """Device kernels of `steps` steps, grouped by name: calls and microseconds per step, share of the total."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            decoder.step()
+        _sync(device)
+    rows = {}
+    for event in profiler.events():
+        if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if device.type != "cuda" and event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        row = rows.setdefault(event.name, {"calls": 0, "us": 0.0})
+        row["calls"] += 1
+        row["us"] += event.device_time if device.type == "cuda" else event.cpu_time
+    total = sum(r["us"] for r in rows.values()) or 1.0
+    ordered = sorted(rows.items(), key=lambda item: -item[1]["us"])
+    return {
+        "device_us_per_step": total / steps,
+        "kernels_per_step": sum(r["calls"] for r in rows.values()) / steps,
+        "top": [{"name": name[:160], "calls_per_step": r["calls"] / steps, "us_per_step": r["us"] / steps,
+                 "share": r["us"] / total} for name, r in ordered[:top]],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama-2-7b")
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--decode-attention", default="grouped",
+                        help=f"comma-separated formulations of our step, from: {', '.join(DECODE_ATTENTION)}")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    variants = [v for v in args.decode_attention.split(",") if v]
+    unknown = [v for v in variants if v not in DECODE_ATTENTION]
+    if unknown:
+        parser.error(f"unknown decode attention {', '.join(unknown)}; choose from {', '.join(DECODE_ATTENTION)}")
+    compile_mode = "always" if device.type == "cuda" else "never"
+    model = build_model(args.shape, getattr(torch, args.dtype), args.device)
+    decoders = [("dense_static_compiled" if device.type == "cuda" else "dense_static",
+                 make_decoder("dense_static_compiled" if device.type == "cuda" else "dense_static", model,
+                              args.n_sink, args.capacity))]
+    for variant in variants:
+        method = "streaming_compiled" if compile_mode == "always" else "streaming_static"
+        decoders.append((f"{method}[{variant}]", make_decoder(method, model, args.n_sink, args.capacity, variant)))
+    report = {"shape": args.shape, "capacity": args.capacity, "dtype": args.dtype,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "methods": {}}
+    for name, decoder in decoders:
+        prepare_attn(decoder)
+        started = time.perf_counter()
+        decoder.prepare()
+        for _ in range(3):
+            decoder.step()
+        _sync(device)
+        setup = time.perf_counter() - started
+        entry = {"setup_s": round(setup, 2), "wall_ms": wall_ms(decoder, device, args.steps),
+                 "device_ms": device_ms(decoder, device, args.steps),
+                 "kernels": kernels(decoder, device, 3, args.top)}
+        entry["wall_ms_again"] = wall_ms(decoder, device, args.steps)
+        report["methods"][name] = entry
+        print(f"{name}: wall {entry['wall_ms']:.3f} ms, device {entry['device_ms']} ms, "
+              f"kernels/step {entry['kernels']['kernels_per_step']:.0f}, setup {setup:.1f} s", file=sys.stderr)
+        for row in entry["kernels"]["top"]:
+            print(f"   {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.1f}x  {row['share']:6.1%}  {row['name'][:90]}",
+                  file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
