@@ -63,20 +63,24 @@ def main() -> int:
     torch.manual_seed(0)
     model = build_model(args.shape, torch.float32, args.device, num_hidden_layers=args.layers)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=args.device)
-    logits, seconds = {}, {}
+    logits, seconds, step_kinds = {}, {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         model = model.to(dtype)
         name = str(dtype).removeprefix("torch.")
         for kind, make in (("general", StreamingLLMWrapper),
                            ("fast", lambda *a: FastStreamingWrapper(*a, compile=args.compile))):
             started = time.perf_counter()
+            wrapper = make(model, args.n_sink, args.window_size)
             with torch.no_grad():
-                logits[f"{kind}_{name}"] = stream(make(model, args.n_sink, args.window_size), ids, args.prompt)
+                logits[f"{kind}_{name}"] = stream(wrapper, ids, args.prompt)
+            if kind == "fast":
+                step_kinds[name] = wrapper.step_kind
             seconds[f"{kind}_{name}"] = round(time.perf_counter() - started, 2)
     reference = logits["general_float32"]
     report = {
         "kind": "fast_path_check", "shape": args.shape, "layers": args.layers, "n_sink": args.n_sink,
         "window_size": args.window_size, "tokens": args.tokens, "prompt": args.prompt, "compile": args.compile,
+        "step_kind": step_kinds,
         "environment": environment(args.device), "seconds": seconds,
         "fast_float32_vs_general_float32": compare(logits["fast_float32"], reference),
         "fast_bfloat16_vs_general_bfloat16": compare(logits["fast_bfloat16"], logits["general_bfloat16"]),

@@ -5,7 +5,8 @@
 #   DEVICE=cuda:   random-weight shapes at the paper's scale in bf16: Llama-2-7B at 4096 and SmolLM2-135M at 1024
 #                  (eager and CUDA-graph-compiled dense and streaming steps, mit, kvpress, recompute), a 100,000-token
 #                  stream, and the fast path's fp32/bf16 check (experiments/check_fast_path.py).
-# OUTPUT_DIR (default results/latency), PYTHON (default python), TAG_PREFIX (default cpu / gpu).
+# OUTPUT_DIR (default results/latency), PYTHON (default python), TAG_PREFIX (default cpu / gpu); on CUDA also
+# METHODS (default all) and STREAM_TOKENS (default 100000; 0 skips the stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT_DIR=${OUTPUT_DIR:-results/latency}
@@ -13,14 +14,14 @@ PYTHON=${PYTHON:-python}
 BENCH=("$PYTHON" -m streaming_llm.cli bench --output-dir "$OUTPUT_DIR")
 if [[ "${DEVICE:-cpu}" == cuda* ]]; then
   TAG=${TAG_PREFIX:-gpu}
-  echo "$(date +%T) bench ${BIG_SHAPE:-llama-2-7b}" >&2
-  "${BENCH[@]}" --device "$DEVICE" --dtype bfloat16 --shape "${BIG_SHAPE:-llama-2-7b}" --cache-sizes "${BIG_SIZES:-4096}" \
-    --methods all --rounds 4 --steps 8 --quiet --tag "${TAG}_${BIG_SHAPE:-llama-2-7b}_bf16"
-  echo "$(date +%T) bench smollm2-135m" >&2
-  "${BENCH[@]}" --device "$DEVICE" --dtype bfloat16 --shape smollm2-135m --cache-sizes "${SMALL_SIZES:-1024}" \
-    --methods all --rounds 4 --steps 20 --quiet --stream-tokens "${STREAM_TOKENS:-100000}" --tag "${TAG}_smollm2-135m_bf16"
   echo "$(date +%T) fast path check" >&2
   "$PYTHON" experiments/check_fast_path.py --device "$DEVICE" --output "$OUTPUT_DIR/${TAG}_fast_path_check.json"
+  echo "$(date +%T) bench ${BIG_SHAPE:-llama-2-7b}" >&2
+  "${BENCH[@]}" --device "$DEVICE" --dtype bfloat16 --shape "${BIG_SHAPE:-llama-2-7b}" --cache-sizes "${BIG_SIZES:-4096}" \
+    --methods "${METHODS:-all}" --rounds 4 --steps 8 --quiet --tag "${TAG}_${BIG_SHAPE:-llama-2-7b}_bf16"
+  echo "$(date +%T) bench smollm2-135m" >&2
+  "${BENCH[@]}" --device "$DEVICE" --dtype bfloat16 --shape smollm2-135m --cache-sizes "${SMALL_SIZES:-1024}" \
+    --methods "${METHODS:-all}" --rounds 4 --steps 20 --quiet --stream-tokens "${STREAM_TOKENS:-100000}" --tag "${TAG}_smollm2-135m_bf16"
 else
   TAG=${TAG_PREFIX:-cpu}
   "${BENCH[@]}" --shape embedded --cache-sizes "${SIZES:-256,512,1024,2048,4096}" --rounds 2 --steps 3 --threads 1 \

@@ -21,6 +21,8 @@ once per ~capacity tokens for pos_shift, every step for rerotate, never for abso
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -34,6 +36,16 @@ from streaming_llm.wrapper import StreamingLLMWrapper
 STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
 COMPILE_CHOICES = ("auto", "always", "never")
 DECODE_ATTENTION = ("grouped", "gqa", "expanded_masked", "matmul")
+
+
+def resolve_decode_attention(variant: str, device: torch.device | str) -> str:
+    """"auto" is the formulation measured fastest on the device type: `gqa` on CUDA (H100 microbenchmark,
+    results/latency/h100_attention_microbench.json), `grouped` elsewhere (CPU); anything else is checked and kept."""
+    if variant == "auto":
+        return "gqa" if torch.device(device).type == "cuda" else "grouped"
+    if variant not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention must be auto or one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
+    return variant
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
@@ -96,21 +108,28 @@ AttentionInterface.register(STATIC_ATTN_IMPLEMENTATION, static_streaming_attenti
 
 
 class StaticStepLayer(CacheLayerMixin):
-    """One layer's buffers; `update` writes the step's key/value at the slot it is given (`cache_position`)."""
+    """One layer's buffers; `update` writes the step's key/value at the slot it is given (`cache_position`) and
+    the layer's sinks, rotated to the step's frame by `rotate_sinks`, into slots [0, n_sink)."""
 
     is_compileable = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor, rotate_sinks):
         super().__init__()
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.sink_keys, self.rotate_sinks = keys, values, sink_keys, rotate_sinks
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states):  # the buffers exist from the start
         pass
 
     def update(self, key_states, value_states, cache_kwargs=None):
-        slot = cache_kwargs["cache_position"]
-        self.keys.index_copy_(2, slot, key_states)
+        slot = slots = cache_kwargs["cache_position"]
+        n_sink = self.sink_keys.shape[-2]
+        if n_sink:
+            # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks
+            # through a slice instead made it copy the whole key buffer twice per layer per step.
+            slots = torch.cat([torch.arange(n_sink, device=slot.device), slot])
+            key_states = torch.cat([self.rotate_sinks(self.sink_keys).to(key_states.dtype), key_states], dim=2)
+        self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slot, value_states)
         return self.keys, self.values
 
@@ -127,12 +146,49 @@ class StaticStepLayer(CacheLayerMixin):
 class StaticStepCache(Cache):
     """The `Cache` the compiled step hands the model: the per-layer buffers the general path also uses."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__(layers=[StaticStepLayer(k, v) for k, v in zip(keys, values)])
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor], rotate_sinks):
+        super().__init__(layers=[StaticStepLayer(*tensors, rotate_sinks) for tensors in zip(keys, values, sink_keys)])
 
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+class GraphedStep:
+    """A compiled step captured in one CUDA graph of our own. Each call copies the token ids into the graph's
+    input buffer, replays, and returns a copy of the logits: no guard evaluation and no bookkeeping of
+    torch.compile's CUDA-graph trees on the host (measured on an H100: ~1 ms of host time per step at the
+    Llama-2-7B shape). Every other input of the step is a tensor at a fixed address (buffers, t, frame offset)."""
+
+    def __init__(self, function, token_ids: torch.Tensor):
+        self.token_ids = token_ids.clone()
+        stream = torch.cuda.Stream(device=token_ids.device)
+        stream.wait_stream(torch.cuda.current_stream(token_ids.device))
+        with torch.cuda.stream(stream):
+            # Compile, then run once more with every lazy initialisation done. Running the step again for the
+            # same token at the same t writes the same slots with the same keys, so this changes no state.
+            for _ in range(2):
+                function(self.token_ids)
+        torch.cuda.current_stream(token_ids.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = function(self.token_ids)
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self.token_ids.copy_(token_ids)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+class TreesStep:
+    """A step compiled with torch.compile(mode="reduce-overhead"): its output buffer is reused by the next replay."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.function(token_ids).clone()
 
 
 class FastStreamingWrapper(StreamingLLMWrapper):
@@ -146,15 +202,17 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     """
 
     def __init__(self, model: nn.Module, n_sink: int = 4, window_size: int = 1020, position_mode: str = "pos_shift",
-                 max_block: int = 512, compile: str = "auto", decode_attention: str = "grouped"):
+                 max_block: int = 512, compile: str = "auto", decode_attention: str = "auto"):
         if compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {compile!r}")
-        if decode_attention not in DECODE_ATTENTION:
-            raise ValueError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}; got {decode_attention!r}")
-        self.decode_attention = decode_attention
-        super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
         self.device = next(model.parameters()).device
+        self.decode_attention = resolve_decode_attention(decode_attention, self.device)
+        super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
         self.compile = compile == "always" or (compile == "auto" and self.device.type == "cuda")
+        # How a one-token step runs: "cuda_graph" (compiled, captured in our own CUDA graph: one replay per step,
+        # no guard evaluation), "cuda_graph_trees" (torch.compile's reduce-overhead graphs, the fallback),
+        # "compiled" (off CUDA), "eager".
+        self.step_kind = ("cuda_graph" if self.device.type == "cuda" else "compiled") if self.compile else "eager"
         self._compiled: dict[bool, object] = {}
 
     # -- storage shared by both paths -------------------------------------------------------------------------
@@ -188,7 +246,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
         for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
             torch._dynamo.mark_static_address(tensor)
-        self.static_cache = StaticStepCache(self.keys, self.values)
+        self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self._rotate_sinks)
         if hasattr(self, "_compiled"):
             self._compiled.clear()  # new addresses: the graphs are traced again
 
@@ -243,20 +301,15 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if self.seen < self.n_sink:
             return self._feed_general(token_ids)
         filling = self.seen < self.n_sink + self.window_size  # some slot is still empty
-        step = self._step_function(filling)
-        if self.compile:
-            torch.compiler.cudagraph_mark_step_begin()
         # The model runs the static attention for this step only, so that the model keeps working with a plain
         # StreamingKVCache in between (set on the config directly: set_attn_implementation walks every module).
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = STATIC_ATTN_IMPLEMENTATION
         try:
-            logits = step(token_ids)
+            logits = self._step_function(filling, token_ids)(token_ids)
         finally:
             config._attn_implementation = previous
-        if self.compile:
-            logits = logits.clone()  # the graph's output buffer is reused by the next replay
         # t advances outside the graph: a graph input it reads, never one it writes besides the buffers.
         self.step_position.add_(1)
         self._ring_current = False
@@ -271,11 +324,21 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             self.frame_base.fill_(new_base)
         return logits
 
-    def _step_function(self, filling: bool):
+    def _step_function(self, filling: bool, token_ids: torch.Tensor):
+        """The step for a filling or a full buffer: eager, compiled, or compiled and captured in a CUDA graph."""
         if filling not in self._compiled:
             function = self._static_step_filling if filling else self._static_step_full
-            if self.compile:
-                function = torch.compile(function, mode="reduce-overhead", fullgraph=True)
+            if self.step_kind == "cuda_graph":
+                try:
+                    function = GraphedStep(torch.compile(function, fullgraph=True), token_ids)
+                except RuntimeError as error:  # a capture this torch/driver refuses: torch.compile's own graphs
+                    warnings.warn(f"capturing the decode step in a CUDA graph failed ({error}); using "
+                                  "torch.compile(mode='reduce-overhead') instead", RuntimeWarning, stacklevel=3)
+                    self.step_kind = "cuda_graph_trees"
+            if self.step_kind == "cuda_graph_trees":
+                function = TreesStep(torch.compile(function, mode="reduce-overhead", fullgraph=True))
+            elif self.step_kind == "compiled":
+                function = torch.compile(function, fullgraph=True)
             self._compiled[filling] = function
         return self._compiled[filling]
 
@@ -288,15 +351,17 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def _static_step_full(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._static_step(token_ids, None)
 
+    def _rotate_sinks(self, sink_keys: torch.Tensor) -> torch.Tensor:
+        """A layer's sinks, kept at their own positions, rotated by this step's offset (window frame - sink frame)."""
+        policy, t = self._cache.policy, self.step_position
+        sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
+        cos, sin = cos_sin((t - self.frame_base - sink_position).reshape(1), self.architecture.rotary.inv_freq)
+        return apply_rotation(sink_keys.float(), cos, sin)
+
     def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Token t (t >= n_sink) of every stream: the whole step on device tensors, nothing read back."""
-        policy, t = self._cache.policy, self.step_position
+        t = self.step_position
         window_position = t - self.frame_base
-        if self.n_sink:
-            sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
-            cos, sin = cos_sin((window_position - sink_position).reshape(1), self.architecture.rotary.inv_freq)
-            for keys, sink_keys in zip(self.keys, self.sink_keys):
-                keys[:, :, : self.n_sink].copy_(apply_rotation(sink_keys.float(), cos, sin))
         ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
         batch = token_ids.shape[0]
         output = self.model(

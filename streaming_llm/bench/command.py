@@ -62,10 +62,10 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-tokens", type=int, default=0,
                         help="also stream this many tokens through our cache (capacity = the largest of "
                              "--cache-sizes that is <= 1024) and record latency and memory along the way (0 = skip)")
-    parser.add_argument("--decode-attention", default="grouped",
-                        choices=("grouped", "gqa", "expanded_masked", "matmul"),
+    parser.add_argument("--decode-attention", default="auto",
+                        choices=("auto", "grouped", "gqa", "expanded_masked", "matmul"),
                         help="attention kernel formulation of the static decode step (streaming_static/_compiled; "
-                             "see streaming_llm.fast.decode_attention; default grouped)")
+                             "see streaming_llm.fast.decode_attention; default auto: gqa on CUDA, grouped elsewhere)")
     parser.add_argument("--profile", action="store_true",
                         help="profile 10 decode steps of our cache (pos_shift and rerotate) at the cache size nearest 1024: "
                              "prints the top operators and the time of each cache stage (token writes, rotations, "
@@ -82,6 +82,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from streaming_llm.eval.results import write_json_atomically
     from streaming_llm.cli_common import validate_common_args
     from streaming_llm.loading import resolve_device, resolve_dtype
+    from streaming_llm.fast import resolve_decode_attention
 
     validate_common_args(args)
     if args.rounds < 1 or args.steps < 1:
@@ -148,7 +149,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     report = {
         "kind": "decode_latency", "shape": args.shape, "model": args.model or "embedded", "dtype": args.dtype,
-        "n_sink": args.n_sink, "decode_attention": args.decode_attention, "rounds": args.rounds, "steps_per_round": args.steps,
+        "n_sink": args.n_sink, "decode_attention": resolve_decode_attention(args.decode_attention, device), "rounds": args.rounds, "steps_per_round": args.steps,
         "environment": latency.environment(device), "rows": rows, "stream": stream_rows,
         "ratios_vs_dense_static": _ratios(rows, "dense_static"),
         "ratios_vs_dense_static_compiled": _ratios(rows, "dense_static_compiled"),
@@ -217,8 +218,9 @@ def format_table(rows: list[dict]) -> str:
     labels = {"dense_static": "vs static", "dense_static_compiled": "vs compiled"}
     header = f"{'method':<22}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}"
     with_peak = any(r.get("step_peak_bytes") is not None for r in rows)
+    with_device = any(r.get("device_ms") is not None for r in rows)
     lines = [header + "".join(f"{labels[name]:>13}" for name in baselines) + f"{'cache MiB':>11}"
-             + (f"{'step MiB':>10}" if with_peak else "")]
+             + (f"{'step MiB':>10}" if with_peak else "") + (f"{'queued ms':>11}" if with_device else "")]
     for r in rows:
         ratios = "".join(
             f"{r['median_ms'] / values[r['capacity']]:>12.2f}x" if r["capacity"] in values else f"{'':>13}"
@@ -226,7 +228,8 @@ def format_table(rows: list[dict]) -> str:
         )
         lines.append(f"{r['method']:<22}{r['capacity']:>9}{r['median_ms']:>11.2f}{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}"
                      f"{ratios}{r['cache_bytes'] / 2**20:>11.1f}"
-                     + (f"{(r.get('step_peak_bytes') or 0) / 2**20:>10.1f}" if with_peak else ""))
+                     + (f"{(r.get('step_peak_bytes') or 0) / 2**20:>10.1f}" if with_peak else "")
+                     + (f"{r.get('device_ms') or float('nan'):>11.2f}" if with_device else ""))
     return "\n".join(lines)
 
 

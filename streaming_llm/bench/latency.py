@@ -194,7 +194,7 @@ class FastStreamingDecoder(Decoder):
     """FastStreamingWrapper's static decode step (pos_shift): eager ("streaming_static") or compiled with
     CUDA graphs ("streaming_compiled")."""
 
-    def __init__(self, model, n_sink, capacity, compile: str, decode_attention: str = "grouped"):
+    def __init__(self, model, n_sink, capacity, compile: str, decode_attention: str = "auto"):
         super().__init__(model, n_sink, capacity)
         self.compile, self.decode_attention = compile, decode_attention
         self.name = "streaming_compiled" if compile == "always" else "streaming_static"
@@ -257,7 +257,7 @@ class KvpressDecoder(Decoder):
         return self.stepper.cache.get_seq_length()
 
 
-def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int, decode_attention: str = "grouped") -> Decoder:
+def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int, decode_attention: str = "auto") -> Decoder:
     if method == "dense_static":
         return DenseStaticDecoder(model, n_sink, capacity)
     if method == "dense_static_compiled":
@@ -287,6 +287,10 @@ class LatencyRow:
     cache_length: int = 0
     setup_s: float = 0.0  # building the state and the warm-up steps (compilation included)
     step_peak_bytes: int | None = None  # CUDA only: what one step allocates on top of what is held
+    # CUDA only: per step when steps are queued back to back, no host synchronisation in between, so the host's
+    # own time per step (Python, guards, launches) is hidden while the device is busy: the device's cost.
+    device_ms: float | None = None
+    step_kind: str | None = None  # FastStreamingWrapper's: cuda_graph, cuda_graph_trees, compiled or eager
 
     def summary(self) -> dict:
         ordered = sorted(self.step_ms)
@@ -298,7 +302,7 @@ class LatencyRow:
             "method": self.method, "capacity": self.capacity, "steps": len(ordered),
             "median_ms": statistics.median(ordered), "p10_ms": quantile(0.1), "p90_ms": quantile(0.9),
             "cache_bytes": self.cache_bytes, "cache_length": self.cache_length, "setup_s": round(self.setup_s, 2),
-            "step_peak_bytes": self.step_peak_bytes,
+            "step_peak_bytes": self.step_peak_bytes, "device_ms": self.device_ms, "step_kind": self.step_kind,
         }
 
 
@@ -309,7 +313,7 @@ def _synchronize(device) -> None:
 
 def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink: int = 4, rounds: int = 5,
                     steps_per_round: int = 6, warmup: int = 3, progress=None,
-                    decode_attention: str = "grouped") -> list[LatencyRow]:
+                    decode_attention: str = "auto") -> list[LatencyRow]:
     """Round-robin timing of each method's decode step at one cache size; returns a row per method."""
     device = next(model.parameters()).device
     decoders = []
@@ -341,7 +345,23 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
         row.cache_bytes, row.cache_length = decoder.cache_bytes(), decoder.cache_length()
         prepare_attn(decoder)
         row.step_peak_bytes = step_peak_bytes(decoder, device)
+        row.device_ms = queued_step_ms(decoder, device, steps_per_round)
+        row.step_kind = getattr(getattr(decoder, "wrapper", None), "step_kind", None)
     return [row for _, row in decoders]
+
+
+def queued_step_ms(decoder: Decoder, device, steps: int) -> float | None:
+    """Milliseconds per step over `steps` steps queued back to back, timed with CUDA events; None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        decoder.step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
 
 
 def step_peak_bytes(decoder: Decoder, device) -> int | None:
