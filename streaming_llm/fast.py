@@ -1,5 +1,5 @@
-"""The static-shape decode step: one token through a fixed buffer, with no host-side decisions, so that
-`torch.compile(mode="reduce-overhead")` can capture the whole step (all layers) in one CUDA graph.
+"""The static-shape decode step: one token through a fixed buffer, with no host-side decisions, so that the
+whole step (all layers), compiled with torch.compile, can be captured in one CUDA graph and replayed per token.
 
 `FastStreamingWrapper` is a `StreamingLLMWrapper` whose single-token steps take this path; blocks (prompts,
 new chat turns) and the first `n_sink` tokens take the general path of cache.py. Both paths write the same
@@ -11,10 +11,11 @@ sinks' keys at their own positions j.
 What the step does differently from the general decode path (same positions, SEMANTICS.md §2):
 - the model's own RoPE rotates q and k at the window frame t - base (passed as `position_ids`), instead of
   rotating at 0 and re-rotating; the slot index (`cache_position`) and t, base are device tensors;
-- the sinks, kept at their own positions j, are rotated by the step's offset (window frame - sink frame) into
-  their buffer slots (n_sink keys per layer; the angles are computed once per step);
-- attention is one call over the whole buffer per layer (`decode_attention`; by default SDPA with grouped-query
-  heads folded into the query length, no repeat of keys), with a mask only while the buffer is still filling.
+- the sinks, kept at their own positions j, are rotated by the step's offset (window frame - sink frame) and
+  written into their slots together with the new key: one index_copy_ per buffer, as transformers' StaticCache;
+- attention is one call over the whole buffer per layer (`decode_attention`; by default SDPA with enable_gqa on
+  CUDA and grouped-query heads folded into the query length elsewhere, never a repeat of keys), with a mask only
+  while the buffer is still filling.
 The frame offset `base` moves (one rotation of the stored window keys, outside the graph) when the policy says so:
 once per ~capacity tokens for pos_shift, every step for rerotate, never for absolute.
 """
@@ -194,9 +195,11 @@ class TreesStep:
 class FastStreamingWrapper(StreamingLLMWrapper):
     """A StreamingLLMWrapper whose one-token steps run the static decode step, compiled on CUDA.
 
-    compile: "auto" compiles the step with `torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA graphs)
-    when the model is on a CUDA device and runs it eagerly elsewhere; "always" compiles on any device; "never"
-    runs it eagerly. Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
+    compile: "auto" compiles the step with `torch.compile(fullgraph=True)` and captures it in a CUDA graph
+    (`GraphedStep`) when the model is on a CUDA device, and runs it eagerly elsewhere; "always" compiles on any
+    device (captured on CUDA); "never" runs it eagerly. `step_kind` says which. decode_attention: see
+    `decode_attention`; "auto" picks the formulation measured fastest on the device type.
+    Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
     `step(token_ids)` is the unchecked hot path for loops that produce their own tokens ([batch, 1] on the
     model's device); calling the wrapper validates its input as StreamingLLMWrapper does.
     """
