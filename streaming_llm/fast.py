@@ -163,17 +163,26 @@ class GraphedStep:
 
     def __init__(self, function, token_ids: torch.Tensor):
         self.token_ids = token_ids.clone()
-        stream = torch.cuda.Stream(device=token_ids.device)
-        stream.wait_stream(torch.cuda.current_stream(token_ids.device))
+        self._warm_up(function)
+        self.graph, self.logits = self._capture(function)
+
+    def _warm_up(self, function) -> None:
+        """Compile, then run once more with every lazy initialisation done, on a side stream (as capture wants).
+        Running the step again for the same token at the same t writes the same slots with the same keys, so
+        this changes no state."""
+        device = self.token_ids.device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            # Compile, then run once more with every lazy initialisation done. Running the step again for the
-            # same token at the same t writes the same slots with the same keys, so this changes no state.
             for _ in range(2):
                 function(self.token_ids)
-        torch.cuda.current_stream(token_ids.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = function(self.token_ids)
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+    def _capture(self, function) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = function(self.token_ids)
+        return graph, logits
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         self.token_ids.copy_(token_ids)

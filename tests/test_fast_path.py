@@ -4,12 +4,14 @@ whose only in-place writes are to static buffers (what a CUDA-graph capture need
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_models import block_sizes_covering, feed_stream, make_wrapper, max_abs_diff, random_ids
 
-from streaming_llm.fast import DECODE_ATTENTION, FastStreamingWrapper
+from streaming_llm import fast as fast_module
+from streaming_llm.fast import DECODE_ATTENTION, FastStreamingWrapper, GraphedStep
 
 TOLERANCE = 1e-4
 N_SINK, WINDOW_SIZE = 4, 16
@@ -46,6 +48,57 @@ def test_token_by_token_equals_general_path(model, position_mode, n_sink, window
     capacity = n_sink + window_size
     # Every token from n_sink on went through the static step: masked while the buffer filled, then unmasked.
     assert counter.calls == {"filling": capacity - n_sink, "full": LENGTH - capacity}
+
+
+class ReplayedGraph(GraphedStep):
+    """GraphedStep's protocol on CPU: the "capture" runs the step (so before the first replay the step has run
+    three times for the same token), a replay runs it again into the same output tensor."""
+
+    def _warm_up(self, function):
+        for _ in range(2):
+            function(self.token_ids)
+
+    def _capture(self, function):
+        logits = function(self.token_ids)
+        return SimpleNamespace(replay=lambda: logits.copy_(function(self.token_ids))), logits
+
+
+def test_captured_step_protocol(model, monkeypatch):
+    """What a CUDA graph of the step relies on: running the step again for the same token is harmless (warm-up and
+    capture), every input but the token ids is read from a fixed place, the token ids go through the graph's own
+    buffer and each call's logits are a copy (the next replay overwrites the graph's output). Through filling,
+    frame moves, blocks, a reset and a new batch size."""
+    monkeypatch.setattr(fast_module, "GraphedStep", ReplayedGraph)
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    fast = make_fast(model)
+    fast.step_kind = "cuda_graph"
+    input_ids = random_ids(LENGTH, seed=44)
+    sizes = block_sizes_covering(LENGTH, [1] * 50 + [7])
+    general = make_wrapper(model, N_SINK, WINDOW_SIZE)
+    assert max_abs_diff(feed_stream(fast, input_ids, sizes), feed_stream(general, input_ids, sizes)) <= TOLERANCE
+    assert {type(step) for step in fast._compiled.values()} == {ReplayedGraph} and len(fast._compiled) == 2
+    fast.reset()
+    general.reset()
+    assert max_abs_diff(feed_stream(fast, input_ids), feed_stream(general, input_ids)) <= TOLERANCE
+    batch = torch.stack([random_ids(40, seed=45), random_ids(40, seed=46)])
+    fast.reset(2)
+    assert max_abs_diff(feed_stream(fast, batch), feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), batch)) <= TOLERANCE
+
+
+def test_failed_capture_falls_back_to_reduce_overhead(model, monkeypatch):
+    class RefusedCapture(ReplayedGraph):
+        def _capture(self, function):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast_module, "GraphedStep", RefusedCapture)
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    fast = make_fast(model)
+    fast.step_kind = "cuda_graph"
+    input_ids = random_ids(30, seed=48)
+    with pytest.warns(RuntimeWarning, match="capturing the decode step in a CUDA graph failed"):
+        streamed = feed_stream(fast, input_ids)
+    assert fast.step_kind == "cuda_graph_trees"
+    assert max_abs_diff(streamed, feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("position_mode", ["pos_shift", "absolute"])
