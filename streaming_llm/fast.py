@@ -180,7 +180,7 @@ class GraphedStep:
 
     def _capture(self, function) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(self.token_ids.device), torch.cuda.graph(graph):  # the model's GPU, not the current one
             logits = function(self.token_ids)
         return graph, logits
 
