@@ -220,11 +220,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.device = next(model.parameters()).device
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
-        self.compile = compile == "always" or (compile == "auto" and self.device.type == "cuda")
+        compiled = compile == "always" or (compile == "auto" and self.device.type == "cuda")
         # How a one-token step runs: "cuda_graph" (compiled, captured in our own CUDA graph: one replay per step,
         # no guard evaluation), "cuda_graph_trees" (torch.compile's reduce-overhead graphs, the fallback),
         # "compiled" (off CUDA), "eager".
-        self.step_kind = ("cuda_graph" if self.device.type == "cuda" else "compiled") if self.compile else "eager"
+        self.step_kind = ("cuda_graph" if self.device.type == "cuda" else "compiled") if compiled else "eager"
         self._compiled: dict[bool, object] = {}
 
     # -- storage shared by both paths -------------------------------------------------------------------------
@@ -364,17 +364,18 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return self._static_step(token_ids, None)
 
     def _rotate_sinks(self, sink_keys: torch.Tensor) -> torch.Tensor:
-        """A layer's sinks, kept at their own positions, rotated by this step's offset (window frame - sink frame)."""
-        policy, t = self._cache.policy, self.step_position
-        sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
-        cos, sin = cos_sin((t - self.frame_base - sink_position).reshape(1), self.architecture.rotary.inv_freq)
+        """A layer's sinks, kept at their own positions, rotated by this step's offset (the angles of _static_step)."""
+        cos, sin = self._sink_angles
         return apply_rotation(sink_keys.float(), cos, sin)
 
     def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Token t (t >= n_sink) of every stream: the whole step on device tensors, nothing read back."""
-        t = self.step_position
+        policy, t = self._cache.policy, self.step_position
         window_position = t - self.frame_base
         ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
+        # The sinks' offset (window frame - sink frame), once per step for every layer's _rotate_sinks.
+        sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
+        self._sink_angles = cos_sin((window_position - sink_position).reshape(1), self.architecture.rotary.inv_freq)
         batch = token_ids.shape[0]
         output = self.model(
             input_ids=token_ids,
@@ -385,5 +386,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             streaming_mask=mask,
             streaming_decode_attention=self.decode_attention,
         )
+        self._sink_angles = None
         return output.logits
 
