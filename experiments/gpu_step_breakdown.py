@@ -21,38 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming_llm.bench.latency import build_model, make_decoder, prepare_attn  # noqa: E402
+from streaming_llm.bench.latency import (  # noqa: E402
+    build_model, make_decoder, prepare_attn, queued_step_ms, synchronize, synchronized_ms,
+)
 from streaming_llm.fast import DECODE_ATTENTION  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def wall_ms(decoder, device, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        started = time.perf_counter()
-        decoder.step()
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - started))
-    return statistics.median(times)
-
-
-def device_ms(decoder, device, steps: int) -> float | None:
-    """Device time per step when steps are queued back to back (host overhead hidden while the GPU is busy)."""
-    if device.type != "cuda":
-        return None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    _sync(device)
-    start.record()
-    for _ in range(steps):
-        decoder.step()
-    end.record()
-    _sync(device)
-    return start.elapsed_time(end) / steps
+    return statistics.median(synchronized_ms(decoder.step, device) for _ in range(steps))
 
 
 def kernels(decoder, device, steps: int, top: int) -> dict:
@@ -63,7 +39,7 @@ def kernels(decoder, device, steps: int, top: int) -> dict:
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
             decoder.step()
-        _sync(device)
+        synchronize(device)
     rows = {}
     for event in profiler.events():
         if device.type == "cuda" and event.device_type != torch.autograd.DeviceType.CUDA:
@@ -117,10 +93,10 @@ def main() -> int:
         decoder.prepare()
         for _ in range(3):
             decoder.step()
-        _sync(device)
+        synchronize(device)
         setup = time.perf_counter() - started
         entry = {"setup_s": round(setup, 2), "wall_ms": wall_ms(decoder, device, args.steps),
-                 "device_ms": device_ms(decoder, device, args.steps),
+                 "device_ms": queued_step_ms(decoder, device, args.steps),
                  "kernels": kernels(decoder, device, 3, args.top)}
         entry["wall_ms_again"] = wall_ms(decoder, device, args.steps)
         report["methods"][name] = entry

@@ -306,7 +306,7 @@ class LatencyRow:
         }
 
 
-def _synchronize(device) -> None:
+def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -328,17 +328,13 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
             continue
         for _ in range(warmup):  # >= 3: a CUDA-graph step is compiled, then recorded, then replayed
             decoder.step()
-        _synchronize(device)
+        synchronize(device)
         decoders.append((decoder, LatencyRow(method, capacity, setup_s=time.perf_counter() - started)))
     for _ in range(rounds):
         for decoder, row in decoders:
             prepare_attn(decoder)
             for _ in range(steps_per_round):
-                _synchronize(device)
-                started = time.perf_counter()
-                decoder.step()
-                _synchronize(device)
-                row.step_ms.append(1000 * (time.perf_counter() - started))
+                row.step_ms.append(synchronized_ms(decoder.step, device))
             if progress is not None:
                 progress.update(1)
     for decoder, row in decoders:
@@ -348,6 +344,15 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
         row.device_ms = queued_step_ms(decoder, device, steps_per_round)
         row.step_kind = getattr(getattr(decoder, "wrapper", None), "step_kind", None)
     return [row for _, row in decoders]
+
+
+def synchronized_ms(function, device) -> float:
+    """Milliseconds of one call, the device synchronised before and after (what a caller waiting for it sees)."""
+    synchronize(device)
+    started = time.perf_counter()
+    function()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - started)
 
 
 def queued_step_ms(decoder: Decoder, device, steps: int) -> float | None:
@@ -401,13 +406,7 @@ def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: li
             if progress is not None:
                 progress.update(n)
         release_free_memory()
-        times = []
-        for _ in range(steps):
-            _synchronize(device)
-            started = time.perf_counter()
-            wrapper(token)
-            _synchronize(device)
-            times.append(1000 * (time.perf_counter() - started))
+        times = [synchronized_ms(lambda: wrapper(token), device) for _ in range(steps)]
         rows.append({
             "tokens_streamed": wrapper.tokens_seen, "median_ms": statistics.median(times),
             "rss_bytes": int(resident_memory_mib() * 2**20), "cache_length": wrapper.cache.get_cache_length(),
