@@ -46,6 +46,9 @@ def test_measure_latency_times_every_method_round_robin(model):
         assert summary["steps"] == 4 and summary["p10_ms"] <= summary["median_ms"] <= summary["p90_ms"]
         assert summary["cache_length"] == CAPACITY
         assert (summary["step_peak_bytes"] is None) == (not torch.cuda.is_available())
+        assert (summary["device_ms"] is None) == (not torch.cuda.is_available())
+        # How our static step ran is recorded (eager here: EAGER_METHODS); other methods have no such wrapper.
+        assert summary["step_kind"] == ("eager" if row.method == "streaming_static" else None)
 
 
 def test_stream_keeps_cache_length_and_reports_each_checkpoint(model):
@@ -76,6 +79,7 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert all(r["cache_length"] == r["capacity"] for r in report["rows"])
     assert report["bandwidth_floor"] is None and report["ratios_vs_dense_static_compiled"] == []
     assert "streaming_static" in out and "vs static" in out
+    assert report["decode_attention"] == "grouped"  # "auto" resolved for the device (CPU)
 
 
 def test_profile_reports_the_cache_stages(tmp_path, capsys):

@@ -177,6 +177,12 @@ def test_the_model_stays_usable_with_a_plain_streaming_cache(llama_model):
     assert max_abs_diff(plain, fast_logits) <= TOLERANCE
 
 
+def test_auto_decode_attention_is_resolved_per_device():
+    assert fast_module.resolve_decode_attention("auto", "cuda:0") == "gqa"
+    assert fast_module.resolve_decode_attention("auto", "cpu") == "grouped"
+    assert fast_module.resolve_decode_attention("matmul", "cuda") == "matmul"
+
+
 def test_bad_options_are_refused(llama_model):
     with pytest.raises(ValueError, match="compile must be one of"):
         make_fast(llama_model, compile="sometimes")
