@@ -82,6 +82,18 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert report["decode_attention"] == "grouped"  # "auto" resolved for the device (CPU)
 
 
+def test_bench_command_streams_at_the_largest_cache_size_up_to_1024(tmp_path, capsys):
+    status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "32,2048,16", "--methods", "streaming_static",
+                       "--rounds", "1", "--steps", "1", "--stream-tokens", "60", "--quiet",
+                       "--output-dir", str(tmp_path), "--tag", "s"])
+    assert status == 0
+    stream = json.loads((tmp_path / "s.json").read_text())["stream"]
+    # each checkpoint's row is taken after its timed steps (8 tokens more)
+    assert [r["tokens_streamed"] for r in stream] == [32 + 8, 60 + 8]
+    assert all(r["cache_length"] == 32 for r in stream)
+    assert "tokens streamed" in capsys.readouterr().out
+
+
 def test_profile_reports_the_cache_stages(tmp_path, capsys):
     """--profile: Chrome traces next to the JSON and the time of each cache stage; rerotate moves its frame (re-rotates
     every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64."""
@@ -105,6 +117,8 @@ def test_profile_reports_the_cache_stages(tmp_path, capsys):
     (["bench", "--methods", "fastest"], "unknown method"),
     (["bench", "--cache-sizes", "4", "--n-sink", "4"], "must exceed --n-sink"),
     (["bench", "--shape", "gpt-5"], "unknown model shape"),
+    (["bench", "--stream-tokens", "-5"], "--stream-tokens must be 0 (skip) or at least the stream's capacity (1024)"),
+    (["bench", "--cache-sizes", "256,2048", "--stream-tokens", "200"], "capacity (256), got 200"),
 ])
 def test_bench_bad_options(argv, fragment, capsys):
     status = cli.main(argv + ["--quiet"])

@@ -89,6 +89,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
         raise ValueError(f"every cache size must exceed --n-sink ({args.n_sink}); got {min(args.cache_sizes)}")
+    stream_capacity = max([c for c in args.cache_sizes if c <= 1024] or [min(args.cache_sizes)])
+    if args.stream_tokens and args.stream_tokens < stream_capacity:
+        raise ValueError(f"--stream-tokens must be 0 (skip) or at least the stream's capacity ({stream_capacity}), "
+                         f"got {args.stream_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -118,15 +122,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     stream_rows = []
     if args.stream_tokens:
-        capacity = max([c for c in args.cache_sizes if c <= 1024] or [min(args.cache_sizes)])
-        checkpoints = sorted({capacity, *(n for n in (1_000, 10_000, 50_000, 100_000) if n < args.stream_tokens),
+        checkpoints = sorted({stream_capacity, *(n for n in (1_000, 10_000, 50_000, 100_000) if n < args.stream_tokens),
                               args.stream_tokens})
         progress = None
         if not args.quiet:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=args.stream_tokens, desc="streaming", unit="tok", leave=False, file=sys.stderr)
-        stream_rows = latency.measure_stream(model, capacity, args.n_sink, checkpoints, progress=progress)
+        stream_rows = latency.measure_stream(model, stream_capacity, args.n_sink, checkpoints, progress=progress)
         if progress is not None:
             progress.close()
 
