@@ -7,6 +7,7 @@ larger blocks, on the tiny Llama and GPTNeoX models and on the real embedded mod
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -114,3 +115,9 @@ def test_sampled_recompute_equals_recompute_stepper(llama_model, tmp_path):
                                n_sink=2, window_size=6, output_dir=tmp_path)
     assert run.record["evaluator"] == "sample5" and run.record["extra"]["sampled_steps"] == steps
     assert abs(run.record["perplexity"] - perplexity_at(full, steps)) <= 1e-6 * run.record["perplexity"]
+    again = run_recompute_sample(llama_model, ids, num_samples=5, model_name="tiny", data={"name": "random"},
+                                 n_sink=2, window_size=6, output_dir=tmp_path)
+    assert again.skipped and again.json_path == run.json_path and again.record == json.loads(run.json_path.read_text())
+    forced = run_recompute_sample(llama_model, ids, num_samples=5, model_name="tiny", data={"name": "random"},
+                                  n_sink=2, window_size=6, output_dir=tmp_path, force=True)
+    assert not forced.skipped and forced.record["perplexity"] == run.record["perplexity"]

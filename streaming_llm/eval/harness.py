@@ -35,6 +35,15 @@ class MethodRun:
     skipped: bool
 
 
+def _finished_run(method: str, output_dir: str | os.PathLike, stem: str, force: bool) -> MethodRun | None:
+    """The finished result of `stem` as a skipped run, or None when there is none (or `force`)."""
+    if force or not is_finished(output_dir, stem):
+        return None
+    json_path, _ = result_paths(output_dir, stem)
+    record, _ = read_result(json_path)
+    return MethodRun(method, record, json_path, skipped=True)
+
+
 def run_method(
     method: Method,
     model: nn.Module,
@@ -66,10 +75,8 @@ def run_method(
     size = method.block_size(block_size)
     evaluator = method.evaluator(block_size)
     stem = result_stem(model_name, data, num_tokens, n_sink, window_size, method.name, evaluator)
-    json_path, _ = result_paths(output_dir, stem)
-    if not force and is_finished(output_dir, stem):
-        record, _ = read_result(json_path)
-        return MethodRun(method.name, record, json_path, skipped=True)
+    if (finished := _finished_run(method.name, output_dir, stem, force)) is not None:
+        return finished
     stepper = method.build(model, n_sink, window_size)
     checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every)
     resume_nlls = None if force else checkpoint.load()
@@ -109,7 +116,7 @@ def run_method(
     )
     if resume_nlls is not None:
         record["resumed_from_step"] = int(resume_nlls.shape[0])
-    write_result(output_dir, stem, record, result.nlls)
+    json_path = write_result(output_dir, stem, record, result.nlls)
     checkpoint.remove()
     return MethodRun(method.name, record, json_path, skipped=False)
 
@@ -182,10 +189,8 @@ def run_recompute_sample(
     steps = sample_steps(num_tokens, capacity, num_samples)
     evaluator = f"sample{len(steps)}"
     stem = result_stem(model_name, data, num_tokens, n_sink, window_size, "recompute", evaluator)
-    json_path, _ = result_paths(output_dir, stem)
-    if not force and is_finished(output_dir, stem):
-        record, _ = read_result(json_path)
-        return MethodRun("recompute", record, json_path, skipped=True)
+    if (finished := _finished_run("recompute", output_dir, stem, force)) is not None:
+        return finished
     cpu_started, started = time.process_time(), time.perf_counter()
     with PeakMemory(device) as peak:
         sampled = recompute_nlls_at(model, input_ids, capacity, steps, progress=progress)
@@ -211,7 +216,7 @@ def run_recompute_sample(
         dtype=dtype,
         extra={"sampled_steps": steps, "cpu_s": cpu_s},
     )
-    write_result(output_dir, stem, record, nlls)
+    json_path = write_result(output_dir, stem, record, nlls)
     return MethodRun("recompute", record, json_path, skipped=False)
 
 
