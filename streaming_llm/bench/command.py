@@ -80,11 +80,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from streaming_llm.bench import latency
     from streaming_llm.eval.results import write_json_atomically
-    from streaming_llm.cli_common import validate_common_args
     from streaming_llm.loading import resolve_device, resolve_dtype
     from streaming_llm.fast import resolve_decode_attention
 
-    validate_common_args(args)
     if args.rounds < 1 or args.steps < 1:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
@@ -93,8 +91,6 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.stream_tokens and args.stream_tokens < stream_capacity:
         raise ValueError(f"--stream-tokens must be 0 (skip) or at least the stream's capacity ({stream_capacity}), "
                          f"got {args.stream_tokens}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     methods = select_methods(args.methods, device)
     dtype = resolve_dtype(args.dtype, device)

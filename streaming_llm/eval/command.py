@@ -118,20 +118,15 @@ def run_eval(args: argparse.Namespace) -> int:
     _positive("decode-tokens", args.decode_tokens, 2)
     _positive("recompute-samples", args.recompute_samples)
     methods, prefixes = parse_methods(args.methods)
-    n_sink, window_size = getattr(args, "n_sink", 4), getattr(args, "window_size", 1020)
-    if n_sink is None:
-        n_sink = 4
-    if window_size is None:
-        window_size = 1020
-    quiet = getattr(args, "quiet", False)
-    device, dtype = getattr(args, "device", None) or "cpu", getattr(args, "dtype", None) or "float32"
+    n_sink, window_size, quiet = args.n_sink, args.window_size, args.quiet
+    device, dtype = args.device, args.dtype
 
     text = load_text(args.data)
     data = describe_source(args.data, text=text)
-    model, tokenizer = load_model(getattr(args, "model", None), dtype=dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     device = str(next(model.parameters()).device)
     input_ids = load_tokens(tokenizer, args.data, args.num_tokens).to(device)
-    model_name = _model_name(getattr(args, "model", None))
+    model_name = _model_name(args.model)
 
     common = dict(
         model_name=model_name,
@@ -168,7 +163,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"plot: {png}", file=sys.stderr)
 
-    if getattr(args, "json", False):
+    if args.json:
         results = [dict(run.record, json_path=str(run.json_path), skipped=run.skipped) for run in runs]
         print(json.dumps({"results": results}), flush=True)
     else:
