@@ -6,7 +6,8 @@
 #                  (eager and CUDA-graph-compiled dense and streaming steps, mit, kvpress, recompute), a 100,000-token
 #                  stream, and the fast path's fp32/bf16 check (experiments/check_fast_path.py).
 # OUTPUT_DIR (default results/latency), PYTHON (default python), TAG_PREFIX (default cpu / gpu); on CUDA also
-# METHODS (default all) and STREAM_TOKENS (default 100000; 0 skips the stream).
+# METHODS (default all), STREAM_TOKENS (default 100000; 0 skips the stream) and FAST_PATH_CHECK (default 1; 0 skips
+# the fp32/bf16 check, ~1.5 min on an H100, when only the latency table is wanted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT_DIR=${OUTPUT_DIR:-results/latency}
@@ -14,8 +15,10 @@ PYTHON=${PYTHON:-python}
 BENCH=("$PYTHON" -m streaming_llm.cli bench --output-dir "$OUTPUT_DIR")
 if [[ "${DEVICE:-cpu}" == cuda* ]]; then
   TAG=${TAG_PREFIX:-gpu}
-  echo "$(date +%T) fast path check" >&2
-  "$PYTHON" experiments/check_fast_path.py --device "$DEVICE" --output "$OUTPUT_DIR/${TAG}_fast_path_check.json"
+  if [[ "${FAST_PATH_CHECK:-1}" != 0 ]]; then
+    echo "$(date +%T) fast path check" >&2
+    "$PYTHON" experiments/check_fast_path.py --device "$DEVICE" --output "$OUTPUT_DIR/${TAG}_fast_path_check.json"
+  fi
   echo "$(date +%T) bench ${BIG_SHAPE:-llama-2-7b}" >&2
   "${BENCH[@]}" --device "$DEVICE" --dtype bfloat16 --shape "${BIG_SHAPE:-llama-2-7b}" --cache-sizes "${BIG_SIZES:-4096}" \
     --methods "${METHODS:-all}" --rounds 4 --steps 8 --quiet --tag "${TAG}_${BIG_SHAPE:-llama-2-7b}_bf16"
