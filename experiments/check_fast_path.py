@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm.bench.latency import MODEL_SHAPES, build_model, environment  # noqa: E402
 from streaming_llm.eval.results import write_json_atomically  # noqa: E402
-from streaming_llm.fast import FastStreamingWrapper  # noqa: E402
+from streaming_llm.fast import COMPILE_CHOICES, FastStreamingWrapper  # noqa: E402
 from streaming_llm.wrapper import StreamingLLMWrapper  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--window-size", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=400, help="stream length (default 400: six frame moves at 64)")
     parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--compile", default="auto", choices=("auto", "always", "never"))
+    parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 

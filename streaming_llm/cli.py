@@ -28,6 +28,7 @@ from streaming_llm.cli_common import (
     validate_common_args,
     wrapper_from_args,
 )
+from streaming_llm.fast import COMPILE_CHOICES
 
 PROG = "streaming-llm"
 # Subcommands owned by other packages: module with `register(subparsers, common_parent)`.
@@ -66,7 +67,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int
     sampling.add_argument("--system", default=None, metavar="TEXT", help="system message for the chat template (default: the template's own)")
     sampling.add_argument(
         "--compile",
-        choices=("auto", "always", "never"),
+        choices=COMPILE_CHOICES,
         default="auto",
         help="one-token steps through the static decode step compiled with torch.compile (CUDA graphs on GPU; same "
         "tokens, a fraction of the time per token): auto (default) = on a CUDA device, always, never = the general path",

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from streaming_llm.bench import COMPILED_METHODS, METHODS
+from streaming_llm.fast import DECODE_ATTENTION
 
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
 
@@ -63,7 +64,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                         help="also stream this many tokens through our cache (capacity = the largest of "
                              "--cache-sizes that is <= 1024) and record latency and memory along the way (0 = skip)")
     parser.add_argument("--decode-attention", default="auto",
-                        choices=("auto", "grouped", "gqa", "expanded_masked", "matmul"),
+                        choices=("auto", *DECODE_ATTENTION),
                         help="attention kernel formulation of the static decode step (streaming_static/_compiled; "
                              "see streaming_llm.fast.decode_attention; default auto: gqa on CUDA, grouped elsewhere)")
     parser.add_argument("--profile", action="store_true",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from streaming_llm.attention import prepare_model
-from streaming_llm.bench import COMPILED_METHODS, METHODS  # noqa: F401  (re-exported)
+from streaming_llm.bench import METHODS
 from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
 from streaming_llm.eval.baselines import RecomputeStepper
 from streaming_llm.models import attention_shape
