@@ -158,11 +158,11 @@ class StreamingLayer(CacheLayerMixin):
         query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
         """
         step, self.pending = self.pending, None
-        if step["sin"].any():
+        if rotary.is_identity(step["sin"]):  # the model rotated at position 0 (the wrapper's choice), unscaled
+            query_raw, keys_raw = query, step["keys"]
+        else:
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
             keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
-        else:  # the model rotated at position 0 (the wrapper's choice): nothing to undo
-            query_raw, keys_raw = query, step["keys"]
         output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling)
         self.store(stored_keys, step["values"], new_positions)
         self.seen += query.shape[-2]
@@ -386,7 +386,7 @@ class RingLayer(StreamingLayer):
             cos, sin = cos_sin(window_frame, rotary.inv_freq)
             to_window = rotation_matrix(cos[0] * rotary.attention_scaling, sin[0] * rotary.attention_scaling, head_dim)
             model_sin = step["sin"][0, 0].float()
-            if model_sin.any():
+            if not rotary.is_identity(model_sin):
                 scale = 1.0 / rotary.attention_scaling**2
                 model_cos = step["cos"][0, 0].float()
                 to_window = rotation_matrix(model_cos * scale, -model_sin * scale, head_dim) @ to_window

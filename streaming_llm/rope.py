@@ -83,6 +83,11 @@ class RotaryParams:
         cos, sin = cos_sin(positions, self.inv_freq)
         return apply_rotation(x, cos * self.attention_scaling, sin * self.attention_scaling)
 
+    def is_identity(self, sin: torch.Tensor) -> bool:
+        """Whether the model's rotation with these angles left x unchanged: position 0 (sin 0) and no
+        `attention_scaling` (at position 0 the model's cos is attention_scaling, so YaRN still scales q and k)."""
+        return self.attention_scaling == 1.0 and not bool(sin.any())
+
     def unrotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Recover pre-RoPE features from x rotated by the model with (cos, sin) [batch, seq, rotary_ndims].
 

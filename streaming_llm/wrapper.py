@@ -78,7 +78,8 @@ class StreamingLLMWrapper:
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Position 0 makes the model's own RoPE the identity; the cache applies the real positions.
+        # Position 0 makes the model's own RoPE the identity (a scale by attention_scaling for YaRN, which the cache
+        # undoes); the cache applies the real positions.
         position_ids = torch.zeros_like(input_ids)
         output = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
         return output.logits

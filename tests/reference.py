@@ -48,17 +48,30 @@ def inv_freq_of(config) -> torch.Tensor:
     return 1.0 / (rope_theta_of(config) ** exponents)
 
 
+def rope_of(config) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of the config's RoPE. The default type by hand; a scaled type (linear, llama3,
+    yarn) from transformers' own initialiser for it, since their frequency formulas are transformers' definition."""
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq_of(config), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(attention_scaling)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x [..., seq, head_dim] rotated at integer `positions` [seq]; only the first 2*len(inv_freq) features turn."""
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """x [..., seq, head_dim] rotated at integer `positions` [seq]; only the first 2*len(inv_freq) features turn.
+    `scaling` multiplies cos and sin (YaRN's attention factor), as transformers' RoPE does."""
     rotary_ndims = 2 * inv_freq.shape[-1]
     angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [seq, rotary_ndims/2]
     emb = torch.cat((angles, angles), dim=-1)  # [seq, rotary_ndims]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
     x_rot, x_pass = x[..., :rotary_ndims], x[..., rotary_ndims:]
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
@@ -87,11 +100,11 @@ def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Te
 # --- the architectures, layer by layer -----------------------------------------------------------------------
 
 
-def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads):
+def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0):
     """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw)."""
     n_kv_heads, head_dim = keys.shape[1], keys.shape[2]
-    query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq)[:, 0, :]  # [n_heads, head_dim]
-    keys = rope(keys.transpose(0, 1), key_positions, inv_freq)  # [n_kv_heads, n_keys, head_dim]
+    query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq, scaling)[:, 0, :]  # [n_heads, head_dim]
+    keys = rope(keys.transpose(0, 1), key_positions, inv_freq, scaling)  # [n_kv_heads, n_keys, head_dim]
     values = values.transpose(0, 1)  # [n_kv_heads, n_keys, head_dim]
     group = n_heads // n_kv_heads  # query head h reads kv head h // group (GQA)
     outputs = []
@@ -163,7 +176,7 @@ def naive_streaming_logits(
         raise ValueError(f"unknown position_mode {position_mode!r}")
     config = model.config
     embed, layers, final_norm, output, layer_qkv, layer_out = _parts(model)
-    inv_freq = inv_freq_of(config)
+    inv_freq, rope_scaling = rope_of(config)
     n_heads = config.num_attention_heads
     raw_keys = [[] for _ in layers]  # per layer, per token: [n_kv_heads, head_dim], before RoPE
     raw_values = [[] for _ in layers]
@@ -178,7 +191,7 @@ def naive_streaming_logits(
             raw_values[layer_idx].append(value)
             keys = torch.stack([raw_keys[layer_idx][p] for p in keys_seen])
             values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
-            attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads)
+            attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling)
             x = layer_out(layer, x, attended)
         logits.append(output(final_norm(x)))
     return torch.stack(logits)

@@ -36,11 +36,26 @@ def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.to(torch.float32).eval()
 
 
-def build_llama() -> LlamaForCausalLM:
-    """2 layers, hidden 64, 4 query heads sharing 2 kv heads (GQA), full rotary."""
+# The position-independent RoPE variants a streaming cache can honour (models.STATIC_ROPE_TYPES), at a 256-token
+# context stretched from 64. YaRN also scales cos and sin (attention_scaling ~1.14 here), so q and k come out of
+# the model's RoPE scaled even at position 0.
+SCALED_ROPES = {
+    "linear": dict(rope_type="linear", factor=4.0),
+    "llama3": dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+}
+
+
+def build_llama(rope: str | None = None) -> LlamaForCausalLM:
+    """2 layers, hidden 64, 4 query heads sharing 2 kv heads (GQA), full rotary; `rope` names a SCALED_ROPES type."""
     torch.manual_seed(0)
+    shape = dict(TINY_LLAMA)
+    if rope is not None:
+        shape.update(max_position_embeddings=256,
+                     rope_parameters=dict(rope_theta=shape.pop("rope_theta"), **SCALED_ROPES[rope]))
     config = LlamaConfig(vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                         attn_implementation="eager", **TINY_LLAMA)
+                         attn_implementation="eager", **shape)
     return _finish(LlamaForCausalLM(config), seed=1)
 
 
@@ -112,9 +127,28 @@ def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None 
         seen += size
         assert wrapper.cache.get_seq_length() == seen
         assert wrapper.cache.get_cache_length() == min(seen, capacity), (seen, capacity)
+        check_stored_frame(wrapper.cache)
         logits.append(block_logits.float())
     logits = torch.cat(logits, dim=1)
     return logits if input_ids.dim() == 2 else logits[0]
+
+
+def check_stored_frame(cache) -> None:
+    """Where the stored (rotated) window keys sit, as PositionPolicy documents it: rerotate keeps every held key at
+    its cache slot (the seed's method), pos_shift's lazy frame keeps positions <= 2 * capacity, absolute never moves.
+    Distances, hence logits, do not show these, so the frame is checked directly."""
+    for layer in cache.layers:
+        if layer.positions is None or layer.stores_raw_keys:
+            continue
+        policy = layer.policy
+        window = torch.sort(layer.positions[layer.held_mask() & (layer.positions >= policy.n_sink)]).values
+        frame = policy.key_frame(window, layer.base)
+        if policy.mode == "rerotate":
+            assert frame.tolist() == list(range(policy.n_sink, policy.n_sink + window.numel())), (layer.seen, layer.base)
+        elif policy.mode == "pos_shift":
+            assert window.numel() == 0 or int(frame.max()) <= 2 * policy.capacity, (layer.seen, layer.base)
+        else:
+            assert layer.base == 0
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,72 @@
+"""Scaled RoPE types (linear, llama3, YaRN): the streaming cache must give their exact positions too.
+
+YaRN is the case that bites: its RoPE multiplies cos and sin by an attention factor, so the model's rotation at
+position 0 (where the wrapper has the model rotate) is a scale, not the identity, and must be undone like any other.
+"""
+
+import copy
+import sys
+
+import pytest
+import torch
+from reference import naive_streaming_logits, rope, rope_of
+from tiny_models import (SCALED_ROPES, block_sizes_covering, build_llama, dense_logits, feed_stream, make_wrapper,
+                         max_abs_diff, random_ids)
+
+from streaming_llm.fast import FastStreamingWrapper
+
+TOLERANCE = 1e-4
+POSITION_MODES = ["pos_shift", "rerotate", "absolute"]
+N_SINK, WINDOW_SIZE, LENGTH = 3, 13, 60
+FEEDINGS = {"tokens": [1], "blocks": [1, 7, 20, 2, 1, 9]}
+
+
+@pytest.fixture(scope="module", params=sorted(SCALED_ROPES))
+def scaled_model(request) -> torch.nn.Module:
+    return build_llama(rope=request.param)
+
+
+def test_reference_rope_is_the_models(scaled_model):
+    """The reference's frequencies and attention factor rotate as the model's own RoPE does, YaRN's factor > 1."""
+    inv_freq, scaling = rope_of(scaled_model.config)
+    rotary = scaled_model.model.rotary_emb
+    assert torch.equal(inv_freq, rotary.inv_freq) and scaling == rotary.attention_scaling
+    assert (scaling > 1.05) == (scaled_model.config.rope_parameters["rope_type"] == "yarn")
+    positions = torch.tensor([0, 1, 9, 70, 255])
+    x = torch.randn(1, 2, len(positions), 16, generator=torch.Generator().manual_seed(0))
+    cos, sin = rotary(x, positions[None])
+    expected, _ = sys.modules[type(scaled_model).__module__].apply_rotary_pos_emb(x, x, cos, sin)
+    assert max_abs_diff(rope(x, positions, inv_freq, scaling), expected) <= 1e-6
+
+
+@pytest.mark.parametrize("feeding", sorted(FEEDINGS))
+@pytest.mark.parametrize("streaming_mode", ["ours", "mit"])
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_no_eviction_equals_dense(scaled_model, position_mode, streaming_mode, feeding):
+    input_ids = random_ids(LENGTH, seed=4)
+    wrapper = make_wrapper(scaled_model, N_SINK, LENGTH, position_mode=position_mode, streaming_mode=streaming_mode)
+    streamed = feed_stream(wrapper, input_ids, block_sizes_covering(LENGTH, FEEDINGS[feeding]))
+    assert max_abs_diff(streamed, dense_logits(scaled_model, input_ids)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("feeding", sorted(FEEDINGS))
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_eviction_matches_reference(scaled_model, position_mode, feeding):
+    input_ids = random_ids(LENGTH, seed=5)
+    expected = naive_streaming_logits(scaled_model, input_ids, N_SINK, WINDOW_SIZE, position_mode)
+    for streaming_mode in ("ours", "mit"):
+        wrapper = make_wrapper(scaled_model, N_SINK, WINDOW_SIZE, position_mode=position_mode, streaming_mode=streaming_mode)
+        streamed = feed_stream(wrapper, input_ids, block_sizes_covering(LENGTH, FEEDINGS[feeding]))
+        assert max_abs_diff(streamed, expected) <= TOLERANCE, streaming_mode
+
+
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_static_step_matches_reference(scaled_model, position_mode):
+    """The fast path's step lets the model's RoPE rotate at the window frame (YaRN's factor included) and moves
+    the sinks by a relative rotation: it must land on the same logits."""
+    input_ids = random_ids(LENGTH, seed=6)
+    fast = FastStreamingWrapper(copy.deepcopy(scaled_model), N_SINK, WINDOW_SIZE, position_mode=position_mode,
+                                compile="never")
+    streamed = feed_stream(fast, input_ids, block_sizes_covering(LENGTH, [5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 12]))
+    expected = naive_streaming_logits(scaled_model, input_ids, N_SINK, WINDOW_SIZE, position_mode)
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
