@@ -117,14 +117,13 @@ def _attend(query, keys, values, key_positions, query_position, inv_freq, n_head
 
 def _llama_layer_qkv(layer, x, config):
     n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = config.hidden_size // n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     h = layer.input_layernorm(x)
     attn = layer.self_attn
-    return (
-        attn.q_proj(h).view(n_heads, head_dim),
-        attn.k_proj(h).view(n_kv_heads, head_dim),
-        attn.v_proj(h).view(n_kv_heads, head_dim),
-    )
+    query, key = attn.q_proj(h).view(n_heads, head_dim), attn.k_proj(h).view(n_kv_heads, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's features, before RoPE
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    return query, key, attn.v_proj(h).view(n_kv_heads, head_dim)
 
 
 def _llama_layer_out(layer, x, attended):
@@ -151,7 +150,7 @@ def _neox_layer_out(layer, x, attended):
 def _parts(model):
     """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM."""
     model_type = model.config.model_type
-    if model_type == "llama":
+    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
         body = model.model
         return body.embed_tokens, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
     if model_type == "gpt_neox":

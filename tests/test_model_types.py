@@ -1,0 +1,43 @@
+"""Every model type the package says it supports (models.SUPPORTED_MODEL_TYPES) streams exactly: a tiny model of
+each against the dense model (no eviction) and the naive reference (eviction), general path and static step."""
+
+import copy
+
+import pytest
+from reference import naive_streaming_logits
+from tiny_models import (block_sizes_covering, build_gpt_neox, build_llama, build_llama_family, dense_logits,
+                         feed_stream, make_wrapper, max_abs_diff, random_ids)
+
+from streaming_llm.fast import FastStreamingWrapper
+from streaming_llm.models import SUPPORTED_MODEL_TYPES
+
+TOLERANCE = 1e-4
+N_SINK, WINDOW_SIZE, LENGTH = 2, 11, 48
+BUILDERS = {"llama": build_llama, "gpt_neox": build_gpt_neox}
+
+
+@pytest.fixture(scope="module", params=SUPPORTED_MODEL_TYPES)
+def typed_model(request):
+    model = BUILDERS.get(request.param, lambda: build_llama_family(request.param))()
+    assert model.config.model_type == request.param
+    return model
+
+
+def test_no_eviction_equals_dense(typed_model):
+    input_ids = random_ids(LENGTH, seed=7)
+    dense = dense_logits(typed_model, input_ids)
+    for streaming_mode in ("ours", "mit"):
+        streamed = feed_stream(make_wrapper(typed_model, N_SINK, LENGTH, streaming_mode=streaming_mode), input_ids,
+                               block_sizes_covering(LENGTH, [1, 9, 1, 20]))
+        assert max_abs_diff(streamed, dense) <= TOLERANCE, streaming_mode
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+def test_eviction_matches_reference(typed_model, position_mode):
+    input_ids = random_ids(LENGTH, seed=8)
+    expected = naive_streaming_logits(typed_model, input_ids, N_SINK, WINDOW_SIZE, position_mode)
+    general = make_wrapper(typed_model, N_SINK, WINDOW_SIZE, position_mode=position_mode)
+    assert max_abs_diff(feed_stream(general, input_ids, block_sizes_covering(LENGTH, [5, 1, 13])), expected) <= TOLERANCE
+    fast = FastStreamingWrapper(copy.deepcopy(typed_model), N_SINK, WINDOW_SIZE, position_mode=position_mode,
+                                compile="never")
+    assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
