@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
+import torch
 
 from streaming_llm.eval.chunked import chunked_streaming_perplexity, deviation, strided_window_perplexity
 from streaming_llm.eval.methods import METHODS
@@ -66,3 +68,15 @@ def test_kvpress_prefill_rerotation_equals_ours(llama_model):
     # Rerotation matters, and the prefill protocol is not the decode loop:
     assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_kvpress_no_rerotate"] > 1e-3
     assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_streaming"] > 1e-3
+
+
+def test_deviation_summarises_signed_and_absolute_differences():
+    """NLLs 0.5 above and 0.1 below the reference: |Δ| max 0.5, mean 0.3; the mean NLL moves by +0.2, which is a
+    perplexity ratio of exp(0.2). Mismatched lengths are refused."""
+    result = deviation(torch.tensor([1.5, 0.9]), torch.tensor([1.0, 1.0]))
+    assert result["max_abs_delta_nll"] == pytest.approx(0.5)
+    assert result["mean_abs_delta_nll"] == pytest.approx(0.3)
+    assert result["delta_mean_nll"] == pytest.approx(0.2)
+    assert result["perplexity_ratio"] == pytest.approx(math.exp(0.2))
+    with pytest.raises(ValueError, match="cannot be compared"):
+        deviation(torch.zeros(3), torch.zeros(2))

@@ -9,8 +9,9 @@ import pytest
 
 from streaming_llm.eval.harness import CHECKPOINT_SUFFIX, run_method
 from streaming_llm.eval.methods import METHODS
+from streaming_llm.eval.perplexity import compute_perplexity
 from streaming_llm.eval.results import read_result
-from tiny_models import random_ids
+from tiny_models import make_wrapper, random_ids
 
 DATA = {"name": "random", "kind": "test", "sha256": "fedcba9876543210"}
 
@@ -58,3 +59,16 @@ def test_force_ignores_a_checkpoint(llama_model, tmp_path):
         _run(llama_model, tmp_path, "streaming_pos_shift", on_block=_interrupt_at(40))
     record, _ = read_result(_run(llama_model, tmp_path, "streaming_pos_shift", force=True).json_path)
     assert "resumed_from_step" not in record
+
+
+def test_resume_only_at_a_block_boundary(llama_model):
+    """Replaying an interrupted run rebuilds its cache only if it stopped where a block ended: any other resume
+    point (a checkpoint of another block size, or of a longer stream) is refused."""
+    input_ids = random_ids(40, seed=12)[None]
+    wrapper = make_wrapper(llama_model, 2, 10)
+    whole = compute_perplexity(wrapper, input_ids, block_size=8)
+    resumed = compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=whole.nlls[:16])
+    assert np.array_equal(resumed.nlls.numpy(), whole.nlls.numpy())
+    for first in (12, 40):  # inside a block; past the 39 steps of the stream
+        with pytest.raises(ValueError, match=f"cannot resume at step {first}"):
+            compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=whole.nlls.new_zeros(first))
