@@ -27,7 +27,7 @@ POSITION_MODES = ("pos_shift", "rerotate", "absolute")
 
 def rotary_ndims_of(config) -> int:
     """Rotated features per head: all of them for Llama, `head_dim * rotary_pct` for GPTNeoX."""
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     partial = getattr(config, "rotary_pct", None)
     if partial is None:
         partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
