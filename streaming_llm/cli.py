@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from streaming_llm.cli_common import (
     validate_common_args,
     wrapper_from_args,
 )
+from streaming_llm.eval.results import atomic_write
 from streaming_llm.fast import COMPILE_CHOICES
 
 PROG = "streaming-llm"
@@ -394,20 +394,9 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
 
 
 def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
-    """Write all records or nothing: a temporary file in the same folder, renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for record in records:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write all records or nothing (a temporary file in the same folder, renamed when complete)."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _run_interactive(args: argparse.Namespace, chat) -> int:

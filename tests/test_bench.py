@@ -133,3 +133,25 @@ def test_copy_bandwidth_is_measured_on_cuda_only():
         assert measure_copy_bandwidth("cuda", size_bytes=2**24, repeats=2) > 0
     else:
         assert measure_copy_bandwidth("cpu") is None
+
+
+def test_interrupted_plot_keeps_the_previous_png(tmp_path, monkeypatch):
+    """The PNG is written as the JSON is: to a temporary file that replaces the old one only when complete."""
+    from streaming_llm.bench.plots import plot_latency
+    from streaming_llm.eval import results
+
+    report = {"rows": [{"method": "mit", "capacity": c, "median_ms": 2.0 * c, "p10_ms": c, "p90_ms": 3.0 * c}
+                       for c in (16, 32)]}
+    png = tmp_path / "latency.png"
+    plot_latency(report, png)
+    first = png.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def interrupted_replace(source, destination):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.os, "replace", interrupted_replace)
+    report["rows"][0]["median_ms"] = 100.0
+    with pytest.raises(KeyboardInterrupt):
+        plot_latency(report, png)
+    assert png.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["latency.png"]

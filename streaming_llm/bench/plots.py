@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streaming_llm.eval.results import atomic_write
+
 
 def plot_latency(report: dict, path: Path) -> None:
     """Left: median decode-step latency per method vs cache size (p10-p90 band). Right, if the report
@@ -47,6 +49,7 @@ def plot_latency(report: dict, path: Path) -> None:
         right.set_title("our cache along the stream")
         right.grid(alpha=0.3)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        atomic_write(Path(path), lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)

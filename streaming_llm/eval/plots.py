@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import read_result
+from streaming_llm.eval.results import atomic_write, read_result
 
 # Stable colours and order, so figures from different runs read alike.
 METHOD_STYLES = {
@@ -116,9 +116,8 @@ def plot_nll_curves(
     axis.legend(fontsize=8, loc="best", framealpha=0.85)
     figure.tight_layout()
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, format="png")
-    plt.close(figure)
-    os.replace(tmp, output_path)
+    try:
+        atomic_write(output_path, lambda handle: figure.savefig(handle, format="png"))
+    finally:
+        plt.close(figure)
     return output_path
