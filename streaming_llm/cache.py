@@ -454,6 +454,7 @@ class StreamingKVCache(Cache):
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self._shared: dict = {}
+        self.rotary: RotaryParams | None = None  # the model's RoPE, recorded by the attention function (attention.py)
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
         super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
 
@@ -490,8 +491,12 @@ class StreamingKVCache(Cache):
 
         Shapes [batch, kv_heads, held, head_dim]; `rotary` defaults to the one the last step used.
         """
-        layer = self.layers[layer_idx]
-        return layer.compress(rotary or self.rotary)[:2]
+        if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
+            raise ValueError(f"layer {layer_idx} of this cache holds nothing yet: feed tokens through it first")
+        rotary = rotary or self.rotary
+        if rotary is None:
+            raise ValueError("compress needs the model's rotary parameters: pass rotary= (describe(model).rotary)")
+        return self.layers[layer_idx].compress(rotary)[:2]
 
     def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
         """Stream positions of the held tokens, in stream order."""

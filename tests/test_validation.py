@@ -92,3 +92,9 @@ def test_empty_model_folder_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_compress_before_any_token_is_a_clear_error():
+    for cache in (StreamingKVCache(2, 8), StreamingKVCache(2, 8, num_layers=2)):
+        with pytest.raises(ValueError, match="holds nothing yet"):
+            cache.compress(0)

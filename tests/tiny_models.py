@@ -126,7 +126,8 @@ def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None 
     """Feed `input_ids` [T] or [batch, T] through `wrapper` in blocks; logits [T, vocab] or [batch, T, vocab].
 
     After every call checks the cache bookkeeping: get_seq_length() == tokens seen,
-    get_cache_length() == min(seen, cache_capacity).
+    get_cache_length() == min(seen, cache_capacity), compress() returns exactly the held tokens, and where the
+    stored keys sit (check_stored_frame).
     """
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     length = ids.shape[1]
@@ -141,6 +142,8 @@ def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None 
         assert wrapper.cache.get_seq_length() == seen
         assert wrapper.cache.get_cache_length() == min(seen, capacity), (seen, capacity)
         check_stored_frame(wrapper.cache)
+        compressed_keys, compressed_values = wrapper.cache.compress(0)
+        assert compressed_keys.shape[-2] == compressed_values.shape[-2] == min(seen, capacity)
         logits.append(block_logits.float())
     logits = torch.cat(logits, dim=1)
     return logits if input_ids.dim() == 2 else logits[0]
