@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
-from streaming_llm.models import describe
+from streaming_llm.models import check_capacity, describe
 
 ATTN_IMPLEMENTATION = "streaming_llm"
 _handoff = threading.local()
@@ -63,13 +63,7 @@ def streaming_attention_forward(
     rotary = getattr(module, "streaming_rotary", None)
     if rotary is None:
         raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
-    max_positions = getattr(module.config, "max_position_embeddings", None)
-    if max_positions is not None and cache.cache_capacity >= max_positions:
-        raise ValueError(
-            f"cache capacity {cache.cache_capacity} (n_sink + window_size) is too large for the model's "
-            f"max_position_embeddings={max_positions}: a step attends to capacity + 1 tokens at positions "
-            f"0..capacity; use n_sink + window_size <= {max_positions - 1}"
-        )
+    check_capacity(module.config, cache.cache_capacity)
     cache.rotary = rotary
     scaling = module.scaling if scaling is None else scaling
     output = cache.layers[layer_idx].attend(query, rotary, scaling)
@@ -84,8 +78,18 @@ def _has_padding(attention_mask: torch.Tensor) -> bool:
     return bool(hidden.all(dim=-2).any())
 
 
+def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=causal_mask_function,
+                   attention_mask=None, **kwargs):
+    """The mask transformers builds for a streaming step. It serves only to detect padded rows (refused above):
+    which keys a query sees is the cache's decision (SEMANTICS.md §1). So a sliding-window overlay (Mistral v0.1,
+    Qwen2 with use_sliding_window) is dropped: laid over the cache's slots in stream coordinates, it would hide
+    every held key once the stream is longer than the window (the capacity is kept below the window instead)."""
+    kwargs.pop("local_size", None)
+    return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, causal_mask_function, attention_mask, **kwargs)
+
+
 AttentionInterface.register(ATTN_IMPLEMENTATION, streaming_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, streaming_mask)
 
 
 def prepare_model(model: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ from torch import nn
 
 from streaming_llm.attention import prepare_model
 from streaming_llm.cache import StreamingKVCache, validate_config
-from streaming_llm.models import describe
+from streaming_llm.models import check_capacity, describe
 
 
 class StreamingLLMWrapper:
@@ -34,14 +34,7 @@ class StreamingLLMWrapper:
             raise ValueError(f"max_block must be >= 1, got {max_block}")
         self.max_block = max_block
         self.architecture = describe(model)
-        max_positions = self.architecture.max_positions
-        if max_positions is not None and n_sink + window_size >= max_positions:
-            # A step attends to capacity + 1 keys at positions 0..capacity.
-            raise ValueError(
-                f"cache capacity n_sink + window_size = {n_sink + window_size} is too large for the model's "
-                f"max_position_embeddings={max_positions}: a step attends to capacity + 1 tokens; use at most "
-                f"{max_positions - 1}"
-            )
+        check_capacity(model.config, n_sink + window_size)
         self.model = prepare_model(model)
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode

@@ -41,3 +41,39 @@ def test_eviction_matches_reference(typed_model, position_mode):
     fast = FastStreamingWrapper(copy.deepcopy(typed_model), N_SINK, WINDOW_SIZE, position_mode=position_mode,
                                 compile="never")
     assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
+
+
+SLIDING_WINDOW = 16
+SLIDING = {"mistral": dict(sliding_window=SLIDING_WINDOW),
+           "qwen2": dict(sliding_window=SLIDING_WINDOW, use_sliding_window=True, max_window_layers=0)}
+
+
+@pytest.fixture(scope="module", params=sorted(SLIDING))
+def sliding_model(request):
+    return build_llama_family(request.param, **SLIDING[request.param])
+
+
+@pytest.mark.parametrize("blocks", [[1], [7, 1, 20]])
+def test_sliding_window_model_is_window_attention_one_below_its_window(sliding_model, blocks):
+    """A layer that attends within a sliding window of 16 sees the token and the 15 before it: exactly window
+    attention (no sinks) with window_size 15, far past the window, token by token and in blocks, on both paths.
+    (transformers' sliding-window mask, laid over the cache's slots, used to hide every held key there.)"""
+    input_ids = random_ids(60, seed=9)
+    dense = dense_logits(sliding_model, input_ids)
+    feeding = block_sizes_covering(60, blocks)
+    window = make_wrapper(sliding_model, 0, SLIDING_WINDOW - 1)
+    assert max_abs_diff(feed_stream(window, input_ids, feeding), dense) <= TOLERANCE
+    fast = FastStreamingWrapper(copy.deepcopy(sliding_model), 0, SLIDING_WINDOW - 1, compile="never")
+    assert max_abs_diff(feed_stream(fast, input_ids, feeding), dense) <= TOLERANCE
+
+
+def test_sinks_stream_past_the_sliding_window(sliding_model):
+    input_ids = random_ids(60, seed=10)
+    expected = naive_streaming_logits(sliding_model, input_ids, 2, SLIDING_WINDOW - 3)
+    streamed = feed_stream(make_wrapper(sliding_model, 2, SLIDING_WINDOW - 3), input_ids, block_sizes_covering(60, [9, 1, 30]))
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+def test_capacity_beyond_the_sliding_window_is_refused(sliding_model):
+    with pytest.raises(ValueError, match=f"too large for the model's sliding_window={SLIDING_WINDOW}: .* at most 15"):
+        make_wrapper(sliding_model, 2, SLIDING_WINDOW - 2)

@@ -59,13 +59,13 @@ def build_llama(rope: str | None = None) -> LlamaForCausalLM:
     return _finish(LlamaForCausalLM(config), seed=1)
 
 
-def build_llama_family(model_type: str) -> torch.nn.Module:
+def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     """A tiny model of another Llama-structured type the package supports, shaped as build_llama: Mistral (with a
     sliding window longer than any test stream), Qwen2 (q/k/v biases), Qwen3 (RMSNorm on each head's q and k, head_dim 32
     where hidden / heads is 16)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32)}.get(model_type, {})
+    extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32)}.get(model_type, {}) | overrides
     torch.manual_seed(0)
     config = CONFIG_MAPPING[model_type](vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                                         attn_implementation="eager", **TINY_LLAMA, **extra)
