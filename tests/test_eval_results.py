@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from streaming_llm.eval.command import format_table, register, run_plot
 from streaming_llm.eval.harness import run_method
@@ -70,12 +71,21 @@ def test_interrupted_run_leaves_no_results_file(llama_model, tmp_path):
 
 def test_write_result_failure_leaves_no_file(tmp_path):
     """A record that cannot be serialised fails before the JSON exists; no temporary file stays behind."""
-    import torch
-
     with pytest.raises(TypeError):
         write_result(tmp_path, "stem", {"bad": object()}, torch.zeros(3))
     assert not (tmp_path / "stem.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_in_another_dtype_is_not_taken_for_the_float32_one(llama_model, tmp_path):
+    """Same model, text and method in bfloat16: its own result (and checkpoint), not the float32 run skipped."""
+    float32 = _run(llama_model, tmp_path)
+    bfloat16 = run_method(METHODS["streaming_pos_shift"], copy.deepcopy(llama_model).to(torch.bfloat16),
+                          random_ids(30, seed=7)[None], model_name="tiny-llama", data=DATA, n_sink=2, window_size=8,
+                          block_size=8, output_dir=tmp_path, dtype="bfloat16")
+    assert not bfloat16.skipped and bfloat16.json_path.name.endswith("__block8__bfloat16.json")
+    assert bfloat16.record["dtype"] == "bfloat16" and bfloat16.record["perplexity"] != float32.record["perplexity"]
+    assert _run(llama_model, tmp_path).skipped
 
 
 def test_stem_is_deterministic_and_safe():

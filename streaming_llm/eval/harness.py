@@ -74,7 +74,7 @@ def run_method(
     num_tokens = input_ids.shape[1]
     size = method.block_size(block_size)
     evaluator = method.evaluator(block_size)
-    stem = result_stem(model_name, data, num_tokens, n_sink, window_size, method.name, evaluator)
+    stem = result_stem(model_name, data, num_tokens, n_sink, window_size, method.name, evaluator, dtype)
     if (finished := _finished_run(method.name, output_dir, stem, force)) is not None:
         return finished
     stepper = method.build(model, n_sink, window_size)
@@ -188,7 +188,7 @@ def run_recompute_sample(
     num_tokens, capacity = input_ids.shape[1], n_sink + window_size
     steps = sample_steps(num_tokens, capacity, num_samples)
     evaluator = f"sample{len(steps)}"
-    stem = result_stem(model_name, data, num_tokens, n_sink, window_size, "recompute", evaluator)
+    stem = result_stem(model_name, data, num_tokens, n_sink, window_size, "recompute", evaluator, dtype)
     if (finished := _finished_run("recompute", output_dir, stem, force)) is not None:
         return finished
     cpu_started, started = time.process_time(), time.perf_counter()

@@ -44,10 +44,14 @@ def data_label(data: dict) -> str:
     return slug(f"{name}-{digest}" if digest else name)
 
 
-def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, window_size: int, method: str, evaluator: str) -> str:
+def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, window_size: int, method: str, evaluator: str,
+                dtype: str = "float32") -> str:
     """Deterministic file stem of one configuration, e.g.
-    SmolLM2-135M-Instruct__shakespeare-1a2b3c4d__T20480__s4_w1020__streaming_pos_shift__block256."""
+    SmolLM2-135M-Instruct__shakespeare-1a2b3c4d__T20480__s4_w1020__streaming_pos_shift__block256; a dtype other
+    than float32 is part of it (…__block256__bfloat16), so that a run in another dtype is not taken for this one."""
     parts = [slug(model_name), data_label(data), f"T{num_tokens}", f"s{n_sink}_w{window_size}", slug(method), slug(evaluator)]
+    if dtype != "float32":
+        parts.append(slug(dtype))
     return "__".join(parts)
 
 
