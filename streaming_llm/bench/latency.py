@@ -238,8 +238,6 @@ class KvpressDecoder(Decoder):
     def prepare(self):
         from streaming_llm.eval.kvpress_adapters import KvpressDecodeStepper
 
-        if not hasattr(self.model, "model"):
-            raise ValueError(f"kvpress 0.5.5 does not support {type(self.model).__name__} (Llama-family models only)")
         self.model.set_attn_implementation("sdpa")
         self.stepper = KvpressDecodeStepper(self.model, self.n_sink, self.capacity - self.n_sink, variant="corrected")
         self.stepper.reset()

@@ -35,6 +35,8 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from streaming_llm.models import UnsupportedModelError
+
 
 def _remove_kvpress_attention_wrappers() -> None:
     """Undo kvpress.attention_patch.patch_attention_functions (run at kvpress import) for every attention function.
@@ -84,6 +86,15 @@ def _streaming_press(n_sink: int, variant: str) -> StreamingLLMPress:
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; expected one of {VARIANTS}")
     return StreamingLLMPress(n_sink=n_sink) if variant == "shipped" else SortedStreamingLLMPress(n_sink=n_sink)
+
+
+def require_kvpress_support(model: nn.Module) -> None:
+    """UnsupportedModelError unless kvpress 0.5.5 can hook the model: it finds the decoder layers at `model.model`
+    (Llama, Mistral, Qwen); GPT-NeoX (Pythia) keeps them at `model.gpt_neox`."""
+    if not isinstance(getattr(model, "model", None), nn.Module):
+        raise UnsupportedModelError(
+            f"kvpress 0.5.5 does not support {type(model).__name__} (it hooks model.model: Llama-family models only)"
+        )
 
 
 def _validate(n_sink: int, window_size: int) -> None:
@@ -146,6 +157,7 @@ class KvpressDecodeStepper:
 
     def __init__(self, model: nn.Module, n_sink: int, window_size: int, variant: str = "corrected"):
         _validate(n_sink, window_size)
+        require_kvpress_support(model)
         self.model = model
         self.n_sink, self.window_size, self.variant = n_sink, window_size, variant
         self.cache_capacity = n_sink + window_size
@@ -270,6 +282,7 @@ def kvpress_prefill_compress(
     0..n_kept-1 (as pos-shift places them); without, they keep their stream positions (SEMANTICS.md §2 absolute).
     """
     _validate(n_sink, window_size)
+    require_kvpress_support(model)
     if context_ids.dim() != 2 or context_ids.shape[0] != 1:
         raise ValueError(f"context_ids has shape {tuple(context_ids.shape)}; expected [1, L]")
     context_length = context_ids.shape[1]

@@ -20,6 +20,10 @@ SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.MODEL_T
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+class UnsupportedModelError(ValueError):
+    """A method (a reference implementation such as kvpress) cannot run this model; the others still can."""
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What the streaming code needs to know about a loaded model."""
