@@ -33,7 +33,7 @@ def test_fused_block_attention_is_the_explicit_softmax(sink_scale):
     keys[:, :, :N_SINK] *= sink_scale
     values = torch.randn(1, KV_HEADS, positions.shape[0] + n, DIM, generator=generator)
     query_window = torch.randn(1, HEADS, n, DIM, generator=generator)
-    query_sink = query_window.abs() * keys[:, :1, :1].sign()  # every sink score large and of one sign
+    query_sink = query_window.abs() * keys[:, :1, :1].sign()  # the first sink's scores large and positive
     all_positions = torch.cat([positions, new_positions])
     layer = RingLayer(PositionPolicy("pos_shift", N_SINK, WINDOW_SIZE), shared={})
     layer.seen = 10

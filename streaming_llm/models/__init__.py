@@ -73,30 +73,25 @@ def adapter_for(config) -> ModuleType:
     )
 
 
-def capacity_limit(config) -> tuple[int, str] | None:
-    """(largest cache capacity n_sink + window_size, what sets it) for a model config, or None if nothing does.
+def check_capacity(config, capacity: int) -> None:
+    """ValueError if a cache of `capacity` tokens exceeds what the model's attention allows.
 
     A step attends to capacity + 1 keys at positions 0..capacity, so the capacity stays below
     max_position_embeddings and, for a model whose layers attend within a sliding window (Mistral v0.1, Qwen2
     with use_sliding_window), below `sliding_window`: the model itself never attends to more keys than that.
+    Called by every streaming attention step: nothing is formatted unless the check fails.
     """
-    limits = []
     max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions:
-        limits.append((max_positions - 1, f"max_position_embeddings={max_positions}"))
-    sliding_window = getattr(config, "sliding_window", None)
-    if sliding_window and getattr(config, "use_sliding_window", True):
-        limits.append((sliding_window - 1, f"sliding_window={sliding_window}"))
-    return min(limits) if limits else None
-
-
-def check_capacity(config, capacity: int) -> None:
-    """ValueError if a cache of `capacity` tokens exceeds what the model's attention allows (capacity_limit)."""
-    limit = capacity_limit(config)
-    if limit is not None and capacity > limit[0]:
+    sliding_window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    bounds = [(bound, name) for name, bound in (("max_position_embeddings", max_positions),
+                                                 ("sliding_window", sliding_window)) if bound]
+    if not bounds:
+        return
+    bound, name = min(bounds)
+    if capacity >= bound:
         raise ValueError(
-            f"cache capacity n_sink + window_size = {capacity} is too large for the model's {limit[1]}: a step "
-            f"attends to capacity + 1 tokens; use at most {limit[0]}"
+            f"cache capacity n_sink + window_size = {capacity} is too large for the model's {name}={bound}: a step "
+            f"attends to capacity + 1 tokens; use at most {bound - 1}"
         )
 
 
