@@ -125,8 +125,24 @@ class StreamingLayer(CacheLayerMixin):
         self.seen = self.base = 0
         self.pending = None
 
+    # generate() strategies that rearrange or take back cached tokens. Beam search reorders rows; speculative
+    # decoding (assistant_model=, prompt_lookup_num_tokens=) crops the draft tokens the model rejected, but by
+    # then the block has evicted the tokens a crop would have to bring back. Refused here, in words, rather
+    # than with an AttributeError from inside transformers.
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported with a streaming cache")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "a streaming cache cannot be cropped (a block may already have evicted the tokens a crop would bring back), so "
+            "speculative decoding (assistant_model=, prompt_lookup_num_tokens=) is not supported with it"
+        )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a streaming cache cannot repeat its batch rows: give generate() the full batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a streaming cache cannot select batch rows: start a new cache for the subset")
 
     # -- what every storage provides --------------------------------------------------------------------
     def held_mask(self) -> torch.Tensor:

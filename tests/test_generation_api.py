@@ -96,6 +96,29 @@ def test_multi_turn_generate_with_streamer_equals_the_wrapper_loop(model_dir, wr
     assert cache.get_cache_length() == wrapper.cache.get_cache_length() == CAPACITY
 
 
+REFUSED_STRATEGIES = {
+    "beam search": (dict(num_beams=2), "beam search is not supported"),
+    "prompt lookup": (dict(prompt_lookup_num_tokens=3), "speculative decoding"),
+    "assistant model": ("assistant", "speculative decoding"),
+}
+
+
+@pytest.mark.parametrize("strategy", REFUSED_STRATEGIES)
+def test_generate_refuses_strategies_that_take_tokens_back(model_dir, strategy):
+    """Beam search reorders the cache's rows and speculative decoding crops rejected draft tokens: neither can
+    work once tokens are evicted, and each is refused with a sentence naming it (speculative decoding was an
+    AttributeError from inside transformers: the cache's layers had no crop)."""
+    model, tokenizer = load_tiny(model_dir)
+    prepare_model(model)
+    options, message = REFUSED_STRATEGIES[strategy]
+    if options == "assistant":
+        options = dict(assistant_model=load_tiny(model_dir)[0])
+    ids = user_turn(tokenizer, "Tell me a long story.")[None]
+    with pytest.raises(NotImplementedError, match=message):
+        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=StreamingKVCache(n_sink=N_SINK, window_size=WINDOW_SIZE),
+                       max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=tokenizer.eos_token_id, **options)
+
+
 class RecordingWrapper:
     """A StreamingLLMWrapper that records every token fed; with `end_after`, the end-of-turn token wins
     the greedy choice once that many single tokens were fed in a turn (so some answers end by eos)."""
