@@ -2,7 +2,7 @@
 
 The model's own attention modules compute q, k, v and RoPE and call `cache.update(...)` as usual; they
 then call this function instead of sdpa/eager. When the cache is a StreamingKVCache, the layer it just
-updated computes the sink + window attention of SEMANTICS.md (attention.md in docs/); any other cache
+updated computes the sink + window attention of SEMANTICS.md (docs/semantics.md); any other cache
 (or none) falls back to transformers' sdpa attention, so a prepared model still runs densely.
 
 The hand-off from `cache.update` to this function is a thread-local slot: update() is always called

