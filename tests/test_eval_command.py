@@ -74,3 +74,101 @@ def test_eval_skips_a_reference_that_cannot_run_the_model(neox_dir, tmp_path, ca
     status, _, err = run_main(capsys, "eval", "--model", str(neox_dir), *STREAM, "--output-dir", str(tmp_path),
                               "--methods", "kvpress_decode_shipped")
     assert_one_line_error(status, err.split("\n", 1)[1], "none of the chosen methods can run this model")
+
+
+@pytest.fixture(scope="module")
+def twin_dir(tmp_path_factory) -> Path:
+    """Another tiny checkpoint in a folder of the same name as model_dir's (other weights): the same result names."""
+    from streaming_llm.bench.soak import save_tiny_chat_llama
+
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("twin") / "tiny_chat_llama", seed=1)
+
+
+def test_eval_refuses_results_and_checkpoints_of_another_model_with_the_same_name(model_dir, twin_dir, tmp_path, capsys):
+    """Result names carry the model's folder name only: the result (and the checkpoint) of one model must never
+    be taken for another's. It was: the twin's run printed the first model's perplexity as `skipped (exists)`."""
+    assert twin_dir.name == model_dir.name
+    argv = ["eval", *STREAM, "--methods", "streaming_pos_shift", "--output-dir", str(tmp_path)]
+    status, out, _ = run_main(capsys, *argv, "--model", str(model_dir))
+    assert status == 0
+    first = results_of(out)["streaming_pos_shift"]
+    json_path = Path(first["json_path"])
+    status, _, err = run_main(capsys, *argv, "--model", str(twin_dir))
+    assert_one_line_error(status, err, "was made with another model of the same name")
+    status, out, _ = run_main(capsys, *argv, "--model", str(model_dir))  # the same model: skipped as before
+    assert status == 0 and results_of(out)["streaming_pos_shift"]["skipped"]
+    status, out, _ = run_main(capsys, *argv, "--model", str(twin_dir), "--force")
+    twin = results_of(out)["streaming_pos_shift"]
+    assert status == 0 and not twin["skipped"] and twin["model_fingerprint"] != first["model_fingerprint"]
+    assert twin["perplexity"] != first["perplexity"]
+
+    # A checkpoint of the twin's unfinished run is refused by the first model, resumed by the twin.
+    from streaming_llm.eval.harness import CHECKPOINT_SUFFIX, Checkpoint
+
+    checkpoint_path = json_path.with_name(json_path.stem + CHECKPOINT_SUFFIX)
+    json_path.unlink()
+    Checkpoint(checkpoint_path, 32, 1, twin["model_fingerprint"]).maybe_save(64, torch.full((119,), 2.0))
+    status, _, err = run_main(capsys, *argv, "--model", str(model_dir))
+    assert_one_line_error(status, err, "was made with another model of the same name")
+    status, out, _ = run_main(capsys, *argv, "--model", str(twin_dir))
+    assert status == 0 and results_of(out)["streaming_pos_shift"]["resumed_from_step"] == 64
+
+
+def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, capsys):
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", str(tmp_path)]
+    status, out, _ = run_main(capsys, *argv)
+    json_path = Path(results_of(out)["dense"]["json_path"])
+    json_path.write_text("{not json", encoding="utf-8")
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, f"{json_path} is not a result file")
+    assert "--force" in err
+    status, _, _ = run_main(capsys, *argv, "--force")
+    assert status == 0 and json.loads(json_path.read_text())["method"] == "dense"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--methods", "all:100"], "'all' takes no token count"),
+    (["--methods", "all,dense"], "'all' stands alone"),
+    (["--methods", "dense:100,dense:50"], "names dense twice"),
+    (["--methods", "dense:"], "must be an integer >= 2"),
+    (["--methods", "window:500"], "window:500 asks for more tokens than --num-tokens 120"),
+    (["--methods", "dense", "--recompute-samples", "4"], "--recompute-samples applies to the recompute method"),
+    (["--methods", "dense", "--decode-tokens", "40"], "--decode-tokens applies to the decode-loop methods"),
+    (["--methods", "dense", "--plot", "curves.xyz"], "cannot write .xyz figures"),
+    (["--methods", "dense", "--output-dir", ""], "--output-dir is empty"),
+])
+def test_eval_refuses_options_it_would_ignore_before_loading_the_model(tmp_path, capsys, options, message):
+    """Each of these was accepted and silently dropped or clipped (or failed only after the scoring): now one line,
+    before the model is loaded (the model path does not even exist)."""
+    argv = ["eval", "--model", str(tmp_path / "no-such-model"), *STREAM, "--output-dir", str(tmp_path / "out"), *options]
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, message)
+
+
+def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense,streaming_pos_shift"]
+    status, _, err = run_main(capsys, *argv, "--output-dir", str(afile))
+    assert_one_line_error(status, err, f"--output-dir {afile} is not a folder")
+    # A capacity beyond the model's positions was found when streaming_pos_shift started, after dense was scored.
+    status, _, err = run_main(capsys, *argv, "--window-size", "5000", "--output-dir", str(tmp_path / "out"))
+    assert_one_line_error(status, err, "too large for the model's max_position_embeddings")
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_plot_names_the_file_it_cannot_read_and_writes_the_format_asked(model_dir, tmp_path, capsys):
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense,window", "--output-dir", str(tmp_path)]
+    assert run_main(capsys, *argv)[0] == 0
+    status, out, _ = run_main(capsys, "plot", str(tmp_path), str(tmp_path), "-o", str(tmp_path / "curves.pdf"), "--json")
+    assert status == 0 and json.loads(out)["figure"] == str(tmp_path / "curves.pdf")
+    assert (tmp_path / "curves.pdf").read_bytes()[:4] == b"%PDF"
+    for name, text, message in [("list.json", "[1, 2]", "is not a result file of streaming-llm eval"),
+                                ("partial.json", '{"method": "dense"}', "is not a result file of streaming-llm eval (no model, data, num_tokens"),
+                                ("broken.json", "{'a': 1}", "is not a result file: not valid JSON")]:
+        bad = tmp_path / "bad" / name  # these were AttributeError / KeyError tracebacks, or an error naming no file
+        bad.parent.mkdir(exist_ok=True)
+        bad.write_text(text)
+        status, _, err = run_main(capsys, "plot", str(bad))
+        assert_one_line_error(status, err, f"{bad} {message}")
+        bad.unlink()

@@ -80,18 +80,41 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
 
 
 def parse_methods(spec: str):
-    """'a,b:N,...' -> (methods, {name: N}); a method given as NAME:N is scored on the first N tokens only."""
+    """'a,b:N,...' -> (methods, {name: N}); a method given as NAME:N is scored on the first N tokens only.
+    A method named twice, or 'all' with a count or beside other names, is refused (one would be dropped)."""
     names, prefixes = [], {}
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
-        name, _, tokens = item.partition(":")
+        name, colon, tokens = item.partition(":")
+        name = name.strip()
+        if name in names:
+            raise ValueError(f"--methods names {name} twice")
         names.append(name)
-        if tokens:
+        if colon:
+            if name == "all":
+                raise ValueError(f"--methods {item!r}: 'all' takes no token count; give NAME:N per method")
             if not tokens.isdigit() or int(tokens) < 2:
                 raise ValueError(f"--methods {item!r}: the token count after ':' must be an integer >= 2")
             prefixes[name] = int(tokens)
+    if "all" in names and len(names) > 1:
+        raise ValueError("--methods: 'all' stands alone (it already names every method)")
     return get_methods(names), prefixes
+
+
+def check_method_options(args: argparse.Namespace, methods, prefixes: dict[str, int]) -> None:
+    """ValueError for options that would be silently ignored: a NAME:N beyond --num-tokens, a recompute or
+    decode-loop option with no such method chosen."""
+    for name, tokens in prefixes.items():
+        if tokens > args.num_tokens:
+            raise ValueError(f"--methods {name}:{tokens} asks for more tokens than --num-tokens {args.num_tokens}")
+    chosen = {method.name for method in methods}
+    if (args.recompute_samples or args.recompute_tokens) and "recompute" not in chosen:
+        option = "--recompute-samples" if args.recompute_samples else "--recompute-tokens"
+        raise ValueError(f"{option} applies to the recompute method, which --methods does not include")
+    if args.decode_tokens and not any(method.feed == "decode" for method in methods):
+        raise ValueError("--decode-tokens applies to the decode-loop methods (kvpress_decode_*), which --methods "
+                         "does not include")
 
 
 def _positive(name: str, value: int | None, minimum: int = 1) -> None:
@@ -109,9 +132,12 @@ def _model_name(model_arg) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm eval`."""
+    from streaming_llm.cli_common import show_progress
     from streaming_llm.data import describe_source, load_text, load_tokens
     from streaming_llm.eval.harness import run_method, run_recompute_sample
+    from streaming_llm.eval.results import prepare_output_dir
     from streaming_llm.loading import load_model
+    from streaming_llm.models import check_capacity
 
     _positive("num-tokens", args.num_tokens, 2)
     _positive("block-size", args.block_size)
@@ -119,12 +145,19 @@ def run_eval(args: argparse.Namespace) -> int:
     _positive("decode-tokens", args.decode_tokens, 2)
     _positive("recompute-samples", args.recompute_samples)
     methods, prefixes = parse_methods(args.methods)
-    n_sink, window_size, quiet = args.n_sink, args.window_size, args.quiet
+    check_method_options(args, methods, prefixes)
+    n_sink, window_size = args.n_sink, args.window_size
+    quiet = not show_progress(args)  # progress bars and status lines only on a terminal
     device, dtype = args.device, args.dtype
+    if args.plot:
+        check_figure_path(args.plot, "--plot")
+    prepare_output_dir(args.output_dir)
 
     text = load_text(args.data)
     data = describe_source(args.data, text=text)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    if any(method.name != "dense" for method in methods):  # every other method holds n_sink + window_size tokens
+        check_capacity(model.config, n_sink + window_size)
     device = str(next(model.parameters()).device)
     input_ids = load_tokens(tokenizer, args.data, args.num_tokens).to(device)
     model_name = _model_name(args.model)
@@ -219,11 +252,31 @@ def run_plot(args: argparse.Namespace) -> int:
     from streaming_llm.eval.plots import plot_nll_curves
 
     _positive("smooth", args.smooth)
+    if args.output is not None:
+        check_figure_path(args.output, "--output")
     files = _collect(args.results)
     output = Path(args.output) if args.output else files[0].parent / "nll_curves.png"
-    png = plot_nll_curves(files, output, window=args.smooth, title=args.title)
-    print(png)
+    png = plot_nll_curves(list(dict.fromkeys(path.resolve() for path in files)), output, window=args.smooth, title=args.title)
+    if getattr(args, "json", False):
+        print(json.dumps({"figure": str(png), "results": [str(path) for path in files]}), flush=True)
+    else:
+        print(png)
     return 0
+
+
+def check_figure_path(path: str, option: str) -> None:
+    """ValueError unless `path` can take a figure: a format matplotlib writes (by its extension, PNG without one),
+    not a folder, in a folder that exists or can be made."""
+    from streaming_llm.eval.plots import figure_format
+
+    if not str(path).strip():
+        raise ValueError(f"{option} is empty: give a file name")
+    figure = Path(path)
+    if figure.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file name")
+    figure_format(figure)
+    if figure.parent.exists() and not figure.parent.is_dir():
+        raise ValueError(f"{option} {path}: {figure.parent} is not a folder")
 
 
 def main(argv: list[str] | None = None) -> int:

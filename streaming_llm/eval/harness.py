@@ -17,7 +17,9 @@ from streaming_llm.eval.results import (
     PeakMemory,
     atomic_write,
     build_record,
+    check_same_model,
     is_finished,
+    model_fingerprint,
     read_result,
     result_paths,
     result_stem,
@@ -35,12 +37,17 @@ class MethodRun:
     skipped: bool
 
 
-def _finished_run(method: str, output_dir: str | os.PathLike, stem: str, force: bool) -> MethodRun | None:
-    """The finished result of `stem` as a skipped run, or None when there is none (or `force`)."""
+def _finished_run(method: str, output_dir: str | os.PathLike, stem: str, force: bool, fingerprint: str) -> MethodRun | None:
+    """The finished result of `stem` as a skipped run, or None when there is none (or `force`); ValueError when
+    the result there was made with another model of the same name."""
     if force or not is_finished(output_dir, stem):
         return None
     json_path, _ = result_paths(output_dir, stem)
-    record, _ = read_result(json_path)
+    try:
+        record, _ = read_result(json_path)
+    except ValueError as error:
+        raise ValueError(f"{error}; remove it, or pass --force to replace it") from None
+    check_same_model(record, fingerprint, json_path)
     return MethodRun(method, record, json_path, skipped=True)
 
 
@@ -75,10 +82,11 @@ def run_method(
     size = method.block_size(block_size)
     evaluator = method.evaluator(block_size)
     stem = result_stem(model_name, data, num_tokens, n_sink, window_size, method.name, evaluator, dtype)
-    if (finished := _finished_run(method.name, output_dir, stem, force)) is not None:
+    fingerprint = model_fingerprint(model)
+    if (finished := _finished_run(method.name, output_dir, stem, force, fingerprint)) is not None:
         return finished
     stepper = method.build(model, n_sink, window_size)
-    checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every)
+    checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every, fingerprint)
     resume_nlls = None if force else checkpoint.load()
 
     def after_block(end: int, nlls: torch.Tensor) -> None:
@@ -113,6 +121,7 @@ def run_method(
         device=device,
         dtype=dtype,
         extra={**(extra or {}), **result.extra, **_stepper_extra(stepper), "cpu_s": cpu_s},
+        fingerprint=fingerprint,
     )
     if resume_nlls is not None:
         record["resumed_from_step"] = int(resume_nlls.shape[0])
@@ -128,19 +137,26 @@ class Checkpoint:
     """The per-token NLLs of an unfinished run, saved atomically every `every` scored tokens.
 
     Not a result: `is_finished` ignores it, and it is removed once the result is written. A later run of
-    the same configuration (same stem, same block size) resumes from it (see compute_perplexity)."""
+    the same configuration (same stem, same block size, same model fingerprint) resumes from it (see
+    compute_perplexity); one made with another model of the same name is refused, an unreadable one named."""
 
-    def __init__(self, path: Path, block_size: int, every: int):
-        self.path, self.block_size, self.every = path, block_size, every
+    def __init__(self, path: Path, block_size: int, every: int, fingerprint: str | None = None):
+        self.path, self.block_size, self.every, self.fingerprint = path, block_size, every, fingerprint
         self.saved_at = 0
 
     def load(self) -> torch.Tensor | None:
         if not self.path.is_file():
             return None
-        with np.load(self.path) as saved:
-            if int(saved["block_size"]) != self.block_size:
-                return None
-            nlls = torch.from_numpy(saved["nlls"].astype(np.float64))
+        try:
+            with np.load(self.path, allow_pickle=False) as saved:
+                block_size = int(saved["block_size"])
+                stored = (str(saved["fingerprint"]) or None) if "fingerprint" in saved.files else None
+                nlls = torch.from_numpy(saved["nlls"].astype(np.float64))
+        except (ValueError, OSError, EOFError, KeyError) as error:
+            raise ValueError(f"{self.path} is not a readable checkpoint ({error}); remove it, or pass --force") from None
+        check_same_model({"model_fingerprint": stored}, self.fingerprint, self.path)
+        if block_size != self.block_size or (stored is None and self.fingerprint is not None):
+            return None  # another block size, or a checkpoint from before fingerprints: start afresh
         self.saved_at = nlls.shape[0]
         return nlls
 
@@ -148,7 +164,9 @@ class Checkpoint:
         if self.every <= 0 or end - self.saved_at < self.every:
             return
         array = nlls[:end].detach().cpu().numpy()
-        atomic_write(self.path, lambda handle: np.savez(handle, nlls=array, block_size=np.int64(self.block_size)))
+        fingerprint = np.array(self.fingerprint or "")
+        atomic_write(self.path, lambda handle: np.savez(handle, nlls=array, block_size=np.int64(self.block_size),
+                                                        fingerprint=fingerprint))
         self.saved_at = end
 
     def remove(self) -> None:
@@ -189,7 +207,8 @@ def run_recompute_sample(
     steps = sample_steps(num_tokens, capacity, num_samples)
     evaluator = f"sample{len(steps)}"
     stem = result_stem(model_name, data, num_tokens, n_sink, window_size, "recompute", evaluator, dtype)
-    if (finished := _finished_run("recompute", output_dir, stem, force)) is not None:
+    fingerprint = model_fingerprint(model)
+    if (finished := _finished_run("recompute", output_dir, stem, force, fingerprint)) is not None:
         return finished
     cpu_started, started = time.process_time(), time.perf_counter()
     with PeakMemory(device) as peak:
@@ -215,6 +234,7 @@ def run_recompute_sample(
         device=device,
         dtype=dtype,
         extra={"sampled_steps": steps, "cpu_s": cpu_s},
+        fingerprint=fingerprint,
     )
     json_path = write_result(output_dir, stem, record, nlls)
     return MethodRun("recompute", record, json_path, skipped=False)

@@ -23,6 +23,21 @@ METHOD_STYLES = {
 }
 
 
+def figure_format(path: str | os.PathLike) -> str:
+    """The file format a figure path asks for: its extension if matplotlib writes it (png, pdf, svg, ...), png
+    without one; ValueError otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise ValueError(f"{path}: matplotlib cannot write .{suffix} figures; use one of {', '.join(sorted(supported))}")
+    return suffix or "png"
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over up to `window` values (shorter at the start), same length as `values`."""
     values = np.asarray(values, dtype=np.float64)
@@ -111,13 +126,15 @@ def plot_nll_curves(
         axis.set_xlabel("token index in the stream")
     axis.set_ylabel(f"NLL (nats), moving average over {window} tokens, log scale")
     first = curves[0][0]
-    axis.set_title(title or f"{first['model']} on {first['data'].get('name', 'data')}: n_sink={first['n_sink']}, window={first['window_size']}")
+    data = first["data"].get("name", "data") if isinstance(first["data"], dict) else first["data"]
+    axis.set_title(title or f"{first['model']} on {data}: n_sink={first['n_sink']}, window={first['window_size']}")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, loc="best", framealpha=0.85)
     figure.tight_layout()
     output_path = Path(output_path)
+    file_format = figure_format(output_path)
     try:
-        atomic_write(output_path, lambda handle: figure.savefig(handle, format="png"))
+        atomic_write(output_path, lambda handle: figure.savefig(handle, format=file_format))
     finally:
         plt.close(figure)
     return output_path

@@ -15,6 +15,7 @@ leaves no results file, at most a `*.tmp` that the next write replaces.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -82,6 +83,23 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def prepare_output_dir(path: str | os.PathLike, option: str = "--output-dir") -> Path:
+    """The folder results go to, created if missing; ValueError naming `option` and the path when it cannot be
+    (checked before any work, so that a long run does not fail at its first write)."""
+    if not str(path).strip():
+        raise ValueError(f"{option} is empty: give a folder")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {path} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot create it ({error.strerror or error})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} is not writable")
+    return folder
+
+
 def write_result(output_dir: str | os.PathLike, stem: str, record: dict, nlls: torch.Tensor) -> Path:
     """Write <stem>.nlls.npy then <stem>.json atomically; return the JSON path."""
     json_path, nlls_path = result_paths(output_dir, stem)
@@ -101,13 +119,60 @@ def write_json_atomically(path: str | os.PathLike, payload) -> Path:
     return path
 
 
+# What every result record holds (build_record writes more); a file without them is not a result.
+RECORD_KEYS = ("model", "data", "num_tokens", "n_sink", "window_size", "method", "evaluator", "perplexity")
+
+
 def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
-    """(record, nlls or None if the companion file is missing) of a result JSON."""
+    """(record, nlls or None if the companion file is missing) of a result JSON; ValueError naming the file
+    when it is not a readable result (invalid JSON, another kind of JSON, an unreadable NLL file)."""
     json_path = Path(json_path)
-    record = json.loads(json_path.read_text(encoding="utf-8"))
-    nlls_path = json_path.with_name(record.get("nlls_file", json_path.stem + NLLS_SUFFIX))
-    nlls = np.load(nlls_path, allow_pickle=False) if nlls_path.is_file() else None
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{json_path} is not a result file: not valid JSON ({error})") from None
+    missing = [key for key in RECORD_KEYS if key not in record] if isinstance(record, dict) else list(RECORD_KEYS)
+    if missing:
+        raise ValueError(f"{json_path} is not a result file of streaming-llm eval (no {', '.join(missing)})")
+    nlls_path = json_path.with_name(str(record.get("nlls_file", json_path.stem + NLLS_SUFFIX)))
+    if not nlls_path.is_file():
+        return record, None
+    try:
+        nlls = np.load(nlls_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{nlls_path} is not a readable NLL file ({error})") from None
     return record, nlls
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits that tell models apart: the config (without its private and version fields) and, for every
+    parameter, its name, shape, dtype and first and last 1,024 values. Two folders of the same name holding
+    different weights get different fingerprints; the same model loaded again (any path, any machine) the same."""
+    digest = hashlib.sha256()
+    config = {key: value for key, value in model.config.to_dict().items()
+              if not key.startswith("_") and key not in ("transformers_version", "dtype", "torch_dtype", "name_or_path")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
+            if parameter.device.type == "meta":
+                continue
+            flat = parameter.detach().reshape(-1)
+            ends = torch.cat([flat[:1024], flat[-1024:]]) if flat.numel() > 2048 else flat
+            digest.update(ends.to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_model(record: dict, fingerprint: str | None, path: str | os.PathLike) -> None:
+    """ValueError when `record` (a finished result or a checkpoint) was made with a model other than the one
+    whose fingerprint is given: result names carry the model's folder name only, which two models can share.
+    Records written before fingerprints existed carry none and are taken as they were."""
+    stored = record.get("model_fingerprint")
+    if stored is not None and fingerprint is not None and stored != fingerprint:
+        raise ValueError(
+            f"{path} was made with another model of the same name ({record.get('model')}: fingerprint {stored}, "
+            f"this model {fingerprint}); use another --output-dir, or --force to replace it"
+        )
 
 
 def list_results(folder: str | os.PathLike) -> list[Path]:
@@ -218,11 +283,13 @@ def build_record(
     device: str,
     dtype: str,
     extra: dict | None = None,
+    fingerprint: str | None = None,
 ) -> dict:
     """The JSON record of one finished (run, method)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model": model_name,
+        "model_fingerprint": fingerprint,
         "data": data,
         "num_tokens": num_tokens,
         "num_predictions": num_tokens - 1,
