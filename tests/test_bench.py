@@ -99,8 +99,8 @@ def test_profile_reports_the_cache_stages(tmp_path, capsys):
     every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64."""
     status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "64", "--methods", "streaming_pos_shift",
                        "--rounds", "1", "--steps", "1", "--profile", "--output-dir", str(tmp_path), "--tag", "p"])
-    err = capsys.readouterr().err
-    assert status == 0 and "cache: frame move" in err
+    out = capsys.readouterr().out  # the tables the user asked for go to stdout (they were status lines, hidden by -q)
+    assert status == 0 and "cache: frame move" in out
     report = json.loads((tmp_path / "p.json").read_text())
     layers = 6  # the pythia-70m shape
     moves = {}
@@ -119,11 +119,24 @@ def test_profile_reports_the_cache_stages(tmp_path, capsys):
     (["bench", "--shape", "gpt-5"], "unknown model shape"),
     (["bench", "--stream-tokens", "-5"], "--stream-tokens must be 0 (skip) or at least the stream's capacity (1024)"),
     (["bench", "--cache-sizes", "256,2048", "--stream-tokens", "200"], "capacity (256), got 200"),
+    (["bench", "--cache-sizes", "64,128,64"], "64 given more than once"),
+    (["bench", "--shape", "pythia-70m", "--model", "some/model"], "--model applies to --shape embedded only"),
+    (["bench", "--tag", "../../escape"], "must be a plain file name"),
+    (["bench", "--output-dir", __file__], "is not a folder"),
 ])
 def test_bench_bad_options(argv, fragment, capsys):
     status = cli.main(argv + ["--quiet"])
     err = capsys.readouterr().err
     assert status == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_that_can_time_nothing_fails_and_writes_nothing(tmp_path, capsys):
+    """kvpress cannot hook GPT-NeoX: the only method is skipped. It wrote a JSON with no rows and an empty PNG, exit 0."""
+    status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "16", "--methods", "kvpress_decode", "--rounds",
+                       "1", "--steps", "1", "--quiet", "--output-dir", str(tmp_path), "--tag", "k"])
+    err = capsys.readouterr().err
+    assert status == 2 and "no method could be timed" in err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_copy_bandwidth_is_measured_on_cuda_only():

@@ -21,6 +21,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(str, repeated))} given more than once in {text!r}")
     return values
 
 
@@ -80,7 +83,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from streaming_llm.bench import latency
-    from streaming_llm.eval.results import write_json_atomically
+    from streaming_llm.cli_common import show_progress
+    from streaming_llm.eval.results import prepare_output_dir, write_json_atomically
     from streaming_llm.loading import resolve_device, resolve_dtype
     from streaming_llm.fast import resolve_decode_attention
 
@@ -92,6 +96,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.stream_tokens and args.stream_tokens < stream_capacity:
         raise ValueError(f"--stream-tokens must be 0 (skip) or at least the stream's capacity ({stream_capacity}), "
                          f"got {args.stream_tokens}")
+    if args.model is not None and args.shape != "embedded":
+        raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
+    if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")):
+        raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden)")
+    output_dir = prepare_output_dir(args.output_dir)
     device = resolve_device(args.device)
     methods = select_methods(args.methods, device)
     dtype = resolve_dtype(args.dtype, device)
@@ -102,12 +111,13 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         model = latency.build_model(args.shape, dtype, device)
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    progress_bars = show_progress(args)  # status lines and progress bars only on a terminal
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress_bars else (lambda *a: None)
     say(f"bench: shape={args.shape} device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
     rows = []
     for capacity in args.cache_sizes:
         progress = None
-        if not args.quiet:
+        if progress_bars:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=args.rounds * len(methods), desc=f"capacity {capacity}", leave=False, file=sys.stderr)
@@ -122,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
         checkpoints = sorted({stream_capacity, *(n for n in (1_000, 10_000, 50_000, 100_000) if n < args.stream_tokens),
                               args.stream_tokens})
         progress = None
-        if not args.quiet:
+        if progress_bars:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=args.stream_tokens, desc="streaming", unit="tok", leave=False, file=sys.stderr)
@@ -130,25 +140,28 @@ def run_bench(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
 
+    if not rows and not stream_rows:
+        raise ValueError("no method could be timed on this model (each was skipped, see above); nothing written")
     profiles = []
     tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    output_dir = Path(args.output_dir)
+    # The profile's tables are output the user asked for: on stdout with the latency table (not with --json).
+    show = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
     if args.profile:
         from streaming_llm.bench.profile import profile_decode
 
         capacity = min(args.cache_sizes, key=lambda c: abs(c - 1024))
-        output_dir.mkdir(parents=True, exist_ok=True)
         for position_mode in ("pos_shift", "rerotate"):
             trace = output_dir / f"{tag}.{position_mode}.trace.json"
             profiled = profile_decode(model, capacity, args.n_sink, position_mode=position_mode, trace_path=str(trace))
             if position_mode == "pos_shift":
-                say(profiled.top_operators)
-            say(profiled.text())
+                show(profiled.top_operators)
+            show(profiled.text())
             profiles.append({"position_mode": position_mode, "capacity": capacity, "trace": trace.name,
                              "stages": profiled.stages, "top_operators": profiled.top_operators})
 
     report = {
-        "kind": "decode_latency", "shape": args.shape, "model": args.model or "embedded", "dtype": args.dtype,
+        "kind": "decode_latency", "shape": args.shape,
+        "model": (args.model or "embedded") if args.shape == "embedded" else "random weights", "dtype": args.dtype,
         "n_sink": args.n_sink, "decode_attention": resolve_decode_attention(args.decode_attention, device), "rounds": args.rounds, "steps_per_round": args.steps,
         "environment": latency.environment(device), "rows": rows, "stream": stream_rows,
         "ratios_vs_dense_static": _ratios(rows, "dense_static"),
