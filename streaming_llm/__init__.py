@@ -1,40 +1,39 @@
-"""streaming-llm: endless generation and evaluation with attention sinks (StreamingLLM, Xiao et al. 2024)."""
+"""streaming-llm: endless generation and evaluation with attention sinks (StreamingLLM, Xiao et al. 2024).
 
-from streaming_llm.attention import ATTN_IMPLEMENTATION, prepare_model
-from streaming_llm.cache import StreamingKVCache
-from streaming_llm.fast import FastStreamingWrapper
-from streaming_llm.mit_cache import StartRecentKVCache
-from streaming_llm.rope import rerotate_keys
-from streaming_llm.wrapper import StreamingLLMWrapper
+The public names are imported on first use (PEP 562), so that `import streaming_llm` and the command line's
+entry point do not load torch and transformers before they are needed (a Ctrl-C in the first seconds of a
+command is then an ordinary interrupt, not a traceback from inside an import).
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ATTN_IMPLEMENTATION",
-    "FastStreamingWrapper",
-    "SamplingConfig",
-    "StartRecentKVCache",
-    "StreamingChat",
-    "StreamingKVCache",
-    "StreamingLLMWrapper",
-    "generate_stream",
-    "load_model",
-    "prepare_model",
-    "rerotate_keys",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "ATTN_IMPLEMENTATION": "streaming_llm.attention",
+    "prepare_model": "streaming_llm.attention",
+    "StreamingKVCache": "streaming_llm.cache",
+    "FastStreamingWrapper": "streaming_llm.fast",
+    "StartRecentKVCache": "streaming_llm.mit_cache",
+    "rerotate_keys": "streaming_llm.rope",
+    "StreamingLLMWrapper": "streaming_llm.wrapper",
+    "load_model": "streaming_llm.loading",
+    "generate_stream": "streaming_llm.generation",
+    "StreamingChat": "streaming_llm.generation",
+    "SamplingConfig": "streaming_llm.generation",
+}
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-    """The generation helpers, imported on first use (generation.py pulls in the tokenizer machinery)."""
-    if name in ("generate_stream", "StreamingChat", "SamplingConfig"):
-        from streaming_llm import generation
-
-        return getattr(generation, name)
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'streaming_llm' has no attribute {name!r}")
 
 
-def load_model(*args, **kwargs):
-    """Load a model and tokenizer (the embedded SmolLM2 default when no name is given); see loading.py."""
-    from streaming_llm.loading import load_model as _load_model
-
-    return _load_model(*args, **kwargs)
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,0 +1,16 @@
+"""The `streaming-llm` console script: the command line (streaming_llm.cli) imported inside the interrupt guard.
+
+Importing the CLI loads torch and transformers (seconds); a Ctrl-C meanwhile exits with status 130 like a
+Ctrl-C during the command itself, without a traceback.
+"""
+
+import sys
+
+
+def main() -> int:
+    try:
+        from streaming_llm.cli import main as cli_main
+    except KeyboardInterrupt:
+        print(file=sys.stderr, flush=True)
+        return 130
+    return cli_main()

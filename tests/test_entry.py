@@ -1,0 +1,35 @@
+"""The package's import cost and the console script's first seconds: `import streaming_llm` loads neither torch
+nor transformers (the public names come on first use), and a Ctrl-C while the command line is still importing
+them exits with status 130 and no traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import streaming_llm
+
+
+def test_import_is_light_and_every_public_name_resolves():
+    probe = "import sys, streaming_llm; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert loaded.stdout.strip() == "[]"
+    for name in streaming_llm.__all__:
+        assert getattr(streaming_llm, name) is not None
+    assert set(streaming_llm.__all__) <= set(dir(streaming_llm))
+
+
+def test_ctrl_c_while_the_command_line_imports_is_a_quiet_exit_130():
+    script = Path(sys.executable).with_name("streaming-llm")
+    if not script.is_file():
+        import pytest
+
+        pytest.skip("the console script is not installed")
+    process = subprocess.Popen([str(script), "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # torch and transformers take seconds to import: the interrupt lands there (or later, in main)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
