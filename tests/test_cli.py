@@ -228,6 +228,14 @@ def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
         (["generate", "-p", "x", "--compile", "always", "--streaming-mode", "mit"], "--compile always needs --streaming-mode ours"),
         (["generate", "-p", "x", "--device", "tpu"], "--device must be"),
         (["generate", "--prompt", "x", "--prompt-file", "y"], "not allowed with argument"),
+        (["generate", "--prompt-file", "."], "prompt file is a folder, not a file: ."),
+        (["generate", "-p", "x", "--temperature", "inf"], "--temperature must be >= 0 and finite"),
+        (["generate", "-p", "x", "--repetition-penalty", "nan"], "--repetition-penalty must be > 0 and finite"),
+        (["generate", "-p", "x", "--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63)"),
+        (["generate", "-p", "x", "--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
+        (["generate", "-p", "x", "--threads", "100000"], "--threads must be between 1 and"),
+        (["generate", "-p", "\udcff\udcfe"], "--prompt is not UTF-8 text (byte offset 0)"),
+        (["chat", "--system", "caf\udce9"], "--system is not UTF-8 text (byte offset 3)"),
         (["frobnicate"], "invalid choice"),
         ([], "choose a command"),
     ],
@@ -249,6 +257,104 @@ def test_errors_found_after_loading(model_dir, tmp_path, capsys):
     latin1.write_bytes("café".encode("latin-1"))
     status, _, err = run_main(capsys, "generate", "--model", str(model_dir), "--prompt-file", str(latin1))
     assert_one_line_error(status, err, "is not UTF-8 text")
+
+
+def test_broken_model_folders_are_one_line_errors(model_dir, tmp_path, capsys):
+    """A folder without tokenizer files once ran with an empty 8-token tokenizer; corrupt weights gave a traceback."""
+    no_tokenizer, bad_weights = tmp_path / "no_tok", tmp_path / "bad_weights"
+    for folder in (no_tokenizer, bad_weights):
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (folder / name).symlink_to(model_dir / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (bad_weights / name).symlink_to(model_dir / name)
+    (bad_weights / "model.safetensors").unlink()
+    (bad_weights / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    for argv in (["generate", "-p", "x"], ["info"]):
+        status, out, err = run_main(capsys, *argv, "--model", str(no_tokenizer))
+        assert_one_line_error(status, err, f"{no_tokenizer} has no tokenizer (tokenizer.json, tokenizer.model")
+        assert out == ""
+    status, _, err = run_main(capsys, "info", "--model", str(bad_weights))
+    assert_one_line_error(status, err, f"could not load model '{bad_weights}' (a corrupt or truncated file?): SafetensorError")
+
+
+def test_mps_without_mps_is_a_one_line_error(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    status, _, err = run_main(capsys, "info", "--device", "mps")
+    assert_one_line_error(status, err, "device 'mps' requested but MPS is not available")
+
+
+def test_text_that_is_not_utf8_is_refused_by_name(model_dir, tmp_path, capsys, monkeypatch):
+    """Python carries undecodable bytes (argv, stdin) as surrogate escapes and JSON "\\ud800" as a lone surrogate;
+    the tokenizer refused them with a TypeError traceback."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("caf\udce9 au lait\n"))
+    status, _, err = run_main(capsys, "generate", "--model", str(model_dir), "-f", "-")
+    assert_one_line_error(status, err, "prompt file (stdin) is not UTF-8 text (byte offset 3)")
+    script = tmp_path / "surrogate.jsonl"
+    script.write_text('{"prompt": "fine"}\n{"prompt": "a\\ud800b"}\n', encoding="utf-8")
+    status, _, err = run_main(capsys, "chat", "--model", str(model_dir), "--script", str(script))
+    assert_one_line_error(status, err, "surrogate.jsonl line 2: a string holds a lone surrogate")
+    # Interactive chat reports the line and goes on.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\ncaf\udce9\n/stats\n"))
+    status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "4")
+    assert status == 0 and "[stats] 1 turns" in out
+    assert err.strip() == "streaming-llm: error: input line 2 is not UTF-8 text (byte offset 3); line ignored"
+
+
+def test_non_utf8_stdin_subprocess(model_dir):
+    """The real bytes through the console script: `printf 'caf\\xe9' | streaming-llm generate -f -`."""
+    script = Path(sys.executable).with_name("streaming-llm")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "streaming_llm.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command + ["generate", "--model", str(model_dir), "-f", "-"], input=b"caf\xe9 au lait\n",
+                            capture_output=True, env=env, timeout=300)
+    assert_one_line_error(result.returncode, result.stderr.decode(), "prompt file (stdin) is not UTF-8 text (byte offset 3)")
+
+
+@pytest.mark.parametrize("output, fragment", [
+    ("{tmp}", "--output {tmp} is a folder: give a file path"),
+    ("", "--output is empty"),
+    ("{script}/answers.jsonl", "--output {script}/answers.jsonl: cannot write in its folder"),
+    ("/dev/null", "--output /dev/null is not a regular file"),
+])
+def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_file, tmp_path, capsys):
+    """It was only written after the whole script, failing then on an internal temporary file."""
+    names = {"tmp": tmp_path, "script": script_file}
+    output, fragment = output.format(**names), fragment.format(**names)
+    status, _, err = run_main(capsys, "chat", "--model", "./no/such/model", "--script", str(script_file), "--output", output)
+    assert_one_line_error(status, err, fragment)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"prompt": "a", "turns": ["b"]}', 'line 2: has both "prompt" and "turns"'),
+    ('{"prompt": "a", "score": NaN}', "line 2: NaN is not a number"),
+    ('{"prompt": "a", "score": -Infinity}', "line 2: -Infinity is not a number"),
+    ('{"prompt": "a", "score": 1e999}', "line 2: the number 1e999 is out of range"),
+])
+def test_script_lines_that_would_lose_or_corrupt_data_are_refused(line, fragment, tmp_path, capsys):
+    """A prompt next to turns was dropped; NaN was copied into --output as bare NaN, which is not JSON."""
+    script = tmp_path / "script.jsonl"
+    script.write_text('{"prompt": "fine", "score": 1.5}\n' + line + "\n", encoding="utf-8")
+    status, _, err = run_main(capsys, "chat", "--model", "./no/such/model", "--script", str(script))
+    assert_one_line_error(status, err, fragment)
+
+
+def test_prompt_file_may_be_a_pipe_or_a_device(tmp_path):
+    """`-f <(cmd)` (a pipe) and `-f /dev/null` were refused as "not a file"."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "w", encoding="utf-8") as handle:
+            handle.write("from a pipe")
+
+    threading.Thread(target=write, daemon=True).start()
+    assert cli.read_text_file(str(fifo), "prompt file") == "from a pipe"
+    assert cli.read_text_file(os.devnull, "prompt file") == ""
 
 
 def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, capsys):

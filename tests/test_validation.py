@@ -98,3 +98,87 @@ def test_compress_before_any_token_is_a_clear_error():
     for cache in (StreamingKVCache(2, 8), StreamingKVCache(2, 8, num_layers=2)):
         with pytest.raises(ValueError, match="holds nothing yet"):
             cache.compress(0)
+
+
+@pytest.fixture
+def saved_llama(llama_model, tmp_path):
+    """A model folder with config.json and weights, and no tokenizer files."""
+    folder = tmp_path / "llama"
+    llama_model.save_pretrained(folder)
+    return folder
+
+
+def test_model_folder_without_tokenizer_is_a_clear_error(saved_llama):
+    """transformers loads an "empty" 8-token tokenizer there, which turns every text into <unk>."""
+    from streaming_llm import load_model
+
+    with pytest.raises(ValueError, match=r"llama has no tokenizer \(tokenizer.json, tokenizer.model"):
+        load_model(saved_llama)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "garbage_bin"])
+def test_corrupt_weights_are_a_clear_error(saved_llama, damage):
+    import re
+
+    from streaming_llm import load_model
+
+    weights = saved_llama / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.write_bytes(bytes(range(256)) * 8)
+        if damage == "garbage_bin":
+            weights.rename(saved_llama / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=f"could not load model '{re.escape(str(saved_llama))}' \\(a corrupt or truncated file"):
+        load_model(saved_llama)
+
+
+def test_unavailable_devices_are_clear_errors(monkeypatch):
+    import torch
+
+    from streaming_llm.loading import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'mps' requested but MPS is not available"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="'cuda:1' requested but there are only 1 CUDA devices"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == "cuda:0"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", float("inf")), ("temperature", float("nan")), ("repetition_penalty", float("inf")),
+    ("repetition_penalty", float("nan")), ("seed", -1), ("seed", 2**63), ("seed", 1.5),
+])
+def test_sampling_config_refuses_values_the_sampler_cannot_use(field, value):
+    from streaming_llm.generation import SamplingConfig
+
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: value})
+    assert SamplingConfig(seed=2**63 - 1).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=1e-45), dict(temperature=1e-320), dict(temperature=1e-40, top_k=5), dict(temperature=1e-40, top_p=0.9),
+    dict(temperature=1.0, repetition_penalty=1e300), dict(temperature=0.5, repetition_penalty=1e-300),
+    dict(temperature=1e-30, repetition_penalty=1e-300, top_p=0.9), dict(temperature=1.0, repetition_penalty=1e-30, top_k=3),
+])
+def test_sampler_is_numerically_safe_for_every_accepted_value(options):
+    """Extreme values once overflowed to inf (softmax: NaN) and crashed torch.multinomial. A tiny temperature is
+    greedy; a penalty of 1e300 makes 0 * inf (a zero logit) and one of 1e-300 makes positive logits inf."""
+    import torch
+
+    from streaming_llm.generation import SamplingConfig, TokenSampler
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    recent = [int(i) for i in logits.topk(3).indices] + [7]
+    logits[7] = 0.0
+    sampler = TokenSampler(SamplingConfig(seed=0, **options))
+    tokens = [sampler(logits, recent) for _ in range(20)]
+    assert all(0 <= token < 1000 for token in tokens)
+    if options["temperature"] < 1e-20 and "repetition_penalty" not in options:  # greedy
+        assert tokens == [int(logits.argmax())] * 20
+    if options.get("repetition_penalty", 1.0) < 1e-20:  # the recent positive logits dominate
+        assert set(tokens) <= set(recent[:3])
