@@ -483,7 +483,8 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
             if not line:
                 break
             line = line.rstrip("\n")
-            _write_text(f"> {line}\n")
+            if not args.json:
+                _write_text(f"> {line}\n")
         try:
             require_utf8(line, f"input line {line_number}")
         except ValueError as error:  # one bad line is not the end of the conversation
@@ -503,7 +504,14 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
             else:
                 print(_chat_stats_line(chat), flush=True)
         elif command.startswith("/"):
-            print(f"unknown command {command}; commands: /reset /stats /exit", flush=True)
+            print(f"unknown command {command}; commands: /reset /stats /exit", file=sys.stderr if args.json else sys.stdout,
+                  flush=True)
+        elif args.json:  # one JSON object per answer: stdout stays JSON lines
+            for _ in chat.send(line):
+                pass
+            turn = chat.last_turn
+            print_json({"prompt": line, "answer": turn.answer, "new_tokens": turn.new_tokens,
+                        "fed_tokens": turn.fed_tokens, "stop_reason": turn.stop_reason, **_chat_stats(chat)})
         else:
             for piece in chat.send(line):
                 _write_text(piece.text)

@@ -128,7 +128,9 @@ def load_model(
                 source, dtype=torch_dtype, attn_implementation=attn_implementation, **load_kwargs
             )
     except (OSError, ValueError, ImportError) as error:
-        raise ValueError(f"could not load model {label!r}: {_first_line(error)}") from error
+        # A name that is no existing path was taken for a hub id: say so, for a mistyped relative folder.
+        hint = f" (and there is no local folder {name_or_path})" if name_or_path is not None and source == str(name_or_path) else ""
+        raise ValueError(f"could not load model {label!r}: {_first_line(error)}{hint}") from error
     except Exception as error:  # a corrupt or truncated file fails in its reader: SafetensorError, UnpicklingError, ...
         raise ValueError(f"could not load model {label!r} (a corrupt or truncated file?): {type(error).__name__}: {_first_line(error)}") from error
     _check_tokenizer(tokenizer, model, label, source)

@@ -189,6 +189,19 @@ def test_interactive_chat_commands(model_dir, capsys, monkeypatch):
     assert "unknown command /nonsense" in out
 
 
+def test_interactive_chat_json_is_one_object_per_line(model_dir, capsys, monkeypatch):
+    """With --json, stdout is JSON lines: one object per answer and per /stats (it mixed the echoed input and the
+    answer text with the JSON /stats lines); an unknown command goes to stderr."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/stats\n/nonsense\nTell me more\n"))
+    status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "8", "--json")
+    assert status == 0, err
+    objects = [json.loads(line) for line in out.splitlines()]
+    assert [o.get("prompt") for o in objects] == ["Hello there", None, "Tell me more"]
+    assert objects[0]["new_tokens"] == 8 and objects[0]["turns"] == 1 and objects[2]["turns"] == 2
+    assert isinstance(objects[0]["answer"], str) and objects[1]["turns"] == 1 and objects[1]["last_answer_tokens"] == 8
+    assert "unknown command /nonsense" in err
+
+
 # -- info and the parser ----------------------------------------------------------------------------------
 def test_info_json(model_dir, capsys):
     status, out, _ = run_main(capsys, "info", "--model", str(model_dir), "--window-size", "100", "--position-mode", "rerotate", "--json")
@@ -371,6 +384,7 @@ def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, capsys):
     [
         (["generate", "-p", "x", "--window-size", "-5"], "--window-size must be >= 1"),
         (["generate", "--model", "no-such-org/no-such-model", "-p", "x"], "could not load model 'no-such-org/no-such-model'"),
+        (["info", "--model", "no-such-org/no-such-model"], "(and there is no local folder no-such-org/no-such-model)"),
         (["generate", "--prompt-file", "no/such/prompt.txt"], "prompt file not found"),
     ],
 )
