@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm.bench.latency import MODEL_SHAPES, build_model, environment  # noqa: E402
+from streaming_llm.cli_common import require_cuda  # noqa: E402
 from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import COMPILE_CHOICES, FastStreamingWrapper  # noqa: E402
 from streaming_llm.wrapper import StreamingLLMWrapper  # noqa: E402
@@ -51,7 +52,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--layers", type=int, default=4, help="layers of the shape kept (compilation time; default 4)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda where there is one, else cpu")
     parser.add_argument("--n-sink", type=int, default=4)
     parser.add_argument("--window-size", type=int, default=60)
     parser.add_argument("--tokens", type=int, default=400, help="stream length (default 400: six frame moves at 64)")
@@ -59,6 +61,7 @@ def main() -> int:
     parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    require_cuda(args.device)
 
     torch.manual_seed(0)
     model = build_model(args.shape, torch.float32, args.device, num_hidden_layers=args.layers)
@@ -95,4 +98,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

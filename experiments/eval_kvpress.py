@@ -4,7 +4,7 @@ A context is prefilled densely and compressed by KeyRerotationPress(StreamingLLM
 tokens, then a continuation is scored (streaming_llm.eval.kvpress_compare). Writes one JSON per configuration
 under results/kvpress/ and prints the summary. Example (the committed numbers):
 
-    python experiments/eval_kvpress.py --context-length 4096 --continuation-length 512
+    python experiments/eval_kvpress.py --context-length 2048 --continuation-length 256
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-window", type=int, default=60, help="window of the kept-positions demo (n_sink = --n-sink)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    if args.context_length <= args.n_sink + args.window_size:
+        raise ValueError(f"--context-length {args.context_length} must exceed the kept n_sink + window_size "
+                         f"({args.n_sink + args.window_size}): the press compresses the context down to it")
+    if args.continuation_length < 1 or args.timing_repeats < 1 or args.demo_tokens < 0:
+        raise ValueError("--continuation-length and --timing-repeats must be >= 1, --demo-tokens >= 0")
 
     from streaming_llm.data import describe_source, load_text, load_tokens
     from streaming_llm.eval.command import _model_name
@@ -107,4 +112,6 @@ def torch_equal(a, b) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

@@ -4,14 +4,16 @@ The stream is fed in chunks through a sink + window cache that is cut only betwe
 (streaming_llm.eval.chunked); the decode loop (= our exact parallel evaluator) cuts after every token.
 For each chunk size this measures how far the chunked NLLs are from the decode loop's on the same ids,
 and does the same for the strided sliding-window baseline against the recompute oracle's definition.
-Writes <output-dir>/chunked__T<n>__s<s>_w<w>.json and prints a table. Example (the committed numbers):
+Writes <output-dir>/chunked__T<n>__s<s>_w<w>.json (a file of another model or text there is refused unless --force)
+and prints a table. Example (the committed numbers):
 
-    python experiments/eval_streaming_llm.py --num-tokens 4096 --chunk-sizes 1,64,256,1020
+    python experiments/eval_streaming_llm.py --num-tokens 2048 --chunk-sizes 64,256,1020 --strides 256
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--output-dir", default="results/comprehensive/chunked")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")
+    parser.add_argument("--force", action="store_true", help="replace a result of another model or text")
     args = parser.parse_args(argv)
 
     import torch
@@ -40,10 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.loading import load_model
 
     data = describe_source(args.data, text=load_text(args.data))
+    path = Path(args.output_dir) / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
+    if path.is_file() and not args.force:  # the name carries no model or text: never replace another's silently
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if (previous.get("model"), previous.get("data", {}).get("sha256")) != (_model_name(args.model), data.get("sha256")):
+            raise ValueError(f"{path} holds the result of {previous.get('model')} on another text or model; "
+                             "use another --output-dir, or --force to replace it")
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.num_tokens)
     capacity = args.n_sink + args.window_size
-    progress = not args.quiet
+    progress = not args.quiet and sys.stderr.isatty()
 
     # The decode loop's NLLs, computed with the exact parallel evaluator (equal to it, tests/test_eval_parallel.py).
     reference = compute_perplexity(METHODS["streaming_pos_shift"].build(model, args.n_sink, args.window_size), ids, block_size=256)
@@ -59,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"protocol": f"sliding window {capacity}, stride {stride}", "stride": stride, "perplexity": result.perplexity,
                      "wall_s": result.wall_s, **deviation(result.nlls, reference.nlls),
                      "vs_window_attention": deviation(result.nlls, window.nlls)})
-    path = Path(args.output_dir) / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
     write_json_atomically(path, {
         "model": _model_name(args.model), "data": data, "num_tokens": args.num_tokens, "n_sink": args.n_sink,
         "window_size": args.window_size, "reference": "streaming_pos_shift decode loop", "rows": rows,
@@ -77,4 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

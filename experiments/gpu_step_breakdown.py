@@ -22,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm.bench.latency import (  # noqa: E402
-    build_model, make_decoder, prepare_attn, queued_step_ms, synchronize, synchronized_ms,
+    MODEL_SHAPES, build_model, make_decoder, prepare_attn, queued_step_ms, synchronize, synchronized_ms,
 )
+from streaming_llm.cli_common import require_cuda  # noqa: E402
 from streaming_llm.fast import DECODE_ATTENTION  # noqa: E402
 
 
@@ -61,10 +62,11 @@ def kernels(decoder, device, steps: int, top: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-2-7b")
+    parser.add_argument("--shape", default="llama-2-7b", choices=sorted(MODEL_SHAPES))
     parser.add_argument("--capacity", type=int, default=4096)
     parser.add_argument("--n-sink", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (default); cpu profiles on the CPU (a small --shape: the CPU profile nests operators)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--decode-attention", default="grouped",
                         help=f"comma-separated formulations of our step, from: {', '.join(DECODE_ATTENTION)}")
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    require_cuda(args.device)
     device = torch.device(args.device)
     variants = [v for v in args.decode_attention.split(",") if v]
     unknown = [v for v in variants if v not in DECODE_ATTENTION]
@@ -115,4 +118,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

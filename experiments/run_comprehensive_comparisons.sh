@@ -5,12 +5,13 @@
 #   DECODE_TOKENS    prefix scored by the decode-loop-only kvpress methods (default 2048)
 #   RECOMPUTE_SAMPLES steps at which the recompute oracle is run (default 32, spread over the stream)
 #   DATA             text source (default: embedded text); OUTPUT_DIR (default results/comprehensive)
-#   EXTRA_ARGS       passed on to `streaming-llm eval` (e.g. --force, --quiet)
+#   EXTRA_ARGS       passed on to `streaming-llm eval` and run_decode_perplexity.py (e.g. --force, --quiet)
+#   PYTHON           the Python with the package (default: the repository's .venv); relative paths are the caller's
 #
 # Each method's result is written as soon as it finishes; a finished configuration is skipped when the
 # script runs again, so an interrupted run resumes at the next method.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 NUM_TOKENS=${NUM_TOKENS:-20480}
 DECODE_TOKENS=${DECODE_TOKENS:-2048}
 RECOMPUTE_SAMPLES=${RECOMPUTE_SAMPLES:-32}
@@ -21,12 +22,12 @@ if [[ -n "${DATA:-}" ]]; then DATA_ARGS=(--data "$DATA"); fi
 # One torch thread: on a shared machine, several threads spin while they wait for each other.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # The exact methods on the whole stream (blocks of 256), recompute at sampled steps, kvpress's decode loop on a prefix.
-streaming-llm eval --num-tokens "$NUM_TOKENS" --n-sink 4 --window-size 1020 --block-size 256 \
+"${CLI[@]}" eval --num-tokens "$NUM_TOKENS" --n-sink 4 --window-size 1020 --block-size 256 \
   --recompute-samples "$RECOMPUTE_SAMPLES" --decode-tokens "$DECODE_TOKENS" \
   --methods streaming_pos_shift,dense,window,streaming_absolute,mit,streaming_rerotate,recompute,kvpress_decode_corrected,kvpress_decode_shipped \
   --output-dir "$OUTPUT_DIR" "${DATA_ARGS[@]}" ${EXTRA_ARGS:-}
 # Decode loop vs the parallel evaluator on a 4,096-token prefix.
-python experiments/run_decode_perplexity.py --num-tokens 4096 --methods streaming_pos_shift --output-dir "$OUTPUT_DIR" \
-  "${DATA_ARGS[@]}"
+"$PYTHON" experiments/run_decode_perplexity.py --num-tokens "$(( NUM_TOKENS < 4096 ? NUM_TOKENS : 4096 ))" \
+  --methods streaming_pos_shift --output-dir "$OUTPUT_DIR" "${DATA_ARGS[@]}" ${EXTRA_ARGS:-}
 # Summary table (docs/evaluation.md) and figure.
-python experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_DIR"
+"$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_DIR"

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.num_tokens)
     common = dict(model_name=_model_name(args.model), data=data, n_sink=args.n_sink, window_size=args.window_size,
-                  output_dir=args.output_dir, force=args.force, progress=not args.quiet)
+                  output_dir=args.output_dir, force=args.force, progress=not args.quiet and sys.stderr.isatty())
     rows = []
     for method in methods:
         runs = {size: run_method(method, model, ids, block_size=size, **common) for size in (args.block_size, 1)}
@@ -82,4 +82,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

@@ -5,13 +5,12 @@
 #   DEVICE=cuda:   random-weight shapes at the paper's scale in bf16: Llama-2-7B at 4096 and SmolLM2-135M at 1024
 #                  (eager and CUDA-graph-compiled dense and streaming steps, mit, kvpress, recompute), a 100,000-token
 #                  stream, and the fast path's fp32/bf16 check (experiments/check_fast_path.py).
-# OUTPUT_DIR (default results/latency), PYTHON (default python), TAG_PREFIX (default cpu / gpu); on CUDA also
+# OUTPUT_DIR (default results/latency), PYTHON (default: the repository's .venv, else python), TAG_PREFIX (default cpu / gpu); on CUDA also
 # METHODS (default all), STREAM_TOKENS (default 100000; 0 skips the stream) and FAST_PATH_CHECK (default 1; 0 skips
 # the fp32/bf16 check, ~1.5 min on an H100, when only the latency table is wanted).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-results/latency}
-PYTHON=${PYTHON:-python}
 BENCH=("$PYTHON" -m streaming_llm.cli bench --output-dir "$OUTPUT_DIR")
 if [[ "${DEVICE:-cpu}" == cuda* ]]; then
   TAG=${TAG_PREFIX:-gpu}

@@ -5,8 +5,7 @@
 # than the embedded model, whose 100,000 tokens would take hours on a CPU). One JSON per length under OUTPUT_DIR
 # (default results/generation): generate's --json record without the text, plus the command that produced it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/common.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-results/generation}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

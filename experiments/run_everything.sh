@@ -3,7 +3,7 @@
 # sizes of the committed results (about an hour on 2 CPU cores). Outputs go to OUTPUT_ROOT (default: a temporary
 # folder, so the committed results are not touched; OUTPUT_ROOT=results to regenerate them).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 OUTPUT_ROOT=${OUTPUT_ROOT:-$(mktemp -d -t streaming-llm-experiments.XXXX)}
 if [[ "${SCALE:-small}" == "full" ]]; then
   NUM_TOKENS=20480; DECODE_TOKENS=2048; PREFIX=4096; SAMPLES=32; CONTEXT=2048; CONTINUATION=256; CHUNK_TOKENS=2048
@@ -12,16 +12,16 @@ else
 fi
 echo "writing to $OUTPUT_ROOT" >&2
 # 1. Every method on one stream, parallel evaluator where exact (the table and the figure).
-streaming-llm eval --num-tokens "$NUM_TOKENS" --decode-tokens "$DECODE_TOKENS" --recompute-samples "$SAMPLES" \
+"${CLI[@]}" eval --num-tokens "$NUM_TOKENS" --decode-tokens "$DECODE_TOKENS" --recompute-samples "$SAMPLES" \
   --methods all --output-dir "$OUTPUT_ROOT/comprehensive" --quiet
-python experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_ROOT/comprehensive"
+"$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_ROOT/comprehensive"
 # 2. Decode loop vs parallel evaluator on a prefix (same NLLs, speed ratio).
-python experiments/run_decode_perplexity.py --num-tokens "$PREFIX" --output-dir "$OUTPUT_ROOT/comprehensive" --quiet
+"$PYTHON" experiments/run_decode_perplexity.py --num-tokens "$PREFIX" --output-dir "$OUTPUT_ROOT/comprehensive" --quiet
 # 3. kvpress decode loop next to ours (data by environment variable DATA).
-NUM_TOKENS="$PREFIX" OUTPUT_DIR="$OUTPUT_ROOT/comprehensive" EXTRA_ARGS=--quiet experiments/run_kvpress_streaming_decode.sh
+NUM_TOKENS="$PREFIX" OUTPUT_DIR="$OUTPUT_ROOT/comprehensive" EXTRA_ARGS=--quiet PYTHON="$PYTHON" bash experiments/run_kvpress_streaming_decode.sh
 # 4. kvpress's prefill protocol and the rerotation comparison.
-python experiments/eval_kvpress.py --context-length "$CONTEXT" --continuation-length "$CONTINUATION" --output-dir "$OUTPUT_ROOT/kvpress"
+"$PYTHON" experiments/eval_kvpress.py --context-length "$CONTEXT" --continuation-length "$CONTINUATION" --output-dir "$OUTPUT_ROOT/kvpress"
 # 5. Chunked evaluation and the strided sliding window against the decode loop.
-python experiments/eval_streaming_llm.py --num-tokens "$CHUNK_TOKENS" --output-dir "$OUTPUT_ROOT/comprehensive/chunked" --quiet
-streaming-llm plot "$OUTPUT_ROOT/comprehensive" -o "$OUTPUT_ROOT/comprehensive/all_curves.png"
+"$PYTHON" experiments/eval_streaming_llm.py --num-tokens "$CHUNK_TOKENS" --output-dir "$OUTPUT_ROOT/comprehensive/chunked" --quiet
+"${CLI[@]}" plot "$OUTPUT_ROOT/comprehensive" -o "$OUTPUT_ROOT/comprehensive/all_curves.png"
 echo "done: $OUTPUT_ROOT" >&2

@@ -5,10 +5,10 @@
 #               embedded text (default)
 #   NUM_TOKENS  stream length (default 2048); N_SINK (4), WINDOW_SIZE (1020); OUTPUT_DIR (results/comprehensive)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 NUM_TOKENS=${NUM_TOKENS:-2048}
 DATA_ARGS=()
 if [[ -n "${DATA:-}" ]]; then DATA_ARGS=(--data "$DATA"); fi
-streaming-llm eval --num-tokens "$NUM_TOKENS" --n-sink "${N_SINK:-4}" --window-size "${WINDOW_SIZE:-1020}" \
+"${CLI[@]}" eval --num-tokens "$NUM_TOKENS" --n-sink "${N_SINK:-4}" --window-size "${WINDOW_SIZE:-1020}" \
   --methods kvpress_decode_shipped,kvpress_decode_corrected,streaming_absolute,streaming_pos_shift \
   --output-dir "${OUTPUT_DIR:-results/comprehensive}" "${DATA_ARGS[@]}" ${EXTRA_ARGS:-}

@@ -21,25 +21,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-size", type=int, default=1020)
     parser.add_argument("--context-length", type=int, default=8192, help="the model's trained context (SmolLM2: 8192)")
     parser.add_argument("--output-dir", default="results/comprehensive")
+    parser.add_argument("--model", default=None,
+                        help="only this model's results (its result name, e.g. SmolLM2-135M-Instruct), where the folder "
+                             "holds several models' or texts' results")
     args = parser.parse_args(argv)
 
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
-    from streaming_llm.eval.results import list_results, read_result, write_json_atomically
+    from streaming_llm.eval.results import data_label, list_results, read_result, write_json_atomically
 
     tag = f"s{args.n_sink}_w{args.window_size}"
     # Per method, its longest run of at most --num-tokens tokens (blocks preferred over the decode loop at equal
     # length): the stream is scored causally, so a run on the first N tokens has the NLLs of those N tokens.
     best: dict[str, tuple] = {}
+    sources = set()
     for path in list_results(args.output_dir):
         record, _ = read_result(path)
         if record["n_sink"] != args.n_sink or record["window_size"] != args.window_size or record["num_tokens"] > args.num_tokens:
             continue
+        if args.model is not None and record["model"] != args.model:
+            continue
+        sources.add((record["model"], data_label(record["data"])))
         key = (record["num_tokens"], record["evaluator"] != "decode" or record["method"].startswith("kvpress"))
         if record["method"] not in best or key > best[record["method"]][0]:
             best[record["method"]] = (key, path, record)
     if not best:
         raise SystemExit(f"no results ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
+    if len(sources) > 1:  # one table compares methods on one stream of one model
+        listed = ", ".join(f"{model} on {data}" for model, data in sorted(sources))
+        raise SystemExit(f"{args.output_dir} holds results of several models or texts ({listed}): pass --model, "
+                         "or keep each stream's results in its own folder")
     order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
              "kvpress_decode_shipped", "kvpress_decode_corrected"]
     chosen = sorted(best.values(), key=lambda item: order.index(item[2]["method"]) if item[2]["method"] in order else len(order))
@@ -53,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     print(table)
     summary_dir = Path(args.output_dir) / "summary"
+    summary_dir.mkdir(parents=True, exist_ok=True)
     (summary_dir / f"table__T{args.num_tokens}__{tag}.md").write_text(table + "\n", encoding="utf-8")
     # Cross-checks over the common prefix of two runs (NLL files are float32: resolution ~1e-6).
     pairs = [("mit", "streaming_pos_shift"), ("streaming_rerotate", "streaming_pos_shift"),
@@ -76,4 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

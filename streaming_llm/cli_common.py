@@ -181,3 +181,28 @@ def peak_memory_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def run_script(main, argv: list[str] | None = None) -> int:
+    """Run an experiment script's `main(argv)` under the CLI's error contract: a ValueError or OSError (bad input,
+    a model or file that cannot be read) is one line, `<script>: error: <reason>`, exit status 2; Ctrl-C exits 130
+    without a traceback."""
+    name = os.path.basename(sys.argv[0]) or "script"
+    try:
+        return int((main() if argv is None else main(argv)) or 0)
+    except (ValueError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        print(f"{name}: error: {reason}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr, flush=True)
+        return 130
+
+
+def require_cuda(device: str) -> None:
+    """ValueError unless `device` is usable: a CUDA device asked for on a machine without one is named in one line."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device here (this script measures the GPU; --device cpu for a "
+                         "small smoke run where it offers one)")
