@@ -31,12 +31,17 @@ from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_ma
 STREAMING_MODES = ("ours", "mit")
 
 
-def validate_config(n_sink: int, window_size: int, position_mode: str, streaming_mode: str) -> None:
-    """Raise ValueError with the reason for any configuration SEMANTICS.md does not define."""
+def validate_sizes(n_sink: int, window_size: int) -> None:
+    """ValueError unless n_sink is an integer >= 0 and window_size an integer >= 1 (SEMANTICS.md)."""
     if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
         raise ValueError(f"n_sink must be an integer >= 0, got {n_sink!r}")
     if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
         raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
+
+
+def validate_config(n_sink: int, window_size: int, position_mode: str, streaming_mode: str) -> None:
+    """Raise ValueError with the reason for any configuration SEMANTICS.md does not define."""
+    validate_sizes(n_sink, window_size)
     if position_mode not in POSITION_MODES:
         raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}; got {position_mode!r}")
     if streaming_mode not in STREAMING_MODES:

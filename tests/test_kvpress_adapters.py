@@ -166,6 +166,11 @@ def test_stepper_reset_and_validation(kv_model):
         KvpressDecodeStepper(kv_model, 2, 0)
     with pytest.raises(ValueError, match="expected \\[1, n\\]"):
         stepper.step(ids[None].expand(2, -1))
+    # A size that is not an integer: kvpress_prefill_compress(n_sink=2.5) searched for a compression ratio for ever.
+    with pytest.raises(ValueError, match="n_sink must be an integer >= 0, got 2.5"):
+        kvpress_prefill_compress(kv_model, ids[None], n_sink=2.5, window_size=8)
+    with pytest.raises(ValueError, match="n_kept must be an integer >= 0"):
+        compression_ratio_keeping(10, -1)
 
 
 # --- the prefill protocol -------------------------------------------------------------------------------

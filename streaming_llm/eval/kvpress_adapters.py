@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from streaming_llm.cache import validate_sizes
 from streaming_llm.models import UnsupportedModelError
 
 
@@ -98,8 +99,8 @@ def require_kvpress_support(model: nn.Module) -> None:
 
 
 def _validate(n_sink: int, window_size: int) -> None:
-    if n_sink < 0 or window_size < 1:
-        raise ValueError(f"n_sink={n_sink}, window_size={window_size}; need n_sink >= 0 and window_size >= 1")
+    # Integers, as for our cache: a float n_sink (2.5) made compression_ratio_keeping search for ever.
+    validate_sizes(n_sink, window_size)
 
 
 class _SequenceGatherRecorder(TorchFunctionMode):
@@ -243,6 +244,9 @@ class KvpressDecodeStepper:
 
 def compression_ratio_keeping(context_length: int, n_kept: int) -> float:
     """The compression ratio r with compute_n_kept(context_length, r) == n_kept (kvpress rounds with int())."""
+    for name, value in (("context_length", context_length), ("n_kept", n_kept)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if n_kept >= context_length:
         return 0.0
     ratio = 1.0 - n_kept / context_length
