@@ -101,6 +101,13 @@ class StreamingLayer(CacheLayerMixin):
             raise ValueError(
                 f"this cache holds a batch of {self.values.shape[0]} streams; got {key_states.shape[0]} (reset it first)"
             )
+        held = (self.values.shape[1], self.values.shape[-1], self.values.dtype, self.values.device)
+        if (key_states.shape[1], value_states.shape[-1], value_states.dtype, value_states.device) != held:
+            raise ValueError(  # another model (heads, head size) or the same one moved to another dtype or device
+                f"this cache holds keys of another shape, dtype or device ({held[0]} kv heads of size {held[1]}, "
+                f"{held[2]}, {held[3]}); got {key_states.shape[1]} of size {value_states.shape[-1]}, "
+                f"{value_states.dtype}, {value_states.device}: reset it, or make a new one for this model"
+            )
         cache_kwargs = cache_kwargs or {}
         if "cos" not in cache_kwargs or "sin" not in cache_kwargs:
             raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs (RoPE models only)")
@@ -471,6 +478,8 @@ class StreamingKVCache(Cache):
         num_layers: int | None = None,
     ):
         validate_config(n_sink, window_size, position_mode, streaming_mode)
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
+            raise ValueError(f"num_layers must be None (grow with the model) or an integer >= 1, got {num_layers!r}")
         self.policy = PositionPolicy(position_mode, n_sink, window_size)
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
@@ -495,6 +504,9 @@ class StreamingKVCache(Cache):
         return self.n_sink + self.window_size
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx >= len(self.layers) and self.layer_class_to_replicate is None:
+            raise ValueError(f"this cache was made for {len(self.layers)} layers (num_layers); the model has more: "
+                             "leave num_layers out, or give the model's number of layers")
         if layer_idx == 0:  # a new forward pass: per-step values shared across layers are recomputed
             self._shared.clear()
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)

@@ -30,8 +30,8 @@ class StreamingLLMWrapper:
         max_block: int = 512,
     ):
         validate_config(n_sink, window_size, position_mode, streaming_mode)
-        if max_block < 1:
-            raise ValueError(f"max_block must be >= 1, got {max_block}")
+        if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
+            raise ValueError(f"max_block must be an integer >= 1, got {max_block!r}")
         self.max_block = max_block
         self.architecture = describe(model)
         check_capacity(model.config, n_sink + window_size)

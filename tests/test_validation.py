@@ -182,3 +182,38 @@ def test_sampler_is_numerically_safe_for_every_accepted_value(options):
         assert tokens == [int(logits.argmax())] * 20
     if options.get("repetition_penalty", 1.0) < 1e-20:  # the recent positive logits dominate
         assert set(tokens) <= set(recent[:3])
+
+
+def test_a_cache_refuses_keys_it_was_not_made_for():
+    """Found by the API audit: one StreamingKVCache passed to another model (other kv heads), or to the same model
+    in another dtype, failed inside torch.cat / the attention kernel; a num_layers below the model's gave an
+    IndexError from transformers. Each is now a ValueError that says what to do."""
+    import torch
+
+    from streaming_llm import StreamingLLMWrapper, prepare_model
+    from streaming_llm.models import describe
+
+    from tiny_models import build_gpt_neox, build_llama
+
+    llama_model, gpt_neox_model = build_llama(), build_gpt_neox()  # their own: one is moved to bfloat16 below
+    ids = torch.randint(0, 100, (1, 12))
+    for model in (llama_model, gpt_neox_model):
+        prepare_model(model)
+    cache = StreamingKVCache(n_sink=2, window_size=8)
+    llama_model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="holds keys of another shape, dtype or device"):
+        gpt_neox_model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="holds keys of another shape, dtype or device"):
+        llama_model.to(torch.bfloat16)(ids, past_key_values=cache, use_cache=True)
+    llama_model = build_llama()
+    prepare_model(llama_model)
+    with pytest.raises(ValueError, match="made for 1 layers"):
+        llama_model(ids, past_key_values=StreamingKVCache(n_sink=2, window_size=8, num_layers=1), use_cache=True)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="num_layers must be None"):
+            StreamingKVCache(n_sink=2, window_size=8, num_layers=bad)
+    with pytest.raises(ValueError, match="max_block must be an integer >= 1, got 2.5"):
+        StreamingLLMWrapper(llama_model, n_sink=2, window_size=8, max_block=2.5)
+    for not_a_model in (None, "EleutherAI/pythia-70m"):
+        with pytest.raises(TypeError, match="expected a Hugging Face causal language model"):
+            describe(not_a_model)

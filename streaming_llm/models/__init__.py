@@ -101,7 +101,9 @@ def model_type_name(config) -> str:
 
 def describe(model: nn.Module) -> Architecture:
     """Inspect a loaded Hugging Face causal LM; ValueError if streaming cannot support it."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or config is None:
+        raise TypeError(f"expected a Hugging Face causal language model (a torch module with a .config), got {type(model).__name__}")
     adapter = adapter_for(config)
     rope_parameters = getattr(config, "rope_parameters", None) or {}
     rope_type = rope_parameters.get("rope_type", "default")
