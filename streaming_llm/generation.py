@@ -234,9 +234,9 @@ class GenerationStream:
     def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if prefill_block_size < 1:
-            raise ValueError(f"prefill_block_size must be >= 1, got {prefill_block_size}")
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+        if isinstance(prefill_block_size, bool) or not isinstance(prefill_block_size, int) or prefill_block_size < 1:
+            raise ValueError(f"prefill_block_size must be an integer >= 1, got {prefill_block_size!r}")
+        ids = prompt_token_ids(prompt_ids)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty: generation needs at least one token to continue from")
         vocab = wrapper.model.get_input_embeddings().num_embeddings
@@ -248,8 +248,8 @@ class GenerationStream:
             )
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.prompt_ids = ids
-        self.sampling = sampling or SamplingConfig()
-        self.stop = list(stop)
+        self.sampling = sampling_config(sampling)
+        self.stop = stop_strings(stop)
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = frozenset(int(i) for i in (stop_token_ids or ()))
         self.prefill_block_size = prefill_block_size
@@ -322,6 +322,38 @@ class GenerationStream:
             logits = self.wrapper(torch.tensor([[token]], device=device))[0, -1]
             self.pending_token = None
             self.decode_seconds = time.perf_counter() - start
+
+
+def prompt_token_ids(prompt_ids) -> torch.Tensor:
+    """The prompt as a LongTensor [n]: from a list of ints or an integer tensor [n] or [1, n]; ValueError otherwise
+    (a [2, n] batch was flattened into one stream, float ids truncated, bool ids taken as 0/1)."""
+    ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.as_tensor(prompt_ids)
+    if ids.numel() == 0:
+        ids = ids.to(torch.long)  # an empty list is a float tensor: refused as empty below, not as floats
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"prompt_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"prompt_ids must be a list or a tensor [n] or [1, n] (one stream), got shape {tuple(ids.shape)}")
+    return ids.to(torch.long)
+
+
+def stop_strings(stop) -> list[str]:
+    """The stop strings: a sequence of non-empty strings, or one string (which is one stop string, not its
+    characters)."""
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if not all(isinstance(text, str) and text for text in stop):
+        raise ValueError(f"stop must be a string or a sequence of non-empty strings, got {stop!r}")
+    return stop
+
+
+def sampling_config(sampling) -> SamplingConfig:
+    if sampling is None:
+        return SamplingConfig()
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig (or None for greedy), got {type(sampling).__name__}")
+    return sampling
 
 
 def generate_stream(
@@ -414,11 +446,13 @@ class StreamingChat:
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; StreamingChat needs an instruct model's tokenizer")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.system_prompt = system_prompt
-        self.sampling = sampling or SamplingConfig()
+        self.sampling = sampling_config(sampling)
         self.max_new_tokens = max_new_tokens
-        self.stop = list(stop)
+        self.stop = stop_strings(stop)
         self.stop_token_ids = set(end_of_turn_ids(tokenizer, wrapper.model) if stop_token_ids is None else stop_token_ids)
         self.reset()
 
@@ -474,7 +508,7 @@ class StreamingChat:
             feed,
             self.sampling,
             self.stop,
-            max_new_tokens or self.max_new_tokens,
+            self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             stop_token_ids=self.stop_token_ids,
         )
         context_ids = feed[-DECODE_CONTEXT_TOKENS:]

@@ -217,3 +217,24 @@ def test_a_cache_refuses_keys_it_was_not_made_for():
     for not_a_model in (None, "EleutherAI/pythia-70m"):
         with pytest.raises(TypeError, match="expected a Hugging Face causal language model"):
             describe(not_a_model)
+
+
+def test_generation_arguments_are_taken_as_documented_or_refused():
+    """Found by the API audit, each a silent wrong result before: stop="THE END" was split into characters (it
+    stopped at the first space), a [2, n] prompt was flattened into one stream, float ids were truncated, and
+    StreamingChat.send(max_new_tokens=0) used the default instead."""
+    import torch
+
+    from streaming_llm.generation import prompt_token_ids, stop_strings
+
+    assert stop_strings("THE END") == ["THE END"] and stop_strings(["a", "b"]) == ["a", "b"] and stop_strings(None) == []
+    with pytest.raises(ValueError, match="non-empty strings"):
+        stop_strings(["ok", ""])
+    assert prompt_token_ids([[5, 6, 7]]).tolist() == [5, 6, 7] and prompt_token_ids(torch.tensor([5, 6])).dtype == torch.long
+    with pytest.raises(ValueError, match="one stream"):
+        prompt_token_ids(torch.tensor([[1, 2], [3, 4]]))
+    for bad in ([1.9, 2.9], torch.ones(3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="integer token ids"):
+            prompt_token_ids(bad)
+    assert prompt_token_ids([]).numel() == 0  # refused later as an empty prompt, with that message
+
