@@ -15,14 +15,15 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from streaming_llm.cli_common import (
     apply_threads,
+    check_output_file,
     common_parent,
     model_label,
+    one_line,
     peak_memory_mb,
     print_json,
     show_progress,
@@ -182,25 +183,6 @@ def read_text_file(path: str, what: str) -> str:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte offset {error.start})") from error
     except OSError as error:
         raise ValueError(f"cannot read {what} {path}: {error.strerror}") from error
-
-
-def check_output_file(path: str, option: str = "--output") -> Path:
-    """The file `option` names, checked before any work so that a long run does not fail at its end: not empty,
-    not a folder or a device, and its folder (created if missing, as the final write would) takes new files."""
-    if not path.strip():
-        raise ValueError(f"{option} is empty: give a file path")
-    file = Path(path).expanduser()
-    if file.is_dir():
-        raise ValueError(f"{option} {path} is a folder: give a file path, e.g. {file / 'answers.jsonl'}")
-    if file.exists() and not file.is_file():
-        raise ValueError(f"{option} {path} is not a regular file")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=file.parent):  # the answers are written next to it, then renamed
-            pass
-    except OSError as error:
-        raise ValueError(f"{option} {path}: cannot write in its folder {file.parent} ({error.strerror or error})") from None
-    return file
 
 
 def check_text_options(args: argparse.Namespace) -> None:
@@ -586,13 +568,6 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 # -- entry point -----------------------------------------------------------------------------------------
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename}"
-    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
-    return text or type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
     # Bytes on stdin that are not UTF-8 arrive as surrogate escapes (as in argv) instead of failing inside the
@@ -619,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             return 141
         sys.stdout.flush()
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         sys.stdout.flush()

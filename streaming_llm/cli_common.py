@@ -12,6 +12,8 @@ import json
 import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 EMBEDDED_ALIAS = "embedded"
@@ -191,8 +193,7 @@ def run_script(main, argv: list[str] | None = None) -> int:
     try:
         return int((main() if argv is None else main(argv)) or 0)
     except (ValueError, OSError) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        print(f"{name}: error: {reason}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr, flush=True)
@@ -206,3 +207,30 @@ def require_cuda(device: str) -> None:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device here (this script measures the GPU; --device cpu for a "
                          "small smoke run where it offers one)")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the CLI prints it: one line (an OSError as '<reason>: <file>')."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def check_output_file(path: str, option: str = "--output") -> Path:
+    """The file `option` names, checked before any work so that a long run does not fail at its end: not empty,
+    not a folder or a device, and its folder (created if missing, as the final write would) takes new files."""
+    if not path.strip():
+        raise ValueError(f"{option} is empty: give a file path")
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file path in it")
+    if file.exists() and not file.is_file():
+        raise ValueError(f"{option} {path} is not a regular file")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=file.parent):  # the file is written next to it, then renamed
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write in its folder {file.parent} ({error.strerror or error})") from None
+    return file

@@ -265,18 +265,12 @@ def run_plot(args: argparse.Namespace) -> int:
 
 
 def check_figure_path(path: str, option: str) -> None:
-    """ValueError unless `path` can take a figure: a format matplotlib writes (by its extension, PNG without one),
-    not a folder, in a folder that exists or can be made."""
+    """ValueError unless `path` can take a figure: a file the CLI can write (check_output_file) in a format
+    matplotlib writes (by its extension, PNG without one)."""
+    from streaming_llm.cli_common import check_output_file
     from streaming_llm.eval.plots import figure_format
 
-    if not str(path).strip():
-        raise ValueError(f"{option} is empty: give a file name")
-    figure = Path(path)
-    if figure.is_dir():
-        raise ValueError(f"{option} {path} is a folder: give a file name")
-    figure_format(figure)
-    if figure.parent.exists() and not figure.parent.is_dir():
-        raise ValueError(f"{option} {path}: {figure.parent} is not a folder")
+    figure_format(check_output_file(path, option))
 
 
 def main(argv: list[str] | None = None) -> int:
