@@ -55,11 +55,11 @@ def streaming_attention_forward(
     _handoff.step = None
     if layer_idx != module.layer_idx:
         raise RuntimeError(f"streaming cache updated layer {layer_idx} but attention ran for layer {module.layer_idx}")
+    if kwargs.get("output_attentions"):
+        raise ValueError("the streaming attention computes no attention weights: output_attentions=True is not "
+                         "supported with a StreamingKVCache (run the model with a DynamicCache and eager attention)")
     if attention_mask is not None and _has_padding(attention_mask):
-        raise ValueError(
-            "StreamingKVCache does not support padded batches (an attention_mask with zeros): every row must be "
-            "a stream of the same length; stream sequences of different lengths separately"
-        )
+        _refuse_masked_step(cache.layers[layer_idx].get_seq_length(), kwargs.get("position_ids"))
     rotary = getattr(module, "streaming_rotary", None)
     if rotary is None:
         raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
@@ -68,6 +68,21 @@ def streaming_attention_forward(
     scaling = module.scaling if scaling is None else scaling
     output = cache.layers[layer_idx].attend(query, rotary, scaling)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _refuse_masked_step(seen: int, position_ids: torch.Tensor | None) -> None:
+    """The ValueError for a step whose mask hides keys: a stream fed again from its start, or padding."""
+    if position_ids is not None and position_ids.numel() and int(position_ids.reshape(-1)[0]) < seen:
+        raise ValueError(  # transformers builds that mask for a step that starts before the tokens the cache holds
+            f"this step starts at stream position {int(position_ids.reshape(-1)[0])}, but the StreamingKVCache has "
+            f"already taken {seen} tokens: a stream is fed once, in order (model.generate needs use_cache=True; to "
+            "start again, reset the cache)"
+        )
+    raise ValueError(
+        "StreamingKVCache does not support padded batches (an attention_mask with zeros): every row must be "
+        "a stream of the same length; stream sequences of different lengths separately. (model.generate builds "
+        "such a mask when the prompt contains the pad token id: pass attention_mask=torch.ones_like(input_ids).)"
+    )
 
 
 def _has_padding(attention_mask: torch.Tensor) -> bool:

@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.attention import expect_streaming_attention
+from streaming_llm.checks import check_int
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
@@ -31,21 +32,21 @@ from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_ma
 STREAMING_MODES = ("ours", "mit")
 
 
-def validate_sizes(n_sink: int, window_size: int) -> None:
-    """ValueError unless n_sink is an integer >= 0 and window_size an integer >= 1 (SEMANTICS.md)."""
-    if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
-        raise ValueError(f"n_sink must be an integer >= 0, got {n_sink!r}")
-    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-        raise ValueError(f"window_size must be an integer >= 1, got {window_size!r}")
+def validate_sizes(n_sink: int, window_size: int) -> tuple[int, int]:
+    """(n_sink, window_size) as Python ints; ValueError unless n_sink is an integer >= 0 and window_size an
+    integer >= 1 (SEMANTICS.md)."""
+    return check_int("n_sink", n_sink, 0), check_int("window_size", window_size, 1)
 
 
-def validate_config(n_sink: int, window_size: int, position_mode: str, streaming_mode: str) -> None:
-    """Raise ValueError with the reason for any configuration SEMANTICS.md does not define."""
-    validate_sizes(n_sink, window_size)
+def validate_config(n_sink: int, window_size: int, position_mode: str, streaming_mode: str) -> tuple[int, int]:
+    """(n_sink, window_size) as Python ints; ValueError with the reason for any configuration SEMANTICS.md does
+    not define."""
+    n_sink, window_size = validate_sizes(n_sink, window_size)
     if position_mode not in POSITION_MODES:
         raise ValueError(f"position_mode must be one of {', '.join(POSITION_MODES)}; got {position_mode!r}")
     if streaming_mode not in STREAMING_MODES:
         raise ValueError(f"streaming_mode must be one of {', '.join(STREAMING_MODES)}; got {streaming_mode!r}")
+    return n_sink, window_size
 
 
 def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tensor, policy: PositionPolicy) -> bool:
@@ -477,9 +478,9 @@ class StreamingKVCache(Cache):
         streaming_mode: str = "ours",
         num_layers: int | None = None,
     ):
-        validate_config(n_sink, window_size, position_mode, streaming_mode)
-        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1):
-            raise ValueError(f"num_layers must be None (grow with the model) or an integer >= 1, got {num_layers!r}")
+        n_sink, window_size = validate_config(n_sink, window_size, position_mode, streaming_mode)
+        if num_layers is not None:
+            num_layers = check_int("num_layers", num_layers, 1, " (or None: grow with the model)")
         self.policy = PositionPolicy(position_mode, n_sink, window_size)
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode

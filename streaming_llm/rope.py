@@ -59,9 +59,15 @@ def rerotate_keys(
     ndims = 2 * inv_freq.shape[-1]
     if rotary_ndims is not None and rotary_ndims != ndims:
         raise ValueError(f"rotary_ndims={rotary_ndims} does not match inv_freq ({inv_freq.shape[-1]} frequencies)")
+    if not (keys.is_floating_point() and keys.dim() >= 2 and keys.shape[-1] >= ndims):
+        raise ValueError(f"keys must be a floating-point tensor [..., seq, head_dim] with head_dim >= {ndims} (the "
+                         f"rotated features); got shape {tuple(keys.shape)}, {keys.dtype}")
     delta = torch.as_tensor(delta, device=keys.device)
     if delta.ndim == 0:
         delta = delta.expand(keys.shape[-2])
+    elif delta.shape[-1] not in (1, keys.shape[-2]):
+        raise ValueError(f"delta has shape {tuple(delta.shape)}; its last dimension must be 1 or the keys' sequence "
+                         f"length {keys.shape[-2]}")
     cos, sin = cos_sin(delta, inv_freq)
     return apply_rotation(keys, cos, sin)
 

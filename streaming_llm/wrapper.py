@@ -7,6 +7,7 @@ from torch import nn
 
 from streaming_llm.attention import prepare_model
 from streaming_llm.cache import StreamingKVCache, validate_config
+from streaming_llm.checks import check_int
 from streaming_llm.models import check_capacity, describe
 
 
@@ -29,10 +30,8 @@ class StreamingLLMWrapper:
         streaming_mode: str = "ours",
         max_block: int = 512,
     ):
-        validate_config(n_sink, window_size, position_mode, streaming_mode)
-        if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
-            raise ValueError(f"max_block must be an integer >= 1, got {max_block!r}")
-        self.max_block = max_block
+        n_sink, window_size = validate_config(n_sink, window_size, position_mode, streaming_mode)
+        self.max_block = check_int("max_block", max_block, 1)
         self.architecture = describe(model)
         check_capacity(model.config, n_sink + window_size)
         self.model = prepare_model(model)

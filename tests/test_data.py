@@ -217,5 +217,5 @@ def test_too_few_tokens(tmp_path, embedded_text):
     path = _write(tmp_path / "three.txt", b"the king is")
     with pytest.raises(ValueError, match="num_tokens=5, but the text has only 3 tokens"):
         load_tokens(tokenizer, str(path), num_tokens=5)
-    with pytest.raises(ValueError, match="num_tokens=1"):
+    with pytest.raises(ValueError, match="num_tokens must be an integer >= 2 .one prediction., got 1"):
         load_tokens(tokenizer, str(path), num_tokens=1)

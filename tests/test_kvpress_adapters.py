@@ -164,8 +164,9 @@ def test_stepper_reset_and_validation(kv_model):
         KvpressDecodeStepper(kv_model, 2, 4, variant="fixed")
     with pytest.raises(ValueError, match="window_size"):
         KvpressDecodeStepper(kv_model, 2, 0)
-    with pytest.raises(ValueError, match="expected \\[1, n\\]"):
-        stepper.step(ids[None].expand(2, -1))
+    for bad in (ids[None].expand(2, -1), ids[None].float(), ids.tolist()):  # a list: AttributeError before
+        with pytest.raises(ValueError, match="input_ids must be an integer tensor of token ids of shape \\[1, n\\]"):
+            stepper.step(bad)
     # A size that is not an integer: kvpress_prefill_compress(n_sink=2.5) searched for a compression ratio for ever.
     with pytest.raises(ValueError, match="n_sink must be an integer >= 0, got 2.5"):
         kvpress_prefill_compress(kv_model, ids[None], n_sink=2.5, window_size=8)

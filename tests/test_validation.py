@@ -210,7 +210,7 @@ def test_a_cache_refuses_keys_it_was_not_made_for():
     with pytest.raises(ValueError, match="made for 1 layers"):
         llama_model(ids, past_key_values=StreamingKVCache(n_sink=2, window_size=8, num_layers=1), use_cache=True)
     for bad in (0, -1, 2.0):
-        with pytest.raises(ValueError, match="num_layers must be None"):
+        with pytest.raises(ValueError, match="num_layers must be an integer >= 1 \\(or None"):
             StreamingKVCache(n_sink=2, window_size=8, num_layers=bad)
     with pytest.raises(ValueError, match="max_block must be an integer >= 1, got 2.5"):
         StreamingLLMWrapper(llama_model, n_sink=2, window_size=8, max_block=2.5)
@@ -238,3 +238,94 @@ def test_generation_arguments_are_taken_as_documented_or_refused():
             prompt_token_ids(bad)
     assert prompt_token_ids([]).numel() == 0  # refused later as an empty prompt, with that message
 
+
+
+def test_model_generate_misuses_of_a_streaming_cache_are_named():
+    """Found by the API audit: model.generate(use_cache=False) feeds the whole text again every step and failed on
+    its second step with the "padded batches" message; output_attentions=True returned empty tuples (the streaming
+    attention computes no weights); a prompt containing the pad id got a padding mask from generate, refused
+    without a hint of the way out."""
+    import torch
+
+    from streaming_llm import prepare_model
+
+    from tiny_models import build_gpt_neox, build_llama, random_ids
+
+    ids = random_ids(12, seed=0).reshape(1, -1)
+    for model in (prepare_model(build_llama()), prepare_model(build_gpt_neox())):
+        with pytest.raises(ValueError, match="starts at stream position 0, but the StreamingKVCache has already "
+                                             "taken 12 tokens.*use_cache=True"):
+            model.generate(ids, past_key_values=StreamingKVCache(4, 8), use_cache=False, max_new_tokens=3,
+                           do_sample=False)
+        with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+            model(ids, past_key_values=StreamingKVCache(4, 8), output_attentions=True)
+    with_pad = ids.clone()
+    with_pad[0, 3] = model.generation_config.pad_token_id
+    with pytest.raises(ValueError, match=r"padded batches.*pad token id: pass attention_mask=torch.ones_like"):
+        model.generate(with_pad, past_key_values=StreamingKVCache(4, 8), max_new_tokens=3, do_sample=False)
+    out = model.generate(with_pad, attention_mask=torch.ones_like(with_pad), past_key_values=StreamingKVCache(4, 8),
+                         max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 15)
+    padded = torch.cat([ids, ids])
+    with pytest.raises(ValueError, match="padded batches"):  # a padded batch is still named as one
+        model(padded, attention_mask=(torch.arange(12) >= torch.tensor([[2], [0]])).long(),
+              past_key_values=StreamingKVCache(4, 8))
+
+
+def test_integer_arguments_accept_numpy_integers_and_refuse_floats_and_bools():
+    """One check (streaming_llm.checks) for every integer argument: numpy integers (a loop over np.arange) are
+    taken as the ints they are (and stored as Python ints, so results serialize), floats and bools refused."""
+    import json
+
+    import numpy as np
+
+    from streaming_llm.mit_cache import StartRecentKVCache
+
+    cache = StreamingKVCache(np.int64(4), np.int32(8))
+    assert json.dumps([cache.n_sink, cache.window_size, cache.cache_capacity]) == "[4, 8, 12]"
+    mit = StartRecentKVCache(np.int64(2), np.int64(6))
+    assert json.dumps([mit.start_size, mit.recent_size, mit.cache_size]) == "[2, 6, 8]"
+    for bad in (4.0, True, "4", None):
+        with pytest.raises(ValueError, match="n_sink must be an integer >= 0"):
+            StreamingKVCache(bad, 8)
+        with pytest.raises(ValueError, match="start_size must be an integer >= 0"):
+            StartRecentKVCache(bad, 8)
+        with pytest.raises(ValueError, match="recent_size must be an integer >= 1"):
+            StartRecentKVCache(4, bad)
+
+
+def test_reference_helpers_refuse_what_they_would_misread():
+    """Found by the API audit: StartRecentKVCache cut keys and values by the keys' length even when the values had
+    another (a silently misaligned cache); rerotate_keys cast cos/sin to an integer key dtype (all zeros) and left
+    shape mismatches to torch; compute_perplexity and load_tokens gave AttributeError/TypeError for a list of ids,
+    a float block size or token count, or a source that is no path."""
+    import torch
+
+    from streaming_llm.data import load_text, load_tokens
+    from streaming_llm.eval.perplexity import compute_perplexity
+    from streaming_llm.mit_cache import StartRecentKVCache
+    from streaming_llm.rope import rerotate_keys
+
+    keys, values = torch.ones(1, 1, 5, 2), torch.ones(1, 1, 4, 2)
+    for cut in (lambda c: c([(keys, values)]), lambda c: c.evict_for_space([(keys, values)], 1),
+                lambda c: c.evict_range([(keys, values)], 0, 1)):
+        with pytest.raises(ValueError, match=r"as many keys as values .* lengths \[\(5, 4\)\]"):
+            cut(StartRecentKVCache(1, 2))
+    inv_freq = torch.ones(4)
+    with pytest.raises(ValueError, match="floating-point tensor"):
+        rerotate_keys(torch.ones(1, 2, 3, 8, dtype=torch.long), 3, inv_freq)
+    with pytest.raises(ValueError, match="head_dim >= 8"):
+        rerotate_keys(torch.ones(1, 2, 3, 4), 3, inv_freq)
+    with pytest.raises(ValueError, match="must be 1 or the keys' sequence length 3"):
+        rerotate_keys(torch.ones(1, 2, 3, 8), torch.arange(2), inv_freq)
+    assert rerotate_keys(torch.ones(1, 2, 3, 8), torch.arange(3), inv_freq).shape == (1, 2, 3, 8)
+    for ids in ([[1, 2, 3]], torch.ones(1, 5), torch.ones(5, dtype=torch.long), torch.ones(1, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids must be an integer tensor of token ids of shape \[1, n\], n >= 2"):
+            compute_perplexity(None, ids)
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 2.0"):
+        compute_perplexity(None, torch.ones(1, 5, dtype=torch.long), block_size=2.0)
+    with pytest.raises(ValueError, match="num_tokens must be an integer >= 2 .one prediction., got 100.5"):
+        load_tokens(None, num_tokens=100.5)
+    for source in (["a.txt"], 3, b"a.txt"):
+        with pytest.raises(ValueError, match="must be a file path, a dataset name or None"):
+            load_text(source)

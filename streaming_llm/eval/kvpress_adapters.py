@@ -36,6 +36,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from streaming_llm.cache import validate_sizes
+from streaming_llm.checks import check_int, check_token_ids
 from streaming_llm.models import UnsupportedModelError
 
 
@@ -98,11 +99,6 @@ def require_kvpress_support(model: nn.Module) -> None:
         )
 
 
-def _validate(n_sink: int, window_size: int) -> None:
-    # Integers, as for our cache: a float n_sink (2.5) made compression_ratio_keeping search for ever.
-    validate_sizes(n_sink, window_size)
-
-
 class _SequenceGatherRecorder(TorchFunctionMode):
     """Records the index of the first `gather` along dim 2 (the sequence axis of [batch, heads, seq, dim] keys)."""
 
@@ -157,7 +153,8 @@ class KvpressDecodeStepper:
     """
 
     def __init__(self, model: nn.Module, n_sink: int, window_size: int, variant: str = "corrected"):
-        _validate(n_sink, window_size)
+        # Integers, as for our cache: a float n_sink (2.5) made compression_ratio_keeping search for ever.
+        n_sink, window_size = validate_sizes(n_sink, window_size)
         require_kvpress_support(model)
         self.model = model
         self.n_sink, self.window_size, self.variant = n_sink, window_size, variant
@@ -180,8 +177,7 @@ class KvpressDecodeStepper:
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [1, n, vocab] for input_ids [1, n], fed one token at a time."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [1, n]")
+        check_token_ids("input_ids", input_ids)
         kept_slots: dict[int, torch.Tensor] = {}
         logits = []
         with self.press(self.model), _recording_kept_slots(self.press, kept_slots):
@@ -208,6 +204,7 @@ class KvpressDecodeStepper:
         Nothing is evicted before the cache is full, so no press runs: the result equals feeding the
         tokens one at a time. Used to reach the steady state quickly (benchmarks).
         """
+        check_token_ids("input_ids", input_ids)
         n = input_ids.shape[1]
         if self.tokens_seen + n > self.cache_capacity:
             raise ValueError(f"prefill of {n} tokens after {self.tokens_seen} would exceed the capacity {self.cache_capacity}")
@@ -244,9 +241,7 @@ class KvpressDecodeStepper:
 
 def compression_ratio_keeping(context_length: int, n_kept: int) -> float:
     """The compression ratio r with compute_n_kept(context_length, r) == n_kept (kvpress rounds with int())."""
-    for name, value in (("context_length", context_length), ("n_kept", n_kept)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    context_length, n_kept = check_int("context_length", context_length, 0), check_int("n_kept", n_kept, 0)
     if n_kept >= context_length:
         return 0.0
     ratio = 1.0 - n_kept / context_length
@@ -285,10 +280,9 @@ def kvpress_prefill_compress(
     tokens and the last window_size. With rerotation the kept keys are re-rotated to cache slots
     0..n_kept-1 (as pos-shift places them); without, they keep their stream positions (SEMANTICS.md §2 absolute).
     """
-    _validate(n_sink, window_size)
+    n_sink, window_size = validate_sizes(n_sink, window_size)  # integers: see KvpressDecodeStepper
     require_kvpress_support(model)
-    if context_ids.dim() != 2 or context_ids.shape[0] != 1:
-        raise ValueError(f"context_ids has shape {tuple(context_ids.shape)}; expected [1, L]")
+    check_token_ids("context_ids", context_ids)
     context_length = context_ids.shape[1]
     n_kept = min(context_length, n_sink + window_size)
     streaming_press = StreamingLLMPress(
@@ -323,8 +317,7 @@ def kvpress_score_continuation(
     compression, as kvpress's pipeline answers a question; the cache is cut back afterwards, so one prefill
     can score several continuations.
     """
-    if continuation_ids.dim() != 2 or continuation_ids.shape[0] != 1 or continuation_ids.shape[1] < 1:
-        raise ValueError(f"continuation_ids has shape {tuple(continuation_ids.shape)}; expected [1, m], m >= 1")
+    check_token_ids("continuation_ids", continuation_ids, min_length=1)
     length = continuation_ids.shape[1]
     context_cache_length = prefill.cache.get_seq_length()
     logits = prefill.last_logits[:, None]  # [1, 1, vocab]

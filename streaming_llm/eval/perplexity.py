@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from streaming_llm.checks import check_int, check_token_ids
+
 
 class Stepper(Protocol):
     def reset(self) -> None: ...
@@ -55,13 +57,9 @@ def compute_perplexity(
     boundary) resumes it: the stepper is fed tokens 0..end-1 again in the same blocks without scoring,
     which rebuilds exactly the cache the interrupted run had, and scoring continues from `end`.
     """
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+    check_token_ids("input_ids", input_ids, min_length=2)  # 2 tokens: one prediction to score
     total = input_ids.shape[1]
-    if total < 2:
-        raise ValueError(f"need at least 2 tokens to score a prediction, got {total}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    block_size = check_int("block_size", block_size, 1)
     steps = total - 1
     nlls = torch.empty(steps, dtype=torch.float64)
     first = 0 if resume_nlls is None else resume_nlls.shape[0]

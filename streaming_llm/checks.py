@@ -1,0 +1,32 @@
+"""Argument checks shared by the public API: one sentence naming the argument, never a torch error later."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def is_int(value) -> bool:
+    """True for an integer (Python's or numpy's), False for bool, float and anything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int, note: str = "") -> int:
+    """`value` as a Python int; ValueError unless it is an integer >= minimum (`note` is added to the message)."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{note}, got {value!r}")
+    return int(value)
+
+
+def check_token_ids(name: str, ids, min_length: int = 0) -> None:
+    """ValueError unless `ids` is an integer tensor of token ids of shape [1, n], n >= min_length."""
+    if torch.is_tensor(ids):
+        integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        if integer and ids.dim() == 2 and ids.shape[0] == 1 and ids.shape[1] >= min_length:
+            return
+        got = f"shape {tuple(ids.shape)}, {ids.dtype}"
+    else:
+        got = type(ids).__name__
+    length = f", n >= {min_length}" if min_length else ""
+    raise ValueError(f"{name} must be an integer tensor of token ids of shape [1, n]{length}; got {got}")
