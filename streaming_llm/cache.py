@@ -98,6 +98,8 @@ class StreamingLayer(CacheLayerMixin):
         """Record the step's new keys/values; the attention function consumes them (see attention.py)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif self.values.is_inference() and not torch.is_inference_mode_enabled():
+            self.leave_inference_mode()
         if key_states.shape[0] != self.values.shape[0]:
             raise ValueError(
                 f"this cache holds a batch of {self.values.shape[0]} streams; got {key_states.shape[0]} (reset it first)"
@@ -117,6 +119,13 @@ class StreamingLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.seen
+
+    def leave_inference_mode(self) -> None:
+        """Go on outside torch.inference_mode() with a stream begun inside it: the held tensors were inference
+        tensors, which may not be written in place outside that mode; the layer holds normal copies instead."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor) and value.is_inference():
+                setattr(self, name, value.clone())
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         return self.get_cache_length() + cache_position.shape[0], 0

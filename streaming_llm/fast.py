@@ -232,7 +232,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """A fresh stream over the buffers (allocated on first use or for a new batch size, zeroed otherwise, so
         that the compiled graphs, which hold their addresses, stay valid); the general path's RingLayers get the
         same tensors."""
-        if getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size:
+        if (getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size
+                or (self.keys[0].is_inference() and not torch.is_inference_mode_enabled())):
             self._allocate()
         else:
             for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
@@ -257,11 +258,26 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.sink_keys = [parameter.new_zeros(batch, kv_heads, self.n_sink, head_dim) for _ in range(layers)]
         self.step_position = torch.zeros((), dtype=torch.long, device=parameter.device)  # t of the next token
         self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
+        self._use_buffers()
+
+    def _use_buffers(self) -> None:
+        """Make the static step work on the buffers just allocated or copied."""
         for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
             torch._dynamo.mark_static_address(tensor)
         self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self._rotate_sinks)
         if hasattr(self, "_compiled"):
             self._compiled.clear()  # new addresses: the graphs are traced again
+
+    def _leave_inference_mode(self) -> None:
+        """Go on outside torch.inference_mode() with buffers allocated inside it (inference tensors may not be
+        written in place outside that mode): copies, shared again with the cache's layers."""
+        self.keys, self.values, self.sink_keys = ([tensor.clone() for tensor in group]
+                                                  for group in (self.keys, self.values, self.sink_keys))
+        self.step_position, self.frame_base = self.step_position.clone(), self.frame_base.clone()
+        self._use_buffers()
+        for layer, keys, values, sink_keys in zip(self._cache.layers, self.keys, self.values, self.sink_keys):
+            layer.keys, layer.values, layer.sink_keys = keys, values, sink_keys
+            layer.leave_inference_mode()  # the slot positions
 
     _batch_size = 1
 
@@ -290,6 +306,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.keys[0].is_inference() and not torch.is_inference_mode_enabled():
+            self._leave_inference_mode()
         if input_ids.shape[0] != self._batch_size:
             if self.seen:
                 raise ValueError(f"this stream holds a batch of {self._batch_size}; got {input_ids.shape[0]} (reset it first)")

@@ -228,3 +228,36 @@ def test_compiled_step_is_one_graph_that_writes_only_static_buffers(llama_model)
         assert len(graph["mutated"]) == 2 * layers  # each layer's key and value buffer, nothing else
         assert graph["not_static"] == []
         assert graph["index_copy"] == 2 * layers and graph["scatter"] == 0, graph
+
+
+def test_a_stream_begun_under_inference_mode_goes_on_outside_it(llama_model):
+    """A stream started under torch.inference_mode() (a notebook's first cell, or a first generate() turn) and
+    continued outside it: the ring buffers were inference tensors, and every wrapper failed on its next in-place
+    write with torch's "Inplace update to inference tensor outside InferenceMode". The layers (and the fast
+    wrapper's static buffers, shared with them) now go on with normal copies: the same logits as a stream run
+    wholly outside inference mode, in every path; reset() outside the mode works too."""
+    ids = random_ids(60, seed=11).reshape(1, -1)
+    for make in (lambda: make_wrapper(llama_model, N_SINK, WINDOW_SIZE),
+                 lambda: make_wrapper(llama_model, N_SINK, WINDOW_SIZE, streaming_mode="mit"),
+                 lambda: make_fast(llama_model, compile="never")):
+        expected = feed_stream(make(), ids, [30] + [1] * 30)
+        with torch.inference_mode():
+            wrapper = make()
+            first = wrapper(ids[:, :30])
+        rest = [wrapper(ids[:, i : i + 1]) for i in range(30, 60)]
+        assert max_abs_diff(torch.cat([first, *rest], dim=1), expected) == 0.0
+        wrapper.reset()
+        assert max_abs_diff(feed_stream(wrapper, ids, [30] + [1] * 30), expected) == 0.0
+    with torch.inference_mode():
+        fast = make_fast(llama_model, compile="never")
+    fast.reset()  # before any token: the buffers are zeroed in place
+    assert max_abs_diff(feed_stream(fast, ids, [30] + [1] * 30), expected) == 0.0
+    from streaming_llm import StreamingKVCache, prepare_model
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    expected = model.generate(ids[:, :20], past_key_values=StreamingKVCache(2, 8), max_new_tokens=12, do_sample=False)
+    cache = StreamingKVCache(2, 8)
+    with torch.inference_mode():
+        model.generate(ids[:, :20], past_key_values=cache, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(expected[:, :26], past_key_values=cache, max_new_tokens=6, do_sample=False),
+                       expected)
