@@ -18,6 +18,7 @@ every step by `StartRecentKVCache`, as MIT's code does.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -494,6 +495,7 @@ class StreamingKVCache(Cache):
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self._shared: dict = {}
+        self._warned_autograd = False
         self.rotary: RotaryParams | None = None  # the model's RoPE, recorded by the attention function (attention.py)
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
         super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
@@ -519,6 +521,11 @@ class StreamingKVCache(Cache):
                              "leave num_layers out, or give the model's number of layers")
         if layer_idx == 0:  # a new forward pass: per-step values shared across layers are recomputed
             self._shared.clear()
+            if key_states.requires_grad and not self._warned_autograd:
+                self._warned_autograd = True
+                warnings.warn("StreamingKVCache is run with autograd on: the cache is for inference, no gradient "
+                              "flows through its buffers (backward fails) and the autograd graph grows with the "
+                              "stream; run the model under torch.no_grad() or torch.inference_mode()", stacklevel=2)
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         expect_streaming_attention(self, layer_idx)
         return keys, values

@@ -261,3 +261,22 @@ def test_a_stream_begun_under_inference_mode_goes_on_outside_it(llama_model):
         model.generate(ids[:, :20], past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(expected[:, :26], past_key_values=cache, max_new_tokens=6, do_sample=False),
                        expected)
+
+
+def test_autograd_on_is_named_once(llama_model):
+    """The cache is for inference: with autograd on (no torch.no_grad()), its in-place buffers make backward fail
+    and keep every step's graph alive, so memory grows with the stream. It runs, but says so once per cache."""
+    import warnings
+
+    from streaming_llm import StreamingKVCache, prepare_model
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    ids = random_ids(12, seed=3).reshape(1, -1)
+    with torch.enable_grad(), pytest.warns(UserWarning, match="autograd on") as caught:
+        cache = StreamingKVCache(2, 4)
+        for start in range(0, 12, 3):
+            model(ids[:, start : start + 3], past_key_values=cache)
+    assert sum("autograd on" in str(warning.message) for warning in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids, past_key_values=StreamingKVCache(2, 4))  # under the tests' no_grad: silent
