@@ -116,19 +116,64 @@ def _attend(query, keys, values, key_positions, query_position, inv_freq, n_head
 
 
 def _llama_layer_qkv(layer, x, config):
-    n_heads, n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_heads, n_kv_heads, head_dim = _heads(config)
     h = layer.input_layernorm(x)
     attn = layer.self_attn
     query, key = attn.q_proj(h).view(n_heads, head_dim), attn.k_proj(h).view(n_kv_heads, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's features, before RoPE
         query, key = attn.q_norm(query), attn.k_norm(key)
-    return query, key, attn.v_proj(h).view(n_kv_heads, head_dim)
+    value = attn.v_proj(h).view(n_kv_heads, head_dim)
+    clip = getattr(config, "clip_qkv", None)  # OLMo
+    if clip is not None:
+        query, key, value = (tensor.clamp(-clip, clip) for tensor in (query, key, value))
+    return query, key, value
 
 
 def _llama_layer_out(layer, x, attended):
     x = x + layer.self_attn.o_proj(attended)
     return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _heads(config) -> tuple[int, int, int]:
+    n_heads = config.num_attention_heads
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+    return n_heads, n_kv_heads, getattr(config, "head_dim", None) or config.hidden_size // n_heads
+
+
+def _phi_layer_qkv(layer, x, config):
+    n_heads, n_kv_heads, head_dim = _heads(config)
+    h, attn = layer.input_layernorm(x), layer.self_attn
+    query, key = attn.q_proj(h).view(n_heads, head_dim), attn.k_proj(h).view(n_kv_heads, head_dim)
+    if attn.qk_layernorm:  # LayerNorm over each head's features, before RoPE
+        query, key = attn.q_layernorm(query), attn.k_layernorm(key)
+    return query, key, attn.v_proj(h).view(n_kv_heads, head_dim)
+
+
+def _phi_layer_out(layer, x, attended):
+    """Attention and MLP side by side on the same normed input (parallel residual)."""
+    return x + layer.self_attn.dense(attended) + layer.mlp(layer.input_layernorm(x))
+
+
+def _phi3_layer_qkv(layer, x, config):
+    """One fused projection, laid out [q (heads) | k (kv heads) | v (kv heads)]."""
+    n_heads, n_kv_heads, head_dim = _heads(config)
+    qkv = layer.self_attn.qkv_proj(layer.input_layernorm(x))
+    query, key, value = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim])
+    return query.view(n_heads, head_dim), key.view(n_kv_heads, head_dim), value.view(n_kv_heads, head_dim)
+
+
+def _olmo2_layer_qkv(layer, x, config):
+    """No norm before attention; RMSNorm over the whole q and k projections (all heads), before RoPE."""
+    n_heads, n_kv_heads, head_dim = _heads(config)
+    attn = layer.self_attn
+    query, key = attn.q_norm(attn.q_proj(x)), attn.k_norm(attn.k_proj(x))
+    return query.view(n_heads, head_dim), key.view(n_kv_heads, head_dim), attn.v_proj(x).view(n_kv_heads, head_dim)
+
+
+def _olmo2_layer_out(layer, x, attended):
+    """Norms after each sublayer, inside the residual."""
+    x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attended))
+    return x + layer.post_feedforward_layernorm(layer.mlp(x))
 
 
 def _neox_layer_qkv(layer, x, config):
@@ -150,9 +195,18 @@ def _neox_layer_out(layer, x, attended):
 def _parts(model):
     """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM."""
     model_type = model.config.model_type
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2"):  # the same layer, other norms/MLPs
         body = model.model
         return body.embed_tokens, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
+    if model_type == "phi":
+        body = model.model
+        return body.embed_tokens, body.layers, body.final_layernorm, model.lm_head, _phi_layer_qkv, _phi_layer_out
+    if model_type == "phi3":
+        body = model.model
+        return body.embed_tokens, body.layers, body.norm, model.lm_head, _phi3_layer_qkv, _llama_layer_out
+    if model_type == "olmo2":
+        body = model.model
+        return body.embed_tokens, body.layers, body.norm, model.lm_head, _olmo2_layer_qkv, _olmo2_layer_out
     if model_type == "gpt_neox":
         body = model.gpt_neox
         return body.embed_in, body.layers, body.final_layer_norm, model.embed_out, _neox_layer_qkv, _neox_layer_out

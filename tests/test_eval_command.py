@@ -70,7 +70,8 @@ def test_eval_skips_a_reference_that_cannot_run_the_model(neox_dir, tmp_path, ca
     assert status == 0
     assert list(results_of(out)) == ["streaming_pos_shift"]
     assert err.strip() == ("eval: skipping kvpress_decode_corrected: kvpress 0.5.5 does not support "
-                           "GPTNeoXForCausalLM (it hooks model.model: Llama-family models only)")
+                           "GPTNeoXForCausalLM (it supports LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+                           "Qwen2ForCausalLM, Qwen3ForCausalLM)")
     status, _, err = run_main(capsys, "eval", "--model", str(neox_dir), *STREAM, "--output-dir", str(tmp_path),
                               "--methods", "kvpress_decode_shipped")
     assert_one_line_error(status, err.split("\n", 1)[1], "none of the chosen methods can run this model")

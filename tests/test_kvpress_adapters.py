@@ -248,3 +248,20 @@ def test_prefill_equals_feeding_one_token_at_a_time(kv_model):
     assert torch.equal(prefilled.kept_positions(), one_by_one.kept_positions())
     with pytest.raises(ValueError, match="capacity"):
         prefilled.prefill(ids[:, :1])
+
+
+def test_kvpress_runs_only_the_models_it_supports():
+    """kvpress 0.5.5 names the models it supports; on others it warns and goes on, and KeyRerotationPress, which
+    rotates whole heads, failed inside torch on Phi's partial rotary (which our streaming cache supports). Both
+    kvpress methods now refuse such a model with UnsupportedModelError, which eval turns into a skipped method."""
+    from streaming_llm.models import UnsupportedModelError
+
+    from tiny_models import build_llama_family
+
+    ids = random_ids(20, seed=4)[None]
+    phi = build_llama_family("phi")
+    for run in (lambda: kvpress_prefill_compress(phi, ids, n_sink=2, window_size=8),
+                lambda: KvpressDecodeStepper(phi, n_sink=2, window_size=8)(ids)):
+        with pytest.raises(UnsupportedModelError, match="does not support PhiForCausalLM .it supports LlamaForCausalLM"):
+            run()
+    assert kvpress_prefill_compress(build_llama_family("phi3"), ids, n_sink=2, window_size=8).cache.get_seq_length() == 10

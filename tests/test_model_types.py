@@ -45,7 +45,8 @@ def test_eviction_matches_reference(typed_model, position_mode):
 
 SLIDING_WINDOW = 16
 SLIDING = {"mistral": dict(sliding_window=SLIDING_WINDOW),
-           "qwen2": dict(sliding_window=SLIDING_WINDOW, use_sliding_window=True, max_window_layers=0)}
+           "qwen2": dict(sliding_window=SLIDING_WINDOW, use_sliding_window=True, max_window_layers=0),
+           "phi3": dict(sliding_window=SLIDING_WINDOW), "starcoder2": dict(sliding_window=SLIDING_WINDOW)}
 
 
 @pytest.fixture(scope="module", params=sorted(SLIDING))

@@ -62,10 +62,14 @@ def build_llama(rope: str | None = None) -> LlamaForCausalLM:
 def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     """A tiny model of another Llama-structured type the package supports, shaped as build_llama: Mistral (with a
     sliding window longer than any test stream), Qwen2 (q/k/v biases), Qwen3 (RMSNorm on each head's q and k, head_dim 32
-    where hidden / heads is 16)."""
+    where hidden / heads is 16), Phi (parallel attention and MLP, half of each head rotated, LayerNorm on q and k),
+    Phi-3 (fused qkv projection), OLMo (parameter-free LayerNorm, q/k/v clipped at 0.5), OLMo-2 (norms after each
+    sublayer, RMSNorm over all heads' q and k), StarCoder2 (LayerNorm, biases, GELU MLP)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32)}.get(model_type, {}) | overrides
+    extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
+             "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True)}.get(model_type, {})
+    extra = extra | overrides
     torch.manual_seed(0)
     config = CONFIG_MAPPING[model_type](vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                                         attn_implementation="eager", **TINY_LLAMA, **extra)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from kvpress import DecodingPress, KeyRerotationPress, StreamingLLMPress
+from kvpress import SUPPORTED_MODELS as KVPRESS_MODELS
 from kvpress.utils import compute_n_kept
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -91,11 +92,13 @@ def _streaming_press(n_sink: int, variant: str) -> StreamingLLMPress:
 
 
 def require_kvpress_support(model: nn.Module) -> None:
-    """UnsupportedModelError unless kvpress 0.5.5 can hook the model: it finds the decoder layers at `model.model`
-    (Llama, Mistral, Qwen); GPT-NeoX (Pythia) keeps them at `model.gpt_neox`."""
-    if not isinstance(getattr(model, "model", None), nn.Module):
+    """UnsupportedModelError unless the model is one kvpress 0.5.5 supports (its SUPPORTED_MODELS: Llama, Mistral,
+    Phi-3, Qwen2/3). Others it runs with a warning, or not at all: GPT-NeoX keeps its layers at `model.gpt_neox`,
+    not `model.model`, and KeyRerotationPress rotates whole heads, which breaks Phi's partial rotary."""
+    if not isinstance(model, KVPRESS_MODELS):
+        supported = ", ".join(cls.__name__ for cls in KVPRESS_MODELS if "ForCausalLM" in cls.__name__)
         raise UnsupportedModelError(
-            f"kvpress 0.5.5 does not support {type(model).__name__} (it hooks model.model: Llama-family models only)"
+            f"kvpress 0.5.5 does not support {type(model).__name__} (it supports {supported})"
         )
 
 
