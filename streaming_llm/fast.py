@@ -96,10 +96,13 @@ def static_streaming_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     streaming_mask: torch.Tensor | None = None,
-    streaming_decode_attention: str = "grouped",
+    streaming_decode_attention: str | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots."""
+    if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
+        raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
+                           "the static decode step cannot run it (use StreamingLLMWrapper)")
     output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention)
     return output.transpose(1, 2).contiguous(), None
 

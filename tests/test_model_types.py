@@ -78,3 +78,18 @@ def test_sinks_stream_past_the_sliding_window(sliding_model):
 def test_capacity_beyond_the_sliding_window_is_refused(sliding_model):
     with pytest.raises(ValueError, match=f"too large for the model's sliding_window={SLIDING_WINDOW}: .* at most 15"):
         make_wrapper(sliding_model, 2, SLIDING_WINDOW - 2)
+
+
+def test_static_step_refuses_a_model_that_drops_attention_arguments(monkeypatch):
+    """StableLM's decoder layers do not pass keyword arguments on to the attention, so the static step's mask of
+    empty slots never arrived and the fast path's logits were wrong (by 2.8) without a word, had StableLM been let
+    in. The static attention now refuses to run without its arguments; the general path is exact for it."""
+    from streaming_llm.models import llama
+
+    monkeypatch.setattr(llama, "MODEL_TYPES", (*llama.MODEL_TYPES, "stablelm"))
+    model = build_llama_family("stablelm")
+    input_ids = random_ids(20, seed=12)
+    fast = FastStreamingWrapper(copy.deepcopy(model), N_SINK, WINDOW_SIZE, compile="never")
+    fast(input_ids[None, :4])
+    with pytest.raises(RuntimeError, match="StableLmAttention's model does not pass keyword arguments on"):
+        fast(input_ids[None, 4:5])
