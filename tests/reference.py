@@ -100,7 +100,7 @@ def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Te
 # --- the architectures, layer by layer -----------------------------------------------------------------------
 
 
-def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0):
+def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0, softmax_scale=None):
     """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw)."""
     n_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq, scaling)[:, 0, :]  # [n_heads, head_dim]
@@ -109,7 +109,7 @@ def _attend(query, keys, values, key_positions, query_position, inv_freq, n_head
     group = n_heads // n_kv_heads  # query head h reads kv head h // group (GQA)
     outputs = []
     for head in range(n_heads):
-        scores = keys[head // group] @ query[head] / head_dim**0.5  # [n_keys]
+        scores = keys[head // group] @ query[head] * (softmax_scale or head_dim**-0.5)  # [n_keys]
         weights = torch.softmax(scores, dim=-1)
         outputs.append(weights @ values[head // group])  # [head_dim]
     return torch.cat(outputs)  # [n_heads * head_dim]
@@ -198,6 +198,15 @@ def _parts(model):
     if model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2"):  # the same layer, other norms/MLPs
         body = model.model
         return body.embed_tokens, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
+    if model_type == "granite":  # Llama's layer with multipliers on the embeddings, each residual branch, the logits
+        body, config = model.model, model.config
+
+        def granite_layer_out(layer, x, attended):
+            x = x + layer.self_attn.o_proj(attended) * config.residual_multiplier
+            return x + layer.mlp(layer.post_attention_layernorm(x)) * config.residual_multiplier
+
+        return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
+            (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
     if model_type == "phi":
         body = model.model
         return body.embed_tokens, body.layers, body.final_layernorm, model.lm_head, _phi_layer_qkv, _phi_layer_out
@@ -244,7 +253,8 @@ def naive_streaming_logits(
             raw_values[layer_idx].append(value)
             keys = torch.stack([raw_keys[layer_idx][p] for p in keys_seen])
             values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
-            attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling)
+            attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling,
+                               getattr(config, "attention_multiplier", None))  # Granite's softmax scale
             x = layer_out(layer, x, attended)
         logits.append(output(final_norm(x)))
     return torch.stack(logits)

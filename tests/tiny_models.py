@@ -64,11 +64,14 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     sliding window longer than any test stream), Qwen2 (q/k/v biases), Qwen3 (RMSNorm on each head's q and k, head_dim 32
     where hidden / heads is 16), Phi (parallel attention and MLP, half of each head rotated, LayerNorm on q and k),
     Phi-3 (fused qkv projection), OLMo (parameter-free LayerNorm, q/k/v clipped at 0.5), OLMo-2 (norms after each
-    sublayer, RMSNorm over all heads' q and k), StarCoder2 (LayerNorm, biases, GELU MLP)."""
+    sublayer, RMSNorm over all heads' q and k), StarCoder2 (LayerNorm, biases, GELU MLP), Granite (multipliers on the
+    embeddings, residual branches and logits, softmax scale 0.2)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
-             "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True)}.get(model_type, {})
+             "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True),
+             "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                             logits_scaling=4.0)}.get(model_type, {})
     extra = extra | overrides
     torch.manual_seed(0)
     config = CONFIG_MAPPING[model_type](vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,

@@ -1,12 +1,13 @@
 """Llama-structured adapter: Llama (SmolLM2), Mistral, Qwen2/3, Phi (partial rotary), Phi-3, OLMo, OLMo-2,
-StarCoder2 — `model.model.rotary_emb`, `model.model.layers[i].self_attn`. What differs between them (norms, fused or
-biased projections, parallel residuals, partial rotary) happens inside the model's own modules."""
+StarCoder2, Granite — `model.model.rotary_emb`, `model.model.layers[i].self_attn`. What differs between them
+(norms, fused or biased projections, parallel residuals, multipliers, partial rotary) happens inside the model's
+own modules."""
 
 from __future__ import annotations
 
 from torch import nn
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "starcoder2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "starcoder2", "granite")
 
 
 def rotary_embedding(model: nn.Module) -> nn.Module:
