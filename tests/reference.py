@@ -192,14 +192,24 @@ def _neox_layer_out(layer, x, attended):
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+# (qkv fn, layer-output fn) of the models kept at `model.model`, Llama-style: what differs is inside their modules.
+_LLAMA_STYLE_LAYERS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2"), (_llama_layer_qkv, _llama_layer_out)),
+    "phi": (_phi_layer_qkv, _phi_layer_out),
+    "phi3": (_phi3_layer_qkv, _llama_layer_out),
+    "olmo2": (_olmo2_layer_qkv, _olmo2_layer_out),
+}
+
+
 def _parts(model):
     """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM."""
-    model_type = model.config.model_type
-    if model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2"):  # the same layer, other norms/MLPs
-        body = model.model
-        return body.embed_tokens, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
+    config = model.config
+    model_type = config.model_type
+    if model_type == "gpt_neox":
+        body = model.gpt_neox
+        return body.embed_in, body.layers, body.final_layer_norm, model.embed_out, _neox_layer_qkv, _neox_layer_out
+    body = model.model
     if model_type == "granite":  # Llama's layer with multipliers on the embeddings, each residual branch, the logits
-        body, config = model.model, model.config
 
         def granite_layer_out(layer, x, attended):
             x = x + layer.self_attn.o_proj(attended) * config.residual_multiplier
@@ -207,19 +217,10 @@ def _parts(model):
 
         return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
             (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
-    if model_type == "phi":
-        body = model.model
-        return body.embed_tokens, body.layers, body.final_layernorm, model.lm_head, _phi_layer_qkv, _phi_layer_out
-    if model_type == "phi3":
-        body = model.model
-        return body.embed_tokens, body.layers, body.norm, model.lm_head, _phi3_layer_qkv, _llama_layer_out
-    if model_type == "olmo2":
-        body = model.model
-        return body.embed_tokens, body.layers, body.norm, model.lm_head, _olmo2_layer_qkv, _olmo2_layer_out
-    if model_type == "gpt_neox":
-        body = model.gpt_neox
-        return body.embed_in, body.layers, body.final_layer_norm, model.embed_out, _neox_layer_qkv, _neox_layer_out
-    raise NotImplementedError(f"reference has no adapter for {model_type!r}")
+    if model_type not in _LLAMA_STYLE_LAYERS:
+        raise NotImplementedError(f"reference has no adapter for {model_type!r}")
+    final_norm = body.final_layernorm if model_type == "phi" else body.norm
+    return (body.embed_tokens, body.layers, final_norm, model.lm_head, *_LLAMA_STYLE_LAYERS[model_type])
 
 
 @torch.no_grad()
