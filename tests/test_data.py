@@ -136,9 +136,13 @@ def test_dataset_spec_parsing():
 
 
 def _fake_datasets(monkeypatch, load_dataset):
-    """Stand in for the `datasets` package (no hub here): load_text imports it lazily."""
+    """Stand in for the `datasets` package, and a hub that answers (there is none here): load_text imports it
+    lazily."""
+    from streaming_llm import hub
+
     module = types.SimpleNamespace(load_dataset=load_dataset, config=types.SimpleNamespace(HF_HUB_OFFLINE=False))
     monkeypatch.setitem(sys.modules, "datasets", module)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
 
 
 def test_dataset_rows_are_joined_by_blank_lines(monkeypatch):
