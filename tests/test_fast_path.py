@@ -1,6 +1,7 @@
 """The static decode step (streaming_llm/fast.py): exactly the general path's logits, kept tokens and bookkeeping,
 in every position mode, for both architectures, token by token and mixed with blocks; and, compiled, a single graph
-whose only in-place writes are to static buffers (what a CUDA-graph capture needs), checked here on CPU.
+whose only in-place writes are to static buffers (what a CUDA-graph capture needs), checked on CPU for every model
+type in test_model_types.py.
 """
 
 import copy
@@ -190,44 +191,6 @@ def test_bad_options_are_refused(llama_model):
         make_fast(llama_model, decode_attention="flash")
     with pytest.raises(ValueError, match="token ids"):
         make_fast(llama_model)(torch.tensor([[10_000]]))
-
-
-def test_compiled_step_is_one_graph_that_writes_only_static_buffers(llama_model):
-    """What CUDA graphs need, checked on CPU: torch.compile traces the whole step with fullgraph=True (a graph
-    break raises), and every tensor the graph writes in place is a static input (the per-layer buffers); a write to
-    any other input (a view of a buffer, say) makes inductor skip CUDA-graph capture on GPU. And each buffer is
-    written by exactly one index_copy, as in transformers' StaticCache step: a slice write (slice_scatter) made
-    inductor copy the whole key buffer twice per layer per step (+1.2 ms of 8.5 at the 7B shape on an H100)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._guards import TracingContext
-
-    graphs = []
-
-    def inspect(graph_module, example_inputs):
-        metadata = TracingContext.get().fw_metadata
-        mutated = list(metadata.mutated_inp_runtime_indices)
-        targets = [str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"]
-        graphs.append({"mutated": mutated, "not_static": sorted(set(mutated) - set(metadata.static_input_indices)),
-                       "index_copy": sum("index_copy" in t for t in targets),
-                       "scatter": sum("scatter" in t for t in targets)})
-        return make_boxed_func(graph_module.forward)
-
-    torch._dynamo.reset()
-    fast = make_fast(llama_model)
-    fast.step_kind = "eager"  # compiled below with the inspecting backend instead of inductor
-    for filling in (True, False):
-        function = fast._static_step_filling if filling else fast._static_step_full
-        fast._compiled[filling] = torch.compile(function, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
-    input_ids = random_ids(60, seed=47)
-    streamed = feed_stream(fast, input_ids)
-    assert max_abs_diff(streamed, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)) <= TOLERANCE
-    assert len(graphs) == 2  # the filling and the full step, each traced once: no recompilation along the stream
-    for graph in graphs:
-        layers = llama_model.config.num_hidden_layers
-        assert len(graph["mutated"]) == 2 * layers  # each layer's key and value buffer, nothing else
-        assert graph["not_static"] == []
-        assert graph["index_copy"] == 2 * layers and graph["scatter"] == 0, graph
 
 
 def test_a_stream_begun_under_inference_mode_goes_on_outside_it(llama_model):

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 from reference import naive_streaming_logits
-from tiny_models import (block_sizes_covering, build_gpt_neox, build_llama, build_llama_family, dense_logits,
-                         feed_stream, make_wrapper, max_abs_diff, random_ids)
+from tiny_models import (block_sizes_covering, build_gpt_neox, build_llama, build_llama_family,
+                         check_compiled_step_graphs, dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
 
 from streaming_llm.fast import FastStreamingWrapper
 from streaming_llm.models import SUPPORTED_MODEL_TYPES
@@ -30,6 +30,10 @@ def test_no_eviction_equals_dense(typed_model):
         streamed = feed_stream(make_wrapper(typed_model, N_SINK, LENGTH, streaming_mode=streaming_mode), input_ids,
                                block_sizes_covering(LENGTH, [1, 9, 1, 20]))
         assert max_abs_diff(streamed, dense) <= TOLERANCE, streaming_mode
+
+
+def test_compiled_step_is_one_graph_that_writes_only_static_buffers(typed_model):
+    check_compiled_step_graphs(typed_model, N_SINK, WINDOW_SIZE)
 
 
 @pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
