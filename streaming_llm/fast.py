@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores
-from streaming_llm.models import attention_shape
+from streaming_llm.models import attention_shape, is_mixture_of_experts
 from streaming_llm.rope import apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
@@ -204,13 +204,19 @@ class TreesStep:
         return self.function(token_ids).clone()
 
 
+def compiles_step(compile: str, device_type: str, config) -> bool:
+    """Whether FastStreamingWrapper(compile=...) compiles the step of this model on this device type."""
+    return compile == "always" or (compile == "auto" and device_type == "cuda" and not is_mixture_of_experts(config))
+
+
 class FastStreamingWrapper(StreamingLLMWrapper):
     """A StreamingLLMWrapper whose one-token steps run the static decode step, compiled on CUDA.
 
     compile: "auto" compiles the step with `torch.compile(fullgraph=True)` and captures it in a CUDA graph
-    (`GraphedStep`) when the model is on a CUDA device, and runs it eagerly elsewhere; "always" compiles on any
-    device (captured on CUDA); "never" runs it eagerly. `step_kind` says which. decode_attention: see
-    `decode_attention`; "auto" picks the formulation measured fastest on the device type.
+    (`GraphedStep`) when the model is on a CUDA device and is no mixture of experts (whose compiled step is not
+    verified: transformers' grouped expert matmul traces in bf16 only), and runs it eagerly elsewhere; "always"
+    compiles on any device (captured on CUDA); "never" runs it eagerly. `step_kind` says which. decode_attention:
+    see `decode_attention`; "auto" picks the formulation measured fastest on the device type.
     Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
     `step(token_ids)` is the unchecked hot path for loops that produce their own tokens ([batch, 1] on the
     model's device); calling the wrapper validates its input as StreamingLLMWrapper does.
@@ -223,7 +229,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.device = next(model.parameters()).device
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
-        compiled = compile == "always" or (compile == "auto" and self.device.type == "cuda")
+        compiled = compiles_step(compile, self.device.type, model.config)
         # How a one-token step runs: "cuda_graph" (compiled, captured in our own CUDA graph: one replay per step,
         # no guard evaluation), "cuda_graph_trees" (torch.compile's reduce-overhead graphs, the fallback),
         # "compiled" (off CUDA), "eager".

@@ -129,9 +129,16 @@ def _llama_layer_qkv(layer, x, config):
     return query, key, value
 
 
+def _mlp(layer, h):
+    """The layer's MLP on one token [hidden]; a mixture of experts (Mixtral, Qwen-MoE, OLMoE) takes [batch, seq,
+    hidden] and may return its router logits too."""
+    out = layer.mlp(h[None, None])
+    return (out[0] if isinstance(out, tuple) else out)[0, 0]
+
+
 def _llama_layer_out(layer, x, attended):
     x = x + layer.self_attn.o_proj(attended)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    return x + _mlp(layer, layer.post_attention_layernorm(x))
 
 
 def _heads(config) -> tuple[int, int, int]:
@@ -194,7 +201,8 @@ def _neox_layer_out(layer, x, attended):
 
 # (qkv fn, layer-output fn) of the models kept at `model.model`, Llama-style: what differs is inside their modules.
 _LLAMA_STYLE_LAYERS = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2"), (_llama_layer_qkv, _llama_layer_out)),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"),
+                    (_llama_layer_qkv, _llama_layer_out)),
     "phi": (_phi_layer_qkv, _phi_layer_out),
     "phi3": (_phi3_layer_qkv, _llama_layer_out),
     "olmo2": (_olmo2_layer_qkv, _olmo2_layer_out),

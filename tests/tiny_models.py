@@ -71,7 +71,11 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
              "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True),
              "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                             logits_scaling=4.0)}.get(model_type, {})
+                             logits_scaling=4.0),
+             "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+             "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=64),
+             "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)}.get(model_type, {})
     extra = extra | overrides
     torch.manual_seed(0)
     config = CONFIG_MAPPING[model_type](vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,

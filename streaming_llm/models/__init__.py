@@ -95,6 +95,11 @@ def check_capacity(config, capacity: int) -> None:
         )
 
 
+def is_mixture_of_experts(config) -> bool:
+    """Mixtral (num_local_experts), Qwen2/3-MoE (num_experts)."""
+    return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
+
+
 def model_type_name(config) -> str:
     return str(getattr(config, "model_type", type(config).__name__))
 

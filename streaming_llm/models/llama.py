@@ -1,13 +1,14 @@
-"""Llama-structured adapter: Llama (SmolLM2), Mistral, Qwen2/3, Phi (partial rotary), Phi-3, OLMo, OLMo-2,
-StarCoder2, Granite — `model.model.rotary_emb`, `model.model.layers[i].self_attn`. What differs between them
-(norms, fused or biased projections, parallel residuals, multipliers, partial rotary) happens inside the model's
-own modules."""
+"""Llama-structured adapter: Llama (SmolLM2), Mistral, Qwen2/3, Phi (partial rotary), Phi-3, OLMo, OLMo-2, StarCoder2,
+Granite, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE — `model.model.rotary_emb`,
+`model.model.layers[i].self_attn`. What differs between them (norms, fused or biased projections, parallel
+residuals, multipliers, partial rotary) happens inside the model's own modules."""
 
 from __future__ import annotations
 
 from torch import nn
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "starcoder2", "granite")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "olmo", "olmo2", "starcoder2", "granite",
+               "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def rotary_embedding(model: nn.Module) -> nn.Module:
