@@ -17,9 +17,9 @@ import numpy as np
 from streaming_llm.eval.results import read_result
 
 
-def _segment_perplexity(nlls: np.ndarray, start: int, end: int) -> float | None:
-    """exp(mean) of nlls[start:end] when the run scored all of them, else None."""
-    if end > nlls.size:
+def _segment_perplexity(nlls: np.ndarray | None, start: int, end: int) -> float | None:
+    """exp(mean) of nlls[start:end] when the run scored all of them, else None (also without its NLL file)."""
+    if nlls is None or end > nlls.size:
         return None
     values = nlls[start:end].astype(np.float64)
     if values.size == 0 or not np.isfinite(values).all():
@@ -52,7 +52,7 @@ def summary_rows(result_files: list[str | Path], boundaries: list[int], sample_s
             "peak_memory_mib": record.get("peak_memory_mib"),
             "file": Path(path).name,
         }
-        if sample_steps and max(sample_steps) < nlls.size and np.isfinite(nlls[sample_steps]).all():
+        if sample_steps and nlls is not None and max(sample_steps) < nlls.size and np.isfinite(nlls[sample_steps]).all():
             row["ppl_at_recompute_samples"] = float(math.exp(nlls[sample_steps].astype(np.float64).mean()))
         rows.append(row)
     return rows

@@ -1,0 +1,47 @@
+"""The comparison table (streaming_llm/eval/report.py) from result files with known NLLs: every number is the
+exp(mean NLL) of exactly the steps its column names, or "–" where the run did not score all of them."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from streaming_llm.eval.report import markdown_table, segment_label, summary_rows
+from streaming_llm.eval.results import write_result
+
+
+def _result(folder, method, nlls, **extra_fields):
+    record = {"model": "m", "data": {"kind": "file"}, "num_tokens": len(nlls) + 1, "n_sink": 1, "window_size": 3,
+              "method": method, "evaluator": "decode", "perplexity": float(np.exp(np.mean(nlls))),
+              "tokens_per_s": 12.5, "wall_s": 0.5, "peak_memory_mib": 100.0, "extra": {"cpu_s": 1.0}} | extra_fields
+    return write_result(folder, method, record, torch.tensor(nlls, dtype=torch.float32))
+
+
+def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
+    full = _result(tmp_path, "full", [1.0] * 4 + [2.0] * 4)  # 8 steps: two whole segments
+    short = _result(tmp_path, "short", [0.5] * 6)  # 6 steps: the second segment is not all scored
+    broken = _result(tmp_path, "broken", [0.25] * 4 + [float("inf")] + [0.25] * 3)
+    no_nlls = _result(tmp_path, "no_nlls", [1.0] * 8)
+    no_nlls.with_name("no_nlls.nlls.npy").unlink()  # a result whose companion file went missing
+    rows = summary_rows([full, short, broken, no_nlls], boundaries=[0, 4, 8], sample_steps=[1, 5])
+    first, second = segment_label(0, 4), segment_label(4, 8)
+    assert (first, second) == ("tokens 1–4", "tokens 5–8")
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["full"]["segments"] == {first: pytest.approx(math.e), second: pytest.approx(math.e**2)}
+    assert by_method["full"]["ppl_at_recompute_samples"] == pytest.approx(math.exp(1.5))
+    assert by_method["short"]["segments"] == {first: pytest.approx(math.exp(0.5)), second: None}
+    assert by_method["short"]["ppl_at_recompute_samples"] == pytest.approx(math.exp(0.5))
+    assert by_method["broken"]["segments"] == {first: pytest.approx(math.exp(0.25)), second: None}
+    assert by_method["broken"]["ppl_at_recompute_samples"] == pytest.approx(math.exp(0.25))
+    assert by_method["no_nlls"]["segments"] == {first: None, second: None}
+    assert by_method["no_nlls"]["ppl_at_recompute_samples"] is None
+    assert by_method["no_nlls"]["perplexity"] == pytest.approx(math.e)  # the record's own number stays
+    assert by_method["full"]["cpu_s"] == 1.0 and by_method["full"]["file"] == "full.json"
+    assert summary_rows([short], boundaries=[0, 4, 8], sample_steps=[1, 6])[0]["ppl_at_recompute_samples"] is None
+
+    table = markdown_table(rows).splitlines()
+    assert table[0] == ("| method | evaluator | tokens | perplexity | tokens 1–4 | tokens 5–8 | at recompute samples | "
+                        "tokens/s | CPU s | peak MiB |")
+    assert table[2] == "| full | decode | 9 | 4.48 | 2.72 | 7.39 | 4.48 | 12.5 | 1 | 100 |"
+    assert table[3] == "| short | decode | 7 | 1.65 | 1.65 | – | 1.65 | 12.5 | 1 | 100 |"
