@@ -39,6 +39,7 @@ def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
     assert by_method["no_nlls"]["perplexity"] == pytest.approx(math.e)  # the record's own number stays
     assert by_method["full"]["cpu_s"] == 1.0 and by_method["full"]["file"] == "full.json"
     assert summary_rows([short], boundaries=[0, 4, 8], sample_steps=[1, 6])[0]["ppl_at_recompute_samples"] is None
+    assert summary_rows([broken], boundaries=[0, 4, 8], sample_steps=[1, 4])[0]["ppl_at_recompute_samples"] is None
 
     table = markdown_table(rows).splitlines()
     assert table[0] == ("| method | evaluator | tokens | perplexity | tokens 1–4 | tokens 5–8 | at recompute samples | "
