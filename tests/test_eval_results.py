@@ -120,3 +120,72 @@ def test_moving_average():
     values = np.array([1.0, 3.0, 5.0, 7.0])
     assert moving_average(values, 2).tolist() == [1.0, 2.0, 4.0, 6.0]
     assert moving_average(values, 1).tolist() == values.tolist()
+
+
+def test_a_result_without_its_nlls_is_run_again(llama_model, tmp_path):
+    """A JSON whose NLL file is gone is no finished result (the table could not show its segments): eval runs it
+    again instead of reporting it as skipped."""
+    first = _run(llama_model, tmp_path)
+    first.json_path.with_name(first.json_path.name[:-5] + ".nlls.npy").unlink()
+    again = _run(llama_model, tmp_path)
+    assert not again.skipped and read_result(again.json_path)[1].shape == (29,)
+    assert again.record["num_predictions"] == 29 and again.record["num_tokens"] == 30
+
+
+def test_stem_parts_and_hidden_files():
+    """Slugs lose separators at their ends; hidden JSON files (macOS's "._x.json" beside a copied result) are no
+    results."""
+    from streaming_llm.eval.results import slug
+
+    assert slug(" /models/my model/ ") == "models-my-model" and slug("///") == "none"
+
+
+def test_list_results_skips_hidden_json(tmp_path):
+    (tmp_path / "._a.json").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (tmp_path / "b.json").write_text("{}")
+    assert [path.name for path in list_results(tmp_path)] == ["b.json"]
+
+
+def test_fingerprint_tells_weights_apart_and_ignores_where_and_how_a_model_was_loaded(llama_model, tmp_path):
+    """The same weights loaded from two folders give the same fingerprint; a change in any parameter's last value gives another. Only a record and a model that both have
+    fingerprints can disagree."""
+    from transformers import AutoModelForCausalLM
+
+    from streaming_llm.eval.results import check_same_model, model_fingerprint
+
+    copy.deepcopy(llama_model).save_pretrained(tmp_path / "one")  # saving records `architectures` in the config
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "one", dtype=torch.float32)
+    first.save_pretrained(tmp_path / "two")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
+    assert reloaded.config.name_or_path != first.config.name_or_path
+    fingerprint = model_fingerprint(first)
+    assert model_fingerprint(reloaded) == fingerprint
+    with torch.no_grad():
+        parameters = list(reloaded.parameters())
+        parameters[-1].view(-1)[-1] += 1.0
+        assert model_fingerprint(reloaded) != fingerprint
+        parameters[-1].view(-1)[-1] -= 1.0
+        largest = max(parameters, key=lambda parameter: parameter.numel())
+        assert largest.numel() > 2048
+        largest.view(-1)[-1] += 1.0  # past the first 1,024 values of a large parameter
+    assert model_fingerprint(reloaded) != fingerprint
+    check_same_model({"model": "m"}, fingerprint, "old.json")  # written before fingerprints: taken as it was
+    check_same_model({"model": "m", "model_fingerprint": "abc"}, None, "x.json")  # no fingerprint to compare with
+    with pytest.raises(ValueError, match="made with another model of the same name"):
+        check_same_model({"model": "m", "model_fingerprint": "abc"}, fingerprint, "x.json")
+
+
+def test_git_commit_marks_a_dirty_tree(tmp_path):
+    import subprocess
+
+    from streaming_llm.eval.results import git_commit
+
+    assert git_commit(tmp_path) is None  # not a repository
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    (tmp_path / "f.txt").write_text("a")
+    for command in (["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "x"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True, env={**env, "PATH": "/usr/bin:/bin"})
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert git_commit(tmp_path) == head + "+dirty"
