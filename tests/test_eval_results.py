@@ -189,3 +189,42 @@ def test_git_commit_marks_a_dirty_tree(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "f.txt").write_text("b")
     assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_checkpoint_rules(tmp_path):
+    """A checkpoint is resumed only by the same block size and model; one written before fingerprints existed is
+    not taken by a run that has one (it starts afresh); after a resume the next save waits a whole interval."""
+    from streaming_llm.eval.harness import Checkpoint
+
+    path = tmp_path / "run.checkpoint.npz"
+    Checkpoint(path, 8, 16, "f1").maybe_save(16, torch.ones(20))
+    assert Checkpoint(path, 4, 16, "f1").load() is None  # another block size
+    resumed = Checkpoint(path, 8, 16, "f1")
+    assert resumed.load().shape == (16,) and resumed.saved_at == 16
+    resumed.maybe_save(24, torch.full((30,), 2.0))  # 8 tokens after the resume point: not yet
+    assert Checkpoint(path, 8, 16, "f1").load().shape == (16,)
+    np.savez(path, nlls=np.ones(16), block_size=np.int64(8))  # no fingerprint: written before they existed
+    assert Checkpoint(path, 8, 16, "f1").load() is None and Checkpoint(path, 8, 16, None).load().shape == (16,)
+
+
+def test_recompute_samples_fit_a_stream_shorter_than_the_capacity():
+    from streaming_llm.eval.harness import sample_steps
+
+    assert sample_steps(1000, 100, 3) == [100, 549, 998]
+    assert sample_steps(10, 20, 3) == [8]  # nothing past the capacity: the last step only
+
+
+def test_stepper_extra_counts_every_kept_position_and_lists_the_first_16():
+    from streaming_llm.eval.harness import _stepper_extra
+
+    class Stepper:
+        def kept_positions(self):
+            return torch.arange(40).reshape(2, 20)  # [kv_heads, held]: the first head's
+
+    assert _stepper_extra(Stepper()) == {"final_kept_positions_head": list(range(16)), "final_kept_count": 20}
+
+
+def test_methods_are_taken_once_each_in_the_order_given():
+    from streaming_llm.eval.methods import get_methods
+
+    assert [method.name for method in get_methods("mit, dense,mit,dense")] == ["mit", "dense"]
