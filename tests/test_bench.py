@@ -38,6 +38,16 @@ def test_every_decoder_holds_the_cache_at_capacity(model, method):
         assert decoder.cache_bytes() >= dense_kv_bytes(model, CAPACITY - 1)
 
 
+def test_step_time_summary_is_median_and_nearest_rank_percentiles():
+    """p10/p90 are the ceil(0.1 n)-th and ceil(0.9 n)-th smallest of n steps (they were one rank higher: p90 of
+    10 steps was the slowest one)."""
+    from streaming_llm.bench.latency import LatencyRow
+
+    for steps, (p10, median, p90) in ((10, (1, 5.5, 9)), (30, (3, 15.5, 27)), (1, (1, 1, 1)), (4, (1, 2.5, 4))):
+        summary = LatencyRow("dense", 16, step_ms=[float(t) for t in range(steps, 0, -1)]).summary()
+        assert (summary["p10_ms"], summary["median_ms"], summary["p90_ms"]) == (p10, median, p90), steps
+
+
 def test_measure_latency_times_every_method_round_robin(model):
     rows = measure_latency(model, EAGER_METHODS, CAPACITY, n_sink=4, rounds=2, steps_per_round=2, warmup=1)
     assert [row.method for row in rows] == EAGER_METHODS

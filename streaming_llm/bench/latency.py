@@ -8,9 +8,10 @@ numbers that matter are the ratios within one run.
 
 from __future__ import annotations
 
+import math
 import platform
-import sys
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -291,10 +292,11 @@ class LatencyRow:
     step_kind: str | None = None  # FastStreamingWrapper's: cuda_graph, cuda_graph_trees, compiled or eager
 
     def summary(self) -> dict:
+        """Median and nearest-rank p10/p90 (the ceil(q n)-th smallest of n steps) of the step times, in ms."""
         ordered = sorted(self.step_ms)
 
         def quantile(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+            return ordered[max(0, math.ceil(q * len(ordered) - 1e-9) - 1)]
 
         return {
             "method": self.method, "capacity": self.capacity, "steps": len(ordered),
