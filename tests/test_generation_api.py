@@ -267,3 +267,55 @@ def test_examples_run(example, model_dir, monkeypatch, capsys):
     runpy.run_path(str(EXAMPLES / example), run_name="__main__")
     out = capsys.readouterr().out
     assert "cache" in out
+
+
+# --- the sampler, decoder and stop filter at their edges (each found untested by mutating generation.py) ---------
+
+
+def test_repetition_penalty_pushes_every_recent_token_down_whatever_its_sign():
+    """CTRL's rule: a positive logit is divided by the penalty, a negative one multiplied, for every distinct id
+    among the recent tokens (not only the last)."""
+    from streaming_llm.generation import SamplingConfig, TokenSampler
+
+    sampler = TokenSampler(SamplingConfig(repetition_penalty=2.0))
+    assert sampler(torch.tensor([-1.0, -0.6, -3.0]), recent=[1]) == 0  # -0.6 * 2 < -1.0
+    assert sampler(torch.tensor([1.0, 0.9, 0.1]), recent=[0, 2]) == 1  # 1.0 / 2 < 0.9
+
+
+def test_top_p_keeps_a_token_only_while_the_likelier_ones_hold_less_than_top_p():
+    from streaming_llm.generation import SamplingConfig, TokenSampler
+
+    values, ids = TokenSampler(SamplingConfig(temperature=1.0, top_p=0.5))._candidates(torch.tensor([0.0, 0.0]))
+    assert ids.tolist() == [0] or ids.tolist() == [1]  # two halves: the first reaches 0.5, the second is left out
+    assert TokenSampler(SamplingConfig(temperature=1.0, top_p=0.51))._candidates(torch.tensor([0.0, 0.0]))[1].numel() == 2
+
+
+class _PieceTokenizer:
+    """decode(ids) joins fixed pieces; id 9 is a byte piece that never completes a character (U+FFFD)."""
+
+    pieces = {0: "a", 1: "b", 2: " ", 9: "\ufffd"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_incremental_decoder_holds_at_most_eight_incomplete_tokens():
+    from streaming_llm.generation import MAX_PENDING_TOKENS, IncrementalDecoder
+
+    decoder = IncrementalDecoder(_PieceTokenizer())
+    assert decoder.push(0) == "a"
+    assert [decoder.push(9) for _ in range(MAX_PENDING_TOKENS)] == [""] * MAX_PENDING_TOKENS
+    assert decoder.push(9) == "\ufffd" * (MAX_PENDING_TOKENS + 1)  # the ninth: given up, emitted as it is
+    assert decoder.push(1) == "b" and decoder.flush() == ""
+
+
+def test_stop_filter_holds_the_longest_start_of_any_stop_string_and_flushes_once():
+    """With stop strings "abcd" and "cz", "zabc" may be the start of "abcd": all of "abc" is held back (holding
+    only the "c" that could start "cz" would let "abcd" pass unseen); flush gives the held text once."""
+    from streaming_llm.generation import StopStringFilter
+
+    stop = StopStringFilter(["abcd", "cz"])
+    assert stop.push("zabc") == ("z", False)
+    assert stop.push("d!") == ("", True)
+    held = StopStringFilter(["abcd"])
+    assert held.push("xab") == ("x", False) and held.flush() == "ab" and held.flush() == ""
