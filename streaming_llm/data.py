@@ -65,7 +65,7 @@ def _is_embedded(source) -> bool:
 
 
 def _looks_like_path(source) -> bool:
-    if isinstance(source, Path):
+    if isinstance(source, os.PathLike):
         return True
     return (
         Path(source).expanduser().exists()
