@@ -1,0 +1,173 @@
+"""Behaviour of the benchmark's statistics and records that no other test pinned down (found by mutation testing):
+round-robin order, warm-up and skips of measure_latency, the units of every reading, the streamed checkpoints, byte
+counts and latency ratios. Timings and memory readings are injected: every number is asserted exactly."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import types
+import weakref
+
+import pytest
+import torch
+
+from streaming_llm.bench import latency, memory
+from streaming_llm.bench.command import _ratios, format_table
+from streaming_llm.bench.latency import LatencyRow
+from tiny_models import build_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_llama()
+
+
+class _Progress:
+    def __init__(self):
+        self.total = 0
+
+    def update(self, n):
+        self.total += n
+
+
+class _FakeDecoder:
+    """Counts its steps; its cache length and bytes are read from that count (so when they are read shows)."""
+
+    def __init__(self, name, capacity, fail=None):
+        self.name, self.capacity, self.fail, self.steps = name, capacity, fail, 0
+        if name == "a":
+            self.wrapper = types.SimpleNamespace(step_kind="cuda_graph")
+
+    def prepare(self):
+        if self.fail is not None:
+            raise self.fail(f"{self.name} cannot run here")
+
+    def step(self):
+        self.steps += 1
+
+    def cache_bytes(self):
+        return 100 * self.steps
+
+    def cache_length(self):
+        return self.steps
+
+
+def test_measure_latency_round_robin_warmup_skips_and_readings(monkeypatch, capsys):
+    """Methods are timed in turns of `steps_per_round` steps, round after round; each gets `warmup` untimed steps
+    first; a method that raises ValueError or ImportError in prepare is skipped with one line; cache bytes and
+    length are read after the timed steps; setup time and progress (one per method per round) are recorded."""
+    decoders = {}
+
+    def make_decoder(method, model, n_sink, capacity, decode_attention="auto"):
+        fail = {"no_value": ValueError, "no_import": ImportError}.get(method)
+        decoders[method] = _FakeDecoder(method, capacity, fail)
+        return decoders[method]
+
+    ticks = itertools.count(1)
+    clock = itertools.count(0.0, 0.25)
+    monkeypatch.setattr(latency, "make_decoder", make_decoder)
+    monkeypatch.setattr(latency, "prepare_attn", lambda decoder: None)
+    monkeypatch.setattr(latency, "synchronized_ms", lambda function, device: (function(), float(next(ticks)))[1])
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    progress = _Progress()
+    rows = latency.measure_latency(torch.nn.Linear(1, 1), ["a", "no_value", "b", "no_import"], capacity=16,
+                                   rounds=2, steps_per_round=3, warmup=2, progress=progress)
+    assert [row.method for row in rows] == ["a", "b"]
+    assert rows[0].step_ms == [1.0, 2.0, 3.0, 7.0, 8.0, 9.0] and rows[1].step_ms == [4.0, 5.0, 6.0, 10.0, 11.0, 12.0]
+    assert decoders["a"].steps == decoders["b"].steps == 2 + 2 * 3
+    assert [(row.cache_length, row.cache_bytes) for row in rows] == [(8, 800), (8, 800)]
+    assert [row.setup_s for row in rows] == [0.25, 0.25]
+    assert [row.step_kind for row in rows] == ["cuda_graph", None]
+    assert [(row.step_peak_bytes, row.device_ms) for row in rows] == [(None, None), (None, None)]  # CPU
+    assert progress.total == 2 * 2
+    assert capsys.readouterr().err.splitlines() == ["bench: skipping no_value: no_value cannot run here",
+                                                    "bench: skipping no_import: no_import cannot run here"]
+
+
+def test_summary_passes_the_row_through_and_rounds_setup_to_centiseconds():
+    summary = LatencyRow("mit", 16, step_ms=[2.0, 1.0, 3.0], cache_bytes=5, cache_length=7, setup_s=1.23456,
+                         step_peak_bytes=11, device_ms=0.5, step_kind="eager").summary()
+    assert summary == {"method": "mit", "capacity": 16, "steps": 3, "median_ms": 2.0, "p10_ms": 1.0, "p90_ms": 3.0,
+                       "cache_bytes": 5, "cache_length": 7, "setup_s": 1.23, "step_peak_bytes": 11, "device_ms": 0.5,
+                       "step_kind": "eager"}
+
+
+def test_synchronized_ms_is_in_milliseconds(monkeypatch):
+    clock = iter([1.0, 1.25])
+    monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    assert latency.synchronized_ms(lambda: calls.append(1), "cpu") == 250.0 and calls == [1]
+
+
+def test_measure_stream_checkpoints_in_order_with_median_and_rss_in_bytes(model, monkeypatch):
+    """Checkpoints are taken in increasing order whatever order they are given in, each reached exactly (the last
+    block is cut short) before its timed steps; the median of those steps and RSS in bytes are recorded; progress
+    counts the streamed tokens."""
+    times = itertools.cycle([3.0, 1.0, 2.0])
+    monkeypatch.setattr(latency, "synchronized_ms", lambda function, device: (function(), next(times))[1])
+    monkeypatch.setattr(latency, "resident_memory_mib", lambda: 1.5)
+    progress = _Progress()
+    rows = latency.measure_stream(model, 24, 4, checkpoints=[60, 30], block=16, steps=3, progress=progress)
+    assert [row["tokens_streamed"] for row in rows] == [33, 63]
+    assert [row["median_ms"] for row in rows] == [2.0, 2.0]
+    assert [row["rss_bytes"] for row in rows] == [1572864, 1572864]
+    assert [row["cache_length"] for row in rows] == [24, 24] and progress.total == 30 + 27
+
+
+def test_byte_counts(model):
+    """Dense KV bytes of capacity + 1 tokens (keys and values), parameter bytes and tensor bytes by element size."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert latency.dense_kv_bytes(model, 24) == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 25 * 4
+    numel = sum(parameter.numel() for parameter in model.parameters())
+    assert latency.weight_bytes(model) == 4 * numel
+    assert latency._tensor_bytes([torch.zeros(3, dtype=torch.float16), None, 7, torch.zeros(2, 2)]) == 6 + 16
+    layer = types.SimpleNamespace(keys=torch.zeros(2, 3), values=torch.zeros(5, dtype=torch.bfloat16), n_sink=4)
+    assert memory.cache_bytes(types.SimpleNamespace(layers=[layer, layer])) == 2 * (24 + 10)
+
+
+def test_resident_memory_reads_vmrss_in_mib(monkeypatch):
+    class FakePath:
+        def __init__(self, name):
+            assert name == "/proc/self/status"
+
+        def read_text(self):
+            return "VmHWM:\t 4096 kB\nVmRSS:\t 2048 kB\n"
+
+    monkeypatch.setattr(memory, "Path", FakePath)
+    assert memory.resident_memory_mib() == 2.0
+
+
+def test_release_free_memory_collects_cycles():
+    """Garbage in reference cycles is gone after release_free_memory, even with the automatic collector off."""
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node
+    ref = weakref.ref(node)
+    gc.disable()
+    try:
+        del node
+        assert ref() is not None
+        memory.release_free_memory()
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_ratios_divide_each_median_by_the_baselines_at_the_same_capacity():
+    """ratio = median / baseline median (the baseline itself 1.0); capacities the baseline lacks are left out."""
+    rows = [
+        {"method": "dense_static", "capacity": 16, "median_ms": 2.0, "p10_ms": 1.0, "p90_ms": 4.0, "cache_bytes": 2**20},
+        {"method": "mit", "capacity": 16, "median_ms": 3.0, "p10_ms": 2.5, "p90_ms": 3.5, "cache_bytes": 2**21},
+        {"method": "mit", "capacity": 32, "median_ms": 5.0, "p10_ms": 4.0, "p90_ms": 6.0, "cache_bytes": 2**21},
+    ]
+    assert _ratios(rows, "dense_static") == [{"method": "dense_static", "capacity": 16, "ratio": 1.0},
+                                             {"method": "mit", "capacity": 16, "ratio": 1.5}]
+    assert _ratios(rows, "dense_static_compiled") == []
+    lines = format_table(rows).splitlines()
+    assert "vs static" in lines[0] and "vs compiled" not in lines[0]
+    assert lines[2].split() == ["mit", "16", "3.00", "2.50", "3.50", "1.50x", "2.0"]
+    assert lines[3].split() == ["mit", "32", "5.00", "4.00", "6.00", "2.0"]
