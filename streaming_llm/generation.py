@@ -107,9 +107,10 @@ class TokenSampler:
             return int(logits.argmax())
         temperature = max(config.temperature, FLOAT32_TINY)
         scaled = logits / temperature
-        if bool(scaled.max().isposinf()):
-            # logits / a tiny temperature overflowed, and softmax of inf is NaN: scale the gaps to the best logit
-            # instead (0 for it, -inf in the limit for the others: greedy). Ordinary values never come here.
+        if not bool(scaled.max().isfinite()):
+            # logits / a tiny temperature overflowed (to +inf, or to -inf everywhere when no logit is positive), and
+            # softmax of that is NaN: scale the gaps to the best logit instead (0 for it, -inf in the limit for the
+            # others: greedy). Ordinary values never come here.
             scaled = (logits - logits.max()) / temperature
         logits = scaled
         generator = self._generator_for(logits.device)
@@ -176,7 +177,9 @@ class IncrementalDecoder:
         return self._emit(prefix_text, self._decode(self.tokens[self.prefix_offset :]))
 
     def _emit(self, prefix_text: str, full_text: str) -> str:
-        delta = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else full_text
+        # The context's text is a prefix of the new text, except where the context ends inside a character (its
+        # last bytes decode to U+FFFD, which the completed character replaces): what follows the common part is new.
+        delta = full_text[_common_prefix_length(prefix_text, full_text) :]
         # The newest emitted tokens become the next context; older ones are dropped.
         keep_from = max(self.read_offset, len(self.tokens) - DECODE_CONTEXT_TOKENS)
         self.tokens = self.tokens[keep_from:]

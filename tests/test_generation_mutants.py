@@ -1,0 +1,464 @@
+"""Behaviour of streaming_llm.generation that no other test pinned down, found by a mutation-testing audit.
+
+Each test here fails on at least one small change to generation.py (a flipped comparison, a dropped statement)
+that the rest of the suite let through. Most run on stand-ins: a word-level tokenizer whose pieces carry their
+leading space SentencePiece-style ("▁king"), and ScriptedWrapper, a wrapper whose logits are scripted, so the
+tokens a stream samples are known in advance. The byte-level tests use the embedded SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_cli import tiny_checkpoint
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from streaming_llm.generation import (
+    MAX_PENDING_TOKENS,
+    NUCLEUS_PROBE,
+    IncrementalDecoder,
+    SamplingConfig,
+    StopStringFilter,
+    StreamingChat,
+    TokenSampler,
+    end_of_turn_ids,
+    generate_stream,
+    prompt_token_ids,
+)
+
+WORDS = ["[UNK]", "</s>", "▁the", "▁king", "▁is", "▁dead", "▁long", "▁live"]
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, Metaspace pre-tokenizer and decoder: a piece decoded on its own loses its leading space
+    ("▁is" -> "is"), decoded after another keeps it (" is"), as with Llama's SentencePiece tokenizer."""
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """The embedded SmolLM2 tokenizer (byte-level BPE, ChatML template), from the tiny checkpoint test_cli builds."""
+    return AutoTokenizer.from_pretrained(tiny_checkpoint(tmp_path_factory))
+
+
+def ids_of(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, 1)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+class ScriptedWrapper:
+    """Stands in for a StreamingLLMWrapper: records the tokens fed, and answers each call with logits whose last
+    position is `next_logits()` (the others are zeros). `speak(tokens)` scripts a greedy stream: every call makes
+    the next scripted token the most likely one."""
+
+    def __init__(self, vocab_size: int, next_logits=None):
+        self.model, self.vocab_size = _Model(vocab_size), vocab_size
+        self.next_logits = next_logits
+        self.fed: list[int] = []
+        self.calls = 0
+
+    def speak(self, tokens: list[int]) -> ScriptedWrapper:
+        script = iter(tokens)
+
+        def next_logits():
+            logits = torch.zeros(self.vocab_size)
+            logits[next(script)] = 10.0
+            return logits
+
+        self.next_logits = next_logits
+        return self
+
+    def reset(self):
+        self.fed, self.calls = [], 0
+
+    @property
+    def tokens_seen(self) -> int:
+        return len(self.fed)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.fed += input_ids[0].tolist()
+        self.calls += 1
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
+        logits[0, -1] = self.next_logits()
+        return logits
+
+
+# --- TokenSampler -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_k=3), dict(top_p=0.9)], ids=["plain", "top_k", "top_p"])
+def test_a_tiny_temperature_is_greedy_when_every_logit_is_negative(options):
+    """Bug found by the audit: with temperature 1e-40 (accepted; floored to float32's tiny) and no positive logit,
+    logits / temperature is -inf everywhere, which the overflow guard (it looked for +inf only) let through, and
+    softmax of all -inf made torch.multinomial raise. The gaps to the best logit are used instead: greedy."""
+    logits = -torch.arange(10.0) - 5.0
+    logits[3] = -4.5
+    sampler = TokenSampler(SamplingConfig(temperature=1e-40, seed=0, **options))
+    assert [sampler(logits) for _ in range(5)] == [3] * 5
+
+
+def test_greedy_takes_the_first_of_tied_best_tokens_whatever_the_seed():
+    """temperature=0 is argmax (the lowest id among ties), not a draw: sampling at a vanishing temperature would
+    pick among the tied tokens at random."""
+    logits = torch.tensor([0.0, 3.0, 3.0, 3.0, -1.0])
+    assert {TokenSampler(SamplingConfig(temperature=0.0, seed=seed))(logits) for seed in range(20)} == {1}
+
+
+def test_the_sampler_leaves_the_callers_logits_untouched():
+    """The repetition penalty works on a copy: the caller's float32 logits (logits.float() is the same tensor)
+    are not penalised in place."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0])
+    before = logits.clone()
+    TokenSampler(SamplingConfig(repetition_penalty=3.0))(logits, recent=[0, 1])
+    assert torch.equal(logits, before)
+
+
+def test_repetition_penalty_divides_positive_logits_and_multiplies_negative_ones():
+    """CTRL's rule, both signs and both directions: a recent token's positive logit is divided by the penalty,
+    a negative one multiplied (> 1 pushes both down, < 1 pulls both up); a token repeated in the window is
+    penalised once."""
+    def greedy(logits, penalty, recent):
+        return TokenSampler(SamplingConfig(repetition_penalty=penalty))(torch.tensor(logits), recent=recent)
+
+    assert greedy([2.0, 1.5], 2.0, [0]) == 1  # 2 / 2 = 1 < 1.5
+    assert greedy([-1.0, -1.5], 2.0, [0]) == 1  # -1 * 2 = -2 < -1.5 (divided: -0.5, still the best)
+    assert greedy([-1.0, -0.6], 0.5, [0]) == 0  # -1 * 0.5 = -0.5 > -0.6
+    assert greedy([0.5, 0.8], 0.5, [0]) == 0  # 0.5 / 0.5 = 1 > 0.8
+    assert greedy([2.0, 0.8], 2.0, [0, 0, 0]) == 0  # once: 1 > 0.8 (three times: 0.25)
+
+
+def test_a_huge_penalty_leaves_a_zero_logit_at_zero():
+    """A penalty beyond float32's range makes 0 * inf = NaN for a zero logit; it is mapped back to 0 (the logit
+    it was), not to another number: here it stays below an unpenalised 0.5."""
+    sampler = TokenSampler(SamplingConfig(repetition_penalty=1e300))
+    assert sampler(torch.tensor([0.0, 0.5, -2.0]), recent=[0]) == 1
+    assert sampler(torch.tensor([0.0, -0.5, 3.0]), recent=[0, 2]) == 0  # 3 / inf = 0, ties go to the lowest id
+
+
+def test_unrestricted_sampling_draws_from_the_whole_vocabulary():
+    """top_k=0 and top_p=1 sample the full softmax: 2000 draws from 1000 equally likely tokens reach far more than
+    the NUCLEUS_PROBE most likely tokens top-p starts from."""
+    sampler = TokenSampler(SamplingConfig(temperature=1.0, seed=0))
+    draws = {sampler(torch.zeros(1000)) for _ in range(2000)}
+    assert len(draws) > 2 * NUCLEUS_PROBE
+
+
+def test_top_k_alone_keeps_k_candidates_however_unlikely():
+    """With top_p=1 top-k keeps exactly k tokens, even those whose probability rounds the cumulative sum to 1."""
+    logits = torch.zeros(50)
+    logits[7] = 100.0
+    values, ids = TokenSampler(SamplingConfig(temperature=1.0, top_k=5))._candidates(logits)
+    assert len(ids) == 5 and ids[0] == 7 and len(values) == 5
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_top_p_keeps_the_smallest_set_that_reaches_it(top_k):
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in float32): top_p=0.5 is reached by the first token alone,
+    0.75 by two, and a hair above 0.5 needs the second."""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
+
+    def candidates(top_p):
+        return TokenSampler(SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p))._candidates(logits)[1].tolist()
+
+    assert candidates(0.5) == [0]
+    assert candidates(0.5 + 1e-6) == [0, 1]
+    assert candidates(0.75) == [0, 1]
+    assert sorted(candidates(0.999)) == [0, 1, 2, 3]  # the tied 1/8s in either order
+
+
+def test_unseeded_samplers_draw_differently():
+    """seed=None seeds each sampler's generator from a fresh random source (not a fixed default): two samplers
+    over 1000 equally likely tokens draw different sequences."""
+    logits = torch.zeros(1000)
+    first, second = (TokenSampler(SamplingConfig(temperature=1.0)) for _ in range(2))
+    assert [first(logits) for _ in range(20)] != [second(logits) for _ in range(20)]
+
+
+# --- IncrementalDecoder ---------------------------------------------------------------------------------------
+
+
+def test_the_decoder_keeps_the_leading_space_its_context_gives(word_tokenizer):
+    """A SentencePiece-style piece decodes without its space at the start of a text: the context tokens (the
+    prompt's last ones) make the first generated word come out as " is", and a decoder without context starts
+    the text with "the"."""
+    ids = ids_of(word_tokenizer, "the king is dead")
+    decoder = IncrementalDecoder(word_tokenizer, context_ids=ids[:2])
+    assert [decoder.push(i) for i in ids[2:]] + [decoder.flush()] == [" is", " dead", ""]
+    decoder = IncrementalDecoder(word_tokenizer)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "the king is dead"
+
+
+def test_generate_stream_text_continues_the_prompt(word_tokenizer):
+    """generate_stream gives its decoder the prompt's last tokens as context: the first piece is " is", not "is"."""
+    ids = ids_of(word_tokenizer, "the king is dead")
+    wrapper = ScriptedWrapper(len(WORDS)).speak(ids[2:])
+    pieces = list(generate_stream(wrapper, word_tokenizer, ids[:2], max_new_tokens=2))
+    assert [piece.text for piece in pieces] == [" is", " dead"]
+
+
+def _orphan_byte_token(tokenizer) -> int:
+    """A token that is a lone UTF-8 continuation byte: it never completes a character."""
+    for token_id in range(300):
+        if tokenizer.decode([token_id]) == "\ufffd" and tokenizer.decode([token_id] * 3) == "\ufffd" * 3:
+            return token_id
+    raise AssertionError("no lone-continuation-byte token among the first 300 ids")
+
+
+def test_the_decoder_gives_up_on_a_character_after_max_pending_tokens(byte_tokenizer):
+    """Undecodable pieces are held back for MAX_PENDING_TOKENS tokens and emitted (as U+FFFD) with the next one,
+    so the decoder's memory stays bounded even when the bytes never form a character."""
+    orphan = _orphan_byte_token(byte_tokenizer)
+    decoder = IncrementalDecoder(byte_tokenizer, context_ids=ids_of(byte_tokenizer, "Hi"))
+    assert [decoder.push(orphan) for _ in range(MAX_PENDING_TOKENS)] == [""] * MAX_PENDING_TOKENS
+    assert decoder.push(orphan) == "\ufffd" * (MAX_PENDING_TOKENS + 1)
+    assert len(decoder.tokens) <= MAX_PENDING_TOKENS
+    assert decoder.push(byte_tokenizer.encode(" ok", add_special_tokens=False)[0]) == " ok"
+
+
+def test_a_context_that_ends_inside_a_character_is_not_emitted_again(byte_tokenizer):
+    """Bug found by the audit: when the context (a prompt cut at any token) ends with the first bytes of a
+    character, the text of the context was not a prefix of the completed text and the decoder emitted the whole
+    context again ("Hi 日" after a prompt "Hi" + one byte of 日). It emits only what follows the text the context
+    shows complete, for a prompt cut at every token."""
+    text = "Hi 日本語のテキスト 🚀𝄞 end"
+    ids = ids_of(byte_tokenizer, text)
+    cut_inside = 0
+    for cut in range(1, len(ids)):
+        shown = byte_tokenizer.decode(ids[:cut])
+        complete = shown.rstrip("\ufffd")
+        cut_inside += complete != shown
+        decoder = IncrementalDecoder(byte_tokenizer, context_ids=ids[:cut])
+        pieces = [decoder.push(i) for i in ids[cut:]] + [decoder.flush()]
+        assert "".join(pieces) == text[len(complete) :], cut
+    assert cut_inside >= 5
+
+
+# --- StopStringFilter -----------------------------------------------------------------------------------------
+
+
+def test_a_longer_possible_stop_is_held_even_when_another_stop_matches_less():
+    """The text held back is the longest tail that could begin any stop string: "abc" (of "abcd") is held although
+    "c" alone would do for "cx", so a following "d" still stops."""
+    stopper = StopStringFilter(["abcd", "cx"])
+    assert stopper.push("zabc") == ("z", False)
+    assert stopper.push("d!") == ("", True)
+
+
+def test_a_self_overlapping_stop_string_is_held_in_full():
+    """For "aaa", the tail "aa" is held, not just "a": the next "a" completes the stop string."""
+    stopper = StopStringFilter(["aaa"])
+    assert stopper.push("xaa") == ("x", False)
+    assert stopper.push("a") == ("", True)
+
+
+def test_empty_stop_strings_are_ignored_and_nothing_is_held_after_a_stop():
+    """An empty stop string would match everywhere: it is dropped. Once a stop string is reached, flush()
+    has nothing left to give."""
+    assert StopStringFilter(["", "END"]).push("some text") == ("some text", False)
+    stopper = StopStringFilter(["STOP"])
+    assert stopper.push("go S") == ("go ", False)
+    assert stopper.push("TOP now") == ("", True)
+    assert stopper.flush() == ""
+
+
+# --- GenerationStream -----------------------------------------------------------------------------------------
+
+
+def test_prompt_ids_at_the_edges_of_the_vocabulary(word_tokenizer):
+    """Ids 0 and vocab - 1 are tokens of the model; vocab and -1 are refused before anything is fed."""
+    vocab = len(WORDS)
+    wrapper = ScriptedWrapper(vocab).speak([2, 2])
+    assert [piece.token_id for piece in generate_stream(wrapper, word_tokenizer, [0, vocab - 1, 3], max_new_tokens=1)] == [2]
+    for bad in ([1, vocab], [-1, 2]):
+        wrapper = ScriptedWrapper(vocab).speak([2])
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            generate_stream(wrapper, word_tokenizer, bad, max_new_tokens=1)
+        assert wrapper.fed == []
+
+
+@pytest.mark.parametrize("window, prompt, expected", [
+    (2, [0], [1, 2, 0, 1, 2, 0]),  # the prompt's token is recent; two tokens of memory: 1, 2, then 0 again
+    (3, [0], [1, 2, 3, 0, 1, 2]),
+    (2, [0, 1], [2, 0, 1, 2, 0, 1]),  # both prompt tokens are recent
+    (1, [1, 0], [1, 0, 1, 0, 1, 0]),  # only the prompt's last token is
+])
+def test_the_repetition_window_holds_the_last_tokens_of_prompt_and_output(word_tokenizer, window, prompt, expected):
+    """Greedy with a strong penalty over fixed logits 3, 2, 1, 0.5, -1...: a token is penalised while it is among
+    the last `repetition_window` tokens of the stream (prompt included, generated tokens added, older ones
+    forgotten), which decides every choice here."""
+    base = torch.tensor([3.0, 2.0, 1.0, 0.5, -1.0, -1.0, -1.0, -1.0])
+    wrapper = ScriptedWrapper(len(WORDS), next_logits=lambda: base.clone())
+    sampling = SamplingConfig(repetition_penalty=100.0, repetition_window=window)
+    stream = generate_stream(wrapper, word_tokenizer, prompt, sampling, max_new_tokens=len(expected))
+    assert [piece.token_id for piece in stream] == expected
+
+
+@pytest.mark.parametrize("end", ["length", "eos"])
+def test_text_held_for_a_possible_stop_string_is_emitted_when_the_stream_ends(word_tokenizer, end):
+    """" dead" could begin the stop string " dead end", so it is held back; when the stream ends without it (by
+    max_new_tokens or by a stop token), the held text is emitted with the last piece."""
+    ids = ids_of(word_tokenizer, "the king is dead")
+    eos = word_tokenizer.convert_tokens_to_ids("</s>")
+    script = ids[2:] + ([eos] if end == "eos" else [])
+    wrapper = ScriptedWrapper(len(WORDS)).speak(script)
+    stream = generate_stream(wrapper, word_tokenizer, ids[:2], stop=" dead end", max_new_tokens=len(script),
+                             stop_token_ids={eos})
+    pieces = list(stream)
+    assert [piece.text for piece in pieces][-1].endswith(" dead") and "".join(p.text for p in pieces) == " is dead"
+    assert stream.stop_reason == end and [piece.token_id for piece in pieces] == script
+
+
+def test_a_stop_string_completed_by_the_final_flush_still_cuts_the_text(byte_tokenizer):
+    """At a stop token the decoder's held bytes are flushed through the stop-string filter too: "o" (held, it may
+    begin "o ") followed by a flushed " \\ufffd" (a space and an unfinished character) makes "o ", so the text ends
+    before it. Without the filter the held "o" would even come out after the flushed text."""
+    hello = ids_of(byte_tokenizer, "Hello")
+    partial = ids_of(byte_tokenizer, " 日")[0]
+    assert byte_tokenizer.decode([partial]) == " \ufffd"
+    eos = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    script = hello + [partial, eos]
+    wrapper = ScriptedWrapper(len(byte_tokenizer)).speak(script)
+    stream = generate_stream(wrapper, byte_tokenizer, ids_of(byte_tokenizer, "Say"), stop="o ", max_new_tokens=10,
+                             stop_token_ids={eos})
+    pieces = list(stream)
+    assert [piece.token_id for piece in pieces] == script and stream.stop_reason == "eos"
+    assert "".join(piece.text for piece in pieces) == "Hell"
+
+
+def test_a_generation_stream_runs_once(word_tokenizer):
+    """Iterating a GenerationStream a second time is a RuntimeError, not a second generation from stale logits."""
+    ids = ids_of(word_tokenizer, "the king is dead")
+    stream = generate_stream(ScriptedWrapper(len(WORDS)).speak(ids[2:]), word_tokenizer, ids[:2], max_new_tokens=2)
+    assert len(list(stream)) == 2
+    with pytest.raises(RuntimeError, match="iterated once"):
+        iter(stream)
+
+
+def test_complex_ids_and_foreign_sampling_objects_are_refused(word_tokenizer):
+    """Complex token ids are not integers (their imaginary part would be dropped); sampling must be a
+    SamplingConfig, not a dict of its fields."""
+    with pytest.raises(ValueError, match="integer token ids"):
+        prompt_token_ids(torch.tensor([2 + 0j, 3 + 1j]))
+    with pytest.raises(TypeError, match="sampling must be a SamplingConfig"):
+        generate_stream(ScriptedWrapper(len(WORDS)).speak([2]), word_tokenizer, [2], sampling={"temperature": 1.0})
+
+
+# --- end_of_turn_ids ------------------------------------------------------------------------------------------
+
+
+def test_end_of_turn_ids_take_every_eos_source(byte_tokenizer):
+    """The model's eos (an int or a list), the tokenizer's eos and the template's closing special token all end
+    a turn; a template that closes a message with ordinary text adds nothing."""
+    def model_with_eos(eos):
+        return types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=eos))
+
+    closing = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer_eos = byte_tokenizer.eos_token_id
+    assert tokenizer_eos is not None
+    assert end_of_turn_ids(byte_tokenizer, model_with_eos([5, 7])) == {5, 7, tokenizer_eos, closing}
+    assert end_of_turn_ids(byte_tokenizer, model_with_eos(9)) == {9, tokenizer_eos, closing}
+    template = byte_tokenizer.chat_template
+    try:
+        byte_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}"
+        assert end_of_turn_ids(byte_tokenizer) == {tokenizer_eos}
+    finally:
+        byte_tokenizer.chat_template = template
+
+
+# --- StreamingChat --------------------------------------------------------------------------------------------
+
+
+def _chat(byte_tokenizer, answers: list[str], **options):
+    """A StreamingChat over a ScriptedWrapper that answers `answers` in turn, each closed by <|im_end|>."""
+    end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    script = [token for answer in answers for token in ids_of(byte_tokenizer, answer) + [end]]
+    wrapper = ScriptedWrapper(len(byte_tokenizer)).speak(script)
+    return StreamingChat(wrapper, byte_tokenizer, stop_token_ids={end}, **options), wrapper
+
+
+def test_an_empty_system_prompt_adds_no_system_message(byte_tokenizer):
+    chat, _ = _chat(byte_tokenizer, ["Hi"], system_prompt="")
+    assert chat.messages == []
+    assert chat.ask("Hello") == "Hi" and [m["role"] for m in chat.messages] == ["user", "assistant"]
+
+
+def test_send_takes_max_new_tokens_as_given(byte_tokenizer):
+    """send(max_new_tokens=0) is refused (it once meant the default); a number caps that turn only."""
+    chat, wrapper = _chat(byte_tokenizer, ["one two three four five"], max_new_tokens=50)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(chat.send("Count.", max_new_tokens=0))
+    assert wrapper.fed == []
+    assert chat.ask("Count.", max_new_tokens=2) == "one two"
+    assert chat.last_turn.stop_reason == "length" and chat.last_turn.new_tokens == 2
+
+
+def test_an_interrupted_turn_is_recorded_as_interrupted(byte_tokenizer):
+    """A caller that stops iterating after the first piece: the turn is recorded with the tokens it produced,
+    stop_reason "interrupted", and the prompt's token count."""
+    chat, wrapper = _chat(byte_tokenizer, ["one two three"], max_new_tokens=50)
+    stream = chat.send("Count.")
+    first = next(stream)
+    stream.close()
+    turn = chat.last_turn
+    assert turn.stop_reason == "interrupted" and turn.new_tokens == 1 and turn.answer == first.text == "one"
+    assert turn.fed_tokens == len(wrapper.fed) and chat.messages[-1] == {"role": "assistant", "content": "one"}
+
+
+def _trimming_template(tokenizer) -> str:
+    """ChatML that strips each message's surrounding whitespace, as some templates do with answers."""
+    return tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+
+
+def test_a_template_that_reformats_the_last_answer_is_fed_from_the_first_difference(byte_tokenizer):
+    """The template trims the answer " Hi " to "Hi": the model has seen " Hi " (the trailing space's token is
+    pending, never fed), so the next turn warns and feeds the rendering from the first character that differs,
+    which is where the answer begins."""
+    template = byte_tokenizer.chat_template
+    assert "message['content']" in template
+    try:
+        byte_tokenizer.chat_template = _trimming_template(byte_tokenizer)
+        chat, wrapper = _chat(byte_tokenizer, [" Hi ", "Fine."])
+        assert chat.ask("Hello") == " Hi "
+        first_turn = byte_tokenizer.decode(wrapper.fed, skip_special_tokens=False)
+        seen = chat.seen_text
+        fed_before = len(wrapper.fed)
+        with pytest.warns(UserWarning, match="re-formats the last answer"):
+            assert chat.ask("How are you?") == "Fine."
+        rendered = byte_tokenizer.apply_chat_template(chat.messages[:-1], tokenize=False, add_generation_prompt=True)
+        answer_start = rendered.index("Hi<|im_end|>")
+        assert first_turn == seen and seen[:answer_start] == rendered[:answer_start]
+        prompt_fed = wrapper.fed[fed_before : fed_before + chat.last_turn.fed_tokens]
+        assert byte_tokenizer.decode(prompt_fed, skip_special_tokens=False) == rendered[answer_start:]
+    finally:
+        byte_tokenizer.chat_template = template
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(byte_tokenizer):
+    """A rendering that changes text the model saw before the last answer (here: the number of messages, at the
+    top) cannot be streamed: ValueError, and nothing of the turn is fed."""
+    template = byte_tokenizer.chat_template
+    try:
+        byte_tokenizer.chat_template = "{{ messages | length }} messages\n" + template
+        chat, wrapper = _chat(byte_tokenizer, ["Hi", "Fine."])
+        chat.ask("Hello")
+        fed_before = len(wrapper.fed)
+        with pytest.raises(ValueError, match="rewrites earlier turns"):
+            chat.ask("How are you?")
+        assert len(wrapper.fed) == fed_before
+    finally:
+        byte_tokenizer.chat_template = template
