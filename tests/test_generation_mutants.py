@@ -276,6 +276,14 @@ def test_empty_stop_strings_are_ignored_and_nothing_is_held_after_a_stop():
     assert stopper.flush() == ""
 
 
+def test_flush_gives_the_held_text_once():
+    """flush() hands over the text held back and forgets it: a second flush gives nothing."""
+    stopper = StopStringFilter(["STOP"])
+    assert stopper.push("go ST") == ("go ", False)
+    assert stopper.flush() == "ST" and stopper.flush() == ""
+    assert stopper.push("OP") == ("OP", False)
+
+
 # --- GenerationStream -----------------------------------------------------------------------------------------
 
 
