@@ -72,9 +72,10 @@ def streaming_attention_forward(
 
 def _refuse_masked_step(seen: int, position_ids: torch.Tensor | None) -> None:
     """The ValueError for a step whose mask hides keys: a stream fed again from its start, or padding."""
-    if position_ids is not None and position_ids.numel() and int(position_ids.reshape(-1)[0]) < seen:
+    start = int(position_ids.reshape(-1)[0]) if position_ids is not None and position_ids.numel() else seen
+    if start < seen:
         raise ValueError(  # transformers builds that mask for a step that starts before the tokens the cache holds
-            f"this step starts at stream position {int(position_ids.reshape(-1)[0])}, but the StreamingKVCache has "
+            f"this step starts at stream position {start}, but the StreamingKVCache has "
             f"already taken {seen} tokens: a stream is fed once, in order (model.generate needs use_cache=True; to "
             "start again, reset the cache)"
         )

@@ -50,6 +50,12 @@ def validate_config(n_sink: int, window_size: int, position_mode: str, streaming
     return n_sink, window_size
 
 
+def written_outside_inference_mode(tensor: torch.Tensor) -> bool:
+    """True for an inference tensor (made under torch.inference_mode()) now that the mode is off: torch refuses
+    to write it in place, so a stream begun in the mode goes on with copies."""
+    return tensor.is_inference() and not torch.is_inference_mode_enabled()
+
+
 def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tensor, policy: PositionPolicy) -> bool:
     """The fused path needs PyTorch's CPU flash kernel (it returns the log-sum-exp the sink merge needs), a
     dtype it takes, and a block with no new sink tokens (so every query has a visible window key)."""
@@ -99,7 +105,7 @@ class StreamingLayer(CacheLayerMixin):
         """Record the step's new keys/values; the attention function consumes them (see attention.py)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif self.values.is_inference() and not torch.is_inference_mode_enabled():
+        elif written_outside_inference_mode(self.values):
             self.leave_inference_mode()
         if key_states.shape[0] != self.values.shape[0]:
             raise ValueError(

@@ -19,11 +19,15 @@ def check_int(name: str, value, minimum: int, note: str = "") -> int:
     return int(value)
 
 
+def is_integer_tensor(tensor: torch.Tensor) -> bool:
+    """True for a tensor of an integer dtype (bool, float and complex are not token ids)."""
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
 def check_token_ids(name: str, ids, min_length: int = 0) -> None:
     """ValueError unless `ids` is an integer tensor of token ids of shape [1, n], n >= min_length."""
     if torch.is_tensor(ids):
-        integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
-        if integer and ids.dim() == 2 and ids.shape[0] == 1 and ids.shape[1] >= min_length:
+        if is_integer_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1 and ids.shape[1] >= min_length:
             return
         got = f"shape {tuple(ids.shape)}, {ids.dtype}"
     else:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from streaming_llm.checks import check_int
-from streaming_llm.hub import hub_host, offline_unless_reachable
+from streaming_llm.hub import not_cached_offline, offline_unless_reachable
 
 EMBEDDED_NAME = "shakespeare"
 TEXT_SEPARATOR = "\n\n"
@@ -116,9 +116,8 @@ def _load_dataset(spec: str) -> str:
             rows = list(datasets.load_dataset(name, config, split=split, streaming=streaming))
     except Exception as error:  # the hub's errors are many (ConnectionError, DatasetNotFoundError, ...)
         if went_offline:
-            raise ValueError(f"dataset {spec!r} could not be loaded: the hub ({hub_host()}) cannot be reached from "
-                             "this machine and the dataset is not in the local Hugging Face cache; it is not a local "
-                             "file either") from None
+            raise ValueError(f"dataset {spec!r} could not be loaded: {not_cached_offline('dataset')}; it is not a "
+                             "local file either") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"dataset {spec!r} could not be loaded ({type(error).__name__}: {reason}); it is not a local file "

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores
+from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores, written_outside_inference_mode
 from streaming_llm.models import attention_shape, is_mixture_of_experts
 from streaming_llm.rope import apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -242,7 +242,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         that the compiled graphs, which hold their addresses, stay valid); the general path's RingLayers get the
         same tensors."""
         if (getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size
-                or (self.keys[0].is_inference() and not torch.is_inference_mode_enabled())):
+                or written_outside_inference_mode(self.keys[0])):
             self._allocate()
         else:
             for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
@@ -315,7 +315,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.keys[0].is_inference() and not torch.is_inference_mode_enabled():
+        if written_outside_inference_mode(self.keys[0]):
             self._leave_inference_mode()
         if input_ids.shape[0] != self._batch_size:
             if self.seen:

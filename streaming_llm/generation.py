@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streaming_llm.checks import check_int, is_int
+from streaming_llm.checks import check_int, is_int, is_integer_tensor
 
 # A byte-level piece may end inside a UTF-8 character (up to 4 bytes); past this many undecodable
 # tokens the decoder emits what it has (with U+FFFD) rather than wait for ever.
@@ -331,7 +331,7 @@ def prompt_token_ids(prompt_ids) -> torch.Tensor:
     ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.as_tensor(prompt_ids)
     if ids.numel() == 0:
         ids = ids.to(torch.long)  # an empty list is a float tensor: refused as empty below, not as floats
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+    if not is_integer_tensor(ids):
         raise ValueError(f"prompt_ids must be integer token ids, got dtype {ids.dtype}")
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]

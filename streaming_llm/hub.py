@@ -21,6 +21,11 @@ def hub_host() -> str:
     return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
 
 
+def not_cached_offline(kind: str) -> str:
+    """Why a `kind` ("model", "dataset") could not be loaded when offline_unless_reachable went offline."""
+    return f"the hub ({hub_host()}) cannot be reached from this machine and the {kind} is not in the local Hugging Face cache"
+
+
 def hub_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the hub's host (HF_ENDPOINT, default huggingface.co) accepts a connection within `timeout_s`."""
     from huggingface_hub import constants

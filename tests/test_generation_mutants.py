@@ -131,7 +131,7 @@ def test_the_sampler_leaves_the_callers_logits_untouched():
 def test_repetition_penalty_divides_positive_logits_and_multiplies_negative_ones():
     """CTRL's rule, both signs and both directions: a recent token's positive logit is divided by the penalty,
     a negative one multiplied (> 1 pushes both down, < 1 pulls both up); a token repeated in the window is
-    penalised once."""
+    penalised once, and every id in the window is."""
     def greedy(logits, penalty, recent):
         return TokenSampler(SamplingConfig(repetition_penalty=penalty))(torch.tensor(logits), recent=recent)
 
@@ -140,6 +140,7 @@ def test_repetition_penalty_divides_positive_logits_and_multiplies_negative_ones
     assert greedy([-1.0, -0.6], 0.5, [0]) == 0  # -1 * 0.5 = -0.5 > -0.6
     assert greedy([0.5, 0.8], 0.5, [0]) == 0  # 0.5 / 0.5 = 1 > 0.8
     assert greedy([2.0, 0.8], 2.0, [0, 0, 0]) == 0  # once: 1 > 0.8 (three times: 0.25)
+    assert greedy([1.0, 0.9, 0.1], 10.0, [0, 2]) == 1  # every recent id, not only the last
 
 
 def test_a_huge_penalty_leaves_a_zero_logit_at_zero():

@@ -296,6 +296,7 @@ class LatencyRow:
         ordered = sorted(self.step_ms)
 
         def quantile(q: float) -> float:
+            # - 1e-9: q n computed in floats (0.1 * 30 = 3.0000000000000004) must not round up a whole rank
             return ordered[max(0, math.ceil(q * len(ordered) - 1e-9) - 1)]
 
         return {

@@ -17,14 +17,22 @@ import numpy as np
 from streaming_llm.eval.results import read_result
 
 
-def _segment_perplexity(nlls: np.ndarray | None, start: int, end: int) -> float | None:
-    """exp(mean) of nlls[start:end] when the run scored all of them, else None (also without its NLL file)."""
-    if nlls is None or end > nlls.size:
-        return None
-    values = nlls[start:end].astype(np.float64)
+def _perplexity(values: np.ndarray) -> float | None:
+    """exp(mean) of some NLLs, in float64; None for none, or when one is not finite."""
+    values = values.astype(np.float64)
     if values.size == 0 or not np.isfinite(values).all():
         return None
     return float(math.exp(values.mean()))
+
+
+def _segment_perplexity(nlls: np.ndarray | None, start: int, end: int) -> float | None:
+    """exp(mean) of nlls[start:end] when the run scored all of them, else None (also without its NLL file)."""
+    return None if nlls is None or end > nlls.size else _perplexity(nlls[start:end])
+
+
+def _sample_perplexity(nlls: np.ndarray | None, steps: list[int] | None) -> float | None:
+    """exp(mean) of the NLLs at the recompute sample steps when the run scored all of them, else None."""
+    return None if nlls is None or not steps or max(steps) >= nlls.size else _perplexity(nlls[steps])
 
 
 def segment_label(start: int, end: int) -> str:
@@ -39,22 +47,19 @@ def summary_rows(result_files: list[str | Path], boundaries: list[int], sample_s
     rows = []
     for path in result_files:
         record, nlls = read_result(path)
-        row = {
+        rows.append({
             "method": record["method"],
             "evaluator": record["evaluator"],
             "num_tokens": record["num_tokens"],
             "perplexity": record["perplexity"],
             "segments": {segment_label(a, b): _segment_perplexity(nlls, a, b) for a, b in segments},
-            "ppl_at_recompute_samples": None,
+            "ppl_at_recompute_samples": _sample_perplexity(nlls, sample_steps),
             "tokens_per_s": record["tokens_per_s"],
             "cpu_s": record.get("extra", {}).get("cpu_s"),
             "wall_s": record["wall_s"],
             "peak_memory_mib": record.get("peak_memory_mib"),
             "file": Path(path).name,
-        }
-        if sample_steps and nlls is not None and max(sample_steps) < nlls.size and np.isfinite(nlls[sample_steps]).all():
-            row["ppl_at_recompute_samples"] = float(math.exp(nlls[sample_steps].astype(np.float64).mean()))
-        rows.append(row)
+        })
     return rows
 
 
