@@ -229,7 +229,8 @@ class GenerationStream:
     """Iterate to generate: yields one Piece per sampled token, then sets the fields below.
 
     stop_reason: "length" (max_new_tokens reached), "eos" (a stop token id was sampled; its Piece is the
-    last one) or "stop" (a stop string appeared; the text ends right before it).
+    last one, and the text may still end before a stop string that its flushed text completed) or "stop" (a
+    stop string appeared, also one completed by the last token's flushed text; the text ends right before it).
     pending_token: the last sampled token, which is never fed to the model (as in model.generate()); a
     caller that continues the stream feeds it first (StreamingChat does).
     """
@@ -296,9 +297,9 @@ class GenerationStream:
         decoder = IncrementalDecoder(self.tokenizer, context_ids=self.prompt_ids[-DECODE_CONTEXT_TOKENS:].tolist())
         stopper = StopStringFilter(self.stop)
 
-        def final_text(text: str) -> str:
-            text, reached = stopper.push(text + decoder.flush())
-            return text if reached else text + stopper.flush()
+        def final_text() -> tuple[str, bool]:
+            text, reached = stopper.push(decoder.flush())
+            return (text, True) if reached else (text + stopper.flush(), False)
 
         while True:
             token = sampler(logits, recent)
@@ -306,14 +307,15 @@ class GenerationStream:
             self.pending_token = token
             if token in self.stop_token_ids:
                 self.stop_reason = "eos"
-                text = final_text("")
+                text, _ = final_text()
             else:
                 text, reached = stopper.push(decoder.push(token))
+                if not reached and self.new_tokens == self.max_new_tokens:
+                    # The flushed text (held bytes, held stop-string prefix) may still complete a stop string.
+                    rest, reached = final_text()
+                    text, self.stop_reason = text + rest, "length"
                 if reached:
                     self.stop_reason = "stop"
-                elif self.new_tokens == self.max_new_tokens:
-                    self.stop_reason = "length"
-                    text += final_text("")
             if self.stop_reason is not None:
                 self.decode_seconds = time.perf_counter() - start
                 yield Piece(token, text)

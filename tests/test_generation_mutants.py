@@ -332,20 +332,23 @@ def test_text_held_for_a_possible_stop_string_is_emitted_when_the_stream_ends(wo
     assert stream.stop_reason == end and [piece.token_id for piece in pieces] == script
 
 
-def test_a_stop_string_completed_by_the_final_flush_still_cuts_the_text(byte_tokenizer):
-    """At a stop token the decoder's held bytes are flushed through the stop-string filter too: "o" (held, it may
-    begin "o ") followed by a flushed " \\ufffd" (a space and an unfinished character) makes "o ", so the text ends
-    before it. Without the filter the held "o" would even come out after the flushed text."""
+@pytest.mark.parametrize("end, reason", [("eos", "eos"), ("length", "stop")])
+def test_a_stop_string_completed_by_the_final_flush_still_cuts_the_text(byte_tokenizer, end, reason):
+    """When the stream ends (stop token or max_new_tokens) the decoder's held bytes are flushed through the
+    stop-string filter too: "o" (held, it may begin "o ") followed by a flushed " \\ufffd" (a space and an
+    unfinished character) makes "o ", so the text ends before it. Without the filter the held "o" would even come
+    out after the flushed text. At max_new_tokens the stream reports the stop string as its reason; a sampled stop
+    token stays "eos" (StreamingChat drops that token from the answer)."""
     hello = ids_of(byte_tokenizer, "Hello")
     partial = ids_of(byte_tokenizer, " 日")[0]
     assert byte_tokenizer.decode([partial]) == " \ufffd"
     eos = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    script = hello + [partial, eos]
+    script = hello + [partial] + ([eos] if end == "eos" else [])
     wrapper = ScriptedWrapper(len(byte_tokenizer)).speak(script)
-    stream = generate_stream(wrapper, byte_tokenizer, ids_of(byte_tokenizer, "Say"), stop="o ", max_new_tokens=10,
-                             stop_token_ids={eos})
+    stream = generate_stream(wrapper, byte_tokenizer, ids_of(byte_tokenizer, "Say"), stop="o ",
+                             max_new_tokens=10 if end == "eos" else len(script), stop_token_ids={eos})
     pieces = list(stream)
-    assert [piece.token_id for piece in pieces] == script and stream.stop_reason == "eos"
+    assert [piece.token_id for piece in pieces] == script and stream.stop_reason == reason
     assert "".join(piece.text for piece in pieces) == "Hell"
 
 
