@@ -174,6 +174,24 @@ def test_stepper_reset_and_validation(kv_model):
         compression_ratio_keeping(10, -1)
 
 
+def test_a_press_that_does_not_cut_the_cache_back_is_reported(kv_model):
+    """The stepper checks after every step that kvpress left min(t + 1, capacity) entries; a press compressing only
+    every second step leaves one too many and is stopped at once, not scored as if it were StreamingLLM."""
+    stepper = KvpressDecodeStepper(kv_model, n_sink=2, window_size=4)
+    stepper.press.compression_interval = 2
+    with pytest.raises(RuntimeError, match="kvpress left 7 entries in layer 0 after step 7; expected 6"):
+        stepper.step(random_ids(12, seed=11)[None])
+
+
+def test_importing_the_adapters_leaves_no_kvpress_attention_wrapper():
+    """kvpress wraps every attention function at import; the wrapper breaks ours (module docstring). None is left."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    wrapped = [name for name in ALL_ATTENTION_FUNCTIONS
+               if getattr(ALL_ATTENTION_FUNCTIONS[name], "__module__", None) == "kvpress.attention_patch"]
+    assert wrapped == [] and "sdpa" in ALL_ATTENTION_FUNCTIONS
+
+
 # --- the prefill protocol -------------------------------------------------------------------------------
 
 
@@ -203,7 +221,8 @@ def test_prefill_keeps_sinks_and_window_and_scores_like_a_by_hand_cache(kv_model
     """Reference: the dense prefill cache, cut by hand to the first 4 + last 12 entries; with rerotation the kept
     keys are rotated from position p to their slot (RoPE of the delta), and the continuation starts at slot 16."""
     context, continuation = random_ids(40, seed=7)[None], random_ids(9, seed=8)[None]
-    prefill = kvpress_prefill_compress(kv_model, context, n_sink=4, window_size=12, rerotate=rerotate)
+    options = {} if rerotate else {"rerotate": False}  # rerotation is the default, as in kvpress's pipeline
+    prefill = kvpress_prefill_compress(kv_model, context, n_sink=4, window_size=12, **options)
     kept = list(range(4)) + list(range(28, 40))
     assert prefill.kept_positions.sort(dim=-1).values.tolist() == [kept, kept]
     # KeyRerotationPress sorts the kept indices; the bare press leaves topk's order, which is harmless here:
