@@ -77,12 +77,14 @@ def test_model_without_rotary_features_is_refused():
 
 @pytest.mark.parametrize("bad_ids, reason", [
     ("out_of_range", r"\[0, 128\)"), ("negative", r"\[0, 128\)"), ("float", "integer"), ("empty", "batch, n >= 1"),
+    ("one_dimensional", r"got \(3,\)"), ("list", "got list"),
 ])
 def test_bad_token_ids_are_clear_errors(llama_model, bad_ids, reason):
     import torch
 
     ids = {"out_of_range": torch.tensor([[200]]), "negative": torch.tensor([[-1]]),
-           "float": torch.tensor([[1.0]]), "empty": torch.zeros(0, 3, dtype=torch.long)}[bad_ids]
+           "float": torch.tensor([[1.0]]), "empty": torch.zeros(0, 3, dtype=torch.long),
+           "one_dimensional": torch.tensor([1, 2, 3]), "list": [[1, 2, 3]]}[bad_ids]
     with pytest.raises(ValueError, match=reason):
         make_wrapper(llama_model, 4, 8)(ids)
 
