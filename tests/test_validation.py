@@ -82,7 +82,8 @@ def test_model_without_rotary_features_is_refused():
 def test_bad_token_ids_are_clear_errors(llama_model, bad_ids, reason):
     import torch
 
-    ids = {"out_of_range": torch.tensor([[200]]), "negative": torch.tensor([[-1]]),
+    # the bad id beside a good one, at the vocabulary's edge: every id is checked, not the first, and 128 is out
+    ids = {"out_of_range": torch.tensor([[5, 128]]), "negative": torch.tensor([[-1, 5]]),
            "float": torch.tensor([[1.0]]), "empty": torch.zeros(0, 3, dtype=torch.long),
            "one_dimensional": torch.tensor([1, 2, 3]), "list": [[1, 2, 3]]}[bad_ids]
     with pytest.raises(ValueError, match=reason):
