@@ -189,7 +189,12 @@ def oracle_logits(model, ids: torch.Tensor, stream_positions: torch.Tensor, n_si
 def jump_to(wrapper, seen: int) -> None:
     """Move every cache layer's step counter to `seen` (>= the tokens fed so far, >= n_sink): as if tokens up to
     seen - 1 had been fed and had all left the window (only the sinks are held). The frame offset is set to
-    the one a continuous stream has at `seen`."""
+    the one a continuous stream has at `seen`.
+
+    The ring's window slots are empty then, which no real stream past its capacity has: the one-token decode step
+    attends to every slot once the stream has passed the capacity, so it would read the empty ones as keys. Feed
+    the first window_size + 1 tokens after a jump as one block (the general path reads each slot's position);
+    end_to_end does."""
     policy = wrapper.cache.policy
     base = frame_base(policy, seen)
     for layer in wrapper.cache.layers:
@@ -211,6 +216,10 @@ def end_to_end(model, cast_model, mode: str, stream_position: int, n_sink: int, 
     jump = stream_position - prefix_tokens  # Q: stream position of the first token after the sinks
     if jump < n_sink:
         raise ValueError(f"stream_position {stream_position} < n_sink + prefix_tokens ({n_sink + prefix_tokens})")
+    refill = window_size + 1  # tokens after the jump until the ring holds no empty slot (see jump_to)
+    if jump > n_sink and prefix_tokens < refill:
+        raise ValueError(f"prefix_tokens {prefix_tokens} < window_size + 1 ({refill}): the scored tokens would see "
+                         "window slots the jump left empty")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (n_sink + total,), generator=torch.Generator().manual_seed(seed))
     positions = torch.cat([torch.arange(n_sink), torch.arange(jump, jump + total)])
@@ -228,8 +237,12 @@ def end_to_end(model, cast_model, mode: str, stream_position: int, n_sink: int, 
         wrapper(ids[None, :n_sink])
     jump_to(wrapper, jump)
     body = ids[n_sink : n_sink + prefix_tokens]
-    for start in range(0, prefix_tokens, prefix_block):
-        wrapper(body[None, start : start + prefix_block])
+    # Blocks of prefix_block tokens; one-token steps only once the ring is refilled (a block of one would be the
+    # decode step, see jump_to).
+    first = refill if prefix_block == 1 and jump > n_sink else 0
+    starts = ([0] if first else []) + list(range(first, prefix_tokens, prefix_block))
+    for start, end in zip(starts, starts[1:] + [prefix_tokens]):
+        wrapper(body[None, start:end])
     logits = torch.cat([wrapper(ids[None, i : i + 1])[0] for i in range(n_sink + prefix_tokens, n_sink + total)])
     assert wrapper.cache.get_seq_length() == jump + total
     difference = (logits.double() - expected).abs()
