@@ -58,6 +58,8 @@ def test_full_rotary_is_the_default():
     rotated = rope(keys, torch.arange(8), frequencies)
     moved = rerotate_keys(rotated, 5, frequencies)
     assert max_abs_diff(moved, rope(keys, torch.arange(8) + 5, frequencies)) <= TOLERANCE
+    # keys of one head, [seq, head_dim], as the docstring's [..., seq, head_dim] allows
+    assert torch.equal(rerotate_keys(rotated[0, 0], 5, frequencies), moved[0, 0])
 
 
 def test_zero_dim_tensor_delta_and_round_trip():
