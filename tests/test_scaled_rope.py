@@ -70,3 +70,12 @@ def test_static_step_matches_reference(scaled_model, position_mode):
     streamed = feed_stream(fast, input_ids, block_sizes_covering(LENGTH, [5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 12]))
     expected = naive_streaming_logits(scaled_model, input_ids, N_SINK, WINDOW_SIZE, position_mode)
     assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+def test_rope_types_that_change_with_the_sequence_length_are_refused(monkeypatch):
+    """Dynamic NTK recomputes its frequencies once a sequence passes the trained context, so the positions a stream
+    gives would rotate differently at different times: refused, by name, before any token is fed."""
+    monkeypatch.setitem(SCALED_ROPES, "dynamic", dict(rope_type="dynamic", factor=2.0))
+    model = build_llama(rope="dynamic")
+    with pytest.raises(ValueError, match="RoPE type 'dynamic' changes its frequencies with the sequence length"):
+        make_wrapper(model, N_SINK, WINDOW_SIZE)

@@ -217,7 +217,7 @@ def test_a_cache_refuses_keys_it_was_not_made_for():
             StreamingKVCache(n_sink=2, window_size=8, num_layers=bad)
     with pytest.raises(ValueError, match="max_block must be an integer >= 1, got 2.5"):
         StreamingLLMWrapper(llama_model, n_sink=2, window_size=8, max_block=2.5)
-    for not_a_model in (None, "EleutherAI/pythia-70m"):
+    for not_a_model in (None, "EleutherAI/pythia-70m", torch.nn.Linear(2, 2)):  # a module, but no config
         with pytest.raises(TypeError, match="expected a Hugging Face causal language model"):
             describe(not_a_model)
 
