@@ -51,6 +51,14 @@ def test_records_land_on_every_and_at_the_end():
     outcome = soak.run_soak(wrapper, source, num_tokens=250, every=100, block_size=64, warmup_tokens=100)
     assert [r["tokens_seen"] for r in outcome["records"]] == [100, 200, 250]
     assert [r["cache_length"] for r in outcome["records"]] == [8, 8, 8]
+    # Each record's largest |logit| is its interval's: the same stream fed again, one block per interval.
+    ids = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=3)(0, 250)
+    wrapper.reset()
+    expected = [float(wrapper(ids[:, start:end]).abs().max()) for start, end in ((0, 100), (100, 200), (200, 250))]
+    assert [r["max_abs_logit"] for r in outcome["records"]] == pytest.approx(expected, rel=1e-5)
+    for bad in ({"num_tokens": 0}, {"every": 0}, {"block_size": 0}):
+        with pytest.raises(ValueError, match="tokens, every and block must be >= 1"):
+            soak.run_soak(wrapper, source, **{"num_tokens": 10, "every": 5, "block_size": 2, "warmup_tokens": 0, **bad})
 
 
 def test_nan_is_reported():
