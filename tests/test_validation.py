@@ -327,6 +327,16 @@ def test_reference_helpers_refuse_what_they_would_misread():
             compute_perplexity(None, ids)
     with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 2.0"):
         compute_perplexity(None, torch.ones(1, 5, dtype=torch.long), block_size=2.0)
+
+    class Uniform:  # a stepper whose every prediction is uniform over 4 tokens
+        def reset(self):
+            pass
+
+        def __call__(self, input_ids):
+            return torch.zeros(1, input_ids.shape[1], 4)
+
+    two = compute_perplexity(Uniform(), torch.ones(1, 2, dtype=torch.long))  # the shortest stream: one prediction
+    assert two.nlls.shape == (1,) and two.perplexity == pytest.approx(4.0)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 2 .one prediction., got 100.5"):
         load_tokens(None, num_tokens=100.5)
     for source in (["a.txt"], 3, b"a.txt"):
