@@ -56,9 +56,39 @@ def test_records_land_on_every_and_at_the_end():
     wrapper.reset()
     expected = [float(wrapper(ids[:, start:end]).abs().max()) for start, end in ((0, 100), (100, 200), (200, 250))]
     assert [r["max_abs_logit"] for r in outcome["records"]] == pytest.approx(expected, rel=1e-5)
+    # ... and the mean NLL of the tokens that arrived in it (the first by the previous interval's last logits).
+    wrapper.reset()
+    logits = wrapper(ids)[0]
+    nlls = -torch.log_softmax(logits[:-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    expected = [float(nlls[start:end].mean()) for start, end in ((0, 99), (99, 199), (199, 249))]
+    assert [r["mean_nll"] for r in outcome["records"]] == pytest.approx(expected, rel=1e-5)
     for bad in ({"num_tokens": 0}, {"every": 0}, {"block_size": 0}):
         with pytest.raises(ValueError, match="tokens, every and block must be >= 1"):
             soak.run_soak(wrapper, source, **{"num_tokens": 10, "every": 5, "block_size": 2, "warmup_tokens": 0, **bad})
+
+
+def _records(rss_by_tokens: dict[int, float], cache_bytes: dict[int, int] | None = None) -> list[dict]:
+    return [{"tokens_seen": t, "cache_length": min(t, 64), "cache_bytes": (cache_bytes or {}).get(t, 1000),
+             "rss_mib": rss, "rss_raw_mib": rss, "max_abs_logit": 1.0} for t, rss in rss_by_tokens.items()]
+
+
+def test_the_memory_check_splits_the_records_at_the_warm_up():
+    """A record taken at exactly warmup_tokens belongs to the warm-up (its RSS is the baseline); two records after
+    it are enough for a verdict; with none during the warm-up there is no baseline, and the check says so."""
+    checks = soak.evaluate_checks(_records({100: 100.0, 200: 100.0, 300: 200.0, 400: 100.0, 500: 101.0}), 64, 300, 0)
+    rss = checks["rss_growth"]
+    assert rss["passed"] and rss["baseline_mib"] == 200.0 and rss["growth"] == pytest.approx(101 / 200 - 1)
+    assert rss["slope_mib_per_million_tokens"] == pytest.approx(1e4)
+    growing = soak.evaluate_checks(_records({100: 100.0, 200: 100.0, 300: 100.0, 400: 150.0}), 64, 200, 0)
+    assert not growing["rss_growth"]["passed"] and growing["rss_growth"]["growth"] == pytest.approx(0.5)
+    for rss_by_tokens, warmup in (({100: 100.0, 200: 100.0, 300: 100.0}, 200), ({100: 100.0, 200: 100.0}, 50)):
+        check = soak.evaluate_checks(_records(rss_by_tokens), 64, warmup, 0)["rss_growth"]
+        assert not check["passed"] and "need records during and >= 2 after" in check["reason"]
+
+
+def test_the_cache_check_counts_a_record_at_exactly_the_capacity_as_full():
+    checks = soak.evaluate_checks(_records({32: 1.0, 64: 1.0, 128: 1.0}, {32: 10, 64: 20, 128: 30}), 64, 32, 0)
+    assert checks["cache_length"]["passed"] and checks["cache_length"]["cache_bytes_once_full"] == [20, 30]
 
 
 def test_nan_is_reported():
