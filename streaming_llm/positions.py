@@ -24,11 +24,7 @@ POSITION_MODES = ("pos_shift", "rerotate", "absolute")
 
 @dataclass(frozen=True)
 class PositionPolicy:
-    """How keys are stored and which positions a step uses.
-
-    mode: one of POSITION_MODES; stores_raw_keys: keys are kept un-rotated and rotated at attention
-    time (pos_shift, as MIT's pos-shift attention does) rather than stored rotated (rerotate, absolute).
-    """
+    """Which positions a step uses, and the frame offset of stored keys; mode is one of POSITION_MODES."""
 
     mode: str
     n_sink: int
@@ -37,10 +33,6 @@ class PositionPolicy:
     @property
     def capacity(self) -> int:
         return self.n_sink + self.window_size
-
-    @property
-    def stores_raw_keys(self) -> bool:
-        return self.mode == "pos_shift"
 
     def step_base(self, last_position: int) -> int:
         """Frame offset for a step whose newest token has stream position `last_position`, for keys

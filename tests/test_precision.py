@@ -112,3 +112,24 @@ def test_the_command_writes_its_tables_as_json(tmp_path, capsys):
     assert [row["stream_position"] for row in payload["tiny"]["rows"]] == [184, 1000]
     assert all(row["max_abs_logit_error"] <= 1e-4 for row in payload["tiny"]["rows"])
     assert "embedded" not in payload and "## tiny Llama end to end" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("block", [1, 5])
+def test_mit_storage_with_pos_shift_rotates_within_the_cache(tiny, monkeypatch, block):
+    """streaming_mode="mit" keeps pos_shift keys un-rotated and rotates them at every step with the newest query at
+    slot min(t, C) (PositionPolicy.step_base): however long the stream, no rotary position passes the capacity."""
+    from streaming_llm.rope import RotaryParams
+
+    rotate, largest = RotaryParams.rotate, []
+
+    def recording_rotate(self, x, positions):
+        if positions.numel():
+            largest.append(int(positions.max()))
+        return rotate(self, x, positions)
+
+    monkeypatch.setattr(RotaryParams, "rotate", recording_rotate)
+    wrapper = StreamingLLMWrapper(tiny, n_sink=2, window_size=6, position_mode="pos_shift", streaming_mode="mit")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(3))
+    for start in range(0, 200, block):
+        wrapper(ids[:, start : start + block])
+    assert len(largest) > 200 // block and max(largest) == 8
