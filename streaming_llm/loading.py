@@ -105,6 +105,7 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     load_kwargs: dict = {}
+    hub_id = False  # whether the name is taken for a hub id (no local file or folder by that name)
     if name_or_path is None:
         gguf = embedded_model_path()
         source, load_kwargs["gguf_file"] = str(gguf.parent), gguf.name
@@ -121,9 +122,8 @@ def load_model(
                 raise ValueError(f"{path} is not a model folder (no config.json); pass a model folder, a .gguf file or a hub id")
             source = str(path)
         else:
-            source = str(name_or_path)
+            source, hub_id = str(name_or_path), True
     label = str(name_or_path or EMBEDDED_MODEL)
-    hub_id = name_or_path is not None and source == str(name_or_path)
     went_offline = False
     try:
         with _quiet_transformers(), (offline_unless_reachable() if hub_id else contextlib.nullcontext(False)) as went_offline:

@@ -119,6 +119,45 @@ def test_model_folder_without_tokenizer_is_a_clear_error(saved_llama):
         load_model(saved_llama)
 
 
+def _word_tokenizer(size: int):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+
+
+def test_another_models_tokenizer_is_refused(saved_llama):
+    """The 128-token model takes a tokenizer of 64 tokens (embeddings may be padded past the tokenizer), not one of
+    63: that is another model's tokenizer, and the message says so (the folder does have tokenizer files)."""
+    from streaming_llm import load_model
+
+    _word_tokenizer(64).save_pretrained(saved_llama)
+    assert len(load_model(saved_llama)[1]) == 64
+    _word_tokenizer(63).save_pretrained(saved_llama)
+    with pytest.raises(ValueError, match="the tokenizer of .*llama has 63 tokens for a model of 128: it is not this model"):
+        load_model(saved_llama)
+
+
+@pytest.mark.parametrize("as_path", [True, False])
+def test_a_local_folder_is_never_taken_for_a_hub_id(saved_llama, monkeypatch, as_path):
+    """A local folder, as a Path or as a string, is read without asking the hub; its errors are its own (an
+    unreadable config.json was reported as "the hub cannot be reached and the model is not cached")."""
+    from streaming_llm import load_model, loading
+
+    def no_hub():
+        raise AssertionError("the hub was probed for a local folder")
+
+    monkeypatch.setattr(loading, "offline_unless_reachable", no_hub)
+    _word_tokenizer(64).save_pretrained(saved_llama)
+    folder = saved_llama if as_path else str(saved_llama)
+    assert load_model(folder)[0].config.model_type == "llama"
+    (saved_llama / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="could not load model .*llama.*config.json.* is not a valid JSON file"):
+        load_model(folder)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "garbage_bin"])
 def test_corrupt_weights_are_a_clear_error(saved_llama, damage):
     import re
