@@ -101,6 +101,8 @@ def test_compress_before_any_token_is_a_clear_error():
     for cache in (StreamingKVCache(2, 8), StreamingKVCache(2, 8, num_layers=2)):
         with pytest.raises(ValueError, match="holds nothing yet"):
             cache.compress(0)
+        # kept_positions, by contrast, answers: nothing is held, in any layer, and past the last one
+        assert [cache.kept_positions(layer).numel() for layer in (0, 1, 2)] == [0, 0, 0]
 
 
 @pytest.fixture
