@@ -70,6 +70,33 @@ def test_kvpress_prefill_rerotation_equals_ours(llama_model):
     assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_streaming"] > 1e-3
 
 
+def test_the_kvpress_comparison_sees_a_rerotation_that_is_off(llama_model, monkeypatch):
+    """The comparison is not vacuous: with one of our rotated keys off by 0.1 in layer 0 and 0.2 in layer 1, it reports those
+    key differences per layer, their maximum, and continuation NLLs that move. Input exactly as long as the context
+    plus the continuation is enough; a context that fits in the cache (nothing to compress) is refused."""
+    pytest.importorskip("kvpress")
+    from streaming_llm.eval import kvpress_compare
+
+    rerotation, calls = kvpress_compare.our_rerotation, []
+
+    def off_by_layer(keys, kept, inv_freq):
+        calls.append(None)
+        keys = rerotation(keys, kept, inv_freq)
+        keys[..., 0, 0] += 0.1 * len(calls)  # one feature of the first kept key: the other deltas stay ~0
+        return keys
+
+    monkeypatch.setattr(kvpress_compare, "our_rerotation", off_by_layer)
+    ids = random_ids(52, seed=12)[None]
+    report = kvpress_compare.compare_prefill_protocol(copy.deepcopy(llama_model), ids, 40, 12, 2, 8, timing_repeats=1)
+    assert report["keys"]["max_abs_delta_per_layer_kvpress_vs_ours"] == pytest.approx([0.1, 0.2], abs=1e-5)
+    assert report["keys"]["max_abs_delta_all_layers"] == pytest.approx(0.2, abs=1e-5)
+    assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_same_protocol"] > 1e-3
+    with pytest.raises(ValueError, match="need 52 tokens, got 51"):
+        kvpress_compare.compare_prefill_protocol(llama_model, ids[:, :51], 40, 12, 2, 8)
+    with pytest.raises(ValueError, match="context_length=10 must exceed the capacity 10 to compress"):
+        kvpress_compare.compare_prefill_protocol(llama_model, ids, 10, 12, 2, 8)
+
+
 def test_deviation_summarises_signed_and_absolute_differences():
     """NLLs 0.5 above and 0.1 below the reference: |Δ| max 0.5, mean 0.3; the mean NLL moves by +0.2, which is a
     perplexity ratio of exp(0.2). Mismatched lengths are refused."""
