@@ -17,7 +17,8 @@ against float64 math on the same inputs:
 2. tiny: end to end on a 2-layer random Llama (capacity 4 + 60). The stream is made to reach P cheaply: the
    sinks are fed, then the cache's step counter is moved to Q = P - M (`jump_to`: the state a stream has when
    the tokens at [n_sink, Q) have left the window; for pos_shift its frame offset is set to the value a
-   continuous stream would have), and M + L tokens are fed one at a time through the package (the decode path).
+   continuous stream would have), and M + L tokens are fed one at a time through the package (the decode path;
+   the first window_size + 1 after a jump as one block, see jump_to).
    The logits of the last L tokens are compared with a float64 oracle of the same gapped stream (SEMANTICS §2
    closed form: distance t - p to window keys, min(t, C) - j to sinks for pos_shift, t - j for absolute; own
    RMSNorm/RoPE/softmax in float64).
