@@ -1,7 +1,7 @@
 """Precision at long stream positions: `absolute` position mode against `pos_shift`, in fp32, bf16 and fp16.
 
     python -m streaming_llm.bench.precision --modes absolute pos_shift rerotate              # RoPE + tiny, ~1 min
-    python -m streaming_llm.bench.precision --modes absolute pos_shift rerotate --embedded   # + SmolLM2, ~12 min
+    python -m streaming_llm.bench.precision --modes absolute pos_shift rerotate --embedded   # + SmolLM2, ~7 min
 
 `absolute` rotates a query at its stream position t and keys at theirs, so at t = 10^7 RoPE angles are ~10^7 rad.
 Angles are computed in float32 (by transformers and by this package alike, whatever the model dtype), and a
