@@ -228,6 +228,18 @@ def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
 
 
 # -- errors: one line, exit status 2 ----------------------------------------------------------------------
+def test_thread_counts_are_taken_up_to_four_per_core():
+    import argparse
+
+    from streaming_llm.cli_common import MAX_THREADS, validate_common_args
+
+    for threads in (1, MAX_THREADS):
+        validate_common_args(argparse.Namespace(threads=threads))
+    for threads in (0, MAX_THREADS + 1):
+        with pytest.raises(ValueError, match=f"--threads must be between 1 and {MAX_THREADS} \\(4 per core\\), got {threads}"):
+            validate_common_args(argparse.Namespace(threads=threads))
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
