@@ -228,6 +228,20 @@ def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
 
 
 # -- errors: one line, exit status 2 ----------------------------------------------------------------------
+def test_progress_goes_to_a_terminal_unless_quiet(monkeypatch):
+    import argparse
+
+    from streaming_llm.cli_common import model_label, show_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress(argparse.Namespace(quiet=False)) and show_progress(argparse.Namespace())
+    assert not show_progress(argparse.Namespace(quiet=True))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # piped or captured: only warnings and the error
+    assert not show_progress(argparse.Namespace(quiet=False))
+    assert model_label(argparse.Namespace(model=None)) == "SmolLM2-135M-Instruct (embedded)"
+    assert model_label(argparse.Namespace(model="EleutherAI/pythia-70m")) == "EleutherAI/pythia-70m"
+
+
 def test_thread_counts_are_taken_up_to_four_per_core():
     import argparse
 
