@@ -122,6 +122,27 @@ def test_generate_compiled_static_step_gives_the_same_tokens(model_dir, capsys):
     assert texts["always"]["cache_length"] == CAPACITY
 
 
+@pytest.mark.parametrize("compile_choice, streaming_mode, expected", [
+    ("auto", "ours", "StreamingLLMWrapper"),  # auto compiles on CUDA only
+    ("never", "ours", "StreamingLLMWrapper"),
+    ("always", "ours", "FastStreamingWrapper"),
+    ("auto", "mit", "StreamingLLMWrapper"),
+])
+def test_the_compile_option_picks_the_wrapper(monkeypatch, compile_choice, streaming_mode, expected):
+    import argparse
+
+    from tiny_models import build_llama
+
+    from streaming_llm import cli_common
+
+    monkeypatch.setattr(cli_common, "load_from_args", lambda args: (build_llama(), None))
+    args = argparse.Namespace(compile=compile_choice, streaming_mode=streaming_mode, n_sink=2, window_size=8,
+                              position_mode="pos_shift")
+    wrapper, _ = cli_common.wrapper_from_args(args)
+    assert type(wrapper).__name__ == expected and wrapper.cache.streaming_mode == streaming_mode
+    assert getattr(wrapper, "step_kind", "compiled") == "compiled"  # "always" on CPU: inductor, no CUDA graph
+
+
 def test_generate_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     argv = ["generate", "--model", str(model_dir), "-p", "x", "--max-new-tokens", "20", "--ignore-eos", "--json", "--temperature", "1.0"]
     texts = [json.loads(run_main(capsys, *argv, "--seed", str(seed))[1])["text"] for seed in (1, 1, 2)]
