@@ -322,6 +322,28 @@ def test_errors_found_after_loading(model_dir, tmp_path, capsys):
     assert_one_line_error(status, err, "is not UTF-8 text")
 
 
+def test_the_chat_template_option_decides_how_the_prompt_is_fed(model_dir, tmp_path, capsys):
+    """auto and on wrap the prompt in the template (more tokens than the bare prompt), off feeds it bare; a folder
+    whose tokenizer has no template takes auto as off and refuses on; --system needs the template."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (plain / name).symlink_to(model_dir / name)
+    prompt_tokens = {}
+    for model, choice in ((model_dir, "auto"), (model_dir, "on"), (model_dir, "off"), (plain, "auto")):
+        status, out, err = run_main(capsys, "generate", "--model", str(model), "-p", "Hello there", "--max-new-tokens",
+                                    "1", "--json", "--chat-template", choice)
+        assert status == 0, err
+        prompt_tokens[model.name, choice] = json.loads(out)["prompt_tokens"]
+    assert prompt_tokens[model_dir.name, "auto"] == prompt_tokens[model_dir.name, "on"]
+    assert prompt_tokens[model_dir.name, "on"] > prompt_tokens[model_dir.name, "off"] == prompt_tokens["plain", "auto"]
+    status, _, err = run_main(capsys, "generate", "--model", str(plain), "-p", "x", "--chat-template", "on")
+    assert_one_line_error(status, err, f"--chat-template on: the tokenizer of {plain} has no chat template")
+    status, _, err = run_main(capsys, "generate", "--model", str(model_dir), "-p", "x", "--chat-template", "off",
+                              "--system", "Be brief.")
+    assert_one_line_error(status, err, "--system needs the chat template")
+
+
 def test_broken_model_folders_are_one_line_errors(model_dir, tmp_path, capsys):
     """A folder without tokenizer files once ran with an empty 8-token tokenizer; corrupt weights gave a traceback."""
     no_tokenizer, bad_weights = tmp_path / "no_tok", tmp_path / "bad_weights"
