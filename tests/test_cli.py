@@ -417,6 +417,11 @@ def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_
     ('{"prompt": "a", "score": NaN}', "line 2: NaN is not a number"),
     ('{"prompt": "a", "score": -Infinity}', "line 2: -Infinity is not a number"),
     ('{"prompt": "a", "score": 1e999}', "line 2: the number 1e999 is out of range"),
+    ('{"turns": []}', 'line 2: needs a "prompt" string or a non-empty "turns" list of strings'),
+    ('{"turns": "one turn"}', 'line 2: needs a "prompt" string'),
+    ('{"turns": ["a", 2]}', 'line 2: needs a "prompt" string'),
+    ('{"prompt": 7}', 'line 2: needs a "prompt" string'),
+    ('["a"]', 'line 2: needs a "prompt" string'),
 ])
 def test_script_lines_that_would_lose_or_corrupt_data_are_refused(line, fragment, tmp_path, capsys):
     """A prompt next to turns was dropped; NaN was copied into --output as bare NaN, which is not JSON."""
