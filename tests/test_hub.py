@@ -46,6 +46,23 @@ def test_probe_connects_to_the_endpoint_and_honours_offline_mode_and_proxies(mon
     assert hub.hub_reachable(timeout_s=2.0)  # behind a proxy, a direct connection proves nothing
 
 
+def test_the_probe_takes_the_scheme_s_port_when_the_endpoint_names_none(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    tried = []
+
+    def refuse(address, timeout):
+        tried.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for endpoint in ("https://hub.example", "http://mirror.example", "http://mirror.example:8080"):
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        assert hub.hub_reachable(timeout_s=0.1) is False
+    assert tried == [("hub.example", 443), ("mirror.example", 80), ("mirror.example", 8080)]
+
+
 def test_offline_mode_is_set_only_within_and_only_when_unreachable(monkeypatch):
     import datasets
 

@@ -407,6 +407,12 @@ def test_reference_helpers_refuse_what_they_would_misread():
 
     two = compute_perplexity(Uniform(), torch.ones(1, 2, dtype=torch.long))  # the shortest stream: one prediction
     assert two.nlls.shape == (1,) and two.perplexity == pytest.approx(4.0)
+
+    from streaming_llm.eval.baselines import RecomputeStepper
+
+    assert RecomputeStepper(None, capacity=1).capacity == 1  # a window of the token and the one before it
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        RecomputeStepper(None, capacity=0)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 2 .one prediction., got 100.5"):
         load_tokens(None, num_tokens=100.5)
     for source in (["a.txt"], 3, b"a.txt"):
