@@ -231,6 +231,7 @@ def test_info_json(model_dir, capsys):
     assert info["model_type"] == "llama" and info["layers"] == 2 and info["head_dim"] == 16 and info["rotary_ndims"] == 16
     assert info["cache_capacity"] == 104 and info["position_mode"] == "rerotate" and info["max_positions"] == 4096
     assert info["chat_template"] is True and set(info["versions"]) >= {"python", "torch", "transformers", "streaming_llm"}
+    assert info["resolved"] == str(Path(model_dir).resolve())  # the folder, made absolute (not the embedded GGUF)
     # the smallest valid cache: no sinks (window attention) and a window of one token
     status, out, _ = run_main(capsys, "info", "--model", str(model_dir), "--n-sink", "0", "--window-size", "1", "--json")
     assert status == 0 and json.loads(out)["cache_capacity"] == 1
