@@ -1,7 +1,7 @@
 """Behaviour of streaming_llm.data that no other test pinned down, found by a mutation-testing audit.
 
 Each test here fails on at least one small change to data.py (a flipped comparison, a dropped condition) that the
-rest of the suite let through. The tokenizers are tiny word-level ones built here.
+rest of the suite let through. The tokenizers are tiny word-level ones (tiny_models.tokenizer_of).
 """
 
 from __future__ import annotations
@@ -12,20 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import normalizers, pre_tokenizers
+from tiny_models import tokenizer_of
 
 from streaming_llm import data
 from streaming_llm.data import describe_source, load_text, load_tokens
-
-
-def tokenizer_of(vocab: list[str], bos: str | None = "<s>", pre_tokenizer=None, normalizer=None) -> PreTrainedTokenizerFast:
-    """Word-level over `vocab` (split on whitespace unless `pre_tokenizer`); no special token is added by default."""
-    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(vocab)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.WhitespaceSplit()
-    if normalizer is not None:
-        backend.normalizer = normalizer
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token=bos)
 
 
 def write(path: Path, text: str) -> str:

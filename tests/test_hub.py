@@ -81,14 +81,11 @@ def test_offline_mode_is_set_only_within_and_only_when_unreachable(monkeypatch):
 @pytest.fixture
 def hub_cache(tmp_path, llama_model, monkeypatch):
     """A Hugging Face hub cache holding one tiny model, "tiny/llama" (word-level tokenizer of its 128 tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tiny_models import tokenizer_of
 
     snapshot = tmp_path / "hub" / "models--tiny--llama" / "snapshots" / "0123abcd"
     llama_model.save_pretrained(snapshot)
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(snapshot)
+    tokenizer_of(["[UNK]", *(f"w{i}" for i in range(1, 128))], bos=None).save_pretrained(snapshot)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -122,12 +122,9 @@ def test_model_folder_without_tokenizer_is_a_clear_error(saved_llama):
 
 
 def _word_tokenizer(size: int):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from tiny_models import tokenizer_of
 
-    vocabulary = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]")),
-                                   unk_token="[UNK]")
+    return tokenizer_of(["[UNK]", *(f"w{i}" for i in range(1, size))], bos=None)
 
 
 def test_another_models_tokenizer_is_refused(saved_llama):

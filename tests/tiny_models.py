@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from streaming_llm.bench.latency import TINY_LLAMA
 
@@ -221,3 +222,12 @@ def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size:
         assert len(graph["mutated"]) == 2 * layers  # each layer's key and value buffer, nothing else
         assert graph["not_static"] == []
         assert graph["index_copy"] == 2 * layers and graph["scatter"] == 0, graph
+
+
+def tokenizer_of(vocab: list[str], bos: str | None = "<s>", pre_tokenizer=None, normalizer=None) -> PreTrainedTokenizerFast:
+    """Word-level over `vocab` (split on whitespace unless `pre_tokenizer`); no special token is added by default."""
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.WhitespaceSplit()
+    if normalizer is not None:
+        backend.normalizer = normalizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token=bos)
