@@ -313,8 +313,9 @@ class GenerationStream:
                 if not reached and self.new_tokens == self.max_new_tokens:
                     # The flushed text (held bytes, held stop-string prefix) may still complete a stop string.
                     rest, reached = final_text()
-                    text, self.stop_reason = text + rest, "length"
-                if reached:
+                    text += rest
+                    self.stop_reason = "stop" if reached else "length"
+                elif reached:
                     self.stop_reason = "stop"
             if self.stop_reason is not None:
                 self.decode_seconds = time.perf_counter() - start

@@ -238,12 +238,12 @@ def end_to_end(model, cast_model, mode: str, stream_position: int, n_sink: int, 
         wrapper(ids[None, :n_sink])
     jump_to(wrapper, jump)
     body = ids[n_sink : n_sink + prefix_tokens]
-    # Blocks of prefix_block tokens; one-token steps only once the ring is refilled (a block of one would be the
-    # decode step, see jump_to).
-    first = refill if prefix_block == 1 and jump > n_sink else 0
-    starts = ([0] if first else []) + list(range(first, prefix_tokens, prefix_block))
-    for start, end in zip(starts, starts[1:] + [prefix_tokens]):
-        wrapper(body[None, start:end])
+    first = 0
+    if prefix_block == 1 and jump > n_sink:  # one-token steps only once the ring is refilled (see jump_to)
+        wrapper(body[None, :refill])
+        first = refill
+    for start in range(first, prefix_tokens, prefix_block):
+        wrapper(body[None, start : start + prefix_block])
     logits = torch.cat([wrapper(ids[None, i : i + 1])[0] for i in range(n_sink + prefix_tokens, n_sink + total)])
     assert wrapper.cache.get_seq_length() == jump + total
     difference = (logits.double() - expected).abs()
