@@ -49,6 +49,34 @@ def test_bad_chunk_and_stride_are_clear_errors(llama_model):
         chunked_streaming_perplexity(llama_model, ids, 2, 6, chunk_size=0)
     with pytest.raises(ValueError, match="stride"):
         strided_window_perplexity(llama_model, ids, context_size=4, stride=5)
+    # stride == context_size: windows that do not overlap, each scored from its own start like the dense model
+    disjoint = strided_window_perplexity(llama_model, ids, context_size=4, stride=4).nlls
+    dense = _decode(llama_model, "dense", ids, 2, 6)
+    assert deviation(disjoint[:4], dense[:4])["max_abs_delta_nll"] <= TOLERANCE
+    assert deviation(disjoint[4:8], _decode(llama_model, "dense", ids[:, 4:], 2, 6)[:4])["max_abs_delta_nll"] <= TOLERANCE
+    for n_sink, window_size in ((-1, 6), (2, 0)):
+        with pytest.raises(ValueError, match=f"need n_sink >= 0 and window_size >= 1, got {n_sink}, {window_size}"):
+            chunked_streaming_perplexity(llama_model, ids, n_sink, window_size, chunk_size=2)
+
+
+def test_chunked_without_sinks_and_with_a_one_token_window(llama_model):
+    """n_sink=0 and window_size=1 are the smallest caches, accepted; chunk 1 is then the decode loop."""
+    ids = random_ids(12, seed=13)[None]
+    for n_sink, window_size in ((0, 4), (2, 1)):
+        chunked = chunked_streaming_perplexity(llama_model, ids, n_sink, window_size, chunk_size=1).nlls
+        decoded = _decode(llama_model, "streaming_pos_shift", ids, n_sink, window_size)
+        assert deviation(chunked, decoded)["max_abs_delta_nll"] <= TOLERANCE
+
+
+def test_progress_bars_only_when_asked(llama_model, capsys):
+    ids = random_ids(8, seed=14)[None]
+    chunked_streaming_perplexity(llama_model, ids, 2, 3, chunk_size=2)
+    strided_window_perplexity(llama_model, ids, context_size=4, stride=2)
+    assert capsys.readouterr().err == ""
+    chunked_streaming_perplexity(llama_model, ids, 2, 3, chunk_size=2, progress=True)
+    strided_window_perplexity(llama_model, ids, context_size=4, stride=2, progress=True)
+    err = capsys.readouterr().err
+    assert "chunked2" in err and "strided2" in err
 
 
 def test_kvpress_prefill_rerotation_equals_ours(llama_model):

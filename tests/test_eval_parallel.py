@@ -121,3 +121,21 @@ def test_sampled_recompute_equals_recompute_stepper(llama_model, tmp_path):
     forced = run_recompute_sample(llama_model, ids, num_samples=5, model_name="tiny", data={"name": "random"},
                                   n_sink=2, window_size=6, output_dir=tmp_path, force=True)
     assert not forced.skipped and forced.record["perplexity"] == run.record["perplexity"]
+
+
+def test_sampled_recompute_checks_its_arguments(llama_model):
+    """Steps 0..T-2 (the last token predicts nothing), capacity >= 1 (1: each token from itself and one before),
+    ids of one sequence."""
+    from streaming_llm.eval.baselines import recompute_nlls_at
+
+    ids = random_ids(10, seed=14)[None]
+    ends = recompute_nlls_at(llama_model, ids, 1, [0, 8])
+    assert (ends - _nlls(llama_model, "recompute", ids, 0, 1, 1)[[0, 8]]).abs().max().item() <= TOLERANCE
+    for bad in ([-1], [9]):
+        with pytest.raises(ValueError, match=r"steps must lie in \[0, 8\]"):
+            recompute_nlls_at(llama_model, ids, 4, bad)
+    with pytest.raises(ValueError, match="capacity must be >= 1, got 0"):
+        recompute_nlls_at(llama_model, ids, 0, [3])
+    for shape in ((10,), (2, 10)):
+        with pytest.raises(ValueError, match=r"input_ids must be \[1, T\]"):
+            recompute_nlls_at(llama_model, random_ids(10, seed=14).expand(*shape), 4, [3])

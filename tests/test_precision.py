@@ -66,6 +66,9 @@ def test_attention_positions_follow_the_closed_form_distances():
         assert int(torch.maximum(key_frames.max(), query_frames.max())) <= 2 * (n_sink + window_size) + 1
     keys, key_frames, query_frames = precision.attention_positions("absolute", n_sink, window_size, t)
     assert torch.equal(key_frames, keys) and set(query_frames.tolist()) == {t}
+    # Before the sinks are full: the query sees itself and the tokens before it, all sinks.
+    keys, key_frames, query_frames = precision.attention_positions("pos_shift", n_sink, window_size, 2)
+    assert keys.tolist() == [0, 1, 2] and (query_frames - key_frames).tolist() == [2, 1, 0]
 
 
 @pytest.mark.parametrize("mode, position, tolerance", [
@@ -83,6 +86,21 @@ def test_a_jumped_stream_is_scored_exactly_in_float32(tiny, mode, position, tole
         precision.end_to_end(tiny, tiny, mode, 10, **setup)
     with pytest.raises(ValueError, match="prefix_tokens 12 < window_size \\+ 1 \\(13\\)"):
         precision.end_to_end(tiny, tiny, mode, position, **{**setup, "prefix_tokens": 12})
+    # The shortest prefix that refills the ring; no jump (a contiguous stream) needs no refill.
+    for stream_position, prefix_tokens in ((position, 13), (4 + 5, 5)):
+        row = precision.end_to_end(tiny, tiny, mode, stream_position, **{**setup, "prefix_tokens": prefix_tokens})
+        assert row["max_abs_logit_error"] <= tolerance
+
+
+def test_end_to_end_reports_worst_cases():
+    """max_abs_logit_error is the largest error over the scored logits (>= their mean), relative to the largest
+    logit; a bfloat16 model makes the errors large enough to tell a maximum from a mean or a minimum."""
+    model = build_tiny_llama(seed=0)
+    cast = build_tiny_llama(seed=0).to(torch.bfloat16)
+    row = precision.end_to_end(model, cast, "pos_shift", 100, 4, 12, 20, 6, 1)
+    assert row["max_abs_logit_error"] > 2 * row["mean_abs_logit_error"] > 0
+    assert row["relative_error"] == pytest.approx(row["max_abs_logit_error"] / row["max_abs_logit"])
+    assert row["max_abs_logit"] > 1.0 and row["dtype"] == "bfloat16"
 
 
 def test_jump_to_refuses_a_cache_that_holds_window_tokens(tiny):
@@ -102,6 +120,8 @@ def test_float32_angles_lose_absolute_positions_but_not_pos_shift():
     assert absolute["angle_error_rad"] > 1e-2 and pos_shift["angle_error_rad"] < 1e-4
     assert absolute["probability_total_variation"] > 100 * pos_shift["probability_total_variation"]
     assert max(absolute["float64_distance_check"], pos_shift["float64_distance_check"]) < 1e-9
+    for row in (absolute, pos_shift):  # one probability's error is at most the total variation of its row
+        assert 0 < row["probability_abs_error"] <= row["probability_total_variation"] <= 1
 
 
 def test_the_command_writes_its_tables_as_json(tmp_path, capsys):
@@ -111,7 +131,21 @@ def test_the_command_writes_its_tables_as_json(tmp_path, capsys):
     assert [row["stream_position"] for row in payload["rope"]["rows"]] == [1000]
     assert [row["stream_position"] for row in payload["tiny"]["rows"]] == [184, 1000]
     assert all(row["max_abs_logit_error"] <= 1e-4 for row in payload["tiny"]["rows"])
-    assert "embedded" not in payload and "## tiny Llama end to end" in capsys.readouterr().err
+    assert payload["command"] == f"python -m streaming_llm.bench.precision --positions 1000 --dtypes float32 --modes pos_shift --out {out}"
+    err = capsys.readouterr().err
+    assert "embedded" not in payload and "## tiny Llama end to end" in err
+    # errors in e-notation, the top-1 agreement as a fraction
+    assert "| pos_shift | 1000 | float32 | " in err and " | 1.0 |" in err
+    row = payload["tiny"]["rows"][1]
+    assert f"| {row['max_abs_logit_error']:.2e} | {row['relative_error']:.2e} | 1.0 |" in err
+
+
+def test_run_end_to_end_reports_each_row_as_it_is_measured(tiny, capsys):
+    setup = {"n_sink": 4, "window_size": 12, "prefix_tokens": 13, "scored_tokens": 2, "prefix_block": 1}
+    rows = precision.run_end_to_end(tiny, ["pos_shift"], [1000, 17], ["float32"], setup, progress=True)
+    assert [row["stream_position"] for row in rows] == [17, 1000]
+    printed = capsys.readouterr().err.splitlines()
+    assert len(printed) == 2 and "'stream_position': 1000" in printed[0] and "'stream_position': 17" in printed[1]
 
 
 @pytest.mark.parametrize("block", [1, 5])

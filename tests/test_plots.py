@@ -1,0 +1,89 @@
+"""What the figures draw (eval's NLL curves, bench's latency/memory plot), read back from the matplotlib figure."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from streaming_llm.bench.plots import plot_latency
+from streaming_llm.eval.plots import moving_average, plot_nll_curves
+from streaming_llm.eval.results import write_result
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions close, kept open for inspection."""
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", kept.append)
+    yield kept
+    for figure in kept:
+        close(figure)
+
+
+def _result(folder, method, nlls, evaluator="decode"):
+    record = {"model": "m", "data": {"name": "d.txt"}, "num_tokens": len(nlls) + 1, "n_sink": 1, "window_size": 3,
+              "method": method, "evaluator": evaluator, "perplexity": 2.0}
+    return write_result(folder, f"{method}_{evaluator}", record, torch.tensor(nlls, dtype=torch.float64))
+
+
+def test_nll_curves_in_a_stable_order_with_the_sampled_oracle_below(tmp_path, figures):
+    """Known methods in METHOD_STYLES order, others after them by name; a sampled result (NaN where unscored) is not
+    a curve but the reference of a lower panel: each full result's NLL minus it at the sampled steps that the
+    result has (x = step + 1, the token scored)."""
+    nlls = {"window": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "zeta": [2.0] * 6, "alpha": [3.0] * 6, "dense": [0.5, 1.0, 1.5],
+            "recompute": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan]}
+    files = [_result(tmp_path, method, values) for method, values in nlls.items()]
+    empty = _result(tmp_path, "empty", [])
+    (tmp_path / "no_nlls.json").write_text(files[1].read_text().replace('"zeta_decode.nlls.npy"', '"missing.npy"'))
+    out = plot_nll_curves([*files, empty, tmp_path / "no_nlls.json"], tmp_path / "curves", window=2)
+    assert out.read_bytes()[:8] == PNG  # no extension: PNG
+    (figure,) = figures
+    upper, lower = figure.axes
+    assert upper.get_shared_x_axes().joined(upper, lower)
+    labels = [line.get_label().split(" ")[0] for line in upper.get_lines()]
+    assert labels == ["dense", "window", "alpha", "zeta"]
+    window_line = upper.get_lines()[1]
+    assert window_line.get_xdata().tolist() == [1, 2, 3, 4, 5, 6]
+    assert window_line.get_ydata().tolist() == [1.0, 1.5, 2.5, 3.5, 4.5, 5.5]
+    differences = {line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist()) for line in lower.get_lines()
+                   if not line.get_label().startswith("_")}
+    assert differences == {"dense": ([2], [0.0]), "window": ([2, 5], [1.0, 3.0]), "alpha": ([2, 5], [2.0, 1.0]),
+                           "zeta": ([2, 5], [1.0, 0.0])}
+    assert lower.xaxis.get_gridlines()[0].get_visible()
+    assert "2 sampled tokens" in lower.get_ylabel()
+
+
+def test_nll_curves_without_a_sampled_result_have_one_panel(tmp_path, figures):
+    files = [_result(tmp_path, method, [1.0, 2.0]) for method in ("dense", "window")]
+    plot_nll_curves(files, tmp_path / "curves.png", window=1)
+    assert len(figures[0].axes) == 1
+    assert [line.get_ydata().tolist() for line in figures[0].axes[0].get_lines()] == [[1.0, 2.0], [1.0, 2.0]]
+
+
+def test_moving_average_of_nothing_and_of_one():
+    assert moving_average(np.array([]), 4).tolist() == []
+    assert moving_average(np.array([2.0, 4.0]), 5).tolist() == [2.0, 3.0]
+
+
+def test_latency_plot_draws_every_method_and_the_stream_from_zero(tmp_path, figures):
+    rows = [{"method": method, "capacity": capacity, "median_ms": scale * capacity, "p10_ms": 1.0, "p90_ms": 9.0}
+            for method, scale in (("streaming", 1.0), ("recompute", 5.0)) for capacity in (64, 32)]
+    stream = [{"tokens_streamed": n, "median_ms": 2.0 + n / 1000, "rss_bytes": (100 + n) * 2**20} for n in (10, 1000)]
+    plot_latency({"rows": rows, "stream": stream, "shape": "tiny", "dtype": "float32",
+                  "environment": {"device": "cpu"}}, tmp_path / "latency.png")
+    assert (tmp_path / "latency.png").read_bytes()[:8] == PNG
+    (figure,) = figures
+    left, right, memory = figure.axes
+    assert [(line.get_label(), line.get_xdata().tolist(), line.get_ydata().tolist()) for line in left.get_lines()] == [
+        ("streaming", [32, 64], [32.0, 64.0]), ("recompute", [32, 64], [160.0, 320.0])]
+    assert "tiny float32 on cpu" == left.get_title()
+    assert right.get_ylim() == pytest.approx((0.0, 1.2 * 3.0))
+    assert memory.get_ylim() == pytest.approx((0.0, 1.2 * 1100))
+    assert memory.get_lines()[0].get_ydata().tolist() == [110.0, 1100.0]
