@@ -148,6 +148,11 @@ class IncrementalDecoder:
     Each new token is decoded together with a few tokens of left context, and the text beyond the
     context's own decoding is emitted. A delta that ends in U+FFFD (a byte-level piece that stops
     inside a UTF-8 character) is held back until the character completes.
+
+    Decoding never applies the tokenizer's clean_up_tokenization_spaces: that clean-up deletes a space
+    before punctuation once the punctuation arrives, i.e. it rewrites text already emitted (a stream would
+    show "doctor ''she'" where the clean-up's full decode reads "doctor'she'" and the tokens spell
+    "doctor 'she'"). The deltas add up to tokenizer.decode(ids, clean_up_tokenization_spaces=False).
     """
 
     def __init__(self, tokenizer, context_ids: Sequence[int] = (), skip_special_tokens: bool = True):
@@ -158,7 +163,7 @@ class IncrementalDecoder:
         self.read_offset = len(self.tokens)  # tokens[read_offset:] are not emitted yet
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ('' while a character is incomplete)."""
@@ -471,9 +476,11 @@ class StreamingChat:
         self.last_turn: TurnResult | None = None
 
     def _decode_after(self, context_ids: list[int], ids: list[int]) -> str:
-        """Text of `ids` as they continue `context_ids` (so a leading space is kept)."""
-        context_text = self.tokenizer.decode(context_ids, skip_special_tokens=False)
-        return self.tokenizer.decode(context_ids + ids, skip_special_tokens=False)[len(context_text) :]
+        """Text of `ids` as they continue `context_ids` (so a leading space is kept; no clean-up, which could
+        rewrite the end of the context, see IncrementalDecoder)."""
+        context_text = self.tokenizer.decode(context_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        full_text = self.tokenizer.decode(context_ids + ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return full_text[len(context_text) :]
 
     def _ids_to_reach(self, rendered: str) -> tuple[list[int], str]:
         """(token ids that bring the model from what it has seen to `rendered`, the text they stand for)."""

@@ -61,7 +61,7 @@ def test_force_ignores_a_checkpoint(llama_model, tmp_path):
     assert "resumed_from_step" not in record
 
 
-def test_resume_only_at_a_block_boundary(llama_model):
+def test_resume_only_at_a_block_boundary(llama_model, capsys):
     """Replaying an interrupted run rebuilds its cache only if it stopped where a block ended: any other resume
     point (a checkpoint of another block size, or of a longer stream) is refused."""
     input_ids = random_ids(40, seed=12)[None]
@@ -72,3 +72,17 @@ def test_resume_only_at_a_block_boundary(llama_model):
     for first in (12, 40):  # inside a block; past the 39 steps of the stream
         with pytest.raises(ValueError, match=f"cannot resume at step {first}"):
             compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=whole.nlls.new_zeros(first))
+    # A run that had scored every step (39, inside the last block) resumes to its own numbers.
+    finished = compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=whole.nlls)
+    assert np.array_equal(finished.nlls.numpy(), whole.nlls.numpy()) and finished.perplexity == whole.perplexity
+    assert capsys.readouterr().err == ""  # no progress bar unless asked
+
+
+def test_tokens_per_second_counts_the_predictions():
+    """T tokens make T - 1 predictions."""
+    import torch
+
+    from streaming_llm.eval.perplexity import PerplexityResult
+
+    assert PerplexityResult(2.0, torch.zeros(10), num_tokens=11, wall_s=2.0).tokens_per_s == 5.0
+    assert PerplexityResult(2.0, torch.zeros(10), num_tokens=11, wall_s=0.0).tokens_per_s == float("inf")

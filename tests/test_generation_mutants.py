@@ -9,6 +9,7 @@ tokens a stream samples are known in advance. The byte-level tests use the embed
 from __future__ import annotations
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -210,6 +211,33 @@ def test_generate_stream_text_continues_the_prompt(word_tokenizer):
     wrapper = ScriptedWrapper(len(WORDS)).speak(ids[2:])
     pieces = list(generate_stream(wrapper, word_tokenizer, ids[:2], max_new_tokens=2))
     assert [piece.text for piece in pieces] == [" is", " dead"]
+
+
+QUOTED = "Why, doctor 'she': my lord, and 'spare not me'? You 're sure , ask him 's  aunt ."
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_the_streamed_text_is_the_tokens_text_whatever_the_clean_up_setting(byte_tokenizer, monkeypatch, clean_up):
+    """Bug found by reading the stream of the embedded Shakespeare: with clean_up_tokenization_spaces on (as
+    transformers' GGUF reader sets it), decode deletes the space before "'s", "'re", " ," once they arrive, after the
+    space was emitted; the stream read "doctor ''she'". The decoder decodes without the clean-up: its deltas add up
+    to the text the tokens spell, also as a prompt's continuation."""
+    monkeypatch.setattr(byte_tokenizer, "clean_up_tokenization_spaces", clean_up)
+    ids = ids_of(byte_tokenizer, QUOTED)
+    assert (byte_tokenizer.decode(ids) == QUOTED) is not clean_up  # the clean-up does rewrite this text
+    decoder = IncrementalDecoder(byte_tokenizer)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == QUOTED
+    for cut in range(1, len(ids)):
+        decoder = IncrementalDecoder(byte_tokenizer, context_ids=ids[:cut])
+        prompt = byte_tokenizer.decode(ids[:cut], clean_up_tokenization_spaces=False)
+        assert prompt + "".join([decoder.push(i) for i in ids[cut:]] + [decoder.flush()]) == QUOTED
+
+
+def test_the_embedded_tokenizer_round_trips_text(embedded_model):
+    """The GGUF reader's clean-up is turned off at loading: decode(encode(text)) is the text."""
+    _, tokenizer = embedded_model
+    assert not tokenizer.clean_up_tokenization_spaces
+    assert tokenizer.decode(ids_of(tokenizer, QUOTED)) == QUOTED
 
 
 def _orphan_byte_token(tokenizer) -> int:
@@ -429,6 +457,17 @@ def test_an_interrupted_turn_is_recorded_as_interrupted(byte_tokenizer):
     turn = chat.last_turn
     assert turn.stop_reason == "interrupted" and turn.new_tokens == 1 and turn.answer == first.text == "one"
     assert turn.fed_tokens == len(wrapper.fed) and chat.messages[-1] == {"role": "assistant", "content": "one"}
+
+
+def test_a_chat_with_clean_up_configured_keeps_the_answers_text(byte_tokenizer, monkeypatch):
+    """The answer's text (returned, recorded, seen by the next turn) is what its tokens spell, with the tokenizer's
+    clean_up_tokenization_spaces on: the next turn is fed without a re-formatting warning."""
+    monkeypatch.setattr(byte_tokenizer, "clean_up_tokenization_spaces", True)
+    chat, _ = _chat(byte_tokenizer, [QUOTED, "Fine ."])
+    assert chat.ask("Hello") == QUOTED and chat.messages[-1]["content"] == QUOTED
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert chat.ask("And?") == "Fine ."
 
 
 def _trimming_template(tokenizer) -> str:
