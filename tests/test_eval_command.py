@@ -156,6 +156,33 @@ def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir
     status, _, err = run_main(capsys, *argv, "--window-size", "5000", "--output-dir", str(tmp_path / "out"))
     assert_one_line_error(status, err, "too large for the model's max_position_embeddings")
     assert not list((tmp_path / "out").glob("*.json"))
+    # Only the methods that hold n_sink + window_size tokens need them to fit: dense alone runs.
+    status, _, err = run_main(capsys, *argv[:-1], "window", "--window-size", "5000", "--output-dir", str(tmp_path / "w"))
+    assert_one_line_error(status, err, "too large for the model's max_position_embeddings")
+    status, out, err = run_main(capsys, *argv[:-1], "dense", "--window-size", "5000", "--output-dir", str(tmp_path / "d"))
+    assert status == 0, err
+    assert list(results_of(out)) == ["dense"]
+
+
+def test_method_lists_and_option_bounds_at_their_edges():
+    """The smallest accepted values are accepted: NAME:2, NAME:N at --num-tokens, 'all' alone, a bound itself."""
+    import argparse
+
+    from streaming_llm.eval.command import _model_name, _positive, check_method_options, parse_methods
+    from streaming_llm.loading import EMBEDDED_MODEL
+
+    methods, prefixes = parse_methods("dense:2, window:120")
+    assert [m.name for m in methods] == ["dense", "window"] and prefixes == {"dense": 2, "window": 120}
+    with pytest.raises(ValueError, match="must be an integer >= 2"):
+        parse_methods("dense:1")
+    assert len(parse_methods("all")[0]) > 5
+    options = argparse.Namespace(num_tokens=120, recompute_samples=None, recompute_tokens=None, decode_tokens=None)
+    check_method_options(options, methods, prefixes)
+    _positive("num-tokens", 2, 2)
+    with pytest.raises(ValueError, match="--num-tokens must be >= 2, got 1"):
+        _positive("num-tokens", 1, 2)
+    assert _model_name(None) == EMBEDDED_MODEL
+    assert _model_name("/models/tiny.gguf") == "tiny" and _model_name("org/name") == "name"
 
 
 def test_plot_names_the_file_it_cannot_read_and_writes_the_format_asked(model_dir, tmp_path, capsys):
