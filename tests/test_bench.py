@@ -4,6 +4,7 @@ cache bytes (and, on CUDA, what a step allocates), and the command writes one JS
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -104,13 +105,14 @@ def test_bench_command_streams_at_the_largest_cache_size_up_to_1024(tmp_path, ca
     assert "tokens streamed" in capsys.readouterr().out
 
 
-def test_profile_reports_the_cache_stages(tmp_path, capsys):
+def test_profile_reports_the_cache_stages(tmp_path, capfd):
     """--profile: Chrome traces next to the JSON and the time of each cache stage; rerotate moves its frame (re-rotates
     every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64."""
     status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "64", "--methods", "streaming_pos_shift",
                        "--rounds", "1", "--steps", "1", "--profile", "--output-dir", str(tmp_path), "--tag", "p"])
-    out = capsys.readouterr().out  # the tables the user asked for go to stdout (they were status lines, hidden by -q)
+    out, err = capfd.readouterr()  # the tables the user asked for go to stdout (they were status lines, hidden by -q)
     assert status == 0 and "cache: frame move" in out
+    assert "USDT:" not in err and "profiler_start" not in err  # kineto's notices, at each profiler start and stop
     report = json.loads((tmp_path / "p.json").read_text())
     layers = 6  # the pythia-70m shape
     moves = {}
@@ -121,6 +123,21 @@ def test_profile_reports_the_cache_stages(tmp_path, capsys):
         assert stages["cache: decode step of one layer (rotate q/k, write, sinks, SDPA)"]["calls"] == 10 * layers
         assert 0 < stages["cache: decode step of one layer (rotate q/k, write, sinks, SDPA)"]["share"] < 1
     assert moves["rerotate"] == 10 * layers and moves["pos_shift"] <= layers
+
+
+def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
+    import os
+
+    from streaming_llm.bench.profile import _without_profiler_notices
+
+    with _without_profiler_notices():
+        os.write(2, b"USDT:2026-11-27 02:34:43 21903:21903 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+                    b"INFO:2026-11-27 02:34:56 21973:21973 init.cpp:148] Registering daemon config loader\n"
+                    b"USDT: a line of someone else\nwarning: kept\n")
+        print("also kept", file=sys.stderr)
+    os.write(2, b"after\n")
+    # (under capfd, print() reaches pytest's sys.stderr directly, before the captured lines are written back)
+    assert sorted(capfd.readouterr().err.splitlines()) == ["USDT: a line of someone else", "after", "also kept", "warning: kept"]
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -8,6 +8,10 @@ stored keys) and attending, next to the model's operators.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +21,8 @@ from streaming_llm.bench.latency import StreamingDecoder
 from streaming_llm.cache import RingLayer, StreamingLayer
 
 STEP_LABEL = "streaming_decode_step"
+# kineto's own log lines, e.g. "USDT:2026-11-27 02:34:43 21903:21903 SyncActivityProfilerHandler.cpp:52] profiler_start"
+KINETO_NOTICE = re.compile(rb"^(USDT|INFO):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\]")
 # (class, method) -> label; the methods run inside a decode step of the general path (cache.py).
 CACHE_STAGES = {
     (RingLayer, "_decode_step"): "cache: decode step of one layer (rotate q/k, write, sinks, SDPA)",
@@ -60,6 +66,31 @@ def _labelled_cache_stages():
             setattr(owner, name, original)
 
 
+@contextlib.contextmanager
+def _without_profiler_notices():
+    """Drop the lines torch's profiler library (kineto) prints to the process's stderr at each start and stop
+    ("USDT:... profiler_start"), which KINETO_LOG_LEVEL does not turn off; everything else written to stderr meanwhile is kept."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not KINETO_NOTICE.match(line)]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+
+
 def profile_decode(model: nn.Module, capacity: int, n_sink: int, steps: int = 10, row_limit: int = 15,
                    position_mode: str = "pos_shift", trace_path: str | None = None) -> ProfileReport:
     """Profile `steps` decode steps of our cache (general path) at `capacity`: the top operators by self time and
@@ -70,7 +101,7 @@ def profile_decode(model: nn.Module, capacity: int, n_sink: int, steps: int = 10
     activities = [torch.profiler.ProfilerActivity.CPU]
     if next(model.parameters()).is_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with _labelled_cache_stages(), torch.profiler.profile(activities=activities) as profiler:
+    with _labelled_cache_stages(), _without_profiler_notices(), torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
             with torch.profiler.record_function(STEP_LABEL):
                 decoder.step()
