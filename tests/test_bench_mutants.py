@@ -24,11 +24,16 @@ def model():
 
 
 class _Progress:
-    def __init__(self):
-        self.total = 0
+    """tqdm's interface: `n` done of `total` planned."""
+
+    def __init__(self, total=None):
+        self.n, self.total, self.refreshed = 0, total, 0
 
     def update(self, n):
-        self.total += n
+        self.n += n
+
+    def refresh(self):
+        self.refreshed += 1
 
 
 class _FakeDecoder:
@@ -70,7 +75,7 @@ def test_measure_latency_round_robin_warmup_skips_and_readings(monkeypatch, caps
     monkeypatch.setattr(latency, "prepare_attn", lambda decoder: None)
     monkeypatch.setattr(latency, "synchronized_ms", lambda function, device: (function(), float(next(ticks)))[1])
     monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    progress = _Progress()
+    progress = _Progress(total=2 * 4)
     rows = latency.measure_latency(torch.nn.Linear(1, 1), ["a", "no_value", "b", "no_import"], capacity=16,
                                    rounds=2, steps_per_round=3, warmup=2, progress=progress)
     assert [row.method for row in rows] == ["a", "b"]
@@ -80,7 +85,7 @@ def test_measure_latency_round_robin_warmup_skips_and_readings(monkeypatch, caps
     assert [row.setup_s for row in rows] == [0.25, 0.25]
     assert [row.step_kind for row in rows] == ["cuda_graph", None]
     assert [(row.step_peak_bytes, row.device_ms) for row in rows] == [(None, None), (None, None)]  # CPU
-    assert progress.total == 2 * 2
+    assert progress.n == progress.total == 2 * 2 and progress.refreshed == 2  # a skipped method's rounds are not planned
     assert capsys.readouterr().err.splitlines() == ["bench: skipping no_value: no_value cannot run here",
                                                     "bench: skipping no_import: no_import cannot run here"]
 
@@ -112,7 +117,7 @@ def test_measure_stream_checkpoints_in_order_with_median_and_rss_in_bytes(model,
     assert [row["tokens_streamed"] for row in rows] == [33, 63]
     assert [row["median_ms"] for row in rows] == [2.0, 2.0]
     assert [row["rss_bytes"] for row in rows] == [1572864, 1572864]
-    assert [row["cache_length"] for row in rows] == [24, 24] and progress.total == 30 + 27
+    assert [row["cache_length"] for row in rows] == [24, 24] and progress.n == 30 + 27
 
 
 def test_byte_counts(model):

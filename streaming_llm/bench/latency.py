@@ -326,6 +326,9 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
             decoder.prepare()
         except (ValueError, ImportError) as error:  # cannot run this model / optional package missing: reported
             print(f"bench: skipping {method}: {error}", file=sys.stderr)
+            if progress is not None:  # its rounds will not come: the bar still ends at 100%
+                progress.total -= rounds
+                progress.refresh()
             continue
         for _ in range(warmup):  # >= 3: a CUDA-graph step is compiled, then recorded, then replayed
             decoder.step()
