@@ -164,6 +164,29 @@ def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir
     assert list(results_of(out)) == ["dense"]
 
 
+def test_recompute_sampled_and_on_a_prefix(model_dir, tmp_path, capsys, monkeypatch):
+    """--recompute-samples scores recompute at sampled steps of the whole stream; with --recompute-tokens as well, it
+    is also run on that prefix (two results); --recompute-tokens alone cuts recompute only. On a terminal each result
+    is reported as it is written."""
+    from streaming_llm import cli_common
+
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense,recompute", "--output-dir", str(tmp_path)]
+    status, out, _ = run_main(capsys, *argv, "--recompute-samples", "3", "--recompute-tokens", "50")
+    runs = json.loads(out)["results"]
+    assert status == 0 and [(r["method"], r["evaluator"], r["num_tokens"]) for r in runs] == [
+        ("dense", "block32", 120), ("recompute", "sample3", 120), ("recompute", "recompute32", 50)]
+    status, out, _ = run_main(capsys, *argv, "--recompute-samples", "3")
+    assert [(r["method"], r["evaluator"]) for r in json.loads(out)["results"]] == [("dense", "block32"), ("recompute", "sample3")]
+    monkeypatch.setattr(cli_common, "show_progress", lambda args: True)
+    status, out, err = run_main(capsys, *argv, "--recompute-tokens", "60")
+    runs = json.loads(out)["results"]
+    assert [(r["method"], r["num_tokens"]) for r in runs] == [("dense", 120), ("recompute", 60)]
+    reported = [line for line in err.splitlines() if ": ppl " in line]
+    assert [line.split(":")[0] for line in reported] == ["dense", "recompute"]
+    assert reported[0].endswith(f"[skipped (exists)] -> {runs[0]['json_path']}")
+    assert reported[1].endswith(f"-> {runs[1]['json_path']}") and "skipped" not in reported[1]
+
+
 def test_method_lists_and_option_bounds_at_their_edges():
     """The smallest accepted values are accepted: NAME:2, NAME:N at --num-tokens, 'all' alone, a bound itself."""
     import argparse
