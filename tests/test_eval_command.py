@@ -178,8 +178,9 @@ def test_recompute_sampled_and_on_a_prefix(model_dir, tmp_path, capsys, monkeypa
     status, out, _ = run_main(capsys, *argv, "--recompute-samples", "3")
     assert [(r["method"], r["evaluator"]) for r in json.loads(out)["results"]] == [("dense", "block32"), ("recompute", "sample3")]
     monkeypatch.setattr(cli_common, "show_progress", lambda args: True)
-    status, out, err = run_main(capsys, *argv, "--recompute-tokens", "60")
+    status, out, err = run_main(capsys, *argv, "--recompute-tokens", "60", "--plot", str(tmp_path / "c.png"))
     runs = json.loads(out)["results"]
+    assert f"plot: {tmp_path / 'c.png'}" in err.splitlines()
     assert [(r["method"], r["num_tokens"]) for r in runs] == [("dense", 120), ("recompute", 60)]
     reported = [line for line in err.splitlines() if ": ppl " in line]
     assert [line.split(":")[0] for line in reported] == ["dense", "recompute"]
