@@ -107,13 +107,19 @@ def test_bench_command_streams_at_the_largest_cache_size_up_to_1024(tmp_path, ca
 
 def test_profile_reports_the_cache_stages(tmp_path, capfd):
     """--profile: Chrome traces next to the JSON and the time of each cache stage; rerotate moves its frame (re-rotates
-    every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64."""
-    status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "64", "--methods", "streaming_pos_shift",
+    every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64 (the cache size
+    nearest 1024)."""
+    status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "16,64", "--methods", "streaming_pos_shift",
                        "--rounds", "1", "--steps", "1", "--profile", "--output-dir", str(tmp_path), "--tag", "p"])
     out, err = capfd.readouterr()  # the tables the user asked for go to stdout (they were status lines, hidden by -q)
     assert status == 0 and "cache: frame move" in out
+    # torch's operator table once, for pos_shift (before its stages), then each mode's stages
+    assert out.count("Self CPU %") == 1
+    assert out.index("Self CPU %") < out.index("position_mode=pos_shift") < out.index("position_mode=rerotate")
     assert "USDT:" not in err and "profiler_start" not in err  # kineto's notices, at each profiler start and stop
     report = json.loads((tmp_path / "p.json").read_text())
+    assert report["model"] == "random weights"
+    assert [profile["capacity"] for profile in report["profile"]] == [64, 64]  # the cache size nearest 1024
     layers = 6  # the pythia-70m shape
     moves = {}
     for profile in report["profile"]:
