@@ -36,18 +36,18 @@ def _result(folder, method, nlls, evaluator="decode"):
 def test_nll_curves_in_a_stable_order_with_the_sampled_oracle_below(tmp_path, figures):
     """Known methods in METHOD_STYLES order, others after them by name; a sampled result (NaN where unscored) is not
     a curve but the reference of a lower panel: each full result's NLL minus it at the sampled steps that the
-    result has (x = step + 1, the token scored)."""
-    nlls = {"window": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "zeta": [2.0] * 6, "alpha": [3.0] * 6, "dense": [0.5, 1.0, 1.5],
+    result has (x = step + 1, the token scored); a step past a result's end is left out."""
+    nlls = {"window": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "zeta": [2.0] * 6, "alpha": [3.0] * 6, "dense": [0.5, 1.0, 1.5, 2.0],
             "recompute": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan]}
     files = [_result(tmp_path, method, values) for method, values in nlls.items()]
     empty = _result(tmp_path, "empty", [])
     (tmp_path / "no_nlls.json").write_text(files[1].read_text().replace('"zeta_decode.nlls.npy"', '"missing.npy"'))
-    out = plot_nll_curves([*files, empty, tmp_path / "no_nlls.json"], tmp_path / "curves", window=2)
+    out = plot_nll_curves([*files, empty, tmp_path / "no_nlls.json"], tmp_path / "curves", window=2, capacity=4)
     assert out.read_bytes()[:8] == PNG  # no extension: PNG
     (figure,) = figures
     upper, lower = figure.axes
     assert upper.get_shared_x_axes().joined(upper, lower)
-    labels = [line.get_label().split(" ")[0] for line in upper.get_lines()]
+    labels = [line.get_label().split(" ")[0] for line in upper.get_lines() if not line.get_label().startswith("_")]
     assert labels == ["dense", "window", "alpha", "zeta"]
     window_line = upper.get_lines()[1]
     assert window_line.get_xdata().tolist() == [1, 2, 3, 4, 5, 6]
@@ -56,15 +56,29 @@ def test_nll_curves_in_a_stable_order_with_the_sampled_oracle_below(tmp_path, fi
                    if not line.get_label().startswith("_")}
     assert differences == {"dense": ([2], [0.0]), "window": ([2, 5], [1.0, 3.0]), "alpha": ([2, 5], [2.0, 1.0]),
                            "zeta": ([2, 5], [1.0, 0.0])}
-    assert lower.xaxis.get_gridlines()[0].get_visible()
+    assert upper.get_xlabel() == ""
     assert "2 sampled tokens" in lower.get_ylabel()
+    assert _vertical_lines(upper) == _vertical_lines(lower) == [4]  # the longest result (6 steps) passes the capacity
+
+
+def _vertical_lines(axis) -> list[float]:
+    return [line.get_xdata()[0] for line in axis.get_lines() if line.get_label().startswith("_")
+            and len(set(line.get_xdata())) == 1 and list(line.get_ydata()) == [0, 1]]
 
 
 def test_nll_curves_without_a_sampled_result_have_one_panel(tmp_path, figures):
-    files = [_result(tmp_path, method, [1.0, 2.0]) for method in ("dense", "window")]
-    plot_nll_curves(files, tmp_path / "curves.png", window=1)
-    assert len(figures[0].axes) == 1
-    assert [line.get_ydata().tolist() for line in figures[0].axes[0].get_lines()] == [[1.0, 2.0], [1.0, 2.0]]
+    """Dashed lines where the cache fills up and where the model's trained context ends, if the stream gets there;
+    the title names the model, data and cache unless one is given."""
+    files = [_result(tmp_path, method, [1.0, 2.0, 3.0, 4.0]) for method in ("dense", "window")]
+    plot_nll_curves(files, tmp_path / "curves.png", window=1, capacity=2, context_length=3)
+    (axis,) = figures[0].axes
+    assert [list(line.get_ydata()) for line in axis.get_lines()][:2] == [[1.0, 2.0, 3.0, 4.0]] * 2
+    assert _vertical_lines(axis) == [2, 3] and axis.get_title() == "m on d.txt: n_sink=1, window=3"
+    assert [text.get_text() for text in axis.texts] == [" cache capacity", " trained context"]
+    assert axis.get_xlabel() == "token index in the stream"
+    plot_nll_curves(files, tmp_path / "curves.png", window=1, capacity=4, context_length=4, title="T")
+    (axis,) = figures[1].axes
+    assert _vertical_lines(axis) == [] and len(axis.texts) == 0 and axis.get_title() == "T"
 
 
 def test_moving_average_of_nothing_and_of_one():
