@@ -142,6 +142,11 @@ class TokenSampler:
         return values, ids
 
 
+def _decode_spelled(tokenizer, ids: list[int], skip_special_tokens: bool) -> str:
+    """The text `ids` spell: tokenizer.decode without clean_up_tokenization_spaces (see IncrementalDecoder)."""
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+
 class IncrementalDecoder:
     """Text deltas of a growing token sequence, never splitting a character, in constant memory.
 
@@ -163,7 +168,7 @@ class IncrementalDecoder:
         self.read_offset = len(self.tokens)  # tokens[read_offset:] are not emitted yet
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
+        return _decode_spelled(self.tokenizer, ids, self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ('' while a character is incomplete)."""
@@ -478,9 +483,8 @@ class StreamingChat:
     def _decode_after(self, context_ids: list[int], ids: list[int]) -> str:
         """Text of `ids` as they continue `context_ids` (so a leading space is kept; no clean-up, which could
         rewrite the end of the context, see IncrementalDecoder)."""
-        context_text = self.tokenizer.decode(context_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        full_text = self.tokenizer.decode(context_ids + ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return full_text[len(context_text) :]
+        context_text = _decode_spelled(self.tokenizer, context_ids, skip_special_tokens=False)
+        return _decode_spelled(self.tokenizer, context_ids + ids, skip_special_tokens=False)[len(context_text) :]
 
     def _ids_to_reach(self, rendered: str) -> tuple[list[int], str]:
         """(token ids that bring the model from what it has seen to `rendered`, the text they stand for)."""

