@@ -8,6 +8,7 @@ loop is exact (fp32, short streams), so that at 10^7 tokens the reported error i
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -92,12 +93,10 @@ def test_a_jumped_stream_is_scored_exactly_in_float32(tiny, mode, position, tole
         assert row["max_abs_logit_error"] <= tolerance
 
 
-def test_end_to_end_reports_worst_cases():
+def test_end_to_end_reports_worst_cases(tiny):
     """max_abs_logit_error is the largest error over the scored logits (>= their mean), relative to the largest
     logit; a bfloat16 model makes the errors large enough to tell a maximum from a mean or a minimum."""
-    model = build_tiny_llama(seed=0)
-    cast = build_tiny_llama(seed=0).to(torch.bfloat16)
-    row = precision.end_to_end(model, cast, "pos_shift", 100, 4, 12, 20, 6, 1)
+    row = precision.end_to_end(tiny, copy.deepcopy(tiny).to(torch.bfloat16), "pos_shift", 100, 4, 12, 20, 6, 1)
     assert row["max_abs_logit_error"] > 2 * row["mean_abs_logit_error"] > 0
     assert row["relative_error"] == pytest.approx(row["max_abs_logit_error"] / row["max_abs_logit"])
     assert row["max_abs_logit"] > 1.0 and row["dtype"] == "bfloat16"
