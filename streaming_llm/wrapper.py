@@ -7,7 +7,7 @@ from torch import nn
 
 from streaming_llm.attention import prepare_model
 from streaming_llm.cache import StreamingKVCache, validate_config
-from streaming_llm.checks import check_int
+from streaming_llm.checks import check_int, is_integer_tensor
 from streaming_llm.models import check_capacity, describe
 
 
@@ -59,13 +59,13 @@ class StreamingLLMWrapper:
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or min(input_ids.shape) < 1:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, n] tensor with batch, n >= 1; got {shape}")
-        if input_ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+        if not is_integer_tensor(input_ids):
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        input_ids = input_ids.long()  # first: torch has no min/max for uint16/32/64 (a uint64 past 2**63 turns negative)
         vocab_size = self.model.get_input_embeddings().num_embeddings
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size}) for this model; got values in [{low}, {high}]")
-        input_ids = input_ids.long()
         logits = [self._feed(block) for block in input_ids.split(self.max_block, dim=1)]
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 

@@ -90,6 +90,22 @@ def test_bad_token_ids_are_clear_errors(llama_model, bad_ids, reason):
         make_wrapper(llama_model, 4, 8)(ids)
 
 
+def test_the_wrapper_takes_token_ids_of_every_integer_dtype(llama_model):
+    """int8 and the unsigned uint16/32/64 were refused as "not integer token ids" (the wrapper kept its own dtype
+    list), and torch has no min/max for uint16/32/64: the range check converts first; a bool tensor is refused, and a
+    uint64 id past 2**63 is out of range, not a wrapped negative index."""
+    import torch
+
+    ids = torch.tensor([[3, 17, 127]])
+    want = make_wrapper(llama_model, 4, 8)(ids)
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.uint64):
+        torch.testing.assert_close(make_wrapper(llama_model, 4, 8)(ids.to(dtype)), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.bool"):
+        make_wrapper(llama_model, 4, 8)(torch.tensor([[True, False]]))
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        make_wrapper(llama_model, 4, 8)(torch.tensor([[2**63 + 5]], dtype=torch.uint64))
+
+
 def test_empty_model_folder_is_a_clear_error(tmp_path):
     from streaming_llm import load_model
 
