@@ -52,6 +52,10 @@ def test_data_label_is_the_file_stem_plus_8_hex_digits_or_the_name_alone():
     assert data_label({"name": "/texts/Hamlet Act 1.txt", "sha256": "abcdef0123456789"}) == "Hamlet-Act-1-abcdef01"
     assert data_label({"name": "wikitext"}) == "wikitext"
     assert data_label({}) == "data"
+    # a dataset spec is a name, not a path: its owner and dotted parts stay (they were cut as a file's folder and suffix)
+    assert data_label({"name": "allenai/c4:en.noblocklist", "kind": "datasets", "sha256": "abcdef0123"}) == \
+        "allenai-c4-en.noblocklist-abcdef01"
+    assert data_label({"name": "emozilla/pg19-test", "kind": "datasets"}) == "emozilla-pg19-test"
 
 
 def test_result_stem_parts_in_order():

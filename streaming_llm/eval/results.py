@@ -39,8 +39,11 @@ def slug(text: str) -> str:
 
 
 def data_label(data: dict) -> str:
-    """Short name of a data source description (describe_source): its name plus 8 hex digits of its sha256."""
-    name = Path(str(data.get("name", "data"))).stem
+    """Short name of a data source description (describe_source): its name (a file's without its suffix, a
+    dataset spec's whole, dots included) plus 8 hex digits of its sha256."""
+    name = str(data.get("name", "data"))
+    if data.get("kind", "file") == "file":
+        name = Path(name).stem
     digest = str(data.get("sha256", ""))[:8]
     return slug(f"{name}-{digest}" if digest else name)
 
