@@ -199,13 +199,28 @@ def _neox_layer_out(layer, x, attended):
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _apertus_layer_qkv(layer, x, config):
+    """Llama's, with the pre-attention norm named attention_layernorm (and RMSNorm on each head's q and k)."""
+    n_heads, n_kv_heads, head_dim = _heads(config)
+    h, attn = layer.attention_layernorm(x), layer.self_attn
+    query = attn.q_norm(attn.q_proj(h).view(n_heads, head_dim))
+    key = attn.k_norm(attn.k_proj(h).view(n_kv_heads, head_dim))
+    return query, key, attn.v_proj(h).view(n_kv_heads, head_dim)
+
+
+def _apertus_layer_out(layer, x, attended):
+    x = x + layer.self_attn.o_proj(attended)
+    return x + layer.mlp(layer.feedforward_layernorm(x))
+
+
 # (qkv fn, layer-output fn) of the models kept at `model.model`, Llama-style: what differs is inside their modules.
 _LLAMA_STYLE_LAYERS = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "mixtral", "qwen2_moe", "qwen3_moe"),
-                    (_llama_layer_qkv, _llama_layer_out)),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "gemma", "arcee", "seed_oss", "mixtral",
+                     "qwen2_moe", "qwen3_moe"), (_llama_layer_qkv, _llama_layer_out)),
     "phi": (_phi_layer_qkv, _phi_layer_out),
     "phi3": (_phi3_layer_qkv, _llama_layer_out),
-    "olmo2": (_olmo2_layer_qkv, _olmo2_layer_out),
+    **dict.fromkeys(("olmo2", "olmo3"), (_olmo2_layer_qkv, _olmo2_layer_out)),
+    "apertus": (_apertus_layer_qkv, _apertus_layer_out),
 }
 
 
@@ -225,6 +240,10 @@ def _parts(model):
 
         return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
             (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
+    if model_type == "gemma":  # Llama's layer on embeddings scaled by sqrt(hidden_size), rounded to their dtype
+        normalizer = torch.tensor(config.hidden_size**0.5, dtype=body.embed_tokens.weight.dtype)
+        return (lambda token: body.embed_tokens(token) * normalizer), body.layers, body.norm, model.lm_head, \
+            _llama_layer_qkv, _llama_layer_out
     if model_type not in _LLAMA_STYLE_LAYERS:
         raise NotImplementedError(f"reference has no adapter for {model_type!r}")
     final_norm = body.final_layernorm if model_type == "phi" else body.norm

@@ -108,3 +108,11 @@ def test_static_step_refuses_a_model_that_drops_attention_arguments(monkeypatch)
     fast(input_ids[None, :4])
     with pytest.raises(RuntimeError, match="StableLmAttention's model does not pass keyword arguments on"):
         fast(input_ids[None, 4:5])
+
+
+def test_the_documented_list_of_model_types_is_the_supported_one():
+    """docs/reliability.md quotes the refusal's list of supported types; a type added to an adapter is added there."""
+    from pathlib import Path
+
+    reliability = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8")
+    assert f"naming the supported types ({', '.join(SUPPORTED_MODEL_TYPES)})" in reliability

@@ -65,11 +65,14 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     sliding window longer than any test stream), Qwen2 (q/k/v biases), Qwen3 (RMSNorm on each head's q and k, head_dim 32
     where hidden / heads is 16), Phi (parallel attention and MLP, half of each head rotated, LayerNorm on q and k),
     Phi-3 (fused qkv projection), OLMo (parameter-free LayerNorm, q/k/v clipped at 0.5), OLMo-2 (norms after each
-    sublayer, RMSNorm over all heads' q and k), StarCoder2 (LayerNorm, biases, GELU MLP), Granite (multipliers on the
-    embeddings, residual branches and logits, softmax scale 0.2)."""
+    sublayer, RMSNorm over all heads' q and k; OLMo-3 too, with sliding-window layers), StarCoder2 (LayerNorm, biases,
+    GELU MLP), Granite (multipliers on the embeddings, residual branches and logits, softmax scale 0.2), Gemma
+    (embeddings scaled by sqrt(hidden), norms 1 + weight, head_dim 16 where its default is 256), Apertus (xIELU MLP,
+    its own norm names, RMSNorm on each head's q and k), Arcee (ReLU^2 MLP without a gate), Seed-OSS (q/k/v biases)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
+             "gemma": dict(head_dim=16), "olmo3": dict(sliding_window=4096),
              "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True),
              "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                              logits_scaling=4.0),
