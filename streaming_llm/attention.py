@@ -6,7 +6,9 @@ updated computes the sink + window attention of SEMANTICS.md (docs/semantics.md)
 (or none) falls back to transformers' sdpa attention, so a prepared model still runs densely.
 
 The hand-off from `cache.update` to this function is a thread-local slot: update() is always called
-right before the attention function of the same layer, in the same thread.
+right before the attention function of the same layer, in the same thread. The mask is handed off the same
+way: a StreamingKVCache's `get_mask_sizes` marks the step (by its cache_position tensor, which transformers
+passes on to the mask function it calls next), so that a prepared model run densely keeps its own mask.
 """
 
 from __future__ import annotations
@@ -37,6 +39,30 @@ def expect_streaming_attention(cache, layer_idx: int) -> None:
     _handoff.step = (cache, layer_idx)
 
 
+def expect_streaming_mask(cache_position: torch.Tensor) -> None:
+    """Called by StreamingKVCache.get_mask_sizes: the mask built next for this cache_position is a streaming step's."""
+    _handoff.mask_position = cache_position
+
+
+def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A prepared model run without a StreamingKVCache: transformers' SDPA attention, or, for Gemma 2's logit
+    soft-capping (which SDPA does not apply), the same softmax written out as the model's eager attention does."""
+    softcap = kwargs.get("softcap")
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    n, m = query.shape[-2], key.shape[-2]
+    if attention_mask is None:  # SDPA's causal shortcut: the queries are the last n of the m positions
+        attention_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
+    if attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, float("-inf"))
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(query @ key.transpose(-1, -2) * (module.scaling if scaling is None else scaling) / softcap)
+    weights = torch.softmax((scores * softcap + attention_mask[..., :m]).float(), dim=-1).to(value.dtype)
+    return (weights @ value).transpose(1, 2).contiguous(), None
+
+
 def streaming_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -50,7 +76,7 @@ def streaming_attention_forward(
     """query [b, heads, n, d] -> output [b, n, heads, d] (the layout transformers' attention functions return)."""
     step = getattr(_handoff, "step", None)
     if step is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _dense_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     cache, layer_idx = step
     _handoff.step = None
     if layer_idx != module.layer_idx:
@@ -66,7 +92,7 @@ def streaming_attention_forward(
     check_capacity(module.config, cache.cache_capacity)
     cache.rotary = rotary
     scaling = module.scaling if scaling is None else scaling
-    output = cache.layers[layer_idx].attend(query, rotary, scaling)
+    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -99,7 +125,11 @@ def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_func
     """The mask transformers builds for a streaming step. It serves only to detect padded rows (refused above):
     which keys a query sees is the cache's decision (SEMANTICS.md §1). So a sliding-window overlay (Mistral v0.1,
     Qwen2 with use_sliding_window) is dropped: laid over the cache's slots in stream coordinates, it would hide
-    every held key once the stream is longer than the window (the capacity is kept below the window instead)."""
+    every held key once the stream is longer than the window (the capacity is kept below the window instead).
+    A step without a StreamingKVCache (a prepared model run densely) gets the model's own mask, overlay included."""
+    if getattr(_handoff, "mask_position", None) is not cache_position:
+        return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)
+    _handoff.mask_position = None
     kwargs.pop("local_size", None)
     return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, causal_mask_function, attention_mask, **kwargs)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import expect_streaming_attention
+from streaming_llm.attention import expect_streaming_attention, expect_streaming_mask
 from streaming_llm.checks import check_int
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible
@@ -65,6 +65,11 @@ def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tenso
         and int(new_positions[0]) >= policy.n_sink
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
+
+
+def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping, softcap * tanh(scores / softcap); the scores as they are without."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -197,10 +202,11 @@ class StreamingLayer(CacheLayerMixin):
         raise NotImplementedError
 
     # -- streaming attention ----------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float, softcap: float | None = None) -> torch.Tensor:
         """Streaming attention of this step's queries over the kept and the new keys, then eviction.
 
         query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
+        `softcap` (Gemma 2): scaled scores pass through softcap * tanh(score / softcap) before the softmax.
         """
         step, self.pending = self.pending, None
         if rotary.is_identity(step["sin"]):  # the model rotated at position 0 (the wrapper's choice), unscaled
@@ -208,13 +214,15 @@ class StreamingLayer(CacheLayerMixin):
         else:
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
             keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
-        output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling)
+        output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling,
+                                                               softcap)
         self.store(stored_keys, step["values"], new_positions)
         self.seen += query.shape[-2]
         self.advance_frame(rotary)
         return output
 
-    def attend_block(self, query_raw, keys_raw, values, rotary: RotaryParams, scaling: float):
+    def attend_block(self, query_raw, keys_raw, values, rotary: RotaryParams, scaling: float,
+                     softcap: float | None = None):
         """The general path: any number of new tokens, positions and visibility from SEMANTICS.md.
 
         Returns (output [b, heads, n, d], new keys in the stored frame, their stream positions).
@@ -238,7 +246,7 @@ class StreamingLayer(CacheLayerMixin):
             keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
         all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
 
-        if _can_use_fused_cpu_attention(query_raw, new_positions, policy):
+        if softcap is None and _can_use_fused_cpu_attention(query_raw, new_positions, policy):
             output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
             return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
@@ -248,7 +256,7 @@ class StreamingLayer(CacheLayerMixin):
             sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
             if sink_columns.numel():
                 scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
-        scores = scores * scaling + self._visibility_bias(new_positions, positions, groups, scores.dtype)
+        scores = cap_scores(scores * scaling, softcap) + self._visibility_bias(new_positions, positions, groups, scores.dtype)
         probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
         output = grouped_output(probabilities, all_values, query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
@@ -386,9 +394,9 @@ class RingLayer(StreamingLayer):
         window = self.keys[:, :, self.policy.n_sink :]
         window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
 
-    def attend(self, query, rotary, scaling):
-        if query.shape[-2] != 1:
-            return super().attend(query, rotary, scaling)
+    def attend(self, query, rotary, scaling, softcap=None):
+        if query.shape[-2] != 1 or softcap is not None:  # one SDPA call cannot cap the scores
+            return super().attend(query, rotary, scaling, softcap)
         return self._decode_step(query, rotary, scaling)
 
     def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
@@ -535,6 +543,10 @@ class StreamingKVCache(Cache):
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         expect_streaming_attention(self, layer_idx)
         return keys, values
+
+    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
+        expect_streaming_mask(cache_position)  # the mask transformers builds next is this step's (attention.py)
+        return super().get_mask_sizes(cache_position, layer_idx)
 
     def get_cache_length(self, layer_idx: int = 0) -> int:
         """Number of tokens the layer holds now."""

@@ -29,7 +29,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores, written_outside_inference_mode
+from streaming_llm.cache import (StreamingKVCache, cap_scores, grouped_output, grouped_scores,
+                                 written_outside_inference_mode)
 from streaming_llm.models import attention_shape, is_mixture_of_experts
 from streaming_llm.rope import apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -50,7 +51,7 @@ def resolve_decode_attention(variant: str, device: torch.device | str) -> str:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float | None, variant: str = "grouped") -> torch.Tensor:
+                     scaling: float | None, variant: str = "grouped", softcap: float | None = None) -> torch.Tensor:
     """Attention of one query token per head over a buffer of keys; [b, heads, 1, d] -> [b, heads, 1, dv].
 
     The formulations differ only in which kernel does the work (results agree to rounding):
@@ -60,7 +61,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     - expanded_masked: what transformers' compiled StaticCache step does: keys/values repeated per query head and
       an explicit mask (which selects SDPA's masked kernels);
     - matmul: q·kᵀ, softmax in float32, ·v as plain batched matmuls (cuBLAS splits the long key axis).
-    `mask` is additive, broadcastable to [b, *, 1, slots], or None.
+    `mask` is additive, broadcastable to [b, *, 1, slots], or None. With `softcap` (Gemma 2's logit soft-capping,
+    which no SDPA kernel applies) every variant is computed as matmul.
     """
     batch, heads, n, dim = query.shape
     kv_heads = key.shape[1]
@@ -74,9 +76,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if mask is None:
             mask = torch.zeros(1, 1, 1, key.shape[-2], dtype=query.dtype, device=query.device)
         return sdpa(query, key, value, attn_mask=mask, scale=scaling)
-    if variant == "matmul":
+    if variant == "matmul" or softcap is not None:
         scale = dim**-0.5 if scaling is None else scaling
-        scores = grouped_scores(query, key).float() * scale
+        scores = cap_scores(grouped_scores(query, key).float() * scale, softcap)
         if mask is not None:
             scores = scores + mask
         return grouped_output(torch.softmax(scores, dim=-1).to(value.dtype), value, heads)
@@ -103,7 +105,7 @@ def static_streaming_attention_forward(
     if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
         raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
                            "the static decode step cannot run it (use StreamingLLMWrapper)")
-    output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention)
+    output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -100,7 +100,8 @@ def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Te
 # --- the architectures, layer by layer -----------------------------------------------------------------------
 
 
-def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0, softmax_scale=None):
+def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0, softmax_scale=None,
+            softcap=None):
     """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw)."""
     n_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq, scaling)[:, 0, :]  # [n_heads, head_dim]
@@ -110,6 +111,8 @@ def _attend(query, keys, values, key_positions, query_position, inv_freq, n_head
     outputs = []
     for head in range(n_heads):
         scores = keys[head // group] @ query[head] * (softmax_scale or head_dim**-0.5)  # [n_keys]
+        if softcap is not None:  # Gemma 2
+            scores = softcap * torch.tanh(scores / softcap)
         weights = torch.softmax(scores, dim=-1)
         outputs.append(weights @ values[head // group])  # [head_dim]
     return torch.cat(outputs)  # [n_heads * head_dim]
@@ -224,6 +227,14 @@ _LLAMA_STYLE_LAYERS = {
 }
 
 
+def softmax_scale(config) -> float | None:
+    """Granite's attention_multiplier, Gemma 2's query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5."""
+    if getattr(config, "attention_multiplier", None):
+        return config.attention_multiplier
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    return scalar**-0.5 if scalar else None
+
+
 def _parts(model):
     """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM."""
     config = model.config
@@ -240,10 +251,22 @@ def _parts(model):
 
         return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
             (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
-    if model_type == "gemma":  # Llama's layer on embeddings scaled by sqrt(hidden_size), rounded to their dtype
+    if model_type in ("gemma", "gemma2"):  # embeddings scaled by sqrt(hidden_size), rounded to their dtype
         normalizer = torch.tensor(config.hidden_size**0.5, dtype=body.embed_tokens.weight.dtype)
-        return (lambda token: body.embed_tokens(token) * normalizer), body.layers, body.norm, model.lm_head, \
-            _llama_layer_qkv, _llama_layer_out
+
+        def embed(token):
+            return body.embed_tokens(token) * normalizer
+
+        if model_type == "gemma":
+            return embed, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
+        cap = config.final_logit_softcapping  # Gemma 2: the logits soft-capped too
+
+        def gemma2_layer_out(layer, x, attended):  # norms before and after each sublayer
+            x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attended))
+            return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+
+        return embed, body.layers, body.norm, (lambda hidden: cap * torch.tanh(model.lm_head(hidden) / cap)), \
+            _llama_layer_qkv, gemma2_layer_out
     if model_type not in _LLAMA_STYLE_LAYERS:
         raise NotImplementedError(f"reference has no adapter for {model_type!r}")
     final_norm = body.final_layernorm if model_type == "phi" else body.norm
@@ -282,7 +305,7 @@ def naive_streaming_logits(
             keys = torch.stack([raw_keys[layer_idx][p] for p in keys_seen])
             values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
             attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling,
-                               getattr(config, "attention_multiplier", None))  # Granite's softmax scale
+                               softmax_scale(config), getattr(config, "attn_logit_softcapping", None))
             x = layer_out(layer, x, attended)
         logits.append(output(final_norm(x)))
     return torch.stack(logits)

@@ -4,6 +4,7 @@ each against the dense model (no eviction) and the naive reference (eviction), g
 import copy
 
 import pytest
+import torch
 from reference import naive_streaming_logits
 from tiny_models import (block_sizes_covering, build_gpt_neox, build_llama, build_llama_family,
                          check_compiled_step_graphs, dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
@@ -30,6 +31,23 @@ def test_no_eviction_equals_dense(typed_model):
         streamed = feed_stream(make_wrapper(typed_model, N_SINK, LENGTH, streaming_mode=streaming_mode), input_ids,
                                block_sizes_covering(LENGTH, [1, 9, 1, 20]))
         assert max_abs_diff(streamed, dense) <= TOLERANCE, streaming_mode
+
+
+def dense_in_blocks_after_prepare(model, input_ids, blocks):
+    """Logits [T, vocab] of a prepared copy of `model` run densely (a DynamicCache), fed in `blocks`."""
+    from streaming_llm import prepare_model
+    from streaming_llm.eval.baselines import DenseStepper
+
+    stepper = DenseStepper(prepare_model(copy.deepcopy(model)))
+    pieces = input_ids[None].split(block_sizes_covering(input_ids.shape[0], blocks), dim=1)
+    return torch.cat([stepper(piece)[0] for piece in pieces]).float()
+
+
+def test_a_prepared_model_without_a_streaming_cache_is_the_model(typed_model):
+    """prepare_model keeps the model's own attention for any other cache: eval's dense baseline runs so."""
+    input_ids = random_ids(LENGTH, seed=11)
+    assert max_abs_diff(dense_in_blocks_after_prepare(typed_model, input_ids, [1, 9, 1, 20]),
+                        dense_logits(typed_model, input_ids)) <= TOLERANCE
 
 
 def test_compiled_step_is_one_graph_that_writes_only_static_buffers(typed_model):
@@ -81,6 +99,14 @@ def test_sliding_window_model_is_window_attention_one_below_its_window(sliding_m
     assert max_abs_diff(feed_stream(window, input_ids, feeding), dense) <= TOLERANCE
     fast = FastStreamingWrapper(copy.deepcopy(sliding_model), 0, SLIDING_WINDOW - 1, compile="never")
     assert max_abs_diff(feed_stream(fast, input_ids, feeding), dense) <= TOLERANCE
+
+
+def test_a_prepared_sliding_window_model_run_densely_keeps_its_window(sliding_model):
+    """A prepared model run densely (eval's dense baseline, generate without a StreamingKVCache) attended to every
+    earlier token: the streaming mask, which drops the sliding-window overlay, was used for any cache."""
+    input_ids = random_ids(60, seed=13)
+    assert max_abs_diff(dense_in_blocks_after_prepare(sliding_model, input_ids, [1, 30, 1]),
+                        dense_logits(sliding_model, input_ids)) <= TOLERANCE
 
 
 def test_sinks_stream_past_the_sliding_window(sliding_model):

@@ -67,12 +67,16 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     Phi-3 (fused qkv projection), OLMo (parameter-free LayerNorm, q/k/v clipped at 0.5), OLMo-2 (norms after each
     sublayer, RMSNorm over all heads' q and k; OLMo-3 too, with sliding-window layers), StarCoder2 (LayerNorm, biases,
     GELU MLP), Granite (multipliers on the embeddings, residual branches and logits, softmax scale 0.2), Gemma
-    (embeddings scaled by sqrt(hidden), norms 1 + weight, head_dim 16 where its default is 256), Apertus (xIELU MLP,
+    (embeddings scaled by sqrt(hidden), norms 1 + weight, head_dim 16 where its default is 256), Gemma 2 (Gemma's,
+    with norms before and after each sublayer, softmax scale 24 ** -0.5, attention scores and logits soft-capped at
+    1.5 and 4, close enough to bend them), Apertus (xIELU MLP,
     its own norm names, RMSNorm on each head's q and k), Arcee (ReLU^2 MLP without a gate), Seed-OSS (q/k/v biases)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
              "gemma": dict(head_dim=16), "olmo3": dict(sliding_window=4096),
+             "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
+                            final_logit_softcapping=4.0, sliding_window=4096),
              "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True),
              "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                              logits_scaling=4.0),
