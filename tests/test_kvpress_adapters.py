@@ -184,12 +184,36 @@ def test_a_press_that_does_not_cut_the_cache_back_is_reported(kv_model):
 
 
 def test_importing_the_adapters_leaves_no_kvpress_attention_wrapper():
-    """kvpress wraps every attention function at import; the wrapper breaks ours (module docstring). None is left."""
+    """kvpress wraps every attention function at import (module docstring); none of its wrappers is left."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     wrapped = [name for name in ALL_ATTENTION_FUNCTIONS
                if getattr(ALL_ATTENTION_FUNCTIONS[name], "__module__", None) == "kvpress.attention_patch"]
     assert wrapped == [] and "sdpa" in ALL_ATTENTION_FUNCTIONS
+
+
+def test_our_attention_functions_run_under_kvpress_attention_wrapper():
+    """kvpress's wrapper passes dropout as the 6th positional argument (docs/kvpress.md §4): both of our attention
+    functions take it there, so a streaming wrapper runs with the wrapper installed, and gives the same logits."""
+    import inspect
+
+    from kvpress.attention_patch import attention_patch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from streaming_llm.attention import streaming_attention_forward
+    from streaming_llm.fast import static_streaming_attention_forward
+
+    for function in (streaming_attention_forward, static_streaming_attention_forward):
+        assert list(inspect.signature(function).parameters)[5:7] == ["dropout", "scaling"]
+    input_ids = random_ids(12, seed=3)[None]
+    want = make_wrapper(build_llama(), 2, 4)(input_ids)
+    ALL_ATTENTION_FUNCTIONS["streaming_llm"] = attention_patch(streaming_attention_forward)
+    try:
+        got = make_wrapper(build_llama(), 2, 4)(input_ids)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["streaming_llm"]
+    assert ALL_ATTENTION_FUNCTIONS["streaming_llm"] is streaming_attention_forward
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # --- the prefill protocol -------------------------------------------------------------------------------
