@@ -13,7 +13,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 NUM_TOKENS=${NUM_TOKENS:-20480}
-DECODE_TOKENS=${DECODE_TOKENS:-2048}
+DECODE_TOKENS=${DECODE_TOKENS:-$(( NUM_TOKENS < 2048 ? NUM_TOKENS : 2048 ))}  # a prefix: at most the stream
 RECOMPUTE_SAMPLES=${RECOMPUTE_SAMPLES:-32}
 OUTPUT_DIR=${OUTPUT_DIR:-results/comprehensive}
 DATA_ARGS=()

@@ -34,7 +34,7 @@ def expect_streaming_attention(cache, layer_idx: int) -> None:
         _handoff.step = None
         raise RuntimeError(
             "a StreamingKVCache was updated but the model did not run the streaming attention; "
-            "call streaming_llm.prepare_model(model) (or load it with streaming_llm.load_model) first"
+            "call streaming_llm.prepare_model(model) first"
         )
     _handoff.step = (cache, layer_idx)
 

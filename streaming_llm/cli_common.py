@@ -227,6 +227,9 @@ def check_output_file(path: str, option: str = "--output") -> Path:
         raise ValueError(f"{option} {path} is a folder: give a file path in it")
     if file.exists() and not file.is_file():
         raise ValueError(f"{option} {path} is not a regular file")
+    existing = next(folder for folder in (file.parent, *file.parent.parents) if folder.exists())
+    if not existing.is_dir():  # mkdir would say "File exists"
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=file.parent):  # the file is written next to it, then renamed

@@ -35,6 +35,7 @@ NUCLEUS_PROBE = 256
 # would round to 0 (or a denormal) in the float32 logits' arithmetic.
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
 SEED_LIMIT = 2**63
+REPETITION_WINDOW_LIMIT = 2**31  # a window as long as any stream; deque and tensor slices take it
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class SamplingConfig:
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty must be > 0 and finite (1 = off), got {self.repetition_penalty}")
         check_int("repetition_window", self.repetition_window, 1)
+        if self.repetition_window >= REPETITION_WINDOW_LIMIT:
+            raise ValueError(f"repetition_window must be < 2**31, got {self.repetition_window}")
         if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 

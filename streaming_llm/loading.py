@@ -134,6 +134,8 @@ def load_model(
     except (OSError, ValueError, ImportError) as error:
         if went_offline:
             raise ValueError(f"could not load model {label!r}: {not_cached_offline('model')} (nor a local folder)") from error
+        if "gguf_file" in load_kwargs and (damage := _gguf_damage(Path(source) / load_kwargs["gguf_file"])):
+            raise ValueError(f"could not load model {label!r}: the GGUF file is corrupt or truncated ({damage})") from error
         # A name that is no existing path was taken for a hub id: say so, for a mistyped relative folder.
         hint = f" (and there is no local folder {name_or_path})" if hub_id else ""
         raise ValueError(f"could not load model {label!r}: {_first_line(error)}{hint}") from error
@@ -163,6 +165,18 @@ def _without_clean_up(tokenizer):
     tokens round-trip the text exactly."""
     tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
+
+
+def _gguf_damage(path: Path) -> str | None:
+    """Why the gguf package cannot read the file's header and tensor table (numpy's words for a truncated file:
+    "cannot reshape array of size ..."), or None where it can (the failure was elsewhere)."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as error:  # the reader's own failure, whatever its type, is the reason given
+        return f"{type(error).__name__}: {_first_line(error)}"
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -229,3 +229,19 @@ def test_interrupted_plot_keeps_the_previous_png(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         plot_latency(report, png)
     assert png.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["latency.png"]
+
+
+def test_a_cache_beyond_the_sliding_window_skips_the_dense_methods_too(capsys):
+    """A Mistral with a 16-token sliding window at cache size 32: dense_dynamic failed in its first step with
+    transformers' "Cannot `crop` a `DynamicSlidingWindowLayer`" and the whole bench ended with nothing written; the
+    dense methods are now skipped with the streaming methods' reason, and a size inside the window is timed."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family("mistral", sliding_window=16)
+    methods = ["dense_static", "dense_dynamic", "streaming_pos_shift"]
+    assert measure_latency(model, methods, capacity=32, n_sink=2, rounds=1, steps_per_round=1) == []
+    skipped = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1] for line in skipped] == [f"skipping {method}" for method in methods]
+    assert all("too large for the model's sliding_window=16" in line for line in skipped)
+    rows = measure_latency(model, methods, capacity=8, n_sink=2, rounds=1, steps_per_round=1)
+    assert [row.method for row in rows] == methods and capsys.readouterr().err == ""

@@ -297,6 +297,8 @@ def test_thread_counts_are_taken_up_to_four_per_core():
         (["generate", "-p", "x", "--repetition-penalty", "nan"], "--repetition-penalty must be > 0 and finite"),
         (["generate", "-p", "x", "--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63)"),
         (["generate", "-p", "x", "--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
+        (["generate", "-p", "x", "--repetition-window", "99999999999999999999"], "--repetition-window must be < 2**31"),
+        (["chat", "--repetition-window", str(2**31)], "--repetition-window must be < 2**31, got 2147483648"),
         (["generate", "-p", "x", "--threads", "100000"], "--threads must be between 1 and"),
         (["generate", "-p", "\udcff\udcfe"], "--prompt is not UTF-8 text (byte offset 0)"),
         (["chat", "--system", "caf\udce9"], "--system is not UTF-8 text (byte offset 3)"),
@@ -402,7 +404,8 @@ def test_non_utf8_stdin_subprocess(model_dir):
 @pytest.mark.parametrize("output, fragment", [
     ("{tmp}", "--output {tmp} is a folder: give a file path"),
     ("", "--output is empty"),
-    ("{script}/answers.jsonl", "--output {script}/answers.jsonl: cannot write in its folder"),
+    ("{script}/answers.jsonl", "--output {script}/answers.jsonl: {script} is a file, not a folder"),
+    ("{script}/sub/answers.jsonl", "--output {script}/sub/answers.jsonl: {script} is a file, not a folder"),
     ("/dev/null", "--output /dev/null is not a regular file"),
 ])
 def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_file, tmp_path, capsys):

@@ -133,6 +133,8 @@ def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, c
     (["--methods", "dense:100,dense:50"], "names dense twice"),
     (["--methods", "dense:"], "must be an integer >= 2"),
     (["--methods", "window:500"], "window:500 asks for more tokens than --num-tokens 120"),
+    (["--methods", "recompute", "--recompute-tokens", "121"], "--recompute-tokens 121 asks for more tokens than"),
+    (["--methods", "kvpress_decode_shipped", "--decode-tokens", "500"], "--decode-tokens 500 asks for more tokens than"),
     (["--methods", "dense", "--recompute-samples", "4"], "--recompute-samples applies to the recompute method"),
     (["--methods", "dense", "--decode-tokens", "40"], "--decode-tokens applies to the decode-loop methods"),
     (["--methods", "dense", "--plot", "curves.xyz"], "cannot write .xyz figures"),

@@ -50,8 +50,9 @@ def test_scripts_take_the_callers_relative_paths_and_run_the_cli_through_python(
                         NUM_TOKENS="1100")
     assert lines and all(f"--output-dir {tmp_path}/out" in line for line in lines)
     assert f"--data {tmp_path}/text.txt" in lines[0] and lines[0].startswith("-m streaming_llm.cli eval")
-    # the decode-loop comparison follows a small NUM_TOKENS (it ran 4,096 tokens regardless)
-    assert "run_decode_perplexity.py --num-tokens 1100 " in lines[1]
+    # the decode-loop comparison and kvpress's prefix follow a small NUM_TOKENS (they ran 4,096 and 2,048 tokens
+    # regardless; eval refuses a --decode-tokens beyond --num-tokens)
+    assert "run_decode_perplexity.py --num-tokens 1100 " in lines[1] and "--decode-tokens 1100 " in lines[0]
     spec = commands_of("run_kvpress_streaming_decode.sh", cwd=tmp_path, DATA="wikitext:wikitext-2-raw-v1")
     assert "--data wikitext:wikitext-2-raw-v1" in spec[0]  # a datasets spec is not a path
 

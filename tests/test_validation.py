@@ -190,6 +190,21 @@ def test_corrupt_weights_are_a_clear_error(saved_llama, damage):
         load_model(saved_llama)
 
 
+@pytest.mark.parametrize("size", [100, 2_000_000])
+def test_a_truncated_gguf_file_is_named_as_such(tmp_path, size):
+    """A GGUF file cut short failed with numpy's words only ("cannot reshape array of size 399424 into shape (576,
+    960)"); a cut in the header (100 bytes) or in the tensor data both now say what is wrong with the file."""
+    from streaming_llm import load_model
+    from streaming_llm.loading import _gguf_damage, embedded_model_path
+
+    gguf = embedded_model_path()
+    with gguf.open("rb") as source:
+        (tmp_path / "cut.gguf").write_bytes(source.read(size))
+    with pytest.raises(ValueError, match=r"cut.gguf'?: the GGUF file is corrupt or truncated \(ValueError: "):
+        load_model(tmp_path / "cut.gguf")
+    assert _gguf_damage(gguf) is None  # the whole file reads
+
+
 def test_unavailable_devices_are_clear_errors(monkeypatch):
     import torch
 

@@ -22,7 +22,7 @@ from streaming_llm.attention import prepare_model
 from streaming_llm.bench import METHODS
 from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
 from streaming_llm.eval.baselines import RecomputeStepper
-from streaming_llm.models import attention_shape
+from streaming_llm.models import attention_shape, check_capacity
 from streaming_llm.wrapper import StreamingLLMWrapper
 
 # A 2-layer Llama with grouped-query attention, for soak runs and tests; vocab and special ids set by the caller.
@@ -112,6 +112,7 @@ class DenseStaticDecoder(Decoder):
     def prepare(self):
         from transformers import StaticCache
 
+        self.check_fits()
         self.model.set_attn_implementation("sdpa")
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.capacity + 1)
         with torch.no_grad():
@@ -124,6 +125,11 @@ class DenseStaticDecoder(Decoder):
         # The same slot every step: the cost of a step at a constant cache length.
         self.model(self.token, past_key_values=self.cache, cache_position=self.position,
                    position_ids=self.position[None])
+
+    def check_fits(self) -> None:
+        """ValueError (the method is skipped) where capacity + 1 keys exceed the model's positions or sliding window,
+        as for the streaming methods: the model never attends to that many (a DynamicCache cannot even be cropped)."""
+        check_capacity(self.model.config, self.capacity)
 
     def cache_bytes(self):
         return _tensor_bytes(t for layer in self.cache.layers for t in (layer.keys, layer.values))
@@ -153,6 +159,7 @@ class DenseDynamicDecoder(DenseStaticDecoder):
     def prepare(self):
         from transformers import DynamicCache
 
+        self.check_fits()
         self.model.set_attn_implementation("sdpa")
         self.cache = DynamicCache(config=self.model.config)
         with torch.no_grad():

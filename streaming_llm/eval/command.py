@@ -103,11 +103,14 @@ def parse_methods(spec: str):
 
 
 def check_method_options(args: argparse.Namespace, methods, prefixes: dict[str, int]) -> None:
-    """ValueError for options that would be silently ignored: a NAME:N beyond --num-tokens, a recompute or
-    decode-loop option with no such method chosen."""
+    """ValueError for options that would be silently ignored: a NAME:N, --recompute-tokens or --decode-tokens
+    beyond --num-tokens, a recompute or decode-loop option with no such method chosen."""
     for name, tokens in prefixes.items():
         if tokens > args.num_tokens:
             raise ValueError(f"--methods {name}:{tokens} asks for more tokens than --num-tokens {args.num_tokens}")
+    for option, tokens in (("--recompute-tokens", args.recompute_tokens), ("--decode-tokens", args.decode_tokens)):
+        if tokens is not None and tokens > args.num_tokens:
+            raise ValueError(f"{option} {tokens} asks for more tokens than --num-tokens {args.num_tokens}")
     chosen = {method.name for method in methods}
     if (args.recompute_samples or args.recompute_tokens) and "recompute" not in chosen:
         option = "--recompute-samples" if args.recompute_samples else "--recompute-tokens"
