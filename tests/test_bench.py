@@ -160,6 +160,10 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--cache-sizes", "64,0"], "expected positive integers, got '64,0'"),
     (["bench", "--cache-sizes", ","], "expected positive integers, got ','"),
     (["bench", "--cache-sizes", "64,x"], "expected comma-separated integers"),
+    # checked against the shape's config before its random weights are built (7B of them for llama-2-7b; each method
+    # was skipped, then "nothing could be timed")
+    (["bench", "--shape", "pythia-70m", "--cache-sizes", "4096,2048"], "--cache-sizes: every size is too large for "
+     "--shape pythia-70m: cache capacity n_sink + window_size = 2048 is too large for the model's max_position_embeddings=2048"),
     (["bench", "--cache-sizes", "4,64", "--n-sink", "4"], "every cache size must exceed --n-sink (4); got 4"),
     (["bench", "--cache-sizes", "2048,4096", "--stream-tokens", "2000"], "capacity (2048), got 2000"),
     (["bench", "--steps", "0"], "--rounds and --steps must be >= 1"),

@@ -98,6 +98,13 @@ def run_bench(args: argparse.Namespace) -> int:
                          f"got {args.stream_tokens}")
     if args.model is not None and args.shape != "embedded":
         raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
+    if args.shape != "embedded":  # the shape's config is known without building its weights (7B of them)
+        from streaming_llm.models import check_capacity
+
+        try:  # a size too large skips each method there, with the reason; where none fits, nothing could be timed
+            check_capacity(latency.shape_config(args.shape), min(args.cache_sizes))
+        except ValueError as error:
+            raise ValueError(f"--cache-sizes: every size is too large for --shape {args.shape}: {error}") from None
     if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")):
         raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden)")
     output_dir = prepare_output_dir(args.output_dir)

@@ -52,6 +52,18 @@ MODEL_SHAPES = {
              max_position_embeddings=8192),
     ),
 }
+def shape_config(shape: str, **overrides):
+    """The config of a named shape (MODEL_SHAPES), fields replaced by `overrides`: no weights are built."""
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose embedded or one of {', '.join(MODEL_SHAPES)}")
+    import transformers
+
+    config_name, kwargs = MODEL_SHAPES[shape]
+    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def build_model(shape: str, dtype: torch.dtype, device: str, **overrides) -> nn.Module:
     """A randomly initialised model of a named shape (config fields replaced by `overrides`), or the embedded
     model for shape="embedded"."""
@@ -60,13 +72,9 @@ def build_model(shape: str, dtype: torch.dtype, device: str, **overrides) -> nn.
 
         model, _ = load_model(None, dtype=dtype, device=device)
         return model
-    if shape not in MODEL_SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; choose embedded or one of {', '.join(MODEL_SHAPES)}")
     import transformers
 
-    config_name, kwargs = MODEL_SHAPES[shape]
-    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
-    config._attn_implementation = "sdpa"
+    config = shape_config(shape, **overrides)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
