@@ -90,7 +90,7 @@ def streaming_attention_forward(
     if rotary is None:
         raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
     check_capacity(module.config, cache.cache_capacity)
-    cache.rotary = rotary
+    cache.rotary = cache.layers[layer_idx].rotary = rotary
     scaling = module.scaling if scaling is None else scaling
     output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None
@@ -146,7 +146,7 @@ def prepare_model(model: nn.Module) -> nn.Module:
     Returns the model, unchanged otherwise.
     """
     architecture = describe(model)
-    for module in architecture.attention_modules:
-        module.streaming_rotary = architecture.rotary
+    for module, rotary in zip(architecture.attention_modules, architecture.layer_rotaries):
+        module.streaming_rotary = rotary
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model

@@ -102,6 +102,7 @@ class StreamingLayer(CacheLayerMixin):
         self.base = 0  # frame offset of the stored window keys: key p sits at position p - base
         self.pending: dict[str, Any] | None = None
         self.positions: torch.Tensor | None = None  # stream position of every stored slot, -1 = empty
+        self.rotary: RotaryParams | None = None  # the layer's RoPE, recorded by the attention function
 
     stores_raw_keys = False
 
@@ -429,10 +430,12 @@ class RingLayer(StreamingLayer):
         """Per-step [head_dim, head_dim] matrices, computed by the first layer of each forward pass (the
         cache clears `shared` when layer 0 updates) and reused by the rest:
         the model's rotation undone and the window frame t - base applied (for q and the new k), and
-        the sink keys' move from position j to j + (window frame - sink frame)."""
+        the sink keys' move from position j to j + (window frame - sink frame). One pair per RoPE (Gemma 3's
+        sliding and full-attention layers rotate with different frequencies)."""
         t, base = self.seen, self.base
-        key = (t, base, dtype)
-        if self.shared.get("decode_key") != key:
+        key, slot = (t, base, dtype), ("decode_rotations", id(rotary))
+        cached = self.shared.get(slot)
+        if cached is None or cached[0] != key:
             head_dim = step["keys"].shape[-1]
             position = torch.tensor([t], device=step["keys"].device)
             sink_frame, window_frame = self.policy.query_frames(position, base)
@@ -448,9 +451,8 @@ class RingLayer(StreamingLayer):
             if offset:
                 cos, sin = cos_sin(torch.tensor([offset], device=position.device), rotary.inv_freq)
                 sinks_to_window = rotation_matrix(cos[0], sin[0], head_dim).to(dtype)
-            self.shared["decode_key"] = key
-            self.shared["decode_rotations"] = (to_window.to(dtype), sinks_to_window)
-        return self.shared["decode_rotations"]
+            self.shared[slot] = (key, (to_window.to(dtype), sinks_to_window))
+        return self.shared[slot][1]
 
 
 class ContiguousLayer(StreamingLayer):
@@ -510,7 +512,7 @@ class StreamingKVCache(Cache):
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self._shared: dict = {}
         self._warned_autograd = False
-        self.rotary: RotaryParams | None = None  # the model's RoPE, recorded by the attention function (attention.py)
+        self.rotary: RotaryParams | None = None  # the last step's RoPE, recorded by the attention function (attention.py)
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
         super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
 
@@ -557,11 +559,11 @@ class StreamingKVCache(Cache):
     def compress(self, layer_idx: int = 0, rotary: RotaryParams | None = None):
         """The kept sink + recent (keys, values) of one layer, in stream order, keys at their cache slots.
 
-        Shapes [batch, kv_heads, held, head_dim]; `rotary` defaults to the one the last step used.
+        Shapes [batch, kv_heads, held, head_dim]; `rotary` defaults to the one the layer's last step used.
         """
         if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
             raise ValueError(f"layer {layer_idx} of this cache holds nothing yet: feed tokens through it first")
-        rotary = rotary or self.rotary
+        rotary = rotary or self.layers[layer_idx].rotary or self.rotary
         if rotary is None:
             raise ValueError("compress needs the model's rotary parameters: pass rotary= (describe(model).rotary)")
         return self.layers[layer_idx].compress(rotary)[:2]

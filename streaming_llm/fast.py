@@ -22,6 +22,7 @@ once per ~capacity tokens for pos_shift, every step for rerotate, never for abso
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -32,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from streaming_llm.cache import (StreamingKVCache, cap_scores, grouped_output, grouped_scores,
                                  written_outside_inference_mode)
 from streaming_llm.models import attention_shape, is_mixture_of_experts
-from streaming_llm.rope import apply_rotation, cos_sin, rerotate_keys
+from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
 STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
@@ -152,8 +153,10 @@ class StaticStepLayer(CacheLayerMixin):
 class StaticStepCache(Cache):
     """The `Cache` the compiled step hands the model: the per-layer buffers the general path also uses."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor], rotate_sinks):
-        super().__init__(layers=[StaticStepLayer(*tensors, rotate_sinks) for tensors in zip(keys, values, sink_keys)])
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor],
+                 rotate_sinks: list):
+        """rotate_sinks: one function per layer (the layer's RoPE)."""
+        super().__init__(layers=[StaticStepLayer(*tensors) for tensors in zip(keys, values, sink_keys, rotate_sinks)])
 
     @property
     def is_compileable(self) -> bool:
@@ -255,6 +258,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         cache.rotary = self.architecture.rotary  # the static steps alone never record it
         for index, layer in enumerate(cache.layers):
             layer.adopt(self.keys[index], self.values[index], self.sink_keys[index])
+            layer.rotary = self.architecture.layer_rotaries[index]
         return cache
 
     def _allocate(self) -> None:
@@ -275,7 +279,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """Make the static step work on the buffers just allocated or copied."""
         for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
             torch._dynamo.mark_static_address(tensor)
-        self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self._rotate_sinks)
+        rotate_sinks = [functools.partial(self._rotate_sinks, rotary) for rotary in self.architecture.layer_rotaries]
+        self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, rotate_sinks)
         if hasattr(self, "_compiled"):
             self._compiled.clear()  # new addresses: the graphs are traced again
 
@@ -358,10 +363,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.seen += 1
         new_base = self._cache.policy.next_base(self.base, self.seen)
         if new_base != self.base:
-            inv_freq = self.architecture.rotary.inv_freq
-            for keys in self.keys:
+            for keys, rotary in zip(self.keys, self.architecture.layer_rotaries):
                 window = keys[:, :, self.n_sink :]
-                window.copy_(rerotate_keys(window, self.base - new_base, inv_freq))
+                window.copy_(rerotate_keys(window, self.base - new_base, rotary.inv_freq))
             self.base = new_base
             self.frame_base.fill_(new_base)
         return logits
@@ -393,9 +397,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def _static_step_full(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._static_step(token_ids, None)
 
-    def _rotate_sinks(self, sink_keys: torch.Tensor) -> torch.Tensor:
-        """A layer's sinks, kept at their own positions, rotated by this step's offset (the angles of _static_step)."""
-        cos, sin = self._sink_angles
+    def _rotate_sinks(self, rotary: RotaryParams, sink_keys: torch.Tensor) -> torch.Tensor:
+        """A layer's sinks, kept at their own positions, rotated by this step's offset (the angles of _static_step
+        for the layer's RoPE)."""
+        cos, sin = self._sink_angles[id(rotary)]
         return apply_rotation(sink_keys.float(), cos, sin)
 
     def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -403,9 +408,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         policy, t = self._cache.policy, self.step_position
         window_position = t - self.frame_base
         ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
-        # The sinks' offset (window frame - sink frame), once per step for every layer's _rotate_sinks.
+        # The sinks' offset (window frame - sink frame), once per step and RoPE for every layer's _rotate_sinks.
         sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
-        self._sink_angles = cos_sin((window_position - sink_position).reshape(1), self.architecture.rotary.inv_freq)
+        offset = (window_position - sink_position).reshape(1)
+        distinct = {id(rotary): rotary for rotary in self.architecture.layer_rotaries}  # one for most models
+        self._sink_angles = {key: cos_sin(offset, rotary.inv_freq) for key, rotary in distinct.items()}
         batch = token_ids.shape[0]
         output = self.model(
             input_ids=token_ids,

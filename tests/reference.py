@@ -41,23 +41,36 @@ def rope_theta_of(config) -> float:
     return float(getattr(config, "rope_theta", getattr(config, "rotary_emb_base", 10000.0)))
 
 
-def inv_freq_of(config) -> torch.Tensor:
-    """[rotary_ndims // 2] float32: 1 / theta^(2i / rotary_ndims)."""
+def inv_freq_of(config, theta: float | None = None) -> torch.Tensor:
+    """[rotary_ndims // 2] float32: 1 / theta^(2i / rotary_ndims), theta the config's unless given."""
     rotary_ndims = rotary_ndims_of(config)
     exponents = torch.arange(0, rotary_ndims, 2, dtype=torch.int64).to(torch.float32) / rotary_ndims
-    return 1.0 / (rope_theta_of(config) ** exponents)
+    return 1.0 / ((rope_theta_of(config) if theta is None else theta) ** exponents)
 
 
-def rope_of(config) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention_scaling) of the config's RoPE. The default type by hand; a scaled type (linear, llama3,
-    yarn) from transformers' own initialiser for it, since their frequency formulas are transformers' definition."""
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+def rope_of(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) of the config's RoPE (of `layer_type`'s where the config keeps one per layer
+    type, as Gemma 3). The default type by hand; a scaled type (linear, llama3, yarn) from transformers' own
+    initialiser for it, since their frequency formulas are transformers' definition."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        parameters = parameters[layer_type]
+    rope_type = parameters.get("rope_type", "default")
     if rope_type == "default":
-        return inv_freq_of(config), 1.0
+        return inv_freq_of(config, float(parameters["rope_theta"]) if "rope_theta" in parameters else None), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    extra = {} if layer_type is None else {"layer_type": layer_type}
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **extra)
     return inv_freq.float(), float(attention_scaling)
+
+
+def layer_ropes(config) -> list[tuple[torch.Tensor, float]]:
+    """rope_of each layer: one RoPE for all, or each layer's type's (config.layer_types, Gemma 3)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    if parameters and all(isinstance(value, dict) for value in parameters.values()):
+        return [rope_of(config, layer_type) for layer_type in config.layer_types]
+    return [rope_of(config)] * config.num_hidden_layers
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -251,22 +264,25 @@ def _parts(model):
 
         return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
             (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
-    if model_type in ("gemma", "gemma2"):  # embeddings scaled by sqrt(hidden_size), rounded to their dtype
+    if model_type in ("gemma", "gemma2", "gemma3_text"):  # embeddings scaled by sqrt(hidden_size), in their dtype
         normalizer = torch.tensor(config.hidden_size**0.5, dtype=body.embed_tokens.weight.dtype)
 
-        def embed(token):
-            return body.embed_tokens(token) * normalizer
+        def embed(token):  # Gemma 3's embedding module scales them itself
+            return body.embed_tokens(token) * (1.0 if model_type == "gemma3_text" else normalizer)
 
         if model_type == "gemma":
             return embed, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
-        cap = config.final_logit_softcapping  # Gemma 2: the logits soft-capped too
+        cap = config.final_logit_softcapping  # the logits soft-capped too (Gemma 2; Gemma 3 may)
 
         def gemma2_layer_out(layer, x, attended):  # norms before and after each sublayer
             x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attended))
             return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
 
-        return embed, body.layers, body.norm, (lambda hidden: cap * torch.tanh(model.lm_head(hidden) / cap)), \
-            _llama_layer_qkv, gemma2_layer_out
+        def output(hidden):
+            logits = model.lm_head(hidden)
+            return logits if cap is None else cap * torch.tanh(logits / cap)
+
+        return embed, body.layers, body.norm, output, _llama_layer_qkv, gemma2_layer_out
     if model_type not in _LLAMA_STYLE_LAYERS:
         raise NotImplementedError(f"reference has no adapter for {model_type!r}")
     final_norm = body.final_layernorm if model_type == "phi" else body.norm
@@ -289,7 +305,7 @@ def naive_streaming_logits(
         raise ValueError(f"unknown position_mode {position_mode!r}")
     config = model.config
     embed, layers, final_norm, output, layer_qkv, layer_out = _parts(model)
-    inv_freq, rope_scaling = rope_of(config)
+    ropes = layer_ropes(config)
     n_heads = config.num_attention_heads
     raw_keys = [[] for _ in layers]  # per layer, per token: [n_kv_heads, head_dim], before RoPE
     raw_values = [[] for _ in layers]
@@ -304,6 +320,7 @@ def naive_streaming_logits(
             raw_values[layer_idx].append(value)
             keys = torch.stack([raw_keys[layer_idx][p] for p in keys_seen])
             values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
+            inv_freq, rope_scaling = ropes[layer_idx]
             attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling,
                                softmax_scale(config), getattr(config, "attn_logit_softcapping", None))
             x = layer_out(layer, x, attended)

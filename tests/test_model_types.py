@@ -142,3 +142,33 @@ def test_the_documented_list_of_model_types_is_the_supported_one():
 
     reliability = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8")
     assert f"naming the supported types ({', '.join(SUPPORTED_MODEL_TYPES)})" in reliability
+
+
+def test_gemma3_layers_keep_their_own_rope_everywhere_a_rope_is_used():
+    """Gemma 3 rotates its sliding and full-attention layers with different frequencies: each layer's is recorded
+    (compress(layer) uses it); what assumes one RoPE for all layers (the chunked baseline's re-rotation) says so; a
+    length-dependent RoPE type in any layer type is refused."""
+    from streaming_llm.eval.chunked import chunked_streaming_perplexity
+    from streaming_llm.models import UnsupportedModelError, describe
+
+    model = build_llama_family("gemma3_text")
+    architecture = describe(model)
+    sliding, full = architecture.layer_rotaries
+    assert sliding is architecture.rotary and not torch.equal(sliding.inv_freq, full.inv_freq)
+    wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE)
+    wrapper(random_ids(20, seed=14)[None])
+    for layer, rotary in zip(wrapper.cache.layers, (sliding, full)):
+        assert torch.equal(layer.rotary.inv_freq, rotary.inv_freq)
+    for layer_idx, rotary in enumerate((sliding, full)):
+        for got, want in zip(wrapper.cache.compress(layer_idx), wrapper.cache.compress(layer_idx, rotary=rotary)):
+            assert torch.equal(got, want)
+    assert not torch.equal(wrapper.cache.compress(1)[0], wrapper.cache.compress(1, rotary=sliding)[0])
+    with pytest.raises(UnsupportedModelError, match="chunked evaluation's re-rotation assumes one RoPE"):
+        chunked_streaming_perplexity(model, random_ids(20, seed=14)[None], N_SINK, WINDOW_SIZE, chunk_size=8)
+    llama = describe(build_llama())
+    assert llama.single_rotary("anything") is llama.rotary and set(map(id, llama.layer_rotaries)) == {id(llama.rotary)}
+    dynamic = build_llama_family("gemma3_text", rope_parameters={
+        "sliding_attention": dict(rope_type="default", rope_theta=10.0),
+        "full_attention": dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0)})
+    with pytest.raises(ValueError, match="RoPE type 'dynamic' changes its frequencies"):
+        describe(dynamic)

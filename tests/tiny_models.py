@@ -69,7 +69,8 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     GELU MLP), Granite (multipliers on the embeddings, residual branches and logits, softmax scale 0.2), Gemma
     (embeddings scaled by sqrt(hidden), norms 1 + weight, head_dim 16 where its default is 256), Gemma 2 (Gemma's,
     with norms before and after each sublayer, softmax scale 24 ** -0.5, attention scores and logits soft-capped at
-    1.5 and 4, close enough to bend them), Apertus (xIELU MLP,
+    1.5 and 4, close enough to bend them), Gemma 3 (Gemma 2's layer, RMSNorm on each head's q and k, a RoPE per layer
+    type: base 10 for the sliding layer, base 10^4 stretched 4x for the full one), Apertus (xIELU MLP,
     its own norm names, RMSNorm on each head's q and k), Arcee (ReLU^2 MLP without a gate), Seed-OSS (q/k/v biases)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
@@ -77,6 +78,11 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
              "gemma": dict(head_dim=16), "olmo3": dict(sliding_window=4096),
              "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
                             final_logit_softcapping=4.0, sliding_window=4096),
+             "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4096,
+                                 layer_types=["sliding_attention", "full_attention"],
+                                 rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10.0),
+                                                  "full_attention": dict(rope_type="linear", rope_theta=10000.0,
+                                                                         factor=4.0)}),
              "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True),
              "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                              logits_scaling=4.0),

@@ -65,7 +65,7 @@ def chunked_streaming_perplexity(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if n_sink < 0 or window_size < 1:
         raise ValueError(f"need n_sink >= 0 and window_size >= 1, got {n_sink}, {window_size}")
-    inv_freq = describe(model).rotary.inv_freq
+    inv_freq = describe(model).single_rotary("the chunked evaluation's re-rotation").inv_freq
     steps = input_ids.shape[1] - 1
     nlls = torch.empty(steps, dtype=torch.float64)
     cache = DynamicCache(config=model.config)

@@ -16,8 +16,9 @@ the first n_sink tokens. SortedStreamingLLMPress sorts the kept indices, the lin
 Importing kvpress wraps every function in transformers' ALL_ATTENTION_FUNCTIONS (for head-wise presses such
 as AdaKV, none of which is used here; the wrapper passes `dropout` as the 6th positional argument, which this
 package's attention functions take there, as transformers' do). This module removes those wrappers again right
-after importing kvpress, so that a comparison runs exactly the registered attention. Entering a press also sets `self_attn.rotary_emb` on each decoder layer of the model
-(a shared reference to the model's rotary embedding; it stays after exit).
+after importing kvpress, so that a comparison runs exactly the registered attention. Entering a press also sets
+`self_attn.rotary_emb` on each decoder layer of the model (a shared reference to the model's rotary embedding; it
+stays after exit).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def compare_prefill_protocol(
     if context_length <= n_sink + window_size:
         raise ValueError(f"context_length={context_length} must exceed the capacity {n_sink + window_size} to compress")
     context, continuation = input_ids[:, :context_length], input_ids[:, context_length:total]
-    inv_freq = describe(model).rotary.inv_freq
+    inv_freq = describe(model).single_rotary("the kvpress prefill comparison").inv_freq
     kept = kept_stream_positions(context_length, n_sink, window_size)
     n_kept = kept.shape[0]
 

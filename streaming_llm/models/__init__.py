@@ -26,16 +26,28 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class Architecture:
-    """What the streaming code needs to know about a loaded model."""
+    """What the streaming code needs to know about a loaded model.
+
+    layer_rotaries: each attention module's RoPE, the same object for layers that share it (every layer of most
+    models; Gemma 3 gives its sliding and its full-attention layers different frequencies). `rotary` is the first
+    layer's."""
 
     model_type: str
     rotary: RotaryParams
     attention_modules: list[nn.Module]
     max_positions: int | None
+    layer_rotaries: tuple[RotaryParams, ...] = ()
 
     @property
     def rotary_ndims(self) -> int:
         return self.rotary.rotary_ndims
+
+    def single_rotary(self, purpose: str) -> RotaryParams:
+        """The RoPE every layer shares; UnsupportedModelError naming `purpose` for a model whose layers differ."""
+        if any(rotary is not self.rotary for rotary in self.layer_rotaries):
+            raise UnsupportedModelError(f"{purpose} assumes one RoPE for every layer; this {self.model_type} model's "
+                                        "layers rotate with different frequencies")
+        return self.rotary
 
 
 @dataclass(frozen=True)
@@ -111,23 +123,46 @@ def describe(model: nn.Module) -> Architecture:
         raise TypeError(f"expected a Hugging Face causal language model (a torch module with a .config), got {type(model).__name__}")
     adapter = adapter_for(config)
     rope_parameters = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope_parameters.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(
-            f"RoPE type {rope_type!r} changes its frequencies with the sequence length, which a fixed-position "
-            f"streaming cache cannot honour; supported RoPE types: {', '.join(STATIC_ROPE_TYPES)}"
-        )
+    # one set of parameters, or one per layer type (Gemma 3: {"sliding_attention": {...}, "full_attention": {...}})
+    per_type = tuple(rope_parameters.values()) if all(isinstance(v, dict) for v in rope_parameters.values()) else ()
+    for parameters in per_type or (rope_parameters,):
+        rope_type = parameters.get("rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise ValueError(
+                f"RoPE type {rope_type!r} changes its frequencies with the sequence length, which a fixed-position "
+                f"streaming cache cannot honour; supported RoPE types: {', '.join(STATIC_ROPE_TYPES)}"
+            )
     rotary_emb = adapter.rotary_embedding(model)
-    inv_freq = rotary_emb.inv_freq.detach().float()
-    if inv_freq.numel() == 0:
-        raise ValueError(
-            f"this {model_type_name(config)} model rotates no features (rotary dimensions = 0): streaming needs "
-            "rotary position embeddings"
-        )
-    rotary = RotaryParams(inv_freq, 2 * inv_freq.shape[0], float(getattr(rotary_emb, "attention_scaling", 1.0)))
+    attention_modules = adapter.attention_modules(model)
+    layer_rotaries = _layer_rotaries(rotary_emb, attention_modules, model_type_name(config))
     return Architecture(
         model_type=config.model_type,
-        rotary=rotary,
-        attention_modules=adapter.attention_modules(model),
+        rotary=layer_rotaries[0],
+        attention_modules=attention_modules,
         max_positions=getattr(config, "max_position_embeddings", None),
+        layer_rotaries=layer_rotaries,
     )
+
+
+def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module], model_type: str) -> tuple[RotaryParams, ...]:
+    """Each attention module's RoPE: the rotary embedding's `inv_freq`, or, for a rotary embedding that keeps one set
+    per layer type (`{layer_type}_inv_freq`, Gemma 3), the set of the module's `layer_type`."""
+    made: dict[str, RotaryParams] = {}
+
+    def params(prefix: str) -> RotaryParams:
+        if prefix not in made:
+            inv_freq = getattr(rotary_emb, f"{prefix}inv_freq", None)
+            if inv_freq is None:
+                raise ValueError(f"this {model_type} model's rotary embedding has no {prefix}inv_freq: streaming "
+                                 "cannot find the frequencies its layers rotate with")
+            inv_freq = inv_freq.detach().float()
+            if inv_freq.numel() == 0:
+                raise ValueError(f"this {model_type} model rotates no features (rotary dimensions = 0): streaming "
+                                 "needs rotary position embeddings")
+            scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling", 1.0))
+            made[prefix] = RotaryParams(inv_freq, 2 * inv_freq.shape[0], scaling)
+        return made[prefix]
+
+    if hasattr(rotary_emb, "inv_freq"):
+        return (params(""),) * len(attention_modules)
+    return tuple(params(f"{getattr(module, 'layer_type', None)}_") for module in attention_modules)
