@@ -203,7 +203,8 @@ class StreamingLayer(CacheLayerMixin):
         raise NotImplementedError
 
     # -- streaming attention ----------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,
+               softcap: float | None = None) -> torch.Tensor:
         """Streaming attention of this step's queries over the kept and the new keys, then eviction.
 
         query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
@@ -257,7 +258,8 @@ class StreamingLayer(CacheLayerMixin):
             sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
             if sink_columns.numel():
                 scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
-        scores = cap_scores(scores * scaling, softcap) + self._visibility_bias(new_positions, positions, groups, scores.dtype)
+        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype)
+        scores = cap_scores(scores * scaling, softcap) + bias
         probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
         output = grouped_output(probabilities, all_values, query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions

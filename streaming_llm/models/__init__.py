@@ -144,7 +144,8 @@ def describe(model: nn.Module) -> Architecture:
     )
 
 
-def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module], model_type: str) -> tuple[RotaryParams, ...]:
+def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module],
+                    model_type: str) -> tuple[RotaryParams, ...]:
     """Each attention module's RoPE: the rotary embedding's `inv_freq`, or, for a rotary embedding that keeps one set
     per layer type (`{layer_type}_inv_freq`, Gemma 3), the set of the module's `layer_type`."""
     made: dict[str, RotaryParams] = {}
