@@ -67,6 +67,12 @@ def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tenso
     )
 
 
+def check_rotated_by_model(step: dict, rotary: RotaryParams) -> None:
+    """ValueError for a layer with a RoPE whose model passed no cos/sin to `cache.update` (keys of unknown rotation)."""
+    if step["sin"] is None and rotary.rotary_ndims:
+        raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs (RoPE models only)")
+
+
 def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """Gemma 2's attention logit soft-capping, softcap * tanh(scores / softcap); the scores as they are without."""
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
@@ -124,10 +130,9 @@ class StreamingLayer(CacheLayerMixin):
                 f"{held[2]}, {held[3]}); got {key_states.shape[1]} of size {value_states.shape[-1]}, "
                 f"{value_states.dtype}, {value_states.device}: reset it, or make a new one for this model"
             )
-        cache_kwargs = cache_kwargs or {}
-        if "cos" not in cache_kwargs or "sin" not in cache_kwargs:
-            raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs (RoPE models only)")
-        self.pending = {"keys": key_states, "values": value_states, "cos": cache_kwargs["cos"], "sin": cache_kwargs["sin"]}
+        cache_kwargs = cache_kwargs or {}  # no cos/sin: a layer that applies no RoPE (checked against its own in attend)
+        self.pending = {"keys": key_states, "values": value_states, "cos": cache_kwargs.get("cos"),
+                        "sin": cache_kwargs.get("sin")}
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -211,7 +216,8 @@ class StreamingLayer(CacheLayerMixin):
         `softcap` (Gemma 2): scaled scores pass through softcap * tanh(score / softcap) before the softmax.
         """
         step, self.pending = self.pending, None
-        if rotary.is_identity(step["sin"]):  # the model rotated at position 0 (the wrapper's choice), unscaled
+        check_rotated_by_model(step, rotary)
+        if step["sin"] is None or rotary.is_identity(step["sin"]):  # no RoPE, or position 0 (the wrapper's) unscaled
             query_raw, keys_raw = query, step["keys"]
         else:
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
@@ -405,6 +411,7 @@ class RingLayer(StreamingLayer):
     def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
         """One token: rotate q, k (one matmul each), write k/v into its slot, one SDPA over the buffer."""
         step, self.pending = self.pending, None
+        check_rotated_by_model(step, rotary)
         policy, t = self.policy, self.seen
         to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
         keys = step["keys"] @ to_window_frame
@@ -443,8 +450,8 @@ class RingLayer(StreamingLayer):
             sink_frame, window_frame = self.policy.query_frames(position, base)
             cos, sin = cos_sin(window_frame, rotary.inv_freq)
             to_window = rotation_matrix(cos[0] * rotary.attention_scaling, sin[0] * rotary.attention_scaling, head_dim)
-            model_sin = step["sin"][0, 0].float()
-            if not rotary.is_identity(model_sin):
+            model_sin = None if step["sin"] is None else step["sin"][0, 0].float()
+            if model_sin is not None and not rotary.is_identity(model_sin):
                 scale = 1.0 / rotary.attention_scaling**2
                 model_cos = step["cos"][0, 0].float()
                 to_window = rotation_matrix(model_cos * scale, -model_sin * scale, head_dim) @ to_window

@@ -66,11 +66,15 @@ def rope_of(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]
 
 
 def layer_ropes(config) -> list[tuple[torch.Tensor, float]]:
-    """rope_of each layer: one RoPE for all, or each layer's type's (config.layer_types, Gemma 3)."""
+    """rope_of each layer: one RoPE for all, or each layer's type's (config.layer_types, Gemma 3); no frequencies at
+    all for a layer without RoPE (config.no_rope_layers[i] == 0, SmolLM3)."""
     parameters = getattr(config, "rope_parameters", None) or {}
     if parameters and all(isinstance(value, dict) for value in parameters.values()):
-        return [rope_of(config, layer_type) for layer_type in config.layer_types]
-    return [rope_of(config)] * config.num_hidden_layers
+        ropes = [rope_of(config, layer_type) for layer_type in config.layer_types]
+    else:
+        ropes = [rope_of(config)] * config.num_hidden_layers
+    uses_rope = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers
+    return [rope if used else (torch.zeros(0), 1.0) for rope, used in zip(ropes, uses_rope)]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -231,8 +235,8 @@ def _apertus_layer_out(layer, x, attended):
 
 # (qkv fn, layer-output fn) of the models kept at `model.model`, Llama-style: what differs is inside their modules.
 _LLAMA_STYLE_LAYERS = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "gemma", "arcee", "seed_oss", "mixtral",
-                     "qwen2_moe", "qwen3_moe"), (_llama_layer_qkv, _llama_layer_out)),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "gemma", "smollm3", "arcee", "seed_oss",
+                     "mixtral", "qwen2_moe", "qwen3_moe"), (_llama_layer_qkv, _llama_layer_out)),
     "phi": (_phi_layer_qkv, _phi_layer_out),
     "phi3": (_phi3_layer_qkv, _llama_layer_out),
     **dict.fromkeys(("olmo2", "olmo3"), (_olmo2_layer_qkv, _olmo2_layer_out)),

@@ -6,6 +6,7 @@ generate() feeds the prompt, then one token per step; the wrapper loop below fee
 
 import copy
 
+import pytest
 import torch
 from streaming_llm import StreamingKVCache, prepare_model
 from reference import naive_streaming_logits
@@ -113,3 +114,19 @@ def test_multi_turn_generate_through_one_cache(llama_model):
     reference = naive_streaming_logits(llama_model, conversation[:-1], N_SINK, WINDOW_SIZE)
     for first, logits in turn_logits.items():
         assert max_abs_diff(logits, reference[first - 1 : first - 1 + new_tokens]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "smollm3"])
+def test_generate_with_per_layer_rope_and_soft_capping(model_type):
+    """model.generate rotates q and k at the stream positions, which the cache undoes: Gemma 3 with a RoPE per layer
+    type, SmolLM3, which passes no cos/sin to the cache (taken from the position ids) and has a layer without RoPE,
+    Gemma 2's soft-capped scores; far past the capacity, each equals the naive reference."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family(model_type)
+    prompt = random_ids(10, seed=41)[None]
+    sequences, logits, recorder = greedy_generate(prepare_model(copy.deepcopy(model)),
+                                                  StreamingKVCache(n_sink=N_SINK, window_size=WINDOW_SIZE), prompt, 110)
+    check_recorded_lengths(recorder)
+    reference = naive_streaming_logits(model, sequences[0, :-1], N_SINK, WINDOW_SIZE)
+    assert max_abs_diff(logits, reference[9:]) <= TOLERANCE

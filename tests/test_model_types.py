@@ -172,3 +172,13 @@ def test_gemma3_layers_keep_their_own_rope_everywhere_a_rope_is_used():
         "full_attention": dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0)})
     with pytest.raises(ValueError, match="RoPE type 'dynamic' changes its frequencies"):
         describe(dynamic)
+
+
+def test_smollm3_layers_without_rope_stream_and_a_model_without_any_is_refused():
+    """SmolLM3's layers with use_rope = 0 rotate nothing: their RoPE is NO_ROPE (tested against the dense model and
+    the reference above); a model whose every layer is so has no positions for a streaming cache to give."""
+    from streaming_llm.models import NO_ROPE, describe
+
+    assert describe(build_llama_family("smollm3")).layer_rotaries[1] is NO_ROPE
+    with pytest.raises(ValueError, match="this smollm3 model rotates no features in any layer"):
+        describe(build_llama_family("smollm3", no_rope_layers=[0, 0]))

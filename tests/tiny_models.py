@@ -70,12 +70,13 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     (embeddings scaled by sqrt(hidden), norms 1 + weight, head_dim 16 where its default is 256), Gemma 2 (Gemma's,
     with norms before and after each sublayer, softmax scale 24 ** -0.5, attention scores and logits soft-capped at
     1.5 and 4, close enough to bend them), Gemma 3 (Gemma 2's layer, RMSNorm on each head's q and k, a RoPE per layer
-    type: base 10 for the sliding layer, base 10^4 stretched 4x for the full one), Apertus (xIELU MLP,
+    type: base 10 for the sliding layer, base 10^4 stretched 4x for the full one), SmolLM3 (its second layer without
+    RoPE), Apertus (xIELU MLP,
     its own norm names, RMSNorm on each head's q and k), Arcee (ReLU^2 MLP without a gate), Seed-OSS (q/k/v biases)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
-             "gemma": dict(head_dim=16), "olmo3": dict(sliding_window=4096),
+             "gemma": dict(head_dim=16), "olmo3": dict(sliding_window=4096), "smollm3": dict(no_rope_layers=[1, 0]),
              "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
                             final_logit_softcapping=4.0, sliding_window=4096),
              "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4096,

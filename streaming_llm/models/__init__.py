@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from streaming_llm.models import gpt_neox, llama
@@ -18,6 +19,10 @@ ADAPTERS: tuple[ModuleType, ...] = (llama, gpt_neox)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.MODEL_TYPES)
 # RoPE variants whose frequencies do not depend on the sequence length seen so far.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+# The RoPE of a layer that applies none (SmolLM3's NoPE layers): no rotated features, every rotation the identity.
+NO_ROPE = RotaryParams(torch.zeros(0), 0)
 
 
 class UnsupportedModelError(ValueError):
@@ -147,8 +152,13 @@ def describe(model: nn.Module) -> Architecture:
 def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module],
                     model_type: str) -> tuple[RotaryParams, ...]:
     """Each attention module's RoPE: the rotary embedding's `inv_freq`, or, for a rotary embedding that keeps one set
-    per layer type (`{layer_type}_inv_freq`, Gemma 3), the set of the module's `layer_type`."""
+    per layer type (`{layer_type}_inv_freq`, Gemma 3), the set of the module's `layer_type`. A module whose `use_rope`
+    is false (SmolLM3's every fourth layer) rotates nothing: its RoPE is NO_ROPE, the identity at every position."""
     made: dict[str, RotaryParams] = {}
+    rotated = [bool(getattr(module, "use_rope", True)) for module in attention_modules]
+    if not any(rotated):
+        raise ValueError(f"this {model_type} model rotates no features in any layer: streaming needs rotary "
+                         "position embeddings")
 
     def params(prefix: str) -> RotaryParams:
         if prefix not in made:
@@ -165,5 +175,7 @@ def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module],
         return made[prefix]
 
     if hasattr(rotary_emb, "inv_freq"):
-        return (params(""),) * len(attention_modules)
-    return tuple(params(f"{getattr(module, 'layer_type', None)}_") for module in attention_modules)
+        rotaries = (params(""),) * len(attention_modules)
+    else:
+        rotaries = tuple(params(f"{getattr(module, 'layer_type', None)}_") for module in attention_modules)
+    return tuple(rotary if uses_rope else NO_ROPE for rotary, uses_rope in zip(rotaries, rotated))
