@@ -94,20 +94,21 @@ def streaming_attention_forward(
     cache.rotary = cache.layers[layer_idx].rotary = rotary
     pending = cache.layers[layer_idx].pending
     if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
-        pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"))
+        pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
     scaling = module.scaling if scaling is None else scaling
     output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None
 
 
-def _model_rotation(rotary, position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _model_rotation(rotary, position_ids: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The cos/sin [batch, n, rotary_ndims] the model rotated this step's q and k with, from its position ids: its RoPE
-    is `rotary` (a static type: the angles are the positions times inv_freq, scaled by attention_scaling)."""
+    is `rotary` (a static type: the angles are the positions times inv_freq, scaled by attention_scaling), in the
+    dtype of q and k, as the model's rotary embedding returns them."""
     if position_ids is None:
         raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs, or the position ids in the "
                          "attention's arguments (RoPE models only)")
     cos, sin = cos_sin(position_ids, rotary.inv_freq.to(position_ids.device))
-    return cos * rotary.attention_scaling, sin * rotary.attention_scaling
+    return (cos * rotary.attention_scaling).to(dtype), (sin * rotary.attention_scaling).to(dtype)
 
 
 def _refuse_masked_step(seen: int, position_ids: torch.Tensor | None) -> None:
