@@ -45,6 +45,11 @@ def expect_streaming_mask(cache_position: torch.Tensor) -> None:
     _handoff.mask_position = cache_position
 
 
+def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping, softcap * tanh(scores / softcap); the scores as they are without."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """A prepared model run without a StreamingKVCache: transformers' SDPA attention, or, for Gemma 2's logit
     soft-capping (which SDPA does not apply), the same softmax written out as the model's eager attention does."""
@@ -59,8 +64,8 @@ def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             ~attention_mask, float("-inf"))
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.tanh(query @ key.transpose(-1, -2) * (module.scaling if scaling is None else scaling) / softcap)
-    weights = torch.softmax((scores * softcap + attention_mask[..., :m]).float(), dim=-1).to(value.dtype)
+    scores = cap_scores(query @ key.transpose(-1, -2) * (module.scaling if scaling is None else scaling), softcap)
+    weights = torch.softmax((scores + attention_mask[..., :m]).float(), dim=-1).to(value.dtype)
     return (weights @ value).transpose(1, 2).contiguous(), None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import expect_streaming_attention, expect_streaming_mask
+from streaming_llm.attention import cap_scores, expect_streaming_attention, expect_streaming_mask
 from streaming_llm.checks import check_int
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible
@@ -65,17 +65,6 @@ def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tenso
         and int(new_positions[0]) >= policy.n_sink
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
-
-
-def check_rotated_by_model(step: dict, rotary: RotaryParams) -> None:
-    """ValueError for a layer with a RoPE whose model passed no cos/sin to `cache.update` (keys of unknown rotation)."""
-    if step["sin"] is None and rotary.rotary_ndims:
-        raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs (RoPE models only)")
-
-
-def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Gemma 2's attention logit soft-capping, softcap * tanh(scores / softcap); the scores as they are without."""
-    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def grouped_scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -130,7 +119,7 @@ class StreamingLayer(CacheLayerMixin):
                 f"{held[2]}, {held[3]}); got {key_states.shape[1]} of size {value_states.shape[-1]}, "
                 f"{value_states.dtype}, {value_states.device}: reset it, or make a new one for this model"
             )
-        cache_kwargs = cache_kwargs or {}  # no cos/sin: a layer that applies no RoPE (checked against its own in attend)
+        cache_kwargs = cache_kwargs or {}  # no cos/sin: no RoPE here, or the attention function rebuilds them
         self.pending = {"keys": key_states, "values": value_states, "cos": cache_kwargs.get("cos"),
                         "sin": cache_kwargs.get("sin")}
         return key_states, value_states
@@ -216,7 +205,6 @@ class StreamingLayer(CacheLayerMixin):
         `softcap` (Gemma 2): scaled scores pass through softcap * tanh(score / softcap) before the softmax.
         """
         step, self.pending = self.pending, None
-        check_rotated_by_model(step, rotary)
         if step["sin"] is None or rotary.is_identity(step["sin"]):  # no RoPE, or position 0 (the wrapper's) unscaled
             query_raw, keys_raw = query, step["keys"]
         else:
@@ -411,7 +399,6 @@ class RingLayer(StreamingLayer):
     def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
         """One token: rotate q, k (one matmul each), write k/v into its slot, one SDPA over the buffer."""
         step, self.pending = self.pending, None
-        check_rotated_by_model(step, rotary)
         policy, t = self.policy, self.seen
         to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
         keys = step["keys"] @ to_window_frame

@@ -30,8 +30,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.cache import (StreamingKVCache, cap_scores, grouped_output, grouped_scores,
-                                 written_outside_inference_mode)
+from streaming_llm.attention import cap_scores
+from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores, written_outside_inference_mode
 from streaming_llm.models import attention_shape, is_mixture_of_experts
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -234,6 +234,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.device = next(model.parameters()).device
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
+        # The RoPEs the layers use (one for most models), each rotating the sinks once per step in _static_step.
+        self._distinct_rotaries = {id(rotary): rotary for rotary in self.architecture.layer_rotaries}
         compiled = compiles_step(compile, self.device.type, model.config)
         # How a one-token step runs: "cuda_graph" (compiled, captured in our own CUDA graph: one replay per step,
         # no guard evaluation), "cuda_graph_trees" (torch.compile's reduce-overhead graphs, the fallback),
@@ -411,8 +413,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # The sinks' offset (window frame - sink frame), once per step and RoPE for every layer's _rotate_sinks.
         sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
         offset = (window_position - sink_position).reshape(1)
-        distinct = {id(rotary): rotary for rotary in self.architecture.layer_rotaries}  # one for most models
-        self._sink_angles = {key: cos_sin(offset, rotary.inv_freq) for key, rotary in distinct.items()}
+        self._sink_angles = {key: cos_sin(offset, rotary.inv_freq) for key, rotary in self._distinct_rotaries.items()}
         batch = token_ids.shape[0]
         output = self.model(
             input_ids=token_ids,

@@ -38,10 +38,13 @@ class Architecture:
     layer's."""
 
     model_type: str
-    rotary: RotaryParams
+    layer_rotaries: tuple[RotaryParams, ...]
     attention_modules: list[nn.Module]
     max_positions: int | None
-    layer_rotaries: tuple[RotaryParams, ...] = ()
+
+    @property
+    def rotary(self) -> RotaryParams:
+        return self.layer_rotaries[0]
 
     @property
     def rotary_ndims(self) -> int:
@@ -139,13 +142,11 @@ def describe(model: nn.Module) -> Architecture:
             )
     rotary_emb = adapter.rotary_embedding(model)
     attention_modules = adapter.attention_modules(model)
-    layer_rotaries = _layer_rotaries(rotary_emb, attention_modules, model_type_name(config))
     return Architecture(
         model_type=config.model_type,
-        rotary=layer_rotaries[0],
+        layer_rotaries=_layer_rotaries(rotary_emb, attention_modules, model_type_name(config)),
         attention_modules=attention_modules,
         max_positions=getattr(config, "max_position_embeddings", None),
-        layer_rotaries=layer_rotaries,
     )
 
 
