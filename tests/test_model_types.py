@@ -182,3 +182,27 @@ def test_smollm3_layers_without_rope_stream_and_a_model_without_any_is_refused()
     assert describe(build_llama_family("smollm3")).layer_rotaries[1] is NO_ROPE
     with pytest.raises(ValueError, match="this smollm3 model rotates no features in any layer"):
         describe(build_llama_family("smollm3", no_rope_layers=[0, 0]))
+
+
+def test_cos_sin_rebuilt_from_position_ids_are_the_models_and_a_rope_layer_without_either_is_refused():
+    """SmolLM3 passes no cos/sin to cache.update: the attention function rebuilds them from the position ids, and they
+    are exactly what the model's rotary embedding gives (YaRN's attention factor included); a RoPE layer whose model
+    passes neither is refused, not streamed with keys of unknown rotation."""
+    from tiny_models import build_llama
+
+    from streaming_llm import StreamingKVCache, prepare_model
+    from streaming_llm.attention import _model_rotation, streaming_attention_forward
+
+    model = prepare_model(build_llama("yarn"))
+    rotary = model.model.layers[0].self_attn.streaming_rotary
+    positions = torch.tensor([[0, 5, 200]])
+    want_cos, want_sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    got_cos, got_sin = _model_rotation(rotary, positions, torch.float32)
+    torch.testing.assert_close(got_cos, want_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_sin, want_sin, rtol=0, atol=1e-6)
+    attention = model.model.layers[0].self_attn
+    keys = torch.randn(1, 2, 1, 16)
+    cache = StreamingKVCache(2, 8)
+    cache.update(keys, keys, 0, {})
+    with pytest.raises(ValueError, match="needs the rotary cos/sin in cache_kwargs, or the position ids"):
+        streaming_attention_forward(attention, torch.randn(1, 4, 1, 16), keys, keys, None)
