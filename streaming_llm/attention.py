@@ -98,6 +98,10 @@ def streaming_attention_forward(
     check_capacity(module.config, cache.cache_capacity)
     cache.rotary = cache.layers[layer_idx].rotary = rotary
     pending = cache.layers[layer_idx].pending
+    if rotary.interleaved:  # q, k and the model's angles in rotate-half order (the same permutation: q·k unchanged)
+        query, pending["keys"] = rotary.to_half_layout(query), rotary.to_half_layout(pending["keys"])
+        if pending["sin"] is not None:
+            pending["cos"], pending["sin"] = rotary.model_angles(pending["cos"]), rotary.model_angles(pending["sin"])
     if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
         pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
     scaling = module.scaling if scaling is None else scaling

@@ -553,7 +553,8 @@ class StreamingKVCache(Cache):
         return self.layers[layer_idx].get_cache_length()
 
     def compress(self, layer_idx: int = 0, rotary: RotaryParams | None = None):
-        """The kept sink + recent (keys, values) of one layer, in stream order, keys at their cache slots.
+        """The kept sink + recent (keys, values) of one layer, in stream order, keys at their cache slots (in the
+        model's own feature order: interleaved rotary pairs as the model rotates them).
 
         Shapes [batch, kv_heads, held, head_dim]; `rotary` defaults to the one the layer's last step used.
         """
@@ -562,7 +563,8 @@ class StreamingKVCache(Cache):
         rotary = rotary or self.layers[layer_idx].rotary or self.rotary
         if rotary is None:
             raise ValueError("compress needs the model's rotary parameters: pass rotary= (describe(model).rotary)")
-        return self.layers[layer_idx].compress(rotary)[:2]
+        keys, values, _ = self.layers[layer_idx].compress(rotary)
+        return rotary.to_model_layout(keys), values
 
     def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
         """Stream positions of the held tokens, in stream order."""

@@ -106,6 +106,7 @@ def static_streaming_attention_forward(
     if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
         raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
                            "the static decode step cannot run it (use StreamingLLMWrapper)")
+    query = module.streaming_rotary.to_half_layout(query)  # as the buffer's keys (StaticStepLayer.update)
     output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None
 
@@ -120,9 +121,11 @@ class StaticStepLayer(CacheLayerMixin):
 
     is_compileable = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor, rotate_sinks):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor, rotary: RotaryParams,
+                 rotate_sinks):
         super().__init__()
         self.keys, self.values, self.sink_keys, self.rotate_sinks = keys, values, sink_keys, rotate_sinks
+        self.to_half_layout = rotary.to_half_layout  # buffers hold keys in rotate-half order, as the general path's
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states):  # the buffers exist from the start
@@ -130,6 +133,7 @@ class StaticStepLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, cache_kwargs=None):
         slot = slots = cache_kwargs["cache_position"]
+        key_states = self.to_half_layout(key_states)
         n_sink = self.sink_keys.shape[-2]
         if n_sink:
             # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks
@@ -154,9 +158,10 @@ class StaticStepCache(Cache):
     """The `Cache` the compiled step hands the model: the per-layer buffers the general path also uses."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor],
-                 rotate_sinks: list):
-        """rotate_sinks: one function per layer (the layer's RoPE)."""
-        super().__init__(layers=[StaticStepLayer(*tensors) for tensors in zip(keys, values, sink_keys, rotate_sinks)])
+                 rotaries: list[RotaryParams], rotate_sinks: list):
+        """rotaries: each layer's RoPE; rotate_sinks: one function per layer (rotating with that RoPE)."""
+        super().__init__(layers=[StaticStepLayer(*tensors) for tensors in zip(keys, values, sink_keys, rotaries,
+                                                                               rotate_sinks)])
 
     @property
     def is_compileable(self) -> bool:
@@ -282,7 +287,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
             torch._dynamo.mark_static_address(tensor)
         rotate_sinks = [functools.partial(self._rotate_sinks, rotary) for rotary in self.architecture.layer_rotaries]
-        self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, rotate_sinks)
+        self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self.architecture.layer_rotaries,
+                                            rotate_sinks)
         if hasattr(self, "_compiled"):
             self._compiled.clear()  # new addresses: the graphs are traced again
 

@@ -1,8 +1,10 @@
 """Rotary position embedding (RoPE) math: rotate, un-rotate and re-rotate keys and queries.
 
-Convention: the `rotate_half` form used by Llama and GPTNeoX in transformers. Only the first
-`rotary_ndims` features of each head are rotated (partial rotary, GPTNeoX `rotary_pct`); the
-rest pass through unchanged in every function here.
+Convention: the `rotate_half` form used by Llama and GPTNeoX in transformers, which pairs feature i with
+i + rotary_ndims / 2. Only the first `rotary_ndims` features of each head are rotated (partial rotary, GPTNeoX
+`rotary_pct`); the rest pass through unchanged in every function here. Models that pair features (2i, 2i + 1)
+instead (Cohere, GLM, ERNIE 4.5: "interleaved") are brought to this form by a permutation of the features, applied
+to queries and keys alike, which leaves every score q·k unchanged (`RotaryParams.to_half_layout`).
 """
 
 from __future__ import annotations
@@ -77,12 +79,39 @@ class RotaryParams:
     """What the cache needs to rotate keys and queries at positions of its choosing.
 
     inv_freq: [rotary_ndims // 2] float32 frequencies; rotary_ndims: rotated features per head;
-    attention_scaling: the factor some RoPE variants fold into cos/sin (1.0 for the default type).
+    attention_scaling: the factor some RoPE variants fold into cos/sin (1.0 for the default type);
+    interleaved: the model rotates pairs (2i, 2i + 1), not (i, i + rotary_ndims / 2); interleaved_angles: its cos/sin
+    come in that pair order too (Cohere), not as transformers' usual [angles, angles] (GLM, ERNIE 4.5, Helium, which
+    interleave the first half inside their rotation).
     """
 
     inv_freq: torch.Tensor
     rotary_ndims: int
     attention_scaling: float = 1.0
+    interleaved: bool = False
+    interleaved_angles: bool = False
+
+    def to_half_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., head_dim] (queries or keys as the model rotated them) with an interleaved model's rotated features
+        reordered [0, 2, 4, ..., 1, 3, 5, ...], so that each rotated pair sits at (i, i + rotary_ndims / 2) as every
+        function here expects; x itself for a rotate-half model."""
+        if not self.interleaved:
+            return x
+        return _reorder(x, self.rotary_ndims, (self.rotary_ndims // 2, 2))
+
+    def to_model_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_half_layout`."""
+        if not self.interleaved:
+            return x
+        return _reorder(x, self.rotary_ndims, (2, self.rotary_ndims // 2))
+
+    def model_angles(self, angles: torch.Tensor) -> torch.Tensor:
+        """The model's cos or sin [..., rotary_ndims] in this module's [angles, angles] form."""
+        return _reorder(angles, angles.shape[-1], (angles.shape[-1] // 2, 2)) if self.interleaved_angles else angles
+
+    def rerotate(self, keys: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
+        """`rerotate_keys` for keys [..., seq, head_dim] in the model's own layout, returned in it."""
+        return self.to_model_layout(rerotate_keys(self.to_half_layout(keys), delta, self.inv_freq))
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [..., seq, head_dim] rotated at `positions` [seq] (or broadcastable [..., seq])."""
@@ -90,9 +119,10 @@ class RotaryParams:
         return apply_rotation(x, cos * self.attention_scaling, sin * self.attention_scaling)
 
     def is_identity(self, sin: torch.Tensor) -> bool:
-        """Whether the model's rotation with these angles left x unchanged: position 0 (sin 0) and no
-        `attention_scaling` (at position 0 the model's cos is attention_scaling, so YaRN still scales q and k)."""
-        return self.attention_scaling == 1.0 and not bool(sin.any())
+        """Whether the model's rotation with these angles left x unchanged: a layer without RoPE (whatever angles its
+        model passes), or position 0 (sin 0) and no `attention_scaling` (at position 0 the model's cos is
+        attention_scaling, so YaRN still scales q and k)."""
+        return self.rotary_ndims == 0 or (self.attention_scaling == 1.0 and not bool(sin.any()))
 
     def unrotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Recover pre-RoPE features from x rotated by the model with (cos, sin) [batch, seq, rotary_ndims].
@@ -102,6 +132,12 @@ class RotaryParams:
         """
         inverse_scale = 1.0 / (self.attention_scaling**2)
         return undo_rotation(x, cos[:, None] * inverse_scale, sin[:, None] * inverse_scale)
+
+
+def _reorder(x: torch.Tensor, ndims: int, pairs: tuple[int, int]) -> torch.Tensor:
+    """The first `ndims` features of x viewed as `pairs` and transposed (interleaved <-> half layout); the rest kept."""
+    reordered = x[..., :ndims].unflatten(-1, pairs).transpose(-1, -2).flatten(-2)
+    return reordered if ndims == x.shape[-1] else torch.cat((reordered, x[..., ndims:]), dim=-1)
 
 
 def rotation_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -67,13 +67,17 @@ def rope_of(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]
 
 def layer_ropes(config) -> list[tuple[torch.Tensor, float]]:
     """rope_of each layer: one RoPE for all, or each layer's type's (config.layer_types, Gemma 3); no frequencies at
-    all for a layer without RoPE (config.no_rope_layers[i] == 0, SmolLM3)."""
+    all for a layer without RoPE (config.no_rope_layers[i] == 0, SmolLM3; EXAONE 4's and Cohere 2's full-attention
+    layers)."""
     parameters = getattr(config, "rope_parameters", None) or {}
     if parameters and all(isinstance(value, dict) for value in parameters.values()):
         ropes = [rope_of(config, layer_type) for layer_type in config.layer_types]
     else:
         ropes = [rope_of(config)] * config.num_hidden_layers
     uses_rope = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers
+    if (config.model_type == "exaone4" and config.sliding_window) or config.model_type == "cohere2":
+        # hybrid EXAONE 4 and Cohere 2: their full-attention layers are NoPE
+        uses_rope = [layer_type == "sliding_attention" for layer_type in config.layer_types]
     return [rope if used else (torch.zeros(0), 1.0) for rope, used in zip(ropes, uses_rope)]
 
 
@@ -82,15 +86,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+# Models that turn features (2i, 2i + 1) together, where Llama turns (i, i + rotary_ndims / 2).
+INTERLEAVED_ROPE_TYPES = ("cohere", "cohere2", "glm", "glm4", "helium", "ernie4_5", "ernie4_5_moe")
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """[x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]: each adjacent pair turned by 90 degrees."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0,
+         interleaved: bool = False) -> torch.Tensor:
     """x [..., seq, head_dim] rotated at integer `positions` [seq]; only the first 2*len(inv_freq) features turn.
-    `scaling` multiplies cos and sin (YaRN's attention factor), as transformers' RoPE does."""
+    `scaling` multiplies cos and sin (YaRN's attention factor), as transformers' RoPE does. Frequency i turns
+    features (i, i + rotary_ndims / 2), or (2i, 2i + 1) when `interleaved`."""
     rotary_ndims = 2 * inv_freq.shape[-1]
     angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]  # [seq, rotary_ndims/2]
-    emb = torch.cat((angles, angles), dim=-1)  # [seq, rotary_ndims]
+    if interleaved:
+        emb = angles.repeat_interleave(2, dim=-1)  # [seq, rotary_ndims]: a0 a0 a1 a1 ...
+    else:
+        emb = torch.cat((angles, angles), dim=-1)  # [seq, rotary_ndims]: a0 a1 ... a0 a1 ...
     cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
     x_rot, x_pass = x[..., :rotary_ndims], x[..., rotary_ndims:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    turned = rotate_pairs(x_rot) if interleaved else rotate_half(x_rot)
+    return torch.cat((x_rot * cos + turned * sin, x_pass), dim=-1)
 
 
 # --- which keys a token sees, and where ----------------------------------------------------------------------
@@ -118,11 +137,12 @@ def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Te
 
 
 def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0, softmax_scale=None,
-            softcap=None):
+            softcap=None, interleaved=False):
     """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw)."""
     n_kv_heads, head_dim = keys.shape[1], keys.shape[2]
-    query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq, scaling)[:, 0, :]  # [n_heads, head_dim]
-    keys = rope(keys.transpose(0, 1), key_positions, inv_freq, scaling)  # [n_kv_heads, n_keys, head_dim]
+    query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq, scaling,
+                 interleaved)[:, 0, :]  # [n_heads, head_dim]
+    keys = rope(keys.transpose(0, 1), key_positions, inv_freq, scaling, interleaved)  # [n_kv_heads, n_keys, head_dim]
     values = values.transpose(0, 1)  # [n_kv_heads, n_keys, head_dim]
     group = n_heads // n_kv_heads  # query head h reads kv head h // group (GQA)
     outputs = []
@@ -203,6 +223,43 @@ def _olmo2_layer_out(layer, x, attended):
     return x + layer.post_feedforward_layernorm(layer.mlp(x))
 
 
+def _olmoe_layer_qkv(layer, x, config):
+    """Llama's norm before attention, then OLMo-2's RMSNorm over the whole q and k projections, then OLMo's clip."""
+    n_heads, n_kv_heads, head_dim = _heads(config)
+    h, attn = layer.input_layernorm(x), layer.self_attn
+    query, key, value = attn.q_norm(attn.q_proj(h)), attn.k_norm(attn.k_proj(h)), attn.v_proj(h)
+    clip = config.clip_qkv
+    if clip is not None:
+        query, key, value = (tensor.clamp(-clip, clip) for tensor in (query, key, value))
+    return query.view(n_heads, head_dim), key.view(n_kv_heads, head_dim), value.view(n_kv_heads, head_dim)
+
+
+def _exaone4_layer_qkv(layer, x, config):
+    """No norm before attention; RMSNorm over each head's q and k."""
+    n_heads, n_kv_heads, head_dim = _heads(config)
+    attn = layer.self_attn
+    query = attn.q_norm(attn.q_proj(x).view(n_heads, head_dim))
+    key = attn.k_norm(attn.k_proj(x).view(n_kv_heads, head_dim))
+    return query, key, attn.v_proj(x).view(n_kv_heads, head_dim)
+
+
+def _bitnet_layer_out(layer, x, attended):
+    """Llama's, with an RMSNorm on the attention output before o_proj."""
+    x = x + layer.self_attn.o_proj(layer.self_attn.attn_sub_norm(attended))
+    return x + _mlp(layer, layer.post_attention_layernorm(x))
+
+
+def _cohere_layer_out(layer, x, attended):
+    """Attention and MLP side by side on the same normed input (parallel residual)."""
+    return x + layer.self_attn.o_proj(attended) + layer.mlp(layer.input_layernorm(x))
+
+
+def _glm4_layer_out(layer, x, attended):
+    """Llama's, with a norm after each sublayer too, inside the residual."""
+    x = x + layer.post_self_attn_layernorm(layer.self_attn.o_proj(attended))
+    return x + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(x)))
+
+
 def _neox_layer_qkv(layer, x, config):
     n_heads = config.num_attention_heads
     head_dim = config.hidden_size // n_heads
@@ -236,10 +293,15 @@ def _apertus_layer_out(layer, x, attended):
 # (qkv fn, layer-output fn) of the models kept at `model.model`, Llama-style: what differs is inside their modules.
 _LLAMA_STYLE_LAYERS = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "gemma", "smollm3", "arcee", "seed_oss",
-                     "mixtral", "qwen2_moe", "qwen3_moe"), (_llama_layer_qkv, _llama_layer_out)),
+                     "mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "glm4_moe", "glm", "helium", "ernie4_5",
+                     "ernie4_5_moe"), (_llama_layer_qkv, _llama_layer_out)),
+    "glm4": (_llama_layer_qkv, _glm4_layer_out),
     "phi": (_phi_layer_qkv, _phi_layer_out),
     "phi3": (_phi3_layer_qkv, _llama_layer_out),
     **dict.fromkeys(("olmo2", "olmo3"), (_olmo2_layer_qkv, _olmo2_layer_out)),
+    "olmoe": (_olmoe_layer_qkv, _llama_layer_out),
+    "exaone4": (_exaone4_layer_qkv, _olmo2_layer_out),
+    "bitnet": (_llama_layer_qkv, _bitnet_layer_out),
     "apertus": (_apertus_layer_qkv, _apertus_layer_out),
 }
 
@@ -260,11 +322,18 @@ def _parts(model):
         body = model.gpt_neox
         return body.embed_in, body.layers, body.final_layer_norm, model.embed_out, _neox_layer_qkv, _neox_layer_out
     body = model.model
-    if model_type == "granite":  # Llama's layer with multipliers on the embeddings, each residual branch, the logits
+    if model_type in ("granite", "granitemoe", "granitemoeshared"):  # Llama's layer with multipliers on the
+        # embeddings, each residual branch, the logits; the MoE ones' experts (and shared expert) for its MLP
+
+        def feed_forward(layer, h):
+            if not hasattr(layer, "block_sparse_moe"):
+                return layer.mlp(h)
+            out = layer.block_sparse_moe(h[None, None])[0, 0]
+            return out if getattr(layer, "shared_mlp", None) is None else out + layer.shared_mlp(h)
 
         def granite_layer_out(layer, x, attended):
             x = x + layer.self_attn.o_proj(attended) * config.residual_multiplier
-            return x + layer.mlp(layer.post_attention_layernorm(x)) * config.residual_multiplier
+            return x + feed_forward(layer, layer.post_attention_layernorm(x)) * config.residual_multiplier
 
         return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
             (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
@@ -287,6 +356,9 @@ def _parts(model):
             return logits if cap is None else cap * torch.tanh(logits / cap)
 
         return embed, body.layers, body.norm, output, _llama_layer_qkv, gemma2_layer_out
+    if model_type in ("cohere", "cohere2"):  # the logits scaled
+        return body.embed_tokens, body.layers, body.norm, (lambda hidden: model.lm_head(hidden) * config.logit_scale), \
+            _llama_layer_qkv, _cohere_layer_out
     if model_type not in _LLAMA_STYLE_LAYERS:
         raise NotImplementedError(f"reference has no adapter for {model_type!r}")
     final_norm = body.final_layernorm if model_type == "phi" else body.norm
@@ -326,7 +398,8 @@ def naive_streaming_logits(
             values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
             inv_freq, rope_scaling = ropes[layer_idx]
             attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling,
-                               softmax_scale(config), getattr(config, "attn_logit_softcapping", None))
+                               softmax_scale(config), getattr(config, "attn_logit_softcapping", None),
+                               config.model_type in INTERLEAVED_ROPE_TYPES)
             x = layer_out(layer, x, attended)
         logits.append(output(final_norm(x)))
     return torch.stack(logits)

@@ -27,6 +27,18 @@ def test_chunk_of_one_token_is_the_decode_loop(model):
     assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] <= TOLERANCE
 
 
+@pytest.mark.parametrize("model_type", ["glm", "cohere"])
+def test_chunked_re_rotation_keeps_an_interleaved_model_s_feature_order(model_type):
+    """The chunked baseline re-rotates keys in the model's own cache: for interleaved rotary (GLM: partial, Cohere),
+    in the model's pair order, so that a chunk of one token is still the decode loop."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family(model_type)
+    ids = random_ids(36, seed=8)[None]
+    chunked = chunked_streaming_perplexity(model, ids, n_sink=2, window_size=7, chunk_size=1).nlls
+    assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] <= TOLERANCE
+
+
 def test_larger_chunks_see_more_than_the_decode_loop(model):
     """Before the first cut (the first chunk) chunked equals dense; after it, it differs from the decode loop."""
     ids = random_ids(36, seed=9)[None]

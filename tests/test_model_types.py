@@ -184,6 +184,51 @@ def test_smollm3_layers_without_rope_stream_and_a_model_without_any_is_refused()
         describe(build_llama_family("smollm3", no_rope_layers=[0, 0]))
 
 
+def test_exaone4_full_attention_layers_without_rope_ignore_any_angles_passed_to_them(monkeypatch):
+    """Hybrid EXAONE 4 (a sliding window) rotates only in its sliding layers: its full-attention layer gets NO_ROPE, and
+    without a sliding window every layer rotates. A NoPE layer whose model passes cos/sin anyway (EXAONE 4 passes
+    none) leaves its keys as they are: the same logits with arbitrary angles given to it."""
+    from streaming_llm import StreamingKVCache
+    from streaming_llm.models import NO_ROPE, describe
+
+    model = build_llama_family("exaone4")
+    assert [rotary is NO_ROPE for rotary in describe(model).layer_rotaries] == [False, True]
+    assert all(rotary is not NO_ROPE for rotary in describe(build_llama_family("exaone4", sliding_window=None))
+               .layer_rotaries)
+    input_ids = random_ids(LENGTH, seed=13)
+    expected = feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids, block_sizes_covering(LENGTH, [5, 1]))
+    update = StreamingKVCache.update
+
+    def update_with_angles_for_the_nope_layer(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx == 1:
+            angles = torch.rand(key_states.shape[0], key_states.shape[2], key_states.shape[3]) * 6
+            cache_kwargs = {**(cache_kwargs or {}), "cos": angles.cos(), "sin": angles.sin()}
+        return update(self, key_states, value_states, layer_idx, cache_kwargs)
+
+    monkeypatch.setattr(StreamingKVCache, "update", update_with_angles_for_the_nope_layer)
+    streamed = feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids, block_sizes_covering(LENGTH, [5, 1]))
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere", "glm"])
+def test_compress_gives_keys_in_the_models_own_feature_order(model_type):
+    """compress() hands out keys at their cache slots as the model itself would hold them there: before any eviction,
+    the keys of the model's own DynamicCache, interleaved rotary pairs included (the cache keeps them in rotate-half
+    order inside)."""
+    from transformers import DynamicCache
+
+    model = build_llama_family(model_type)
+    input_ids = random_ids(20, seed=14)
+    wrapper = make_wrapper(model, N_SINK, 30)
+    feed_stream(wrapper, input_ids, [7, 13])
+    dense_cache = DynamicCache(config=model.config)
+    model(input_ids[None], past_key_values=dense_cache, use_cache=True)
+    for layer_idx in range(model.config.num_hidden_layers):
+        keys, values = wrapper.cache.compress(layer_idx)
+        assert max_abs_diff(keys, dense_cache.layers[layer_idx].keys) <= TOLERANCE
+        assert max_abs_diff(values, dense_cache.layers[layer_idx].values) <= TOLERANCE
+
+
 def test_cos_sin_rebuilt_from_position_ids_are_the_models_and_a_rope_layer_without_either_is_refused():
     """SmolLM3 passes no cos/sin to cache.update: the attention function rebuilds them from the position ids, and they
     are exactly what the model's rotary embedding gives (YaRN's attention factor included); a RoPE layer whose model

@@ -4,6 +4,8 @@ Property (SEMANTICS §2, rerotate mode): rerotate_keys(rope(k, p), q - p) == rop
 naive reference. fp32, max |Δ| <= 1e-5 at the positions a cache meets (a few hundred at most).
 """
 
+import importlib
+
 import pytest
 import torch
 from reference import rope
@@ -81,3 +83,34 @@ def test_rerotation_composes():
     for _ in range(50):
         moved = rerotate_keys(moved, -1, frequencies, rotary_ndims=4)
     assert max_abs_diff(moved, rope(keys, positions - 50, frequencies)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "glm"])
+def test_interleaved_rotary_is_rotate_half_after_one_permutation(model_type):
+    """An interleaved model's keys (Cohere: full, angles interleaved; GLM: half of each head, angles as [a, a]), as
+    its own RoPE rotates them: re-rotated in the model's order they land where the model puts them; in rotate-half
+    order with the model's angles brought to that order they are undone exactly; queries and keys permuted alike keep
+    every score."""
+    from tiny_models import build_llama_family
+
+    from streaming_llm.models import describe
+
+    model = build_llama_family(model_type)
+    rotary = describe(model).rotary
+    assert rotary.interleaved and rotary.interleaved_angles == (model_type == "cohere")
+    apply = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE
+    raw = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(3))  # [batch, heads, seq, head_dim]
+    positions = torch.tensor([[0, 3, 7, 20, 41]])
+
+    def model_rope(x, shift=0):
+        cos, sin = model.model.rotary_emb(x, positions + shift)
+        return apply(x, x, cos, sin)[0], cos, sin
+
+    rotated, cos, sin = model_rope(raw)
+    assert max_abs_diff(rotary.rerotate(rotated, 9), model_rope(raw, 9)[0]) <= 1e-5
+    undone = rotary.unrotate(rotary.to_half_layout(rotated), rotary.model_angles(cos), rotary.model_angles(sin))
+    assert max_abs_diff(undone, rotary.to_half_layout(raw)) <= 1e-5
+    assert torch.equal(rotary.to_model_layout(rotary.to_half_layout(raw)), raw)
+    query = torch.randn(1, 2, 1, 16, generator=torch.Generator().manual_seed(4))
+    scores = query @ rotated.transpose(-1, -2)
+    assert max_abs_diff(rotary.to_half_layout(query) @ rotary.to_half_layout(rotated).transpose(-1, -2), scores) <= 1e-5

@@ -60,6 +60,10 @@ def build_llama(rope: str | None = None) -> LlamaForCausalLM:
     return _finish(LlamaForCausalLM(config), seed=1)
 
 
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                           logits_scaling=4.0)
+
+
 def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     """A tiny model of another Llama-structured type the package supports, shaped as build_llama: Mistral (with a
     sliding window longer than any test stream), Qwen2 (q/k/v biases), Qwen3 (RMSNorm on each head's q and k, head_dim 32
@@ -71,8 +75,13 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     with norms before and after each sublayer, softmax scale 24 ** -0.5, attention scores and logits soft-capped at
     1.5 and 4, close enough to bend them), Gemma 3 (Gemma 2's layer, RMSNorm on each head's q and k, a RoPE per layer
     type: base 10 for the sliding layer, base 10^4 stretched 4x for the full one), SmolLM3 (its second layer without
-    RoPE), Apertus (xIELU MLP,
-    its own norm names, RMSNorm on each head's q and k), Arcee (ReLU^2 MLP without a gate), Seed-OSS (q/k/v biases)."""
+    RoPE), EXAONE 4 (OLMo-2's norms, RMSNorm on each head's q and k; a sliding layer, then a full-attention layer
+    without RoPE), Apertus (xIELU MLP, its own norm names, RMSNorm on each head's q and k), Arcee (ReLU^2 MLP without a
+    gate), Seed-OSS (q/k/v biases), BitNet (RMSNorm on the attention output and inside the MLP); mixtures of experts,
+    4 experts, 2 per token: Mixtral, Qwen2-MoE (with a shared expert), Qwen3-MoE, OLMoE (OLMo-2's q/k norm after
+    Llama's, clipped), Granite-MoE (Granite's multipliers; with a shared expert too), PhiMoE (LayerNorm, sparse-mixer
+    router), GLM-4.5 (a dense first layer, a shared expert, half of each head rotated, RMSNorm on each head's q and
+    k)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
@@ -85,12 +94,25 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
                                                   "full_attention": dict(rope_type="linear", rope_theta=10000.0,
                                                                          factor=4.0)}),
              "phi": dict(partial_rotary_factor=0.5, qk_layernorm=True),
-             "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
-                             logits_scaling=4.0),
+             "granite": GRANITE_MULTIPLIERS,
              "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
              "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                shared_expert_intermediate_size=64),
-             "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)}.get(model_type, {})
+             "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+             "exaone4": dict(sliding_window=4096, layer_types=["sliding_attention", "full_attention"]),
+             "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.5),
+             "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, **GRANITE_MULTIPLIERS),
+             "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64,
+                                      **GRANITE_MULTIPLIERS),
+             "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+             "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                              first_k_dense_replace=1, use_qk_norm=True),
+             "cohere": dict(use_qk_norm=True, logit_scale=0.5),
+             "cohere2": dict(head_dim=16, logit_scale=0.5, sliding_window=4096,
+                             layer_types=["sliding_attention", "full_attention"]),
+             **dict.fromkeys(("glm", "glm4", "helium", "ernie4_5"), dict(head_dim=16)),
+             "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                                  moe_layer_start_index=1)}.get(model_type, {})
     extra = extra | overrides
     torch.manual_seed(0)
     config = CONFIG_MAPPING[model_type](vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from streaming_llm.eval.perplexity import PerplexityResult
 from streaming_llm.models import describe
-from streaming_llm.rope import rerotate_keys
+from streaming_llm.rope import RotaryParams
 
 
 def _progress(total: int, enabled: bool, description: str):
@@ -38,15 +38,15 @@ def _progress(total: int, enabled: bool, description: str):
     return tqdm(total=total, desc=description, unit="tok", leave=False)
 
 
-def _cut_and_rerotate(cache: DynamicCache, n_sink: int, window_size: int, inv_freq: torch.Tensor) -> None:
+def _cut_and_rerotate(cache: DynamicCache, n_sink: int, window_size: int, rotary: RotaryParams) -> None:
     """Keep slots [0, n_sink) and the last window_size of every layer; move the window keys to slots
-    n_sink.. by re-rotating them by (new slot - old slot)."""
+    n_sink.. by re-rotating them by (new slot - old slot), in the model's own feature order."""
     for layer in cache.layers:
         length = layer.keys.shape[-2]
         if length <= n_sink + window_size:
             continue
         first_window = length - window_size
-        window_keys = rerotate_keys(layer.keys[:, :, first_window:], n_sink - first_window, inv_freq)
+        window_keys = rotary.rerotate(layer.keys[:, :, first_window:], n_sink - first_window)
         layer.keys = torch.cat([layer.keys[:, :, :n_sink], window_keys], dim=-2)
         layer.values = torch.cat([layer.values[:, :, :n_sink], layer.values[:, :, first_window:]], dim=-2)
 
@@ -65,7 +65,7 @@ def chunked_streaming_perplexity(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if n_sink < 0 or window_size < 1:
         raise ValueError(f"need n_sink >= 0 and window_size >= 1, got {n_sink}, {window_size}")
-    inv_freq = describe(model).single_rotary("the chunked evaluation's re-rotation").inv_freq
+    rotary = describe(model).single_rotary("the chunked evaluation's re-rotation")
     steps = input_ids.shape[1] - 1
     nlls = torch.empty(steps, dtype=torch.float64)
     cache = DynamicCache(config=model.config)
@@ -79,7 +79,7 @@ def chunked_streaming_perplexity(
         mask = torch.ones(1, held + chunk.shape[1], dtype=torch.long, device=chunk.device)
         logits = model(chunk, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
         nlls[start:end] = F.cross_entropy(logits[0].double(), input_ids[0, start + 1 : end + 1].to(logits.device), reduction="none").cpu()
-        _cut_and_rerotate(cache, n_sink, window_size, inv_freq)
+        _cut_and_rerotate(cache, n_sink, window_size, rotary)
         if bar is not None:
             bar.update(end - start)
     wall = time.perf_counter() - started

@@ -1,7 +1,9 @@
 """Model adapters: where each architecture family keeps its rotary embedding and attention layers.
 
 The streaming attention itself is architecture-independent (it only needs the cos/sin the model
-passes to `cache.update` and the rotary frequencies); an adapter only says where to find them.
+passes to `cache.update` and the rotary frequencies); an adapter only says where to find them
+(`rotary_embedding`, `attention_modules`), which layers rotate (`applies_rope`) and how the model pairs the rotated
+features (`rope_layout`).
 """
 
 from __future__ import annotations
@@ -116,8 +118,10 @@ def check_capacity(config, capacity: int) -> None:
 
 
 def is_mixture_of_experts(config) -> bool:
-    """Mixtral (num_local_experts), Qwen2/3-MoE (num_experts)."""
-    return bool(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0))
+    """Mixtral, Granite-MoE, PhiMoE (num_local_experts), Qwen2/3-MoE, OLMoE (num_experts), GLM-4.5
+    (n_routed_experts), ERNIE 4.5 MoE (moe_num_experts)."""
+    return any(getattr(config, name, 0) for name in ("num_local_experts", "num_experts", "n_routed_experts",
+                                                      "moe_num_experts"))
 
 
 def model_type_name(config) -> str:
@@ -144,19 +148,21 @@ def describe(model: nn.Module) -> Architecture:
     attention_modules = adapter.attention_modules(model)
     return Architecture(
         model_type=config.model_type,
-        layer_rotaries=_layer_rotaries(rotary_emb, attention_modules, model_type_name(config)),
+        layer_rotaries=_layer_rotaries(rotary_emb, attention_modules, [adapter.applies_rope(module) for module in
+                                                                      attention_modules],
+                                       adapter.rope_layout(config), model_type_name(config)),
         attention_modules=attention_modules,
         max_positions=getattr(config, "max_position_embeddings", None),
     )
 
 
-def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module],
-                    model_type: str) -> tuple[RotaryParams, ...]:
+def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module], rotated: list[bool],
+                    layout: tuple[bool, bool], model_type: str) -> tuple[RotaryParams, ...]:
     """Each attention module's RoPE: the rotary embedding's `inv_freq`, or, for a rotary embedding that keeps one set
-    per layer type (`{layer_type}_inv_freq`, Gemma 3), the set of the module's `layer_type`. A module whose `use_rope`
-    is false (SmolLM3's every fourth layer) rotates nothing: its RoPE is NO_ROPE, the identity at every position."""
+    per layer type (`{layer_type}_inv_freq`, Gemma 3), the set of the module's `layer_type`. A module that rotates
+    nothing (`rotated[i]` false: SmolLM3's every fourth layer, EXAONE 4's full-attention layers) gets NO_ROPE, the
+    identity at every position. `layout`: RotaryParams' (interleaved, interleaved_angles) for the model type."""
     made: dict[str, RotaryParams] = {}
-    rotated = [bool(getattr(module, "use_rope", True)) for module in attention_modules]
     if not any(rotated):
         raise ValueError(f"this {model_type} model rotates no features in any layer: streaming needs rotary "
                          "position embeddings")
@@ -172,7 +178,7 @@ def _layer_rotaries(rotary_emb: nn.Module, attention_modules: list[nn.Module],
                 raise ValueError(f"this {model_type} model rotates no features (rotary dimensions = 0): streaming "
                                  "needs rotary position embeddings")
             scaling = float(getattr(rotary_emb, f"{prefix}attention_scaling", 1.0))
-            made[prefix] = RotaryParams(inv_freq, 2 * inv_freq.shape[0], scaling)
+            made[prefix] = RotaryParams(inv_freq, 2 * inv_freq.shape[0], scaling, *layout)
         return made[prefix]
 
     if hasattr(rotary_emb, "inv_freq"):

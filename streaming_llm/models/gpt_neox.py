@@ -13,3 +13,11 @@ def rotary_embedding(model: nn.Module) -> nn.Module:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.attention for layer in model.gpt_neox.layers]
+
+
+def rope_layout(config) -> tuple[bool, bool]:
+    return False, False
+
+
+def applies_rope(attention: nn.Module) -> bool:
+    return True
