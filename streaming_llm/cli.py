@@ -525,7 +525,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     wrapper, tokenizer = wrapper_from_args(args)
     model, architecture = wrapper.model, wrapper.architecture
-    config = model.config
+    config = model.config.get_text_config()  # a multimodal checkpoint: its language model's
     shape = attention_shape(config)
     payload = {
         "model": model_label(args),
@@ -538,6 +538,8 @@ def run_info(args: argparse.Namespace) -> int:
         "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
         "rotary_ndims": architecture.rotary_ndims,
+        "rotary_pairs": "interleaved (2i, 2i+1)" if architecture.rotary.interleaved else "rotate_half (i, i+d/2)",
+        "layers_without_rope": sum(rotary.rotary_ndims == 0 for rotary in architecture.layer_rotaries),
         "vocab_size": config.vocab_size,
         "max_positions": architecture.max_positions,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),

@@ -315,13 +315,14 @@ def softmax_scale(config) -> float | None:
 
 
 def _parts(model):
-    """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM."""
-    config = model.config
+    """(embedding, layers, final norm, output projection, qkv fn, layer-output fn) of a causal LM (of the language
+    model of a multimodal one, Gemma 3: `model.model.language_model`)."""
+    config = model.config.get_text_config()
     model_type = config.model_type
     if model_type == "gpt_neox":
         body = model.gpt_neox
         return body.embed_in, body.layers, body.final_layer_norm, model.embed_out, _neox_layer_qkv, _neox_layer_out
-    body = model.model
+    body = getattr(model.model, "language_model", model.model)
     if model_type in ("granite", "granitemoe", "granitemoeshared"):  # Llama's layer with multipliers on the
         # embeddings, each residual branch, the logits; the MoE ones' experts (and shared expert) for its MLP
 
@@ -379,7 +380,7 @@ def naive_streaming_logits(
     """
     if position_mode not in POSITION_MODES:
         raise ValueError(f"unknown position_mode {position_mode!r}")
-    config = model.config
+    config = model.config.get_text_config()
     embed, layers, final_norm, output, layer_qkv, layer_out = _parts(model)
     ropes = layer_ropes(config)
     n_heads = config.num_attention_heads

@@ -77,6 +77,54 @@ def test_eval_skips_a_reference_that_cannot_run_the_model(neox_dir, tmp_path, ca
     assert_one_line_error(status, err.split("\n", 1)[1], "none of the chosen methods can run this model")
 
 
+def test_a_multimodal_gemma3_checkpoint_streams_its_text(tmp_path, capsys):
+    """Gemma 3's 4B+ checkpoints are multimodal (`gemma3`, the text model inside): `info` reports the language model,
+    `eval` streams it (kvpress, which presses only its full-attention layers, skipped by name), and without eviction
+    it is dense."""
+    from tiny_models import build_gemma3_multimodal
+
+    from streaming_llm.loading import embedded_tokenizer
+
+    tokenizer = embedded_tokenizer()
+    model = build_gemma3_multimodal(vocab_size=len(tokenizer))
+    folder = tmp_path / "tiny_gemma3"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    status, out, err = run_main(capsys, "info", "--model", str(folder), "--n-sink", "2", "--window-size", "20", "--json")
+    assert status == 0, err
+    info = json.loads(out)
+    assert (info["model_type"], info["layers"], info["vocab_size"], info["max_positions"]) == ("gemma3", 2, len(tokenizer),
+                                                                                               4096)
+    assert (info["rotary_ndims"], info["rotary_pairs"], info["layers_without_rope"]) == (16, "rotate_half (i, i+d/2)", 0)
+    status, out, err = run_main(capsys, "eval", "--model", str(folder), *STREAM, "--output-dir", str(tmp_path / "out"),
+                                "--methods", "dense,streaming_pos_shift,mit,kvpress_decode_corrected")
+    assert status == 0, err
+    assert list(results_of(out)) == ["dense", "streaming_pos_shift", "mit"]
+    assert "skipping kvpress_decode_corrected: kvpress 0.5.5 compresses only Gemma 3's full-attention layers" in err
+    status, out, err = run_main(capsys, "eval", "--model", str(folder), *STREAM[:2], "--n-sink", "2", "--window-size",
+                                "120", *STREAM[6:], "--output-dir", str(tmp_path / "wide"),
+                                "--methods", "dense,streaming_pos_shift")
+    assert status == 0, err
+    wide = results_of(out)
+    assert wide["streaming_pos_shift"]["perplexity"] == pytest.approx(wide["dense"]["perplexity"], rel=1e-5)
+
+
+def test_info_says_how_a_model_rotates(tmp_path, capsys):
+    """Command R7B (`cohere2`): interleaved rotary pairs, and its full-attention layer (one of two here) without RoPE."""
+    from tiny_models import build_llama_family
+
+    from streaming_llm.loading import embedded_tokenizer
+
+    tokenizer = embedded_tokenizer()
+    folder = tmp_path / "tiny_cohere2"
+    build_llama_family("cohere2", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    status, out, err = run_main(capsys, "info", "--model", str(folder), "--json")
+    assert status == 0, err
+    info = json.loads(out)
+    assert (info["rotary_ndims"], info["rotary_pairs"], info["layers_without_rope"]) == (16, "interleaved (2i, 2i+1)", 1)
+
+
 @pytest.fixture(scope="module")
 def twin_dir(tmp_path_factory) -> Path:
     """Another tiny checkpoint in a folder of the same name as model_dir's (other weights): the same result names."""

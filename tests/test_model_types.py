@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from reference import naive_streaming_logits
-from tiny_models import (block_sizes_covering, build_gpt_neox, build_llama, build_llama_family,
+from tiny_models import (block_sizes_covering, build_gemma3_multimodal, build_gpt_neox, build_llama, build_llama_family,
                          check_compiled_step_graphs, dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
 
 from streaming_llm.fast import FastStreamingWrapper, compiles_step
@@ -14,7 +14,7 @@ from streaming_llm.models import SUPPORTED_MODEL_TYPES, is_mixture_of_experts
 
 TOLERANCE = 1e-4
 N_SINK, WINDOW_SIZE, LENGTH = 2, 11, 48
-BUILDERS = {"llama": build_llama, "gpt_neox": build_gpt_neox}
+BUILDERS = {"llama": build_llama, "gpt_neox": build_gpt_neox, "gemma3": build_gemma3_multimodal}
 
 
 @pytest.fixture(scope="module", params=SUPPORTED_MODEL_TYPES)

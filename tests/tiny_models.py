@@ -113,10 +113,23 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
              **dict.fromkeys(("glm", "glm4", "helium", "ernie4_5"), dict(head_dim=16)),
              "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                                   moe_layer_start_index=1)}.get(model_type, {})
-    extra = extra | overrides
+    settings = dict(vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                    attn_implementation="eager") | TINY_LLAMA | extra | overrides
     torch.manual_seed(0)
-    config = CONFIG_MAPPING[model_type](vocab_size=VOCAB_SIZE, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                                        attn_implementation="eager", **TINY_LLAMA, **extra)
+    config = CONFIG_MAPPING[model_type](**settings)
+    return _finish(AutoModelForCausalLM.from_config(config), seed=1)
+
+
+def build_gemma3_multimodal(vocab_size: int = VOCAB_SIZE) -> torch.nn.Module:
+    """Gemma 3 as its 4B+ checkpoints come (`gemma3`: a vision tower and the text model at model.model.language_model),
+    its text model shaped as build_llama_family("gemma3_text"), a one-layer vision tower beside it."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    text = build_llama_family("gemma3_text").config.to_dict() | dict(vocab_size=vocab_size)
+    torch.manual_seed(0)
+    config = Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                               num_attention_heads=2, image_size=28, patch_size=14),
+                          mm_tokens_per_image=4, attn_implementation="eager")
     return _finish(AutoModelForCausalLM.from_config(config), seed=1)
 
 
@@ -254,7 +267,7 @@ def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size:
     assert max_abs_diff(streamed, feed_stream(make_wrapper(model, n_sink, window_size), input_ids)) <= 1e-4
     assert len(graphs) == 2  # the filling and the full step, each traced once: no recompilation along the stream
     for graph in graphs:
-        layers = model.config.num_hidden_layers
+        layers = model.config.get_text_config().num_hidden_layers
         assert len(graph["mutated"]) == 2 * layers  # each layer's key and value buffer, nothing else
         assert graph["not_static"] == []
         assert graph["index_copy"] == 2 * layers and graph["scatter"] == 0, graph

@@ -82,7 +82,7 @@ def build_model(shape: str, dtype: torch.dtype, device: str, **overrides) -> nn.
 
 
 def _random_ids(model: nn.Module, n: int, device) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    return torch.randint(0, model.config.get_text_config().vocab_size, (1, n), device=device)
 
 
 class Decoder:

@@ -221,7 +221,7 @@ def end_to_end(model, cast_model, mode: str, stream_position: int, n_sink: int, 
     if jump > n_sink and prefix_tokens < refill:
         raise ValueError(f"prefix_tokens {prefix_tokens} < window_size + 1 ({refill}): the scored tokens would see "
                          "window slots the jump left empty")
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (n_sink + total,), generator=torch.Generator().manual_seed(seed))
     positions = torch.cat([torch.arange(n_sink), torch.arange(jump, jump + total)])
     key = (mode, stream_position)

@@ -201,7 +201,7 @@ def run_eval(args: argparse.Namespace) -> int:
         png = Path(args.plot) if args.plot else Path(args.output_dir) / f"nll_curves_T{args.num_tokens}_s{n_sink}_w{window_size}.png"
         from streaming_llm.eval.plots import plot_nll_curves
 
-        context = getattr(model.config, "max_position_embeddings", None)
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         plot_nll_curves([run.json_path for run in runs], png, capacity=n_sink + window_size, context_length=context)
         if not quiet:
             print(f"plot: {png}", file=sys.stderr)

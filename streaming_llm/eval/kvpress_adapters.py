@@ -94,12 +94,16 @@ def _streaming_press(n_sink: int, variant: str) -> StreamingLLMPress:
 def require_kvpress_support(model: nn.Module) -> None:
     """UnsupportedModelError unless the model is one kvpress 0.5.5 supports (its SUPPORTED_MODELS: Llama, Mistral,
     Phi-3, Qwen2/3). Others it runs with a warning, or not at all: GPT-NeoX keeps its layers at `model.gpt_neox`,
-    not `model.model`, and KeyRerotationPress rotates whole heads, which breaks Phi's partial rotary."""
+    not `model.model`, and KeyRerotationPress rotates whole heads, which breaks Phi's partial rotary. Gemma 3 it
+    lists, but presses only its full-attention layers."""
     if not isinstance(model, KVPRESS_MODELS):
         supported = ", ".join(cls.__name__ for cls in KVPRESS_MODELS if "ForCausalLM" in cls.__name__)
         raise UnsupportedModelError(
             f"kvpress 0.5.5 does not support {type(model).__name__} (it supports {supported})"
         )
+    if model.config.model_type == "gemma3":
+        raise UnsupportedModelError("kvpress 0.5.5 compresses only Gemma 3's full-attention layers (its sliding layers "
+                                    "keep their own window): not the method compared here")
 
 
 class _SequenceGatherRecorder(TorchFunctionMode):

@@ -14,10 +14,10 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from streaming_llm.models import gpt_neox, llama
+from streaming_llm.models import gpt_neox, llama, multimodal
 from streaming_llm.rope import RotaryParams
 
-ADAPTERS: tuple[ModuleType, ...] = (llama, gpt_neox)
+ADAPTERS: tuple[ModuleType, ...] = (llama, gpt_neox, multimodal)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.MODEL_TYPES)
 # RoPE variants whose frequencies do not depend on the sequence length seen so far.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -103,6 +103,7 @@ def check_capacity(config, capacity: int) -> None:
     with use_sliding_window), below `sliding_window`: the model itself never attends to more keys than that.
     Called by every streaming attention step: nothing is formatted unless the check fails.
     """
+    config = config.get_text_config()  # a multimodal checkpoint's language model
     max_positions = getattr(config, "max_position_embeddings", None)
     sliding_window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     bounds = [(bound, name) for name, bound in (("max_position_embeddings", max_positions),
@@ -120,6 +121,7 @@ def check_capacity(config, capacity: int) -> None:
 def is_mixture_of_experts(config) -> bool:
     """Mixtral, Granite-MoE, PhiMoE (num_local_experts), Qwen2/3-MoE, OLMoE (num_experts), GLM-4.5
     (n_routed_experts), ERNIE 4.5 MoE (moe_num_experts)."""
+    config = config.get_text_config()
     return any(getattr(config, name, 0) for name in ("num_local_experts", "num_experts", "n_routed_experts",
                                                       "moe_num_experts"))
 
@@ -134,7 +136,8 @@ def describe(model: nn.Module) -> Architecture:
     if not isinstance(model, nn.Module) or config is None:
         raise TypeError(f"expected a Hugging Face causal language model (a torch module with a .config), got {type(model).__name__}")
     adapter = adapter_for(config)
-    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    text_config = config.get_text_config()  # the config itself, or a multimodal checkpoint's language model's
+    rope_parameters = getattr(text_config, "rope_parameters", None) or {}
     # one set of parameters, or one per layer type (Gemma 3: {"sliding_attention": {...}, "full_attention": {...}})
     per_type = tuple(rope_parameters.values()) if all(isinstance(v, dict) for v in rope_parameters.values()) else ()
     for parameters in per_type or (rope_parameters,):
@@ -152,7 +155,7 @@ def describe(model: nn.Module) -> Architecture:
                                                                       attention_modules],
                                        adapter.rope_layout(config), model_type_name(config)),
         attention_modules=attention_modules,
-        max_positions=getattr(config, "max_position_embeddings", None),
+        max_positions=getattr(text_config, "max_position_embeddings", None),
     )
 
 
