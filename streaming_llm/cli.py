@@ -538,7 +538,8 @@ def run_info(args: argparse.Namespace) -> int:
         "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
         "rotary_ndims": architecture.rotary_ndims,
-        "rotary_pairs": "interleaved (2i, 2i+1)" if architecture.rotary.interleaved else "rotate_half (i, i+d/2)",
+        "rotary_pairs": ("interleaved (2i, 2i+1)" if any(rotary.interleaved for rotary in architecture.layer_rotaries)
+                         else "rotate_half (i, i+d/2)"),
         "layers_without_rope": sum(rotary.rotary_ndims == 0 for rotary in architecture.layer_rotaries),
         "vocab_size": config.vocab_size,
         "max_positions": architecture.max_positions,

@@ -75,8 +75,8 @@ def layer_ropes(config) -> list[tuple[torch.Tensor, float]]:
     else:
         ropes = [rope_of(config)] * config.num_hidden_layers
     uses_rope = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers
-    if (config.model_type == "exaone4" and config.sliding_window) or config.model_type == "cohere2":
-        # hybrid EXAONE 4 and Cohere 2: their full-attention layers are NoPE
+    if (config.model_type in ("exaone4", "exaone_moe") and config.sliding_window) or config.model_type == "cohere2":
+        # hybrid EXAONE 4 (and MoE) and Cohere 2: their full-attention layers are NoPE
         uses_rope = [layer_type == "sliding_attention" for layer_type in config.layer_types]
     return [rope if used else (torch.zeros(0), 1.0) for rope, used in zip(ropes, uses_rope)]
 
@@ -220,15 +220,16 @@ def _olmo2_layer_qkv(layer, x, config):
 def _olmo2_layer_out(layer, x, attended):
     """Norms after each sublayer, inside the residual."""
     x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attended))
-    return x + layer.post_feedforward_layernorm(layer.mlp(x))
+    return x + layer.post_feedforward_layernorm(_mlp(layer, x))
 
 
 def _olmoe_layer_qkv(layer, x, config):
-    """Llama's norm before attention, then OLMo-2's RMSNorm over the whole q and k projections, then OLMo's clip."""
+    """Llama's norm before attention, then OLMo-2's RMSNorm over the whole q and k projections, then OLMo's clip
+    (OLMoE; MiniMax-M2 without the clip)."""
     n_heads, n_kv_heads, head_dim = _heads(config)
     h, attn = layer.input_layernorm(x), layer.self_attn
     query, key, value = attn.q_norm(attn.q_proj(h)), attn.k_norm(attn.k_proj(h)), attn.v_proj(h)
-    clip = config.clip_qkv
+    clip = getattr(config, "clip_qkv", None)
     if clip is not None:
         query, key, value = (tensor.clamp(-clip, clip) for tensor in (query, key, value))
     return query.view(n_heads, head_dim), key.view(n_kv_heads, head_dim), value.view(n_kv_heads, head_dim)
@@ -294,12 +295,13 @@ def _apertus_layer_out(layer, x, attended):
 _LLAMA_STYLE_LAYERS = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "gemma", "smollm3", "arcee", "seed_oss",
                      "mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "glm4_moe", "glm", "helium", "ernie4_5",
-                     "ernie4_5_moe"), (_llama_layer_qkv, _llama_layer_out)),
+                     "ernie4_5_moe", "jais2", "ministral", "cwm", "exaone_moe", "solar_open"),
+                    (_llama_layer_qkv, _llama_layer_out)),
+    **dict.fromkeys(("olmoe", "minimax_m2"), (_olmoe_layer_qkv, _llama_layer_out)),
     "glm4": (_llama_layer_qkv, _glm4_layer_out),
     "phi": (_phi_layer_qkv, _phi_layer_out),
     "phi3": (_phi3_layer_qkv, _llama_layer_out),
-    **dict.fromkeys(("olmo2", "olmo3"), (_olmo2_layer_qkv, _olmo2_layer_out)),
-    "olmoe": (_olmoe_layer_qkv, _llama_layer_out),
+    **dict.fromkeys(("olmo2", "olmo3", "flex_olmo"), (_olmo2_layer_qkv, _olmo2_layer_out)),
     "exaone4": (_exaone4_layer_qkv, _olmo2_layer_out),
     "bitnet": (_llama_layer_qkv, _bitnet_layer_out),
     "apertus": (_apertus_layer_qkv, _apertus_layer_out),
@@ -338,7 +340,7 @@ def _parts(model):
 
         return (lambda token: body.embed_tokens(token) * config.embedding_multiplier), body.layers, body.norm, \
             (lambda hidden: model.lm_head(hidden) / config.logits_scaling), _llama_layer_qkv, granite_layer_out
-    if model_type in ("gemma", "gemma2", "gemma3_text"):  # embeddings scaled by sqrt(hidden_size), in their dtype
+    if model_type in ("gemma", "gemma2", "gemma3_text", "vaultgemma"):  # embeddings scaled by sqrt(hidden_size)
         normalizer = torch.tensor(config.hidden_size**0.5, dtype=body.embed_tokens.weight.dtype)
 
         def embed(token):  # Gemma 3's embedding module scales them itself
@@ -348,7 +350,10 @@ def _parts(model):
             return embed, body.layers, body.norm, model.lm_head, _llama_layer_qkv, _llama_layer_out
         cap = config.final_logit_softcapping  # the logits soft-capped too (Gemma 2; Gemma 3 may)
 
-        def gemma2_layer_out(layer, x, attended):  # norms before and after each sublayer
+        def gemma2_layer_out(layer, x, attended):  # norms before and after each sublayer (VaultGemma: before only)
+            if model_type == "vaultgemma":
+                x = x + layer.self_attn.o_proj(attended)
+                return x + layer.mlp(layer.pre_feedforward_layernorm(x))
             x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attended))
             return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
 

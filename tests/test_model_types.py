@@ -76,6 +76,14 @@ def test_eviction_matches_reference(typed_model, position_mode):
     assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
 
 
+def test_mit_mode_eviction_matches_reference(typed_model):
+    """streaming_mode="mit" (keys stored un-rotated, rotated at their cache index every step) is pos_shift."""
+    input_ids = random_ids(LENGTH, seed=8)
+    expected = naive_streaming_logits(typed_model, input_ids, N_SINK, WINDOW_SIZE, "pos_shift")
+    mit = make_wrapper(typed_model, N_SINK, WINDOW_SIZE, streaming_mode="mit")
+    assert max_abs_diff(feed_stream(mit, input_ids, block_sizes_covering(LENGTH, [5, 1, 13])), expected) <= TOLERANCE
+
+
 SLIDING_WINDOW = 16
 SLIDING = {"mistral": dict(sliding_window=SLIDING_WINDOW),
            "qwen2": dict(sliding_window=SLIDING_WINDOW, use_sliding_window=True, max_window_layers=0),

@@ -81,7 +81,11 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     4 experts, 2 per token: Mixtral, Qwen2-MoE (with a shared expert), Qwen3-MoE, OLMoE (OLMo-2's q/k norm after
     Llama's, clipped), Granite-MoE (Granite's multipliers; with a shared expert too), PhiMoE (LayerNorm, sparse-mixer
     router), GLM-4.5 (a dense first layer, a shared expert, half of each head rotated, RMSNorm on each head's q and
-    k)."""
+    k), FlexOlmo (OLMo-2's layer), EXAONE MoE (EXAONE 4's attention in a pre-norm layer), MiniMax-M2 (RMSNorm over all
+    heads' q and k, half of each head rotated), Solar Open; VaultGemma (Gemma 2's soft-capping, norms before each
+    sublayer only), Jais 2, Ministral, CWM (a full and a sliding layer, llama3 RoPE); interleaved rotary: Cohere (q/k
+    LayerNorm, parallel residual, scaled logits), Cohere 2 (its full-attention layer without RoPE), GLM (half of each
+    head rotated), GLM-4 (norms after each sublayer too), Helium, ERNIE 4.5 and its MoE."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     extra = {"mistral": dict(sliding_window=4096), "qwen3": dict(head_dim=32), "olmo": dict(clip_qkv=0.5),
@@ -107,6 +111,17 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
              "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
              "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                               first_k_dense_replace=1, use_qk_norm=True),
+             "vaultgemma": dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
+                                final_logit_softcapping=4.0, sliding_window=4096),
+             **dict.fromkeys(("jais2", "ministral"), dict(head_dim=16, sliding_window=4096)),
+             "cwm": dict(head_dim=16, sliding_window=4096, layer_types=["full_attention", "sliding_attention"],
+                         rope_parameters=dict(rope_theta=10000.0, **SCALED_ROPES["llama3"])),
+             "flex_olmo": dict(num_experts=4, num_experts_per_tok=2),
+             "exaone_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, sliding_window=4096,
+                                layer_types=["sliding_attention", "full_attention"]),
+             "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                rope_parameters=dict(rope_theta=10000.0, partial_rotary_factor=0.5)),
+             "solar_open": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
              "cohere": dict(use_qk_norm=True, logit_scale=0.5),
              "cohere2": dict(head_dim=16, logit_scale=0.5, sliding_window=4096,
                              layer_types=["sliding_attention", "full_attention"]),
