@@ -75,8 +75,9 @@ def layer_ropes(config) -> list[tuple[torch.Tensor, float]]:
     else:
         ropes = [rope_of(config)] * config.num_hidden_layers
     uses_rope = getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers
-    if (config.model_type in ("exaone4", "exaone_moe") and config.sliding_window) or config.model_type == "cohere2":
-        # hybrid EXAONE 4 (and MoE) and Cohere 2: their full-attention layers are NoPE
+    if (config.model_type in ("exaone4", "exaone_moe") and config.sliding_window) or config.model_type in ("cohere2",
+                                                                                                        "afmoe"):
+        # hybrid EXAONE 4 (and MoE), Cohere 2, AFMoE: their full-attention layers are NoPE
         uses_rope = [layer_type == "sliding_attention" for layer_type in config.layer_types]
     return [rope if used else (torch.zeros(0), 1.0) for rope, used in zip(ropes, uses_rope)]
 
@@ -261,6 +262,14 @@ def _glm4_layer_out(layer, x, attended):
     return x + layer.post_mlp_layernorm(layer.mlp(layer.post_attention_layernorm(x)))
 
 
+def _afmoe_layer_out(layer, x, attended):
+    """The attention output gated per feature by sigmoid(gate_proj) of the layer's normed input; norms before and after
+    each sublayer."""
+    gate = torch.sigmoid(layer.self_attn.gate_proj(layer.input_layernorm(x)))
+    x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attended * gate))
+    return x + layer.post_mlp_layernorm(_mlp(layer, layer.pre_mlp_layernorm(x)))
+
+
 def _neox_layer_qkv(layer, x, config):
     n_heads = config.num_attention_heads
     head_dim = config.hidden_size // n_heads
@@ -299,6 +308,7 @@ _LLAMA_STYLE_LAYERS = {
                     (_llama_layer_qkv, _llama_layer_out)),
     **dict.fromkeys(("olmoe", "minimax_m2"), (_olmoe_layer_qkv, _llama_layer_out)),
     "glm4": (_llama_layer_qkv, _glm4_layer_out),
+    "afmoe": (_llama_layer_qkv, _afmoe_layer_out),
     "phi": (_phi_layer_qkv, _phi_layer_out),
     "phi3": (_phi3_layer_qkv, _llama_layer_out),
     **dict.fromkeys(("olmo2", "olmo3", "flex_olmo"), (_olmo2_layer_qkv, _olmo2_layer_out)),
@@ -365,6 +375,9 @@ def _parts(model):
     if model_type in ("cohere", "cohere2"):  # the logits scaled
         return body.embed_tokens, body.layers, body.norm, (lambda hidden: model.lm_head(hidden) * config.logit_scale), \
             _llama_layer_qkv, _cohere_layer_out
+    if model_type == "afmoe" and config.mup_enabled:  # embeddings scaled by sqrt(hidden_size)
+        return (lambda token: body.embed_tokens(token) * config.hidden_size**0.5), body.layers, body.norm, \
+            model.lm_head, *_LLAMA_STYLE_LAYERS[model_type]
     if model_type not in _LLAMA_STYLE_LAYERS:
         raise NotImplementedError(f"reference has no adapter for {model_type!r}")
     final_norm = body.final_layernorm if model_type == "phi" else body.norm

@@ -116,10 +116,11 @@ def test_multi_turn_generate_through_one_cache(llama_model):
         assert max_abs_diff(logits, reference[first - 1 : first - 1 + new_tokens]) <= TOLERANCE
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "smollm3", "exaone4", "cohere", "cohere2", "glm"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "smollm3", "exaone4", "afmoe", "cohere", "cohere2",
+                                        "glm"])
 def test_generate_with_per_layer_rope_and_soft_capping(model_type):
     """model.generate rotates q and k at the stream positions, which the cache undoes: Gemma 3 with a RoPE per layer
-    type, SmolLM3 and EXAONE 4, which pass no cos/sin to the cache (taken from the position ids) and have a layer
+    type, SmolLM3, EXAONE 4 and AFMoE, which pass no cos/sin to the cache (taken from the position ids) and have a layer
     without RoPE, Gemma 2's soft-capped scores, interleaved rotary with the angles interleaved (Cohere; Cohere 2 with a
     layer without RoPE that is passed them anyway) or not (GLM, partial); far past the capacity, each equals the naive
     reference."""

@@ -82,7 +82,8 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     Llama's, clipped), Granite-MoE (Granite's multipliers; with a shared expert too), PhiMoE (LayerNorm, sparse-mixer
     router), GLM-4.5 (a dense first layer, a shared expert, half of each head rotated, RMSNorm on each head's q and
     k), FlexOlmo (OLMo-2's layer), EXAONE MoE (EXAONE 4's attention in a pre-norm layer), MiniMax-M2 (RMSNorm over all
-    heads' q and k, half of each head rotated), Solar Open; VaultGemma (Gemma 2's soft-capping, norms before each
+    heads' q and k, half of each head rotated), Solar Open, AFMoE (muP-scaled embeddings, a dense then an MoE layer,
+    gated attention output, its full-attention layer without RoPE); VaultGemma (Gemma 2's soft-capping, norms before each
     sublayer only), Jais 2, Ministral, CWM (a full and a sliding layer, llama3 RoPE); interleaved rotary: Cohere (q/k
     LayerNorm, parallel residual, scaled logits), Cohere 2 (its full-attention layer without RoPE), GLM (half of each
     head rotated), GLM-4 (norms after each sublayer too), Helium, ERNIE 4.5 and its MoE."""
@@ -122,6 +123,9 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
              "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                 rope_parameters=dict(rope_theta=10000.0, partial_rotary_factor=0.5)),
              "solar_open": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+             "afmoe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
+                           num_dense_layers=1, head_dim=16, sliding_window=4096, mup_enabled=True,
+                           layer_types=["sliding_attention", "full_attention"]),
              "cohere": dict(use_qk_norm=True, logit_scale=0.5),
              "cohere2": dict(head_dim=16, logit_scale=0.5, sliding_window=4096,
                              layer_types=["sliding_attention", "full_attention"]),
