@@ -158,7 +158,8 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--tag", " "], "must be a plain file name"),
     (["bench", "--tag", ".hidden"], "must be a plain file name"),
     (["bench", "--cache-sizes", "64,0"], "expected positive integers, got '64,0'"),
-    (["bench", "--cache-sizes", ","], "expected positive integers, got ','"),
+    (["bench", "--cache-sizes", ","], "expected comma-separated integers, got ','"),
+    (["bench", "--cache-sizes", "64,,128"], "expected comma-separated integers, got '64,,128'"),
     (["bench", "--cache-sizes", "64,x"], "expected comma-separated integers"),
     # checked against the shape's config before its random weights are built (7B of them for llama-2-7b; each method
     # was skipped, then "nothing could be timed")
@@ -249,3 +250,9 @@ def test_a_cache_beyond_the_sliding_window_skips_the_dense_methods_too(capsys):
     assert all("too large for the model's sliding_window=16" in line for line in skipped)
     rows = measure_latency(model, methods, capacity=8, n_sink=2, rounds=1, steps_per_round=1)
     assert [row.method for row in rows] == methods and capsys.readouterr().err == ""
+
+
+def test_cache_sizes_accept_a_trailing_comma_and_spaces():
+    from streaming_llm.bench.command import _int_list
+
+    assert _int_list("64,128,") == _int_list(" 64 , 128") == [64, 128]

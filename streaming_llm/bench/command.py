@@ -15,8 +15,12 @@ DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
 
 
 def _int_list(text: str) -> list[int]:
+    """Comma-separated positive integers, each once; a trailing comma is allowed, an empty entry between two is not."""
+    parts = text.split(",")
+    if len(parts) > 1 and not parts[-1].strip():
+        parts.pop()
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
