@@ -556,13 +556,15 @@ class StreamingKVCache(Cache):
         """The kept sink + recent (keys, values) of one layer, in stream order, keys at their cache slots (in the
         model's own feature order: interleaved rotary pairs as the model rotates them).
 
-        Shapes [batch, kv_heads, held, head_dim]; `rotary` defaults to the one the layer's last step used.
+        Shapes [batch, kv_heads, held, head_dim]; `rotary` (the layer's RoPE, `describe(model).layer_rotaries[i]`)
+        defaults to the one the layer's last step used.
         """
         if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
             raise ValueError(f"layer {layer_idx} of this cache holds nothing yet: feed tokens through it first")
         rotary = rotary or self.layers[layer_idx].rotary or self.rotary
         if rotary is None:
-            raise ValueError("compress needs the model's rotary parameters: pass rotary= (describe(model).rotary)")
+            raise ValueError("compress needs the layer's rotary parameters: pass rotary= "
+                             "(describe(model).layer_rotaries[layer_idx])")
         keys, values, _ = self.layers[layer_idx].compress(rotary)
         return rotary.to_model_layout(keys), values
 

@@ -45,7 +45,9 @@ def applies_rope(attention: nn.Module) -> bool:
     if not getattr(attention, "use_rope", True):
         return False
     model_type = attention.config.model_type
-    if model_type in ("cohere2", "afmoe"):
+    if model_type == "cohere2":
         return attention.sliding_window is not None
+    if model_type == "afmoe":
+        return attention.is_local_attention
     return not (model_type in ("exaone4", "exaone_moe") and attention.sliding_window is not None
                 and not attention.is_sliding)
