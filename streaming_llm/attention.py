@@ -22,7 +22,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
 from streaming_llm.models import check_capacity, describe
-from streaming_llm.rope import cos_sin
 
 ATTN_IMPLEMENTATION = "streaming_llm"
 _handoff = threading.local()
@@ -96,7 +95,7 @@ def streaming_attention_forward(
     if rotary is None:
         raise RuntimeError("this model was switched to streaming attention without prepare_model(model)")
     check_capacity(module.config, cache.cache_capacity)
-    cache.rotary = cache.layers[layer_idx].rotary = rotary
+    cache.layers[layer_idx].rotary = rotary
     pending = cache.layers[layer_idx].pending
     if rotary.interleaved:  # q, k and the model's angles in rotate-half order (the same permutation: q·k unchanged)
         query, pending["keys"] = rotary.to_half_layout(query), rotary.to_half_layout(pending["keys"])
@@ -116,8 +115,8 @@ def _model_rotation(rotary, position_ids: torch.Tensor | None, dtype: torch.dtyp
     if position_ids is None:
         raise ValueError("StreamingKVCache needs the rotary cos/sin in cache_kwargs, or the position ids in the "
                          "attention's arguments (RoPE models only)")
-    cos, sin = cos_sin(position_ids, rotary.inv_freq.to(position_ids.device))
-    return (cos * rotary.attention_scaling).to(dtype), (sin * rotary.attention_scaling).to(dtype)
+    cos, sin = rotary.angles(position_ids)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _refuse_masked_step(seen: int, position_ids: torch.Tensor | None) -> None:

@@ -435,8 +435,8 @@ class RingLayer(StreamingLayer):
             head_dim = step["keys"].shape[-1]
             position = torch.tensor([t], device=step["keys"].device)
             sink_frame, window_frame = self.policy.query_frames(position, base)
-            cos, sin = cos_sin(window_frame, rotary.inv_freq)
-            to_window = rotation_matrix(cos[0] * rotary.attention_scaling, sin[0] * rotary.attention_scaling, head_dim)
+            cos, sin = rotary.angles(window_frame)
+            to_window = rotation_matrix(cos[0], sin[0], head_dim)
             model_sin = None if step["sin"] is None else step["sin"][0, 0].float()
             if model_sin is not None and not rotary.is_identity(model_sin):
                 scale = 1.0 / rotary.attention_scaling**2
@@ -508,7 +508,6 @@ class StreamingKVCache(Cache):
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self._shared: dict = {}
         self._warned_autograd = False
-        self.rotary: RotaryParams | None = None  # the last step's RoPE, recorded by the attention function (attention.py)
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
         super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
 
@@ -561,7 +560,7 @@ class StreamingKVCache(Cache):
         """
         if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
             raise ValueError(f"layer {layer_idx} of this cache holds nothing yet: feed tokens through it first")
-        rotary = rotary or self.layers[layer_idx].rotary or self.rotary
+        rotary = rotary or self.layers[layer_idx].rotary
         if rotary is None:
             raise ValueError("compress needs the layer's rotary parameters: pass rotary= "
                              "(describe(model).layer_rotaries[layer_idx])")

@@ -262,7 +262,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.seen = self.base = 0
         self._ring_current = True  # the RingLayers' host state matches the buffers
         cache = StreamingKVCache(self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
-        cache.rotary = self.architecture.rotary  # the static steps alone never record it
         for index, layer in enumerate(cache.layers):
             layer.adopt(self.keys[index], self.values[index], self.sink_keys[index])
             layer.rotary = self.architecture.layer_rotaries[index]

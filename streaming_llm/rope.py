@@ -113,10 +113,15 @@ class RotaryParams:
         """`rerotate_keys` for keys [..., seq, head_dim] in the model's own layout, returned in it."""
         return self.to_model_layout(rerotate_keys(self.to_half_layout(keys), delta, self.inv_freq))
 
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin [..., seq, rotary_ndims] (float32) this RoPE rotates with at `positions`: `cos_sin` scaled
+        by attention_scaling, as the model's rotary embedding returns them."""
+        cos, sin = cos_sin(positions, self.inv_freq)
+        return cos * self.attention_scaling, sin * self.attention_scaling
+
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [..., seq, head_dim] rotated at `positions` [seq] (or broadcastable [..., seq])."""
-        cos, sin = cos_sin(positions, self.inv_freq)
-        return apply_rotation(x, cos * self.attention_scaling, sin * self.attention_scaling)
+        return apply_rotation(x, *self.angles(positions))
 
     def is_identity(self, sin: torch.Tensor) -> bool:
         """Whether the model's rotation with these angles left x unchanged: a layer without RoPE (whatever angles its
