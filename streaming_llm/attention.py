@@ -104,7 +104,7 @@ def streaming_attention_forward(
     if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
         pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
     scaling = module.scaling if scaling is None else scaling
-    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"))
+    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"), kwargs.get("sliding_window"))
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -148,7 +148,8 @@ def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_func
     """The mask transformers builds for a streaming step. It serves only to detect padded rows (refused above):
     which keys a query sees is the cache's decision (SEMANTICS.md §1). So a sliding-window overlay (Mistral v0.1,
     Qwen2 with use_sliding_window) is dropped: laid over the cache's slots in stream coordinates, it would hide
-    every held key once the stream is longer than the window (the capacity is kept below the window instead).
+    every held key once the stream is longer than the window. A layer's own window is applied by the cache instead,
+    in the mode's positions (`positions.visible_in_layer`), from the `sliding_window` its model passes.
     A step without a StreamingKVCache (a prepared model run densely) gets the model's own mask, overlay included."""
     if getattr(_handoff, "mask_position", None) is not cache_position:
         return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)

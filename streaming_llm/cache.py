@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from streaming_llm.attention import cap_scores, expect_streaming_attention, expect_streaming_mask
 from streaming_llm.checks import check_int
 from streaming_llm.mit_cache import StartRecentKVCache
-from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible
+from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible_in_layer
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
 
 STREAMING_MODES = ("ours", "mit")
@@ -198,11 +198,12 @@ class StreamingLayer(CacheLayerMixin):
 
     # -- streaming attention ----------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
         """Streaming attention of this step's queries over the kept and the new keys, then eviction.
 
         query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
         `softcap` (Gemma 2): scaled scores pass through softcap * tanh(score / softcap) before the softmax.
+        `sliding_window`: the layer's own window, as its model passes it to the attention (`visible_in_layer`).
         """
         step, self.pending = self.pending, None
         if step["sin"] is None or rotary.is_identity(step["sin"]):  # no RoPE, or position 0 (the wrapper's) unscaled
@@ -211,15 +212,21 @@ class StreamingLayer(CacheLayerMixin):
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
             keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
         output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling,
-                                                               softcap)
+                                                               softcap, self.hiding_window(sliding_window, query))
         self.store(stored_keys, step["values"], new_positions)
         self.seen += query.shape[-2]
         self.advance_frame(rotary)
         return output
 
+    def hiding_window(self, sliding_window: int | None, query: torch.Tensor) -> int | None:
+        """The layer's sliding window where it hides a key from one of this step's queries, else None (and the
+        step is computed exactly as for a layer without one)."""
+        return sliding_window if self.policy.window_hides(sliding_window, self.seen + query.shape[-2] - 1) else None
+
     def attend_block(self, query_raw, keys_raw, values, rotary: RotaryParams, scaling: float,
-                     softcap: float | None = None):
-        """The general path: any number of new tokens, positions and visibility from SEMANTICS.md.
+                     softcap: float | None = None, sliding_window: int | None = None):
+        """The general path: any number of new tokens, positions and visibility from SEMANTICS.md (within the
+        layer's `sliding_window`, given where it hides a key).
 
         Returns (output [b, heads, n, d], new keys in the stored frame, their stream positions).
         """
@@ -242,7 +249,7 @@ class StreamingLayer(CacheLayerMixin):
             keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
         all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
 
-        if softcap is None and _can_use_fused_cpu_attention(query_raw, new_positions, policy):
+        if softcap is None and sliding_window is None and _can_use_fused_cpu_attention(query_raw, new_positions, policy):
             output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
             return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
@@ -252,7 +259,7 @@ class StreamingLayer(CacheLayerMixin):
             sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
             if sink_columns.numel():
                 scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
-        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype)
+        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype, sliding_window=sliding_window)
         scores = cap_scores(scores * scaling, softcap) + bias
         probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
         output = grouped_output(probabilities, all_values, query_raw.shape[1])
@@ -286,18 +293,20 @@ class StreamingLayer(CacheLayerMixin):
         return (merged / (window_weight + sink_weights.sum(dim=-1, keepdim=True))).to(query_window.dtype)
 
     def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype,
-                         exclude_sinks: bool = False) -> torch.Tensor:
+                         exclude_sinks: bool = False, sliding_window: int | None = None) -> torch.Tensor:
         """0 where a query sees a key, -inf elsewhere, [groups * n, keys] (sink columns hidden with
         `exclude_sinks`); every layer holds its tokens at the same positions, so the first layer of a forward
-        pass builds it and the others reuse it."""
-        key = ("bias", self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
-        if self.shared.get("bias_key") != key:
-            mask = visible(query_positions, key_positions, self.policy.n_sink, self.policy.window_size)
+        pass builds it and the others with the same sliding window reuse it."""
+        key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
+        slot = ("bias", sliding_window)
+        cached = self.shared.get(slot)
+        if cached is None or cached[0] != key:
+            mask = visible_in_layer(self.policy, query_positions, key_positions, sliding_window)
             if exclude_sinks:
                 mask &= (key_positions >= self.policy.n_sink)[None, :]
             bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-            self.shared["bias_key"], self.shared["bias"] = key, bias.repeat(groups, 1)
-        return self.shared["bias"]
+            self.shared[slot] = (key, bias.repeat(groups, 1))
+        return self.shared[slot][1]
 
     def advance_frame(self, rotary: RotaryParams) -> None:
         """After a step, move the stored window keys to the policy's frame (see PositionPolicy.next_base)."""
@@ -391,13 +400,15 @@ class RingLayer(StreamingLayer):
         window = self.keys[:, :, self.policy.n_sink :]
         window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
 
-    def attend(self, query, rotary, scaling, softcap=None):
+    def attend(self, query, rotary, scaling, softcap=None, sliding_window=None):
         if query.shape[-2] != 1 or softcap is not None:  # one SDPA call cannot cap the scores
-            return super().attend(query, rotary, scaling, softcap)
-        return self._decode_step(query, rotary, scaling)
+            return super().attend(query, rotary, scaling, softcap, sliding_window)
+        return self._decode_step(query, rotary, scaling, self.hiding_window(sliding_window, query))
 
-    def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float) -> torch.Tensor:
-        """One token: rotate q, k (one matmul each), write k/v into its slot, one SDPA over the buffer."""
+    def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,
+                     sliding_window: int | None = None) -> torch.Tensor:
+        """One token: rotate q, k (one matmul each), write k/v into its slot, one SDPA over the buffer (masked by
+        the layer's sliding window, given where it hides a key)."""
         step, self.pending = self.pending, None
         policy, t = self.policy, self.seen
         to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
@@ -415,12 +426,24 @@ class RingLayer(StreamingLayer):
         elif held_sinks:
             self.keys[:, :, :held_sinks] = self.sink_keys[:, :, :held_sinks]
         filled = min(t + 1, policy.capacity + 1)
+        mask = None if sliding_window is None else self._window_mask(sliding_window, filled)
         output = torch.nn.functional.scaled_dot_product_attention(
-            query, self.keys[:, :, :filled], self.values[:, :, :filled], scale=scaling, enable_gqa=True
+            query, self.keys[:, :, :filled], self.values[:, :, :filled], attn_mask=mask, scale=scaling,
+            enable_gqa=True
         )
         self.seen += 1
         self.advance_frame(rotary)
         return output
+
+    def _window_mask(self, sliding_window: int, filled: int) -> torch.Tensor:
+        """Boolean [1, filled]: which of the buffer's filled slots (every one holds a key of SEMANTICS.md §1 for
+        this token) a layer with this sliding window sees; once per step and window, shared by the layers."""
+        key, slot = self.seen, ("window_mask", sliding_window)
+        cached = self.shared.get(slot)
+        if cached is None or cached[0] != key:
+            query = torch.tensor([self.seen], device=self.positions.device)
+            self.shared[slot] = (key, self.policy.distances(query, self.positions[:filled]) < sliding_window)
+        return self.shared[slot][1]
 
     def _decode_rotations(self, step, rotary: RotaryParams, dtype: torch.dtype):
         """Per-step [head_dim, head_dim] matrices, computed by the first layer of each forward pass (the

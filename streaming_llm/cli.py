@@ -521,12 +521,13 @@ def run_info(args: argparse.Namespace) -> int:
     import transformers
 
     import streaming_llm
-    from streaming_llm.models import attention_shape
+    from streaming_llm.models import attention_shape, sliding_windows
 
     wrapper, tokenizer = wrapper_from_args(args)
     model, architecture = wrapper.model, wrapper.architecture
     config = model.config.get_text_config()  # a multimodal checkpoint: its language model's
     shape = attention_shape(config)
+    windows = sliding_windows(config)
     payload = {
         "model": model_label(args),
         "resolved": _resolved_source(args.model),
@@ -541,6 +542,9 @@ def run_info(args: argparse.Namespace) -> int:
         "rotary_pairs": ("interleaved (2i, 2i+1)" if any(rotary.interleaved for rotary in architecture.layer_rotaries)
                          else "rotate_half (i, i+d/2)"),
         "layers_without_rope": sum(rotary.rotary_ndims == 0 for rotary in architecture.layer_rotaries),
+        # the layers that attend within their own window (docs/semantics.md §8) and that window
+        "sliding_layers": sum(window is not None for window in windows),
+        "sliding_window": max((window for window in windows if window is not None), default=None),
         "vocab_size": config.vocab_size,
         "max_positions": architecture.max_positions,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),

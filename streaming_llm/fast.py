@@ -15,7 +15,8 @@ What the step does differently from the general decode path (same positions, SEM
   written into their slots together with the new key: one index_copy_ per buffer, as transformers' StaticCache;
 - attention is one call over the whole buffer per layer (`decode_attention`; by default SDPA with enable_gqa on
   CUDA and grouped-query heads folded into the query length elsewhere, never a repeat of keys), with a mask only
-  while the buffer is still filling.
+  while the buffer is still filling, or for a layer whose own sliding window hides kept keys (computed from t on the
+  device, docs/semantics.md §8).
 The frame offset `base` moves (one rotation of the stored window keys, outside the graph) when the policy says so:
 once per ~capacity tokens for pos_shift, every step for rerotate, never for absolute.
 """
@@ -32,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.attention import cap_scores
 from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores, written_outside_inference_mode
-from streaming_llm.models import attention_shape, is_mixture_of_experts
+from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
@@ -100,12 +101,21 @@ def static_streaming_attention_forward(
     scaling: float | None = None,
     streaming_mask: torch.Tensor | None = None,
     streaming_decode_attention: str | None = None,
+    streaming_window_masks: dict | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots."""
+    """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots,
+    `streaming_window_masks[w]` (where not None) also the keys a layer with its own sliding window w does not see."""
     if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
         raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
                            "the static decode step cannot run it (use StreamingLLMWrapper)")
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        if window not in streaming_window_masks:
+            raise RuntimeError(f"layer {module.layer_idx} attends within a sliding window of {window}, which its "
+                               "config does not name (streaming_llm.models.sliding_windows)")
+        if streaming_window_masks[window] is not None:
+            streaming_mask = streaming_window_masks[window]
     query = module.streaming_rotary.to_half_layout(query)  # as the buffer's keys (StaticStepLayer.update)
     output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None
@@ -241,6 +251,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
         # The RoPEs the layers use (one for most models), each rotating the sinks once per step in _static_step.
         self._distinct_rotaries = {id(rotary): rotary for rotary in self.architecture.layer_rotaries}
+        # The layers' own sliding windows, and whether each ever hides a kept key (then its layers get its mask).
+        policy, capacity = self._cache.policy, self.n_sink + self.window_size
+        self._sliding_windows = {window: policy.window_hides(window, max(capacity, window))
+                                 for window in set(sliding_windows(model.config)) - {None}}
         compiled = compiles_step(compile, self.device.type, model.config)
         # How a one-token step runs: "cuda_graph" (compiled, captured in our own CUDA graph: one replay per step,
         # no guard evaluation), "cuda_graph_trees" (torch.compile's reduce-overhead graphs, the fallback),
@@ -397,12 +411,28 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     def _static_step_filling(self, token_ids: torch.Tensor) -> torch.Tensor:
         slots = torch.arange(self.keys[0].shape[-2], device=self.step_position.device)
-        hidden = torch.zeros(slots.shape, dtype=self.keys[0].dtype, device=slots.device)
-        mask = hidden.masked_fill(slots > self.step_position, float("-inf"))
-        return self._static_step(token_ids, mask[None, None, None])
+        return self._static_step(token_ids, self._additive(slots <= self.step_position))
 
     def _static_step_full(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._static_step(token_ids, None)
+
+    def _additive(self, seen: torch.Tensor) -> torch.Tensor:
+        """[1, 1, 1, slots]: 0 where a boolean [slots] is true, -inf elsewhere."""
+        hidden = torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device)
+        return hidden.masked_fill(~seen, float("-inf"))[None, None, None]
+
+    def _window_masks(self, sink_position: torch.Tensor) -> dict:
+        """Per sliding window of the model's layers: the mask of the slots such a layer sees at step t (filled, at a
+        distance below the window; `positions.visible_in_layer`), or None where the window never hides a kept key.
+        Slot j < n_sink holds sink j (distance sink_position - j), ring slot s the latest p with
+        p = s (mod window_size + 1) (distance (t - s) mod (window_size + 1))."""
+        if not any(self._sliding_windows.values()):
+            return dict.fromkeys(self._sliding_windows)
+        t = self.step_position
+        slots = torch.arange(self.keys[0].shape[-2], device=t.device)
+        distance = torch.where(slots < self.n_sink, sink_position - slots, (t - slots) % (self.window_size + 1))
+        return {window: self._additive((slots <= t) & (distance < window)) if hides else None
+                for window, hides in self._sliding_windows.items()}
 
     def _rotate_sinks(self, rotary: RotaryParams, sink_keys: torch.Tensor) -> torch.Tensor:
         """A layer's sinks, kept at their own positions, rotated by this step's offset (the angles of _static_step
@@ -428,6 +458,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             use_cache=True,
             streaming_mask=mask,
             streaming_decode_attention=self.decode_attention,
+            streaming_window_masks=self._window_masks(sink_position),
         )
         self._sink_angles = None
         return output.logits

@@ -72,6 +72,24 @@ class PositionPolicy:
             return positions, positions
         return positions.clamp(max=self.capacity), positions - base
 
+    def distances(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """[n_query, n_key]: query position minus key position in this mode's positions (the distance RoPE sees),
+        t - p, except from query t to sink j under pos_shift / rerotate: min(t, C) - j."""
+        t, p = query_positions[:, None], key_positions[None, :]
+        if self.mode == "absolute":
+            return t - p
+        return torch.where(p < self.n_sink, t.clamp(max=self.capacity) - p, t - p)
+
+    def window_hides(self, sliding_window: int | None, last_position: int) -> bool:
+        """Whether a layer with its own sliding window (it sees a key at distance < sliding_window, as transformers'
+        sliding-window mask) hides any of the keys of SEMANTICS.md §1 from a query at stream position
+        <= last_position. The farthest such key is at distance min(t, C) (sink 0, or the window's oldest key when
+        there are no sinks), or t for a sink in absolute mode."""
+        if sliding_window is None:
+            return False
+        farthest = last_position if self.mode == "absolute" and self.n_sink else min(last_position, self.capacity)
+        return farthest >= sliding_window
+
 
 def visible(query_positions: torch.Tensor, key_positions: torch.Tensor, n_sink: int, window_size: int) -> torch.Tensor:
     """Boolean [n_query, n_key]: which keys each query attends to (SEMANTICS.md §1).
@@ -84,3 +102,14 @@ def visible(query_positions: torch.Tensor, key_positions: torch.Tensor, n_sink: 
     causal = (p >= 0) & (p <= t)
     in_window = p >= torch.clamp(t - window_size, min=n_sink)
     return causal & ((p < n_sink) | in_window)
+
+
+def visible_in_layer(policy: PositionPolicy, query_positions: torch.Tensor, key_positions: torch.Tensor,
+                     sliding_window: int | None = None) -> torch.Tensor:
+    """`visible`, for a layer that attends within its own sliding window (Gemma 2 and 3, Cohere 2, ...: the model
+    hides keys at distance >= sliding_window from it): of those keys, the ones nearer than the window, distances
+    taken in the mode's positions (docs/semantics.md)."""
+    mask = visible(query_positions, key_positions, policy.n_sink, policy.window_size)
+    if sliding_window is not None:
+        mask &= policy.distances(query_positions, key_positions) < sliding_window
+    return mask

@@ -5,7 +5,8 @@ Tokens are processed one at a time. Every token's raw (pre-RoPE) keys and values
 
     sinks  {j : 0 <= j < n_sink, j <= t}   and   window  {p : max(n_sink, t - window_size) <= p <= t},
 
-and RoPE is applied by hand at positions chosen per mode:
+of which a layer with its own sliding window W (Gemma 3's sliding layers) sees only those whose position is
+nearer than W to the query's. RoPE is applied by hand at positions chosen per mode:
 - "pos_shift" and "rerotate": a key's position is its index in that list (stream order), the query's is the
   last index;
 - "absolute": key p sits at position p, the query at t.
@@ -123,6 +124,14 @@ def visible_keys(t: int, n_sink: int, window_size: int | None) -> list[int]:
     sinks = [j for j in range(n_sink) if j <= t]
     window = list(range(max(n_sink, t - window_size), t + 1))
     return sinks + window
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's own sliding window, None for none: transformers' models hide a key at distance >= window from a
+    layer of type "sliding_attention" (every layer of a model without layer_types: Mistral)."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return [window if window and kind == "sliding_attention" else None for kind in kinds]
 
 
 def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Tensor, int]:
@@ -401,6 +410,7 @@ def naive_streaming_logits(
     config = model.config.get_text_config()
     embed, layers, final_norm, output, layer_qkv, layer_out = _parts(model)
     ropes = layer_ropes(config)
+    windows = layer_windows(config)
     n_heads = config.num_attention_heads
     raw_keys = [[] for _ in layers]  # per layer, per token: [n_kv_heads, head_dim], before RoPE
     raw_values = [[] for _ in layers]
@@ -413,10 +423,15 @@ def naive_streaming_logits(
             query, key, value = layer_qkv(layer, x, config)
             raw_keys[layer_idx].append(key)
             raw_values[layer_idx].append(value)
-            keys = torch.stack([raw_keys[layer_idx][p] for p in keys_seen])
-            values = torch.stack([raw_values[layer_idx][p] for p in keys_seen])
+            seen, positions = keys_seen, key_positions
+            if windows[layer_idx] is not None:  # of those keys, the ones nearer than the layer's window
+                near = (query_position - key_positions < windows[layer_idx]).tolist()
+                seen = [p for p, kept in zip(keys_seen, near) if kept]
+                positions = key_positions[torch.tensor(near)]
+            keys = torch.stack([raw_keys[layer_idx][p] for p in seen])
+            values = torch.stack([raw_values[layer_idx][p] for p in seen])
             inv_freq, rope_scaling = ropes[layer_idx]
-            attended = _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, rope_scaling,
+            attended = _attend(query, keys, values, positions, query_position, inv_freq, n_heads, rope_scaling,
                                softmax_scale(config), getattr(config, "attn_logit_softcapping", None),
                                config.model_type in INTERLEAVED_ROPE_TYPES)
             x = layer_out(layer, x, attended)

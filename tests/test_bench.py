@@ -252,6 +252,17 @@ def test_a_cache_beyond_the_sliding_window_skips_the_dense_methods_too(capsys):
     assert [row.method for row in rows] == methods and capsys.readouterr().err == ""
 
 
+def test_a_hybrid_model_is_timed_with_a_cache_beyond_its_sliding_window(capsys):
+    """Gemma 3 with an 8-token window in its sliding layer at cache size 16 (docs/semantics.md §8): every method is timed;
+    dense_dynamic, whose DynamicCache made from the config could not be cropped past the window, keeps plain layers."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family("gemma3_text", sliding_window=8)
+    methods = ["dense_static", "dense_dynamic", "streaming_pos_shift", "streaming_static", "mit", "recompute"]
+    rows = measure_latency(model, methods, capacity=16, n_sink=2, rounds=1, steps_per_round=1)
+    assert [row.method for row in rows] == methods and capsys.readouterr().err == ""
+
+
 def test_cache_sizes_accept_a_trailing_comma_and_spaces():
     from streaming_llm.bench.command import _int_list
 

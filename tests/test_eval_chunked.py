@@ -39,6 +39,22 @@ def test_chunked_re_rotation_keeps_an_interleaved_model_s_feature_order(model_ty
     assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] <= TOLERANCE
 
 
+@pytest.mark.parametrize("model_type, overrides", [
+    ("gemma2", dict(sliding_window=8)), ("olmo3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    ("mistral", dict(sliding_window=16))])
+def test_a_chunk_of_one_token_is_the_decode_loop_for_sliding_window_layers(model_type, overrides):
+    """The chunked baseline crashed for any model with sliding-window layers (its DynamicCache, made from the config,
+    dropped old keys in those layers itself: 17 keys against a mask of 18). With plain cache layers the model's own
+    sliding-window mask falls on cache slots, and a chunk of one token is the decode loop — sinks leaving a sliding
+    layer's view included (Gemma 2 and OLMo-3 at capacity 9 with a window of 8: docs/semantics.md §8)."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family(model_type, **overrides)
+    ids = random_ids(36, seed=8)[None]
+    chunked = chunked_streaming_perplexity(model, ids, n_sink=2, window_size=7, chunk_size=1).nlls
+    assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] <= TOLERANCE
+
+
 def test_larger_chunks_see_more_than_the_decode_loop(model):
     """Before the first cut (the first chunk) chunked equals dense; after it, it differs from the decode loop."""
     ids = random_ids(36, seed=9)[None]

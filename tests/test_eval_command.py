@@ -80,13 +80,13 @@ def test_eval_skips_a_reference_that_cannot_run_the_model(neox_dir, tmp_path, ca
 def test_a_multimodal_gemma3_checkpoint_streams_its_text(tmp_path, capsys):
     """Gemma 3's 4B+ checkpoints are multimodal (`gemma3`, the text model inside): `info` reports the language model,
     `eval` streams it (kvpress, which presses only its full-attention layers, skipped by name), and without eviction
-    it is dense."""
+    it is dense — with a cache larger than its sliding layer's window of 16 (docs/semantics.md §8)."""
     from tiny_models import build_gemma3_multimodal
 
     from streaming_llm.loading import embedded_tokenizer
 
     tokenizer = embedded_tokenizer()
-    model = build_gemma3_multimodal(vocab_size=len(tokenizer))
+    model = build_gemma3_multimodal(vocab_size=len(tokenizer), sliding_window=16)
     folder = tmp_path / "tiny_gemma3"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -96,6 +96,7 @@ def test_a_multimodal_gemma3_checkpoint_streams_its_text(tmp_path, capsys):
     assert (info["model_type"], info["layers"], info["vocab_size"], info["max_positions"]) == ("gemma3", 2, len(tokenizer),
                                                                                                4096)
     assert (info["rotary_ndims"], info["rotary_pairs"], info["layers_without_rope"]) == (16, "rotate_half (i, i+d/2)", 0)
+    assert (info["sliding_layers"], info["sliding_window"], info["cache_capacity"]) == (1, 16, 22)
     status, out, err = run_main(capsys, "eval", "--model", str(folder), *STREAM, "--output-dir", str(tmp_path / "out"),
                                 "--methods", "dense,streaming_pos_shift,mit,kvpress_decode_corrected")
     assert status == 0, err
@@ -123,6 +124,7 @@ def test_info_says_how_a_model_rotates(tmp_path, capsys):
     assert status == 0, err
     info = json.loads(out)
     assert (info["rotary_ndims"], info["rotary_pairs"], info["layers_without_rope"]) == (16, "interleaved (2i, 2i+1)", 1)
+    assert (info["sliding_layers"], info["sliding_window"]) == (1, 4096)
 
 
 @pytest.fixture(scope="module")

@@ -139,12 +139,12 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
     return _finish(AutoModelForCausalLM.from_config(config), seed=1)
 
 
-def build_gemma3_multimodal(vocab_size: int = VOCAB_SIZE) -> torch.nn.Module:
+def build_gemma3_multimodal(vocab_size: int = VOCAB_SIZE, **text_overrides) -> torch.nn.Module:
     """Gemma 3 as its 4B+ checkpoints come (`gemma3`: a vision tower and the text model at model.model.language_model),
-    its text model shaped as build_llama_family("gemma3_text"), a one-layer vision tower beside it."""
+    its text model shaped as build_llama_family("gemma3_text", **text_overrides), a one-layer vision tower beside it."""
     from transformers import AutoModelForCausalLM, Gemma3Config
 
-    text = build_llama_family("gemma3_text").config.to_dict() | dict(vocab_size=vocab_size)
+    text = build_llama_family("gemma3_text", **text_overrides).config.to_dict() | dict(vocab_size=vocab_size)
     torch.manual_seed(0)
     config = Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                                num_attention_heads=2, image_size=28, patch_size=14),

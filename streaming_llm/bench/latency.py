@@ -169,7 +169,9 @@ class DenseDynamicDecoder(DenseStaticDecoder):
 
         self.check_fits()
         self.model.set_attn_implementation("sdpa")
-        self.cache = DynamicCache(config=self.model.config)
+        # Plain layers, which keep all `capacity` tokens: a sliding-window layer made from the config drops its old
+        # keys itself and cannot be cropped once it has seen more than its window (a hybrid model's cache may).
+        self.cache = DynamicCache()
         with torch.no_grad():
             self.model(_random_ids(self.model, self.capacity, self.device), past_key_values=self.cache)
         self.position = torch.tensor([self.capacity], device=self.device)

@@ -95,26 +95,42 @@ def adapter_for(config) -> ModuleType:
     )
 
 
+def sliding_windows(config) -> list[int | None]:
+    """Each layer's own sliding window (it sees keys at distance < window), None for a layer without one: every layer
+    of Mistral v0.1 or Ministral, the sliding layers of a hybrid model (Gemma 2 and 3, Cohere 2, EXAONE 4, OLMo 3,
+    Qwen2 with use_sliding_window past max_window_layers), no layer of most models."""
+    config = config.get_text_config()  # a multimodal checkpoint's language model
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    layer_types = getattr(config, "layer_types", None)
+    if not window or not layer_types:
+        return [window or None] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 def check_capacity(config, capacity: int) -> None:
     """ValueError if a cache of `capacity` tokens exceeds what the model's attention allows.
 
     A step attends to capacity + 1 keys at positions 0..capacity, so the capacity stays below
-    max_position_embeddings and, for a model whose layers attend within a sliding window (Mistral v0.1, Qwen2
-    with use_sliding_window), below `sliding_window`: the model itself never attends to more keys than that.
+    max_position_embeddings and, for a model whose every layer attends within a sliding window (Mistral v0.1,
+    Ministral), below `sliding_window`: no layer of it ever attends to more keys than that, sinks included. A hybrid
+    model's sliding layers keep their own window inside a larger cache (`positions.visible_in_layer`).
     Called by every streaming attention step: nothing is formatted unless the check fails.
     """
     config = config.get_text_config()  # a multimodal checkpoint's language model
     max_positions = getattr(config, "max_position_embeddings", None)
     sliding_window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if sliding_window and capacity >= sliding_window and None in sliding_windows(config):
+        sliding_window = None  # a hybrid: its full-attention layers see the whole cache
     bounds = [(bound, name) for name, bound in (("max_position_embeddings", max_positions),
                                                  ("sliding_window", sliding_window)) if bound]
     if not bounds:
         return
     bound, name = min(bounds)
     if capacity >= bound:
+        reason = f", but every layer of this model sees only its last {bound}" if name == "sliding_window" else ""
         raise ValueError(
-            f"cache capacity n_sink + window_size = {capacity} is too large for the model's {name}={bound}: a step "
-            f"attends to capacity + 1 tokens; use at most {bound - 1}"
+            f"cache capacity n_sink + window_size = {capacity} is too large for the model's {name}={bound}: a "
+            f"step attends to capacity + 1 tokens{reason}; use at most {bound - 1}"
         )
 
 

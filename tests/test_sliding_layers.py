@@ -1,0 +1,121 @@
+"""Layers with their own sliding window inside a larger cache (docs/semantics.md, "Layers with their own sliding
+window"): a hybrid model's sliding layers (Gemma 2 and 3, Cohere 2, EXAONE 4, OLMo 3, ...) see, of the keys
+SEMANTICS.md §1 gives every layer, those nearer than their window in the mode's positions; its full-attention layers
+see the whole cache. Held against the model itself (no eviction: its own sliding-window masks) and the naive
+reference (eviction), on the general path, the static step, MIT mode and the compiled step."""
+
+import copy
+
+import pytest
+from reference import naive_streaming_logits
+from tiny_models import (block_sizes_covering, build_gemma3_multimodal, build_llama_family, check_compiled_step_graphs,
+                         dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
+
+from streaming_llm import StreamingKVCache, prepare_model
+from streaming_llm.fast import FastStreamingWrapper
+from streaming_llm.models import check_capacity, sliding_windows
+
+TOLERANCE = 1e-4
+WINDOW, LENGTH = 8, 48
+# Every supported type whose layers mix sliding and full attention, with a window of 8 tokens.
+HYBRID = {**{model_type: dict(sliding_window=WINDOW) for model_type in (
+    "gemma2", "gemma3_text", "vaultgemma", "cohere2", "exaone4", "exaone_moe", "cwm", "afmoe")},
+    "olmo3": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    "qwen2": dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)}
+EVERY_LAYER = {"mistral": dict(sliding_window=WINDOW), "ministral": dict(sliding_window=WINDOW)}
+
+
+def build(model_type):
+    if model_type == "gemma3":
+        return build_gemma3_multimodal(sliding_window=WINDOW)
+    return build_llama_family(model_type, **{**HYBRID, **EVERY_LAYER}[model_type])
+
+
+@pytest.fixture(scope="module", params=[*sorted(HYBRID), "gemma3"])
+def hybrid_model(request):
+    model = build(request.param)
+    windows = sliding_windows(model.config)
+    assert WINDOW in windows and None in windows, windows  # both kinds of layer
+    return model
+
+
+def stream(model, input_ids, n_sink, window_size, position_mode="pos_shift", blocks=(5, 1, 13)):
+    """Logits of the general path in blocks, of the static step token by token and of MIT mode (pos_shift only)."""
+    results = {"general": feed_stream(make_wrapper(model, n_sink, window_size, position_mode=position_mode), input_ids,
+                                      block_sizes_covering(input_ids.shape[0], list(blocks))),
+               "static": feed_stream(FastStreamingWrapper(copy.deepcopy(model), n_sink, window_size,
+                                                          position_mode=position_mode, compile="never"), input_ids)}
+    if position_mode == "pos_shift":
+        results["mit"] = feed_stream(make_wrapper(model, n_sink, window_size, streaming_mode="mit"), input_ids,
+                                     block_sizes_covering(input_ids.shape[0], list(blocks)))
+    return results
+
+
+def test_a_cache_larger_than_the_sliding_window_without_eviction_is_the_model(hybrid_model):
+    """Capacity 50 > window 8 and nothing evicted: the sliding layers keep the model's own window (before, such a
+    cache was refused: every layer saw the whole cache, which the model's sliding layers never do)."""
+    input_ids = random_ids(LENGTH, seed=31)
+    dense = dense_logits(hybrid_model, input_ids)
+    for path, logits in stream(hybrid_model, input_ids, 2, LENGTH, blocks=(1, 9, 1, 20)).items():
+        assert max_abs_diff(logits, dense) <= TOLERANCE, path
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+@pytest.mark.parametrize("n_sink, window_size", [(2, 14), (0, 14), (2, 4)])
+def test_sliding_layers_within_an_evicting_cache_match_the_reference(hybrid_model, position_mode, n_sink, window_size):
+    """Capacity 16 (>= the window: the sinks leave the sliding layers' view once min(t, C) >= 8, the window's oldest
+    keys too) and capacity 6 (< the window: nothing hidden under pos_shift; in absolute mode the sinks, at distance
+    t, leave the sliding layers' view from t = 8 on, as the model's own mask would hide them)."""
+    input_ids = random_ids(LENGTH, seed=32)
+    expected = naive_streaming_logits(hybrid_model, input_ids, n_sink, window_size, position_mode)
+    for path, logits in stream(hybrid_model, input_ids, n_sink, window_size, position_mode).items():
+        assert max_abs_diff(logits, expected) <= TOLERANCE, path
+
+
+@pytest.mark.parametrize("model_type", sorted(EVERY_LAYER))
+def test_a_model_whose_every_layer_slides_keeps_its_capacity_below_the_window(model_type):
+    """Mistral v0.1 / Ministral: no layer would ever see more than the window, sinks included, so a larger cache is
+    refused, saying why; below the window, absolute mode's sinks still leave the view at distance 8."""
+    model = build(model_type)
+    with pytest.raises(ValueError, match=f"sliding_window={WINDOW}: .* every layer of this model sees only its last "
+                                         f"{WINDOW}; use at most {WINDOW - 1}"):
+        check_capacity(model.config, WINDOW)
+    input_ids = random_ids(30, seed=33)
+    expected = naive_streaming_logits(model, input_ids, 2, 4, "absolute")
+    for path, logits in stream(model, input_ids, 2, 4, "absolute").items():
+        assert max_abs_diff(logits, expected) <= TOLERANCE, path
+
+
+def test_the_window_changes_what_a_sliding_layer_sees():
+    """The tests above can fail: the same stream with the sliding layers' window left out (every layer sees the whole
+    cache, as SEMANTICS.md §1 alone would say) is far from the reference."""
+    model = build("gemma3_text")
+    input_ids = random_ids(LENGTH, seed=32)
+    expected = naive_streaming_logits(model, input_ids, 2, 14)
+    ignoring_window = copy.deepcopy(model)
+    for layer in ignoring_window.model.layers:
+        layer.self_attn.sliding_window = None
+    assert max_abs_diff(feed_stream(make_wrapper(ignoring_window, 2, 14), input_ids), expected) > 0.1
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "cohere2"])
+def test_the_compiled_step_masks_the_sliding_layers_in_its_graph(model_type):
+    """The static step computes the sliding layers' mask from t on the device, inside the one compiled graph."""
+    check_compiled_step_graphs(build(model_type), 2, 14)
+
+
+def test_generate_streams_a_hybrid_model_past_its_window():
+    """model.generate with a StreamingKVCache larger than the sliding window: greedy tokens as the dense model's while
+    nothing is evicted, and the stream goes on past the capacity."""
+    import torch
+
+    model = build("gemma3_text")
+    prompt = random_ids(6, seed=34)[None]
+    options = dict(do_sample=False, max_new_tokens=30, attention_mask=torch.ones_like(prompt))
+    dense = model.generate(prompt, **options)
+    streamed_model = prepare_model(copy.deepcopy(model))
+    streamed = streamed_model.generate(prompt, past_key_values=StreamingKVCache(2, 40), **options)
+    assert torch.equal(streamed, dense)
+    cache = StreamingKVCache(2, 14)
+    longer = streamed_model.generate(prompt, past_key_values=cache, **{**options, "max_new_tokens": 40})
+    assert longer.shape[1] == 46 and cache.get_seq_length() == 45 and cache.get_cache_length() == 16
