@@ -119,8 +119,9 @@ def check_capacity(config, capacity: int) -> None:
     config = config.get_text_config()  # a multimodal checkpoint's language model
     max_positions = getattr(config, "max_position_embeddings", None)
     sliding_window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if sliding_window and capacity >= sliding_window and None in sliding_windows(config):
-        sliding_window = None  # a hybrid: its full-attention layers see the whole cache
+    if sliding_window and capacity >= sliding_window and any(
+            kind != "sliding_attention" for kind in getattr(config, "layer_types", None) or ()):
+        sliding_window = None  # a hybrid (sliding_windows has a None): its full-attention layers see the whole cache
     bounds = [(bound, name) for name, bound in (("max_position_embeddings", max_positions),
                                                  ("sliding_window", sliding_window)) if bound]
     if not bounds:
