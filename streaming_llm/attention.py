@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
-from streaming_llm.models import check_capacity, describe
+from streaming_llm.models import check_capacity, describe, sliding_windows
 
 ATTN_IMPLEMENTATION = "streaming_llm"
 _handoff = threading.local()
@@ -104,7 +104,7 @@ def streaming_attention_forward(
     if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
         pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
     scaling = module.scaling if scaling is None else scaling
-    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"), kwargs.get("sliding_window"))
+    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"), module.streaming_window)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -149,7 +149,7 @@ def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_func
     which keys a query sees is the cache's decision (SEMANTICS.md §1). So a sliding-window overlay (Mistral v0.1,
     Qwen2 with use_sliding_window) is dropped: laid over the cache's slots in stream coordinates, it would hide
     every held key once the stream is longer than the window. A layer's own window is applied by the cache instead,
-    in the mode's positions (`positions.visible_in_layer`), from the `sliding_window` its model passes.
+    in the mode's positions (`positions.visible_in_layer`), the window prepare_model read from the config.
     A step without a StreamingKVCache (a prepared model run densely) gets the model's own mask, overlay included."""
     if getattr(_handoff, "mask_position", None) is not cache_position:
         return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)
@@ -166,11 +166,16 @@ def prepare_model(model: nn.Module) -> nn.Module:
     """Make `model` run the streaming attention whenever its cache is a StreamingKVCache.
 
     Checks the architecture (ValueError naming the supported ones), gives every attention layer the
-    model's rotary frequencies, and switches `config._attn_implementation` to "streaming_llm".
-    Returns the model, unchanged otherwise.
+    model's rotary frequencies and its own sliding window (`models.sliding_windows`: from the config, as the model's
+    mask reads it; Qwen2-MoE and PhiMoE do not pass theirs on to the attention function), and switches
+    `config._attn_implementation` to "streaming_llm". Returns the model, unchanged otherwise.
     """
     architecture = describe(model)
-    for module, rotary in zip(architecture.attention_modules, architecture.layer_rotaries):
-        module.streaming_rotary = rotary
+    windows = sliding_windows(model.config)
+    if len(windows) != len(architecture.attention_modules):
+        raise ValueError(f"this {architecture.model_type} model has {len(architecture.attention_modules)} attention "
+                         f"layers where its config names {len(windows)}")
+    for module, rotary, window in zip(architecture.attention_modules, architecture.layer_rotaries, windows):
+        module.streaming_rotary, module.streaming_window = rotary, window
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model

@@ -203,7 +203,7 @@ class StreamingLayer(CacheLayerMixin):
 
         query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
         `softcap` (Gemma 2): scaled scores pass through softcap * tanh(score / softcap) before the softmax.
-        `sliding_window`: the layer's own window, as its model passes it to the attention (`visible_in_layer`).
+        `sliding_window`: the layer's own window, as prepare_model recorded it (`visible_in_layer`).
         """
         step, self.pending = self.pending, None
         if step["sin"] is None or rotary.is_identity(step["sin"]):  # no RoPE, or position 0 (the wrapper's) unscaled

@@ -109,13 +109,9 @@ def static_streaming_attention_forward(
     if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
         raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
                            "the static decode step cannot run it (use StreamingLLMWrapper)")
-    window = kwargs.get("sliding_window")
-    if window is not None:
-        if window not in streaming_window_masks:
-            raise RuntimeError(f"layer {module.layer_idx} attends within a sliding window of {window}, which its "
-                               "config does not name (streaming_llm.models.sliding_windows)")
-        if streaming_window_masks[window] is not None:
-            streaming_mask = streaming_window_masks[window]
+    window = module.streaming_window
+    if window is not None and streaming_window_masks[window] is not None:
+        streaming_mask = streaming_window_masks[window]
     query = module.streaming_rotary.to_half_layout(query)  # as the buffer's keys (StaticStepLayer.update)
     output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"))
     return output.transpose(1, 2).contiguous(), None

@@ -126,6 +126,23 @@ def test_kvpress_prefill_rerotation_equals_ours(llama_model):
     assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_streaming"] > 1e-3
 
 
+@pytest.mark.parametrize("overrides", [dict(sliding_window=16), dict(sliding_window=8, use_sliding_window=True,
+                                                                         max_window_layers=1)])
+def test_the_kvpress_comparison_runs_a_model_with_sliding_window_layers(overrides):
+    """Mistral (every layer within 16) and a hybrid Qwen2 (its second layer within 8) at capacity 10: the comparison's
+    DynamicCache, made from the config, could not be cropped past the window (a ValueError from transformers); with
+    plain layers kvpress's rerotation again equals ours."""
+    pytest.importorskip("kvpress")
+    from tiny_models import build_llama_family
+
+    from streaming_llm.eval.kvpress_compare import compare_prefill_protocol
+
+    model_type = "qwen2" if "use_sliding_window" in overrides else "mistral"
+    report = compare_prefill_protocol(build_llama_family(model_type, **overrides), random_ids(60, seed=1)[None], 40, 12, 2,
+                                      8, timing_repeats=1)
+    assert report["max_abs_delta_nll"]["kvpress_rerotate_vs_ours_same_protocol"] <= TOLERANCE
+
+
 def test_the_kvpress_comparison_sees_a_rerotation_that_is_off(llama_model, monkeypatch):
     """The comparison is not vacuous: with one of our rotated keys off by 0.1 in layer 0 and 0.2 in layer 1, it reports those
     key differences per layer, their maximum, and continuation NLLs that move. Input exactly as long as the context

@@ -21,8 +21,11 @@ WINDOW, LENGTH = 8, 48
 HYBRID = {**{model_type: dict(sliding_window=WINDOW) for model_type in (
     "gemma2", "gemma3_text", "vaultgemma", "cohere2", "exaone4", "exaone_moe", "cwm", "afmoe")},
     "olmo3": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
-    "qwen2": dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)}
-EVERY_LAYER = {"mistral": dict(sliding_window=WINDOW), "ministral": dict(sliding_window=WINDOW)}
+    # Qwen2-MoE slides through its mask only: it does not pass its window on to the attention function.
+    **{model_type: dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)
+       for model_type in ("qwen2", "qwen2_moe")}}
+# Every layer slides where the config sets a window (PhiMoE, Mixtral: through the mask only).
+EVERY_LAYER = {model_type: dict(sliding_window=WINDOW) for model_type in ("mistral", "ministral", "phimoe", "mixtral")}
 
 
 def build(model_type):
@@ -92,10 +95,10 @@ def test_the_window_changes_what_a_sliding_layer_sees():
     model = build("gemma3_text")
     input_ids = random_ids(LENGTH, seed=32)
     expected = naive_streaming_logits(model, input_ids, 2, 14)
-    ignoring_window = copy.deepcopy(model)
-    for layer in ignoring_window.model.layers:
-        layer.self_attn.sliding_window = None
-    assert max_abs_diff(feed_stream(make_wrapper(ignoring_window, 2, 14), input_ids), expected) > 0.1
+    ignoring_window = make_wrapper(model, 2, 14)
+    for layer in ignoring_window.model.model.layers:
+        layer.self_attn.streaming_window = None
+    assert max_abs_diff(feed_stream(ignoring_window, input_ids), expected) > 0.1
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "cohere2"])

@@ -117,7 +117,7 @@ def compare_prefill_protocol(
     del kv_plain
 
     # The same dense prefill, uncompressed: the keys both rerotations start from.
-    dense_cache = DynamicCache(config=model.config)
+    dense_cache = DynamicCache()  # plain layers: a sliding-window layer from the config cannot be cropped past its window
     mask = torch.ones_like(context)
     last_logits = model(context, attention_mask=mask, past_key_values=dense_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     dense_keys = [layer.keys.clone() for layer in dense_cache.layers]
@@ -125,7 +125,7 @@ def compare_prefill_protocol(
     nlls["dense"] = _continuation_nlls_from_cache(model, dense_cache, context_length, last_logits, continuation)
     del dense_cache
 
-    ours_cache = DynamicCache(config=model.config)
+    ours_cache = DynamicCache()
     key_deltas = []
     for layer_idx, (keys, values) in enumerate(zip(dense_keys, dense_values)):
         ours = our_rerotation(keys, kept, inv_freq)
