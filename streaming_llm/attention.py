@@ -49,11 +49,27 @@ def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
+def softmax_with_sink_logits(scores: torch.Tensor, s_aux: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the keys, in float32. `s_aux` (GPT-OSS's learned logit per query head [heads]: a key without a
+    value that takes its share of every row's weight) joins the softmax and is dropped after it.
+
+    scores: [b, kv_heads, groups * n, m] as `cache.grouped_scores` lays them out (query head kv * groups + g in rows
+    g * n .. g * n + n - 1), or [b, heads, n, m] (groups = 1)."""
+    scores = scores.float()
+    if s_aux is None:
+        return torch.softmax(scores, dim=-1)
+    batch, kv_heads, rows, _ = scores.shape
+    groups = s_aux.numel() // kv_heads
+    extra = s_aux.float().reshape(1, kv_heads, groups, 1, 1).expand(batch, kv_heads, groups, rows // groups, 1)
+    return torch.softmax(torch.cat([scores, extra.reshape(batch, kv_heads, rows, 1)], dim=-1), dim=-1)[..., :-1]
+
+
 def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """A prepared model run without a StreamingKVCache: transformers' SDPA attention, or, for Gemma 2's logit
-    soft-capping (which SDPA does not apply), the same softmax written out as the model's eager attention does."""
-    softcap = kwargs.get("softcap")
-    if softcap is None:
+    soft-capping and GPT-OSS's learned sink logits (which SDPA does not apply), the same softmax written out as the
+    model's eager attention does."""
+    softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
+    if softcap is None and s_aux is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     n, m = query.shape[-2], key.shape[-2]
     if attention_mask is None:  # SDPA's causal shortcut: the queries are the last n of the m positions
@@ -64,7 +80,7 @@ def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = cap_scores(query @ key.transpose(-1, -2) * (module.scaling if scaling is None else scaling), softcap)
-    weights = torch.softmax((scores + attention_mask[..., :m]).float(), dim=-1).to(value.dtype)
+    weights = softmax_with_sink_logits(scores + attention_mask[..., :m], s_aux).to(value.dtype)
     return (weights @ value).transpose(1, 2).contiguous(), None
 
 
@@ -104,7 +120,8 @@ def streaming_attention_forward(
     if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
         pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
     scaling = module.scaling if scaling is None else scaling
-    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"), module.streaming_window)
+    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"), module.streaming_window,
+                                            kwargs.get("s_aux"))
     return output.transpose(1, 2).contiguous(), None
 
 

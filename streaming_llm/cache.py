@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import cap_scores, expect_streaming_attention, expect_streaming_mask
+from streaming_llm.attention import cap_scores, expect_streaming_attention, expect_streaming_mask, softmax_with_sink_logits
 from streaming_llm.checks import check_int
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible_in_layer
@@ -198,12 +198,14 @@ class StreamingLayer(CacheLayerMixin):
 
     # -- streaming attention ----------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,
-               softcap: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
+               softcap: float | None = None, sliding_window: int | None = None,
+               s_aux: torch.Tensor | None = None) -> torch.Tensor:
         """Streaming attention of this step's queries over the kept and the new keys, then eviction.
 
         query: [batch, heads, n, head_dim] as rotated by the model; returns [batch, heads, n, head_dim].
         `softcap` (Gemma 2): scaled scores pass through softcap * tanh(score / softcap) before the softmax.
         `sliding_window`: the layer's own window, as prepare_model recorded it (`visible_in_layer`).
+        `s_aux` (GPT-OSS): a learned logit per query head that joins every softmax (`softmax_with_sink_logits`).
         """
         step, self.pending = self.pending, None
         if step["sin"] is None or rotary.is_identity(step["sin"]):  # no RoPE, or position 0 (the wrapper's) unscaled
@@ -212,7 +214,7 @@ class StreamingLayer(CacheLayerMixin):
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
             keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
         output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling,
-                                                               softcap, self.hiding_window(sliding_window, query))
+                                                               softcap, self.hiding_window(sliding_window, query), s_aux)
         self.store(stored_keys, step["values"], new_positions)
         self.seen += query.shape[-2]
         self.advance_frame(rotary)
@@ -224,7 +226,8 @@ class StreamingLayer(CacheLayerMixin):
         return sliding_window if self.policy.window_hides(sliding_window, self.seen + query.shape[-2] - 1) else None
 
     def attend_block(self, query_raw, keys_raw, values, rotary: RotaryParams, scaling: float,
-                     softcap: float | None = None, sliding_window: int | None = None):
+                     softcap: float | None = None, sliding_window: int | None = None,
+                     s_aux: torch.Tensor | None = None):
         """The general path: any number of new tokens, positions and visibility from SEMANTICS.md (within the
         layer's `sliding_window`, given where it hides a key).
 
@@ -249,7 +252,8 @@ class StreamingLayer(CacheLayerMixin):
             keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
         all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
 
-        if softcap is None and sliding_window is None and _can_use_fused_cpu_attention(query_raw, new_positions, policy):
+        if (softcap is None and sliding_window is None and s_aux is None
+                and _can_use_fused_cpu_attention(query_raw, new_positions, policy)):
             output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
             return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
@@ -261,7 +265,7 @@ class StreamingLayer(CacheLayerMixin):
                 scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
         bias = self._visibility_bias(new_positions, positions, groups, scores.dtype, sliding_window=sliding_window)
         scores = cap_scores(scores * scaling, softcap) + bias
-        probabilities = torch.softmax(scores.float(), dim=-1).to(query_raw.dtype)
+        probabilities = softmax_with_sink_logits(scores, s_aux).to(query_raw.dtype)
         output = grouped_output(probabilities, all_values, query_raw.shape[1])
         return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
@@ -400,9 +404,9 @@ class RingLayer(StreamingLayer):
         window = self.keys[:, :, self.policy.n_sink :]
         window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
 
-    def attend(self, query, rotary, scaling, softcap=None, sliding_window=None):
-        if query.shape[-2] != 1 or softcap is not None:  # one SDPA call cannot cap the scores
-            return super().attend(query, rotary, scaling, softcap, sliding_window)
+    def attend(self, query, rotary, scaling, softcap=None, sliding_window=None, s_aux=None):
+        if query.shape[-2] != 1 or softcap is not None or s_aux is not None:  # SDPA caps no score, adds no logit
+            return super().attend(query, rotary, scaling, softcap, sliding_window, s_aux)
         return self._decode_step(query, rotary, scaling, self.hiding_window(sliding_window, query))
 
     def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import cap_scores
+from streaming_llm.attention import cap_scores, softmax_with_sink_logits
 from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores, written_outside_inference_mode
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
@@ -53,7 +53,8 @@ def resolve_decode_attention(variant: str, device: torch.device | str) -> str:
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float | None, variant: str = "grouped", softcap: float | None = None) -> torch.Tensor:
+                     scaling: float | None, variant: str = "grouped", softcap: float | None = None,
+                     s_aux: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per head over a buffer of keys; [b, heads, 1, d] -> [b, heads, 1, dv].
 
     The formulations differ only in which kernel does the work (results agree to rounding):
@@ -63,13 +64,21 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     - expanded_masked: what transformers' compiled StaticCache step does: keys/values repeated per query head and
       an explicit mask (which selects SDPA's masked kernels);
     - matmul: q·kᵀ, softmax in float32, ·v as plain batched matmuls (cuBLAS splits the long key axis).
-    `mask` is additive, broadcastable to [b, *, 1, slots], or None. With `softcap` (Gemma 2's logit soft-capping,
-    which no SDPA kernel applies) every variant is computed as matmul.
+    `mask` is additive, broadcastable to [b, *, 1, slots], or None. With `softcap` (Gemma 2's logit soft-capping) or
+    `s_aux` (GPT-OSS's learned sink logits), which no SDPA kernel applies, every variant is computed as matmul.
     """
     batch, heads, n, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    if variant not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
+    if variant == "matmul" or softcap is not None or s_aux is not None:
+        scale = dim**-0.5 if scaling is None else scaling
+        scores = cap_scores(grouped_scores(query, key).float() * scale, softcap)
+        if mask is not None:
+            scores = scores + mask
+        return grouped_output(softmax_with_sink_logits(scores, s_aux).to(value.dtype), value, heads)
     if variant == "gqa":
         return sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     if variant == "expanded_masked":
@@ -78,17 +87,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if mask is None:
             mask = torch.zeros(1, 1, 1, key.shape[-2], dtype=query.dtype, device=query.device)
         return sdpa(query, key, value, attn_mask=mask, scale=scaling)
-    if variant == "matmul" or softcap is not None:
-        scale = dim**-0.5 if scaling is None else scaling
-        scores = cap_scores(grouped_scores(query, key).float() * scale, softcap)
-        if mask is not None:
-            scores = scores + mask
-        return grouped_output(torch.softmax(scores, dim=-1).to(value.dtype), value, heads)
-    if variant == "grouped":
-        grouped = query.reshape(batch, kv_heads, groups * n, dim)  # the layout of cache.grouped_scores
-        output = sdpa(grouped, key, value, attn_mask=mask, scale=scaling)
-        return output.reshape(batch, heads, n, value.shape[-1])
-    raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
+    grouped = query.reshape(batch, kv_heads, groups * n, dim)  # "grouped": the layout of cache.grouped_scores
+    output = sdpa(grouped, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, heads, n, value.shape[-1])
 
 
 def static_streaming_attention_forward(
@@ -113,7 +114,8 @@ def static_streaming_attention_forward(
     if window is not None and streaming_window_masks[window] is not None:
         streaming_mask = streaming_window_masks[window]
     query = module.streaming_rotary.to_half_layout(query)  # as the buffer's keys (StaticStepLayer.update)
-    output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"))
+    output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"),
+                              kwargs.get("s_aux"))
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -147,8 +147,9 @@ def positions_for(t: int, keys: list[int], position_mode: str) -> tuple[torch.Te
 
 
 def _attend(query, keys, values, key_positions, query_position, inv_freq, n_heads, scaling=1.0, softmax_scale=None,
-            softcap=None, interleaved=False):
-    """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw)."""
+            softcap=None, interleaved=False, sink_logits=None):
+    """One token's attention. query [n_heads, head_dim]; keys, values [n_keys, n_kv_heads, head_dim] (raw).
+    `sink_logits` [n_heads] (GPT-OSS): one more score per head, of a key without a value, in the softmax."""
     n_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     query = rope(query[:, None, :], torch.tensor([query_position]), inv_freq, scaling,
                  interleaved)[:, 0, :]  # [n_heads, head_dim]
@@ -160,7 +161,9 @@ def _attend(query, keys, values, key_positions, query_position, inv_freq, n_head
         scores = keys[head // group] @ query[head] * (softmax_scale or head_dim**-0.5)  # [n_keys]
         if softcap is not None:  # Gemma 2
             scores = softcap * torch.tanh(scores / softcap)
-        weights = torch.softmax(scores, dim=-1)
+        if sink_logits is not None:
+            scores = torch.cat([scores, sink_logits[head : head + 1].to(scores.dtype)])
+        weights = torch.softmax(scores, dim=-1)[: keys.shape[1]]  # the sink logit's share goes nowhere
         outputs.append(weights @ values[head // group])  # [head_dim]
     return torch.cat(outputs)  # [n_heads * head_dim]
 
@@ -177,6 +180,11 @@ def _llama_layer_qkv(layer, x, config):
     if clip is not None:
         query, key, value = (tensor.clamp(-clip, clip) for tensor in (query, key, value))
     return query, key, value
+
+
+def sink_logits_of(layer) -> torch.Tensor | None:
+    """GPT-OSS's learned sink logit per query head (`self_attn.sinks`); None for every other model."""
+    return getattr(getattr(layer, "self_attn", None), "sinks", None)
 
 
 def _mlp(layer, h):
@@ -313,7 +321,7 @@ def _apertus_layer_out(layer, x, attended):
 _LLAMA_STYLE_LAYERS = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "olmo", "starcoder2", "gemma", "smollm3", "arcee", "seed_oss",
                      "mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "glm4_moe", "glm", "helium", "ernie4_5",
-                     "ernie4_5_moe", "jais2", "ministral", "cwm", "exaone_moe", "solar_open"),
+                     "ernie4_5_moe", "jais2", "ministral", "cwm", "exaone_moe", "solar_open", "gpt_oss"),
                     (_llama_layer_qkv, _llama_layer_out)),
     **dict.fromkeys(("olmoe", "minimax_m2"), (_olmoe_layer_qkv, _llama_layer_out)),
     "glm4": (_llama_layer_qkv, _glm4_layer_out),
@@ -433,7 +441,7 @@ def naive_streaming_logits(
             inv_freq, rope_scaling = ropes[layer_idx]
             attended = _attend(query, keys, values, positions, query_position, inv_freq, n_heads, rope_scaling,
                                softmax_scale(config), getattr(config, "attn_logit_softcapping", None),
-                               config.model_type in INTERLEAVED_ROPE_TYPES)
+                               config.model_type in INTERLEAVED_ROPE_TYPES, sink_logits_of(layer))
             x = layer_out(layer, x, attended)
         logits.append(output(final_norm(x)))
     return torch.stack(logits)

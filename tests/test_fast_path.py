@@ -126,6 +126,20 @@ def test_every_decode_attention_formulation(llama_model, variant):
     assert max_abs_diff(feed_stream(fast, input_ids), general) <= TOLERANCE
 
 
+@pytest.mark.parametrize("variant", DECODE_ATTENTION)
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss"])
+def test_every_decode_attention_formulation_applies_what_sdpa_cannot(variant, model_type):
+    """Gemma 2's soft-capped scores and GPT-OSS's sink logits take the matmul formulation whatever variant is asked
+    for: "gqa" (the CUDA default) and "expanded_masked" returned plain SDPA before, dropping the soft-capping on GPU."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family(model_type)
+    input_ids = random_ids(40, seed=45)
+    general = feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids)
+    fast = make_fast(model, decode_attention=variant)
+    assert max_abs_diff(feed_stream(fast, input_ids), general) <= TOLERANCE
+
+
 def test_batch_of_streams(llama_model):
     input_ids = random_ids(60, seed=43, batch=2)
     general = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)

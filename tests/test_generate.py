@@ -117,7 +117,7 @@ def test_multi_turn_generate_through_one_cache(llama_model):
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "smollm3", "exaone4", "afmoe", "cohere", "cohere2",
-                                        "glm"])
+                                        "glm", "gpt_oss"])
 def test_generate_with_per_layer_rope_and_soft_capping(model_type):
     """model.generate rotates q and k at the stream positions, which the cache undoes: Gemma 3 with a RoPE per layer
     type, SmolLM3, EXAONE 4 and AFMoE, which pass no cos/sin to the cache (taken from the position ids) and have a layer

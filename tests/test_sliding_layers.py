@@ -19,7 +19,7 @@ TOLERANCE = 1e-4
 WINDOW, LENGTH = 8, 48
 # Every supported type whose layers mix sliding and full attention, with a window of 8 tokens.
 HYBRID = {**{model_type: dict(sliding_window=WINDOW) for model_type in (
-    "gemma2", "gemma3_text", "vaultgemma", "cohere2", "exaone4", "exaone_moe", "cwm", "afmoe")},
+    "gemma2", "gemma3_text", "vaultgemma", "cohere2", "exaone4", "exaone_moe", "cwm", "afmoe", "gpt_oss")},
     "olmo3": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
     # Qwen2-MoE slides through its mask only: it does not pass its window on to the attention function.
     **{model_type: dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)

@@ -21,12 +21,15 @@ ARCHITECTURES = ("llama", "gpt_neox")
 
 @torch.no_grad()
 def _perturb_norms_and_biases(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Norm weights 1 +- 0.1 and biases +- 0.1, so that no parameter is a no-op the package could ignore."""
+    """Norm weights 1 +- 0.1, biases +- 0.1 and GPT-OSS's sink logits +- 1, so that no parameter is a no-op the
+    package could ignore."""
     for name, parameter in model.named_parameters():
         if "norm" in name and name.endswith("weight"):
             parameter.copy_(1.0 + 0.1 * torch.randn(parameter.shape, generator=generator))
         elif name.endswith("bias"):
             parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+        elif name.endswith("self_attn.sinks"):  # GPT-OSS's learned sink logits, within the scores' range
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
 
 
 def _finish(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -126,6 +129,9 @@ def build_llama_family(model_type: str, **overrides) -> torch.nn.Module:
              "afmoe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
                            num_dense_layers=1, head_dim=16, sliding_window=4096, mup_enabled=True,
                            layer_types=["sliding_attention", "full_attention"]),
+             "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4096,
+                             layer_types=["sliding_attention", "full_attention"],
+                             rope_parameters=dict(rope_theta=10000.0, **SCALED_ROPES["yarn"])),
              "cohere": dict(use_qk_norm=True, logit_scale=0.5),
              "cohere2": dict(head_dim=16, logit_scale=0.5, sliding_window=4096,
                              layer_types=["sliding_attention", "full_attention"]),

@@ -4,7 +4,8 @@ Mistral, Ministral, Qwen2/3, Phi (partial rotary), Phi-3, OLMo, OLMo-2, OLMo-3, 
 EXAONE 4 (full-attention layers without RoPE beside sliding ones), Apertus, Arcee, Seed-OSS, BitNet, Jais 2, CWM; the
 mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, Granite-MoE (with or without a shared expert),
 PhiMoE, GLM-4.5 (`glm4_moe`, partial rotary), EXAONE MoE, MiniMax-M2, Solar Open, AFMoE (Arcee Trinity: gated
-attention output, full-attention layers without RoPE beside sliding ones); and the models with interleaved
+attention output, full-attention layers without RoPE beside sliding ones), GPT-OSS (a learned sink logit per head,
+sliding layers of 128 beside full ones); and the models with interleaved
 rotary: Cohere (Command R), Cohere 2 (Command R7B: full-attention layers without RoPE beside sliding ones), GLM, GLM-4,
 Helium, ERNIE 4.5 and its mixture of experts. What differs between them (norms, fused or biased projections, parallel
 residuals, multipliers, partial rotary) happens inside the model's own modules."""
@@ -17,7 +18,7 @@ MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "phi", "phi3",
                "granite", "gemma", "gemma2", "vaultgemma", "gemma3_text", "smollm3", "exaone4", "apertus", "arcee",
                "seed_oss", "bitnet", "jais2", "cwm",
                "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "granitemoe", "granitemoeshared", "phimoe",
-               "glm4_moe", "exaone_moe", "minimax_m2", "solar_open", "afmoe",
+               "glm4_moe", "exaone_moe", "minimax_m2", "solar_open", "afmoe", "gpt_oss",
                "cohere", "cohere2", "glm", "glm4", "helium", "ernie4_5", "ernie4_5_moe")
 # Model types that rotate feature pairs (2i, 2i + 1): whether their cos/sin come interleaved too (Cohere's rotary
 # embedding repeats each angle in place) or as [angles, angles], interleaved inside the rotation (the others).
