@@ -405,14 +405,16 @@ class RingLayer(StreamingLayer):
         window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
 
     def attend(self, query, rotary, scaling, softcap=None, sliding_window=None, s_aux=None):
-        if query.shape[-2] != 1 or softcap is not None or s_aux is not None:  # SDPA caps no score, adds no logit
+        if query.shape[-2] != 1:
             return super().attend(query, rotary, scaling, softcap, sliding_window, s_aux)
-        return self._decode_step(query, rotary, scaling, self.hiding_window(sliding_window, query))
+        return self._decode_step(query, rotary, scaling, self.hiding_window(sliding_window, query), softcap, s_aux)
 
     def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,
-                     sliding_window: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     s_aux: torch.Tensor | None = None) -> torch.Tensor:
         """One token: rotate q, k (one matmul each), write k/v into its slot, one SDPA over the buffer (masked by
-        the layer's sliding window, given where it hides a key)."""
+        the layer's sliding window, given where it hides a key); with soft-capping or sink logits, which SDPA does
+        not apply, the same attention as matmuls over the buffer."""
         step, self.pending = self.pending, None
         policy, t = self.policy, self.seen
         to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
@@ -430,11 +432,17 @@ class RingLayer(StreamingLayer):
         elif held_sinks:
             self.keys[:, :, :held_sinks] = self.sink_keys[:, :, :held_sinks]
         filled = min(t + 1, policy.capacity + 1)
-        mask = None if sliding_window is None else self._window_mask(sliding_window, filled)
-        output = torch.nn.functional.scaled_dot_product_attention(
-            query, self.keys[:, :, :filled], self.values[:, :, :filled], attn_mask=mask, scale=scaling,
-            enable_gqa=True
-        )
+        keys, values, mask = self.keys[:, :, :filled], self.values[:, :, :filled], None
+        if sliding_window is not None:
+            mask = self._window_mask(sliding_window, filled)
+        if softcap is None and s_aux is None:
+            output = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                                                      scale=scaling, enable_gqa=True)
+        else:
+            scores = cap_scores(grouped_scores(query, keys) * scaling, softcap)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            output = grouped_output(softmax_with_sink_logits(scores, s_aux).to(query.dtype), values, query.shape[1])
         self.seen += 1
         self.advance_frame(rotary)
         return output
