@@ -74,9 +74,11 @@ def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     n, m = query.shape[-2], key.shape[-2]
     if attention_mask is None:  # SDPA's causal shortcut: the queries are the last n of the m positions
         attention_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
-    if attention_mask.dtype == torch.bool:
+    if attention_mask.dtype == torch.bool:  # hidden keys at the dtype's lowest value, as the eager attentions have
+        # it: a padded query that sees no key then averages the values instead of making NaNs that spread to every
+        # token of its row through the next layer's values
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~attention_mask, float("-inf"))
+            ~attention_mask, torch.finfo(query.dtype).min)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = cap_scores(query @ key.transpose(-1, -2) * (module.scaling if scaling is None else scaling), softcap)

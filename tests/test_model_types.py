@@ -9,6 +9,7 @@ from reference import naive_streaming_logits
 from tiny_models import (block_sizes_covering, build_gemma3_multimodal, build_gpt_neox, build_llama, build_llama_family,
                          check_compiled_step_graphs, dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
 
+from streaming_llm import prepare_model
 from streaming_llm.fast import FastStreamingWrapper, compiles_step
 from streaming_llm.models import SUPPORTED_MODEL_TYPES, is_mixture_of_experts
 
@@ -48,6 +49,21 @@ def test_a_prepared_model_without_a_streaming_cache_is_the_model(typed_model):
     input_ids = random_ids(LENGTH, seed=11)
     assert max_abs_diff(dense_in_blocks_after_prepare(typed_model, input_ids, [1, 9, 1, 20]),
                         dense_logits(typed_model, input_ids)) <= TOLERANCE
+
+
+def test_a_prepared_model_run_densely_with_left_padding_is_the_model(typed_model):
+    """A padded batch without a StreamingKVCache (eval's dense baseline, or any use of a prepared model): the real
+    tokens' logits are the model's. The written-out attention (Gemma 2's soft-capping, GPT-OSS's sink logits) hid keys
+    at -inf, so a padded query that sees none made NaNs, which reached every token of its row (found in review)."""
+    input_ids = random_ids(24, seed=13, batch=2)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    prepared = prepare_model(copy.deepcopy(typed_model))
+    with torch.no_grad():
+        expected = typed_model(input_ids, attention_mask=attention_mask).logits
+        logits = prepared(input_ids, attention_mask=attention_mask).logits
+    assert not logits.isnan().any()
+    assert max_abs_diff(logits[0], expected[0]) <= TOLERANCE and max_abs_diff(logits[1, 5:], expected[1, 5:]) <= TOLERANCE
 
 
 def test_compiled_step_is_one_graph_that_writes_only_static_buffers(typed_model):
