@@ -60,8 +60,8 @@ def softmax_with_sink_logits(scores: torch.Tensor, s_aux: torch.Tensor | None) -
         return torch.softmax(scores, dim=-1)
     batch, kv_heads, rows, _ = scores.shape
     groups = s_aux.numel() // kv_heads
-    extra = s_aux.float().reshape(1, kv_heads, groups, 1, 1).expand(batch, kv_heads, groups, rows // groups, 1)
-    return torch.softmax(torch.cat([scores, extra.reshape(batch, kv_heads, rows, 1)], dim=-1), dim=-1)[..., :-1]
+    sink_column = s_aux.float().reshape(1, kv_heads, groups, 1, 1).expand(batch, kv_heads, groups, rows // groups, 1)
+    return torch.softmax(torch.cat([scores, sink_column.reshape(batch, kv_heads, rows, 1)], dim=-1), dim=-1)[..., :-1]
 
 
 def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

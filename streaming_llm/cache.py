@@ -342,8 +342,8 @@ class RingLayer(StreamingLayer):
     The ring keeps one slot more than the window: a decode step writes its token over the one it
     evicts only at the next step, since token t still attends to t - window_size (eviction after
     attention). So token t's keys are exactly the filled prefix of the buffer and a decode step is one
-    scaled_dot_product_attention call, as for a dense static cache (matmuls where the model soft-caps its scores or
-    adds sink logits, which SDPA does not take).
+    scaled_dot_product_attention call, as for a dense static cache (masked for a sliding layer whose window hides a
+    held key; matmuls where the model soft-caps its scores or adds sink logits, which SDPA does not take).
 
     Window keys are stored rotated at p - base. Sinks are kept separately at their own index j
     (`sink_keys`); each decode step writes them, rotated by the offset between the query's window and

@@ -102,7 +102,7 @@ def static_streaming_attention_forward(
     scaling: float | None = None,
     streaming_mask: torch.Tensor | None = None,
     streaming_decode_attention: str | None = None,
-    streaming_window_masks: dict | None = None,
+    streaming_window_masks: dict[int, torch.Tensor | None] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots,
@@ -414,12 +414,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def _static_step_full(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._static_step(token_ids, None)
 
-    def _additive(self, seen: torch.Tensor) -> torch.Tensor:
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """[1, 1, 1, slots]: 0 where a boolean [slots] is true, -inf elsewhere."""
-        hidden = torch.zeros(seen.shape, dtype=self.keys[0].dtype, device=seen.device)
-        return hidden.masked_fill(~seen, float("-inf"))[None, None, None]
+        hidden = torch.zeros(visible.shape, dtype=self.keys[0].dtype, device=visible.device)
+        return hidden.masked_fill(~visible, float("-inf"))[None, None, None]
 
-    def _window_masks(self, sink_position: torch.Tensor) -> dict:
+    def _window_masks(self, sink_position: torch.Tensor) -> dict[int, torch.Tensor | None]:
         """Per sliding window of the model's layers: the mask of the slots such a layer sees at step t (filled, at a
         distance below the window; `positions.visible_in_layer`), or None where the window never hides a kept key.
         Slot j < n_sink holds sink j (distance sink_position - j), ring slot s the latest p with

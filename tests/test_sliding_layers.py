@@ -23,7 +23,8 @@ HYBRID = {**{model_type: dict(sliding_window=WINDOW) for model_type in (
     "olmo3": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
     # Qwen2-MoE slides through its mask only: it does not pass its window on to the attention function.
     **{model_type: dict(sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)
-       for model_type in ("qwen2", "qwen2_moe")}}
+       for model_type in ("qwen2", "qwen2_moe", "qwen3")},
+    "smollm3": dict(sliding_window=WINDOW, use_sliding_window=True)}  # its layer without RoPE slides
 # Every layer slides where the config sets a window (PhiMoE, Mixtral: through the mask only).
 EVERY_LAYER = {model_type: dict(sliding_window=WINDOW) for model_type in ("mistral", "ministral", "phimoe", "mixtral")}
 

@@ -113,7 +113,8 @@ def _tensor_bytes(tensors) -> int:
 
 
 class DenseStaticDecoder(Decoder):
-    """transformers' StaticCache holding `capacity` tokens; each timed step attends to capacity + 1."""
+    """transformers' StaticCache holding `capacity` tokens; each timed step attends to capacity + 1 (a hybrid model's
+    sliding layers get StaticCache's own sliding layers of `sliding_window` slots, so they attend to fewer)."""
 
     name = "dense_static"
 
@@ -135,7 +136,8 @@ class DenseStaticDecoder(Decoder):
                    position_ids=self.position[None])
 
     def check_fits(self) -> None:
-        """ValueError (the method is skipped) where capacity + 1 keys exceed the model's positions or sliding window,
+        """ValueError (the method is skipped) where capacity + 1 keys exceed the model's positions or, for a model whose
+        every layer slides, its sliding window,
         as for the streaming methods: the model never attends to that many (a DynamicCache cannot even be cropped)."""
         check_capacity(self.model.config, self.capacity)
 

@@ -68,9 +68,9 @@ def chunked_streaming_perplexity(
     rotary = describe(model).single_rotary("the chunked evaluation's re-rotation")
     steps = input_ids.shape[1] - 1
     nlls = torch.empty(steps, dtype=torch.float64)
-    # Every layer a plain DynamicLayer that keeps what it is given (one for a sliding-window layer, which the config
-    # would ask for, drops keys itself, and its length no longer matches the cut): the model's sliding-window mask then
-    # falls on cache slots, the positions it sees.
+    # Plain layers that keep what they are given (a sliding-window layer made from the config would drop keys itself,
+    # and its length would no longer match the cut); the model's sliding-window mask then falls on cache slots, the
+    # positions it sees.
     cache = DynamicCache()
     bar = _progress(steps, progress, f"chunked{chunk_size}")
     started = time.perf_counter()

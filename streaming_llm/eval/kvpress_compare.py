@@ -117,7 +117,7 @@ def compare_prefill_protocol(
     del kv_plain
 
     # The same dense prefill, uncompressed: the keys both rerotations start from.
-    dense_cache = DynamicCache()  # plain layers: a sliding-window layer from the config cannot be cropped past its window
+    dense_cache = DynamicCache()  # plain layers: a sliding-window layer from the config keeps only its last keys
     mask = torch.ones_like(context)
     last_logits = model(context, attention_mask=mask, past_key_values=dense_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     dense_keys = [layer.keys.clone() for layer in dense_cache.layers]
