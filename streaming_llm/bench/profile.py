@@ -25,7 +25,7 @@ STEP_LABEL = "streaming_decode_step"
 KINETO_NOTICE = re.compile(rb"^(USDT|INFO):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\]")
 # (class, method) -> label; the methods run inside a decode step of the general path (cache.py).
 CACHE_STAGES = {
-    (RingLayer, "_decode_step"): "cache: decode step of one layer (rotate q/k, write, sinks, attention)",
+    (RingLayer, "_decode_step"): "cache: decode step of one layer (rotate q/k, write, sinks, SDPA)",
     (RingLayer, "_decode_rotations"): "cache: per-step rotation matrices",
     (RingLayer, "shift_window_keys"): "cache: frame move (re-rotate stored window keys)",
     (StreamingLayer, "advance_frame"): "cache: frame bookkeeping",
