@@ -86,6 +86,18 @@ def grouped_output(probabilities: torch.Tensor, values: torch.Tensor, heads: int
     return output.reshape(batch, heads, grouped_n * kv_heads // heads, dim)
 
 
+def grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                      mask: torch.Tensor | None = None, softcap: float | None = None,
+                      s_aux: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention written out as matmuls over grouped heads, for scores no SDPA kernel shapes (Gemma 2's soft-capping,
+    GPT-OSS's sink logits): [b, heads, n, d] over [b, kv_heads, m, d] -> [b, heads, n, dv]. `mask`: boolean (true
+    where a query sees a key) or additive, broadcastable to the grouped scores."""
+    scores = cap_scores(grouped_scores(query, keys).float() * scaling, softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return grouped_output(softmax_with_sink_logits(scores, s_aux).to(values.dtype), values, query.shape[1])
+
+
 class StreamingLayer(CacheLayerMixin):
     """One layer's kept keys/values and the streaming attention over them (storage in subclasses)."""
 
@@ -296,21 +308,28 @@ class StreamingLayer(CacheLayerMixin):
         merged = window_weight * output.float() + sink_weights @ values_all[:, :, sink_columns].float()
         return (merged / (window_weight + sink_weights.sum(dim=-1, keepdim=True))).to(query_window.dtype)
 
+    def _per_step(self, slot, key, compute):
+        """compute(), once per forward pass and `key`: the first layer that asks stores it under `slot` in `shared`
+        (cleared when layer 0 updates), the others with the same key reuse it."""
+        cached = self.shared.get(slot)
+        if cached is None or cached[0] != key:
+            self.shared[slot] = cached = (key, compute())
+        return cached[1]
+
     def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype,
                          exclude_sinks: bool = False, sliding_window: int | None = None) -> torch.Tensor:
         """0 where a query sees a key, -inf elsewhere, [groups * n, keys] (sink columns hidden with
         `exclude_sinks`); every layer holds its tokens at the same positions, so the first layer of a forward
         pass builds it and the others with the same sliding window reuse it."""
-        key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
-        slot = ("bias", sliding_window)
-        cached = self.shared.get(slot)
-        if cached is None or cached[0] != key:
+        def compute():
             mask = visible_in_layer(self.policy, query_positions, key_positions, sliding_window)
             if exclude_sinks:
                 mask &= (key_positions >= self.policy.n_sink)[None, :]
             bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-            self.shared[slot] = (key, bias.repeat(groups, 1))
-        return self.shared[slot][1]
+            return bias.repeat(groups, 1)
+
+        key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
+        return self._per_step(("bias", sliding_window), key, compute)
 
     def advance_frame(self, rotary: RotaryParams) -> None:
         """After a step, move the stored window keys to the policy's frame (see PositionPolicy.next_base)."""
@@ -440,10 +459,7 @@ class RingLayer(StreamingLayer):
             output = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                                                       scale=scaling, enable_gqa=True)
         else:
-            scores = cap_scores(grouped_scores(query, keys) * scaling, softcap)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            output = grouped_output(softmax_with_sink_logits(scores, s_aux).to(query.dtype), values, query.shape[1])
+            output = grouped_attention(query, keys, values, scaling, mask, softcap, s_aux)
         self.seen += 1
         self.advance_frame(rotary)
         return output
@@ -451,12 +467,12 @@ class RingLayer(StreamingLayer):
     def _window_mask(self, sliding_window: int, filled: int) -> torch.Tensor:
         """Boolean [1, filled]: which of the buffer's filled slots (every one holds a key of SEMANTICS.md §1 for
         this token) a layer with this sliding window sees; once per step and window, shared by the layers."""
-        key, slot = self.seen, ("window_mask", sliding_window)
-        cached = self.shared.get(slot)
-        if cached is None or cached[0] != key:
+
+        def compute():
             query = torch.tensor([self.seen], device=self.positions.device)
-            self.shared[slot] = (key, self.policy.distances(query, self.positions[:filled]) < sliding_window)
-        return self.shared[slot][1]
+            return self.policy.distances(query, self.positions[:filled]) < sliding_window
+
+        return self._per_step(("window_mask", sliding_window), self.seen, compute)
 
     def _decode_rotations(self, step, rotary: RotaryParams, dtype: torch.dtype):
         """Per-step [head_dim, head_dim] matrices, computed by the first layer of each forward pass (the
@@ -465,9 +481,8 @@ class RingLayer(StreamingLayer):
         the sink keys' move from position j to j + (window frame - sink frame). One pair per RoPE (Gemma 3's
         sliding and full-attention layers rotate with different frequencies)."""
         t, base = self.seen, self.base
-        key, slot = (t, base, dtype), ("decode_rotations", id(rotary))
-        cached = self.shared.get(slot)
-        if cached is None or cached[0] != key:
+
+        def compute():
             head_dim = step["keys"].shape[-1]
             position = torch.tensor([t], device=step["keys"].device)
             sink_frame, window_frame = self.policy.query_frames(position, base)
@@ -483,8 +498,9 @@ class RingLayer(StreamingLayer):
             if offset:
                 cos, sin = cos_sin(torch.tensor([offset], device=position.device), rotary.inv_freq)
                 sinks_to_window = rotation_matrix(cos[0], sin[0], head_dim).to(dtype)
-            self.shared[slot] = (key, (to_window.to(dtype), sinks_to_window))
-        return self.shared[slot][1]
+            return to_window.to(dtype), sinks_to_window
+
+        return self._per_step(("decode_rotations", id(rotary)), (t, base, dtype), compute)
 
 
 class ContiguousLayer(StreamingLayer):

@@ -31,8 +31,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import cap_scores, softmax_with_sink_logits
-from streaming_llm.cache import StreamingKVCache, grouped_output, grouped_scores, written_outside_inference_mode
+from streaming_llm.cache import StreamingKVCache, grouped_attention, written_outside_inference_mode
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -74,11 +73,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if variant not in DECODE_ATTENTION:
         raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTENTION)}; got {variant!r}")
     if variant == "matmul" or softcap is not None or s_aux is not None:
-        scale = dim**-0.5 if scaling is None else scaling
-        scores = cap_scores(grouped_scores(query, key).float() * scale, softcap)
-        if mask is not None:
-            scores = scores + mask
-        return grouped_output(softmax_with_sink_logits(scores, s_aux).to(value.dtype), value, heads)
+        return grouped_attention(query, key, value, dim**-0.5 if scaling is None else scaling, mask, softcap, s_aux)
     if variant == "gqa":
         return sdpa(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     if variant == "expanded_masked":

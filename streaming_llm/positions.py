@@ -74,11 +74,10 @@ class PositionPolicy:
 
     def distances(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """[n_query, n_key]: query position minus key position in this mode's positions (the distance RoPE sees),
-        t - p, except from query t to sink j under pos_shift / rerotate: min(t, C) - j."""
-        t, p = query_positions[:, None], key_positions[None, :]
-        if self.mode == "absolute":
-            return t - p
-        return torch.where(p < self.n_sink, t.clamp(max=self.capacity) - p, t - p)
+        psi(t) - phi(p) in any frame: t - p, except from query t to sink j under pos_shift / rerotate: min(t, C) - j."""
+        sink_frame, window_frame = self.query_frames(query_positions, 0)
+        is_sink = (key_positions < self.n_sink)[None, :]
+        return torch.where(is_sink, sink_frame[:, None], window_frame[:, None]) - self.key_frame(key_positions, 0)[None, :]
 
     def window_hides(self, sliding_window: int | None, last_position: int) -> bool:
         """Whether a layer with its own sliding window (it sees a key at distance < sliding_window, as transformers'
