@@ -9,15 +9,16 @@ Keys arrive rotated at whatever positions the caller used (the wrapper passes po
 passes stream positions); the layer undoes that rotation with the very cos/sin the model used and
 applies the positions of SEMANTICS.md itself, so the caller's positions never matter.
 
-Storage, streaming_mode="ours": a sink buffer [batch, kv_heads, n_sink, head_dim] and a ring buffer
-[batch, kv_heads, window_size, head_dim] preallocated on first use; a token at stream position
-p >= n_sink lives in ring slot (p - n_sink) % window_size, so a step writes only its new tokens and
-never copies the kept ones. streaming_mode="mit": one tensor per layer in stream order, cut after
+Storage, streaming_mode="ours": a sink buffer [batch, kv_heads, n_sink, head_dim] and a buffer
+[batch, kv_heads, n_sink + window_size + 1, head_dim] preallocated on first use (see RingLayer); a token at
+stream position p >= n_sink lives in ring slot n_sink + (p - n_sink) % (window_size + 1), so a step writes only
+its new tokens and never copies the kept ones. streaming_mode="mit": one tensor per layer in stream order, cut after
 every step by `StartRecentKVCache`, as MIT's code does.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -31,6 +32,8 @@ from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible_in_l
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
 
 STREAMING_MODES = ("ours", "mit")
+# A block of more queries is attended this many at a time, each over the keys it can see (linear cost in the block).
+QUERY_CHUNK = 1024
 
 
 def validate_sizes(n_sink: int, window_size: int) -> tuple[int, int]:
@@ -247,7 +250,6 @@ class StreamingLayer(CacheLayerMixin):
         """
         policy = self.policy
         n = query_raw.shape[-2]
-        groups = query_raw.shape[1] // keys_raw.shape[1]
         new_positions = torch.arange(self.seen, self.seen + n, device=query_raw.device)
         base = policy.step_base(self.seen + n - 1) if self.stores_raw_keys else self.base
 
@@ -263,25 +265,55 @@ class StreamingLayer(CacheLayerMixin):
             held = positions.shape[0] - n
             keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
         all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
+        attend = functools.partial(self._attend_queries, scaling=scaling, softcap=softcap,
+                                   sliding_window=sliding_window, s_aux=s_aux)
+        if n <= QUERY_CHUNK:
+            output = attend(query_window, query_sink, keys, all_values, positions, new_positions, first_query=0)
+        else:  # a long block: QUERY_CHUNK queries at a time over the keys they can see (SEMANTICS.md §1)
+            output = torch.cat([attend(query_window[:, :, start:end], query_sink[:, :, start:end], *columns,
+                                       new_positions[start:end], first_query=start)
+                                for start, end, columns in self._query_chunks(keys, all_values, positions, n)], dim=-2)
+        return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
+    def _query_chunks(self, keys, values, positions, n: int):
+        """(start, end, (keys, values, positions)) per QUERY_CHUNK of a block's n queries: the held slots, the new
+        sinks and the new keys from `start - window_size` on, the only ones a query in [start, end) can see (every
+        other new key is older than its window). So a block costs linear time and memory in its length."""
+        held = positions.shape[0] - n
+        new_sinks = max(0, min(n, self.policy.n_sink - self.seen))  # new tokens that are sinks: seen by every query
+        for start in range(0, n, QUERY_CHUNK):
+            end = min(start + QUERY_CHUNK, n)
+            first = held + max(new_sinks, start - self.policy.window_size)
+
+            def columns(part: torch.Tensor, dim: int) -> torch.Tensor:
+                return torch.cat([part.narrow(dim, 0, held + new_sinks), part.narrow(dim, first, held + end - first)], dim)
+
+            yield start, end, (columns(keys, -2), columns(values, -2), columns(positions, 0))
+
+    def _attend_queries(self, query_window, query_sink, keys, values, positions, new_positions, first_query: int,
+                        scaling: float, softcap=None, sliding_window=None, s_aux=None) -> torch.Tensor:
+        """Queries at stream positions `new_positions` (the block's queries from `first_query` on) over keys at
+        `positions`: [b, heads, n, d]."""
+        policy = self.policy
         if (softcap is None and sliding_window is None and s_aux is None
-                and _can_use_fused_cpu_attention(query_raw, new_positions, policy)):
-            output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
-            return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
-
+                and _can_use_fused_cpu_attention(query_window, new_positions, policy)):
+            return self._fused_block_attention(query_window, query_sink, keys, values, positions, new_positions,
+                                               scaling, first_query)
+        groups = query_window.shape[1] // keys.shape[1]
         scores = grouped_scores(query_window, keys)  # [b, kv_heads, groups * n, keys]
         if policy.n_sink > 0 and policy.mode != "absolute":
             # Sink columns (at most n_sink of them) take the query at its sink position instead.
             sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
             if sink_columns.numel():
                 scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
-        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype, sliding_window=sliding_window)
+        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype, first_query,
+                                     sliding_window=sliding_window)
         scores = cap_scores(scores * scaling, softcap) + bias
-        probabilities = softmax_with_sink_logits(scores, s_aux).to(query_raw.dtype)
-        output = grouped_output(probabilities, all_values, query_raw.shape[1])
-        return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
+        probabilities = softmax_with_sink_logits(scores, s_aux).to(query_window.dtype)
+        return grouped_output(probabilities, values, query_window.shape[1])
 
-    def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling):
+    def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling,
+                               first_query: int):
         """The block path through the fused CPU flash-attention kernel (about half the time of the explicit
         softmax). The kernel takes one query per row, so it scores the window keys only and returns their
         log-sum-exp; the few sink columns, which need the query at its sink position, are scored apart and
@@ -292,7 +324,7 @@ class StreamingLayer(CacheLayerMixin):
         values_all = values.repeat_interleave(groups, dim=1)
         is_sink = (positions >= 0) & (positions < policy.n_sink)
         has_sinks = policy.mode != "absolute" and bool(is_sink.any())
-        bias = self._visibility_bias(new_positions, positions, 1, query_window.dtype, exclude_sinks=has_sinks)
+        bias = self._visibility_bias(new_positions, positions, 1, query_window.dtype, first_query, exclude_sinks=has_sinks)
         output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query_window, keys_all, values_all, 0.0, False, attn_mask=bias, scale=scaling
         )
@@ -316,11 +348,12 @@ class StreamingLayer(CacheLayerMixin):
             self.shared[slot] = cached = (key, compute())
         return cached[1]
 
-    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype,
+    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype, first_query: int,
                          exclude_sinks: bool = False, sliding_window: int | None = None) -> torch.Tensor:
         """0 where a query sees a key, -inf elsewhere, [groups * n, keys] (sink columns hidden with
         `exclude_sinks`); every layer holds its tokens at the same positions, so the first layer of a forward
-        pass builds it and the others with the same sliding window reuse it."""
+        pass builds it and the others with the same sliding window reuse it (`first_query`: the index of the first
+        query in the block, which tells a long block's chunks apart)."""
         def compute():
             mask = visible_in_layer(self.policy, query_positions, key_positions, sliding_window)
             if exclude_sinks:
@@ -328,7 +361,7 @@ class StreamingLayer(CacheLayerMixin):
             bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             return bias.repeat(groups, 1)
 
-        key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
+        key = (self.seen, first_query, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
         return self._per_step(("bias", sliding_window), key, compute)
 
     def advance_frame(self, rotary: RotaryParams) -> None:

@@ -3,11 +3,15 @@
 After every call the cache holds min(seen, capacity) tokens, and the logits are the naive reference's.
 """
 
+from unittest import mock
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import naive_streaming_logits
 from tiny_models import feed_stream, make_wrapper, max_abs_diff, random_ids
+
+from streaming_llm import cache as cache_module
 
 TOLERANCE = 1e-4
 
@@ -49,3 +53,12 @@ def test_llama_streams_match_reference(llama_model, stream):
 @given(stream=streams(max_length=100))
 def test_gpt_neox_streams_match_reference(gpt_neox_model, stream):
     check_stream(gpt_neox_model, *stream)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=streams(max_length=200), chunk=st.integers(1, 12))
+def test_blocks_attended_a_chunk_of_queries_at_a_time_match_reference(llama_model, stream, chunk):
+    """A block of more than QUERY_CHUNK queries (a long prompt given to generate) is attended a chunk at a time, each
+    over the held keys, the new sinks and the new keys within a window of its first query: still the reference."""
+    with mock.patch.object(cache_module, "QUERY_CHUNK", chunk):
+        check_stream(llama_model, *stream)

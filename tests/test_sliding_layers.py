@@ -5,6 +5,7 @@ see the whole cache. Held against the model itself (no eviction: its own sliding
 reference (eviction), on the general path, the static step, MIT mode and the compiled step."""
 
 import copy
+from unittest import mock
 
 import pytest
 from reference import naive_streaming_logits
@@ -12,6 +13,7 @@ from tiny_models import (block_sizes_covering, build_gemma3_multimodal, build_ll
                          dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
 
 from streaming_llm import StreamingKVCache, prepare_model
+from streaming_llm import cache as cache_module
 from streaming_llm.fast import FastStreamingWrapper
 from streaming_llm.models import check_capacity, sliding_windows
 
@@ -74,6 +76,19 @@ def test_sliding_layers_within_an_evicting_cache_match_the_reference(hybrid_mode
     expected = naive_streaming_logits(hybrid_model, input_ids, n_sink, window_size, position_mode)
     for path, logits in stream(hybrid_model, input_ids, n_sink, window_size, position_mode).items():
         assert max_abs_diff(logits, expected) <= TOLERANCE, path
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss"])
+@pytest.mark.parametrize("position_mode", ["pos_shift", "absolute"])
+def test_long_blocks_attended_in_chunks_keep_the_sliding_window_soft_cap_and_sink_logits(model_type, position_mode):
+    """Queries attended 3 at a time (QUERY_CHUNK) in blocks of up to 30: the chunks' keys hold what a sliding layer,
+    Gemma 2's soft-capped scores and GPT-OSS's sink logits need."""
+    model, input_ids = build(model_type), random_ids(LENGTH, seed=33)
+    expected = naive_streaming_logits(model, input_ids, 2, 14, position_mode)
+    with mock.patch.object(cache_module, "QUERY_CHUNK", 3):
+        logits = feed_stream(make_wrapper(model, 2, 14, position_mode=position_mode), input_ids,
+                             block_sizes_covering(LENGTH, [30, 1, 17]))
+    assert max_abs_diff(logits, expected) <= TOLERANCE
 
 
 @pytest.mark.parametrize("model_type", sorted(EVERY_LAYER))
