@@ -313,7 +313,23 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     @property
     def tokens_seen(self) -> int:
+        self._follow_cache()
         return self.seen
+
+    def _follow_cache(self) -> None:
+        """Take up the stream where the cache's layers have it, when they are the current state (no static step
+        since `cache` was last read): whoever holds `wrapper.cache` may have fed it since (model.generate(...,
+        past_key_values=wrapper.cache)), on the same buffers through the general path."""
+        if not self._ring_current:
+            return
+        layers = self._cache.layers
+        if any(layer.keys is not keys for layer, keys in zip(layers, self.keys)):
+            raise RuntimeError("this FastStreamingWrapper's cache was reset or given new buffers outside the wrapper; "
+                               "call wrapper.reset() to start a new stream")
+        if (layers[0].seen, layers[0].base) != (self.seen, self.base):
+            self.seen, self.base = layers[0].seen, layers[0].base
+            self.step_position.fill_(self.seen)
+            self.frame_base.fill_(self.base)
 
     @property
     def cache(self) -> StreamingKVCache:
@@ -336,6 +352,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._follow_cache()
         if written_outside_inference_mode(self.keys[0]):
             self._leave_inference_mode()
         if input_ids.shape[0] != self._batch_size:
@@ -359,6 +376,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
+        self._follow_cache()
         if self.seen < self.n_sink:
             return self._feed_general(token_ids)
         filling = self.seen < self.n_sink + self.window_size  # some slot is still empty

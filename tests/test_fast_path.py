@@ -192,6 +192,27 @@ def test_the_model_stays_usable_with_a_plain_streaming_cache(llama_model):
     assert max_abs_diff(plain, fast_logits) <= TOLERANCE
 
 
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate"])
+def test_the_stream_goes_on_after_generate_fed_the_wrappers_cache(llama_model, position_mode):
+    """model.generate(past_key_values=fast.cache) feeds the stream through the general path on the same buffers; the
+    next static steps take it up from there (they went on from the wrapper's own count before: the stream rewound)."""
+    input_ids = random_ids(30, seed=49)
+    fast = make_fast(llama_model, position_mode=position_mode)
+    fast(input_ids[None, :6])
+    fast(input_ids[None, 6:7])  # a static step: the cache's layers are brought up to date when it is read
+    generated = fast.model.generate(input_ids[None, :12], attention_mask=torch.ones(1, 12, dtype=torch.long),
+                                    past_key_values=fast.cache, max_new_tokens=14, do_sample=False)
+    assert fast.tokens_seen == 25 == fast.cache.get_seq_length()
+    stream = torch.cat([generated[0], input_ids[:3]])
+    streamed = torch.cat([fast(stream[None, 25 + i : 26 + i])[0] for i in range(4)])
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE, position_mode=position_mode), stream)
+    assert max_abs_diff(streamed, expected[25:]) <= TOLERANCE
+    assert fast.tokens_seen == 29
+    fast.cache.reset()
+    with pytest.raises(RuntimeError, match="call wrapper.reset"):
+        fast(stream[None, :1])
+
+
 def test_auto_decode_attention_is_resolved_per_device():
     assert fast_module.resolve_decode_attention("auto", "cuda:0") == "gqa"
     assert fast_module.resolve_decode_attention("auto", "cpu") == "grouped"
