@@ -510,7 +510,8 @@ class RingLayer(StreamingLayer):
     def _decode_rotations(self, step, rotary: RotaryParams, dtype: torch.dtype):
         """Per-step [head_dim, head_dim] matrices, computed by the first layer of each forward pass (the
         cache clears `shared` when layer 0 updates) and reused by the rest:
-        the model's rotation undone and the window frame t - base applied (for q and the new k), and
+        the model's rotation undone and the window frame t - base applied (for q and the new k; [d, d], or
+        [batch, 1, d, d] where the model rotated them), and
         the sink keys' move from position j to j + (window frame - sink frame). One pair per RoPE (Gemma 3's
         sliding and full-attention layers rotate with different frequencies)."""
         t, base = self.seen, self.base
@@ -521,11 +522,12 @@ class RingLayer(StreamingLayer):
             sink_frame, window_frame = self.policy.query_frames(position, base)
             cos, sin = rotary.angles(window_frame)
             to_window = rotation_matrix(cos[0], sin[0], head_dim)
-            model_sin = None if step["sin"] is None else step["sin"][0, 0].float()
+            model_sin = None if step["sin"] is None else step["sin"][:, 0].float()  # [batch, rotary_ndims]
             if model_sin is not None and not rotary.is_identity(model_sin):
+                # each row's own: callers may give the rows of a batch different positions (docs/semantics.md §7)
                 scale = 1.0 / rotary.attention_scaling**2
-                model_cos = step["cos"][0, 0].float()
-                to_window = rotation_matrix(model_cos * scale, -model_sin * scale, head_dim) @ to_window
+                model_cos = step["cos"][:, 0].float()
+                to_window = (rotation_matrix(model_cos * scale, -model_sin * scale, head_dim) @ to_window)[:, None]
             offset = int(window_frame[0] - sink_frame[0])
             sinks_to_window = None
             if offset:

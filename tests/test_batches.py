@@ -76,6 +76,23 @@ def test_generate_batch_equals_each_prompt_alone(llama_model):
         assert max_abs_diff(logits[row], alone_logits[0]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("streaming_mode", STREAMING_MODES)
+def test_rows_given_different_positions_are_each_undone_with_their_own(llama_model, streaming_mode):
+    """The cache undoes whatever rotation the model applied (docs/semantics.md §7), row by row: a batch whose second
+    row the caller rotates 37 positions further equals each stream alone, in blocks and in one-token steps (these
+    undid every row with the first row's angles: 6.2 off)."""
+    ids = random_ids(20, seed=14, batch=2)
+    model = prepare_model(copy.deepcopy(llama_model))
+    cache = StreamingKVCache(N_SINK, WINDOW_SIZE, streaming_mode=streaming_mode)
+    logits = []
+    with torch.no_grad():
+        for start, end in [(0, 12), *((t, t + 1) for t in range(12, 20))]:
+            positions = torch.arange(start, end).expand(2, -1) + torch.tensor([[0], [37]])
+            logits.append(model(ids[:, start:end], position_ids=positions, past_key_values=cache).logits)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE, streaming_mode=streaming_mode), ids)
+    assert max_abs_diff(torch.cat(logits, dim=1), expected) <= TOLERANCE
+
+
 def test_batch_size_change_needs_reset(llama_model):
     wrapper = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
     wrapper(random_ids(5, seed=16, batch=2))
