@@ -27,21 +27,28 @@ ATTN_IMPLEMENTATION = "streaming_llm"
 _handoff = threading.local()
 
 
+NOT_PREPARED = ("a StreamingKVCache was updated but the model did not run the streaming attention; "
+                "call streaming_llm.prepare_model(model) first")
+
+
 def expect_streaming_attention(cache, layer_idx: int) -> None:
-    """Called by StreamingKVCache.update: the next attention call of `layer_idx` belongs to `cache`."""
-    previous = getattr(_handoff, "step", None)
-    if previous is not None:
-        _handoff.step = None
-        raise RuntimeError(
-            "a StreamingKVCache was updated but the model did not run the streaming attention; "
-            "call streaming_llm.prepare_model(model) first"
-        )
+    """Called by StreamingKVCache.update: the next attention call of `layer_idx` belongs to `cache`.
+
+    A model that is not prepared is refused at its first layer: the mask it built for this step did not come from
+    `streaming_mask` (still marked); or at its second, whose update finds the first one's hand-off not taken. A
+    hand-off left by another cache is dropped (its forward pass ended or failed), so it never blames this one."""
+    previous, _handoff.step = getattr(_handoff, "step", None), None
+    if previous is not None and previous[0] is cache:
+        raise RuntimeError(NOT_PREPARED)
+    if layer_idx == 0 and getattr(_handoff, "mask_cache", None) is cache:
+        _handoff.mask_cache = _handoff.mask_position = None
+        raise RuntimeError(NOT_PREPARED)
     _handoff.step = (cache, layer_idx)
 
 
-def expect_streaming_mask(cache_position: torch.Tensor) -> None:
+def expect_streaming_mask(cache, cache_position: torch.Tensor) -> None:
     """Called by StreamingKVCache.get_mask_sizes: the mask built next for this cache_position is a streaming step's."""
-    _handoff.mask_position = cache_position
+    _handoff.mask_cache, _handoff.mask_position = cache, cache_position
 
 
 def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -172,7 +179,7 @@ def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_func
     A step without a StreamingKVCache (a prepared model run densely) gets the model's own mask, overlay included."""
     if getattr(_handoff, "mask_position", None) is not cache_position:
         return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)
-    _handoff.mask_position = None
+    _handoff.mask_cache = _handoff.mask_position = None
     kwargs.pop("local_size", None)
     return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, causal_mask_function, attention_mask, **kwargs)
 

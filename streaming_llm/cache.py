@@ -629,7 +629,7 @@ class StreamingKVCache(Cache):
         return keys, values
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        expect_streaming_mask(cache_position)  # the mask transformers builds next is this step's (attention.py)
+        expect_streaming_mask(self, cache_position)  # the mask transformers builds next is this step's (attention.py)
         return super().get_mask_sizes(cache_position, layer_idx)
 
     def get_cache_length(self, layer_idx: int = 0) -> int:

@@ -2,7 +2,7 @@
 
 import pytest
 from streaming_llm import StreamingKVCache
-from tiny_models import make_wrapper
+from tiny_models import make_wrapper, max_abs_diff
 
 
 @pytest.mark.parametrize("n_sink, window_size, bad_argument", [(-1, 8, "n_sink"), (4, 0, "window_size"),
@@ -371,6 +371,32 @@ def test_model_generate_misuses_of_a_streaming_cache_are_named():
     with pytest.raises(ValueError, match="padded batches"):  # a padded batch is still named as one
         model(padded, attention_mask=(torch.arange(12) >= torch.tensor([[2], [0]])).long(),
               past_key_values=StreamingKVCache(4, 8))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_model_not_prepared_is_refused_and_leaves_nothing_behind(layers):
+    """A StreamingKVCache given to a model whose attention is not the streaming one: refused at once, one layer or
+    more. A one-layer model ran densely with no error before, and the next, correct call on a prepared model was
+    refused in its place."""
+    import copy
+
+    import torch
+
+    from streaming_llm import prepare_model
+
+    from tiny_models import build_llama, random_ids
+
+    model = build_llama()
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    ids = random_ids(8, seed=0).reshape(1, -1)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"did not run the streaming attention; call streaming_llm.prepare_model"):
+            model(ids, past_key_values=StreamingKVCache(2, 4))
+    prepared = prepare_model(copy.deepcopy(model))
+    with torch.no_grad():
+        logits = prepared(ids, past_key_values=StreamingKVCache(2, 4)).logits
+    assert max_abs_diff(logits[0], make_wrapper(model, 2, 4)(ids)[0]) <= 1e-4
 
 
 def test_integer_arguments_accept_numpy_integers_and_refuse_floats_and_bools():
