@@ -284,9 +284,10 @@ class StreamingLayer(CacheLayerMixin):
         for start in range(0, n, QUERY_CHUNK):
             end = min(start + QUERY_CHUNK, n)
             first = held + max(new_sinks, start - self.policy.window_size)
+            recent = max(0, held + end - first)  # none where the chunk's queries are all new sinks
 
             def columns(part: torch.Tensor, dim: int) -> torch.Tensor:
-                return torch.cat([part.narrow(dim, 0, held + new_sinks), part.narrow(dim, first, held + end - first)], dim)
+                return torch.cat([part.narrow(dim, 0, held + new_sinks), part.narrow(dim, first, recent)], dim)
 
             yield start, end, (columns(keys, -2), columns(values, -2), columns(positions, 0))
 

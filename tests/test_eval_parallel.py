@@ -78,17 +78,6 @@ def test_decode_only_methods_are_fed_one_token():
             assert method.feed == "decode" and method.block_size(256) == 1 and method.evaluator(256) == "decode"
 
 
-@pytest.fixture(scope="module")
-def embedded_model():
-    """The real embedded SmolLM2-135M (fp32, CPU), loaded once for this module (~18 s)."""
-    from streaming_llm.loading import load_model
-
-    try:
-        return load_model(None)
-    except ValueError as error:
-        pytest.skip(f"embedded model unavailable: {error}")
-
-
 def test_real_model_blocks_equal_decode_loop(embedded_model):
     """300 tokens of the embedded text through 4 sinks + a 64-token window: decode loop vs blocks of 100."""
     from streaming_llm.data import load_tokens

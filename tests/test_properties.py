@@ -6,7 +6,7 @@ After every call the cache holds min(seen, capacity) tokens, and the logits are 
 from unittest import mock
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reference import naive_streaming_logits
 from tiny_models import feed_stream, make_wrapper, max_abs_diff, random_ids
@@ -57,6 +57,7 @@ def test_gpt_neox_streams_match_reference(gpt_neox_model, stream):
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=streams(max_length=200), chunk=st.integers(1, 12))
+@example(stream=(2, 1, "pos_shift", "ours", 0, [2]), chunk=1)  # a chunk of new sinks only (a negative length once)
 def test_blocks_attended_a_chunk_of_queries_at_a_time_match_reference(llama_model, stream, chunk):
     """A block of more than QUERY_CHUNK queries (a long prompt given to generate) is attended a chunk at a time, each
     over the held keys, the new sinks and the new keys within a window of its first query: still the reference."""

@@ -202,7 +202,8 @@ def test_a_truncated_gguf_file_is_named_as_such(tmp_path, size):
         (tmp_path / "cut.gguf").write_bytes(source.read(size))
     with pytest.raises(ValueError, match=r"cut.gguf'?: the GGUF file is corrupt or truncated \(ValueError: "):
         load_model(tmp_path / "cut.gguf")
-    assert _gguf_damage(gguf) is None  # the whole file reads
+    if size == 100:  # once: reading every tensor of the whole file takes seconds
+        assert _gguf_damage(gguf) is None  # the whole file reads
 
 
 def test_unavailable_devices_are_clear_errors(monkeypatch):
