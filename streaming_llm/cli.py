@@ -186,10 +186,15 @@ def read_text_file(path: str, what: str) -> str:
 
 
 def check_text_options(args: argparse.Namespace) -> None:
-    """Refuse a --system or --stop text that is not UTF-8 (see require_utf8)."""
+    """Refuse, before the model is loaded, a --system or --stop text that is not UTF-8 (see require_utf8), an empty
+    --stop, and --system without the chat template."""
     if args.system is not None:
         require_utf8(args.system, "--system")
+        if getattr(args, "chat_template", None) == "off":
+            raise ValueError("--system needs the chat template (--chat-template auto/on with an instruct model)")
     for stop in args.stop:
+        if not stop:
+            raise ValueError("--stop needs a non-empty text")
         require_utf8(stop, "--stop")
 
 
@@ -237,6 +242,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_file is None:
         raise ValueError("give the prompt with --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
     prompt = require_utf8(args.prompt, "--prompt") if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty" if args.prompt is not None else f"the prompt file {args.prompt_file} is empty")
     check_text_options(args)
     sampling = sampling_from_args(args)
     wrapper, tokenizer = wrapper_from_args(args)
@@ -337,6 +344,8 @@ def read_script(path: str) -> list[dict]:
         turns = record.get("turns", [record["prompt"]] if "prompt" in record else None) if isinstance(record, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) for turn in turns):
             raise ValueError(f'{path} line {line_number}: needs a "prompt" string or a non-empty "turns" list of strings')
+        if not all(turn.strip() for turn in turns):  # as the interactive chat skips an empty line
+            raise ValueError(f"{path} line {line_number}: a prompt is empty")
         fields = {key: value for key, value in record.items() if key not in ("prompt", "turns")}
         records.append({"turns": turns, "fields": fields})
     if not records:

@@ -146,6 +146,8 @@ def load_text(source: str | Path | None = None) -> str:
     if source is not None and not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"the text source must be a file path, a dataset name or None (the embedded text); got "
                          f"{type(source).__name__}")
+    if isinstance(source, str) and not source.strip():
+        raise ValueError("the text source is empty: give a file path, a dataset name, or leave it out for the embedded text")
     if _is_embedded(source):
         text, name = _load_embedded(), EMBEDDED_NAME
     elif _looks_like_path(source):

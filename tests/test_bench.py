@@ -149,7 +149,9 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
 @pytest.mark.parametrize("argv, fragment", [
     (["bench", "--methods", "fastest"], "unknown method"),
     (["bench", "--cache-sizes", "4", "--n-sink", "4"], "must exceed --n-sink"),
-    (["bench", "--shape", "gpt-5"], "unknown model shape"),
+    (["bench", "--shape", "gpt-5"], "error: --shape: unknown model shape 'gpt-5'"),
+    (["bench", "--shape", "gpt-5", "--cache-sizes", "64"], "error: --shape: unknown model shape"),  # not --cache-sizes
+    (["bench", "--methods", "mit,dense_static,mit"], "--methods names mit more than once"),
     (["bench", "--stream-tokens", "-5"], "--stream-tokens must be 0 (skip) or at least the stream's capacity (1024)"),
     (["bench", "--cache-sizes", "256,2048", "--stream-tokens", "200"], "capacity (256), got 200"),
     (["bench", "--cache-sizes", "64,128,64"], "64 given more than once"),

@@ -304,6 +304,11 @@ def test_thread_counts_are_taken_up_to_four_per_core():
         (["chat", "--system", "caf\udce9"], "--system is not UTF-8 text (byte offset 3)"),
         (["frobnicate"], "invalid choice"),
         ([], "choose a command"),
+        # before the model is loaded (the default, embedded one here): these came after it, or not at all
+        (["generate", "-p", "x", "--stop", ""], "--stop needs a non-empty text"),
+        (["generate", "-p", "x", "--chat-template", "off", "--system", "Be brief."], "--system needs the chat template"),
+        (["generate", "-p", "", "--chat-template", "off"], "the prompt is empty"),  # generated from BOS alone
+        (["generate", "-p", " \n"], "the prompt is empty"),
     ],
 )
 def test_bad_options_give_one_line_and_status_2(argv, fragment, capsys):
@@ -426,6 +431,8 @@ def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_
     ('{"turns": ["a", 2]}', 'line 2: needs a "prompt" string'),
     ('{"prompt": 7}', 'line 2: needs a "prompt" string'),
     ('["a"]', 'line 2: needs a "prompt" string'),
+    ('{"prompt": ""}', "line 2: a prompt is empty"),  # sent as an empty message; the interactive chat skips one
+    ('{"turns": ["a", " "]}', "line 2: a prompt is empty"),
 ])
 def test_script_lines_that_would_lose_or_corrupt_data_are_refused(line, fragment, tmp_path, capsys):
     """A prompt next to turns was dropped; NaN was copied into --output as bare NaN, which is not JSON."""

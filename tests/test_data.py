@@ -87,6 +87,13 @@ def test_local_utf8_file(tmp_path):
     assert description["name"] == "book.txt"
 
 
+@pytest.mark.parametrize("source", ["", "  "])
+def test_an_empty_source_name_is_named_as_such(source):
+    """`eval --data ''` read the current folder: "text file '.': is a directory"."""
+    with pytest.raises(ValueError, match="the text source is empty: give a file path, a dataset name"):
+        load_text(source)
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [

@@ -186,6 +186,9 @@ def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, c
     (["--methods", "recompute", "--recompute-tokens", "121"], "--recompute-tokens 121 asks for more tokens than"),
     (["--methods", "kvpress_decode_shipped", "--decode-tokens", "500"], "--decode-tokens 500 asks for more tokens than"),
     (["--methods", "dense", "--recompute-samples", "4"], "--recompute-samples applies to the recompute method"),
+    # steps 22..118 past the capacity: 97 to sample from (more were quietly dropped: the result said sample97)
+    (["--methods", "recompute", "--recompute-samples", "98"], "--recompute-samples 98: the stream has 97 step(s)"),
+    (["--methods", " dense : 500 "], "dense:500 asks for more tokens than --num-tokens 120"),  # spaces around ':'
     (["--methods", "dense", "--decode-tokens", "40"], "--decode-tokens applies to the decode-loop methods"),
     (["--methods", "dense", "--plot", "curves.xyz"], "cannot write .xyz figures"),
     (["--methods", "dense", "--output-dir", ""], "--output-dir is empty"),

@@ -42,6 +42,9 @@ def select_methods(text: str, device: str) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or text!r}; choose from {', '.join(METHODS)}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise ValueError(f"--methods names {', '.join(repeated)} more than once")
     return methods
 
 
@@ -105,15 +108,19 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.shape != "embedded":  # the shape's config is known without building its weights (7B of them)
         from streaming_llm.models import check_capacity
 
+        try:
+            config = latency.shape_config(args.shape)
+        except ValueError as error:
+            raise ValueError(f"--shape: {error}") from None
         try:  # a size too large skips each method there, with the reason; where none fits, nothing could be timed
-            check_capacity(latency.shape_config(args.shape), min(args.cache_sizes))
+            check_capacity(config, min(args.cache_sizes))
         except ValueError as error:
             raise ValueError(f"--cache-sizes: every size is too large for --shape {args.shape}: {error}") from None
     if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")):
         raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden)")
-    output_dir = prepare_output_dir(args.output_dir)
     device = resolve_device(args.device)
     methods = select_methods(args.methods, device)
+    output_dir = prepare_output_dir(args.output_dir)
     dtype = resolve_dtype(args.dtype, device)
     if args.shape == "embedded" and args.model is not None:
         from streaming_llm.loading import load_model

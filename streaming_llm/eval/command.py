@@ -87,7 +87,7 @@ def parse_methods(spec: str):
         if not item:
             continue
         name, colon, tokens = item.partition(":")
-        name = name.strip()
+        name, tokens = name.strip(), tokens.strip()
         if name in names:
             raise ValueError(f"--methods names {name} twice")
         names.append(name)
@@ -115,6 +115,13 @@ def check_method_options(args: argparse.Namespace, methods, prefixes: dict[str, 
     if (args.recompute_samples or args.recompute_tokens) and "recompute" not in chosen:
         option = "--recompute-samples" if args.recompute_samples else "--recompute-tokens"
         raise ValueError(f"{option} applies to the recompute method, which --methods does not include")
+    if args.recompute_samples and "recompute" in chosen:  # spread over the steps from the capacity on (sample_steps)
+        last = args.num_tokens - 2
+        steps = last - min(args.n_sink + args.window_size, last) + 1
+        if args.recompute_samples > steps:
+            raise ValueError(f"--recompute-samples {args.recompute_samples}: the stream has {steps} step(s) to sample from "
+                             f"the cache capacity {args.n_sink + args.window_size} to the end of --num-tokens "
+                             f"{args.num_tokens}; ask for at most {steps}")
     if args.decode_tokens and not any(method.feed == "decode" for method in methods):
         raise ValueError("--decode-tokens applies to the decode-loop methods (kvpress_decode_*), which --methods "
                          "does not include")
