@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import matplotlib
 import numpy as np
 import pytest
 import torch
 
+from streaming_llm import cli
 from streaming_llm.bench.plots import plot_latency
 from streaming_llm.eval.plots import moving_average, plot_nll_curves
 from streaming_llm.eval.results import write_result
@@ -79,6 +83,76 @@ def test_nll_curves_without_a_sampled_result_have_one_panel(tmp_path, figures):
     plot_nll_curves(files, tmp_path / "curves.png", window=1, capacity=4, context_length=4, title="T")
     (axis,) = figures[1].axes
     assert _vertical_lines(axis) == [] and len(axis.texts) == 0 and axis.get_title() == "T"
+
+
+def _sampled(folder, steps, values, num_tokens=10, **fields):
+    """A sampled recompute result as run_recompute_sample writes it: NaN except at the sampled steps."""
+    nlls = [float("nan")] * (num_tokens - 1)
+    for step, value in zip(steps, values):
+        nlls[step] = value
+    record = {"model": "m", "data": {"name": "d.txt"}, "num_tokens": num_tokens, "num_predictions": num_tokens - 1,
+              "n_sink": 1, "window_size": 3, "method": "recompute", "evaluator": f"sample{len(steps)}", "perplexity": 2.0,
+              "extra": {"sampled_steps": steps}, **fields}
+    return write_result(folder, f"recompute_sample{len(steps)}", record, torch.tensor(nlls, dtype=torch.float64))
+
+
+def _plot(capsys, *argv) -> tuple[int, str]:
+    status = cli.main(["plot", *map(str, argv)])
+    return status, capsys.readouterr().err
+
+
+def test_sampled_results_alone_are_drawn_as_points(tmp_path, figures):
+    """Without a full result beside it, a sampled result (recompute at chosen steps, as `eval --recompute-samples`
+    writes it) is drawn on its own: its scored steps as points (x = step + 1), in a figure with a legend. It was an
+    empty figure (axes, no curve, matplotlib's "No artists with labels" warning) written with exit status 0."""
+    _sampled(tmp_path, [4, 6, 8], [1.0, 2.0, 4.0], perplexity=None)  # a perplexity of null is allowed too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_nll_curves([tmp_path / "recompute_sample3.json"], tmp_path / "f.png", window=4, capacity=4)
+    assert (tmp_path / "f.png").read_bytes()[:8] == PNG
+    (axis,) = figures[0].axes
+    (points,) = [line for line in axis.get_lines() if not line.get_label().startswith("_")]
+    assert points.get_xdata().tolist() == [5, 7, 9] and points.get_ydata().tolist() == [1.0, 2.0, 4.0]
+    assert points.get_label() == "recompute (ppl n/a, sample3, 3 sampled of 10 tok)"
+    assert axis.get_legend() is not None and "sampled" in axis.get_ylabel()
+    assert _vertical_lines(axis) == [4]
+
+
+def test_a_plot_without_data_is_refused_naming_the_files_and_writes_nothing(tmp_path, capsys):
+    """Results that give no point to draw (no NLL file, an empty one, a sampled one with no scored step) are refused
+    with one line naming them, exit status 2 and no figure: an all-NaN sampled result made an empty figure."""
+    nothing = _sampled(tmp_path, [], [])
+    empty = _result(tmp_path, "dense", [])
+    missing = _result(tmp_path, "window", [1.0, 2.0])
+    (tmp_path / "window_decode.nlls.npy").unlink()
+    for files in ([nothing], [nothing, empty, missing]):
+        status, err = _plot(capsys, *files, "-o", tmp_path / "f.png")
+        assert status == 2 and err.count("\n") == 1 and err.startswith("streaming-llm: error: ")
+        assert all(str(path) in err for path in files) and "no per-token NLLs to plot" in err
+        assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"method": ["a"]}, '(method is ["a"], not a method name)'),  # TypeError: unhashable type: 'list'
+    ({"perplexity": "abc"}, '(perplexity is "abc", not a number)'),  # an error naming no file or field
+    ({"perplexity": True}, "(perplexity is true, not a number)"),
+    ({"num_tokens": "7"}, '(num_tokens is "7", not a token count)'),
+    ({"nlls": np.array(["a", "b", "c"])}, "(NLLs in dense_decode.nlls.npy are of type <U1, not floats)"),  # TypeError: isfinite
+    ({"nlls": np.ones((3, 2), dtype=np.float32)}, "(NLLs in dense_decode.nlls.npy have shape (3, 2), not one value per token)"),
+    ({"nlls": np.ones(5, dtype=np.float32)}, "(NLLs in dense_decode.nlls.npy: 5 values, the record's 4 tokens make 3 predictions)"),
+])
+def test_a_malformed_result_is_refused_naming_the_file_and_field(tmp_path, capsys, change, message):
+    """What the figure reads is checked (method, perplexity, token count, NLL array); a malformed file is refused
+    with one line naming it and the field, and no figure. These were tracebacks, an error naming neither, or a
+    figure of a 2-D / wrong-length array."""
+    good = _result(tmp_path, "window", [1.0, 2.0, 3.0])
+    path = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    if "nlls" in change:
+        np.save(tmp_path / "dense_decode.nlls.npy", change.pop("nlls"), allow_pickle=False)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    status, err = _plot(capsys, good, path, "-o", tmp_path / "f.png")
+    assert status == 2 and err == f"streaming-llm: error: {path}: not a result file {message}\n"
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_moving_average_of_nothing_and_of_one():

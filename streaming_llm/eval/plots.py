@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import atomic_write, read_result
+from streaming_llm.eval.results import NLLS_SUFFIX, atomic_write, read_result
 
 # Stable colours and order, so figures from different runs read alike.
 METHOD_STYLES = {
@@ -49,6 +50,45 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
+def check_plot_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray | None) -> np.ndarray | None:
+    """The NLLs of a result (read_result's record and array) as float64, after checking the fields a figure
+    uses: method a string, perplexity a number or null, num_tokens an integer, the NLLs a 1-D float array of
+    num_predictions (num_tokens - 1) values; ValueError "<file>: not a result file (<field> ...)" otherwise.
+    NaN (a sampled result's unscored steps) and inf are values here; None (no NLL file) stays None."""
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"{path}: not a result file ({what})")
+
+    def is_integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    method, perplexity, num_tokens = record["method"], record["perplexity"], record["num_tokens"]
+    if not isinstance(method, str) or not method:
+        raise refuse(f"method is {json.dumps(method)}, not a method name")
+    if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))):
+        raise refuse(f"perplexity is {json.dumps(perplexity)}, not a number")
+    if not is_integer(num_tokens) or num_tokens < 0:
+        raise refuse(f"num_tokens is {json.dumps(num_tokens)}, not a token count")
+    expected = record.get("num_predictions", max(num_tokens - 1, 0))
+    if not is_integer(expected) or expected < 0:
+        raise refuse(f"num_predictions is {json.dumps(expected)}, not a count")
+    if nlls is None:
+        return None
+    where = f"NLLs in {record.get('nlls_file', Path(path).stem + NLLS_SUFFIX)}"
+    if nlls.dtype.kind != "f":
+        raise refuse(f"{where} are of type {nlls.dtype}, not floats")
+    if nlls.ndim != 1:
+        raise refuse(f"{where} have shape {nlls.shape}, not one value per token")
+    if nlls.size != expected:
+        raise refuse(f"{where}: {nlls.size} values, the record's {num_tokens} tokens make {expected} predictions")
+    return nlls.astype(np.float64)
+
+
+def _perplexity_text(record: dict) -> str:
+    perplexity = record["perplexity"]
+    return "n/a" if perplexity is None else f"{perplexity:.2f}"
+
+
 def plot_nll_curves(
     result_files: list[str | os.PathLike],
     output_path: str | os.PathLike,
@@ -73,16 +113,18 @@ def plot_nll_curves(
     curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
     for path in result_files:
         record, nlls = read_result(path)
+        nlls = check_plot_fields(path, record, nlls)
         if nlls is None or nlls.size == 0:
             continue
         curves.append((record, nlls))
-    if not curves:
-        raise ValueError("no result with per-token NLLs to plot")
     order = list(METHOD_STYLES)
     curves.sort(key=lambda item: (order.index(item[0]["method"]) if item[0]["method"] in order else len(order), item[0]["method"]))
 
     full = [(record, nlls) for record, nlls in curves if np.isfinite(nlls).all()]
     sampled = [(record, nlls) for record, nlls in curves if not np.isfinite(nlls).all()]
+    if not full and not any(np.isfinite(nlls).any() for _, nlls in sampled):
+        names = ", ".join(str(path) for path in result_files)
+        raise ValueError(f"{names}: no per-token NLLs to plot (each NLL file is missing, empty or holds no finite value)")
     if sampled and full:
         figure, (axis, lower) = plt.subplots(2, 1, figsize=(10, 7.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     else:
@@ -91,8 +133,19 @@ def plot_nll_curves(
     for record, nlls in full:
         color, style = METHOD_STYLES.get(record["method"], (None, "-"))
         steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
-        label = f"{record['method']} (ppl {record['perplexity']:.2f}, {record['evaluator']}, {record['num_tokens']} tok)"
+        label = f"{record['method']} (ppl {_perplexity_text(record)}, {record['evaluator']}, {record['num_tokens']} tok)"
         axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=label)
+    if not full:
+        # Sampled results alone (recompute at chosen steps): too sparse for a moving average, so their scored
+        # steps are drawn as points (x = step + 1, the token scored).
+        for record, nlls in sampled:
+            scored = np.flatnonzero(np.isfinite(nlls))
+            if scored.size == 0:
+                continue
+            color, _ = METHOD_STYLES.get(record["method"], (None, "-"))
+            label = (f"{record['method']} (ppl {_perplexity_text(record)}, {record['evaluator']}, "
+                     f"{scored.size} sampled of {record['num_tokens']} tok)")
+            axis.plot(scored + 1, nlls[scored], color=color, marker="o", markersize=4, linewidth=0.6, label=label)
     if lower is not None:
         # A sampled oracle (recompute at chosen steps) is too sparse for a moving average: show each method's
         # NLL minus the oracle's at the sampled steps instead.
@@ -124,12 +177,16 @@ def plot_nll_curves(
     axis.set_yscale("log")
     if lower is None:
         axis.set_xlabel("token index in the stream")
-    axis.set_ylabel(f"NLL (nats), moving average over {window} tokens, log scale")
+    if full:
+        axis.set_ylabel(f"NLL (nats), moving average over {window} tokens, log scale")
+    else:
+        axis.set_ylabel("NLL (nats) at the sampled tokens, log scale")
     first = curves[0][0]
     data = first["data"].get("name", "data") if isinstance(first["data"], dict) else first["data"]
     axis.set_title(title or f"{first['model']} on {data}: n_sink={first['n_sink']}, window={first['window_size']}")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(fontsize=8, loc="best", framealpha=0.85)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8, loc="best", framealpha=0.85)
     figure.tight_layout()
     output_path = Path(output_path)
     file_format = figure_format(output_path)
