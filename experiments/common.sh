@@ -2,7 +2,8 @@
 # - makes the folders and files a caller names (OUTPUT_DIR, OUTPUT_ROOT, a DATA file) absolute against the caller's
 #   folder, before the script moves to the repository root, where the defaults (results/...) are meant;
 # - picks the Python that has the package: $PYTHON if given, else the repository's .venv, else `python`; the CLI
-#   runs as "$PYTHON" -m streaming_llm.cli, so no virtual environment needs activating.
+#   runs as "$PYTHON" -m streaming_llm.cli, so no virtual environment needs activating;
+# - offers `fail` and `positive_int`, which refuse a bad variable in one line before anything runs.
 CALLER_DIR=$PWD
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 from_caller() {  # from_caller NAME...: each variable that is set and holds a relative path is made absolute
@@ -15,6 +16,14 @@ from_caller() {  # from_caller NAME...: each variable that is set and holds a re
       fi
     fi
   done
+}
+fail() {  # fail MESSAGE: the scripts' one-line error (as the Python scripts': "<script>: error: ..."), exit status 2
+  echo "$(basename "$0"): error: $*" >&2
+  exit 2
+}
+positive_int() {  # positive_int NAME VALUE: fail unless VALUE, the value of variable NAME, is an integer >= 1. Check before
+  # any $(( )) on it: bash arithmetic evaluates a name or an a[$(command)] that a variable holds
+  [[ "$2" =~ ^[1-9][0-9]{0,17}$ ]] || fail "$1 must be a positive integer (digits only), got '$2'"
 }
 from_caller OUTPUT_DIR OUTPUT_ROOT DATA
 cd "$ROOT"

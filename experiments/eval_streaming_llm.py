@@ -17,6 +17,20 @@ import json
 import sys
 from pathlib import Path
 
+from streaming_llm.cli_common import validate_common_args
+
+
+def int_list(option: str, spec: str, low: int, high: int | None = None, bound: str = "") -> list[int]:
+    """The comma-separated integers of `spec` (empty items skipped); ValueError naming `option` and the bad item
+    unless each is an integer from `low` to `high` (`bound` says what `high` stands for)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}{bound}"
+    values = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if not (item.isascii() and item.isdigit()) or int(item) < low or (high is not None and int(item) > high):
+            raise ValueError(f"{option} {spec}: {item!r} is not {allowed}")
+        values.append(int(item))
+    return values
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -31,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")
     parser.add_argument("--force", action="store_true", help="replace a result of another model or text")
     args = parser.parse_args(argv)
+    validate_common_args(args)  # --n-sink, --window-size
+    if args.num_tokens < 2:
+        raise ValueError(f"--num-tokens must be >= 2 (one prediction), got {args.num_tokens}")
+    capacity = args.n_sink + args.window_size
+    chunk_sizes = int_list("--chunk-sizes", args.chunk_sizes, 1)
+    strides = int_list("--strides", args.strides, 1, capacity, " (the window's capacity, n-sink + window-size)")
 
     import torch
 
@@ -51,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
                              "use another --output-dir, or --force to replace it")
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.num_tokens)
-    capacity = args.n_sink + args.window_size
     progress = not args.quiet and sys.stderr.isatty()
 
     # The decode loop's NLLs, computed with the exact parallel evaluator (equal to it, tests/test_eval_parallel.py).
@@ -59,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     window = compute_perplexity(METHODS["window"].build(model, args.n_sink, args.window_size), ids, block_size=256)
     rows = [{"protocol": "decode loop (exact, blocks of 256)", "perplexity": reference.perplexity, "wall_s": reference.wall_s,
              **deviation(reference.nlls, reference.nlls)}]
-    for chunk_size in [int(c) for c in args.chunk_sizes.split(",") if c]:
+    for chunk_size in chunk_sizes:
         result = chunked_streaming_perplexity(model, ids, args.n_sink, args.window_size, chunk_size, progress=progress)
         rows.append({"protocol": f"chunked, chunk {chunk_size}", "chunk_size": chunk_size, "perplexity": result.perplexity,
                      "wall_s": result.wall_s, **deviation(result.nlls, reference.nlls)})
-    for stride in [int(s) for s in args.strides.split(",") if s]:
+    for stride in strides:
         result = strided_window_perplexity(model, ids, capacity, stride, progress=progress)
         rows.append({"protocol": f"sliding window {capacity}, stride {stride}", "stride": stride, "perplexity": result.perplexity,
                      "wall_s": result.wall_s, **deviation(result.nlls, reference.nlls),

@@ -13,8 +13,11 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 NUM_TOKENS=${NUM_TOKENS:-20480}
+positive_int NUM_TOKENS "$NUM_TOKENS"
 DECODE_TOKENS=${DECODE_TOKENS:-$(( NUM_TOKENS < 2048 ? NUM_TOKENS : 2048 ))}  # a prefix: at most the stream
 RECOMPUTE_SAMPLES=${RECOMPUTE_SAMPLES:-32}
+positive_int DECODE_TOKENS "$DECODE_TOKENS"
+positive_int RECOMPUTE_SAMPLES "$RECOMPUTE_SAMPLES"
 OUTPUT_DIR=${OUTPUT_DIR:-results/comprehensive}
 DATA_ARGS=()
 if [[ -n "${DATA:-}" ]]; then DATA_ARGS=(--data "$DATA"); fi

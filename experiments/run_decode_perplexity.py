@@ -29,17 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.block_size < 2:  # block_size 1 is the decode loop itself: it would be compared with itself
+        raise ValueError(f"--block-size must be >= 2, got {args.block_size}: the parallel evaluator needs blocks of at "
+                         "least 2 tokens to be compared with the one-token decode loop")
+    if args.num_tokens < 2:
+        raise ValueError(f"--num-tokens must be >= 2 (one prediction), got {args.num_tokens}")
 
+    from streaming_llm.cli_common import validate_common_args
     from streaming_llm.data import describe_source, load_text, load_tokens
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method
-    from streaming_llm.eval.methods import get_methods
-    from streaming_llm.eval.results import read_result, write_json_atomically
+    from streaming_llm.eval.methods import METHODS, get_methods
+    from streaming_llm.eval.results import prepare_output_dir, read_result, write_json_atomically
     from streaming_llm.loading import load_model
 
+    validate_common_args(args)  # --n-sink, --window-size
     methods = get_methods(args.methods)
-    if any(method.feed != "exact" for method in methods):
-        raise SystemExit("only methods with an exact block path have a parallel evaluator to compare")
+    inexact = [method.name for method in methods if method.feed != "exact"]
+    if inexact:
+        raise ValueError(f"--methods: no parallel evaluator to compare for {', '.join(inexact)} (no exact block path); "
+                         "choose from " + ", ".join(name for name, method in METHODS.items() if method.feed == "exact"))
+    prepare_output_dir(args.output_dir)  # checked before any work (as `streaming-llm eval` does), the summary's too
+    prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
     data = describe_source(args.data, text=load_text(args.data))
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.num_tokens)

@@ -5,14 +5,17 @@
 #   DEVICE=cuda:   random-weight shapes at the paper's scale in bf16: Llama-2-7B at 4096 and SmolLM2-135M at 1024
 #                  (eager and CUDA-graph-compiled dense and streaming steps, mit, kvpress, recompute), a 100,000-token
 #                  stream, and the fast path's fp32/bf16 check (experiments/check_fast_path.py).
-# OUTPUT_DIR (default results/latency), PYTHON (default: the repository's .venv, else python), TAG_PREFIX (default cpu / gpu); on CUDA also
-# METHODS (default all), STREAM_TOKENS (default 100000; 0 skips the stream) and FAST_PATH_CHECK (default 1; 0 skips
+# DEVICE (cpu, the default, or cuda / cuda:N), OUTPUT_DIR (default results/latency), PYTHON (default: the repository's
+# .venv, else python), TAG_PREFIX (default cpu / gpu), METHODS (default: all on CUDA, on CPU bench's default: all but the
+# compiled ones), STREAM_TOKENS (default 100000; 0 skips the stream); on CUDA also FAST_PATH_CHECK (default 1; 0 skips
 # the fp32/bf16 check, ~1.5 min on an H100, when only the latency table is wanted).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+DEVICE=${DEVICE:-cpu}
+[[ "$DEVICE" =~ ^(cpu|cuda(:[0-9]+)?)$ ]] || fail "DEVICE must be cpu (the default), cuda or cuda:N, got '$DEVICE'"
 OUTPUT_DIR=${OUTPUT_DIR:-results/latency}
 BENCH=("$PYTHON" -m streaming_llm.cli bench --output-dir "$OUTPUT_DIR")
-if [[ "${DEVICE:-cpu}" == cuda* ]]; then
+if [[ "$DEVICE" == cuda* ]]; then
   TAG=${TAG_PREFIX:-gpu}
   if [[ "${FAST_PATH_CHECK:-1}" != 0 ]]; then
     echo "$(date +%T) fast path check" >&2
@@ -26,6 +29,6 @@ if [[ "${DEVICE:-cpu}" == cuda* ]]; then
     --methods "${METHODS:-all}" --rounds 4 --steps 20 --quiet --stream-tokens "${STREAM_TOKENS:-100000}" --tag "${TAG}_smollm2-135m_bf16"
 else
   TAG=${TAG_PREFIX:-cpu}
-  "${BENCH[@]}" --shape embedded --cache-sizes "${SIZES:-256,512,1024,2048,4096}" --rounds 2 --steps 3 --threads 1 \
-    --profile --stream-tokens "${STREAM_TOKENS:-100000}" --tag "${TAG}_embedded_fp32"
+  "${BENCH[@]}" --device cpu --shape embedded --cache-sizes "${SIZES:-256,512,1024,2048,4096}" --methods "${METHODS:-default}" \
+    --rounds 2 --steps 3 --threads 1 --profile --stream-tokens "${STREAM_TOKENS:-100000}" --tag "${TAG}_embedded_fp32"
 fi

@@ -7,10 +7,13 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-results/generation}
+read -ra lengths <<< "${LENGTHS:-2000 100000}"
+(( ${#lengths[@]} )) || fail "LENGTHS is empty: give one or more token counts, e.g. LENGTHS='2000 100000'"
+for n in "${lengths[@]}"; do positive_int "each of LENGTHS" "$n"; done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PYTHON" -c "import sys; from streaming_llm.bench.soak import save_tiny_chat_llama; save_tiny_chat_llama(sys.argv[1])" "$work/model"
-for n in ${LENGTHS:-2000 100000}; do
+for n in "${lengths[@]}"; do
   command=(generate --model "$work/model" --prompt "Tell me a story that never ends." --n-sink 4 --window-size 1020
            --ignore-eos --threads 1 --max-new-tokens "$n" --json --quiet)
   echo "$(date +%T) generate --max-new-tokens $n" >&2

@@ -4,12 +4,12 @@
 # folder, so the committed results are not touched; OUTPUT_ROOT=results to regenerate them).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+case "${SCALE:-small}" in
+  full) NUM_TOKENS=20480; DECODE_TOKENS=2048; PREFIX=4096; SAMPLES=32; CONTEXT=2048; CONTINUATION=256; CHUNK_TOKENS=2048 ;;
+  small) NUM_TOKENS=3072; DECODE_TOKENS=1280; PREFIX=1536; SAMPLES=4; CONTEXT=1536; CONTINUATION=128; CHUNK_TOKENS=1536 ;;
+  *) fail "SCALE must be small (the default) or full, got '$SCALE'" ;;
+esac
 OUTPUT_ROOT=${OUTPUT_ROOT:-$(mktemp -d -t streaming-llm-experiments.XXXX)}
-if [[ "${SCALE:-small}" == "full" ]]; then
-  NUM_TOKENS=20480; DECODE_TOKENS=2048; PREFIX=4096; SAMPLES=32; CONTEXT=2048; CONTINUATION=256; CHUNK_TOKENS=2048
-else
-  NUM_TOKENS=3072; DECODE_TOKENS=1280; PREFIX=1536; SAMPLES=4; CONTEXT=1536; CONTINUATION=128; CHUNK_TOKENS=1536
-fi
 echo "writing to $OUTPUT_ROOT" >&2
 # 1. Every method on one stream, parallel evaluator where exact (the table and the figure).
 "${CLI[@]}" eval --num-tokens "$NUM_TOKENS" --decode-tokens "$DECODE_TOKENS" --recompute-samples "$SAMPLES" \

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only this model's results (its result name, e.g. SmolLM2-135M-Instruct), where the folder "
                              "holds several models' or texts' results")
     args = parser.parse_args(argv)
+    if args.context_length < 1:
+        raise ValueError(f"--context-length must be >= 1 (the model's trained context, in tokens), got {args.context_length}")
 
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
@@ -58,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     samples = next((r["extra"]["sampled_steps"] for _, _, r in chosen if "sampled_steps" in r.get("extra", {})), None)
     capacity, context = args.n_sink + args.window_size, args.context_length
     # Step ranges: before any eviction | then up to 2,048, 4,096 tokens (the prefixes the decode-loop-only and the
-    # 4,096-token runs cover) | the rest of the trained context | its first 2,048 tokens past it | the rest.
-    boundaries = sorted({0, capacity, 2047, 4095, context - 1, context + 2047, args.num_tokens - 1})
+    # 4,096-token runs cover) | the rest of the trained context | its first 2,048 tokens past it | the rest; only
+    # those within the steps of the longest run chosen (a range no run covers would be a column of "–").
+    covered = max(record["num_tokens"] for _, _, record in chosen) - 1
+    boundaries = sorted({0, covered} | {b for b in (capacity, 2047, 4095, context - 1, context + 2047) if 0 < b < covered})
     rows = summary_rows(files, boundaries, samples)
     table = markdown_table(rows)
     print(table)

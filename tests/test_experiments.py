@@ -93,3 +93,115 @@ def test_gpu_scripts_say_they_need_cuda():
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert completed.stderr.strip() == ("gpu_step_breakdown.py: error: --device cuda: no CUDA device here (this script "
                                         "measures the GPU; --device cpu for a small smoke run where it offers one)")
+
+
+def refusal_of(script: str, **env: str) -> str:
+    """The one-line error of `script` refusing a variable (exit status 2) before it ran anything (PYTHON=echo)."""
+    completed = subprocess.run(
+        ["bash", str(ROOT / "experiments" / script)], env={**os.environ, "PYTHON": "echo", **env},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert (completed.returncode, completed.stdout) == (2, ""), completed
+    assert completed.stderr.count("\n") == 1 and completed.stderr.startswith(f"{script}: error: "), completed.stderr
+    return completed.stderr.strip()
+
+
+@pytest.fixture
+def experiment(monkeypatch):
+    """import_module for the experiment scripts, with model loading refused: bad options are named before it."""
+    import importlib
+
+    import streaming_llm.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    monkeypatch.setattr(streaming_llm.loading, "load_model", refuse)
+    return importlib.import_module
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--strides", "100"], "--strides 100: '100' is not an integer from 1 to 20 (the window's capacity, n-sink + window-size)"),
+    (["--strides", "8,0"], "--strides 8,0: '0' is not an integer from 1 to 20"),
+    (["--chunk-sizes", "8,abc"], "--chunk-sizes 8,abc: 'abc' is not an integer >= 1"),
+    (["--chunk-sizes", "-4"], "--chunk-sizes -4: '-4' is not an integer >= 1"),
+])
+def test_chunked_eval_checks_chunk_sizes_and_strides_before_loading(experiment, options, message):
+    """--strides beyond the capacity was refused minutes later (after the model and the reference), --chunk-sizes
+    8,abc as "invalid literal for int()" without naming the option."""
+    script = experiment("eval_streaming_llm")
+    with pytest.raises(ValueError) as error:
+        script.main(["--n-sink", "4", "--window-size", "16", *options])
+    assert str(error.value).startswith(message)
+
+
+def test_decode_perplexity_checks_block_size_and_output_dir_first(experiment, tmp_path):
+    """--output-dir naming a file failed after all the work ('File exists'); --block-size 1 compared the decode
+    loop with itself and wrote a summary of speedup 1.0x."""
+    script = experiment("run_decode_perplexity")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"^--output-dir {tmp_path}/file is not a folder$"):
+        script.main(["--output-dir", str(tmp_path / "file")])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary").write_text("x")  # where the summary goes
+    with pytest.raises(ValueError, match="^--output-dir .*/out/summary is not a folder$"):
+        script.main(["--output-dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="^--block-size must be >= 2, got 1: the parallel evaluator needs blocks of at least 2"):
+        script.main(["--block-size", "1", "--output-dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="^--methods: no parallel evaluator to compare for recompute"):
+        script.main(["--methods", "recompute", "--output-dir", str(tmp_path / "new")])
+
+
+def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
+    """DEVICE=gpu or CUDA ran the CPU branch (a 100,000-token stream among it); METHODS was ignored on CPU."""
+    for device in ("gpu", "CUDA", "cuda:x"):
+        assert refusal_of("run_decoding_latency.sh", DEVICE=device) == (
+            f"run_decoding_latency.sh: error: DEVICE must be cpu (the default), cuda or cuda:N, got '{device}'")
+    cpu = commands_of("run_decoding_latency.sh", METHODS="dense,streaming", STREAM_TOKENS="0")
+    assert len(cpu) == 1 and "--device cpu --shape embedded" in cpu[0] and "--methods dense,streaming " in cpu[0]
+    assert "--methods default " in commands_of("run_decoding_latency.sh", DEVICE="cpu")[0]  # bench's default
+    assert any("--device cuda:1 " in line for line in commands_of("run_decoding_latency.sh", DEVICE="cuda:1"))
+
+
+@pytest.mark.parametrize("script, env, message", [
+    ("run_comprehensive_comparisons.sh", {"NUM_TOKENS": "abc"}, "NUM_TOKENS must be a positive integer (digits only), got 'abc'"),
+    ("run_comprehensive_comparisons.sh", {"NUM_TOKENS": "1e3"}, "NUM_TOKENS must be a positive integer (digits only), got '1e3'"),
+    ("run_comprehensive_comparisons.sh", {"NUM_TOKENS": "ROOT[$(echo INJECTED >&2)]"},
+     "NUM_TOKENS must be a positive integer (digits only), got 'ROOT[$(echo INJECTED >&2)]'"),
+    ("run_comprehensive_comparisons.sh", {"NUM_TOKENS": "0"}, "NUM_TOKENS must be a positive integer (digits only), got '0'"),
+    ("run_comprehensive_comparisons.sh", {"RECOMPUTE_SAMPLES": "-1"}, "RECOMPUTE_SAMPLES must be a positive integer (digits only), got '-1'"),
+    ("run_endless_generation.sh", {"LENGTHS": " "}, "LENGTHS is empty: give one or more token counts, e.g. LENGTHS='2000 100000'"),
+    ("run_endless_generation.sh", {"LENGTHS": "2000 2k"}, "each of LENGTHS must be a positive integer (digits only), got '2k'"),
+    ("run_everything.sh", {"SCALE": "Full"}, "SCALE must be small (the default) or full, got 'Full'"),
+])
+def test_scripts_refuse_bad_variables_before_running_anything(tmp_path, script, env, message):
+    """NUM_TOKENS went into bash arithmetic unchecked ('abc: unbound variable', 'value too great for base', and a
+    command inside it was run); LENGTHS=' ' generated nothing and exited 0; SCALE=Full ran the small scale."""
+    assert refusal_of(script, OUTPUT_ROOT=str(tmp_path), **env) == f"{script}: error: {message}"
+
+
+def write_fake_result(folder: Path, method: str, num_tokens: int, n_sink: int = 4, window_size: int = 16) -> None:
+    import torch
+
+    from streaming_llm.eval.results import write_result
+
+    record = {"model": "tiny", "data": {"name": "text.txt", "sha256": "0" * 64}, "num_tokens": num_tokens,
+              "n_sink": n_sink, "window_size": window_size, "method": method, "evaluator": "block32",
+              "perplexity": 2.0, "tokens_per_s": 100.0, "wall_s": 1.0, "extra": {}}
+    write_result(folder, f"{method}__T{num_tokens}", record, torch.full((num_tokens - 1,), 0.5))
+
+
+def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
+    """A 64-token stream got columns up to 'tokens 8,192–10,239', all '–'; --context-length 0 a 'tokens 0–0' one."""
+    script = experiment("summarize_results")
+    for method, tokens in (("dense", 64), ("streaming_pos_shift", 64), ("window", 48)):
+        write_fake_result(tmp_path, method, tokens)
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
+    assert script.main(options) == 0
+    header = (tmp_path / "summary" / "table__T120__s4_w16.md").read_text().splitlines()[0]
+    assert [column.strip() for column in header.split("|") if column.strip().startswith("tokens ")] == [
+        "tokens 1–20", "tokens 21–63"]  # before any eviction | the rest of the 64-token stream
+    with pytest.raises(ValueError, match=r"^--context-length must be >= 1 \(the model's trained context, in tokens\), got 0$"):
+        script.main([*options, "--context-length", "0"])
