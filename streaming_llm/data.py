@@ -178,6 +178,15 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
 
+def check_text_holds(text: str, num_tokens: int, option: str = "--num-tokens") -> None:
+    """Refuse, before a model and its tokenizer are loaded, a token count no tokenizer can get from `text`: every
+    token covers at least one byte of it (byte-level BPE, SentencePiece's byte fallback), so the UTF-8 length bounds
+    the ids, give or take a few special ones (BOS, a dummy prefix). load_tokens gives the exact count later."""
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if num_tokens > size + 8:
+        raise ValueError(f"{option} {num_tokens}: the text holds {size:,} bytes, and a token takes at least one")
+
+
 def load_tokens(
     tokenizer, source: str | Path | None = None, num_tokens: int | None = None, add_bos: bool | None = None
 ) -> torch.Tensor:

@@ -201,6 +201,16 @@ def test_eval_refuses_options_it_would_ignore_before_loading_the_model(tmp_path,
     assert_one_line_error(status, err, message)
 
 
+def test_eval_refuses_more_tokens_than_the_text_can_hold_before_loading_the_model(tmp_path, capsys):
+    """It was found only after the model was loaded and the text tokenized (~45 s for the embedded ones)."""
+    text = tmp_path / "short.txt"
+    text.write_text("Now is the winter of our discontent\n" * 2, encoding="utf-8")  # 72 bytes
+    argv = ["eval", "--model", str(tmp_path / "no-such-model"), *STREAM, "--data", str(text),
+            "--output-dir", str(tmp_path / "out")]
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, "--num-tokens 120: the text holds 72 bytes, and a token takes at least one")
+
+
 def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
