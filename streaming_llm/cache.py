@@ -18,7 +18,6 @@ every step by `StartRecentKVCache`, as MIT's code does.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
@@ -32,8 +31,8 @@ from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible_in_l
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
 
 STREAMING_MODES = ("ours", "mit")
-# A block of more queries is attended this many at a time, each over the keys it can see (linear cost in the block).
-QUERY_CHUNK = 1024
+# A block of more tokens than min(capacity + 1, BLOCK_PIECE) is attended a piece of that many at a time (StreamingLayer.attend).
+BLOCK_PIECE = 512
 
 
 def validate_sizes(n_sink: int, window_size: int) -> tuple[int, int]:
@@ -228,12 +227,22 @@ class StreamingLayer(CacheLayerMixin):
         else:
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
             keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
-        output, stored_keys, new_positions = self.attend_block(query_raw, keys_raw, step["values"], rotary, scaling,
-                                                               softcap, self.hiding_window(sliding_window, query), s_aux)
-        self.store(stored_keys, step["values"], new_positions)
-        self.seen += query.shape[-2]
-        self.advance_frame(rotary)
-        return output
+        # A long block (a whole prompt from generate()) in pieces, each stored before the next and the frame moved
+        # between them, as if fed one after the other (exact: SEMANTICS.md §4): positions stay within ~3C, not C + n,
+        # and a piece's scores are bounded, not quadratic in n.
+        n, piece = query.shape[-2], min(self.policy.capacity + 1, BLOCK_PIECE)
+        outputs = []
+        for start in range(0, n, piece):
+            rows = slice(start, min(start + piece, n))
+            query_piece, values = query_raw[:, :, rows], step["values"][:, :, rows]
+            output, stored_keys, new_positions = self.attend_block(
+                query_piece, keys_raw[:, :, rows], values, rotary, scaling, softcap,
+                self.hiding_window(sliding_window, query_piece), s_aux)
+            self.store(stored_keys, values, new_positions)
+            self.seen += query_piece.shape[-2]
+            self.advance_frame(rotary)
+            outputs.append(output)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
     def hiding_window(self, sliding_window: int | None, query: torch.Tensor) -> int | None:
         """The layer's sliding window where it hides a key from one of this step's queries, else None (and the
@@ -265,56 +274,26 @@ class StreamingLayer(CacheLayerMixin):
             held = positions.shape[0] - n
             keys = torch.cat([rotary.rotate(keys[:, :, :held], policy.key_frame(positions[:held], base)), new_keys], dim=-2)
         all_values = torch.cat([v for _, v, _ in blocks], dim=-2)
-        attend = functools.partial(self._attend_queries, scaling=scaling, softcap=softcap,
-                                   sliding_window=sliding_window, s_aux=s_aux)
-        if n <= QUERY_CHUNK:
-            output = attend(query_window, query_sink, keys, all_values, positions, new_positions, first_query=0)
-        else:  # a long block: QUERY_CHUNK queries at a time over the keys they can see (SEMANTICS.md §1)
-            output = torch.cat([attend(query_window[:, :, start:end], query_sink[:, :, start:end], *columns,
-                                       new_positions[start:end], first_query=start)
-                                for start, end, columns in self._query_chunks(keys, all_values, positions, n)], dim=-2)
-        return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
-    def _query_chunks(self, keys, values, positions, n: int):
-        """(start, end, (keys, values, positions)) per QUERY_CHUNK of a block's n queries: the held slots, the new
-        sinks and the new keys from `start - window_size` on, the only ones a query in [start, end) can see (every
-        other new key is older than its window). So a block costs linear time and memory in its length."""
-        held = positions.shape[0] - n
-        new_sinks = max(0, min(n, self.policy.n_sink - self.seen))  # new tokens that are sinks: seen by every query
-        for start in range(0, n, QUERY_CHUNK):
-            end = min(start + QUERY_CHUNK, n)
-            first = held + max(new_sinks, start - self.policy.window_size)
-            recent = max(0, held + end - first)  # none where the chunk's queries are all new sinks
-
-            def columns(part: torch.Tensor, dim: int) -> torch.Tensor:
-                return torch.cat([part.narrow(dim, 0, held + new_sinks), part.narrow(dim, first, recent)], dim)
-
-            yield start, end, (columns(keys, -2), columns(values, -2), columns(positions, 0))
-
-    def _attend_queries(self, query_window, query_sink, keys, values, positions, new_positions, first_query: int,
-                        scaling: float, softcap=None, sliding_window=None, s_aux=None) -> torch.Tensor:
-        """Queries at stream positions `new_positions` (the block's queries from `first_query` on) over keys at
-        `positions`: [b, heads, n, d]."""
-        policy = self.policy
         if (softcap is None and sliding_window is None and s_aux is None
-                and _can_use_fused_cpu_attention(query_window, new_positions, policy)):
-            return self._fused_block_attention(query_window, query_sink, keys, values, positions, new_positions,
-                                               scaling, first_query)
-        groups = query_window.shape[1] // keys.shape[1]
+                and _can_use_fused_cpu_attention(query_raw, new_positions, policy)):
+            output = self._fused_block_attention(query_window, query_sink, keys, all_values, positions, new_positions, scaling)
+            return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
+
+        groups = query_raw.shape[1] // keys_raw.shape[1]
         scores = grouped_scores(query_window, keys)  # [b, kv_heads, groups * n, keys]
         if policy.n_sink > 0 and policy.mode != "absolute":
             # Sink columns (at most n_sink of them) take the query at its sink position instead.
             sink_columns = torch.nonzero((positions >= 0) & (positions < policy.n_sink)).squeeze(1)
             if sink_columns.numel():
                 scores[..., sink_columns] = grouped_scores(query_sink, keys[:, :, sink_columns])
-        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype, first_query,
-                                     sliding_window=sliding_window)
+        bias = self._visibility_bias(new_positions, positions, groups, scores.dtype, sliding_window=sliding_window)
         scores = cap_scores(scores * scaling, softcap) + bias
-        probabilities = softmax_with_sink_logits(scores, s_aux).to(query_window.dtype)
-        return grouped_output(probabilities, values, query_window.shape[1])
+        probabilities = softmax_with_sink_logits(scores, s_aux).to(query_raw.dtype)
+        output = grouped_output(probabilities, all_values, query_raw.shape[1])
+        return output, (keys_raw if self.stores_raw_keys else new_keys), new_positions
 
-    def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling,
-                               first_query: int):
+    def _fused_block_attention(self, query_window, query_sink, keys, values, positions, new_positions, scaling):
         """The block path through the fused CPU flash-attention kernel (about half the time of the explicit
         softmax). The kernel takes one query per row, so it scores the window keys only and returns their
         log-sum-exp; the few sink columns, which need the query at its sink position, are scored apart and
@@ -325,7 +304,7 @@ class StreamingLayer(CacheLayerMixin):
         values_all = values.repeat_interleave(groups, dim=1)
         is_sink = (positions >= 0) & (positions < policy.n_sink)
         has_sinks = policy.mode != "absolute" and bool(is_sink.any())
-        bias = self._visibility_bias(new_positions, positions, 1, query_window.dtype, first_query, exclude_sinks=has_sinks)
+        bias = self._visibility_bias(new_positions, positions, 1, query_window.dtype, exclude_sinks=has_sinks)
         output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query_window, keys_all, values_all, 0.0, False, attn_mask=bias, scale=scaling
         )
@@ -349,12 +328,11 @@ class StreamingLayer(CacheLayerMixin):
             self.shared[slot] = cached = (key, compute())
         return cached[1]
 
-    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype, first_query: int,
+    def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype,
                          exclude_sinks: bool = False, sliding_window: int | None = None) -> torch.Tensor:
         """0 where a query sees a key, -inf elsewhere, [groups * n, keys] (sink columns hidden with
         `exclude_sinks`); every layer holds its tokens at the same positions, so the first layer of a forward
-        pass builds it and the others with the same sliding window reuse it (`first_query`: the index of the first
-        query in the block, which tells a long block's chunks apart)."""
+        pass builds it and the others with the same sliding window reuse it."""
         def compute():
             mask = visible_in_layer(self.policy, query_positions, key_positions, sliding_window)
             if exclude_sinks:
@@ -362,7 +340,7 @@ class StreamingLayer(CacheLayerMixin):
             bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             return bias.repeat(groups, 1)
 
-        key = (self.seen, first_query, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
+        key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
         return self._per_step(("bias", sliding_window), key, compute)
 
     def advance_frame(self, rotary: RotaryParams) -> None:

@@ -147,3 +147,16 @@ def test_long_inputs_are_split_into_exact_blocks(llama_model):
     assert streamed.shape[1] == LONG_STREAM
     expected = naive_streaming_logits(llama_model, input_ids, N_SINK, WINDOW_SIZE, "pos_shift")
     assert max_abs_diff(streamed[0], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("position_mode, streaming_mode", [("pos_shift", "ours"), ("rerotate", "ours"),
+                                                           ("pos_shift", "mit")])
+def test_one_long_call_keeps_the_positions_small(llama_model, position_mode, streaming_mode):
+    """1,600 tokens in one forward pass (max_block past them, as generate() gives a whole prompt): each layer attends
+    them in pieces of capacity + 1, the frame moving between pieces, so RoPE sees positions below ~3C. Attended as
+    one piece, they were rotated at up to C + 1,600 and drifted from the reference (5e-4 here, 1e-2 at 20,000)."""
+    input_ids = random_ids(1600, seed=30)
+    wrapper = make_wrapper(llama_model, 4, 50, position_mode=position_mode, streaming_mode=streaming_mode,
+                           max_block=100_000)
+    expected = naive_streaming_logits(llama_model, input_ids, 4, 50, position_mode)
+    assert max_abs_diff(wrapper(input_ids[None])[0], expected) <= TOLERANCE

@@ -58,8 +58,8 @@ def test_gpt_neox_streams_match_reference(gpt_neox_model, stream):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=streams(max_length=200), chunk=st.integers(1, 12))
 @example(stream=(2, 1, "pos_shift", "ours", 0, [2]), chunk=1)  # a chunk of new sinks only (a negative length once)
-def test_blocks_attended_a_chunk_of_queries_at_a_time_match_reference(llama_model, stream, chunk):
-    """A block of more than QUERY_CHUNK queries (a long prompt given to generate) is attended a chunk at a time, each
-    over the held keys, the new sinks and the new keys within a window of its first query: still the reference."""
-    with mock.patch.object(cache_module, "QUERY_CHUNK", chunk):
+def test_blocks_attended_in_pieces_match_reference(llama_model, stream, chunk):
+    """A block of more than min(capacity + 1, BLOCK_PIECE) tokens (a long prompt given to generate) is attended a piece
+    at a time, each stored and the frame moved before the next: still the reference, for pieces of any size."""
+    with mock.patch.object(cache_module, "BLOCK_PIECE", chunk):
         check_stream(llama_model, *stream)

@@ -80,12 +80,12 @@ def test_sliding_layers_within_an_evicting_cache_match_the_reference(hybrid_mode
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss"])
 @pytest.mark.parametrize("position_mode", ["pos_shift", "absolute"])
-def test_long_blocks_attended_in_chunks_keep_the_sliding_window_soft_cap_and_sink_logits(model_type, position_mode):
-    """Queries attended 3 at a time (QUERY_CHUNK) in blocks of up to 30: the chunks' keys hold what a sliding layer,
-    Gemma 2's soft-capped scores and GPT-OSS's sink logits need."""
+def test_long_blocks_attended_in_pieces_keep_the_sliding_window_soft_cap_and_sink_logits(model_type, position_mode):
+    """Blocks of up to 30 tokens attended 3 at a time (BLOCK_PIECE): each piece sees what a sliding layer, Gemma 2's
+    soft-capped scores and GPT-OSS's sink logits need."""
     model, input_ids = build(model_type), random_ids(LENGTH, seed=33)
     expected = naive_streaming_logits(model, input_ids, 2, 14, position_mode)
-    with mock.patch.object(cache_module, "QUERY_CHUNK", 3):
+    with mock.patch.object(cache_module, "BLOCK_PIECE", 3):
         logits = feed_stream(make_wrapper(model, 2, 14, position_mode=position_mode), input_ids,
                              block_sizes_covering(LENGTH, [30, 1, 17]))
     assert max_abs_diff(logits, expected) <= TOLERANCE
