@@ -180,6 +180,10 @@ def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_func
     if getattr(_handoff, "mask_position", None) is not cache_position:
         return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)
     _handoff.mask_cache = _handoff.mask_position = None
+    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] < kv_length:
+        raise ValueError(  # its missing columns would read as padding (refused as a "padded batch")
+            f"attention_mask covers {attention_mask.shape[-1]} tokens; as with any transformers cache it must cover "
+            "the tokens fed before too (the whole stream so far and the new ones), or be left out")
     kwargs.pop("local_size", None)
     return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, causal_mask_function, attention_mask, **kwargs)
 

@@ -32,6 +32,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.cache import StreamingKVCache, grouped_attention, written_outside_inference_mode
+from streaming_llm.checks import check_int
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -243,7 +244,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
         # The RoPEs the layers use (one for most models), each rotating the sinks once per step in _static_step.
-        self._distinct_rotaries = {id(rotary): rotary for rotary in self.architecture.layer_rotaries}
+        # (a list, looked up by id() at each step: a copy of the wrapper holds copies of the rotaries, with new ids)
+        self._distinct_rotaries = list({id(rotary): rotary for rotary in self.architecture.layer_rotaries}.values())
         # The layers' own sliding windows, and whether each ever hides a kept key (then its layers get its mask).
         policy, capacity = self._cache.policy, self.n_sink + self.window_size
         self._sliding_windows = {window: policy.window_hides(window, max(capacity, window))
@@ -347,7 +349,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers)."""
         if batch_size is not None:
-            self._batch_size = batch_size
+            self._batch_size = check_int("batch_size", batch_size, 1)
         self.cache = self._new_cache()
 
     # -- feeding ------------------------------------------------------------------------------------------------
@@ -459,7 +461,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # The sinks' offset (window frame - sink frame), once per step and RoPE for every layer's _rotate_sinks.
         sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
         offset = (window_position - sink_position).reshape(1)
-        self._sink_angles = {key: cos_sin(offset, rotary.inv_freq) for key, rotary in self._distinct_rotaries.items()}
+        self._sink_angles = {id(rotary): cos_sin(offset, rotary.inv_freq) for rotary in self._distinct_rotaries}
         batch = token_ids.shape[0]
         output = self.model(
             input_ids=token_ids,

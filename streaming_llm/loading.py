@@ -51,7 +51,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return resolved
 
 
-def resolve_device(device: str | None) -> str:
+def resolve_device(device: str | torch.device | None) -> str:
+    if isinstance(device, torch.device):  # torch.device("cpu"), torch.device("cuda", 1): as their names
+        device = str(device)
+    if device is not None and not isinstance(device, str):
+        raise ValueError(f"device must be cpu, cuda[:N], mps or auto; got {type(device).__name__} {device!r}")
+    if device == "cpu:0":  # torch's name for the one CPU device
+        device = "cpu"
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -15,7 +15,11 @@ PastKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _slice(x: torch.Tensor, dim: int, start: int, end: int | None) -> torch.Tensor:
-    return x.narrow(dim, start, (x.size(dim) if end is None else end) - start)
+    """x[start:end] along `dim`, clamped to its size as a Python slice is (MIT's code slices; fewer entries than
+    start_size are all kept)."""
+    size = x.size(dim)
+    start, end = min(start, size), size if end is None else min(end, size)
+    return x.narrow(dim, start, max(0, end - start))
 
 
 class StartRecentKVCache:

@@ -128,3 +128,26 @@ def test_sampled_recompute_checks_its_arguments(llama_model):
     for shape in ((10,), (2, 10)):
         with pytest.raises(ValueError, match=r"input_ids must be \[1, T\]"):
             recompute_nlls_at(llama_model, random_ids(10, seed=14).expand(*shape), 4, [3])
+
+
+@pytest.mark.parametrize("make_logits, fragment", [
+    (lambda ids: torch.zeros(2, ids.shape[1], 64), "float logits [1, 3, vocab] for 3 tokens; got torch.float32 (2, 3, 64)"),
+    (lambda ids: torch.zeros(ids.shape[1], 64), "got torch.float32 (3, 64)"),
+    (lambda ids: torch.zeros(1, ids.shape[1], 64, dtype=torch.long), "got torch.int64 (1, 3, 64)"),
+    (lambda ids: [0.0] * ids.shape[1], "got list"),
+    (lambda ids: torch.zeros(1, ids.shape[1], 10), "the stepper's logits cover 10 token ids; the text holds id 63"),
+])
+def test_a_stepper_returning_anything_but_its_logits_is_named(make_logits, fragment):
+    """compute_perplexity scored row 0 of a [2, n, V] output and integer logits silently, and failed inside
+    cross_entropy on others."""
+
+    class Stepper:
+        def reset(self):
+            pass
+
+        def __call__(self, ids):
+            return make_logits(ids)
+
+    ids = torch.tensor([[5, 63, 7, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        compute_perplexity(Stepper(), ids, block_size=3)

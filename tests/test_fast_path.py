@@ -161,6 +161,9 @@ def test_reset_starts_a_new_stream_on_the_same_buffers(llama_model):
     assert all(t.abs().sum() == 0 for t in (*fast.keys, *fast.values, *fast.sink_keys))
     assert torch.equal(feed_stream(fast, input_ids), first)
     assert [t.data_ptr() for t in fast.keys] == buffers and fast._compiled == steps
+    for bad in (0, -1, 2.5):  # a torch error from the allocation, or (0) an empty stream
+        with pytest.raises(ValueError, match="batch_size"):
+            fast.reset(batch_size=bad)
     fast.reset(batch_size=2)
     assert fast.keys[0].shape[0] == 2 and fast._compiled == {}
     batch = random_ids(50, seed=45, batch=2)
@@ -211,6 +214,17 @@ def test_the_stream_goes_on_after_generate_fed_the_wrappers_cache(llama_model, p
     fast.cache.reset()
     with pytest.raises(RuntimeError, match="call wrapper.reset"):
         fast(stream[None, :1])
+
+
+def test_a_copy_goes_on_as_the_original(llama_model):
+    """copy.deepcopy of a wrapper mid-stream: its static steps looked the copied rotaries up by the originals' id()
+    (KeyError)."""
+    input_ids = random_ids(40, seed=50)
+    fast = make_fast(llama_model)
+    fast(input_ids[None, :20])
+    copied = copy.deepcopy(fast)
+    steps = [input_ids[None, i : i + 1] for i in range(20, 40)]
+    assert torch.equal(torch.cat([copied(token) for token in steps], 1), torch.cat([fast(token) for token in steps], 1))
 
 
 def test_auto_decode_attention_is_resolved_per_device():

@@ -96,3 +96,20 @@ def test_other_sequence_dims(k_seq_dim, v_seq_dim):
     cache = StartRecentKVCache(start_size=3, recent_size=4, k_seq_dim=k_seq_dim, v_seq_dim=v_seq_dim)
     kept = cache(make_past(15, seq_dim=k_seq_dim, value_seq_dim=v_seq_dim))
     assert_keeps(kept, [0, 1, 2, 11, 12, 13, 14], seq_dim=k_seq_dim, value_seq_dim=v_seq_dim)
+
+
+def test_evict_for_space_slices_as_mits_code_does():
+    """MIT's evict_for_space slices the keys (k[:, :, 0:start_size], k[:, :, seq_len - recent + coming:seq_len]), so
+    a cache holding fewer entries than start_size keeps them all; `narrow` raised there ("start (0) + length (2)
+    exceeds dimension size (1)"). Every small case against those Python slices."""
+    for start_size in range(5):
+        for recent_size in range(1, 6):
+            cache = StartRecentKVCache(start_size=start_size, recent_size=recent_size)
+            for seq_len in range(1, 12):
+                for num_coming in range(9):
+                    held = list(range(seq_len))
+                    if seq_len + num_coming <= start_size + recent_size:
+                        expected = held
+                    else:
+                        expected = held[0:start_size] + held[seq_len - recent_size + num_coming : seq_len]
+                    assert_keeps(cache.evict_for_space(make_past(seq_len), num_coming), expected)

@@ -64,6 +64,15 @@ def test_unsupported_architecture_names_the_supported_ones():
         StreamingLLMWrapper(model, 4, 8)
 
 
+def test_a_model_without_its_head_is_refused_by_name(llama_model):
+    """AutoModel's bare decoder (LlamaModel) failed with "'LlamaModel' object has no attribute 'model'"."""
+    from streaming_llm import StreamingLLMWrapper, prepare_model
+
+    for use in (prepare_model, lambda model: StreamingLLMWrapper(model, 4, 8)):
+        with pytest.raises(TypeError, match="a causal language model with its head .* got a LlamaModel, which has none"):
+            use(llama_model.model)
+
+
 def test_model_without_rotary_features_is_refused():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -219,6 +228,13 @@ def test_unavailable_devices_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="'cuda:1' requested but there are only 1 CUDA devices"):
         resolve_device("cuda:1")
     assert resolve_device("cuda:0") == "cuda:0"
+    # a torch.device as its name (AttributeError: no attribute 'startswith' before), torch's "cpu:0" as cpu
+    assert resolve_device(torch.device("cuda", 0)) == "cuda:0"
+    with pytest.raises(ValueError, match="'cuda:1' requested"):
+        resolve_device(torch.device("cuda", 1))
+    assert resolve_device(torch.device("cpu")) == resolve_device("cpu:0") == "cpu"
+    with pytest.raises(ValueError, match="device must be cpu, cuda.*got int 0"):
+        resolve_device(0)
 
 
 def test_dtypes_are_resolved_or_refused_per_device(monkeypatch):
@@ -398,6 +414,24 @@ def test_a_model_not_prepared_is_refused_and_leaves_nothing_behind(layers):
     with torch.no_grad():
         logits = prepared(ids, past_key_values=StreamingKVCache(2, 4)).logits
     assert max_abs_diff(logits[0], make_wrapper(model, 2, 4)(ids)[0]) <= 1e-4
+
+
+def test_an_attention_mask_of_the_new_tokens_only_is_named_as_such(llama_model):
+    """A mask covering only the new tokens was refused as a "padded batch (an attention_mask with zeros)"."""
+    import copy
+
+    import torch
+
+    from streaming_llm import prepare_model
+
+    from tiny_models import random_ids
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    ids, cache = random_ids(10, seed=1)[None], StreamingKVCache(2, 4)
+    model(ids[:, :6], past_key_values=cache)
+    with pytest.raises(ValueError, match="attention_mask covers 4 tokens; as with any transformers cache it must cover"):
+        model(ids[:, 6:], attention_mask=torch.ones(1, 4, dtype=torch.long), past_key_values=cache)
+    model(ids[:, 6:], attention_mask=torch.ones(1, 10, dtype=torch.long), past_key_values=cache)  # the whole stream
 
 
 def test_integer_arguments_accept_numpy_integers_and_refuse_floats_and_bools():

@@ -152,6 +152,10 @@ def describe(model: nn.Module) -> Architecture:
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or config is None:
         raise TypeError(f"expected a Hugging Face causal language model (a torch module with a .config), got {type(model).__name__}")
+    output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
+    if output_embeddings is None:  # AutoModel's bare decoder: no logits to stream
+        raise TypeError(f"expected a causal language model with its head (AutoModelForCausalLM), got a "
+                        f"{type(model).__name__}, which has none")
     adapter = adapter_for(config)
     text_config = config.get_text_config()  # the config itself, or a multimodal checkpoint's language model's
     rope_parameters = getattr(text_config, "rope_parameters", None) or {}
