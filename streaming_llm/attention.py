@@ -179,8 +179,9 @@ def streaming_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_func
     A step without a StreamingKVCache (a prepared model run densely) gets the model's own mask, overlay included."""
     if getattr(_handoff, "mask_position", None) is not cache_position:
         return sdpa_mask(batch_size, cache_position, kv_length, kv_offset, mask_function, attention_mask, **kwargs)
-    _handoff.mask_cache = _handoff.mask_position = None
-    if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] < kv_length:
+    cache, _handoff.mask_cache, _handoff.mask_position = _handoff.mask_cache, None, None
+    if (attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[-1] < kv_length
+            and int(cache_position[0]) >= cache.get_seq_length()):  # (a stream fed again from 0: refused later)
         raise ValueError(  # its missing columns would read as padding (refused as a "padded batch")
             f"attention_mask covers {attention_mask.shape[-1]} tokens; as with any transformers cache it must cover "
             "the tokens fed before too (the whole stream so far and the new ones), or be left out")

@@ -37,7 +37,7 @@ def test_fused_block_attention_is_the_explicit_softmax(sink_scale):
     all_positions = torch.cat([positions, new_positions])
     layer = RingLayer(PositionPolicy("pos_shift", N_SINK, WINDOW_SIZE), shared={})
     layer.seen = 10
-    fused = layer._fused_block_attention(query_window, query_sink, keys, values, all_positions, new_positions, DIM**-0.5, 0)
+    fused = layer._fused_block_attention(query_window, query_sink, keys, values, all_positions, new_positions, DIM**-0.5)
     expected = explicit_attention(query_window, query_sink, keys, values, all_positions, new_positions, DIM**-0.5)
     assert torch.isfinite(fused).all()
     assert (fused.double() - expected).abs().max() <= 1e-5
