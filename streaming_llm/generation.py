@@ -12,6 +12,7 @@ feeding each turn's new tokens only.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections import deque
@@ -60,6 +61,10 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         check_int("top_k", self.top_k, 0, " (0 = no limit)")
@@ -266,7 +271,7 @@ class GenerationStream:
         self.sampling = sampling_config(sampling)
         self.stop = stop_strings(stop)
         self.max_new_tokens = max_new_tokens
-        self.stop_token_ids = frozenset(int(i) for i in (stop_token_ids or ()))
+        self.stop_token_ids = stop_token_id_set(stop_token_ids)
         self.prefill_block_size = prefill_block_size
         self.progress = progress
         self.prompt_tokens = ids.numel()
@@ -344,7 +349,12 @@ class GenerationStream:
 def prompt_token_ids(prompt_ids) -> torch.Tensor:
     """The prompt as a LongTensor [n]: from a list of ints or an integer tensor [n] or [1, n]; ValueError otherwise
     (a [2, n] batch was flattened into one stream, float ids truncated, bool ids taken as 0/1)."""
-    ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.as_tensor(prompt_ids)
+    if isinstance(prompt_ids, (str, bytes)):
+        raise ValueError("prompt_ids must be token ids, not text: tokenize it first (tokenizer(text)['input_ids'])")
+    try:
+        ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.as_tensor(prompt_ids)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"prompt_ids must be a list or a tensor of token ids, got {type(prompt_ids).__name__} ({error})") from None
     if ids.numel() == 0:
         ids = ids.to(torch.long)  # an empty list is a float tensor: refused as empty below, not as floats
     if not is_integer_tensor(ids):
@@ -354,6 +364,24 @@ def prompt_token_ids(prompt_ids) -> torch.Tensor:
     if ids.dim() != 1:
         raise ValueError(f"prompt_ids must be a list or a tensor [n] or [1, n] (one stream), got shape {tuple(ids.shape)}")
     return ids.to(torch.long)
+
+
+def stop_token_id_set(stop_token_ids) -> frozenset[int]:
+    """The stop token ids: an iterable of integer ids (or one id); ValueError otherwise."""
+    def is_id(value) -> bool:
+        return is_int(value) or (isinstance(value, torch.Tensor) and value.numel() == 1 and is_integer_tensor(value))
+
+    if stop_token_ids is None:
+        return frozenset()
+    if is_id(stop_token_ids) or isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Iterable):
+        ids = [stop_token_ids]
+    elif isinstance(stop_token_ids, torch.Tensor):
+        ids = list(stop_token_ids.reshape(-1))
+    else:
+        ids = list(stop_token_ids)
+    if not all(is_id(i) for i in ids):
+        raise ValueError(f"stop_token_ids must be integer token ids, got {stop_token_ids!r}")
+    return frozenset(int(i) for i in ids)
 
 
 def stop_strings(stop) -> list[str]:

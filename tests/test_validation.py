@@ -269,6 +269,8 @@ def test_a_missing_embedded_model_package_is_named(monkeypatch, tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("temperature", float("inf")), ("temperature", float("nan")), ("repetition_penalty", float("inf")),
     ("repetition_penalty", float("nan")), ("seed", -1), ("seed", 2**63), ("seed", 1.5),
+    # not numbers: TypeErrors about '>=' that named no argument
+    ("temperature", "0.7"), ("temperature", None), ("top_p", True), ("repetition_penalty", "1.1"),
 ])
 def test_sampling_config_refuses_values_the_sampler_cannot_use(field, value):
     from streaming_llm.generation import SamplingConfig
@@ -507,3 +509,18 @@ def test_reference_helpers_refuse_what_they_would_misread():
     for source in (["a.txt"], 3, b"a.txt"):
         with pytest.raises(ValueError, match="must be a file path, a dataset name or None"):
             load_text(source)
+
+
+@pytest.mark.parametrize("prompt_ids, stop_token_ids, fragment", [
+    ("w1 w2", None, "prompt_ids must be token ids, not text: tokenize it first"),  # TypeError from torch before
+    ([[1], [2, 3]], None, "prompt_ids must be a list or a tensor of token ids, got list"),
+    ([1, 2], 5.0, "stop_token_ids must be integer token ids, got 5.0"),
+    ([1, 2], ["2"], "stop_token_ids must be integer token ids"),  # 'int' object is not iterable / int('2') before
+])
+def test_generate_stream_names_ids_that_are_not_token_ids(llama_model, prompt_ids, stop_token_ids, fragment):
+    from streaming_llm.generation import generate_stream, stop_token_id_set
+
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        list(generate_stream(make_wrapper(llama_model, 2, 8), None, prompt_ids, stop_token_ids=stop_token_ids,
+                             max_new_tokens=2))
+    assert stop_token_id_set(5) == stop_token_id_set([5]) == stop_token_id_set(__import__("torch").tensor([5])) == {5}
