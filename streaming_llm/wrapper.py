@@ -18,7 +18,8 @@ class StreamingLLMWrapper:
     logits [batch, n, vocab]. Feeding n tokens at once equals feeding them one at a time: a long prompt
     is streamed through the window with its sinks, never attended densely. Every row of a batch is an
     independent stream of the same length. Inputs longer than `max_block` tokens are fed in blocks of that
-    size (exact, and it bounds the attention scores a block materialises to max_block x (capacity + max_block)).
+    size (exact, and it bounds the activations of one forward pass; the cache itself attends a block in pieces of
+    at most capacity + 1 tokens, `cache.BLOCK_PIECE`).
     """
 
     def __init__(

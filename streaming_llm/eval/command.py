@@ -115,9 +115,10 @@ def check_method_options(args: argparse.Namespace, methods, prefixes: dict[str, 
     if (args.recompute_samples or args.recompute_tokens) and "recompute" not in chosen:
         option = "--recompute-samples" if args.recompute_samples else "--recompute-tokens"
         raise ValueError(f"{option} applies to the recompute method, which --methods does not include")
-    if args.recompute_samples and "recompute" in chosen:  # spread over the steps from the capacity on (sample_steps)
-        last = args.num_tokens - 2
-        steps = last - min(args.n_sink + args.window_size, last) + 1
+    if args.recompute_samples and "recompute" in chosen:
+        from streaming_llm.eval.harness import sampled_step_range
+
+        steps = len(sampled_step_range(args.num_tokens, args.n_sink + args.window_size))
         if args.recompute_samples > steps:
             raise ValueError(f"--recompute-samples {args.recompute_samples}: the stream has {steps} step(s) to sample from "
                              f"the cache capacity {args.n_sink + args.window_size} to the end of --num-tokens "

@@ -173,10 +173,17 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+def sampled_step_range(num_tokens: int, capacity: int) -> range:
+    """The steps a recompute sample is spread over: [capacity, num_tokens - 2], the part of the stream past the
+    first eviction (the last step alone where the stream is no longer than the capacity)."""
+    last = num_tokens - 2
+    return range(min(capacity, last), last + 1)
+
+
 def sample_steps(num_tokens: int, capacity: int, num_samples: int) -> list[int]:
-    """`num_samples` steps spread evenly over [capacity, num_tokens - 2] (the part of the stream past the
-    first eviction), as distinct sorted ints."""
-    first, last = min(capacity, num_tokens - 2), num_tokens - 2
+    """`num_samples` steps spread evenly over `sampled_step_range`, as distinct sorted ints."""
+    steps = sampled_step_range(num_tokens, capacity)
+    first, last = steps.start, steps.stop - 1
     if num_samples < 1:
         raise ValueError(f"need at least one sample, got {num_samples}")
     return sorted({int(round(first + (last - first) * i / max(1, num_samples - 1))) for i in range(num_samples)})

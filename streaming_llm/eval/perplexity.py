@@ -38,14 +38,14 @@ class PerplexityResult:
         return (self.num_tokens - 1) / self.wall_s if self.wall_s > 0 else float("inf")
 
 
-def _check_logits(logits, n: int, largest_target: int) -> None:
-    """ValueError unless a stepper's output is float logits [1, n, vocab] that score every target id."""
+def _check_logits(logits, n: int, largest_id: int) -> None:
+    """ValueError unless a stepper's output is float logits [1, n, vocab] that score every id of the text."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim != 3 or logits.shape[:2] != (1, n):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         dtype = f" {logits.dtype}" if isinstance(logits, torch.Tensor) else ""
         raise ValueError(f"the stepper must return float logits [1, {n}, vocab] for {n} tokens; got{dtype} {shape}")
-    if logits.shape[-1] <= largest_target:
-        raise ValueError(f"the stepper's logits cover {logits.shape[-1]} token ids; the text holds id {largest_target}")
+    if logits.shape[-1] <= largest_id:
+        raise ValueError(f"the stepper's logits cover {logits.shape[-1]} token ids; the text holds id {largest_id}")
 
 
 def compute_perplexity(
@@ -75,6 +75,7 @@ def compute_perplexity(
     first = 0 if resume_nlls is None else resume_nlls.shape[0]
     if first and (first > steps or (first % block_size and first != steps)):
         raise ValueError(f"cannot resume at step {first}: not a block boundary of {block_size} within {steps} steps")
+    largest_id = int(input_ids.max())  # every block's logits must score it (_check_logits)
     stepper.reset()
     bar = None
     if progress:
@@ -90,9 +91,8 @@ def compute_perplexity(
         for start in range(first, steps, block_size):
             end = min(start + block_size, steps)
             logits = stepper(input_ids[:, start:end])
-            targets = input_ids[0, start + 1 : end + 1]
-            _check_logits(logits, end - start, int(targets.max()))
-            targets = targets.to(logits.device)
+            _check_logits(logits, end - start, largest_id)
+            targets = input_ids[0, start + 1 : end + 1].to(logits.device)
             nlls[start:end] = F.cross_entropy(logits[0].double(), targets, reduction="none").cpu()
             if bar is not None:
                 bar.update(end - start)
