@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streaming_llm.checks import is_int
 from streaming_llm.eval.results import NLLS_SUFFIX, atomic_write, read_result
 
 # Stable colours and order, so figures from different runs read alike.
@@ -59,18 +60,15 @@ def check_plot_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray | 
     def refuse(what: str) -> ValueError:
         return ValueError(f"{path}: not a result file ({what})")
 
-    def is_integer(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
     method, perplexity, num_tokens = record["method"], record["perplexity"], record["num_tokens"]
     if not isinstance(method, str) or not method:
         raise refuse(f"method is {json.dumps(method)}, not a method name")
     if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))):
         raise refuse(f"perplexity is {json.dumps(perplexity)}, not a number")
-    if not is_integer(num_tokens) or num_tokens < 0:
+    if not is_int(num_tokens) or num_tokens < 0:
         raise refuse(f"num_tokens is {json.dumps(num_tokens)}, not a token count")
     expected = record.get("num_predictions", max(num_tokens - 1, 0))
-    if not is_integer(expected) or expected < 0:
+    if not is_int(expected) or expected < 0:
         raise refuse(f"num_predictions is {json.dumps(expected)}, not a count")
     if nlls is None:
         return None
