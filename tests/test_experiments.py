@@ -205,3 +205,21 @@ def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
         "tokens 1–20", "tokens 21–63"]  # before any eviction | the rest of the 64-token stream
     with pytest.raises(ValueError, match=r"^--context-length must be >= 1 \(the model's trained context, in tokens\), got 0$"):
         script.main([*options, "--context-length", "0"])
+
+
+def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
+    """The measurement behind the long-prompt numbers (results/generation/long_prompt_8192*.json): a JSON record of
+    the prompt, the cache, the memory, the time, the next tokens and the commit; a bad length is refused first."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("long_prompt_memory", ROOT / "experiments" / "long_prompt_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit):
+        script.main(["--prompt-tokens", "0"])
+    assert "--prompt-tokens must be >= 1, got 0" in capsys.readouterr().err
+    assert script.main(["--prompt-tokens", "300", "--output", str(tmp_path / "out" / "long.json")]) == 0
+    record = json.loads((tmp_path / "out" / "long.json").read_text())
+    assert record["prompt_tokens"] == 300 and (record["n_sink"], record["window_size"]) == (4, 60)
+    assert len(record["next_tokens"]) == 2 and record["peak_rss_growth_mib"] >= 0 and record["seconds"] > 0
