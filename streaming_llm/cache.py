@@ -228,7 +228,7 @@ class StreamingLayer(CacheLayerMixin):
             query_raw = rotary.unrotate(query, step["cos"], step["sin"])
             keys_raw = rotary.unrotate(step["keys"], step["cos"], step["sin"])
         # A long block (a whole prompt from generate()) in pieces, each stored before the next and the frame moved
-        # between them, as if fed one after the other (exact: SEMANTICS.md §4): positions stay within ~3C, not C + n,
+        # between them, as if fed one after the other (exact: SEMANTICS.md §5): positions stay within ~3C, not C + n,
         # and a piece's scores are bounded, not quadratic in n.
         n, piece = query.shape[-2], min(self.policy.capacity + 1, BLOCK_PIECE)
         outputs = []
