@@ -1,6 +1,7 @@
 """The comparison table (streaming_llm/eval/report.py) from result files with known NLLs: every number is the
 exp(mean NLL) of exactly the steps its column names, or "–" where the run did not score all of them."""
 
+import json
 import math
 
 import numpy as np
@@ -46,3 +47,34 @@ def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
                         "tokens/s | CPU s | peak MiB |")
     assert table[2] == "| full | decode | 9 | 4.48 | 2.72 | 7.39 | 4.48 | 12.5 | 1 | 100 |"
     assert table[3] == "| short | decode | 7 | 1.65 | 1.65 | – | 1.65 | 12.5 | 1 | 100 |"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tokens_per_s": "fast"}, '(tokens_per_s is "fast", not a number)'),  # ValueError: unknown format code 'f'
+    ({"peak_memory_mib": [1]}, "(peak_memory_mib is [1], not a number)"),
+    ({"extra": {"cpu_s": "1"}}, '(extra.cpu_s is "1", not a number)'),
+    ({"extra": []}, "(extra is [], not an object)"),  # AttributeError: 'list' object has no attribute 'get'
+    ({"extra": {"sampled_steps": [1, 99]}}, "(extra.sampled_steps is [1, 99], not a list of steps below 8)"),
+    ({"evaluator": None}, "(evaluator is null, not a name)"),
+    ({"window_size": 0}, "(window_size is 0, not a cache size)"),
+    ({"data": "shakespeare"}, '(data is "shakespeare", not a data description)'),
+])
+def test_a_malformed_result_is_named_with_its_field(tmp_path, change, message):
+    """A hand-edited result is refused naming the file and the field, before any row is made (these were
+    tracebacks from the table's formatting or the summary script's lookups)."""
+    path = _result(tmp_path, "full", [1.0] * 8, **change)
+    with pytest.raises(ValueError) as error:
+        summary_rows([path], boundaries=[0, 4, 8], sample_steps=[1, 5])
+    assert str(error.value) == f"{path}: not a result file {message}"
+
+
+def test_a_result_without_speed_fields_gets_dashes(tmp_path):
+    """tokens_per_s and wall_s are not among the fields every result must hold: a record without them is a row
+    with "–" there (it was a KeyError)."""
+    path = _result(tmp_path, "full", [1.0] * 8)
+    record = json.loads(path.read_text())
+    del record["tokens_per_s"], record["wall_s"]
+    path.write_text(json.dumps(record))
+    (row,) = summary_rows([path], boundaries=[0, 8])
+    assert row["tokens_per_s"] is None and row["wall_s"] is None
+    assert markdown_table([row]).splitlines()[2] == "| full | decode | 9 | 2.72 | 2.72 | – | – | 1 | 100 |"

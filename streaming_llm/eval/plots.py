@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.checks import is_int
-from streaming_llm.eval.results import NLLS_SUFFIX, atomic_write, read_result
+from streaming_llm.eval.results import atomic_write, read_result
 
 # Stable colours and order, so figures from different runs read alike.
 METHOD_STYLES = {
@@ -51,37 +49,6 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
-def check_plot_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray | None) -> np.ndarray | None:
-    """The NLLs of a result (read_result's record and array) as float64, after checking the fields a figure
-    uses: method a string, perplexity a number or null, num_tokens an integer, the NLLs a 1-D float array of
-    num_predictions (num_tokens - 1) values; ValueError "<file>: not a result file (<field> ...)" otherwise.
-    NaN (a sampled result's unscored steps) and inf are values here; None (no NLL file) stays None."""
-
-    def refuse(what: str) -> ValueError:
-        return ValueError(f"{path}: not a result file ({what})")
-
-    method, perplexity, num_tokens = record["method"], record["perplexity"], record["num_tokens"]
-    if not isinstance(method, str) or not method:
-        raise refuse(f"method is {json.dumps(method)}, not a method name")
-    if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))):
-        raise refuse(f"perplexity is {json.dumps(perplexity)}, not a number")
-    if not is_int(num_tokens) or num_tokens < 0:
-        raise refuse(f"num_tokens is {json.dumps(num_tokens)}, not a token count")
-    expected = record.get("num_predictions", max(num_tokens - 1, 0))
-    if not is_int(expected) or expected < 0:
-        raise refuse(f"num_predictions is {json.dumps(expected)}, not a count")
-    if nlls is None:
-        return None
-    where = f"NLLs in {record.get('nlls_file', Path(path).stem + NLLS_SUFFIX)}"
-    if nlls.dtype.kind != "f":
-        raise refuse(f"{where} are of type {nlls.dtype}, not floats")
-    if nlls.ndim != 1:
-        raise refuse(f"{where} have shape {nlls.shape}, not one value per token")
-    if nlls.size != expected:
-        raise refuse(f"{where}: {nlls.size} values, the record's {num_tokens} tokens make {expected} predictions")
-    return nlls.astype(np.float64)
-
-
 def _perplexity_text(record: dict) -> str:
     perplexity = record["perplexity"]
     return "n/a" if perplexity is None else f"{perplexity:.2f}"
@@ -111,10 +78,9 @@ def plot_nll_curves(
     curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
     for path in result_files:
         record, nlls = read_result(path)
-        nlls = check_plot_fields(path, record, nlls)
         if nlls is None or nlls.size == 0:
             continue
-        curves.append((record, nlls))
+        curves.append((record, nlls.astype(np.float64)))
     order = list(METHOD_STYLES)
     curves.sort(key=lambda item: (order.index(item[0]["method"]) if item[0]["method"] in order else len(order), item[0]["method"]))
 

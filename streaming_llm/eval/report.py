@@ -42,7 +42,8 @@ def segment_label(start: int, end: int) -> str:
 
 def summary_rows(result_files: list[str | Path], boundaries: list[int], sample_steps: list[int] | None = None) -> list[dict]:
     """One row per result: method, evaluator, tokens, perplexity overall, per segment (consecutive `boundaries`,
-    step indices) and at the recompute samples, speed and memory."""
+    step indices) and at the recompute samples, speed and memory (None where the record has none). ValueError
+    naming the file and the field for a malformed result (read_result)."""
     segments = list(zip(boundaries[:-1], boundaries[1:]))
     rows = []
     for path in result_files:
@@ -54,9 +55,9 @@ def summary_rows(result_files: list[str | Path], boundaries: list[int], sample_s
             "perplexity": record["perplexity"],
             "segments": {segment_label(a, b): _segment_perplexity(nlls, a, b) for a, b in segments},
             "ppl_at_recompute_samples": _sample_perplexity(nlls, sample_steps),
-            "tokens_per_s": record["tokens_per_s"],
+            "tokens_per_s": record.get("tokens_per_s"),
             "cpu_s": record.get("extra", {}).get("cpu_s"),
-            "wall_s": record["wall_s"],
+            "wall_s": record.get("wall_s"),
             "peak_memory_mib": record.get("peak_memory_mib"),
             "file": Path(path).name,
         })

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streaming_llm.checks import is_int
+
 SCHEMA_VERSION = 1
 NLLS_SUFFIX = ".nlls.npy"
 
@@ -128,7 +130,8 @@ RECORD_KEYS = ("model", "data", "num_tokens", "n_sink", "window_size", "method",
 
 def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
     """(record, nlls or None if the companion file is missing) of a result JSON; ValueError naming the file
-    when it is not a readable result (invalid JSON, another kind of JSON, an unreadable NLL file)."""
+    when it is not a readable result (invalid JSON, another kind of JSON, an unreadable NLL file) and naming the
+    file and the field when a field the readers use is malformed (`check_result_fields`)."""
     json_path = Path(json_path)
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
@@ -139,12 +142,65 @@ def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
         raise ValueError(f"{json_path} is not a result file of streaming-llm eval (no {', '.join(missing)})")
     nlls_path = json_path.with_name(str(record.get("nlls_file", json_path.stem + NLLS_SUFFIX)))
     if not nlls_path.is_file():
-        return record, None
-    try:
-        nlls = np.load(nlls_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{nlls_path} is not a readable NLL file ({error})") from None
+        nlls = None
+    else:
+        try:
+            nlls = np.load(nlls_path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{nlls_path} is not a readable NLL file ({error})") from None
+    check_result_fields(json_path, record, nlls)
     return record, nlls
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray | None) -> None:
+    """ValueError "<file>: not a result file (<field> ...)" unless the fields that the eval, the table and the
+    figures read are well formed: model, method and evaluator non-empty strings, data a description, num_tokens,
+    n_sink, window_size (and num_predictions) counts, perplexity, tokens_per_s, wall_s, peak_memory_mib numbers or
+    null, extra an object whose sampled_steps (if any) are step indices, and the NLLs a 1-D float array of
+    num_predictions values (NaN marks a sampled result's unscored steps). A hand-edited file is named here, not met
+    as a traceback in a table or a figure."""
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"{path}: not a result file ({what})")
+
+    def shown(value) -> str:
+        return json.dumps(value, default=str)
+
+    for key in ("model", "method", "evaluator"):
+        if not isinstance(record[key], str) or not record[key]:
+            raise refuse(f"{key} is {shown(record[key])}, not a {'method name' if key == 'method' else 'name'}")
+    if not isinstance(record["data"], dict):
+        raise refuse(f"data is {shown(record['data'])}, not a data description")
+    for key, minimum in (("num_tokens", 0), ("n_sink", 0), ("window_size", 1)):
+        if not is_int(record[key]) or record[key] < minimum:
+            raise refuse(f"{key} is {shown(record[key])}, not {'a token count' if key == 'num_tokens' else 'a cache size'}")
+    expected = record.get("num_predictions", max(record["num_tokens"] - 1, 0))
+    if not is_int(expected) or expected < 0:
+        raise refuse(f"num_predictions is {shown(expected)}, not a count")
+    for key in ("perplexity", "tokens_per_s", "wall_s", "peak_memory_mib"):
+        if record.get(key) is not None and not _is_number(record[key]):
+            raise refuse(f"{key} is {shown(record[key])}, not a number")
+    extra = record.get("extra", {})
+    if not isinstance(extra, dict):
+        raise refuse(f"extra is {shown(extra)}, not an object")
+    if extra.get("cpu_s") is not None and not _is_number(extra["cpu_s"]):
+        raise refuse(f"extra.cpu_s is {shown(extra['cpu_s'])}, not a number")
+    steps = extra.get("sampled_steps")
+    if steps is not None and not (isinstance(steps, list) and all(is_int(step) and 0 <= step < max(expected, 1) for step in steps)):
+        raise refuse(f"extra.sampled_steps is {shown(steps)}, not a list of steps below {expected}")
+    if nlls is None:
+        return
+    where = f"NLLs in {record.get('nlls_file', Path(path).stem + NLLS_SUFFIX)}"
+    if nlls.dtype.kind != "f":
+        raise refuse(f"{where} are of type {nlls.dtype}, not floats")
+    if nlls.ndim != 1:
+        raise refuse(f"{where} have shape {nlls.shape}, not one value per token")
+    if nlls.size != expected:
+        raise refuse(f"{where}: {nlls.size} values, the record's {record['num_tokens']} tokens make {expected} predictions")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
