@@ -52,6 +52,14 @@ def validate_config(n_sink: int, window_size: int, position_mode: str, streaming
     return n_sink, window_size
 
 
+def sliding_ring_size(policy: PositionPolicy, sliding_window: int | None) -> int | None:
+    """W for a layer with its own sliding window W <= window_size + 1, else None. Such a layer sees, of the keys of
+    SEMANTICS.md §1, exactly the last W tokens (each at its true distance) in every position mode: W <= window_size + 1
+    keeps them all in the window, and a sink is W or more back (t - j >= W) whenever it is not one of them (before
+    token C every position frame is the stream's). So it needs W slots (RingLayer.sliding), not capacity + 1."""
+    return sliding_window if sliding_window is not None and sliding_window <= policy.window_size + 1 else None
+
+
 def written_outside_inference_mode(tensor: torch.Tensor) -> bool:
     """True for an inference tensor (made under torch.inference_mode()) now that the mode is off: torch refuses
     to write it in place, so a stream begun in the mode goes on with copies."""
@@ -189,10 +197,13 @@ class StreamingLayer(CacheLayerMixin):
 
     # -- what every storage provides --------------------------------------------------------------------
     def held_mask(self) -> torch.Tensor:
-        """Which stored slots hold a kept token: the sinks and the last window_size tokens."""
+        """Which stored slots hold a kept token: the sinks and the last window_size tokens (the keys the next token
+        attends to besides its own)."""
+        return self._held(self.positions)
+
+    def _held(self, positions: torch.Tensor) -> torch.Tensor:
         policy = self.policy
-        recent = self.positions >= self.seen - policy.window_size
-        return (self.positions >= 0) & ((self.positions < policy.n_sink) | recent)
+        return (positions >= 0) & ((positions < policy.n_sink) | (positions >= self.seen - policy.window_size))
 
     def get_cache_length(self) -> int:
         """Tokens held now (<= capacity after every step)."""
@@ -355,7 +366,7 @@ class StreamingLayer(CacheLayerMixin):
     def compress(self, rotary: RotaryParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kept (keys, values, positions) in stream order, keys rotated at their cache slots 0..len-1."""
         keys, values, positions = (torch.cat(parts, dim=-2 if parts[0].ndim > 1 else 0) for parts in zip(*self.held_blocks()))
-        held = (positions >= 0) & ((positions < self.policy.n_sink) | (positions >= self.seen - self.policy.window_size))
+        held = self._held(positions)
         order = torch.argsort(torch.where(held, positions, torch.iinfo(torch.long).max))[: int(held.sum())]
         positions, keys, values = positions[order], keys[:, :, order], values[:, :, order]
         slots = torch.arange(positions.shape[0], device=positions.device)
@@ -379,27 +390,51 @@ class RingLayer(StreamingLayer):
     Window keys are stored rotated at p - base. Sinks are kept separately at their own index j
     (`sink_keys`); each decode step writes them, rotated by the offset between the query's window and
     sink positions, into the buffer's first slots.
+
+    A layer with its own sliding window W <= window_size + 1 (Gemma 2 / 3's local layers at a large capacity, GPT-OSS's
+    128-token layers: docs/semantics.md §8) never sees a sink, nor any key W or more tokens back, in any position
+    mode. Such a layer (`sliding = W`) keeps a plain ring of W slots instead, position p in slot p % W, no sink slots:
+    its memory and its decode step's work are those of W tokens, not capacity + 1.
     """
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, kv_heads, _, head_dim = key_states.shape
-        slots = self.policy.capacity + 1
-        self.adopt(key_states.new_zeros(batch, kv_heads, slots, head_dim),
-                   value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1]),
-                   key_states.new_zeros(batch, kv_heads, self.policy.n_sink, head_dim))
+    sliding: int | None = None  # W when the layer keeps a ring of its last W tokens only
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Empty buffers of the stream's batch, heads, dtype and device (update's checks read them); they are sized at
+        # the layer's first attention, where its sliding window is known (_allocate).
+        batch, kv_heads, _, head_dim = key_states.shape
+        self.adopt(key_states.new_zeros(batch, kv_heads, 0, head_dim),
+                   value_states.new_zeros(batch, kv_heads, 0, value_states.shape[-1]),
+                   key_states.new_zeros(batch, kv_heads, 0, head_dim))
+
+    def _allocate(self, sliding_window: int | None) -> None:
+        """The buffers, at the first attention: a ring of the layer's last `sliding_window` tokens where that window
+        is at most window_size + 1 (`sliding_ring_size`), else sinks + a ring of window_size + 1."""
+        batch, kv_heads, _, head_dim = self.keys.shape
+        sliding = sliding_ring_size(self.policy, sliding_window)
+        slots = sliding or self.policy.capacity + 1
+        self.adopt(self.keys.new_zeros(batch, kv_heads, slots, head_dim),
+                   self.values.new_zeros(batch, kv_heads, slots, self.values.shape[-1]),
+                   self.keys.new_zeros(batch, kv_heads, 0 if sliding else self.policy.n_sink, head_dim), sliding)
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor, sliding: int | None = None) -> None:
         """Hold these buffers, empty: keys/values [batch, kv_heads, capacity + 1, d], sink_keys [batch, kv_heads,
-        n_sink, d]. Allocated on first use, or given by FastStreamingWrapper (its static decode step writes them too)."""
-        self.keys, self.values, self.sink_keys = keys, values, sink_keys
+        n_sink, d] (with `sliding` = W: keys/values [batch, kv_heads, W, d], sink_keys [batch, kv_heads, 0, d]).
+        Allocated at the first attention, or given by FastStreamingWrapper (its static decode step writes them too)."""
+        self.keys, self.values, self.sink_keys, self.sliding = keys, values, sink_keys, sliding
         self.dtype, self.device = keys.dtype, keys.device
         self.positions = torch.full((keys.shape[-2],), -1, dtype=torch.long, device=keys.device)
         self.is_initialized = True
 
+    def _held(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.sliding is None:
+            return super()._held(positions)
+        return (positions >= 0) & (positions > self.seen - self.sliding)  # the keys the next token sees
+
     def resume(self, seen: int, base: int) -> None:
         """Take up a stream whose tokens were written into the buffers by someone else (the static decode step):
         `seen` tokens so far, window keys stored at p - base. Rebuilds the slot positions from `seen`."""
-        n_sink, ring = self.policy.n_sink, self.policy.window_size + 1
+        n_sink, ring = (0, self.sliding) if self.sliding else (self.policy.n_sink, self.policy.window_size + 1)
         sinks = torch.arange(n_sink, device=self.device)
         offsets = torch.arange(ring, device=self.device)
         ring_seen = seen - n_sink  # tokens that went to the ring so far; the latest one of each slot is held
@@ -408,6 +443,8 @@ class RingLayer(StreamingLayer):
         self.seen, self.base = seen, base
 
     def held_blocks(self):
+        if self.sliding:
+            return [(self.keys, self.values, self.positions)]
         n_sink = self.policy.n_sink
         held_sinks = min(n_sink, self.seen)
         return [
@@ -416,11 +453,13 @@ class RingLayer(StreamingLayer):
         ]
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.sliding:
+            return positions % self.sliding
         n_sink = self.policy.n_sink
         return torch.where(positions < n_sink, positions, n_sink + (positions - n_sink) % (self.policy.window_size + 1))
 
     def store(self, keys, values, positions):
-        n_sink, ring = self.policy.n_sink, self.policy.window_size + 1
+        n_sink, ring = (0, self.sliding) if self.sliding else (self.policy.n_sink, self.policy.window_size + 1)
         last = self.seen + positions.shape[0]
         keep = (positions < n_sink) | (positions >= last - ring)
         positions, keys, values = positions[keep], keys[:, :, keep], values[:, :, keep]
@@ -433,10 +472,14 @@ class RingLayer(StreamingLayer):
             self.sink_keys.index_copy_(2, positions[is_sink], keys[:, :, is_sink])
 
     def shift_window_keys(self, delta, rotary):
-        window = self.keys[:, :, self.policy.n_sink :]
+        # A sliding ring shifts its every slot: a sink j it still holds sits at j, not j - base, but the frame first
+        # moves after token C, when no sink is within its window (t - j >= window_size + 1 >= W).
+        window = self.keys[:, :, 0 if self.sliding else self.policy.n_sink :]
         window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
 
     def attend(self, query, rotary, scaling, softcap=None, sliding_window=None, s_aux=None):
+        if self.keys.shape[-2] == 0:
+            self._allocate(sliding_window)
         if query.shape[-2] != 1:
             return super().attend(query, rotary, scaling, softcap, sliding_window, s_aux)
         return self._decode_step(query, rotary, scaling, self.hiding_window(sliding_window, query), softcap, s_aux)
@@ -452,6 +495,8 @@ class RingLayer(StreamingLayer):
         to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
         keys = step["keys"] @ to_window_frame
         query = query @ to_window_frame
+        if self.sliding:
+            return self._sliding_decode_step(query, keys, step["values"], rotary, scaling, softcap, s_aux)
         slot = t if t < policy.n_sink else policy.n_sink + (t - policy.n_sink) % (policy.window_size + 1)
         self.keys[:, :, slot] = keys[:, :, 0]
         self.values[:, :, slot] = step["values"][:, :, 0]
@@ -472,6 +517,24 @@ class RingLayer(StreamingLayer):
                                                                       scale=scaling, enable_gqa=True)
         else:
             output = grouped_attention(query, keys, values, scaling, mask, softcap, s_aux)
+        self.seen += 1
+        self.advance_frame(rotary)
+        return output
+
+    def _sliding_decode_step(self, query, keys, values, rotary, scaling, softcap, s_aux) -> torch.Tensor:
+        """The decode step of a sliding ring: write token t over token t - W, attend to the filled slots (each one a
+        key the token sees, at its true distance in the window frame), no sinks and no mask."""
+        t = self.seen
+        slot = t % self.sliding
+        self.keys[:, :, slot] = keys[:, :, 0]
+        self.values[:, :, slot] = values[:, :, 0]
+        self.positions[slot] = t
+        filled = min(t + 1, self.sliding)
+        keys, values = self.keys[:, :, :filled], self.values[:, :, :filled]
+        if softcap is None and s_aux is None:
+            output = torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True)
+        else:
+            output = grouped_attention(query, keys, values, scaling, None, softcap, s_aux)
         self.seen += 1
         self.advance_frame(rotary)
         return output
@@ -611,8 +674,11 @@ class StreamingKVCache(Cache):
         expect_streaming_mask(self, cache_position)  # the mask transformers builds next is this step's (attention.py)
         return super().get_mask_sizes(cache_position, layer_idx)
 
-    def get_cache_length(self, layer_idx: int = 0) -> int:
-        """Number of tokens the layer holds now."""
+    def get_cache_length(self, layer_idx: int | None = None) -> int:
+        """Number of tokens a layer holds now; without `layer_idx` the most any layer holds (a layer that keeps only
+        its own sliding window holds fewer: `RingLayer.sliding`)."""
+        if layer_idx is None:
+            return max((layer.get_cache_length() for layer in self.layers), default=0)
         if layer_idx >= len(self.layers):
             return 0
         return self.layers[layer_idx].get_cache_length()

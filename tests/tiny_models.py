@@ -212,8 +212,8 @@ def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None 
     """Feed `input_ids` [T] or [batch, T] through `wrapper` in blocks; logits [T, vocab] or [batch, T, vocab].
 
     After every call checks the cache bookkeeping: get_seq_length() == tokens seen,
-    get_cache_length() == min(seen, cache_capacity), compress() returns exactly the held tokens, and where the
-    stored keys sit (check_stored_frame).
+    get_cache_length() == min(seen, cache_capacity) (per layer: a sliding ring, RingLayer.sliding = W, holds
+    min(seen, W - 1)), compress() returns exactly the held tokens, and where the stored keys sit (check_stored_frame).
     """
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     length = ids.shape[1]
@@ -228,8 +228,11 @@ def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None 
         assert wrapper.cache.get_seq_length() == seen
         assert wrapper.cache.get_cache_length() == min(seen, capacity), (seen, capacity)
         check_stored_frame(wrapper.cache)
+        for index, layer in enumerate(wrapper.cache.layers):  # a sliding ring holds what its next token sees
+            held = min(seen, capacity if getattr(layer, "sliding", None) is None else layer.sliding - 1)
+            assert wrapper.cache.get_cache_length(index) == held, (index, seen, capacity)
         compressed_keys, compressed_values = wrapper.cache.compress(0)
-        assert compressed_keys.shape[-2] == compressed_values.shape[-2] == min(seen, capacity)
+        assert compressed_keys.shape[-2] == compressed_values.shape[-2] == wrapper.cache.get_cache_length(0)
         logits.append(block_logits.float())
     logits = torch.cat(logits, dim=1)
     return logits if input_ids.dim() == 2 else logits[0]
@@ -245,8 +248,9 @@ def check_stored_frame(cache) -> None:
         policy = layer.policy
         window = torch.sort(layer.positions[layer.held_mask() & (layer.positions >= policy.n_sink)]).values
         frame = policy.key_frame(window, layer.base)
-        if policy.mode == "rerotate":
-            assert frame.tolist() == list(range(policy.n_sink, policy.n_sink + window.numel())), (layer.seen, layer.base)
+        if policy.mode == "rerotate":  # the held window keys end at the newest slot (a sliding ring holds its tail)
+            top = min(layer.seen, policy.capacity)
+            assert frame.tolist() == list(range(top - window.numel(), top)), (layer.seen, layer.base)
         elif policy.mode == "pos_shift":
             assert window.numel() == 0 or int(frame.max()) <= 2 * policy.capacity, (layer.seen, layer.base)
         else:
