@@ -52,12 +52,12 @@ def validate_config(n_sink: int, window_size: int, position_mode: str, streaming
     return n_sink, window_size
 
 
-def sliding_ring_size(policy: PositionPolicy, sliding_window: int | None) -> int | None:
+def sliding_ring_size(window_size: int, sliding_window: int | None) -> int | None:
     """W for a layer with its own sliding window W <= window_size + 1, else None. Such a layer sees, of the keys of
     SEMANTICS.md §1, exactly the last W tokens (each at its true distance) in every position mode: W <= window_size + 1
     keeps them all in the window, and a sink is W or more back (t - j >= W) whenever it is not one of them (before
     token C every position frame is the stream's). So it needs W slots (RingLayer.sliding), not capacity + 1."""
-    return sliding_window if sliding_window is not None and sliding_window <= policy.window_size + 1 else None
+    return sliding_window if sliding_window is not None and sliding_window <= window_size + 1 else None
 
 
 def written_outside_inference_mode(tensor: torch.Tensor) -> bool:
@@ -411,7 +411,7 @@ class RingLayer(StreamingLayer):
         """The buffers, at the first attention: a ring of the layer's last `sliding_window` tokens where that window
         is at most window_size + 1 (`sliding_ring_size`), else sinks + a ring of window_size + 1."""
         batch, kv_heads, _, head_dim = self.keys.shape
-        sliding = sliding_ring_size(self.policy, sliding_window)
+        sliding = sliding_ring_size(self.policy.window_size, sliding_window)
         slots = sliding or self.policy.capacity + 1
         self.adopt(self.keys.new_zeros(batch, kv_heads, slots, head_dim),
                    self.values.new_zeros(batch, kv_heads, slots, self.values.shape[-1]),
@@ -699,8 +699,11 @@ class StreamingKVCache(Cache):
         keys, values, _ = self.layers[layer_idx].compress(rotary)
         return rotary.to_model_layout(keys), values
 
-    def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
-        """Stream positions of the held tokens, in stream order."""
+    def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor:
+        """Stream positions of the tokens a layer holds, in stream order; without `layer_idx`, of the first layer that
+        holds the most (the sinks and the window: not a layer that keeps only its own sliding window)."""
+        if layer_idx is None:
+            layer_idx = max(range(len(self.layers)), key=lambda index: self.layers[index].get_cache_length(), default=0)
         if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
             return torch.zeros(0, dtype=torch.long)
         layer = self.layers[layer_idx]

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.cache import StreamingKVCache, grouped_attention, written_outside_inference_mode
+from streaming_llm.cache import StreamingKVCache, grouped_attention, sliding_ring_size, written_outside_inference_mode
 from streaming_llm.checks import check_int
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
@@ -99,15 +99,20 @@ def static_streaming_attention_forward(
     streaming_mask: torch.Tensor | None = None,
     streaming_decode_attention: str | None = None,
     streaming_window_masks: dict[int, torch.Tensor | None] | None = None,
+    streaming_ring_masks: dict[int, torch.Tensor | None] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots,
-    `streaming_window_masks[w]` (where not None) also the keys a layer with its own sliding window w does not see."""
+    `streaming_window_masks[w]` (where not None) also the keys a layer with its own sliding window w does not see.
+    A layer that keeps only its last w tokens (a ring of w slots, `cache.sliding_ring_size`) takes
+    `streaming_ring_masks[w]` instead: its empty slots while it fills, None (no mask) after."""
     if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
         raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
                            "the static decode step cannot run it (use StreamingLLMWrapper)")
     window = module.streaming_window
-    if window is not None and streaming_window_masks[window] is not None:
+    if window in streaming_ring_masks:
+        streaming_mask = streaming_ring_masks[window]
+    elif window is not None and streaming_window_masks[window] is not None:
         streaming_mask = streaming_window_masks[window]
     query = module.streaming_rotary.to_half_layout(query)  # as the buffer's keys (StaticStepLayer.update)
     output = decode_attention(query, key, value, streaming_mask, scaling, streaming_decode_attention, kwargs.get("softcap"),
@@ -121,15 +126,17 @@ AttentionInterface.register(STATIC_ATTN_IMPLEMENTATION, static_streaming_attenti
 
 class StaticStepLayer(CacheLayerMixin):
     """One layer's buffers; `update` writes the step's key/value at the slot it is given (`cache_position`) and
-    the layer's sinks, rotated to the step's frame by `rotate_sinks`, into slots [0, n_sink)."""
+    the layer's sinks, rotated to the step's frame by `rotate_sinks`, into slots [0, n_sink). A sliding ring
+    (`ring_position` = the step's t, a device tensor) writes at t % its slots instead, and has no sinks."""
 
     is_compileable = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor, rotary: RotaryParams,
-                 rotate_sinks):
+                 rotate_sinks, ring_position: torch.Tensor | None = None):
         super().__init__()
         self.keys, self.values, self.sink_keys, self.rotate_sinks = keys, values, sink_keys, rotate_sinks
         self.to_half_layout = rotary.to_half_layout  # buffers hold keys in rotate-half order, as the general path's
+        self.ring_position = ring_position
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states):  # the buffers exist from the start
@@ -137,6 +144,8 @@ class StaticStepLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, cache_kwargs=None):
         slot = slots = cache_kwargs["cache_position"]
+        if self.ring_position is not None:
+            slot = slots = (self.ring_position % self.keys.shape[-2]).reshape(1)
         key_states = self.to_half_layout(key_states)
         n_sink = self.sink_keys.shape[-2]
         if n_sink:
@@ -162,10 +171,11 @@ class StaticStepCache(Cache):
     """The `Cache` the compiled step hands the model: the per-layer buffers the general path also uses."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], sink_keys: list[torch.Tensor],
-                 rotaries: list[RotaryParams], rotate_sinks: list):
-        """rotaries: each layer's RoPE; rotate_sinks: one function per layer (rotating with that RoPE)."""
+                 rotaries: list[RotaryParams], rotate_sinks: list, ring_positions: list[torch.Tensor | None]):
+        """rotaries: each layer's RoPE; rotate_sinks: one function per layer (rotating with that RoPE);
+        ring_positions: the step's t for each sliding ring, None for the other layers."""
         super().__init__(layers=[StaticStepLayer(*tensors) for tensors in zip(keys, values, sink_keys, rotaries,
-                                                                               rotate_sinks)])
+                                                                               rotate_sinks, ring_positions)])
 
     @property
     def is_compileable(self) -> bool:
@@ -249,7 +259,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # The layers' own sliding windows, and whether each ever hides a kept key (then its layers get its mask).
         policy, capacity = self._cache.policy, self.n_sink + self.window_size
         self._sliding_windows = {window: policy.window_hides(window, max(capacity, window))
-                                 for window in set(sliding_windows(model.config)) - {None}}
+                                 for window in set(sliding_windows(model.config)) - {None} - set(self._rings)}
         compiled = compiles_step(compile, self.device.type, model.config)
         # How a one-token step runs: "cuda_graph" (compiled, captured in our own CUDA graph: one replay per step,
         # no guard evaluation), "cuda_graph_trees" (torch.compile's reduce-overhead graphs, the fallback),
@@ -272,20 +282,23 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._ring_current = True  # the RingLayers' host state matches the buffers
         cache = StreamingKVCache(self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
         for index, layer in enumerate(cache.layers):
-            layer.adopt(self.keys[index], self.values[index], self.sink_keys[index])
+            layer.adopt(self.keys[index], self.values[index], self.sink_keys[index], self._rings[index])
             layer.rotary = self.architecture.layer_rotaries[index]
         return cache
 
     def _allocate(self) -> None:
         shape = attention_shape(self.model.config)
         parameter = next(self.model.parameters())
-        layers, kv_heads, head_dim = shape.layers, shape.kv_heads, shape.head_dim
+        kv_heads, head_dim = shape.kv_heads, shape.head_dim
         capacity, batch = self.n_sink + self.window_size, self._batch_size
+        # Layers whose window is at most window_size + 1 keep a ring of their last `window` tokens (RingLayer.sliding).
+        self._rings = [sliding_ring_size(self.window_size, window) for window in sliding_windows(self.model.config)]
         # One tensor per layer, each its own allocation (as transformers' StaticCache): a CUDA graph may mutate a
-        # static input in place, but not a view of one, which would be a different input aliasing it.
-        self.keys = [parameter.new_zeros(batch, kv_heads, capacity + 1, head_dim) for _ in range(layers)]
+        # static input in place, but not a view of one, which would be a different input aliasing it. A sliding ring
+        # has as many slots as its window and no sinks.
+        self.keys = [parameter.new_zeros(batch, kv_heads, ring or capacity + 1, head_dim) for ring in self._rings]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
-        self.sink_keys = [parameter.new_zeros(batch, kv_heads, self.n_sink, head_dim) for _ in range(layers)]
+        self.sink_keys = [parameter.new_zeros(batch, kv_heads, 0 if ring else self.n_sink, head_dim) for ring in self._rings]
         self.step_position = torch.zeros((), dtype=torch.long, device=parameter.device)  # t of the next token
         self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
         self._use_buffers()
@@ -296,7 +309,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             torch._dynamo.mark_static_address(tensor)
         rotate_sinks = [functools.partial(self._rotate_sinks, rotary) for rotary in self.architecture.layer_rotaries]
         self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self.architecture.layer_rotaries,
-                                            rotate_sinks)
+                                            rotate_sinks, [self.step_position if ring else None for ring in self._rings])
         if hasattr(self, "_compiled"):
             self._compiled.clear()  # new addresses: the graphs are traced again
 
@@ -397,8 +410,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.seen += 1
         new_base = self._cache.policy.next_base(self.base, self.seen)
         if new_base != self.base:
-            for keys, rotary in zip(self.keys, self.architecture.layer_rotaries):
-                window = keys[:, :, self.n_sink :]
+            for keys, rotary, ring in zip(self.keys, self.architecture.layer_rotaries, self._rings):
+                window = keys[:, :, 0 if ring else self.n_sink :]  # a sliding ring: every slot (RingLayer.shift_window_keys)
                 window.copy_(rerotate_keys(window, self.base - new_base, rotary.inv_freq))
             self.base = new_base
             self.frame_base.fill_(new_base)
@@ -423,11 +436,14 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return self._compiled[filling]
 
     def _static_step_filling(self, token_ids: torch.Tensor) -> torch.Tensor:
-        slots = torch.arange(self.keys[0].shape[-2], device=self.step_position.device)
-        return self._static_step(token_ids, self._additive(slots <= self.step_position))
+        slots = torch.arange(self.n_sink + self.window_size + 1, device=self.step_position.device)
+        rings = {ring: self._additive(slots[:ring] <= self.step_position) for ring in set(self._rings) - {None}}
+        return self._static_step(token_ids, self._additive(slots <= self.step_position), rings)
 
     def _static_step_full(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._static_step(token_ids, None)
+        # Token t >= capacity: every slot of every buffer is filled; a sliding ring (window <= window_size + 1)
+        # holds exactly the keys its layer sees.
+        return self._static_step(token_ids, None, dict.fromkeys(set(self._rings) - {None}))
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         """[1, 1, 1, slots]: 0 where a boolean [slots] is true, -inf elsewhere."""
@@ -442,7 +458,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if not any(self._sliding_windows.values()):
             return dict.fromkeys(self._sliding_windows)
         t = self.step_position
-        slots = torch.arange(self.keys[0].shape[-2], device=t.device)
+        slots = torch.arange(self.n_sink + self.window_size + 1, device=t.device)
         distance = torch.where(slots < self.n_sink, sink_position - slots, (t - slots) % (self.window_size + 1))
         return {window: self._additive((slots <= t) & (distance < window)) if hides else None
                 for window, hides in self._sliding_windows.items()}
@@ -453,8 +469,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         cos, sin = self._sink_angles[id(rotary)]
         return apply_rotation(sink_keys.float(), cos, sin)
 
-    def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Token t (t >= n_sink) of every stream: the whole step on device tensors, nothing read back."""
+    def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None,
+                     ring_masks: dict[int, torch.Tensor | None]) -> torch.Tensor:
+        """Token t (t >= n_sink) of every stream: the whole step on device tensors, nothing read back. `mask`: the
+        empty slots of the capacity + 1 buffers, `ring_masks`: of each sliding ring (None: none empty)."""
         policy, t = self._cache.policy, self.step_position
         window_position = t - self.frame_base
         ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
@@ -472,6 +490,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             streaming_mask=mask,
             streaming_decode_attention=self.decode_attention,
             streaming_window_masks=self._window_masks(sink_position),
+            streaming_ring_masks=ring_masks,
         )
         self._sink_angles = None
         return output.logits

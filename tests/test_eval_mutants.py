@@ -118,7 +118,8 @@ def test_the_nlls_are_written_before_the_json(tmp_path, monkeypatch):
 
 def test_a_json_names_its_nll_file_and_read_result_follows_it(tmp_path):
     """The record holds `nlls_file`; a copy of the JSON under another name still reads the NLLs it names."""
-    record = {key: 1 for key in results.RECORD_KEYS}
+    record = {key: 1 for key in results.RECORD_KEYS} | {"model": "m", "data": {}, "num_tokens": 3, "method": "dense",
+                                                         "evaluator": "decode"}
     json_path = write_result(tmp_path, "a", record, torch.tensor([0.5, 1.5]))
     written = json.loads(json_path.read_text())
     assert written["nlls_file"] == "a.nlls.npy" and written | {"nlls_file": None} == record | {"nlls_file": None}

@@ -105,6 +105,33 @@ def test_a_model_whose_every_layer_slides_keeps_its_capacity_below_the_window(mo
         assert max_abs_diff(logits, expected) <= TOLERANCE, path
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt_oss"])
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+@pytest.mark.parametrize("window_size", [WINDOW - 1, WINDOW - 2])
+def test_a_sliding_layer_within_its_window_stores_only_that_window(model_type, position_mode, window_size):
+    """A sliding layer whose window W is at most window_size + 1 (here W = 8 = 7 + 1, the largest such) keeps a ring
+    of W slots and no sinks, on the general path and in the static step's buffers, and streams as the reference
+    (Gemma 3's two RoPEs, GPT-OSS's sink logits); one more slot would be of no use to it. With window_size 6 it
+    keeps its sink + a ring of window_size + 1 = 8 slots, as every layer did before."""
+    model, input_ids = build(model_type), random_ids(LENGTH, seed=35)
+    expected = naive_streaming_logits(model, input_ids, 1, window_size, position_mode)
+    ring = WINDOW <= window_size + 1
+    general = make_wrapper(model, 1, window_size, position_mode=position_mode)
+    static = FastStreamingWrapper(copy.deepcopy(model), 1, window_size, position_mode=position_mode, compile="never")
+    for wrapper, blocks in ((general, [5, 1, 13]), (static, [1])):
+        assert max_abs_diff(feed_stream(wrapper, input_ids, block_sizes_covering(LENGTH, blocks)), expected) <= TOLERANCE
+        layers = wrapper.cache.layers
+        expected_slots = [WINDOW if ring and window else window_size + 2 for window in sliding_windows(model.config)]
+        assert [layer.keys.shape[-2] for layer in layers] == expected_slots
+        assert [layer.sink_keys.shape[-2] for layer in layers] == [0 if ring and window else 1
+                                                                   for window in sliding_windows(model.config)]
+        assert wrapper.cache.kept_positions().tolist() == [0, *range(LENGTH - window_size, LENGTH)]  # sinks + window
+        first_sliding = sliding_windows(model.config).index(WINDOW)
+        assert wrapper.cache.kept_positions(first_sliding).tolist() == (
+            list(range(LENGTH - WINDOW + 1, LENGTH)) if ring else [0, *range(LENGTH - window_size, LENGTH)])
+    assert [keys.shape[-2] for keys in static.keys] == expected_slots  # the buffers the compiled step writes
+
+
 def test_the_window_changes_what_a_sliding_layer_sees():
     """The tests above can fail: the same stream with the sliding layers' window left out (every layer sees the whole
     cache, as SEMANTICS.md §1 alone would say) is far from the reference."""

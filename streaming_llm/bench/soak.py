@@ -9,7 +9,7 @@ The stream is fed in blocks of `--block` tokens (exactly equal to feeding it one
 SEMANTICS.md §5). Every `--every` tokens one record is taken:
 
     tokens_seen     cache.get_seq_length()
-    cache_length    cache.get_cache_length() (tokens held by layer 0)
+    cache_length    cache.get_cache_length() (tokens held, by the layer that holds the most)
     cache_bytes     bytes of every tensor the cache holds, all layers
     rss_mib         resident memory of this process (VmRSS of /proc/self/status), MiB, read after gc.collect()
                     and glibc malloc_trim(0): live memory, without the free pages the allocator keeps
