@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streaming_llm  # noqa: E402
 from streaming_llm import StreamingKVCache, prepare_model  # noqa: E402
-from streaming_llm.eval.results import git_commit, prepare_output_dir, write_json_atomically  # noqa: E402
+from streaming_llm.cli_common import finish_measurement, measurement_output  # noqa: E402
+from streaming_llm.eval.results import git_commit  # noqa: E402
 
 N_SINK, WINDOW_SIZE = 4, 60
 
@@ -57,16 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1:
         parser.error(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
-    if args.output is not None:
-        try:
-            prepare_output_dir(Path(args.output).parent, "--output")
-        except ValueError as error:
-            parser.error(str(error))
+    output = measurement_output(parser, args.output)
     record = measure(args.prompt_tokens)
-    print(f"prompt {record['prompt_tokens']} tokens: peak RSS growth {record['peak_rss_growth_mib']:.0f} MiB, "
-          f"{record['seconds']:.2f} s, next tokens {record['next_tokens']} (commit {record['commit']})")
-    if args.output is not None:
-        write_json_atomically(args.output, record)
+    finish_measurement(record, f"prompt {record['prompt_tokens']} tokens: peak RSS growth "
+                               f"{record['peak_rss_growth_mib']:.0f} MiB, {record['seconds']:.2f} s, next tokens "
+                               f"{record['next_tokens']} (commit {record['commit']})", output)
     return 0
 
 

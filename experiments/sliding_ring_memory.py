@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streaming_llm  # noqa: E402
 from streaming_llm import FastStreamingWrapper  # noqa: E402
-from streaming_llm.eval.results import git_commit, prepare_output_dir, write_json_atomically  # noqa: E402
+from streaming_llm.cli_common import finish_measurement, measurement_output  # noqa: E402
+from streaming_llm.eval.results import git_commit  # noqa: E402
 
 N_SINK, WINDOW_SIZE, LAYERS, SLIDING_WINDOW = 4, 4092, 26, 512
 
@@ -85,17 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompt-tokens must be >= {N_SINK + 1} (the decode steps follow the sinks), got {args.prompt_tokens}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.output is not None:
-        try:
-            prepare_output_dir(Path(args.output).parent, "--output")
-        except ValueError as error:
-            parser.error(str(error))
+    output = measurement_output(parser, args.output)
     record = measure(args.prompt_tokens, args.steps)
-    print(f"KV {record['kv_mib_total']:.1f} MiB ({record['kv_mib']}), decode step {record['step_ms_median']:.1f} ms "
-          f"(median of {args.steps}), prompt {record['prompt_s']:.1f} s, logits {record['last_logits_head'][:3]} "
-          f"(commit {record['commit']})")
-    if args.output is not None:
-        write_json_atomically(args.output, record)
+    finish_measurement(record, f"KV {record['kv_mib_total']:.1f} MiB ({record['kv_mib']}), decode step "
+                               f"{record['step_ms_median']:.1f} ms (median of {args.steps}), prompt {record['prompt_s']:.1f} s, "
+                               f"logits {record['last_logits_head'][:3]} (commit {record['commit']})", output)
     return 0
 
 

@@ -237,3 +237,23 @@ def check_output_file(path: str, option: str = "--output") -> Path:
     except OSError as error:
         raise ValueError(f"{option} {path}: cannot write in its folder {file.parent} ({error.strerror or error})") from None
     return file
+
+
+def measurement_output(parser: argparse.ArgumentParser, output: str | None) -> Path | None:
+    """An experiment's --output JSON file (check_output_file), refused through `parser` before the measurement;
+    None without one."""
+    if output is None:
+        return None
+    try:
+        return check_output_file(output)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def finish_measurement(record: dict[str, Any], summary: str, output: Path | None) -> None:
+    """Print an experiment's one-line summary and write its record to `output` (atomically) when there is one."""
+    from streaming_llm.eval.results import write_json_atomically
+
+    print(summary)
+    if output is not None:
+        write_json_atomically(output, record)

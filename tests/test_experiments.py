@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -223,3 +224,19 @@ def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "long.json").read_text())
     assert record["prompt_tokens"] == 300 and (record["n_sink"], record["window_size"]) == (4, 60)
     assert len(record["next_tokens"]) == 2 and record["peak_rss_growth_mib"] >= 0 and record["seconds"] > 0
+
+
+def test_sliding_ring_memory_refuses_bad_options_before_building_its_model(tmp_path, capsys):
+    """The measurement behind docs/performance.md's sliding-ring table (results/generation/sliding_ring_gemma3_1b*.json)
+    checks its options and output file before the 26-layer model is built."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sliding_ring_memory", ROOT / "experiments" / "sliding_ring_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "folder.json").mkdir()
+    for argv, message in ((["--prompt-tokens", "4"], "--prompt-tokens must be >= 5"), (["--steps", "0"], "--steps must be >= 1"),
+                          (["--output", str(tmp_path / "folder.json")], "is a folder: give a file path in it")):
+        with mock.patch.object(script, "measure", side_effect=AssertionError("measured")), pytest.raises(SystemExit):
+            script.main(argv)
+        assert message in capsys.readouterr().err
