@@ -173,7 +173,8 @@ class DenseDynamicDecoder(DenseStaticDecoder):
         self.model.set_attn_implementation("sdpa")
         # Plain layers, which keep all `capacity` tokens: a sliding-window layer made from the config drops its old
         # keys itself and cannot be cropped once it has seen more than its window (a hybrid model's cache may). A
-        # hybrid's sliding layers then hold and mask `capacity` keys, as the streaming cache's do.
+        # hybrid's sliding layers then hold and mask `capacity` keys (MIT mode's do too; the streaming cache's keep
+        # only their window where it is at most window_size + 1, RingLayer.sliding).
         self.cache = DynamicCache()
         with torch.no_grad():
             self.model(_random_ids(self.model, self.capacity, self.device), past_key_values=self.cache)
