@@ -6,7 +6,8 @@ new chat turns) and the first `n_sink` tokens take the general path of cache.py.
 storage: per layer one key and one value tensor [batch, kv_heads, capacity + 1, head_dim], allocated once and
 marked as static addresses (CUDA graphs may write them in place), laid out as `RingLayer` lays them out (sinks
 in slots [0, n_sink), stream position p >= n_sink in slot n_sink + (p - n_sink) % (window_size + 1)), plus the
-sinks' keys at their own positions j.
+sinks' keys at their own positions j; a layer whose own sliding window W is at most window_size + 1 gets W slots
+instead, position p in slot p % W, and no sinks (`RingLayer.sliding`).
 
 What the step does differently from the general decode path (same positions, SEMANTICS.md §2):
 - the model's own RoPE rotates q and k at the window frame t - base (passed as `position_ids`), instead of
