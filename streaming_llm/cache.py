@@ -60,6 +60,25 @@ def sliding_ring_size(window_size: int, sliding_window: int | None) -> int | Non
     return sliding_window if sliding_window is not None and sliding_window <= window_size + 1 else None
 
 
+def kv_cache_bytes(config, n_sink: int, window_size: int, streaming_mode: str = "ours",
+                   dtype: torch.dtype = torch.float32, batch_size: int = 1) -> int:
+    """Bytes of keys and values a full StreamingKVCache holds for a model of this config (what `streaming-llm info`
+    shows): per layer, "ours" keeps capacity + 1 slots and the sinks' own keys, a sliding ring W slots and no sinks
+    (`sliding_ring_size`); "mit" keeps the capacity (its step concatenates one token more for a moment)."""
+    from streaming_llm.models import attention_shape, sliding_windows
+
+    shape = attention_shape(config)
+    per_slot = batch_size * shape.kv_heads * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+    slots = 0
+    for window in sliding_windows(config):
+        ring = sliding_ring_size(window_size, window)
+        if streaming_mode == "mit":
+            slots += 2 * (n_sink + window_size)
+        else:
+            slots += 2 * ring if ring else 2 * (n_sink + window_size + 1) + n_sink
+    return slots * per_slot
+
+
 def written_outside_inference_mode(tensor: torch.Tensor) -> bool:
     """True for an inference tensor (made under torch.inference_mode()) now that the mode is off: torch refuses
     to write it in place, so a stream begun in the mode goes on with copies."""

@@ -530,6 +530,7 @@ def run_info(args: argparse.Namespace) -> int:
     import transformers
 
     import streaming_llm
+    from streaming_llm.cache import kv_cache_bytes
     from streaming_llm.models import attention_shape, sliding_windows
 
     wrapper, tokenizer = wrapper_from_args(args)
@@ -560,6 +561,9 @@ def run_info(args: argparse.Namespace) -> int:
         "n_sink": wrapper.n_sink,
         "window_size": wrapper.window_size,
         "cache_capacity": wrapper.cache_capacity,
+        # keys and values held once the cache is full, for one stream in the model's dtype (cache.kv_cache_bytes)
+        "kv_cache_mib": round(kv_cache_bytes(model.config, wrapper.n_sink, wrapper.window_size, wrapper.streaming_mode,
+                                             next(model.parameters()).dtype) / 2**20, 2),
         "position_mode": wrapper.position_mode,
         "streaming_mode": wrapper.streaming_mode,
         "device": str(next(model.parameters()).device),

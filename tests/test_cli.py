@@ -232,6 +232,9 @@ def test_info_json(model_dir, capsys):
     assert info["cache_capacity"] == 104 and info["position_mode"] == "rerotate" and info["max_positions"] == 4096
     assert info["chat_template"] is True and set(info["versions"]) >= {"python", "torch", "transformers", "streaming_llm"}
     assert info["resolved"] == str(Path(model_dir).resolve())  # the folder, made absolute (not the embedded GGUF)
+    # per layer: keys and values of 104 + 1 slots and the 4 sinks' own keys, fp32
+    slot_bytes = info["kv_heads"] * 16 * 4
+    assert info["kv_cache_mib"] == round(2 * (2 * 105 + 4) * slot_bytes / 2**20, 2)
     # the smallest valid cache: no sinks (window attention) and a window of one token
     status, out, _ = run_main(capsys, "info", "--model", str(model_dir), "--n-sink", "0", "--window-size", "1", "--json")
     assert status == 0 and json.loads(out)["cache_capacity"] == 1

@@ -13,6 +13,7 @@ from tiny_models import (block_sizes_covering, build_gemma3_multimodal, build_ll
                          dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
 
 from streaming_llm import StreamingKVCache, prepare_model
+from streaming_llm.cache import kv_cache_bytes
 from streaming_llm import cache as cache_module
 from streaming_llm.fast import FastStreamingWrapper
 from streaming_llm.models import check_capacity, sliding_windows
@@ -130,6 +131,29 @@ def test_a_sliding_layer_within_its_window_stores_only_that_window(model_type, p
         assert wrapper.cache.kept_positions(first_sliding).tolist() == (
             list(range(LENGTH - WINDOW + 1, LENGTH)) if ring else [0, *range(LENGTH - window_size, LENGTH)])
     assert [keys.shape[-2] for keys in static.keys] == expected_slots  # the buffers the compiled step writes
+
+
+@pytest.mark.parametrize("model_type, window_size, streaming_mode", [
+    ("llama", 14, "ours"), ("llama", 14, "mit"), ("gemma3_text", 7, "ours"), ("gemma3_text", 6, "ours"),
+    ("gpt_oss", 14, "ours"), ("gpt_oss", 14, "mit")])
+def test_kv_cache_bytes_is_what_a_full_cache_holds(model_type, window_size, streaming_mode):
+    """`kv_cache_bytes` (streaming-llm info's kv_cache_mib) equals the bytes of the keys and values a cache holds once
+    full, counted from its tensors: the general path's layers and FastStreamingWrapper's buffers; sliding rings
+    included (gemma3_text and gpt_oss with W = 8 <= window_size + 1), and not (window_size 6)."""
+    model = build_llama_family(model_type) if model_type == "llama" else build(model_type)
+    input_ids = random_ids(LENGTH, seed=36)
+    expected = kv_cache_bytes(model.config, 2, window_size, streaming_mode)
+
+    def held_bytes(tensors):
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    general = make_wrapper(model, 2, window_size, streaming_mode=streaming_mode)
+    general(input_ids[None])
+    names = ("keys", "values") if streaming_mode == "mit" else ("keys", "values", "sink_keys")
+    assert held_bytes(getattr(layer, name) for layer in general.cache.layers for name in names) == expected
+    if streaming_mode == "ours":
+        fast = FastStreamingWrapper(copy.deepcopy(model), 2, window_size, compile="never")
+        assert held_bytes((*fast.keys, *fast.values, *fast.sink_keys)) == expected
 
 
 def test_the_window_changes_what_a_sliding_layer_sees():
