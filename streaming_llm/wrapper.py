@@ -14,8 +14,8 @@ from streaming_llm.models import check_capacity, describe
 class StreamingLLMWrapper:
     """Feed an endless stream through `model` with a cache of `n_sink + window_size` tokens.
 
-    `wrapper(input_ids)` takes the next tokens of the stream, [batch, n] with n >= 1, and returns their
-    logits [batch, n, vocab]. Feeding n tokens at once equals feeding them one at a time: a long prompt
+    `wrapper(input_ids)` takes the next tokens of the stream, [batch, n] with n >= 1 (on any device: they are moved to
+    the model's embeddings), and returns their logits [batch, n, vocab]. Feeding n tokens at once equals feeding them one at a time: a long prompt
     is streamed through the window with its sinks, never attended densely. Every row of a batch is an
     independent stream of the same length. Inputs longer than `max_block` tokens are fed in blocks of that
     size (exact, and it bounds the activations of one forward pass; the cache itself attends a block in pieces of
@@ -63,10 +63,12 @@ class StreamingLLMWrapper:
         if not is_integer_tensor(input_ids):
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         input_ids = input_ids.long()  # first: torch has no min/max for uint16/32/64 (a uint64 past 2**63 turns negative)
-        vocab_size = self.model.get_input_embeddings().num_embeddings
+        embeddings = self.model.get_input_embeddings()
         low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"token ids must lie in [0, {vocab_size}) for this model; got values in [{low}, {high}]")
+        if low < 0 or high >= embeddings.num_embeddings:
+            raise ValueError(f"token ids must lie in [0, {embeddings.num_embeddings}) for this model; got values in "
+                             f"[{low}, {high}]")
+        input_ids = input_ids.to(embeddings.weight.device)  # a tokenizer's CPU ids for a model on a GPU
         logits = [self._feed(block) for block in input_ids.split(self.max_block, dim=1)]
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 

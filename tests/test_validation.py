@@ -2,7 +2,7 @@
 
 import pytest
 from streaming_llm import StreamingKVCache
-from tiny_models import make_wrapper, max_abs_diff
+from tiny_models import build_llama, make_wrapper, max_abs_diff
 
 
 @pytest.mark.parametrize("n_sink, window_size, bad_argument", [(-1, 8, "n_sink"), (4, 0, "window_size"),
@@ -524,3 +524,27 @@ def test_generate_stream_names_ids_that_are_not_token_ids(llama_model, prompt_id
         list(generate_stream(make_wrapper(llama_model, 2, 8), None, prompt_ids, stop_token_ids=stop_token_ids,
                              max_new_tokens=2))
     assert stop_token_id_set(5) == stop_token_id_set([5]) == stop_token_id_set(__import__("torch").tensor([5])) == {5}
+
+
+def test_the_wrapper_moves_ids_to_the_models_embeddings():
+    """A tokenizer's ids are on the CPU; a model on a GPU needs them on its device (torch's error came from inside
+    the embedding lookup). Without a GPU: the embeddings say they are elsewhere ("meta"), and the ids the model is
+    fed are seen to have been moved there."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+
+    wrapper = make_wrapper(build_llama(), 2, 6)
+    elsewhere = SimpleNamespace(num_embeddings=wrapper.model.get_input_embeddings().num_embeddings,
+                                weight=torch.empty(0, device="meta"))
+    fed = []
+
+    def feed(input_ids):
+        fed.append(input_ids.device.type)
+        return torch.zeros(*input_ids.shape, 1)
+
+    with mock.patch.object(wrapper.model, "get_input_embeddings", return_value=elsewhere), \
+            mock.patch.object(wrapper, "_feed", side_effect=feed):
+        wrapper(torch.tensor([[1, 2, 3]]))
+    assert fed == ["meta"]
