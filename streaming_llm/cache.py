@@ -674,6 +674,16 @@ class StreamingKVCache(Cache):
     def cache_capacity(self) -> int:
         return self.n_sink + self.window_size
 
+    @property
+    def max_batch_size(self) -> int:
+        """The number of streams held (0 before the first tokens; transformers' own property failed there)."""
+        return next((layer.values.shape[0] for layer in self.layers if layer.is_initialized), 0)
+
+    @property
+    def max_cache_len(self) -> int:
+        """The most tokens the cache holds: its capacity."""
+        return self.cache_capacity
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx >= len(self.layers) and self.layer_class_to_replicate is None:
             raise ValueError(f"this cache was made for {len(self.layers)} layers (num_layers); the model has more: "

@@ -548,3 +548,15 @@ def test_the_wrapper_moves_ids_to_the_models_embeddings():
             mock.patch.object(wrapper, "_feed", side_effect=feed):
         wrapper(torch.tensor([[1, 2, 3]]))
     assert fed == ["meta"]
+
+
+def test_batch_size_and_length_of_an_empty_and_a_fed_cache():
+    """transformers' Cache properties on a cache that holds nothing yet failed inside it (IndexError, AttributeError,
+    max() of nothing); they say 0 streams and the capacity, then the stream's batch."""
+    import torch
+
+    for cache in (StreamingKVCache(4, 60), StreamingKVCache(4, 60, num_layers=2)):
+        assert (cache.max_batch_size, cache.max_cache_len) == (0, 64)
+    wrapper = make_wrapper(build_llama(), 2, 6)
+    wrapper(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert (wrapper.cache.max_batch_size, wrapper.cache.max_cache_len) == (2, 8)
