@@ -361,8 +361,9 @@ class StreamingLayer(CacheLayerMixin):
     def _visibility_bias(self, query_positions, key_positions, groups: int, dtype: torch.dtype,
                          exclude_sinks: bool = False, sliding_window: int | None = None) -> torch.Tensor:
         """0 where a query sees a key, -inf elsewhere, [groups * n, keys] (sink columns hidden with
-        `exclude_sinks`); every layer holds its tokens at the same positions, so the first layer of a forward
-        pass builds it and the others with the same sliding window reuse it."""
+        `exclude_sinks`); every layer of one layout holds its tokens at the same positions, so the first layer of a
+        forward pass builds it and the others with the same sliding window and layout reuse it (a sliding ring,
+        RingLayer.sliding, is a layout of its own)."""
         def compute():
             mask = visible_in_layer(self.policy, query_positions, key_positions, sliding_window)
             if exclude_sinks:
@@ -371,7 +372,7 @@ class StreamingLayer(CacheLayerMixin):
             return bias.repeat(groups, 1)
 
         key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
-        return self._per_step(("bias", sliding_window), key, compute)
+        return self._per_step(("bias", sliding_window, getattr(self, "sliding", None)), key, compute)
 
     def advance_frame(self, rotary: RotaryParams) -> None:
         """After a step, move the stored window keys to the policy's frame (see PositionPolicy.next_base)."""
