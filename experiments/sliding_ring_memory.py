@@ -1,9 +1,10 @@
 """KV memory and decode-step time of a hybrid model (sliding + full-attention layers) streamed at a capacity larger
 than its sliding window: what the sliding layers' rings (cache.RingLayer.sliding) save.
 
-The model is Gemma 3 1B's attention with random weights: 26 layers, every sixth one full attention and the rest
-sliding with a 512-token window, 4 query heads and 1 kv head of 256, hidden 1152; its MLP (intermediate 1152 instead
-of 6912) and vocabulary (4,096 instead of 262,144) are cut so that a CPU runs it in a minute (they hold no cache).
+The model is bench's "gemma3-1b-attention" shape with random weights: Gemma 3 1B's attention (26 layers, every sixth
+one full attention and the rest sliding with a 512-token window, 4 query heads and 1 kv head of 256, hidden 1152),
+its MLP (intermediate 1152 instead of 6912) and vocabulary (4,096 instead of 262,144) cut so that a CPU runs it in a
+minute (they hold no cache).
 fp32, one CPU thread. FastStreamingWrapper(n_sink=4, window_size=4092), eager static step: a prompt of
 --prompt-tokens random ids fed as one call, then --steps decode steps timed one by one. The KV bytes are the
 wrapper's buffers (keys, values, sink keys), counted per layer kind; the last logits are recorded so that two runs (two
@@ -26,24 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streaming_llm  # noqa: E402
 from streaming_llm import FastStreamingWrapper  # noqa: E402
+from streaming_llm.bench.latency import shape_config  # noqa: E402
 from streaming_llm.cli_common import finish_measurement, measurement_output  # noqa: E402
 from streaming_llm.eval.results import git_commit  # noqa: E402
 
-N_SINK, WINDOW_SIZE, LAYERS, SLIDING_WINDOW = 4, 4092, 26, 512
+N_SINK, WINDOW_SIZE = 4, 4092
 
 
 def gemma3_1b_attention():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM
 
-    layer_types = ["full_attention" if (index + 1) % 6 == 0 else "sliding_attention" for index in range(LAYERS)]
-    config = Gemma3TextConfig(vocab_size=4096, hidden_size=1152, intermediate_size=1152, num_hidden_layers=LAYERS,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
-                              sliding_window=SLIDING_WINDOW, layer_types=layer_types, max_position_embeddings=32768,
-                              rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
-                                               "full_attention": dict(rope_type="default", rope_theta=1000000.0)},
-                              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = shape_config("gemma3-1b-attention", bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
-    return Gemma3ForCausalLM(config).eval(), layer_types
+    return Gemma3ForCausalLM(config).eval(), config.layer_types
 
 
 def measure(prompt_tokens: int, steps: int) -> dict:

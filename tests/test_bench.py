@@ -269,3 +269,33 @@ def test_cache_sizes_accept_a_trailing_comma_and_spaces():
     from streaming_llm.bench.command import _int_list
 
     assert _int_list("64,128,") == _int_list(" 64 , 128") == [64, 128]
+
+
+def test_a_hybrid_shapes_streaming_cache_holds_what_a_static_cache_holds():
+    """The gemma3-1b-attention shape (6 of its layers here, one of them full attention, window 8): at capacity 32 the
+    static step's buffers hold what transformers' StaticCache holds (its sliding layers keep their window, 8 slots;
+    its full layers capacity + 1), plus the sinks' own keys in the full layer. Before the sliding rings, every
+    layer of ours kept 33 slots."""
+    from streaming_llm.bench.latency import build_model, shape_config
+
+    types = shape_config("gemma3-1b-attention").layer_types[:6]
+    model = build_model("gemma3-1b-attention", torch.float32, "cpu", num_hidden_layers=6, layer_types=types,
+                        sliding_window=8)
+    decoders = {}
+    for method in ("dense_static", "streaming_static"):
+        decoders[method] = make_decoder(method, model, n_sink=4, capacity=32)
+        prepare_attn(decoders[method])
+        decoders[method].prepare()
+        decoders[method].step()
+    assert types.count("full_attention") == 1 and decoders["streaming_static"].wrapper.keys[0].shape[-2] == 8
+    sink_bytes = 4 * 1 * 256 * 4  # 4 sinks x 1 kv head x 256 dims x fp32, in the one full layer
+    assert decoders["streaming_static"].cache_bytes() == decoders["dense_static"].cache_bytes() + sink_bytes
+
+
+def test_the_help_names_every_shape(capsys):
+    """bench's --help lists its shapes by hand (the parser is built without importing torch): every one of them."""
+    from streaming_llm.bench.latency import MODEL_SHAPES
+
+    assert cli.main(["bench", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(shape in out for shape in MODEL_SHAPES)

@@ -61,7 +61,8 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--shape", default="embedded",
                         help="model to time: embedded (--model, real weights) or a random-weight shape: "
-                             "smollm2-135m, pythia-70m, llama-2-7b (timing does not depend on weights)")
+                             "smollm2-135m, pythia-70m, llama-2-7b, gemma3-1b-attention (timing does not depend on "
+                             "weights)")
     parser.add_argument("--cache-sizes", type=_int_list, default=_int_list(DEFAULT_CACHE_SIZES),
                         help=f"comma-separated cache capacities, n-sink included (default {DEFAULT_CACHE_SIZES})")
     parser.add_argument("--methods", default="default",

@@ -51,7 +51,21 @@ MODEL_SHAPES = {
              # so the limit is raised for timing at the paper's cache size 4096 (weights are random anyway).
              max_position_embeddings=8192),
     ),
+    # Gemma 3 1B's attention (26 layers, every sixth full attention, the rest sliding with a 512-token window; 1 kv
+    # head of 256; its two RoPEs) with the MLP (1,152 instead of 6,912) and vocabulary (4,096 instead of 262,144) cut so
+    # that a CPU times it: a hybrid model, whose sliding layers keep only their window (RingLayer.sliding).
+    "gemma3-1b-attention": (
+        "Gemma3TextConfig",
+        dict(vocab_size=4096, hidden_size=1152, intermediate_size=1152, num_hidden_layers=26, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+             layer_types=["full_attention" if (index + 1) % 6 == 0 else "sliding_attention" for index in range(26)],
+             max_position_embeddings=32768,
+             rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                              "full_attention": dict(rope_type="default", rope_theta=1000000.0)}),
+    ),
 }
+
+
 def shape_config(shape: str, **overrides):
     """The config of a named shape (MODEL_SHAPES), fields replaced by `overrides`: no weights are built."""
     if shape not in MODEL_SHAPES:
