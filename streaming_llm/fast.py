@@ -106,7 +106,8 @@ def static_streaming_attention_forward(
     """One query token over the whole buffer [b, kv_heads, capacity + 1, d]; `streaming_mask` hides empty slots,
     `streaming_window_masks[w]` (where not None) also the keys a layer with its own sliding window w does not see.
     A layer that keeps only its last w tokens (a ring of w slots, `cache.sliding_ring_size`) takes
-    `streaming_ring_masks[w]` instead: its empty slots while it fills, None (no mask) after."""
+    `streaming_ring_masks[w]` instead: its empty slots in the filling step (t < capacity; none once t >= w - 1),
+    None (no mask) in the full one."""
     if streaming_decode_attention is None:  # the step's keyword arguments, the mask among them, never arrived
         raise RuntimeError(f"{type(module).__name__}'s model does not pass keyword arguments on to its attention; "
                            "the static decode step cannot run it (use StreamingLLMWrapper)")
