@@ -31,7 +31,8 @@ from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible_in_l
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
 
 STREAMING_MODES = ("ours", "mit")
-# A block of more tokens than min(capacity + 1, BLOCK_PIECE) is attended a piece of that many at a time (StreamingLayer.attend).
+# A block of more tokens than min(capacity + 1, BLOCK_PIECE) is attended a piece of that many at a time
+# (StreamingLayer.attend).
 BLOCK_PIECE = 512
 
 
@@ -60,6 +61,13 @@ def sliding_ring_size(window_size: int, sliding_window: int | None) -> int | Non
     return sliding_window if sliding_window is not None and sliding_window <= window_size + 1 else None
 
 
+def ring_layout(n_sink: int, window_size: int, sliding_window: int | None = None) -> tuple[int, int]:
+    """(sink slots, ring slots) of a RingLayer's buffers: the sinks kept apart, then a ring of window_size + 1 recent
+    tokens; (0, W) for a layer that keeps only its last W tokens (`sliding_ring_size`)."""
+    ring = sliding_ring_size(window_size, sliding_window)
+    return (0, ring) if ring else (n_sink, window_size + 1)
+
+
 def kv_cache_bytes(config, n_sink: int, window_size: int, streaming_mode: str = "ours",
                    dtype: torch.dtype = torch.float32, batch_size: int = 1) -> int:
     """Bytes of keys and values a full StreamingKVCache holds for a model of this config (what `streaming-llm info`
@@ -71,11 +79,11 @@ def kv_cache_bytes(config, n_sink: int, window_size: int, streaming_mode: str = 
     per_slot = batch_size * shape.kv_heads * shape.head_dim * torch.empty((), dtype=dtype).element_size()
     slots = 0
     for window in sliding_windows(config):
-        ring = sliding_ring_size(window_size, window)
         if streaming_mode == "mit":
             slots += 2 * (n_sink + window_size)
         else:
-            slots += 2 * ring if ring else 2 * (n_sink + window_size + 1) + n_sink
+            sinks, ring = ring_layout(n_sink, window_size, window)
+            slots += 2 * (sinks + ring) + sinks  # keys and values, and the sinks' own keys
     return slots * per_slot
 
 
@@ -141,6 +149,12 @@ class StreamingLayer(CacheLayerMixin):
         self.rotary: RotaryParams | None = None  # the layer's RoPE, recorded by the attention function
 
     stores_raw_keys = False
+    sliding: int | None = None  # W where the layer keeps a ring of its last W tokens only (RingLayer)
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(sink slots, ring slots): the tokens kept for ever, and the ring of recent ones (`ring_layout`)."""
+        return ring_layout(self.policy.n_sink, self.policy.window_size, self.sliding)
 
     # -- transformers' CacheLayerMixin contract ------------------------------------------------------
     def update(self, key_states, value_states, cache_kwargs=None):
@@ -221,8 +235,8 @@ class StreamingLayer(CacheLayerMixin):
         return self._held(self.positions)
 
     def _held(self, positions: torch.Tensor) -> torch.Tensor:
-        policy = self.policy
-        return (positions >= 0) & ((positions < policy.n_sink) | (positions >= self.seen - policy.window_size))
+        n_sink, ring = self.layout
+        return (positions >= 0) & ((positions < n_sink) | (positions > self.seen - ring))
 
     def get_cache_length(self) -> int:
         """Tokens held now (<= capacity after every step)."""
@@ -372,7 +386,7 @@ class StreamingLayer(CacheLayerMixin):
             return bias.repeat(groups, 1)
 
         key = (self.seen, query_positions.shape[0], key_positions.shape[0], groups, dtype, exclude_sinks)
-        return self._per_step(("bias", sliding_window, getattr(self, "sliding", None)), key, compute)
+        return self._per_step(("bias", sliding_window, self.sliding), key, compute)
 
     def advance_frame(self, rotary: RotaryParams) -> None:
         """After a step, move the stored window keys to the policy's frame (see PositionPolicy.next_base)."""
@@ -417,8 +431,6 @@ class RingLayer(StreamingLayer):
     its memory and its decode step's work are those of W tokens, not capacity + 1.
     """
 
-    sliding: int | None = None  # W when the layer keeps a ring of its last W tokens only
-
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # Empty buffers of the stream's batch, heads, dtype and device (update's checks read them); they are sized at
         # the layer's first attention, where its sliding window is known (_allocate).
@@ -432,10 +444,10 @@ class RingLayer(StreamingLayer):
         is at most window_size + 1 (`sliding_ring_size`), else sinks + a ring of window_size + 1."""
         batch, kv_heads, _, head_dim = self.keys.shape
         sliding = sliding_ring_size(self.policy.window_size, sliding_window)
-        slots = sliding or self.policy.capacity + 1
-        self.adopt(self.keys.new_zeros(batch, kv_heads, slots, head_dim),
-                   self.values.new_zeros(batch, kv_heads, slots, self.values.shape[-1]),
-                   self.keys.new_zeros(batch, kv_heads, 0 if sliding else self.policy.n_sink, head_dim), sliding)
+        sinks, ring = ring_layout(self.policy.n_sink, self.policy.window_size, sliding)
+        self.adopt(self.keys.new_zeros(batch, kv_heads, sinks + ring, head_dim),
+                   self.values.new_zeros(batch, kv_heads, sinks + ring, self.values.shape[-1]),
+                   self.keys.new_zeros(batch, kv_heads, sinks, head_dim), sliding)
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, sink_keys: torch.Tensor, sliding: int | None = None) -> None:
         """Hold these buffers, empty: keys/values [batch, kv_heads, capacity + 1, d], sink_keys [batch, kv_heads,
@@ -446,15 +458,10 @@ class RingLayer(StreamingLayer):
         self.positions = torch.full((keys.shape[-2],), -1, dtype=torch.long, device=keys.device)
         self.is_initialized = True
 
-    def _held(self, positions: torch.Tensor) -> torch.Tensor:
-        if self.sliding is None:
-            return super()._held(positions)
-        return (positions >= 0) & (positions > self.seen - self.sliding)  # the keys the next token sees
-
     def resume(self, seen: int, base: int) -> None:
         """Take up a stream whose tokens were written into the buffers by someone else (the static decode step):
         `seen` tokens so far, window keys stored at p - base. Rebuilds the slot positions from `seen`."""
-        n_sink, ring = (0, self.sliding) if self.sliding else (self.policy.n_sink, self.policy.window_size + 1)
+        n_sink, ring = self.layout
         sinks = torch.arange(n_sink, device=self.device)
         offsets = torch.arange(ring, device=self.device)
         ring_seen = seen - n_sink  # tokens that went to the ring so far; the latest one of each slot is held
@@ -463,9 +470,7 @@ class RingLayer(StreamingLayer):
         self.seen, self.base = seen, base
 
     def held_blocks(self):
-        if self.sliding:
-            return [(self.keys, self.values, self.positions)]
-        n_sink = self.policy.n_sink
+        n_sink, _ = self.layout
         held_sinks = min(n_sink, self.seen)
         return [
             (self.sink_keys[:, :, :held_sinks], self.values[:, :, :held_sinks], self.positions[:held_sinks]),
@@ -473,13 +478,11 @@ class RingLayer(StreamingLayer):
         ]
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
-        if self.sliding:
-            return positions % self.sliding
-        n_sink = self.policy.n_sink
-        return torch.where(positions < n_sink, positions, n_sink + (positions - n_sink) % (self.policy.window_size + 1))
+        n_sink, ring = self.layout
+        return torch.where(positions < n_sink, positions, n_sink + (positions - n_sink) % ring)
 
     def store(self, keys, values, positions):
-        n_sink, ring = (0, self.sliding) if self.sliding else (self.policy.n_sink, self.policy.window_size + 1)
+        n_sink, ring = self.layout
         last = self.seen + positions.shape[0]
         keep = (positions < n_sink) | (positions >= last - ring)
         positions, keys, values = positions[keep], keys[:, :, keep], values[:, :, keep]
@@ -494,7 +497,7 @@ class RingLayer(StreamingLayer):
     def shift_window_keys(self, delta, rotary):
         # A sliding ring shifts its every slot: a sink j it still holds sits at j, not j - base, but the frame first
         # moves after token C, when no sink is within its window (t - j >= window_size + 1 >= W).
-        window = self.keys[:, :, 0 if self.sliding else self.policy.n_sink :]
+        window = self.keys[:, :, self.layout[0] :]
         window.copy_(rerotate_keys(window, delta, rotary.inv_freq))
 
     def attend(self, query, rotary, scaling, softcap=None, sliding_window=None, s_aux=None):
@@ -502,7 +505,9 @@ class RingLayer(StreamingLayer):
             self._allocate(sliding_window)
         if query.shape[-2] != 1:
             return super().attend(query, rotary, scaling, softcap, sliding_window, s_aux)
-        return self._decode_step(query, rotary, scaling, self.hiding_window(sliding_window, query), softcap, s_aux)
+        # A sliding ring holds exactly the keys its token sees: no mask.
+        hiding = None if self.sliding else self.hiding_window(sliding_window, query)
+        return self._decode_step(query, rotary, scaling, hiding, softcap, s_aux)
 
     def _decode_step(self, query: torch.Tensor, rotary: RotaryParams, scaling: float,
                      sliding_window: int | None = None, softcap: float | None = None,
@@ -511,24 +516,23 @@ class RingLayer(StreamingLayer):
         the layer's sliding window, given where it hides a key); with soft-capping or sink logits, which SDPA does
         not apply, the same attention as matmuls over the buffer."""
         step, self.pending = self.pending, None
-        policy, t = self.policy, self.seen
+        t = self.seen
+        (n_sink, ring), slots = self.layout, self.keys.shape[-2]
         to_window_frame, sinks_to_window = self._decode_rotations(step, rotary, query.dtype)
         keys = step["keys"] @ to_window_frame
         query = query @ to_window_frame
-        if self.sliding:
-            return self._sliding_decode_step(query, keys, step["values"], rotary, scaling, softcap, s_aux)
-        slot = t if t < policy.n_sink else policy.n_sink + (t - policy.n_sink) % (policy.window_size + 1)
+        slot = t if t < n_sink else n_sink + (t - n_sink) % ring
         self.keys[:, :, slot] = keys[:, :, 0]
         self.values[:, :, slot] = step["values"][:, :, 0]
         self.positions[slot] = t
-        held_sinks = min(policy.n_sink, t + 1)
-        if t < policy.n_sink:
+        held_sinks = min(n_sink, t + 1)
+        if t < n_sink:
             self.sink_keys[:, :, t] = keys[:, :, 0]
         if held_sinks and sinks_to_window is not None:
             self.keys[:, :, :held_sinks] = self.sink_keys[:, :, :held_sinks] @ sinks_to_window
         elif held_sinks:
             self.keys[:, :, :held_sinks] = self.sink_keys[:, :, :held_sinks]
-        filled = min(t + 1, policy.capacity + 1)
+        filled = min(t + 1, slots)
         keys, values, mask = self.keys[:, :, :filled], self.values[:, :, :filled], None
         if sliding_window is not None:
             mask = self._window_mask(sliding_window, filled)
@@ -537,24 +541,6 @@ class RingLayer(StreamingLayer):
                                                                       scale=scaling, enable_gqa=True)
         else:
             output = grouped_attention(query, keys, values, scaling, mask, softcap, s_aux)
-        self.seen += 1
-        self.advance_frame(rotary)
-        return output
-
-    def _sliding_decode_step(self, query, keys, values, rotary, scaling, softcap, s_aux) -> torch.Tensor:
-        """The decode step of a sliding ring: write token t over token t - W, attend to the filled slots (each one a
-        key the token sees, at its true distance in the window frame), no sinks and no mask."""
-        t = self.seen
-        slot = t % self.sliding
-        self.keys[:, :, slot] = keys[:, :, 0]
-        self.values[:, :, slot] = values[:, :, 0]
-        self.positions[slot] = t
-        filled = min(t + 1, self.sliding)
-        keys, values = self.keys[:, :, :filled], self.values[:, :, :filled]
-        if softcap is None and s_aux is None:
-            output = torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True)
-        else:
-            output = grouped_attention(query, keys, values, scaling, None, softcap, s_aux)
         self.seen += 1
         self.advance_frame(rotary)
         return output
@@ -707,11 +693,15 @@ class StreamingKVCache(Cache):
     def get_cache_length(self, layer_idx: int | None = None) -> int:
         """Number of tokens a layer holds now; without `layer_idx` the most any layer holds (a layer that keeps only
         its own sliding window holds fewer: `RingLayer.sliding`)."""
-        if layer_idx is None:
-            return max((layer.get_cache_length() for layer in self.layers), default=0)
+        layer_idx = self._fullest_layer() if layer_idx is None else layer_idx
         if layer_idx >= len(self.layers):
             return 0
         return self.layers[layer_idx].get_cache_length()
+
+    def _fullest_layer(self) -> int:
+        """The first layer that holds the most tokens: the sinks and the window, not a sliding ring (0 without
+        layers)."""
+        return max(range(len(self.layers)), key=lambda index: self.layers[index].get_cache_length(), default=0)
 
     def compress(self, layer_idx: int = 0, rotary: RotaryParams | None = None):
         """The kept sink + recent (keys, values) of one layer, in stream order, keys at their cache slots (in the
@@ -732,8 +722,7 @@ class StreamingKVCache(Cache):
     def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor:
         """Stream positions of the tokens a layer holds, in stream order; without `layer_idx`, of the first layer that
         holds the most (the sinks and the window: not a layer that keeps only its own sliding window)."""
-        if layer_idx is None:
-            layer_idx = max(range(len(self.layers)), key=lambda index: self.layers[index].get_cache_length(), default=0)
+        layer_idx = self._fullest_layer() if layer_idx is None else layer_idx
         if layer_idx >= len(self.layers) or self.layers[layer_idx].positions is None:
             return torch.zeros(0, dtype=torch.long)
         layer = self.layers[layer_idx]

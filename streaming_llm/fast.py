@@ -32,7 +32,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.cache import StreamingKVCache, grouped_attention, sliding_ring_size, written_outside_inference_mode
+from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
+                                 written_outside_inference_mode)
 from streaming_llm.checks import check_int
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
@@ -292,15 +293,16 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         shape = attention_shape(self.model.config)
         parameter = next(self.model.parameters())
         kv_heads, head_dim = shape.kv_heads, shape.head_dim
-        capacity, batch = self.n_sink + self.window_size, self._batch_size
+        batch = self._batch_size
         # Layers whose window is at most window_size + 1 keep a ring of their last `window` tokens (RingLayer.sliding).
         self._rings = [sliding_ring_size(self.window_size, window) for window in sliding_windows(self.model.config)]
+        layouts = [ring_layout(self.n_sink, self.window_size, ring) for ring in self._rings]
         # One tensor per layer, each its own allocation (as transformers' StaticCache): a CUDA graph may mutate a
         # static input in place, but not a view of one, which would be a different input aliasing it. A sliding ring
         # has as many slots as its window and no sinks.
-        self.keys = [parameter.new_zeros(batch, kv_heads, ring or capacity + 1, head_dim) for ring in self._rings]
+        self.keys = [parameter.new_zeros(batch, kv_heads, sinks + ring, head_dim) for sinks, ring in layouts]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
-        self.sink_keys = [parameter.new_zeros(batch, kv_heads, 0 if ring else self.n_sink, head_dim) for ring in self._rings]
+        self.sink_keys = [parameter.new_zeros(batch, kv_heads, sinks, head_dim) for sinks, _ in layouts]
         self.step_position = torch.zeros((), dtype=torch.long, device=parameter.device)  # t of the next token
         self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
         self._use_buffers()
@@ -412,8 +414,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.seen += 1
         new_base = self._cache.policy.next_base(self.base, self.seen)
         if new_base != self.base:
-            for keys, rotary, ring in zip(self.keys, self.architecture.layer_rotaries, self._rings):
-                window = keys[:, :, 0 if ring else self.n_sink :]  # a sliding ring: every slot (RingLayer.shift_window_keys)
+            for keys, sink_keys, rotary in zip(self.keys, self.sink_keys, self.architecture.layer_rotaries):
+                # the ring: after the sinks' slots, or a sliding ring's every slot (RingLayer.shift_window_keys)
+                window = keys[:, :, sink_keys.shape[-2] :]
                 window.copy_(rerotate_keys(window, self.base - new_base, rotary.inv_freq))
             self.base = new_base
             self.frame_base.fill_(new_base)

@@ -15,11 +15,11 @@ class StreamingLLMWrapper:
     """Feed an endless stream through `model` with a cache of `n_sink + window_size` tokens.
 
     `wrapper(input_ids)` takes the next tokens of the stream, [batch, n] with n >= 1 (on any device: they are moved to
-    the model's embeddings), and returns their logits [batch, n, vocab]. Feeding n tokens at once equals feeding them one at a time: a long prompt
-    is streamed through the window with its sinks, never attended densely. Every row of a batch is an
-    independent stream of the same length. Inputs longer than `max_block` tokens are fed in blocks of that
-    size (exact, and it bounds the activations of one forward pass; the cache itself attends a block in pieces of
-    at most capacity + 1 tokens, `cache.BLOCK_PIECE`).
+    the model's embeddings), and returns their logits [batch, n, vocab]. Feeding n tokens at once equals feeding them
+    one at a time: a long prompt is streamed through the window with its sinks, never attended densely. Every row of
+    a batch is an independent stream of the same length. Inputs longer than `max_block` tokens are fed in blocks of
+    that size (exact, and it bounds the activations of one forward pass; the cache itself attends a block in pieces
+    of at most capacity + 1 tokens, `cache.BLOCK_PIECE`).
     """
 
     def __init__(
