@@ -12,6 +12,11 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """True for a real number (int, float, numpy's), False for bool and anything else."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_int(name: str, value, minimum: int, note: str = "") -> int:
     """`value` as a Python int; ValueError unless it is an integer >= minimum (`note` is added to the message)."""
     if not is_int(value) or value < minimum:

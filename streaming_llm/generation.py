@@ -12,7 +12,6 @@ feeding each turn's new tokens only.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 import warnings
 from collections import deque
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streaming_llm.checks import check_int, is_int, is_integer_tensor
+from streaming_llm.checks import check_int, is_int, is_integer_tensor, is_number
 
 # A byte-level piece may end inside a UTF-8 character (up to 4 bytes); past this many undecodable
 # tokens the decoder emits what it has (with U+FFFD) rather than wait for ever.
@@ -63,7 +62,7 @@ class SamplingConfig:
     def __post_init__(self):
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_number(value):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")

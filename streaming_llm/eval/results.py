@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streaming_llm.checks import is_int
+from streaming_llm.checks import is_int, is_number
 
 SCHEMA_VERSION = 1
 NLLS_SUFFIX = ".nlls.npy"
@@ -152,10 +152,6 @@ def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
     return record, nlls
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray | None) -> None:
     """ValueError "<file>: not a result file (<field> ...)" unless the fields that the eval, the table and the
     figures read are well formed: model, method and evaluator non-empty strings, data a description, num_tokens,
@@ -182,12 +178,12 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     if not is_int(expected) or expected < 0:
         raise refuse(f"num_predictions is {shown(expected)}, not a count")
     for key in ("perplexity", "tokens_per_s", "wall_s", "peak_memory_mib"):
-        if record.get(key) is not None and not _is_number(record[key]):
+        if record.get(key) is not None and not is_number(record[key]):
             raise refuse(f"{key} is {shown(record[key])}, not a number")
     extra = record.get("extra", {})
     if not isinstance(extra, dict):
         raise refuse(f"extra is {shown(extra)}, not an object")
-    if extra.get("cpu_s") is not None and not _is_number(extra["cpu_s"]):
+    if extra.get("cpu_s") is not None and not is_number(extra["cpu_s"]):
         raise refuse(f"extra.cpu_s is {shown(extra['cpu_s'])}, not a number")
     steps = extra.get("sampled_steps")
     if steps is not None and not (isinstance(steps, list) and all(is_int(step) and 0 <= step < max(expected, 1) for step in steps)):
