@@ -229,7 +229,7 @@ def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None 
         assert wrapper.cache.get_cache_length() == min(seen, capacity), (seen, capacity)
         check_stored_frame(wrapper.cache)
         for index, layer in enumerate(wrapper.cache.layers):  # a sliding ring holds what its next token sees
-            held = min(seen, capacity if getattr(layer, "sliding", None) is None else layer.sliding - 1)
+            held = min(seen, capacity if layer.sliding is None else layer.sliding - 1)
             assert wrapper.cache.get_cache_length(index) == held, (index, seen, capacity)
         compressed_keys, compressed_values = wrapper.cache.compress(0)
         assert compressed_keys.shape[-2] == compressed_values.shape[-2] == wrapper.cache.get_cache_length(0)
