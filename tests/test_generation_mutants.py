@@ -244,6 +244,18 @@ def test_the_embedded_tokenizer_round_trips_text(embedded_model):
         assert tokenizer.decode(ids_of(tokenizer, QUOTED)) == QUOTED
 
 
+def test_the_embedded_tokenizer_is_read_once_and_each_caller_gets_its_own():
+    """embedded_tokenizer() parses the GGUF file once per process; each call returns a copy, so that one caller's
+    change (a chat template, a padding side) is not another's."""
+    from streaming_llm import loading
+
+    first, second = loading.embedded_tokenizer(), loading.embedded_tokenizer()
+    assert loading._read_embedded_tokenizer.cache_info().currsize == 1
+    assert first is not second and first(QUOTED)["input_ids"] == second(QUOTED)["input_ids"]
+    first.chat_template = "changed"
+    assert second.chat_template != "changed" and loading.embedded_tokenizer().chat_template != "changed"
+
+
 def _orphan_byte_token(tokenizer) -> int:
     """A token that is a lone UTF-8 continuation byte: it never completes a character."""
     for token_id in range(300):

@@ -196,3 +196,25 @@ def test_embedded_soak_50k_tokens():
     outcome = soak.run_soak(wrapper, source, num_tokens=50_000, every=1_000, block_size=256, warmup_tokens=5_000)
     _assert_soak_passed(outcome, capacity=1024)
     assert max(r["max_abs_logit"] for r in outcome["records"]) < 1e3
+
+
+def test_the_soak_freezes_what_came_before_and_unfreezes_it_after():
+    """run_soak freezes the objects made before the stream (gc.freeze: each record's collection scans only the
+    stream's own) and unfreezes them at the end, also when the stream is interrupted."""
+    import gc
+
+    wrapper = _tiny_wrapper(n_sink=1, window_size=7)
+    real_source = soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=5)
+    frozen_during = []
+
+    def source(start, count):
+        frozen_during.append(gc.get_freeze_count())
+        if start >= 50:
+            raise KeyboardInterrupt
+        return real_source(start, count)
+
+    soak.run_soak(wrapper, source, num_tokens=50, every=25, block_size=25, warmup_tokens=25)
+    assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    with pytest.raises(KeyboardInterrupt):
+        soak.run_soak(wrapper, source, num_tokens=100, every=25, block_size=25, warmup_tokens=25)
+    assert gc.get_freeze_count() == 0
