@@ -275,3 +275,29 @@ def test_cos_sin_rebuilt_from_position_ids_are_the_models_and_a_rope_layer_witho
     cache.update(keys, keys, 0, {})
     with pytest.raises(ValueError, match="needs the rotary cos/sin in cache_kwargs, or the position ids"):
         streaming_attention_forward(attention, torch.randn(1, 4, 1, 16), keys, keys, None)
+
+
+def test_a_multimodal_gemma3_cache_past_the_trained_context_is_refused_when_the_wrapper_is_made():
+    """The wrapper checks the capacity against the language model's config (a multimodal Gemma 3 keeps
+    max_position_embeddings there, not at its top level) when it is made, not only at the first step."""
+    from streaming_llm import StreamingLLMWrapper
+
+    model = build_gemma3_multimodal(max_position_embeddings=16)
+    with pytest.raises(ValueError, match="capacity n_sink \\+ window_size = 16 is too large for the model's "
+                                         "max_position_embeddings=16"):
+        StreamingLLMWrapper(model, 2, 14)
+
+
+def test_layers_of_one_type_share_its_rope_and_a_type_without_frequencies_is_named(monkeypatch):
+    """Gemma 3's layers of the same type get the same RotaryParams object (Architecture.single_rotary compares them by
+    identity); a layer whose type the rotary embedding keeps no frequencies for is refused with a ValueError naming the
+    missing attribute, not an AttributeError from inside."""
+    from streaming_llm.models import describe
+
+    model = build_llama_family("gemma3_text", num_hidden_layers=3,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    first, second, full = describe(model).layer_rotaries
+    assert first is second and full is not first
+    monkeypatch.setattr(model.model.layers[2].self_attn, "layer_type", "chunked_attention")
+    with pytest.raises(ValueError, match="this gemma3_text model's rotary embedding has no chunked_attention_inv_freq"):
+        describe(model)

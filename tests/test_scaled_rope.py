@@ -79,3 +79,30 @@ def test_rope_types_that_change_with_the_sequence_length_are_refused(monkeypatch
     model = build_llama(rope="dynamic")
     with pytest.raises(ValueError, match="RoPE type 'dynamic' changes its frequencies with the sequence length"):
         make_wrapper(model, N_SINK, WINDOW_SIZE)
+
+
+def test_a_rope_per_layer_type_keeps_each_types_attention_factor():
+    """Gemma 3's rotary embedding keeps an attention factor per layer type (`{layer_type}_attention_scaling`): with YaRN
+    on its full-attention layer (factor ~1.14) and the default RoPE on its sliding one, fed at its stream positions
+    (as generate() feeds it: the model's rotation is no mere scale there), each layer's q and k are undone and rotated
+    with its own factor, so the stream equals the naive reference. (transformers 5.2 validates a per-type YaRN's
+    original_max_position_embeddings at the config's top level, where it cannot be, so the YaRN parameters are set
+    once the config is built.)"""
+    from tiny_models import build_llama_family
+
+    from streaming_llm import StreamingKVCache, prepare_model
+
+    built = build_llama_family("gemma3_text", max_position_embeddings=256)
+    config = copy.deepcopy(built.config)
+    config.rope_parameters["full_attention"] = dict(SCALED_ROPES["yarn"], rope_theta=10000.0)
+    model = type(built)(config).eval()
+    model.load_state_dict(built.state_dict())
+    rotary = model.model.rotary_emb
+    assert rotary.full_attention_attention_scaling > 1.05 and rotary.sliding_attention_attention_scaling == 1.0
+    input_ids = random_ids(LENGTH, seed=6)
+    prepared, cache, logits = prepare_model(copy.deepcopy(model)), StreamingKVCache(N_SINK, WINDOW_SIZE), []
+    for start, end in [(0, 20), *((t, t + 1) for t in range(20, LENGTH))]:
+        logits.append(prepared(input_ids[None, start:end], position_ids=torch.arange(start, end)[None],
+                               past_key_values=cache).logits[0])
+    expected = naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE)
+    assert max_abs_diff(torch.cat(logits), expected) <= TOLERANCE
