@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from streaming_llm import data
-from streaming_llm.data import describe_source, embedded_files, load_text, load_tokens, parse_dataset_spec
+from streaming_llm.data import (check_text_holds, describe_source, embedded_files, load_text, load_tokens,
+                                parse_dataset_spec)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,16 @@ def test_local_utf8_file(tmp_path):
     description = describe_source(str(path))
     assert description["kind"] == "file" and description["path"] == str(path.resolve())
     assert description["name"] == "book.txt"
+
+
+def test_the_tokens_a_text_can_hold_are_bounded_by_its_utf8_bytes():
+    """check_text_holds refuses, before any tokenizer is loaded, only a count no tokenizer can reach: one token per
+    UTF-8 byte (not per character: each "é" is two bytes, two byte-level tokens) plus up to 8 special ones (a BOS, a
+    dummy prefix)."""
+    text = "é" * 10  # 10 characters, 20 bytes
+    check_text_holds(text, 28)
+    with pytest.raises(ValueError, match="^--num-tokens 29: the text holds 20 bytes, and a token takes at least one$"):
+        check_text_holds(text, 29)
 
 
 @pytest.mark.parametrize("source", ["", "  "])

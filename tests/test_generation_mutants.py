@@ -244,6 +244,32 @@ def test_the_embedded_tokenizer_round_trips_text(embedded_model):
         assert tokenizer.decode(ids_of(tokenizer, QUOTED)) == QUOTED
 
 
+def test_a_gguf_files_tokenizer_is_loaded_without_the_clean_up(monkeypatch):
+    """load_model of a .gguf path (any GGUF file, not only the embedded model): transformers' GGUF reader turns
+    clean_up_tokenization_spaces on, and load_model turns it off again, so the tokens round-trip the text. The
+    readers are stood in for (the real ones take ~20 s): the tokenizer as the GGUF reader gives it, a tiny model."""
+    import transformers
+    from tiny_models import build_llama
+
+    from streaming_llm import load_model
+    from streaming_llm.loading import embedded_model_path, embedded_tokenizer
+
+    as_read = embedded_tokenizer()
+    as_read.clean_up_tokenization_spaces = True
+    asked = []
+
+    def read_tokenizer(source, **kwargs):
+        asked.append(kwargs.get("gguf_file"))
+        return as_read
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", read_tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda source, **kwargs: build_llama())
+    _, tokenizer = load_model(embedded_model_path())
+    assert asked == [embedded_model_path().name] and tokenizer is as_read
+    assert not tokenizer.clean_up_tokenization_spaces
+    assert tokenizer.decode(ids_of(tokenizer, QUOTED)) == QUOTED
+
+
 def test_the_embedded_tokenizer_is_read_once_and_each_caller_gets_its_own():
     """embedded_tokenizer() parses the GGUF file once per process; each call returns a copy, so that one caller's
     change (a chat template, a padding side) is not another's."""

@@ -526,6 +526,19 @@ def test_generate_stream_names_ids_that_are_not_token_ids(llama_model, prompt_id
     assert stop_token_id_set(5) == stop_token_id_set([5]) == stop_token_id_set(__import__("torch").tensor([5])) == {5}
 
 
+def test_stop_token_ids_take_any_integer_tensor_and_refuse_what_is_not_ids():
+    """A [1, n] tensor (a tokenizer's return_tensors="pt") is its n ids; a float tensor (an id it would truncate),
+    bytes (which iterate as small ints) and a list holding a tensor of several ids are refused, naming the value."""
+    import torch
+
+    from streaming_llm.generation import stop_token_id_set
+
+    assert stop_token_id_set(torch.tensor([[5, 6]])) == {5, 6}
+    for value in (torch.tensor([5.5]), torch.tensor(5.0), b"\x05", [torch.tensor([1, 2])]):
+        with pytest.raises(ValueError, match="stop_token_ids must be integer token ids"):
+            stop_token_id_set(value)
+
+
 def test_the_wrapper_moves_ids_to_the_models_embeddings():
     """A tokenizer's ids are on the CPU; a model on a GPU needs them on its device (torch's error came from inside
     the embedding lookup). Without a GPU: the embeddings say they are elsewhere ("meta"), and the ids the model is
