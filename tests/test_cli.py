@@ -240,6 +240,23 @@ def test_info_json(model_dir, capsys):
     assert status == 0 and json.loads(out)["cache_capacity"] == 1
 
 
+def test_info_of_a_model_without_sliding_layers_in_half_precision(model_dir, capsys):
+    """A Llama has no layer with its own window (sliding_layers 0, sliding_window null) and none without RoPE; the KV
+    cache size is in the dtype the model is loaded in: bfloat16 keys and values take half the bytes of float32."""
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        status, out, _ = run_main(capsys, "info", "--model", str(model_dir), "--window-size", "1000", "--dtype", dtype,
+                                  "--json")
+        assert status == 0
+        info = json.loads(out)
+        assert (info["sliding_layers"], info["sliding_window"], info["layers_without_rope"], info["rotary_pairs"]) == (
+            0, None, 0, "rotate_half (i, i+d/2)")
+        sizes[dtype] = info["kv_cache_mib"]
+    slot_bytes = info["kv_heads"] * 16 * 2  # per layer: keys and values of 1004 + 1 slots and the 4 sinks' own keys
+    assert sizes == {"float32": round(2 * (2 * 1005 + 4) * 2 * slot_bytes / 2**20, 2),
+                     "bfloat16": round(2 * (2 * 1005 + 4) * slot_bytes / 2**20, 2)}
+
+
 def test_help_lists_the_commands(capsys):
     status, out, _ = run_main(capsys, "--help")
     assert status == 0 and all(name in out for name in ("generate", "chat", "info"))
@@ -407,6 +424,15 @@ def test_non_utf8_stdin_subprocess(model_dir):
     result = subprocess.run(command + ["generate", "--model", str(model_dir), "-f", "-"], input=b"caf\xe9 au lait\n",
                             capture_output=True, env=env, timeout=300)
     assert_one_line_error(result.returncode, result.stderr.decode(), "prompt file (stdin) is not UTF-8 text (byte offset 3)")
+
+
+def test_an_empty_prompt_file_is_named(tmp_path, capsys):
+    """A prompt file of whitespace only is refused before the model is loaded, naming the file."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n", encoding="utf-8")
+    status, out, err = run_main(capsys, "generate", "--model", "./no/such/model", "--prompt-file", str(empty))
+    assert_one_line_error(status, err, f"the prompt file {empty} is empty")
+    assert out == ""
 
 
 @pytest.mark.parametrize("output, fragment", [

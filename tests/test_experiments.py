@@ -209,8 +209,9 @@ def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
 
 
 def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
-    """The measurement behind the long-prompt numbers (results/generation/long_prompt_8192*.json): a JSON record of
-    the prompt, the cache, the memory, the time, the next tokens and the commit; a bad length is refused first."""
+    """The measurement behind the long-prompt numbers (results/generation/long_prompt_8192*.json): a one-line summary
+    and a JSON record of the prompt, the cache, the memory, the time, the next tokens and the commit; a bad length is
+    refused first."""
     import importlib.util
     import json
 
@@ -221,6 +222,7 @@ def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
         script.main(["--prompt-tokens", "0"])
     assert "--prompt-tokens must be >= 1, got 0" in capsys.readouterr().err
     assert script.main(["--prompt-tokens", "300", "--output", str(tmp_path / "out" / "long.json")]) == 0
+    assert capsys.readouterr().out.startswith("prompt 300 tokens: peak RSS growth ")  # its one-line summary
     record = json.loads((tmp_path / "out" / "long.json").read_text())
     assert record["prompt_tokens"] == 300 and (record["n_sink"], record["window_size"]) == (4, 60)
     assert len(record["next_tokens"]) == 2 and record["peak_rss_growth_mib"] >= 0 and record["seconds"] > 0
