@@ -156,6 +156,37 @@ def test_kv_cache_bytes_is_what_a_full_cache_holds(model_type, window_size, stre
         assert held_bytes((*fast.keys, *fast.values, *fast.sink_keys)) == expected
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt_oss"])
+@pytest.mark.parametrize("position_mode, n_sink, window_size", [
+    ("pos_shift", 2, 6), ("rerotate", 4, 5), ("absolute", 2, 4)])
+def test_one_token_steps_hide_exactly_the_keys_at_the_window_or_beyond(model_type, position_mode, n_sink, window_size):
+    """Sliding layers without a sliding ring (W = 8 > window_size + 1), every token fed alone (the general path's
+    decode step, and the static step): a held key at distance exactly W is hidden, one at W - 1 is seen. Capacity
+    8 = W under pos_shift (from t = 8 on sink 0 sits at distance min(t, C) = 8, sink 1 at 7); 4 sinks and capacity 9
+    under rerotate (sinks 2 and 3 stay at distances 7 and 6 however long the stream: a sink's distance is taken from
+    the query's sink position min(t, C), not from t); absolute mode's sinks at distance t, hidden from t = 8 and 9."""
+    model, input_ids = build(model_type), random_ids(24, seed=37)
+    expected = naive_streaming_logits(model, input_ids, n_sink, window_size, position_mode)
+    general = make_wrapper(model, n_sink, window_size, position_mode=position_mode)
+    static = FastStreamingWrapper(copy.deepcopy(model), n_sink, window_size, position_mode=position_mode,
+                                  compile="never")
+    for path, wrapper in (("general", general), ("static", static)):
+        assert max_abs_diff(feed_stream(wrapper, input_ids), expected) <= TOLERANCE, path
+
+
+def test_kv_cache_bytes_counts_every_stream_of_a_batch_in_the_models_dtype():
+    """`kv_cache_bytes(dtype=, batch_size=)` is what FastStreamingWrapper allocates for 3 streams of a bfloat16 model
+    (sliding rings included), not the bytes of one float32 stream."""
+    import torch
+
+    model = build("gemma3_text").to(torch.bfloat16)
+    fast = FastStreamingWrapper(model, 2, 7, compile="never")
+    fast.reset(batch_size=3)
+    held = sum(tensor.numel() * tensor.element_size() for tensor in (*fast.keys, *fast.values, *fast.sink_keys))
+    assert held == kv_cache_bytes(model.config, 2, 7, dtype=torch.bfloat16, batch_size=3)
+    assert held == 3 * kv_cache_bytes(model.config, 2, 7) // 2  # float32 -> bfloat16 halves each slot
+
+
 def test_the_window_changes_what_a_sliding_layer_sees():
     """The tests above can fail: the same stream with the sliding layers' window left out (every layer sees the whole
     cache, as SEMANTICS.md §1 alone would say) is far from the reference."""
