@@ -118,6 +118,20 @@ def test_blocks_and_steps_mixed(model, position_mode):
         assert max_abs_diff(fast_values, general_values) <= TOLERANCE
 
 
+def test_compress_after_static_steps_alone_rotates_each_layer_with_its_own_rope():
+    """Without sinks every token fed alone takes the static step, so no general-path attention ever records the
+    layers' RoPEs: compress(layer) still puts each layer's keys at their slots with that layer's own RoPE (Gemma 3's
+    sliding and full-attention layers rotate with different frequencies), as the general path does."""
+    from tiny_models import build_llama_family
+
+    model, input_ids = build_llama_family("gemma3_text"), random_ids(30, seed=49)
+    general, fast = make_wrapper(model, 0, 8), make_fast(model, 0, 8, compile="never")
+    assert max_abs_diff(feed_stream(fast, input_ids), feed_stream(general, input_ids)) <= TOLERANCE
+    for layer in range(len(general.cache.layers)):
+        for got, want in zip(fast.cache.compress(layer), general.cache.compress(layer)):
+            assert max_abs_diff(got, want) <= TOLERANCE
+
+
 @pytest.mark.parametrize("variant", DECODE_ATTENTION)
 def test_every_decode_attention_formulation(llama_model, variant):
     input_ids = random_ids(70, seed=42)
@@ -216,6 +230,27 @@ def test_the_stream_goes_on_after_generate_fed_the_wrappers_cache(llama_model, p
         fast(stream[None, :1])
 
 
+def test_calls_after_generate_fed_the_wrappers_cache_take_up_its_stream(llama_model):
+    """Whatever is called first after model.generate(past_key_values=fast.cache) takes the stream up where generate
+    left it: a direct step() (not from the wrapper's own, older count: the stream rewound), and a call with another
+    batch size is refused as for any stream under way (not taken for a fresh start that drops the stream)."""
+    input_ids, ones = random_ids(30, seed=51), torch.ones(1, 12, dtype=torch.long)
+    fast = make_fast(llama_model)
+    fast(input_ids[None, :6])
+    generated = fast.model.generate(input_ids[None, :12], attention_mask=ones, past_key_values=fast.cache,
+                                    max_new_tokens=8, do_sample=False)
+    stream = torch.cat([generated[0], input_ids[:3]])  # 19 tokens fed, then 4 more
+    streamed = torch.cat([fast.step(stream[None, 19 + i : 20 + i])[0] for i in range(4)])
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), stream)
+    assert max_abs_diff(streamed, expected[19:]) <= TOLERANCE
+    fresh = make_fast(llama_model)
+    fresh.model.generate(input_ids[None, :12], attention_mask=ones, past_key_values=fresh.cache, max_new_tokens=2,
+                         do_sample=False)
+    with pytest.raises(ValueError, match="this stream holds a batch of 1; got 2"):
+        fresh(input_ids[None, :1].expand(2, 1))
+    assert fresh.tokens_seen == 13
+
+
 def test_a_copy_goes_on_as_the_original(llama_model):
     """copy.deepcopy of a wrapper mid-stream: its static steps looked the copied rotaries up by the originals' id()
     (KeyError)."""
@@ -238,6 +273,10 @@ def test_bad_options_are_refused(llama_model):
         make_fast(llama_model, compile="sometimes")
     with pytest.raises(ValueError, match="decode_attention must be auto or one of"):
         make_fast(llama_model, decode_attention="flash")
+    query, keys = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16)
+    for softcap in (None, 1.5):  # decode_attention itself refuses a formulation it does not know, soft-capped too
+        with pytest.raises(ValueError, match="decode attention must be one of"):
+            fast_module.decode_attention(query, keys, keys, None, None, "flash", softcap)
     with pytest.raises(ValueError, match="token ids"):
         make_fast(llama_model)(torch.tensor([[10_000]]))
 

@@ -418,6 +418,42 @@ def test_a_model_not_prepared_is_refused_and_leaves_nothing_behind(layers):
     assert max_abs_diff(logits[0], make_wrapper(model, 2, 4)(ids)[0]) <= 1e-4
 
 
+def test_prepare_model_refuses_a_config_that_names_another_number_of_layers():
+    """prepare_model gives each attention layer the window its config names for it: a model whose layers were cut
+    without its config (2 named, 1 left) is refused, saying so, not matched up short."""
+    from streaming_llm import prepare_model
+
+    from tiny_models import build_llama
+
+    model = build_llama()
+    model.model.layers = model.model.layers[:1]
+    with pytest.raises(ValueError, match="llama model has 1 attention layers where its config names 2"):
+        prepare_model(model)
+
+
+def test_a_hand_off_left_by_another_cache_does_not_fail_the_next_stream(llama_model):
+    """A forward pass that stopped between a StreamingKVCache's update and its attention (interrupted, or update
+    called by hand) leaves that cache's hand-off behind: the next stream, on another cache, drops it and runs as
+    usual instead of being refused as "not prepared"; the same cache updated again without attention still is."""
+    import copy
+
+    import torch
+
+    from streaming_llm import prepare_model
+
+    from tiny_models import random_ids
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    ids, stale, states = random_ids(8, seed=2)[None], StreamingKVCache(2, 4), torch.zeros(1, 2, 1, 16)
+    stale.update(states, states, 0)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=StreamingKVCache(2, 4)).logits
+    assert max_abs_diff(logits[0], make_wrapper(llama_model, 2, 4)(ids)[0]) <= 1e-4
+    stale.update(states, states, 0)
+    with pytest.raises(RuntimeError, match="did not run the streaming attention"):
+        stale.update(states, states, 1)
+
+
 def test_an_attention_mask_of_the_new_tokens_only_is_named_as_such(llama_model):
     """A mask covering only the new tokens was refused as a "padded batch (an attention_mask with zeros)"."""
     import copy
