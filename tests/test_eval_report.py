@@ -58,6 +58,15 @@ def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
     ({"evaluator": None}, "(evaluator is null, not a name)"),
     ({"window_size": 0}, "(window_size is 0, not a cache size)"),
     ({"data": "shakespeare"}, '(data is "shakespeare", not a data description)'),
+    ({"model": ""}, '(model is "", not a name)'),
+    ({"n_sink": -1}, "(n_sink is -1, not a cache size)"),
+    ({"num_tokens": 9.0}, "(num_tokens is 9.0, not a token count)"),
+    ({"num_predictions": -1}, "(num_predictions is -1, not a count)"),
+    ({"wall_s": "1s"}, '(wall_s is "1s", not a number)'),
+    ({"extra": {"sampled_steps": [8]}}, "(extra.sampled_steps is [8], not a list of steps below 8)"),
+    ({"extra": {"sampled_steps": [-1]}}, "(extra.sampled_steps is [-1], not a list of steps below 8)"),
+    ({"extra": {"sampled_steps": [1.5]}}, "(extra.sampled_steps is [1.5], not a list of steps below 8)"),
+    ({"extra": {"sampled_steps": 3}}, "(extra.sampled_steps is 3, not a list of steps below 8)"),
 ])
 def test_a_malformed_result_is_named_with_its_field(tmp_path, change, message):
     """A hand-edited result is refused naming the file and the field, before any row is made (these were
@@ -66,6 +75,43 @@ def test_a_malformed_result_is_named_with_its_field(tmp_path, change, message):
     with pytest.raises(ValueError) as error:
         summary_rows([path], boundaries=[0, 4, 8], sample_steps=[1, 5])
     assert str(error.value) == f"{path}: not a result file {message}"
+
+
+def test_a_malformed_result_without_its_nll_file_is_still_named(tmp_path):
+    """The fields are checked whether or not the companion NLL file is there: a hand-edited record whose NLLs went
+    missing is refused naming the file and the field, not formatted into a row."""
+    path = _result(tmp_path, "full", [1.0] * 8, tokens_per_s="fast")
+    path.with_name("full.nlls.npy").unlink()
+    with pytest.raises(ValueError) as error:
+        summary_rows([path], boundaries=[0, 8])
+    assert str(error.value) == f'{path}: not a result file (tokens_per_s is "fast", not a number)'
+
+
+def test_a_bad_nll_file_is_named_by_the_records_nlls_file(tmp_path):
+    """The NLL file a record names in nlls_file (not the default name next to the JSON) is the one read and the one
+    the refusal names."""
+    path = _result(tmp_path, "full", [1.0] * 8)
+    record = json.loads(path.read_text()) | {"nlls_file": "renamed.npy"}
+    path.write_text(json.dumps(record))
+    np.save(tmp_path / "renamed.npy", np.ones(5), allow_pickle=False)
+    with pytest.raises(ValueError) as error:
+        summary_rows([path], boundaries=[0, 8])
+    assert str(error.value) == f"{path}: not a result file (NLLs in renamed.npy: 5 values, the record's 9 tokens make 8 predictions)"
+
+
+def test_the_smallest_well_formed_results_are_read(tmp_path):
+    """The bounds themselves are accepted: num_tokens 0 without num_predictions (0 predictions, not -1), n_sink 0,
+    window_size 1, and a sampled step at the last prediction."""
+    from streaming_llm.eval.results import read_result
+
+    path = _result(tmp_path, "empty", [1.0])
+    path.with_name("empty.nlls.npy").unlink()
+    record = json.loads(path.read_text()) | {"num_tokens": 0, "n_sink": 0, "window_size": 1}
+    record.pop("num_predictions", None)
+    path.write_text(json.dumps(record))
+    assert read_result(path) == (record, None)
+    path = _result(tmp_path, "full", [1.0] * 8, extra={"sampled_steps": [0, 7]})
+    assert read_result(path)[0]["extra"]["sampled_steps"] == [0, 7]
 
 
 def test_a_result_without_speed_fields_gets_dashes(tmp_path):
