@@ -12,7 +12,7 @@ import torch
 
 from streaming_llm import cli
 from streaming_llm.bench.plots import plot_latency
-from streaming_llm.eval.plots import moving_average, plot_nll_curves
+from streaming_llm.eval.plots import METHOD_STYLES, moving_average, plot_nll_curves
 from streaming_llm.eval.results import write_result
 
 matplotlib.use("Agg")
@@ -54,6 +54,7 @@ def test_nll_curves_in_a_stable_order_with_the_sampled_oracle_below(tmp_path, fi
     labels = [line.get_label().split(" ")[0] for line in upper.get_lines() if not line.get_label().startswith("_")]
     assert labels == ["dense", "window", "alpha", "zeta"]
     window_line = upper.get_lines()[1]
+    assert window_line.get_label() == "window (ppl 2.00, decode, 7 tok)"
     assert window_line.get_xdata().tolist() == [1, 2, 3, 4, 5, 6]
     assert window_line.get_ydata().tolist() == [1.0, 1.5, 2.5, 3.5, 4.5, 5.5]
     differences = {line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist()) for line in lower.get_lines()
@@ -106,13 +107,15 @@ def test_sampled_results_alone_are_drawn_as_points(tmp_path, figures):
     writes it) is drawn on its own: its scored steps as points (x = step + 1), in a figure with a legend. It was an
     empty figure (axes, no curve, matplotlib's "No artists with labels" warning) written with exit status 0."""
     _sampled(tmp_path, [4, 6, 8], [1.0, 2.0, 4.0], perplexity=None)  # a perplexity of null is allowed too
+    unscored = _sampled(tmp_path, [], [])  # beside it, a sampled result with no scored step draws nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plot_nll_curves([tmp_path / "recompute_sample3.json"], tmp_path / "f.png", window=4, capacity=4)
+        plot_nll_curves([tmp_path / "recompute_sample3.json", unscored], tmp_path / "f.png", window=4, capacity=4)
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG
     (axis,) = figures[0].axes
     (points,) = [line for line in axis.get_lines() if not line.get_label().startswith("_")]
     assert points.get_xdata().tolist() == [5, 7, 9] and points.get_ydata().tolist() == [1.0, 2.0, 4.0]
+    assert points.get_marker() == "o" and points.get_color() == METHOD_STYLES["recompute"][0]
     assert points.get_label() == "recompute (ppl n/a, sample3, 3 sampled of 10 tok)"
     assert axis.get_legend() is not None and "sampled" in axis.get_ylabel()
     assert _vertical_lines(axis) == [4]
@@ -140,6 +143,8 @@ def test_a_plot_without_data_is_refused_naming_the_files_and_writes_nothing(tmp_
     ({"nlls": np.array(["a", "b", "c"])}, "(NLLs in dense_decode.nlls.npy are of type <U1, not floats)"),  # TypeError: isfinite
     ({"nlls": np.ones((3, 2), dtype=np.float32)}, "(NLLs in dense_decode.nlls.npy have shape (3, 2), not one value per token)"),
     ({"nlls": np.ones(5, dtype=np.float32)}, "(NLLs in dense_decode.nlls.npy: 5 values, the record's 4 tokens make 3 predictions)"),
+    ({"nlls": np.ones(2, dtype=np.float32)}, "(NLLs in dense_decode.nlls.npy: 2 values, the record's 4 tokens make 3 predictions)"),
+    ({"nlls": np.ones(3, dtype=np.int64)}, "(NLLs in dense_decode.nlls.npy are of type int64, not floats)"),
 ])
 def test_a_malformed_result_is_refused_naming_the_file_and_field(tmp_path, capsys, change, message):
     """What the figure reads is checked (method, perplexity, token count, NLL array); a malformed file is refused
