@@ -136,10 +136,13 @@ def test_sampled_recompute_checks_its_arguments(llama_model):
     (lambda ids: torch.zeros(1, ids.shape[1], 64, dtype=torch.long), "got torch.int64 (1, 3, 64)"),
     (lambda ids: [0.0] * ids.shape[1], "got list"),
     (lambda ids: torch.zeros(1, ids.shape[1], 10), "the stepper's logits cover 10 token ids; the text holds id 63"),
+    (lambda ids: torch.zeros(1, ids.shape[1], 63), "the stepper's logits cover 63 token ids; the text holds id 63"),
+    (lambda ids: torch.zeros(1, ids.shape[1] + 1, 64), "float logits [1, 3, vocab] for 3 tokens; got torch.float32 (1, 4, 64)"),
 ])
 def test_a_stepper_returning_anything_but_its_logits_is_named(make_logits, fragment):
     """compute_perplexity scored row 0 of a [2, n, V] output and integer logits silently, and failed inside
-    cross_entropy on others."""
+    cross_entropy on others. Logits one token too long, or a vocabulary ending at the text's largest id (even where
+    that id is only the last target), are named too."""
 
     class Stepper:
         def reset(self):
@@ -148,6 +151,7 @@ def test_a_stepper_returning_anything_but_its_logits_is_named(make_logits, fragm
         def __call__(self, ids):
             return make_logits(ids)
 
-    ids = torch.tensor([[5, 63, 7, 1, 2, 3, 4]])
-    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        compute_perplexity(Stepper(), ids, block_size=3)
+    pattern = fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    for ids in ([[5, 63, 7, 1, 2, 3, 4]], [[5, 6, 7, 1, 2, 3, 63]]):  # the largest id inside, or only as the last target
+        with pytest.raises(ValueError, match=pattern):
+            compute_perplexity(Stepper(), torch.tensor(ids), block_size=3)
