@@ -77,13 +77,19 @@ def test_eval_skips_a_reference_that_cannot_run_the_model(neox_dir, tmp_path, ca
     assert_one_line_error(status, err.split("\n", 1)[1], "none of the chosen methods can run this model")
 
 
-def test_a_multimodal_gemma3_checkpoint_streams_its_text(tmp_path, capsys):
+def test_a_multimodal_gemma3_checkpoint_streams_its_text(tmp_path, capsys, monkeypatch):
     """Gemma 3's 4B+ checkpoints are multimodal (`gemma3`, the text model inside): `info` reports the language model,
     `eval` streams it (kvpress, which presses only its full-attention layers, skipped by name), and without eviction
-    it is dense — with a cache larger than its sliding layer's window of 16 (docs/semantics.md §8)."""
+    it is dense — with a cache larger than its sliding layer's window of 16 (docs/semantics.md §8). Its figure marks
+    the text model's trained context (the composite config has no max_position_embeddings of its own)."""
     from tiny_models import build_gemma3_multimodal
 
+    from streaming_llm.eval import plots
     from streaming_llm.loading import embedded_tokenizer
+
+    plotted = {}
+    monkeypatch.setattr(plots, "plot_nll_curves", lambda files, png, capacity, context_length: plotted.update(
+        capacity=capacity, context_length=context_length))
 
     tokenizer = embedded_tokenizer()
     model = build_gemma3_multimodal(vocab_size=len(tokenizer), sliding_window=16)
@@ -98,8 +104,10 @@ def test_a_multimodal_gemma3_checkpoint_streams_its_text(tmp_path, capsys):
     assert (info["rotary_ndims"], info["rotary_pairs"], info["layers_without_rope"]) == (16, "rotate_half (i, i+d/2)", 0)
     assert (info["sliding_layers"], info["sliding_window"], info["cache_capacity"]) == (1, 16, 22)
     status, out, err = run_main(capsys, "eval", "--model", str(folder), *STREAM, "--output-dir", str(tmp_path / "out"),
-                                "--methods", "dense,streaming_pos_shift,mit,kvpress_decode_corrected")
+                                "--methods", "dense,streaming_pos_shift,mit,kvpress_decode_corrected", "--plot",
+                                str(tmp_path / "curves.png"))
     assert status == 0, err
+    assert plotted == {"capacity": 22, "context_length": 4096}
     assert list(results_of(out)) == ["dense", "streaming_pos_shift", "mit"]
     assert "skipping kvpress_decode_corrected: kvpress 0.5.5 compresses only Gemma 3's full-attention layers" in err
     status, out, err = run_main(capsys, "eval", "--model", str(folder), *STREAM[:2], "--n-sink", "2", "--window-size",
@@ -266,6 +274,11 @@ def test_method_lists_and_option_bounds_at_their_edges():
         parse_methods("dense:1")
     assert len(parse_methods("all")[0]) > 5
     options = argparse.Namespace(num_tokens=120, recompute_samples=None, recompute_tokens=None, decode_tokens=None)
+    check_method_options(options, methods, prefixes)
+    # --recompute-tokens and --decode-tokens at --num-tokens; as many samples as steps 22..118 past the capacity 22
+    methods, prefixes = parse_methods("recompute,kvpress_decode_shipped")
+    options = argparse.Namespace(num_tokens=120, recompute_samples=97, recompute_tokens=120, decode_tokens=120,
+                                 n_sink=2, window_size=20)
     check_method_options(options, methods, prefixes)
     _positive("num-tokens", 2, 2)
     with pytest.raises(ValueError, match="--num-tokens must be >= 2, got 1"):
