@@ -55,6 +55,18 @@ def test_a_chunk_of_one_token_is_the_decode_loop_for_sliding_window_layers(model
     assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] <= TOLERANCE
 
 
+def test_the_chunked_baseline_refuses_layers_that_rotate_differently():
+    """Gemma 3's sliding and full-attention layers rotate with different frequencies; the chunked re-rotation, which
+    applies one RoPE to every layer, refuses it by name instead of scoring it with the wrong frequencies."""
+    from tiny_models import build_llama_family
+
+    from streaming_llm.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="the chunked evaluation's re-rotation assumes one RoPE for every layer"):
+        chunked_streaming_perplexity(build_llama_family("gemma3_text"), random_ids(20, seed=8)[None], n_sink=2,
+                                     window_size=7, chunk_size=4)
+
+
 def test_larger_chunks_see_more_than_the_decode_loop(model):
     """Before the first cut (the first chunk) chunked equals dense; after it, it differs from the decode loop."""
     ids = random_ids(36, seed=9)[None]
