@@ -101,7 +101,7 @@ def test_a_bad_nll_file_is_named_by_the_records_nlls_file(tmp_path):
 
 def test_the_smallest_well_formed_results_are_read(tmp_path):
     """The bounds themselves are accepted: num_tokens 0 without num_predictions (0 predictions, not -1), n_sink 0,
-    window_size 1, and a sampled step at the last prediction."""
+    window_size 1, a sampled step at the last prediction, and null for the optional numbers."""
     from streaming_llm.eval.results import read_result
 
     path = _result(tmp_path, "empty", [1.0])
@@ -110,8 +110,9 @@ def test_the_smallest_well_formed_results_are_read(tmp_path):
     record.pop("num_predictions", None)
     path.write_text(json.dumps(record))
     assert read_result(path) == (record, None)
-    path = _result(tmp_path, "full", [1.0] * 8, extra={"sampled_steps": [0, 7]})
-    assert read_result(path)[0]["extra"]["sampled_steps"] == [0, 7]
+    path = _result(tmp_path, "full", [1.0] * 8, extra={"sampled_steps": [0, 7], "cpu_s": None}, perplexity=None,
+                   tokens_per_s=None, wall_s=None, peak_memory_mib=None)
+    assert read_result(path)[0]["extra"] == {"sampled_steps": [0, 7], "cpu_s": None}
 
 
 def test_a_result_without_speed_fields_gets_dashes(tmp_path):

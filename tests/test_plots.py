@@ -106,17 +106,18 @@ def test_sampled_results_alone_are_drawn_as_points(tmp_path, figures):
     """Without a full result beside it, a sampled result (recompute at chosen steps, as `eval --recompute-samples`
     writes it) is drawn on its own: its scored steps as points (x = step + 1), in a figure with a legend. It was an
     empty figure (axes, no curve, matplotlib's "No artists with labels" warning) written with exit status 0."""
-    _sampled(tmp_path, [4, 6, 8], [1.0, 2.0, 4.0], perplexity=None)  # a perplexity of null is allowed too
+    # a perplexity of null is allowed too; an infinite NLL (step 2) is not drawn
+    sampled = _sampled(tmp_path, [2, 4, 6, 8], [float("inf"), 1.0, 2.0, 4.0], perplexity=None)
     unscored = _sampled(tmp_path, [], [])  # beside it, a sampled result with no scored step draws nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plot_nll_curves([tmp_path / "recompute_sample3.json", unscored], tmp_path / "f.png", window=4, capacity=4)
+        plot_nll_curves([sampled, unscored], tmp_path / "f.png", window=4, capacity=4)
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG
     (axis,) = figures[0].axes
     (points,) = [line for line in axis.get_lines() if not line.get_label().startswith("_")]
     assert points.get_xdata().tolist() == [5, 7, 9] and points.get_ydata().tolist() == [1.0, 2.0, 4.0]
     assert points.get_marker() == "o" and points.get_color() == METHOD_STYLES["recompute"][0]
-    assert points.get_label() == "recompute (ppl n/a, sample3, 3 sampled of 10 tok)"
+    assert points.get_label() == "recompute (ppl n/a, sample4, 3 sampled of 10 tok)"
     assert axis.get_legend() is not None and "sampled" in axis.get_ylabel()
     assert _vertical_lines(axis) == [4]
 
