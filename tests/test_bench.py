@@ -299,3 +299,69 @@ def test_the_help_names_every_shape(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert all(shape in out for shape in MODEL_SHAPES)
+
+
+def test_cache_sizes_drop_one_trailing_empty_entry_only():
+    """A trailing comma is dropped, also after one size and with spaces around it; an empty --cache-sizes is not a list
+    of integers (it is not reported as one of no sizes)."""
+    import argparse
+
+    from streaming_llm.bench.command import _int_list
+
+    assert _int_list("64,") == [64] and _int_list(" 64 , 128 , ") == [64, 128]
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected comma-separated integers, got ''$"):
+        _int_list("")
+
+
+def test_bench_refuses_bad_methods_before_creating_the_output_folder(tmp_path, capsys):
+    """--methods is checked before --output-dir is created: a refused run leaves no empty folder behind."""
+    assert cli.main(["bench", "--methods", "fastest", "--output-dir", str(tmp_path / "new"), "--quiet"]) == 2
+    assert "unknown method" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_the_dense_methods_stop_one_below_the_sliding_window():
+    """Like the streaming methods, the dense ones are skipped at a capacity equal to a sliding-only model's window (a
+    step would attend to window + 1 keys) and timed one below it."""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family("mistral", sliding_window=16)
+    methods = ["dense_static", "dense_dynamic"]
+    assert measure_latency(model, methods, capacity=16, n_sink=2, rounds=1, steps_per_round=1) == []
+    rows = measure_latency(model, methods, capacity=15, n_sink=2, rounds=1, steps_per_round=1)
+    assert [row.method for row in rows] == methods
+
+
+def test_the_gemma3_shape_has_gemma_3_1bs_attention():
+    """The gemma3-1b-attention shape (docs/performance.md, experiments/sliding_ring_memory.py) is Gemma 3 1B's attention:
+    26 layers, every sixth full attention, the others sliding in 512 tokens, 4 query heads and 1 kv head of 256, RoPE
+    base 10^4 in the sliding layers and 10^6 in the full ones, timed with SDPA; no weights are built for it."""
+    from streaming_llm.bench.latency import shape_config
+
+    config = shape_config("gemma3-1b-attention")
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, config.sliding_window) == (26, 1152, 4, 1, 256, 512)
+    assert [index for index, kind in enumerate(config.layer_types) if kind == "full_attention"] == [5, 11, 17, 23]
+    assert {kind: rope["rope_theta"] for kind, rope in config.rope_parameters.items()} == {
+        "sliding_attention": 10000.0, "full_attention": 1000000.0}
+    assert config._attn_implementation == "sdpa"
+
+
+def test_the_profiler_notice_filter_keeps_undecodable_bytes_and_runs_without_stderr(capfd):
+    """A line that is not UTF-8 is kept (its bad bytes replaced), not raised on; where stderr cannot be duplicated
+    (no stderr), the profiled block runs unfiltered and the context ends normally."""
+    import os
+    from unittest import mock
+
+    from streaming_llm.bench import profile
+
+    with profile._without_profiler_notices():
+        os.write(2, b"bad \xff byte\n")
+    assert capfd.readouterr().err == "bad \ufffd byte\n"
+
+    def no_stderr(fd):
+        raise OSError("bad file descriptor")
+
+    ran = []
+    with mock.patch.object(profile.os, "dup", no_stderr), profile._without_profiler_notices():
+        ran.append(1)
+    assert ran == [1]

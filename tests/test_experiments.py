@@ -242,3 +242,46 @@ def test_sliding_ring_memory_refuses_bad_options_before_building_its_model(tmp_p
         with mock.patch.object(script, "measure", side_effect=AssertionError("measured")), pytest.raises(SystemExit):
             script.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_sliding_ring_memory_counts_kv_mib_by_layer_kind_and_times_in_ms(monkeypatch):
+    """measure() (here with 2 of the shape's layers, a sliding one with an 8-token window then a full one, 4 kv heads of
+    256, window_size 1020) counts every buffer of each layer kind in MiB: the sliding layer's 8 key and 8 value slots
+    (it keeps no sink keys); the full layer's 1025 key and value slots and its 4 sink keys; and times the prompt in
+    seconds and each decode step in milliseconds (clock injected: every reading 0.25 s after the last)."""
+    import importlib.util
+    import itertools
+    import types
+
+    import torch
+
+    from streaming_llm.bench.latency import shape_config
+
+    spec = importlib.util.spec_from_file_location("sliding_ring_memory", ROOT / "experiments" / "sliding_ring_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def two_layers():
+        from transformers import Gemma3ForCausalLM
+
+        config = shape_config("gemma3-1b-attention", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                              sliding_window=8, hidden_size=64, intermediate_size=64, num_key_value_heads=4,
+                              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        torch.manual_seed(0)
+        return Gemma3ForCausalLM(config).eval(), config.layer_types
+
+    clock = itertools.count(0.0, 0.25)
+    monkeypatch.setattr(script, "gemma3_1b_attention", two_layers)
+    monkeypatch.setattr(script, "WINDOW_SIZE", 1020)
+    monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    threads = torch.get_num_threads()
+    try:
+        record = script.measure(40, 3)
+    finally:
+        torch.set_num_threads(threads)
+    slot = 4 * 256 * 4  # bytes of one token's keys (or values) in a layer: 4 kv heads x 256 dims x fp32
+    assert record["kv_mib"] == {"sliding_attention": round(2 * 8 * slot / 2**20, 2),  # 0.06
+                                "full_attention": round((2 * 1025 + 4) * slot / 2**20, 2)}  # 8.02
+    assert record["kv_mib_total"] == round((2 * 8 + 2 * 1025 + 4) * slot / 2**20, 2) == 8.09
+    assert (record["prompt_s"], record["step_ms_median"], record["steps"], record["window_size"]) == (0.25, 250.0, 3, 1020)
+    assert len(record["last_logits_head"]) == 8 and record["step_kind"] == "eager"

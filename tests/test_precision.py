@@ -166,3 +166,11 @@ def test_mit_storage_with_pos_shift_rotates_within_the_cache(tiny, monkeypatch, 
     for start in range(0, 200, block):
         wrapper(ids[:, start : start + block])
     assert len(largest) > 200 // block and max(largest) == 8
+
+
+def test_a_prefix_fed_in_blocks_is_fed_whole(tiny):
+    """prefix_block > 1 (the embedded model's setup feeds its prefix 256 tokens at a time): every block is fed whole, the
+    last one cut short, and the scored tokens after a jump still agree with the oracle to fp32 rounding."""
+    setup = {"n_sink": 4, "window_size": 12, "prefix_tokens": 20, "scored_tokens": 6, "prefix_block": 7}
+    row = precision.end_to_end(tiny, tiny, "pos_shift", 10**5, **setup)
+    assert row["finite"] and row["top1_agreement"] == 1.0 and row["max_abs_logit_error"] <= 1e-4
