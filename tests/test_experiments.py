@@ -285,3 +285,25 @@ def test_sliding_ring_memory_counts_kv_mib_by_layer_kind_and_times_in_ms(monkeyp
     assert record["kv_mib_total"] == round((2 * 8 + 2 * 1025 + 4) * slot / 2**20, 2) == 8.09
     assert (record["prompt_s"], record["step_ms_median"], record["steps"], record["window_size"]) == (0.25, 250.0, 3, 1020)
     assert len(record["last_logits_head"]) == 8 and record["step_kind"] == "eager"
+
+
+def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without_output(tmp_path, capsys):
+    """Linux's ru_maxrss is in KiB: a peak 2048 KiB above the one before the call is 2.0 MiB (readings injected); without
+    --output only the summary is printed, and a bad --output is
+    refused before the measurement."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("long_prompt_memory", ROOT / "experiments" / "long_prompt_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readings = iter([1000, 3048])
+    fake_resource = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=next(readings)))
+    with mock.patch.object(script, "resource", fake_resource):
+        assert script.main(["--prompt-tokens", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("prompt 100 tokens: peak RSS growth 2 MiB, ") and list(tmp_path.iterdir()) == []
+    (tmp_path / "folder.json").mkdir()
+    with mock.patch.object(script, "measure", side_effect=AssertionError("measured")), pytest.raises(SystemExit):
+        script.main(["--output", str(tmp_path / "folder.json")])
+    assert "is a folder: give a file path in it" in capsys.readouterr().err
