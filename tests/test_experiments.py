@@ -307,3 +307,24 @@ def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without
     with mock.patch.object(script, "measure", side_effect=AssertionError("measured")), pytest.raises(SystemExit):
         script.main(["--output", str(tmp_path / "folder.json")])
     assert "is a folder: give a file path in it" in capsys.readouterr().err
+
+
+def test_experiments_take_their_smallest_options_and_long_prompt_decodes_greedily(capsys):
+    """sliding_ring_memory accepts its smallest run (--prompt-tokens 5: the sinks and one token; --steps 1) and prints
+    the record's summary; long_prompt_memory's next tokens are greedy, fixed by its seed-0 weights and ids (two runs, or
+    two commits, compare them)."""
+    import importlib.util
+
+    scripts = {}
+    for name in ("sliding_ring_memory", "long_prompt_memory"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+        scripts[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(scripts[name])
+    record = {"kv_mib_total": 1.0, "kv_mib": {}, "step_ms_median": 2.0, "prompt_s": 3.0, "last_logits_head": [0.5, 0.25, 0.125],
+              "commit": "abc"}
+    with mock.patch.object(scripts["sliding_ring_memory"], "measure", return_value=record) as measure:
+        assert scripts["sliding_ring_memory"].main(["--prompt-tokens", "5", "--steps", "1"]) == 0
+    measure.assert_called_once_with(5, 1)
+    assert capsys.readouterr().out == ("KV 1.0 MiB ({}), decode step 2.0 ms (median of 1), prompt 3.0 s, logits "
+                                       "[0.5, 0.25, 0.125] (commit abc)\n")
+    assert scripts["long_prompt_memory"].measure(100)["next_tokens"] == [37, 26]
