@@ -311,8 +311,8 @@ def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without
 
 def test_experiments_take_their_smallest_options_and_long_prompt_decodes_greedily(capsys):
     """sliding_ring_memory accepts its smallest run (--prompt-tokens 5: the sinks and one token; --steps 1) and prints
-    the record's summary; long_prompt_memory's next tokens are greedy, fixed by its seed-0 weights and ids (two runs, or
-    two commits, compare them)."""
+    the record's summary; long_prompt_memory decodes its next tokens greedily (two runs, or two commits, compare them):
+    generate() is asked for no sampling and the two tokens it returns are recorded."""
     import importlib.util
 
     scripts = {}
@@ -327,4 +327,15 @@ def test_experiments_take_their_smallest_options_and_long_prompt_decodes_greedil
     measure.assert_called_once_with(5, 1)
     assert capsys.readouterr().out == ("KV 1.0 MiB ({}), decode step 2.0 ms (median of 1), prompt 3.0 s, logits "
                                        "[0.5, 0.25, 0.125] (commit abc)\n")
-    assert scripts["long_prompt_memory"].measure(100)["next_tokens"] == [37, 26]
+    from transformers import GenerationMixin
+
+    calls, original = [], GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        calls.append((kwargs, original(self, *args, **kwargs)))
+        return calls[-1][1]
+
+    with mock.patch.object(GenerationMixin, "generate", generate):
+        record = scripts["long_prompt_memory"].measure(100)
+    [(kwargs, out)] = calls
+    assert kwargs["do_sample"] is False and record["next_tokens"] == out[0, 100:].tolist() and len(out[0]) == 102
