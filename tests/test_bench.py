@@ -173,7 +173,18 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--rounds", "0"], "--rounds and --steps must be >= 1"),
     (["bench", "--output-dir", __file__], "is not a folder"),
 ])
-def test_bench_bad_options(argv, fragment, capsys):
+def test_bench_bad_options(argv, fragment, capsys, monkeypatch, tmp_path):
+    """Each bad option is one line on stderr and exit status 2. Were a refusal to break, the bench would fail at once
+    here instead of timing the embedded model for minutes and writing into the repository's results/latency."""
+    from streaming_llm.bench import latency
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the bench went on to build a model")
+
+    monkeypatch.setattr(latency, "build_model", ran)
+    monkeypatch.setattr("streaming_llm.loading.load_model", ran)
+    if "--output-dir" not in argv:
+        argv = [*argv, "--output-dir", str(tmp_path / "results")]
     status = cli.main(argv + ["--quiet"])
     err = capsys.readouterr().err
     assert status == 2 and fragment in err and len(err.strip().splitlines()) == 1
