@@ -23,6 +23,16 @@ def commands_of(script: str, cwd: Path | None = None, **env: str) -> list[str]:
     return completed.stdout.splitlines()
 
 
+def load_script(name: str):
+    """experiments/<name>.py as a fresh module (its own globals, for a test to patch), not run as a script."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("*.sh")))
 def test_every_shell_script_parses(script):
     subprocess.run(["bash", "-n", str(ROOT / "experiments" / script)], check=True, timeout=60)
@@ -212,12 +222,9 @@ def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
     """The measurement behind the long-prompt numbers (results/generation/long_prompt_8192*.json): a one-line summary
     and a JSON record of the prompt, the cache, the memory, the time, the next tokens and the commit; a bad length is
     refused first."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("long_prompt_memory", ROOT / "experiments" / "long_prompt_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("long_prompt_memory")
     with pytest.raises(SystemExit):
         script.main(["--prompt-tokens", "0"])
     assert "--prompt-tokens must be >= 1, got 0" in capsys.readouterr().err
@@ -231,11 +238,7 @@ def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
 def test_sliding_ring_memory_refuses_bad_options_before_building_its_model(tmp_path, capsys):
     """The measurement behind docs/performance.md's sliding-ring table (results/generation/sliding_ring_gemma3_1b*.json)
     checks its options and output file before the 26-layer model is built."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sliding_ring_memory", ROOT / "experiments" / "sliding_ring_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("sliding_ring_memory")
     (tmp_path / "folder.json").mkdir()
     for argv, message in ((["--prompt-tokens", "4"], "--prompt-tokens must be >= 5"), (["--steps", "0"], "--steps must be >= 1"),
                           (["--output", str(tmp_path / "folder.json")], "is a folder: give a file path in it")):
@@ -249,7 +252,6 @@ def test_sliding_ring_memory_counts_kv_mib_by_layer_kind_and_times_in_ms(monkeyp
     256, window_size 1020) counts every buffer of each layer kind in MiB: the sliding layer's 8 key and 8 value slots
     (it keeps no sink keys); the full layer's 1025 key and value slots and its 4 sink keys; and times the prompt in
     seconds and each decode step in milliseconds (clock injected: every reading 0.25 s after the last)."""
-    import importlib.util
     import itertools
     import types
 
@@ -257,9 +259,7 @@ def test_sliding_ring_memory_counts_kv_mib_by_layer_kind_and_times_in_ms(monkeyp
 
     from streaming_llm.bench.latency import shape_config
 
-    spec = importlib.util.spec_from_file_location("sliding_ring_memory", ROOT / "experiments" / "sliding_ring_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("sliding_ring_memory")
 
     def two_layers():
         from transformers import Gemma3ForCausalLM
@@ -289,14 +289,10 @@ def test_sliding_ring_memory_counts_kv_mib_by_layer_kind_and_times_in_ms(monkeyp
 
 def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without_output(tmp_path, capsys):
     """Linux's ru_maxrss is in KiB: a peak 2048 KiB above the one before the call is 2.0 MiB (readings injected); without
-    --output only the summary is printed, and a bad --output is
-    refused before the measurement."""
-    import importlib.util
+    --output only the summary is printed, and a bad --output is refused before the measurement."""
     import types
 
-    spec = importlib.util.spec_from_file_location("long_prompt_memory", ROOT / "experiments" / "long_prompt_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("long_prompt_memory")
     readings = iter([1000, 3048])
     fake_resource = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=next(readings)))
     with mock.patch.object(script, "resource", fake_resource):
@@ -313,13 +309,7 @@ def test_experiments_take_their_smallest_options_and_long_prompt_decodes_greedil
     """sliding_ring_memory accepts its smallest run (--prompt-tokens 5: the sinks and one token; --steps 1) and prints
     the record's summary; long_prompt_memory decodes its next tokens greedily (two runs, or two commits, compare them):
     generate() is asked for no sampling and the two tokens it returns are recorded."""
-    import importlib.util
-
-    scripts = {}
-    for name in ("sliding_ring_memory", "long_prompt_memory"):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-        scripts[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(scripts[name])
+    scripts = {name: load_script(name) for name in ("sliding_ring_memory", "long_prompt_memory")}
     record = {"kv_mib_total": 1.0, "kv_mib": {}, "step_ms_median": 2.0, "prompt_s": 3.0, "last_logits_head": [0.5, 0.25, 0.125],
               "commit": "abc"}
     with mock.patch.object(scripts["sliding_ring_memory"], "measure", return_value=record) as measure:
