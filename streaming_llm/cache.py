@@ -444,7 +444,7 @@ class RingLayer(StreamingLayer):
         is at most window_size + 1 (`sliding_ring_size`), else sinks + a ring of window_size + 1."""
         batch, kv_heads, _, head_dim = self.keys.shape
         sliding = sliding_ring_size(self.policy.window_size, sliding_window)
-        sinks, ring = ring_layout(self.policy.n_sink, self.policy.window_size, sliding)
+        sinks, ring = ring_layout(self.policy.n_sink, self.policy.window_size, sliding_window)
         self.adopt(self.keys.new_zeros(batch, kv_heads, sinks + ring, head_dim),
                    self.values.new_zeros(batch, kv_heads, sinks + ring, self.values.shape[-1]),
                    self.keys.new_zeros(batch, kv_heads, sinks, head_dim), sliding)

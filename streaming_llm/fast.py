@@ -295,8 +295,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         kv_heads, head_dim = shape.kv_heads, shape.head_dim
         batch = self._batch_size
         # Layers whose window is at most window_size + 1 keep a ring of their last `window` tokens (RingLayer.sliding).
-        self._rings = [sliding_ring_size(self.window_size, window) for window in sliding_windows(self.model.config)]
-        layouts = [ring_layout(self.n_sink, self.window_size, ring) for ring in self._rings]
+        windows = sliding_windows(self.model.config)
+        self._rings = [sliding_ring_size(self.window_size, window) for window in windows]
+        layouts = [ring_layout(self.n_sink, self.window_size, window) for window in windows]
         # One tensor per layer, each its own allocation (as transformers' StaticCache): a CUDA graph may mutate a
         # static input in place, but not a view of one, which would be a different input aliasing it. A sliding ring
         # has as many slots as its window and no sinks.
