@@ -133,6 +133,11 @@ def test_a_sliding_layer_within_its_window_stores_only_that_window(model_type, p
     assert [keys.shape[-2] for keys in static.keys] == expected_slots  # the buffers the compiled step writes
 
 
+def held_bytes(tensors) -> int:
+    """Bytes of these tensors' elements: what a cache's buffers take."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 @pytest.mark.parametrize("model_type, window_size, streaming_mode", [
     ("llama", 14, "ours"), ("llama", 14, "mit"), ("gemma3_text", 7, "ours"), ("gemma3_text", 6, "ours"),
     ("gpt_oss", 14, "ours"), ("gpt_oss", 14, "mit")])
@@ -143,10 +148,6 @@ def test_kv_cache_bytes_is_what_a_full_cache_holds(model_type, window_size, stre
     model = build_llama_family(model_type) if model_type == "llama" else build(model_type)
     input_ids = random_ids(LENGTH, seed=36)
     expected = kv_cache_bytes(model.config, 2, window_size, streaming_mode)
-
-    def held_bytes(tensors):
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-
     general = make_wrapper(model, 2, window_size, streaming_mode=streaming_mode)
     general(input_ids[None])
     names = ("keys", "values") if streaming_mode == "mit" else ("keys", "values", "sink_keys")
@@ -182,7 +183,7 @@ def test_kv_cache_bytes_counts_every_stream_of_a_batch_in_the_models_dtype():
     model = build("gemma3_text").to(torch.bfloat16)
     fast = FastStreamingWrapper(model, 2, 7, compile="never")
     fast.reset(batch_size=3)
-    held = sum(tensor.numel() * tensor.element_size() for tensor in (*fast.keys, *fast.values, *fast.sink_keys))
+    held = held_bytes((*fast.keys, *fast.values, *fast.sink_keys))
     assert held == kv_cache_bytes(model.config, 2, 7, dtype=torch.bfloat16, batch_size=3)
     assert held == 3 * kv_cache_bytes(model.config, 2, 7) // 2  # float32 -> bfloat16 halves each slot
 

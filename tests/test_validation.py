@@ -423,8 +423,6 @@ def test_prepare_model_refuses_a_config_that_names_another_number_of_layers():
     without its config (2 named, 1 left) is refused, saying so, not matched up short."""
     from streaming_llm import prepare_model
 
-    from tiny_models import build_llama
-
     model = build_llama()
     model.model.layers = model.model.layers[:1]
     with pytest.raises(ValueError, match="llama model has 1 attention layers where its config names 2"):
