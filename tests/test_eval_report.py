@@ -115,6 +115,22 @@ def test_the_smallest_well_formed_results_are_read(tmp_path):
     assert read_result(path)[0]["extra"] == {"sampled_steps": [0, 7], "cpu_s": None}
 
 
+def test_a_result_with_no_predictions_has_no_sampled_steps(tmp_path):
+    """A stream of one token makes no predictions, so no step of it can have been sampled: step 0 there is refused
+    (it was accepted, as if the stream had one prediction)."""
+    from streaming_llm.eval.results import read_result
+
+    path = _result(tmp_path, "one", [1.0])
+    path.with_name("one.nlls.npy").unlink()
+    record = json.loads(path.read_text()) | {"num_tokens": 1, "num_predictions": 0, "extra": {"sampled_steps": [0]}}
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError) as error:
+        read_result(path)
+    assert str(error.value) == f"{path}: not a result file (extra.sampled_steps is [0], not a list of steps below 0)"
+    path.write_text(json.dumps(record | {"extra": {"sampled_steps": []}}))
+    assert read_result(path)[0]["extra"] == {"sampled_steps": []}
+
+
 def test_a_result_without_speed_fields_gets_dashes(tmp_path):
     """tokens_per_s and wall_s are not among the fields every result must hold: a record without them is a row
     with "–" there (it was a KeyError)."""

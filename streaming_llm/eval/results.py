@@ -186,7 +186,7 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     if extra.get("cpu_s") is not None and not is_number(extra["cpu_s"]):
         raise refuse(f"extra.cpu_s is {shown(extra['cpu_s'])}, not a number")
     steps = extra.get("sampled_steps")
-    if steps is not None and not (isinstance(steps, list) and all(is_int(step) and 0 <= step < max(expected, 1) for step in steps)):
+    if steps is not None and not (isinstance(steps, list) and all(is_int(step) and 0 <= step < expected for step in steps)):
         raise refuse(f"extra.sampled_steps is {shown(steps)}, not a list of steps below {expected}")
     if nlls is None:
         return
