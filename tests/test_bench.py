@@ -136,6 +136,7 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
 
     from streaming_llm.bench.profile import _without_profiler_notices
 
+    open_before = sorted(os.listdir("/proc/self/fd"))
     with _without_profiler_notices():
         os.write(2, b"USDT:2026-11-27 02:34:43 21903:21903 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
                     b"INFO:2026-11-27 02:34:56 21973:21973 init.cpp:148] Registering daemon config loader\n"
@@ -144,6 +145,8 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     os.write(2, b"after\n")
     # (under capfd, print() reaches pytest's sys.stderr directly, before the captured lines are written back)
     assert sorted(capfd.readouterr().err.splitlines()) == ["USDT: a line of someone else", "after", "also kept", "warning: kept"]
+    # the saved stderr and the capture file are closed: a profile leaves no file handle behind
+    assert sorted(os.listdir("/proc/self/fd")) == open_before
 
 
 @pytest.mark.parametrize("argv, fragment", [
