@@ -21,13 +21,15 @@ from streaming_llm.cli_common import validate_common_args
 
 
 def int_list(option: str, spec: str, low: int, high: int | None = None, bound: str = "") -> list[int]:
-    """The comma-separated integers of `spec` (empty items skipped); ValueError naming `option` and the bad item
-    unless each is an integer from `low` to `high` (`bound` says what `high` stands for)."""
+    """The comma-separated integers of `spec` (empty items skipped: "" asks for none); ValueError naming `option`
+    and the bad item unless each is an integer from `low` to `high` (`bound` says what `high` stands for), given once."""
     allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}{bound}"
     values = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         if not (item.isascii() and item.isdigit()) or int(item) < low or (high is not None and int(item) > high):
             raise ValueError(f"{option} {spec}: {item!r} is not {allowed}")
+        if int(item) in values:  # the same row measured twice, minutes each
+            raise ValueError(f"{option} {spec}: {int(item)} is given more than once")
         values.append(int(item))
     return values
 

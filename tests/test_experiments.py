@@ -137,6 +137,8 @@ def experiment(monkeypatch):
     (["--strides", "8,0"], "--strides 8,0: '0' is not an integer from 1 to 20"),
     (["--chunk-sizes", "8,abc"], "--chunk-sizes 8,abc: 'abc' is not an integer >= 1"),
     (["--chunk-sizes", "-4"], "--chunk-sizes -4: '-4' is not an integer >= 1"),
+    (["--chunk-sizes", "8,16,08"], "--chunk-sizes 8,16,08: 8 is given more than once"),
+    (["--strides", "4, 4"], "--strides 4, 4: 4 is given more than once"),
 ])
 def test_chunked_eval_checks_chunk_sizes_and_strides_before_loading(experiment, options, message):
     """--strides beyond the capacity was refused minutes later (after the model and the reference), --chunk-sizes
