@@ -38,7 +38,9 @@ def common_parent() -> argparse.ArgumentParser:
         help=(
             "the model: omit (or 'embedded') for the embedded SmolLM2-135M-Instruct (GGUF, no download); a Hugging "
             "Face hub id such as EleutherAI/pythia-70m (needs network or a local HF cache); a local model folder; "
-            "or a .gguf file. Supported: Llama-family and GPT-NeoX RoPE decoder-only models"
+            "or a .gguf file. Supported: RoPE decoder-only models of the Llama, Mistral, Qwen, Gemma, Phi, OLMo, "
+            "Granite, Cohere, GLM, GPT-NeoX families and more (README, 'Supported models'; `info` names the model's "
+            "type and refuses one it cannot stream)"
         ),
     )
     model.add_argument(

@@ -77,22 +77,25 @@ def resolve_device(device: str | torch.device | None) -> str:
 def _quiet_transformers():
     """Silence transformers' per-tensor progress bars and warnings while loading.
 
-    The GGUF converter uses its own module-level tqdm, which `disable_progress_bar` does not reach.
+    The GGUF converter uses its own module-level tqdm, which `disable_progress_bar` does not reach. On exit the
+    previous state comes back, not "bars on": load_model reads the embedded tokenizer inside its own silence, and the
+    inner exit turned the bars back on for the model's weights (~78 kB of bars on stderr, --quiet or not).
     """
     from tqdm.auto import tqdm
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars, converter_tqdm = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     gguf_utils.tqdm = lambda iterable, **kwargs: tqdm(iterable, disable=True, **kwargs)
     try:
         yield
     finally:
-        gguf_utils.tqdm = tqdm
+        gguf_utils.tqdm = converter_tqdm
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(

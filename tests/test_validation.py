@@ -215,6 +215,33 @@ def test_a_truncated_gguf_file_is_named_as_such(tmp_path, size):
         assert _gguf_damage(gguf) is None  # the whole file reads
 
 
+def test_loading_silence_nests_and_gives_back_the_state_it_found(capfd):
+    """load_model reads the embedded tokenizer inside its own silence of transformers' bars; the inner exit used to
+    turn the bars on for the model's weights (~78 kB of GGUF and weight bars on stderr, --quiet or not). Each exit
+    now restores the state its entry found, bars off included."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from streaming_llm.loading import _quiet_transformers
+
+    converter_tqdm = gguf_utils.tqdm
+    hf_logging.enable_progress_bar()  # transformers' default
+    with _quiet_transformers():
+        with _quiet_transformers():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+        assert sum(gguf_utils.tqdm(range(3), desc="converting")) == 3
+    assert "converting" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() and gguf_utils.tqdm is converter_tqdm
+    hf_logging.disable_progress_bar()
+    try:
+        with _quiet_transformers():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_unavailable_devices_are_clear_errors(monkeypatch):
     import torch
 
