@@ -1,11 +1,13 @@
 """The CPU block path's fused attention (window keys through the flash kernel, sink columns merged in through its
-log-sum-exp) against an explicit float64 softmax over SEMANTICS.md's visible keys."""
+log-sum-exp) against an explicit float64 softmax over SEMANTICS.md's visible keys (listed by the naive reference,
+not by the package's mask)."""
 
 import pytest
 import torch
+from reference import visible_keys
 
 from streaming_llm.cache import RingLayer
-from streaming_llm.positions import PositionPolicy, visible
+from streaming_llm.positions import PositionPolicy
 
 N_SINK, WINDOW_SIZE, HEADS, KV_HEADS, DIM = 2, 6, 4, 2, 8
 
@@ -16,7 +18,8 @@ def explicit_attention(query_window, query_sink, keys, values, positions, new_po
     keys, values = keys.double().repeat_interleave(groups, 1), values.double().repeat_interleave(groups, 1)
     is_sink = ((positions >= 0) & (positions < N_SINK))[None, None, None, :]
     scores = torch.where(is_sink, query_sink.double() @ keys.transpose(-1, -2), query_window.double() @ keys.transpose(-1, -2))
-    seen = visible(new_positions, positions, N_SINK, WINDOW_SIZE)
+    seen = torch.tensor([[p in visible_keys(t, N_SINK, WINDOW_SIZE) for p in positions.tolist()]
+                         for t in new_positions.tolist()])
     scores = (scores * scaling).masked_fill(~seen, float("-inf"))
     return torch.softmax(scores, dim=-1) @ values
 
