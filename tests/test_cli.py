@@ -210,6 +210,20 @@ def test_interactive_chat_commands(model_dir, capsys, monkeypatch):
     assert "unknown command /nonsense" in out
 
 
+def test_interactive_chat_on_a_terminal_prompts_and_ends_on_ctrl_d(model_dir, capsys, monkeypatch):
+    """On a terminal (stdin.isatty(): never under pytest or in CI, so every other chat test took the piped branch) a
+    line is read with input("> "), echoed by the terminal and not again; Ctrl-D (EOF) ends the chat on a new line."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("Hello there\n/stats\n"))
+    status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "8")
+    assert status == 0, err
+    assert out.startswith("> ") and "> Hello there" not in out  # piped input is echoed as "> Hello there"
+    assert "\n\n> [stats] 1 turns" in out and out.endswith("> \n")  # each line prompted; the EOF's newline
+
+
 def test_interactive_chat_json_is_one_object_per_line(model_dir, capsys, monkeypatch):
     """With --json, stdout is JSON lines: one object per answer and per /stats (it mixed the echoed input and the
     answer text with the JSON /stats lines); an unknown command goes to stderr."""
