@@ -86,7 +86,26 @@ def test_generate_2000_tokens_keeps_the_cache_at_capacity(model_dir, capsys):
         "--max-new-tokens", "2000", "--ignore-eos", "--stats", "--json",
     )
     assert status == 0, err
-    check_long_generation(json.loads(out), 2000)
+    stats = json.loads(out)
+    check_long_generation(stats, 2000)
+    assert 100 < stats["peak_rss_mib"] < 100_000  # this process, torch loaded: MiB, not KiB or bytes
+
+
+def test_peak_rss_is_in_mib_on_linux_and_on_macos(monkeypatch):
+    """ru_maxrss is in KiB on Linux and in bytes on macOS (a branch CI, on Linux, never took); peak_rss_mib of
+    generate and chat is MiB on both, and None without the resource module."""
+    import resource
+    import types
+
+    from streaming_llm.cli_common import peak_memory_mb
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3 * 2**20))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert peak_memory_mb() == 3 * 1024
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert peak_memory_mb() == 3.0
+    monkeypatch.setitem(sys.modules, "resource", None)  # no such module (Windows): import fails
+    assert peak_memory_mb() is None
 
 
 def test_generate_subprocess_2000_tokens_reports_cache_length(model_dir):
