@@ -255,11 +255,14 @@ def test_unavailable_devices_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="'cuda:1' requested but there are only 1 CUDA devices"):
         resolve_device("cuda:1")
     assert resolve_device("cuda:0") == "cuda:0"
+    assert resolve_device("auto") == resolve_device(None) == "cuda"  # the GPU when there is one (never so in CI)
     # a torch.device as its name (AttributeError: no attribute 'startswith' before), torch's "cpu:0" as cpu
     assert resolve_device(torch.device("cuda", 0)) == "cuda:0"
     with pytest.raises(ValueError, match="'cuda:1' requested"):
         resolve_device(torch.device("cuda", 1))
     assert resolve_device(torch.device("cpu")) == resolve_device("cpu:0") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == "cpu"
     with pytest.raises(ValueError, match="device must be cpu, cuda.*got int 0"):
         resolve_device(0)
 
