@@ -176,3 +176,74 @@ def test_ratios_divide_each_median_by_the_baselines_at_the_same_capacity():
     assert "vs static" in lines[0] and "vs compiled" not in lines[0]
     assert lines[2].split() == ["mit", "16", "3.00", "2.50", "3.50", "1.50x", "2.0"]
     assert lines[3].split() == ["mit", "32", "5.00", "4.00", "6.00", "2.0"]
+
+
+class _FakeCuda:
+    """torch.cuda as the CUDA-only readings use it, on a machine without CUDA (CI). `work` counts the device work
+    queued so far (decode steps, copies); an event records it, and the time between two events is 2 ms per unit of
+    work in between. The allocator holds 1000 bytes; its peak starts at a stale 5000, and a step raises it to 1500."""
+
+    def __init__(self):
+        self.work, self.allocated, self.peak, self.calls = 0, 1000, 5000, []
+        cuda = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.work = None
+
+            def record(self):
+                self.work = cuda.work
+
+            def elapsed_time(self, end):
+                return 2.0 * (end.work - self.work)
+
+        self.Event = Event
+
+    def synchronize(self):
+        self.calls.append("synchronize")
+
+    def memory_allocated(self):
+        return self.allocated
+
+    def reset_peak_memory_stats(self):
+        self.peak = self.allocated
+
+    def max_memory_allocated(self):
+        return self.peak
+
+    def empty_cache(self):
+        self.calls.append("empty_cache")
+
+
+def test_the_cuda_only_readings_and_their_units(monkeypatch):
+    """queued_step_ms (ms per queued step), step_peak_bytes (what one step allocates above what is held) and
+    measure_copy_bandwidth (bytes read + written per second, warm-up copy untimed) run on CUDA only, so no test
+    ever ran them in CI: dropping the `/ steps`, the `- held` or the factor 2 passed every test. torch.cuda is faked."""
+    cuda = _FakeCuda()
+
+    class Buffer:
+        def copy_(self, source):
+            cuda.work += 1
+
+    fake_torch = types.SimpleNamespace(device=torch.device, uint8=torch.uint8, cuda=cuda,
+                                       empty=lambda size, dtype, device: Buffer(), empty_like=lambda source: Buffer())
+    monkeypatch.setattr(latency, "torch", fake_torch)
+
+    class Decoder:
+        steps = 0
+
+        def step(self):
+            self.steps += 1
+            cuda.work += 1
+            cuda.peak = max(cuda.peak, cuda.allocated + 500)
+
+    decoder = Decoder()
+    assert latency.queued_step_ms(decoder, "cuda:0", 4) == 2.0 and decoder.steps == 4
+    assert latency.step_peak_bytes(decoder, "cuda") == 500 and decoder.steps == 5
+    assert latency.measure_copy_bandwidth("cuda", size_bytes=3 * 2**20, repeats=5) == 2 * 3 * 2**20 * 5 / (2.0 * 5 / 1000)
+    assert cuda.work == 5 + 1 + 5 and cuda.calls[-1] == "empty_cache"
+    for reading in (lambda: latency.queued_step_ms(decoder, "cpu", 4), lambda: latency.step_peak_bytes(decoder, "cpu"),
+                    lambda: latency.measure_copy_bandwidth("cpu")):
+        assert reading() is None
+    assert decoder.steps == 5
