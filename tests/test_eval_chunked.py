@@ -76,6 +76,30 @@ def test_larger_chunks_see_more_than_the_decode_loop(model):
     assert deviation(chunked, _decode(model, "streaming_pos_shift", ids, 2, 7))["max_abs_delta_nll"] > 1e-3
 
 
+@pytest.mark.parametrize("chunk_size", [5, 12])
+def test_chunks_equal_the_naive_reference_of_the_chunked_protocol(model, chunk_size, monkeypatch):
+    """Past the first chunk, chunks of several tokens were only checked to differ from the decode loop: a re-rotation
+    by -1 (right when one token leaves per step, as with chunks of one) passed. The naive reference
+    (tests/reference.py) with the protocol's visible keys: a chunk starting at s sees the first n_sink and the last
+    window_size tokens before s (all of them while they fit) and the chunk's own tokens up to t, at cache slots."""
+    import reference
+
+    n_sink, window_size = 2, 7
+
+    def chunked_visible_keys(t, n_sink, window_size):
+        start = t - t % chunk_size
+        kept = list(range(start)) if start <= n_sink + window_size else [
+            *range(n_sink), *range(start - window_size, start)]
+        return kept + list(range(start, t + 1))
+
+    ids = random_ids(36, seed=12)
+    monkeypatch.setattr(reference, "visible_keys", chunked_visible_keys)
+    logits = reference.naive_streaming_logits(model, ids, n_sink, window_size, "pos_shift")
+    expected = torch.nn.functional.cross_entropy(logits[:-1].double(), ids[1:], reduction="none")
+    chunked = chunked_streaming_perplexity(model, ids[None], n_sink, window_size, chunk_size=chunk_size).nlls
+    assert (chunked - expected).abs().max().item() <= TOLERANCE
+
+
 def test_stride_one_with_capacity_plus_one_is_recompute(llama_model):
     ids = random_ids(30, seed=10)[None]
     strided = strided_window_perplexity(llama_model, ids, context_size=2 + 6 + 1, stride=1).nlls
