@@ -107,6 +107,25 @@ def test_stride_one_with_capacity_plus_one_is_recompute(llama_model):
     assert deviation(strided, recompute)["max_abs_delta_nll"] <= TOLERANCE
 
 
+@pytest.mark.parametrize("context_size, stride", [(8, 3), (7, 5)])
+def test_overlapping_strides_score_each_token_from_its_blocks_window(llama_model, context_size, stride):
+    """1 < stride < context_size (windows that overlap, the baseline's usual setting), against the definition token by
+    token: prediction t, in the block of `stride` predictions ending at e, is made by the dense model from a fresh
+    window of tokens max(0, e - context_size)..t at positions 0.. (only stride 1 and stride = context_size had tests:
+    a last, shorter block whose window started at start + stride - context_size, too late, passed them)."""
+    ids = random_ids(26, seed=15)[None]
+    steps = ids.shape[1] - 1
+    strided = strided_window_perplexity(llama_model, ids, context_size=context_size, stride=stride).nlls
+    expected = torch.empty(steps, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(steps):
+            end = min((t // stride + 1) * stride, steps)
+            window = ids[:, max(0, end - context_size) : t + 1]
+            logits = llama_model(window, use_cache=False).logits[0, -1].double()
+            expected[t] = torch.nn.functional.cross_entropy(logits[None], ids[0, t + 1 : t + 2])
+    assert deviation(strided, expected)["max_abs_delta_nll"] <= TOLERANCE
+
+
 def test_bad_chunk_and_stride_are_clear_errors(llama_model):
     ids = random_ids(10, seed=11)[None]
     with pytest.raises(ValueError, match="chunk_size"):
