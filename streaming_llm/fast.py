@@ -245,8 +245,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     compiles on any device (captured on CUDA); "never" runs it eagerly. `step_kind` says which. decode_attention:
     see `decode_attention`; "auto" picks the formulation measured fastest on the device type.
     Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
-    `step(token_ids)` is the unchecked hot path for loops that produce their own tokens ([batch, 1] on the
-    model's device); calling the wrapper validates its input as StreamingLLMWrapper does.
+    `step(token_ids)` is the hot path for loops that produce their own tokens ([batch, 1] on the model's device):
+    of its input it checks the batch size only (a new stream takes it, a stream under way refuses another); calling
+    the wrapper validates its input as StreamingLLMWrapper does.
     """
 
     def __init__(self, model: nn.Module, n_sink: int = 4, window_size: int = 1020, position_mode: str = "pos_shift",
@@ -375,13 +376,17 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._follow_cache()
         if written_outside_inference_mode(self.keys[0]):
             self._leave_inference_mode()
-        if input_ids.shape[0] != self._batch_size:
-            if self.seen:
-                raise ValueError(f"this stream holds a batch of {self._batch_size}; got {input_ids.shape[0]} (reset it first)")
-            self.reset(input_ids.shape[0])
+        self._take_batch(input_ids.shape[0])
         if input_ids.shape[1] == 1 and self.seen >= self.n_sink:
             return self.step(input_ids)
         return self._feed_general(input_ids)
+
+    def _take_batch(self, batch: int) -> None:
+        """A new stream takes the batch size it is given (new buffers); a stream under way refuses another one."""
+        if batch != self._batch_size:
+            if self.seen:
+                raise ValueError(f"this stream holds a batch of {self._batch_size}; got {batch} (reset it first)")
+            self.reset(batch)
 
     def _feed_general(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Blocks and the first n_sink tokens: the general path of cache.py on the same buffers."""
@@ -397,6 +402,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
         self._follow_cache()
+        self._take_batch(token_ids.shape[0])
         if self.seen < self.n_sink:
             return self._feed_general(token_ids)
         filling = self.seen < self.n_sink + self.window_size  # some slot is still empty

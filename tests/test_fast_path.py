@@ -163,6 +163,21 @@ def test_batch_of_streams(llama_model):
         fast(random_ids(1, seed=44, batch=3))
 
 
+@pytest.mark.parametrize("n_sink", [0, N_SINK])
+def test_step_takes_a_new_streams_batch_size_and_refuses_another_under_way(llama_model, n_sink):
+    """step() on a fresh wrapper with a batch of 2 starts a stream of 2, as calling the wrapper does; once it is under
+    way, another batch size is refused in one sentence. With n_sink = 0 the first token is a static step, and a
+    batch the buffers did not have failed inside torch's index_copy_ (found by differential fuzzing)."""
+    input_ids = random_ids(12, seed=47, batch=2)
+    general = feed_stream(make_wrapper(llama_model, n_sink, WINDOW_SIZE), input_ids)
+    fast = make_fast(llama_model, n_sink=n_sink)
+    stepped = torch.cat([fast.step(input_ids[:, t : t + 1]) for t in range(12)], dim=1)
+    assert max_abs_diff(stepped, general) <= TOLERANCE
+    with pytest.raises(ValueError) as error:
+        fast.step(input_ids[:1, :1])
+    assert str(error.value) == "this stream holds a batch of 2; got 1 (reset it first)"
+
+
 def test_reset_starts_a_new_stream_on_the_same_buffers(llama_model):
     """reset() zeroes the buffers in place, so the step functions (compiled graphs hold the buffers' addresses)
     are kept; a new batch size allocates new buffers and drops them."""
