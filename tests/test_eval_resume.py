@@ -46,9 +46,12 @@ def test_resume_after_interruption_gives_the_same_numbers(llama_model, tmp_path,
     files = sorted(p.name for p in (tmp_path / "cut").iterdir())
     assert len(files) == 1 and files[0].endswith(CHECKPOINT_SUFFIX), files  # a checkpoint, no result
 
-    resumed = _run(llama_model, tmp_path / "cut", method)
+    scored_blocks = []
+    resumed = _run(llama_model, tmp_path / "cut", method, on_block=lambda end, nlls: scored_blocks.append(end))
     record, nlls = read_result(resumed.json_path)
     assert record["resumed_from_step"] in (64, 72) and not resumed.skipped
+    # the checkpoint's steps are replayed, not scored again: the first block scored ends past the resume point
+    assert scored_blocks and min(scored_blocks) > record["resumed_from_step"], scored_blocks
     assert np.array_equal(nlls, expected_nlls)  # bit for bit: the same blocks were replayed
     assert record["perplexity"] == uninterrupted.record["perplexity"]
     assert not any(p.name.endswith(CHECKPOINT_SUFFIX) for p in (tmp_path / "cut").iterdir())
@@ -67,8 +70,12 @@ def test_resume_only_at_a_block_boundary(llama_model, capsys):
     input_ids = random_ids(40, seed=12)[None]
     wrapper = make_wrapper(llama_model, 2, 10)
     whole = compute_perplexity(wrapper, input_ids, block_size=8)
-    resumed = compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=whole.nlls[:16])
-    assert np.array_equal(resumed.nlls.numpy(), whole.nlls.numpy())
+    # The checkpoint's NLLs are taken as given (marked here by + 100, which no rescoring reproduces), and the
+    # steps after them scored on the replayed cache equal the uninterrupted run's.
+    marked = whole.nlls[:16] + 100.0
+    resumed = compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=marked)
+    assert np.array_equal(resumed.nlls[:16].numpy(), marked.numpy())
+    assert np.array_equal(resumed.nlls[16:].numpy(), whole.nlls[16:].numpy())
     for first in (12, 40):  # inside a block; past the 39 steps of the stream
         with pytest.raises(ValueError, match=f"cannot resume at step {first}"):
             compute_perplexity(wrapper, input_ids, block_size=8, resume_nlls=whole.nlls.new_zeros(first))
