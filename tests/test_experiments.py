@@ -289,11 +289,13 @@ def test_sliding_ring_memory_counts_kv_mib_by_layer_kind_and_times_in_ms(monkeyp
     assert len(record["last_logits_head"]) == 8 and record["step_kind"] == "eager"
 
 
-def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without_output(tmp_path, capsys):
+def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without_output(tmp_path, capsys, monkeypatch):
     """Linux's ru_maxrss is in KiB: a peak 2048 KiB above the one before the call is 2.0 MiB (readings injected); without
-    --output only the summary is printed, and a bad --output is refused before the measurement."""
+    --output only the summary is printed (run from tmp_path: a file written to a default relative path would land
+    there), and a bad --output is refused before the measurement."""
     import types
 
+    monkeypatch.chdir(tmp_path)
     script = load_script("long_prompt_memory")
     readings = iter([1000, 3048])
     fake_resource = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=next(readings)))
