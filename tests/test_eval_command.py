@@ -171,6 +171,11 @@ def test_eval_refuses_results_and_checkpoints_of_another_model_with_the_same_nam
     assert_one_line_error(status, err, "was made with another model of the same name")
     status, out, _ = run_main(capsys, *argv, "--model", str(twin_dir))
     assert status == 0 and results_of(out)["streaming_pos_shift"]["resumed_from_step"] == 64
+    # the checkpoint's 64 NLLs (all 2.0 here) are kept, not scored again; the steps after them are scored
+    from streaming_llm.eval.results import read_result
+
+    nlls = read_result(json_path)[1]
+    assert (nlls[:64] == 2.0).all() and not (nlls[64:] == 2.0).any()
 
 
 def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, capsys):
