@@ -378,7 +378,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             self._leave_inference_mode()
         self._take_batch(input_ids.shape[0])
         if input_ids.shape[1] == 1 and self.seen >= self.n_sink:
-            return self.step(input_ids)
+            return self._static_token(input_ids)
         return self._feed_general(input_ids)
 
     def _take_batch(self, batch: int) -> None:
@@ -405,6 +405,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._take_batch(token_ids.shape[0])
         if self.seen < self.n_sink:
             return self._feed_general(token_ids)
+        return self._static_token(token_ids)
+
+    def _static_token(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token t >= n_sink of every stream through the static step, once the stream is taken up (_follow_cache)
+        and its batch size checked (_take_batch): by step(), or by _feed for a call with one token."""
         filling = self.seen < self.n_sink + self.window_size  # some slot is still empty
         # The model runs the static attention for this step only, so that the model keeps working with a plain
         # StreamingKVCache in between (set on the config directly: set_attn_implementation walks every module).
