@@ -43,7 +43,8 @@ warnings.filterwarnings("ignore")
 
 from reference import naive_streaming_logits  # noqa: E402
 from tiny_models import (VOCAB_SIZE, build_gemma3_multimodal, build_gpt_neox, build_llama,  # noqa: E402
-                         build_llama_family, check_stored_frame)
+                         build_llama_family)
+from tiny_models import check_bookkeeping as check_cache  # noqa: E402
 
 from streaming_llm import StreamingLLMWrapper  # noqa: E402
 from streaming_llm import cache as cache_module  # noqa: E402
@@ -242,34 +243,23 @@ class Bookkeeping(AssertionError):
 
 
 def check_bookkeeping(wrapper, seen: int, where: str) -> None:
+    """The tests' bookkeeping checks (tiny_models.check_bookkeeping, compress of every layer), the positions kept
+    (SEMANTICS §1) and finite compressed keys and values; a failure is a Bookkeeping outcome."""
     cache = wrapper.cache
-    capacity = wrapper.n_sink + wrapper.window_size
-
-    def need(condition, message):
-        if not condition:
-            raise Bookkeeping(f"{where}: {message}")
-
-    need(cache.get_seq_length() == seen, f"get_seq_length {cache.get_seq_length()} != {seen}")
-    need(cache.get_cache_length() == min(seen, capacity), f"get_cache_length {cache.get_cache_length()} != "
-                                                          f"{min(seen, capacity)}")
     try:
-        check_stored_frame(cache)
+        check_cache(cache, seen, compressed_layers=None)
     except AssertionError as error:
-        raise Bookkeeping(f"{where}: stored frame {error!r}")
+        raise Bookkeeping(f"{where}: {error!r}") from None
     n_sink, window = wrapper.n_sink, wrapper.window_size
     expected_kept = list(range(min(n_sink, seen))) + list(range(max(n_sink, seen - window), seen))
     kept = cache.kept_positions()
     kept_list = kept.tolist() if kept.dim() == 1 else kept[0].tolist()
-    need(kept_list == expected_kept, f"kept_positions {kept_list} != {expected_kept}")
-    for index, layer in enumerate(cache.layers):
-        sliding = getattr(layer, "sliding", None)
-        held = min(seen, capacity if sliding is None else sliding - 1)
-        need(cache.get_cache_length(index) == held, f"layer {index} get_cache_length "
-                                                    f"{cache.get_cache_length(index)} != {held}")
+    if kept_list != expected_kept:
+        raise Bookkeeping(f"{where}: kept_positions {kept_list} != {expected_kept}")
+    for index in range(len(cache.layers)):
         keys, values = cache.compress(index)
-        need(keys.shape[-2] == values.shape[-2] == held, f"layer {index} compress {tuple(keys.shape)} "
-                                                         f"{tuple(values.shape)} != {held} tokens")
-        need(bool(torch.isfinite(keys).all() and torch.isfinite(values).all()), f"layer {index} compress not finite")
+        if not bool(torch.isfinite(keys).all() and torch.isfinite(values).all()):
+            raise Bookkeeping(f"{where}: layer {index} compress not finite")
 
 
 def check_compress_layer0(wrapper, model, ids):
@@ -318,7 +308,7 @@ def feed_blocks(wrapper, ids, blocks, step_mode=None):
             logits = wrapper.step(piece)
         else:
             logits = wrapper(piece)
-        if tuple(logits.shape) != (ids.shape[0], size, VOCAB_SIZE) and logits.shape[-1] != VOCAB_SIZE:
+        if tuple(logits.shape) != (ids.shape[0], size, VOCAB_SIZE):
             raise Bookkeeping(f"logits shape {tuple(logits.shape)}")
         seen += size
         check_bookkeeping(wrapper, seen, f"after {seen} tokens")

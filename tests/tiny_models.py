@@ -211,31 +211,37 @@ def block_sizes_covering(length: int, pattern: list[int]) -> list[int]:
 def feed_stream(wrapper, input_ids: torch.Tensor, block_sizes: list[int] | None = None) -> torch.Tensor:
     """Feed `input_ids` [T] or [batch, T] through `wrapper` in blocks; logits [T, vocab] or [batch, T, vocab].
 
-    After every call checks the cache bookkeeping: get_seq_length() == tokens seen,
-    get_cache_length() == min(seen, cache_capacity) (per layer: a sliding ring, RingLayer.sliding = W, holds
-    min(seen, W - 1)), compress() returns exactly the held tokens, and where the stored keys sit (check_stored_frame).
+    After every call checks the cache bookkeeping (check_bookkeeping).
     """
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     length = ids.shape[1]
     block_sizes = block_sizes or [1] * length
     assert sum(block_sizes) == length
-    capacity = wrapper.cache.cache_capacity
     logits, seen = [], 0
     for size in block_sizes:
         block_logits = wrapper(ids[:, seen : seen + size])
         assert block_logits.shape == (ids.shape[0], size, VOCAB_SIZE)
         seen += size
-        assert wrapper.cache.get_seq_length() == seen
-        assert wrapper.cache.get_cache_length() == min(seen, capacity), (seen, capacity)
-        check_stored_frame(wrapper.cache)
-        for index, layer in enumerate(wrapper.cache.layers):  # a sliding ring holds what its next token sees
-            held = min(seen, capacity if layer.sliding is None else layer.sliding - 1)
-            assert wrapper.cache.get_cache_length(index) == held, (index, seen, capacity)
-        compressed_keys, compressed_values = wrapper.cache.compress(0)
-        assert compressed_keys.shape[-2] == compressed_values.shape[-2] == wrapper.cache.get_cache_length(0)
+        check_bookkeeping(wrapper.cache, seen)
         logits.append(block_logits.float())
     logits = torch.cat(logits, dim=1)
     return logits if input_ids.dim() == 2 else logits[0]
+
+
+def check_bookkeeping(cache, seen: int, compressed_layers=(0,)) -> None:
+    """A cache that has seen `seen` tokens: get_seq_length() == seen, get_cache_length() == min(seen, capacity) (per
+    layer: a sliding ring, RingLayer.sliding = W, holds min(seen, W - 1)), compress(layer) returns exactly the held
+    tokens for each of `compressed_layers` (None: every layer), and where the stored keys sit (check_stored_frame)."""
+    capacity = cache.cache_capacity
+    assert cache.get_seq_length() == seen
+    assert cache.get_cache_length() == min(seen, capacity), (seen, capacity)
+    check_stored_frame(cache)
+    for index, layer in enumerate(cache.layers):  # a sliding ring holds what its next token sees
+        held = min(seen, capacity if layer.sliding is None else layer.sliding - 1)
+        assert cache.get_cache_length(index) == held, (index, seen, capacity)
+    for index in range(len(cache.layers)) if compressed_layers is None else compressed_layers:
+        compressed_keys, compressed_values = cache.compress(index)
+        assert compressed_keys.shape[-2] == compressed_values.shape[-2] == cache.get_cache_length(index), index
 
 
 def check_stored_frame(cache) -> None:
