@@ -127,7 +127,7 @@ def test_byte_counts(model):
     assert latency.dense_kv_bytes(model, 24) == 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 25 * 4
     numel = sum(parameter.numel() for parameter in model.parameters())
     assert latency.weight_bytes(model) == 4 * numel
-    assert latency._tensor_bytes([torch.zeros(3, dtype=torch.float16), None, 7, torch.zeros(2, 2)]) == 6 + 16
+    assert memory.tensor_bytes([torch.zeros(3, dtype=torch.float16), None, 7, torch.zeros(2, 2)]) == 6 + 16
     layer = types.SimpleNamespace(keys=torch.zeros(2, 3), values=torch.zeros(5, dtype=torch.bfloat16), n_sink=4)
     assert memory.cache_bytes(types.SimpleNamespace(layers=[layer, layer])) == 2 * (24 + 10)
 

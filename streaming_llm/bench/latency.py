@@ -20,7 +20,7 @@ from torch import nn
 
 from streaming_llm.attention import prepare_model
 from streaming_llm.bench import METHODS
-from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
+from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib, tensor_bytes
 from streaming_llm.eval.baselines import RecomputeStepper
 from streaming_llm.models import attention_shape, check_capacity
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -122,10 +122,6 @@ class Decoder:
         return self.capacity
 
 
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 class DenseStaticDecoder(Decoder):
     """transformers' StaticCache holding `capacity` tokens; each timed step attends to capacity + 1 (a hybrid model's
     sliding layers get StaticCache's own sliding layers of `sliding_window` slots, so they attend to fewer)."""
@@ -156,7 +152,7 @@ class DenseStaticDecoder(Decoder):
         check_capacity(self.model.config, self.capacity)
 
     def cache_bytes(self):
-        return _tensor_bytes(t for layer in self.cache.layers for t in (layer.keys, layer.values))
+        return tensor_bytes(t for layer in self.cache.layers for t in (layer.keys, layer.values))
 
 
 class DenseStaticCompiledDecoder(DenseStaticDecoder):
@@ -246,7 +242,7 @@ class FastStreamingDecoder(Decoder):
         self.wrapper.step(self.token)
 
     def cache_bytes(self):
-        return _tensor_bytes((*self.wrapper.keys, *self.wrapper.values, *self.wrapper.sink_keys))
+        return tensor_bytes((*self.wrapper.keys, *self.wrapper.values, *self.wrapper.sink_keys))
 
     def cache_length(self):
         return self.wrapper.cache.get_cache_length()
@@ -285,7 +281,7 @@ class KvpressDecoder(Decoder):
             self.stepper(self.token)
 
     def cache_bytes(self):
-        return _tensor_bytes(t for layer in self.stepper.cache.layers for t in (layer.keys, layer.values))
+        return tensor_bytes(t for layer in self.stepper.cache.layers for t in (layer.keys, layer.values))
 
     def cache_length(self):
         return self.stepper.cache.get_seq_length()

@@ -29,11 +29,11 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def tensor_bytes(objects) -> int:
+    """Bytes of the tensors among `objects` (anything else is skipped)."""
+    return sum(t.numel() * t.element_size() for t in objects if isinstance(t, torch.Tensor))
+
+
 def cache_bytes(cache) -> int:
     """Bytes of every tensor held by the cache's layers (keys, values, sink keys, positions)."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in vars(layer).values():
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return tensor_bytes(value for layer in cache.layers for value in vars(layer).values())
