@@ -496,7 +496,8 @@ class StreamingChat:
         self.sampling = sampling_config(sampling)
         self.max_new_tokens = max_new_tokens
         self.stop = stop_strings(stop)
-        self.stop_token_ids = set(end_of_turn_ids(tokenizer, wrapper.model) if stop_token_ids is None else stop_token_ids)
+        self.stop_token_ids = set(end_of_turn_ids(tokenizer, wrapper.model) if stop_token_ids is None
+                                  else stop_token_id_set(stop_token_ids))
         self.reset()
 
     def reset(self) -> None:

@@ -637,3 +637,20 @@ def test_batch_size_and_length_of_an_empty_and_a_fed_cache():
     wrapper = make_wrapper(build_llama(), 2, 6)
     wrapper(torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert (wrapper.cache.max_batch_size, wrapper.cache.max_cache_len) == (2, 8)
+
+
+def test_chat_takes_stop_token_ids_as_generate_stream_does():
+    """StreamingChat took its stop_token_ids with set(...): one id (as generate_stream takes it) failed with "'int'
+    object is not iterable", and ids that are no token ids were taken, to fail (or never match) at the first turn."""
+    from streaming_llm.generation import StreamingChat
+
+    from tiny_models import tokenizer_of
+
+    tokenizer = tokenizer_of(["[UNK]", "<s>", "hi"])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    wrapper = make_wrapper(build_llama(), 2, 8)
+    assert StreamingChat(wrapper, tokenizer, stop_token_ids=5).stop_token_ids == {5}
+    assert StreamingChat(wrapper, tokenizer, stop_token_ids=[5, 6]).stop_token_ids == {5, 6}
+    for bad in (["x"], 5.0):
+        with pytest.raises(ValueError, match="stop_token_ids must be integer token ids"):
+            StreamingChat(wrapper, tokenizer, stop_token_ids=bad)
