@@ -386,10 +386,12 @@ def stop_token_id_set(stop_token_ids) -> frozenset[int]:
 def stop_strings(stop) -> list[str]:
     """The stop strings: a sequence of non-empty strings, or one string (which is one stop string, not its
     characters)."""
-    stop = [stop] if isinstance(stop, str) else list(stop or ())
-    if not all(isinstance(text, str) and text for text in stop):
+    if stop is None:
+        return []
+    texts = [stop] if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable) else list(stop)
+    if not all(isinstance(text, str) and text for text in texts):
         raise ValueError(f"stop must be a string or a sequence of non-empty strings, got {stop!r}")
-    return stop
+    return texts
 
 
 def sampling_config(sampling) -> SamplingConfig:

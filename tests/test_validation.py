@@ -380,6 +380,10 @@ def test_generation_arguments_are_taken_as_documented_or_refused():
     assert stop_strings("THE END") == ["THE END"] and stop_strings(["a", "b"]) == ["a", "b"] and stop_strings(None) == []
     with pytest.raises(ValueError, match="non-empty strings"):
         stop_strings(["ok", ""])
+    for bad in (5, b"END"):  # "'int' object is not iterable"; bytes were taken as their byte values, "got [69, ...]"
+        with pytest.raises(ValueError, match=f"non-empty strings, got {bad!r}"):
+            stop_strings(bad)
+    assert stop_strings(()) == stop_strings([]) == [] and stop_strings(("a",)) == ["a"]
     assert prompt_token_ids([[5, 6, 7]]).tolist() == [5, 6, 7] and prompt_token_ids(torch.tensor([5, 6])).dtype == torch.long
     with pytest.raises(ValueError, match="one stream"):
         prompt_token_ids(torch.tensor([[1, 2], [3, 4]]))
