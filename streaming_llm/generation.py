@@ -253,6 +253,7 @@ class GenerationStream:
     """
 
     def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress):
+        check_wrapper(wrapper)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         prefill_block_size = check_int("prefill_block_size", prefill_block_size, 1)
         ids = prompt_token_ids(prompt_ids)
@@ -394,6 +395,13 @@ def stop_strings(stop) -> list[str]:
     return texts
 
 
+def check_wrapper(wrapper) -> None:
+    """TypeError for the model itself where a wrapper around it is expected (a model's output is no logits tensor)."""
+    if isinstance(wrapper, torch.nn.Module):
+        raise TypeError(f"wrapper must be a StreamingLLMWrapper (or FastStreamingWrapper) around the model, got the model "
+                        f"itself ({type(wrapper).__name__}): wrap it first, StreamingLLMWrapper(model, n_sink, window_size)")
+
+
 def sampling_config(sampling) -> SamplingConfig:
     if sampling is None:
         return SamplingConfig()
@@ -492,6 +500,7 @@ class StreamingChat:
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; StreamingChat needs an instruct model's tokenizer")
+        check_wrapper(wrapper)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.system_prompt = system_prompt

@@ -658,3 +658,20 @@ def test_chat_takes_stop_token_ids_as_generate_stream_does():
     for bad in (["x"], 5.0):
         with pytest.raises(ValueError, match="stop_token_ids must be integer token ids"):
             StreamingChat(wrapper, tokenizer, stop_token_ids=bad)
+
+
+def test_generation_refuses_the_model_in_place_of_its_wrapper(llama_model):
+    """generate_stream given the model itself fed it and failed indexing its output ("tuple indices must be integers or
+    slices, not tuple", from inside transformers); StreamingChat failed with "'LlamaForCausalLM' object has no attribute
+    'reset'". Both now say what to pass."""
+    from streaming_llm.generation import StreamingChat, generate_stream
+
+    from tiny_models import tokenizer_of
+
+    tokenizer = tokenizer_of(["[UNK]", "<s>", "hi"])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    message = r"wrapper must be a StreamingLLMWrapper .* got the model itself \(LlamaForCausalLM\): wrap it first"
+    with pytest.raises(TypeError, match=message):
+        list(generate_stream(llama_model, tokenizer, [1, 2], max_new_tokens=2))
+    with pytest.raises(TypeError, match=message):
+        StreamingChat(llama_model, tokenizer)
