@@ -12,6 +12,9 @@ import torch
 from streaming_llm.checks import check_int
 
 PastKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+USE_STREAMING_CACHE = ("For a transformers Cache (what model(...) returns), and as past_key_values of model(...) or "
+                       "model.generate(...), use StreamingKVCache(n_sink, window_size, streaming_mode='mit') on a "
+                       "prepare_model(model)")
 
 
 def _slice(x: torch.Tensor, dim: int, start: int, end: int | None) -> torch.Tensor:
@@ -33,7 +36,12 @@ class StartRecentKVCache:
         self.v_seq_dim = check_int("v_seq_dim", v_seq_dim, 0)
 
     def _seq_len(self, past: PastKeyValues) -> int:
-        """The entries every layer holds; ValueError when keys and values (or layers) disagree."""
+        """The entries every layer holds; TypeError for a past of another form (a transformers Cache), ValueError when
+        keys and values (or layers) disagree."""
+        if not isinstance(past, (list, tuple)) or not all(isinstance(layer, (list, tuple)) and len(layer) == 2
+                                                          for layer in past):
+            raise TypeError(f"past_key_values must be a list of (keys, values) per layer, as transformers 4.33 returned "
+                            f"it; got {type(past).__name__}. {USE_STREAMING_CACHE}")
         lengths = {(k.size(self.k_seq_dim), v.size(self.v_seq_dim)) for k, v in past}
         if len(lengths) != 1 or len(set(next(iter(lengths)))) != 1:
             raise ValueError(f"past_key_values must hold as many keys as values in every layer (along k_seq_dim="

@@ -113,3 +113,17 @@ def test_evict_for_space_slices_as_mits_code_does():
                     else:
                         expected = held[0:start_size] + held[seq_len - recent_size + num_coming : seq_len]
                     assert_keeps(cache.evict_for_space(make_past(seq_len), num_coming), expected)
+
+
+def test_a_transformers_cache_is_refused_with_the_way_out():
+    """MIT's recipe, past = kv_cache(outputs.past_key_values), gets a DynamicCache from transformers 5, whose layers
+    iterate as more than (keys, values): it failed with "too many values to unpack (expected 2)"."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.ones(1, 2, 9, 3), torch.ones(1, 2, 9, 3), 0)
+    for cut in (lambda c: c(cache), lambda c: c.evict_for_space(cache, 1), lambda c: c.evict_range(cache, 0, 1)):
+        with pytest.raises(TypeError, match=r"list of \(keys, values\) per layer.* got DynamicCache.*"
+                                            r"StreamingKVCache\(n_sink, window_size, streaming_mode='mit'\)"):
+            cut(StartRecentKVCache(2, 4))
+    assert kept_indices(StartRecentKVCache(2, 4)(tuple(make_past(9)))[0][0], 2) == [0, 1, 5, 6, 7, 8]  # a tuple works
