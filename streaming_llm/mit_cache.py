@@ -35,6 +35,14 @@ class StartRecentKVCache:
         self.k_seq_dim = check_int("k_seq_dim", k_seq_dim, 0)
         self.v_seq_dim = check_int("v_seq_dim", v_seq_dim, 0)
 
+    # What transformers asks first of the past_key_values it is given (model(...) and generate() alike): this is no
+    # Cache, and it says so rather than with an AttributeError from inside transformers.
+    def get_seq_length(self, *args, **kwargs):
+        raise TypeError(f"StartRecentKVCache is MIT's eviction policy for a list of (keys, values), not a transformers "
+                        f"Cache. {USE_STREAMING_CACHE}")
+
+    get_mask_sizes = get_seq_length
+
     def _seq_len(self, past: PastKeyValues) -> int:
         """The entries every layer holds; TypeError for a past of another form (a transformers Cache), ValueError when
         keys and values (or layers) disagree."""

@@ -127,3 +127,25 @@ def test_a_transformers_cache_is_refused_with_the_way_out():
                                             r"StreamingKVCache\(n_sink, window_size, streaming_mode='mit'\)"):
             cut(StartRecentKVCache(2, 4))
     assert kept_indices(StartRecentKVCache(2, 4)(tuple(make_past(9)))[0][0], 2) == [0, 1, 5, 6, 7, 8]  # a tuple works
+
+
+def test_as_past_key_values_it_says_it_is_no_cache():
+    """StartRecentKVCache passed as past_key_values of model(...) or model.generate(...) failed inside transformers
+    with "'StartRecentKVCache' object has no attribute 'get_seq_length'" (or 'get_mask_sizes')."""
+    import copy
+
+    from streaming_llm import prepare_model
+
+    from tiny_models import build_llama, random_ids
+
+    model = build_llama()
+    ids = random_ids(8, seed=3)[None]
+    runs = (lambda model: model(ids, past_key_values=StartRecentKVCache(2, 4)),
+            lambda model: model(ids, past_key_values=StartRecentKVCache(2, 4), cache_position=torch.arange(8)),
+            lambda model: model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=StartRecentKVCache(2, 4),
+                                         max_new_tokens=2, do_sample=False))
+    for model in (model, prepare_model(copy.deepcopy(model))):
+        for run in runs:
+            with pytest.raises(TypeError, match=r"StartRecentKVCache is MIT's eviction policy .* not a transformers "
+                                                r"Cache.*StreamingKVCache\(n_sink, window_size, streaming_mode='mit'\)"):
+                run(model)
