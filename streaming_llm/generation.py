@@ -512,7 +512,8 @@ class StreamingChat:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation and empty the cache."""
+        """Forget the conversation and empty the cache. An answer being iterated ends there, and is not recorded."""
+        self._conversation = object()  # the answer being iterated belongs to the conversation it started in
         self.wrapper.reset()
         self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         self.seen_text = ""  # the conversation text fed to the model so far
@@ -568,6 +569,7 @@ class StreamingChat:
             stop_token_ids=self.stop_token_ids,
         )
         context_ids = feed[-DECODE_CONTEXT_TOKENS:]
+        conversation = self._conversation
         answer_ids: list[int] = []
         answer_text: list[str] = []
         try:
@@ -578,8 +580,10 @@ class StreamingChat:
                 answer_ids.append(piece.token_id)
                 answer_text.append(piece.text)
                 yield piece
+                if self._conversation is not conversation:  # reset() in between: feed nothing more into the new one
+                    return
         finally:
-            if answer_ids:
+            if answer_ids and self._conversation is conversation:
                 self._record_answer(stream, context_ids, answer_ids, "".join(answer_text), len(feed))
 
     def _record_answer(self, stream: GenerationStream, context_ids: list[int], answer_ids: list[int], answer_text: str, fed_tokens: int) -> None:

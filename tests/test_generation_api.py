@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+import warnings
 from pathlib import Path
 from threading import Thread
 
@@ -167,6 +168,26 @@ def test_chat_feeds_each_turn_once_and_matches_the_template(model_dir, end_after
     chat.reset()
     assert wrapper.tokens_seen == 0 and chat.messages == [{"role": "system", "content": "Be brief."}]
     assert isinstance(chat.ask("Again?"), str) and chat.turns == 1
+
+
+def test_chat_reset_during_an_answer_abandons_it(model_dir):
+    """reset() called while an answer was iterated: the answer went on, feeding its tokens into the new, empty cache,
+    and was recorded as the new conversation's first turn (an assistant message and no user one), so the next turn
+    warned that the template "re-formats the last answer" and fed after those stray tokens. It now ends there."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = RecordingWrapper(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), end_id=-1)
+    chat = StreamingChat(wrapper, tokenizer, system_prompt="Be brief.", max_new_tokens=12)
+    answer = chat.send("Hello!")
+    next(answer)
+    chat.reset()
+    assert list(answer) == [] and wrapper.fed == [] and chat.turns == 0 and chat.last_turn is None
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = chat.ask("Hello!")
+    fresh = StreamingChat(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), tokenizer,
+                          system_prompt="Be brief.", max_new_tokens=12)
+    assert again == fresh.ask("Hello!") and chat.messages == fresh.messages
 
 
 def test_generate_stream_stop_rules(model_dir):
