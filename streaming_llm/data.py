@@ -188,9 +188,16 @@ def check_text_holds(text: str, num_tokens: int, option: str = "--num-tokens") -
 
 
 def load_tokens(
-    tokenizer, source: str | Path | None = None, num_tokens: int | None = None, add_bos: bool | None = None
+    tokenizer,
+    source: str | Path | None = None,
+    num_tokens: int | None = None,
+    add_bos: bool | None = None,
+    text: str | None = None,
 ) -> torch.Tensor:
     """Token ids of `source`, LongTensor [1, T] with T = num_tokens (or all of the text).
+
+    `text` (the output of ``load_text(source)``) avoids loading the source a second time, which a pipe
+    (``--data <(cmd)``) cannot give again.
 
     The text is tokenized with ``add_special_tokens=False`` (no EOS or other suffix is ever appended); one BOS
     is prepended when the tokenizer adds one by default (``add_bos=None``: what ``tokenizer(text)`` would put
@@ -203,7 +210,7 @@ def load_tokens(
     """
     if num_tokens is not None:
         num_tokens = check_int("num_tokens", num_tokens, 2, " (one prediction)")
-    text = load_text(source)
+    text = load_text(source) if text is None else text
     prefix_ids = _prefix_ids(tokenizer, add_bos)
     ids = _encode_enough(tokenizer, text, None if num_tokens is None else num_tokens - len(prefix_ids))
     ids = prefix_ids + ids

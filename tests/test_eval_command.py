@@ -4,6 +4,7 @@ with one line (kvpress on GPT-NeoX), not a traceback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -222,6 +223,24 @@ def test_eval_refuses_more_tokens_than_the_text_can_hold_before_loading_the_mode
             "--output-dir", str(tmp_path / "out")]
     status, _, err = run_main(capsys, *argv)
     assert_one_line_error(status, err, "--num-tokens 120: the text holds 72 bytes, and a token takes at least one")
+
+
+def test_eval_reads_a_text_from_a_pipe(model_dir, tmp_path, capsys):
+    """`--data <(cmd)` (a pipe, read once) was read again to tokenize it, after the model was loaded, and refused as
+    "the text is empty"."""
+    import os
+
+    text = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40
+    read_end, write_end = os.pipe()
+    os.write(write_end, text.encode("utf-8"))  # ~3 KB: fits the pipe's buffer
+    os.close(write_end)
+    try:
+        argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", str(tmp_path)]
+        status, out, err = run_main(capsys, *argv, "--data", f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert status == 0, err
+    assert results_of(out)["dense"]["data"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir, tmp_path, capsys):
