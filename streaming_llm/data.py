@@ -115,9 +115,9 @@ def _load_dataset(spec: str) -> str:
             streaming = not datasets.config.HF_HUB_OFFLINE
             rows = list(datasets.load_dataset(name, config, split=split, streaming=streaming))
     except Exception as error:  # the hub's errors are many (ConnectionError, DatasetNotFoundError, ...)
-        if went_offline:
-            raise ValueError(f"dataset {spec!r} could not be loaded: {not_cached_offline('dataset')}; it is not a "
-                             "local file either") from None
+        if went_offline or datasets.config.HF_HUB_OFFLINE:
+            reason = not_cached_offline("dataset", by_setting=not went_offline)
+            raise ValueError(f"dataset {spec!r} could not be loaded: {reason}; it is not a local file either") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"dataset {spec!r} could not be loaded ({type(error).__name__}: {reason}); it is not a local file "

@@ -21,8 +21,12 @@ def hub_host() -> str:
     return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
 
 
-def not_cached_offline(kind: str) -> str:
-    """Why a `kind` ("model", "dataset") could not be loaded when offline_unless_reachable went offline."""
+def not_cached_offline(kind: str, by_setting: bool = False) -> str:
+    """Why a `kind` ("model", "dataset") could not be loaded when offline_unless_reachable went offline, or
+    (`by_setting`) when HF_HUB_OFFLINE was set already."""
+    if by_setting:
+        return (f"HF_HUB_OFFLINE is set and the {kind} is not in the local Hugging Face cache: it needs the network "
+                f"(the hub, {hub_host()}) once; unset HF_HUB_OFFLINE to download it")
     return f"the hub ({hub_host()}) cannot be reached from this machine and the {kind} is not in the local Hugging Face cache"
 
 

@@ -108,3 +108,19 @@ def test_an_unreachable_hub_names_itself_for_a_dataset(no_network):
 
     with pytest.raises(ValueError, match="dataset 'someone/absent' could not be loaded: the hub .* cannot be reached"):
         load_text("someone/absent")
+
+
+def test_a_dataset_not_cached_under_hf_hub_offline_says_it_needs_the_network(monkeypatch):
+    """With HF_HUB_OFFLINE=1 set by the user, an uncached dataset was "could not be loaded (ConnectionError: ...). Is
+    the hub reachable, or the dataset cached (then set HF_HUB_OFFLINE=1)?", asking for the setting already made."""
+    import datasets
+
+    from streaming_llm.data import load_text
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError) as error:
+        load_text("someone/absent")
+    assert str(error.value).startswith("dataset 'someone/absent' could not be loaded: HF_HUB_OFFLINE is set and the "
+                                       "dataset is not in the local Hugging Face cache: it needs the network")
+    assert "then set HF_HUB_OFFLINE" not in str(error.value)
