@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if inexact:
         raise ValueError(f"--methods: no parallel evaluator to compare for {', '.join(inexact)} (no exact block path); "
                          "choose from " + ", ".join(name for name, method in METHODS.items() if method.feed == "exact"))
-    prepare_output_dir(args.output_dir)  # checked before any work (as `streaming-llm eval` does), the summary's too
+    args.output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work (as `streaming-llm eval` does), the summary's too
     prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
     data = describe_source(args.data, text=load_text(args.data))
     model, tokenizer = load_model(args.model)

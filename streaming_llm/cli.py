@@ -382,7 +382,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.output is not None and not args.script:
         raise ValueError("--output records the answers of a --script run; give --script too")
     if args.output is not None:
-        check_output_file(args.output)
+        args.output = str(check_output_file(args.output))  # ~ expanded: the path the answers are written to
     script = read_script(args.script) if args.script else None
     check_text_options(args)
     sampling = sampling_from_args(args)

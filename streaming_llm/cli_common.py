@@ -220,8 +220,9 @@ def one_line(error: BaseException) -> str:
 
 
 def check_output_file(path: str, option: str = "--output") -> Path:
-    """The file `option` names, checked before any work so that a long run does not fail at its end: not empty,
-    not a folder or a device, and its folder (created if missing, as the final write would) takes new files."""
+    """The file `option` names (a leading ~ expanded; write to this path, not to the text given), checked before
+    any work so that a long run does not fail at its end: not empty, not a folder or a device, and its folder
+    (created if missing, as the final write would) takes new files."""
     if not path.strip():
         raise ValueError(f"{option} is empty: give a file path")
     file = Path(path).expanduser()

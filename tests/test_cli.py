@@ -483,6 +483,20 @@ def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_
     assert_one_line_error(status, err, fragment)
 
 
+def test_chat_output_with_a_leading_tilde_is_written_in_the_home_folder(model_dir, tmp_path, capsys, monkeypatch):
+    """`--output=~/answers.jsonl` was checked as ~/answers.jsonl, then written to ./~/answers.jsonl."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "one.jsonl"
+    script.write_text('{"prompt": "Hello"}\n', encoding="utf-8")
+    status, _, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--script", str(script),
+                              "--max-new-tokens", "2", "--output", "~/answers.jsonl")
+    assert status == 0, err
+    assert (home / "answers.jsonl").is_file() and not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("line, fragment", [
     ('{"prompt": "a", "turns": ["b"]}', 'line 2: has both "prompt" and "turns"'),
     ('{"prompt": "a", "score": NaN}', "line 2: NaN is not a number"),

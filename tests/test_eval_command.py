@@ -243,6 +243,23 @@ def test_eval_reads_a_text_from_a_pipe(model_dir, tmp_path, capsys):
     assert results_of(out)["dense"]["data"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def test_a_leading_tilde_in_output_paths_is_the_home_folder(model_dir, tmp_path, capsys, monkeypatch):
+    """`--output-dir=~/runs` (no shell expands ~ there) wrote to a folder named "~" in the working directory, and
+    `--plot=~/c.png` / `plot -o=~/c.png` checked ~/c.png but wrote ./~/c.png; --data and --model expand ~."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", "~/runs", "--plot", "~/c.png"]
+    status, out, err = run_main(capsys, *argv)
+    assert status == 0, err
+    assert Path(results_of(out)["dense"]["json_path"]).parent == home / "runs"
+    assert (home / "c.png").is_file()
+    status, out, err = run_main(capsys, "plot", "~/runs", "-o", "~/p.pdf")
+    assert status == 0, err
+    assert (home / "p.pdf").is_file() and not (tmp_path / "~").exists()
+
+
 def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -160,9 +160,8 @@ def run_eval(args: argparse.Namespace) -> int:
     n_sink, window_size = args.n_sink, args.window_size
     quiet = not show_progress(args)  # progress bars and status lines only on a terminal
     device, dtype = args.device, args.dtype
-    if args.plot:
-        check_figure_path(args.plot, "--plot")
-    prepare_output_dir(args.output_dir)
+    plot_path = check_figure_path(args.plot, "--plot") if args.plot else None
+    output_dir = prepare_output_dir(args.output_dir)
 
     text = load_text(args.data)
     check_text_holds(text, args.num_tokens)
@@ -179,7 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
         data=data,
         n_sink=n_sink,
         window_size=window_size,
-        output_dir=args.output_dir,
+        output_dir=output_dir,
         force=args.force,
         progress=not quiet,
         device=device,
@@ -207,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("none of the chosen methods can run this model")
 
     if args.plot is not None:
-        png = Path(args.plot) if args.plot else Path(args.output_dir) / f"nll_curves_T{args.num_tokens}_s{n_sink}_w{window_size}.png"
+        png = plot_path or output_dir / f"nll_curves_T{args.num_tokens}_s{n_sink}_w{window_size}.png"
         from streaming_llm.eval.plots import plot_nll_curves
 
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -247,7 +246,7 @@ def _collect(paths: list[str]) -> list[Path]:
 
     files: list[Path] = []
     for entry in paths:
-        path = Path(entry)
+        path = Path(entry).expanduser()
         if path.is_dir():
             files.extend(list_results(path))
         elif path.is_file():
@@ -264,10 +263,9 @@ def run_plot(args: argparse.Namespace) -> int:
     from streaming_llm.eval.plots import plot_nll_curves
 
     _positive("smooth", args.smooth)
-    if args.output is not None:
-        check_figure_path(args.output, "--output")
+    output = check_figure_path(args.output, "--output") if args.output is not None else None
     files = _collect(args.results)
-    output = Path(args.output) if args.output else files[0].parent / "nll_curves.png"
+    output = output or files[0].parent / "nll_curves.png"
     png = plot_nll_curves(list(dict.fromkeys(path.resolve() for path in files)), output, window=args.smooth, title=args.title)
     if getattr(args, "json", False):
         print(json.dumps({"figure": str(png), "results": [str(path) for path in files]}), flush=True)
@@ -276,13 +274,15 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_figure_path(path: str, option: str) -> None:
-    """ValueError unless `path` can take a figure: a file the CLI can write (check_output_file) in a format
+def check_figure_path(path: str, option: str) -> Path:
+    """The figure file `path` names (check_output_file); ValueError unless the CLI can write it in a format
     matplotlib writes (by its extension, PNG without one)."""
     from streaming_llm.cli_common import check_output_file
     from streaming_llm.eval.plots import figure_format
 
-    figure_format(check_output_file(path, option))
+    figure = check_output_file(path, option)
+    figure_format(figure)
+    return figure
 
 
 def main(argv: list[str] | None = None) -> int:

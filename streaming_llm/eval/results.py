@@ -89,11 +89,11 @@ def atomic_write(path: Path, write) -> None:
 
 
 def prepare_output_dir(path: str | os.PathLike, option: str = "--output-dir") -> Path:
-    """The folder results go to, created if missing; ValueError naming `option` and the path when it cannot be
-    (checked before any work, so that a long run does not fail at its first write)."""
+    """The folder results go to (a leading ~ expanded), created if missing; ValueError naming `option` and the path
+    when it cannot be (checked before any work, so that a long run does not fail at its first write)."""
     if not str(path).strip():
         raise ValueError(f"{option} is empty: give a folder")
-    folder = Path(path)
+    folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{option} {path} is not a folder")
     try:
