@@ -297,6 +297,26 @@ def test_help_lists_the_commands(capsys):
     assert status == 0 and "--window-size" in out and "--repetition-penalty" in out
 
 
+def test_every_option_of_every_command_is_described_with_its_default(capsys):
+    """`plot --title` had no help at all, and `bench --shape` (embedded) and `--stream-tokens` (0) did not say their
+    defaults; an option whose default is a value (not None, off or empty) names it in its help."""
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    assert {"eval", "plot", "bench"} <= set(commands)  # the optional commands are installed here
+    for name, command in commands.items():
+        status, _, _ = run_main(capsys, name, "--help")
+        assert status == 0, name
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            label = f"{name} {action.option_strings or action.dest}"
+            assert action.help, f"{label} has no help"
+            if action.default not in (None, False, []):
+                assert "default" in action.help, f"{label} does not say its default {action.default!r}"
+
+
 def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
     monkeypatch.setattr(cli, "OPTIONAL_COMMANDS", ("streaming_llm.no_such_package.command",))
     assert set(cli.build_parser().parse_args(["info"]).command_names) == {"generate", "chat", "info"}

@@ -62,7 +62,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default="embedded",
                         help="model to time: embedded (--model, real weights) or a random-weight shape: "
                              "smollm2-135m, pythia-70m, llama-2-7b, gemma3-1b-attention (timing does not depend on "
-                             "weights)")
+                             "weights; default embedded)")
     parser.add_argument("--cache-sizes", type=_int_list, default=_int_list(DEFAULT_CACHE_SIZES),
                         help=f"comma-separated cache capacities, n-sink included (default {DEFAULT_CACHE_SIZES})")
     parser.add_argument("--methods", default="default",
@@ -73,7 +73,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per method per round (default 6)")
     parser.add_argument("--stream-tokens", type=int, default=0,
                         help="also stream this many tokens through our cache (capacity = the largest of "
-                             "--cache-sizes that is <= 1024) and record latency and memory along the way (0 = skip)")
+                             "--cache-sizes that is <= 1024) and record latency and memory along the way (default 0 = skip)")
     parser.add_argument("--decode-attention", default="auto",
                         choices=("auto", *DECODE_ATTENTION),
                         help="attention kernel formulation of the static decode step (streaming_static/_compiled; "

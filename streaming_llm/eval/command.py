@@ -50,7 +50,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where result files go (default {DEFAULT_OUTPUT_DIR})")
     evaluate.add_argument("--force", action="store_true", help="re-run configurations whose results already exist")
     evaluate.add_argument(
-        "--recompute-tokens", type=int, default=None, help="score `recompute` on this prefix of the stream only (it costs ~one forward of capacity+1 tokens per token)"
+        "--recompute-tokens", type=int, default=None, help="score `recompute` on this prefix of the stream only (it costs ~one forward of capacity+1 tokens per token; default: the whole stream)"
     )
     evaluate.add_argument(
         "--recompute-samples",
@@ -58,10 +58,10 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="score `recompute` at N steps spread over the stream past the capacity instead of on every token "
-        "(with --recompute-tokens as well, both are run)",
+        "(with --recompute-tokens as well, both are run; default: every token)",
     )
     evaluate.add_argument(
-        "--decode-tokens", type=int, default=None, help="score the decode-loop-only methods (kvpress_decode_*) on this prefix only"
+        "--decode-tokens", type=int, default=None, help="score the decode-loop-only methods (kvpress_decode_*) on this prefix only (default: the whole stream)"
     )
     evaluate.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG", help="also draw the NLL curves (default path: <output-dir>/<run>.png)")
     evaluate.set_defaults(handler=run_eval)
@@ -75,7 +75,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     plot.add_argument("results", nargs="*", default=[DEFAULT_OUTPUT_DIR], help=f"result JSONs or folders (default {DEFAULT_OUTPUT_DIR})")
     plot.add_argument("--output", "-o", default=None, help="PNG path (default: nll_curves.png next to the first result)")
     plot.add_argument("--smooth", type=int, default=256, help="moving-average width in tokens (default 256)")
-    plot.add_argument("--title", default=None)
+    plot.add_argument("--title", default=None, help="figure title (default: the model, the data, n_sink and window of the first result)")
     plot.set_defaults(handler=run_plot)
 
 
