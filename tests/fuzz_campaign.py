@@ -9,6 +9,8 @@ every call (get_seq_length, get_cache_length per layer, compress, kept_positions
     python tests/fuzz_campaign.py --replay SEED             # one case, verbose
     python tests/fuzz_campaign.py --params '{"...": ...}'   # an explicit (e.g. shrunk) case, verbose
     python tests/fuzz_campaign.py --replay SEED --shrink    # greedy shrink of a failing case
+    python tests/fuzz_campaign.py --replay SEED --float64   # a case over tolerance: rounding, or a defect?
+    python tests/fuzz_campaign.py --summarize LOG --out results/fuzz/NAME.json   # a log's counts, as JSON
 
 Outcomes: ok, refused (a ValueError raised by the package when the wrapper/cache is built: a documented
 refusal), fail_logits, fail_bookkeeping, error (any other exception: a traceback from inside).
@@ -20,12 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import sys
 import time
 import traceback
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from unittest import mock
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -467,6 +470,74 @@ def finish(result, started, verbose):
     return result
 
 
+def float64_errors(case: dict) -> dict:
+    """Per row: max |dlogit| of the package's logits and of the reference's, both float32, against the reference run
+    in float64 on the same weights and tokens. Of one size: both round, and a case just over TOLERANCE is rounding
+    (a model with large activations); the package's far larger: a defect."""
+    model = get_model(case["model"]["type"], case["model"]["overrides"])
+    with torch.no_grad():
+        got, ids, extra = run_path(case, model)
+        exact_model = copy.deepcopy(model).double()
+        errors = {}
+        for row in range(ids.shape[0]):
+            args = (ids[row], case["n_sink"], case["window_size"], case["position_mode"])
+            expected, exact = naive_streaming_logits(model, *args), naive_streaming_logits(exact_model, *args)
+            if "positions" in extra:
+                expected, exact = expected[extra["positions"]], exact[extra["positions"]]
+            errors[f"row{row}"] = {"package": (got[row].double() - exact).abs().max().item(),
+                                   "reference": (expected.double() - exact).abs().max().item(),
+                                   "max_abs_logit": exact.abs().max().item()}
+    return errors
+
+
+def summarize(log_path: str, commit: str | None = None) -> dict:
+    """A campaign log's seeds, the commits it ran at (`commit` for lines that do not say: logs written before
+    2026-11-27 21:10), outcomes (per path and model type), the spread of max |dlogit|, and every case that was not ok
+    or refused (a fail_logits case with its float64_errors)."""
+    with open(log_path) as log:
+        results = [json.loads(line) for line in log if line.strip()]
+    if not results:
+        raise SystemExit(f"{log_path}: no cases")
+    seeds = sorted(result["case"]["seed"] for result in results)
+    runs = []  # contiguous seed ranges [first, last]
+    for seed in seeds:
+        if runs and seed == runs[-1][1] + 1:
+            runs[-1][1] = seed
+        else:
+            runs.append([seed, seed])
+    diffs = sorted(result["max_diff"] for result in results if isinstance(result.get("max_diff"), float))
+
+    def quantile(q: float) -> float:  # nearest rank
+        return diffs[min(len(diffs) - 1, math.ceil(q * len(diffs)) - 1)]
+
+    findings = []
+    for result in results:
+        if result["outcome"] in ("ok", "refused"):
+            continue
+        case = result["case"]
+        finding = {"seed": case["seed"], "outcome": result["outcome"], "model": case["model"]["type"],
+                   "path": case["path"], "position_mode": case["position_mode"], "max_diff": result.get("max_diff"),
+                   "bad": result.get("bad"), "message": result.get("message")}
+        if result["outcome"] == "fail_logits":
+            finding["float64"] = float64_errors(case)
+        findings.append(finding)
+    from streaming_llm.eval.results import git_commit, versions
+
+    return {
+        "kind": "fuzz_campaign", "log": os.path.basename(log_path), "tolerance": TOLERANCE, "cases": len(results),
+        "seed_ranges": runs,
+        "run_at_commits": sorted({result.get("git_commit") or commit for result in results} - {None}),
+        "outcomes": dict(Counter(result["outcome"] for result in results)),
+        "outcomes_by_path": {path: dict(Counter(r["outcome"] for r in results if r["case"]["path"] == path))
+                             for path in sorted({r["case"]["path"] for r in results})},
+        "cases_by_model_type": dict(sorted(Counter(r["case"]["model"]["type"] for r in results).items())),
+        "max_abs_dlogit": {"cases": len(diffs), "median": quantile(0.5), "p99": quantile(0.99), "max": diffs[-1]}
+        if diffs else None,
+        "findings": findings,
+        "summarized_at_commit": git_commit(HERE), "versions": versions(),
+    }
+
+
 # --- shrinking -----------------------------------------------------------------------------------------------
 
 
@@ -593,21 +664,40 @@ def main():
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--count", type=int, default=10**9)
     parser.add_argument("--log", type=str, default="fuzz_log.jsonl")
+    parser.add_argument("--float64", action="store_true", help="with --replay/--params: errors against float64")
+    parser.add_argument("--summarize", metavar="LOG", help="write the summary of a campaign log (to --out or stdout)")
+    parser.add_argument("--out", help="the summary's JSON file")
+    parser.add_argument("--commit", help="with --summarize: the commit a log ran at, where its lines do not say")
     args = parser.parse_args()
+    if args.summarize:
+        text = json.dumps(summarize(args.summarize, args.commit), indent=1) + "\n"
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as out:
+                out.write(text)
+        else:
+            print(text, end="")
+        return
     if args.replay is not None or args.params:
         case = json.loads(args.params) if args.params else draw_case(args.replay)
         print("case:", json.dumps(case))
         if args.shrink:
             shrink(case)
+        elif args.float64:
+            print(json.dumps(float64_errors(case), indent=1))
         else:
             run_case(case, verbose=True)
         return
     deadline = time.time() + args.minutes * 60 if args.minutes else float("inf")
     seed = args.start
+    from streaming_llm.eval.results import git_commit
+
+    commit = git_commit(HERE)
     with open(args.log, "a") as log:
         while time.time() < deadline and seed < args.start + args.count:
             case = draw_case(seed)
             result = run_case(case)
+            result["git_commit"] = commit
             log.write(json.dumps(result, default=str) + "\n")
             log.flush()
             if result["outcome"] not in ("ok", "refused"):
