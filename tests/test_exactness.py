@@ -5,6 +5,8 @@ blocks, including a first block larger than the cache capacity: feeding n tokens
 feeding them one at a time.
 """
 
+import copy
+
 import pytest
 import torch
 from reference import naive_streaming_logits
@@ -160,3 +162,32 @@ def test_one_long_call_keeps_the_positions_small(llama_model, position_mode, str
                            max_block=100_000)
     expected = naive_streaming_logits(llama_model, input_ids, 4, 50, position_mode)
     assert max_abs_diff(wrapper(input_ids[None])[0], expected) <= TOLERANCE
+
+
+
+def test_train_mode_applies_no_attention_dropout():
+    """README (Limitations): the streaming attention applies no dropout, so a model in train() mode with attention
+    dropout 0.5 streams as in eval() mode, through the general path (blocks) and the static step (one token at a
+    time), with and without eviction; the dense model in train() mode does drop weights (the setting reaches the
+    attention)."""
+    from streaming_llm.fast import FastStreamingWrapper
+    from tiny_models import build_llama
+
+    model = build_llama()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ids = random_ids(LONG_STREAM, seed=5)
+    with torch.no_grad():
+        assert max_abs_diff(dense_logits(model.train(), ids[:20]), dense_logits(model.eval(), ids[:20])) > 1e-2
+    wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE)
+    fast = FastStreamingWrapper(copy.deepcopy(model), N_SINK, WINDOW_SIZE, compile="never")
+    streamed = {}
+    for training in (False, True):
+        for stepper in (wrapper, fast):
+            stepper.model.train(training)
+            stepper.reset()
+        streamed[training] = (feed_stream(wrapper, ids, block_sizes_covering(LONG_STREAM, IRREGULAR_BLOCKS)),
+                              feed_stream(fast, ids, [1] * LONG_STREAM))
+    assert wrapper.model.training and fast.model.training
+    assert torch.equal(streamed[True][0], streamed[False][0]) and torch.equal(streamed[True][1], streamed[False][1])
+    assert max_abs_diff(streamed[False][0], naive_streaming_logits(model.eval(), ids, N_SINK, WINDOW_SIZE)) <= TOLERANCE
