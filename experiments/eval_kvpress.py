@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.data import describe_source, load_text, load_tokens
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.kvpress_compare import compare_prefill_protocol
-    from streaming_llm.eval.results import data_label, device_description, git_commit, versions, write_json_atomically
+    from streaming_llm.eval.results import (data_label, device_description, git_commit, prepare_output_dir, versions,
+                                            write_json_atomically)
     from streaming_llm.loading import load_model
 
+    output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
     data = describe_source(args.data, text=load_text(args.data))
     model_name = _model_name(args.model)
-    path = Path(args.output_dir) / (
+    path = output_dir / (
         f"{model_name}__{data_label(data)}__L{args.context_length}_m{args.continuation_length}"
         f"__s{args.n_sink}_w{args.window_size}__kvpress_official.json"
     )

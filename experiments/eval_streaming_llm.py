@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from streaming_llm.cli_common import validate_common_args
 
@@ -61,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.methods import METHODS
     from streaming_llm.eval.perplexity import compute_perplexity
-    from streaming_llm.eval.results import device_description, git_commit, versions, write_json_atomically
+    from streaming_llm.eval.results import device_description, git_commit, prepare_output_dir, versions, write_json_atomically
     from streaming_llm.loading import load_model
 
+    output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
     data = describe_source(args.data, text=load_text(args.data))
-    path = Path(args.output_dir) / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
+    path = output_dir / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
     if path.is_file() and not args.force:  # the name carries no model or text: never replace another's silently
         previous = json.loads(path.read_text(encoding="utf-8"))
         if (previous.get("model"), previous.get("data", {}).get("sha256")) != (_model_name(args.model), data.get("sha256")):

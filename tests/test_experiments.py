@@ -167,6 +167,26 @@ def test_decode_perplexity_checks_block_size_and_output_dir_first(experiment, tm
         script.main(["--methods", "recompute", "--output-dir", str(tmp_path / "new")])
 
 
+@pytest.mark.parametrize("script, options", [
+    ("eval_streaming_llm", ["--n-sink", "4", "--window-size", "16", "--strides", "8"]),
+    ("eval_kvpress", ["--n-sink", "4", "--window-size", "16", "--context-length", "64"]),
+])
+def test_chunked_and_kvpress_evals_check_their_output_dir_first(experiment, tmp_path, monkeypatch, script, options):
+    """--output-dir naming a file failed after all the work ('File exists: ...', without the option), an empty one
+    wrote into the working directory, and --output-dir=~/runs into a folder named '~' there."""
+    main = experiment(script).main
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"^--output-dir {tmp_path}/file is not a folder$"):
+        main([*options, "--output-dir", str(tmp_path / "file")])
+    with pytest.raises(ValueError, match="^--output-dir is empty: give a folder$"):
+        main([*options, "--output-dir", ""])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError, match="the model was loaded"):  # the options passed: the model comes next
+        main([*options, "--output-dir=~/runs"])
+    assert (tmp_path / "home" / "runs").is_dir() and not (tmp_path / "~").exists()
+
+
 def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
     """DEVICE=gpu or CUDA ran the CPU branch (a 100,000-token stream among it); METHODS was ignored on CPU."""
     for device in ("gpu", "CUDA", "cuda:x"):
