@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from streaming_llm.cli_common import validate_common_args
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -27,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-window", type=int, default=60, help="window of the kept-positions demo (n_sink = --n-sink)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    validate_common_args(args)  # --n-sink, --window-size
     if args.context_length <= args.n_sink + args.window_size:
         raise ValueError(f"--context-length {args.context_length} must exceed the kept n_sink + window_size "
                          f"({args.n_sink + args.window_size}): the press compresses the context down to it")
-    if args.continuation_length < 1 or args.timing_repeats < 1 or args.demo_tokens < 0:
-        raise ValueError("--continuation-length and --timing-repeats must be >= 1, --demo-tokens >= 0")
+    if args.continuation_length < 1 or args.timing_repeats < 1 or args.demo_window < 1 or args.demo_tokens < 0:
+        raise ValueError("--continuation-length, --timing-repeats and --demo-window must be >= 1, --demo-tokens >= 0")
 
     from streaming_llm.data import describe_source, load_text, load_tokens
     from streaming_llm.eval.command import _model_name

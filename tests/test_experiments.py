@@ -187,6 +187,23 @@ def test_chunked_and_kvpress_evals_check_their_output_dir_first(experiment, tmp_
     assert (tmp_path / "home" / "runs").is_dir() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--n-sink", "-1"], "--n-sink must be >= 0 (0 = no sinks), got -1"),
+    (["--window-size", "-3"], "--window-size must be >= 1, got -3"),
+    (["--window-size", "0"], "--window-size must be >= 1, got 0"),
+    (["--demo-window", "0"], "--continuation-length, --timing-repeats and --demo-window must be >= 1, --demo-tokens >= 0"),
+])
+def test_kvpress_eval_checks_the_cache_sizes_before_loading(experiment, tmp_path, options, message):
+    """--n-sink -1 or --window-size -3 ended in a traceback (torch.arange's 'upper bound and lower bound inconsistent'),
+    --window-size 0 or --demo-window 0 as 'window_size must be an integer >= 1' without the option, all after the model
+    was loaded (--demo-window after the whole comparison)."""
+    script = experiment("eval_kvpress")
+    with pytest.raises(ValueError) as error:
+        script.main(["--n-sink", "4", "--window-size", "16", "--context-length", "64", *options,
+                     "--output-dir", str(tmp_path)])
+    assert str(error.value) == message
+
+
 def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
     """DEVICE=gpu or CUDA ran the CPU branch (a 100,000-token stream among it); METHODS was ignored on CPU."""
     for device in ("gpu", "CUDA", "cuda:x"):
