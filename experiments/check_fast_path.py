@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm.bench.latency import MODEL_SHAPES, build_model, environment  # noqa: E402
-from streaming_llm.cli_common import require_cuda  # noqa: E402
+from streaming_llm.cli_common import measurement_output, require_cuda  # noqa: E402
 from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import COMPILE_CHOICES, FastStreamingWrapper  # noqa: E402
 from streaming_llm.wrapper import StreamingLLMWrapper  # noqa: E402
@@ -59,9 +59,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=400, help="stream length (default 400: six frame moves at 64)")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES)
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     require_cuda(args.device)
+    output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
 
     torch.manual_seed(0)
     model = build_model(args.shape, torch.float32, args.device, num_hidden_layers=args.layers)
@@ -92,8 +93,8 @@ def main() -> int:
     }
     text = json.dumps(report, indent=2)
     print(text)
-    if args.output:
-        write_json_atomically(args.output, report)
+    if output:
+        write_json_atomically(output, report)
     return 0
 
 

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming_llm.cli_common import require_cuda  # noqa: E402
+from streaming_llm.cli_common import measurement_output, require_cuda  # noqa: E402
+from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import DECODE_ATTENTION, decode_attention  # noqa: E402
 
 SHAPES = {  # name: (layers, heads, kv_heads, head_dim, slots)
@@ -97,9 +98,10 @@ def main() -> int:
                         help="cuda (default); cpu runs a smoke check (2 layers, 65 slots, every variant against matmul, "
                              "no timing)")
     parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     require_cuda(args.device)
+    output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)
     dtype = torch.bfloat16
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shapes": {}}
@@ -141,9 +143,8 @@ def main() -> int:
                                   "slots": slots, "kv_bytes_per_layer": kv_bytes, "variants": rows, "best": best}
     text = json.dumps(report, indent=2)
     print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    if output:
+        write_json_atomically(output, report)
     return 0
 
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm.bench.latency import (  # noqa: E402
     MODEL_SHAPES, build_model, make_decoder, prepare_attn, queued_step_ms, synchronize, synchronized_ms,
 )
-from streaming_llm.cli_common import require_cuda  # noqa: E402
+from streaming_llm.cli_common import measurement_output, require_cuda  # noqa: E402
+from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import DECODE_ATTENTION  # noqa: E402
 
 
@@ -72,9 +73,10 @@ def main() -> int:
                         help=f"comma-separated formulations of our step, from: {', '.join(DECODE_ATTENTION)}")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     require_cuda(args.device)
+    output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)
     variants = [v for v in args.decode_attention.split(",") if v]
     unknown = [v for v in variants if v not in DECODE_ATTENTION]
@@ -109,9 +111,8 @@ def main() -> int:
             print(f"   {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.1f}x  {row['share']:6.1%}  {row['name'][:90]}",
                   file=sys.stderr)
     text = json.dumps(report, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+    if output:
+        write_json_atomically(output, report)
     else:
         print(text)
     return 0

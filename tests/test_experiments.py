@@ -106,6 +106,26 @@ def test_gpu_scripts_say_they_need_cuda():
                                         "measures the GPU; --device cpu for a small smoke run where it offers one)")
 
 
+@pytest.mark.parametrize("script, options", [
+    ("check_fast_path.py", ["--device", "cpu", "--layers", "1", "--window-size", "8", "--tokens", "20", "--prompt", "4"]),
+    ("gpu_attention_microbench.py", ["--device", "cpu"]),
+    ("gpu_step_breakdown.py", ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float32", "--capacity", "16",
+                               "--steps", "1"]),
+])
+def test_measurements_check_their_output_file_first(tmp_path, script, options):
+    """--output naming a folder (or a path under a file) failed after the whole measurement ('Is a directory'), and
+    --output=~/x.json wrote into a folder named '~' in the working directory (the GPU scripts not even atomically)."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "file").write_text("x")
+    for output, message in ((str(tmp_path), f"--output {tmp_path} is a folder: give a file path in it"),
+                            ("~/file/x.json", f"--output ~/file/x.json: {tmp_path}/home/file is a file, not a folder")):
+        completed = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *options, f"--output={output}"],
+                                   capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                   env={**os.environ, "HOME": str(tmp_path / "home")})
+        assert completed.returncode == 2 and completed.stdout == "", completed
+        assert completed.stderr.splitlines()[-1] == f"{script}: error: {message}"
+
+
 def refusal_of(script: str, **env: str) -> str:
     """The one-line error of `script` refusing a variable (exit status 2) before it ran anything (PYTHON=echo)."""
     completed = subprocess.run(
