@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming_llm.bench.latency import MODEL_SHAPES, build_model, environment  # noqa: E402
-from streaming_llm.cli_common import measurement_output, require_cuda  # noqa: E402
+from streaming_llm.cli_common import measurement_output, require_cuda, validate_common_args  # noqa: E402
 from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import COMPILE_CHOICES, FastStreamingWrapper  # noqa: E402
 from streaming_llm.wrapper import StreamingLLMWrapper  # noqa: E402
@@ -61,6 +61,10 @@ def main() -> int:
     parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES)
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
+    validate_common_args(args)  # --device, --n-sink, --window-size
+    if args.layers < 1 or args.prompt < 1 or args.tokens < args.prompt:
+        raise ValueError(f"--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers {args.layers}, "
+                         f"--prompt {args.prompt}, --tokens {args.tokens}")
     require_cuda(args.device)
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
 

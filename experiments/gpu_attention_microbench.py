@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming_llm.cli_common import measurement_output, require_cuda  # noqa: E402
+from streaming_llm.cli_common import measurement_output, require_cuda, validate_common_args  # noqa: E402
 from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import DECODE_ATTENTION, decode_attention  # noqa: E402
 
@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
+    validate_common_args(args)  # --device
     require_cuda(args.device)
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from streaming_llm.bench.latency import (  # noqa: E402
     MODEL_SHAPES, build_model, make_decoder, prepare_attn, queued_step_ms, synchronize, synchronized_ms,
 )
-from streaming_llm.cli_common import measurement_output, require_cuda  # noqa: E402
+from streaming_llm.cli_common import measurement_output, require_cuda, validate_common_args  # noqa: E402
 from streaming_llm.eval.results import write_json_atomically  # noqa: E402
 from streaming_llm.fast import DECODE_ATTENTION  # noqa: E402
 
@@ -75,6 +75,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
+    validate_common_args(args)  # --device, --n-sink
     require_cuda(args.device)
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)

@@ -126,6 +126,25 @@ def test_measurements_check_their_output_file_first(tmp_path, script, options):
         assert completed.stderr.splitlines()[-1] == f"{script}: error: {message}"
 
 
+@pytest.mark.parametrize("script, options, message", [
+    ("check_fast_path.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
+    ("gpu_attention_microbench.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
+    ("gpu_step_breakdown.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
+    ("check_fast_path.py", ["--device", "cpu", "--layers", "0"],
+     "--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers 0, --prompt 16, --tokens 400"),
+    ("check_fast_path.py", ["--device", "cpu", "--layers", "1", "--tokens", "3", "--prompt", "4"],
+     "--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers 1, --prompt 4, --tokens 3"),
+])
+def test_measurements_refuse_a_bad_device_or_length_in_one_line(script, options, message):
+    """--device gpu ended in torch's traceback ('Expected one of cpu, cuda, ...'); check_fast_path's --layers 0 was
+    refused as 'this llama model rotates no features' and --prompt 0 or --tokens 0 as 'input_ids must be a [batch, n]
+    tensor' (no option named), and --tokens below --prompt streamed a shorter prompt than asked."""
+    completed = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *options],
+                               capture_output=True, text=True, timeout=120)
+    assert (completed.returncode, completed.stdout) == (2, ""), completed
+    assert completed.stderr == f"{script}: error: {message}\n"
+
+
 def refusal_of(script: str, **env: str) -> str:
     """The one-line error of `script` refusing a variable (exit status 2) before it ran anything (PYTHON=echo)."""
     completed = subprocess.run(
