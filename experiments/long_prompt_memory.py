@@ -67,4 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main))

@@ -145,6 +145,20 @@ def test_measurements_refuse_a_bad_device_or_length_in_one_line(script, options,
     assert completed.stderr == f"{script}: error: {message}\n"
 
 
+@pytest.mark.parametrize("script", ["long_prompt_memory.py", "sliding_ring_memory.py"])
+def test_memory_measurements_stop_on_ctrl_c_without_a_traceback(tmp_path, script):
+    """Ctrl-C during the measurement printed a KeyboardInterrupt traceback (the scripts ran main() without
+    run_script); now exit status 130, nothing on stderr but a line break, and no --output file. The interrupt is
+    raised where the script seeds its model (torch.manual_seed)."""
+    code = ("import runpy, sys, torch\nfrom unittest import mock\n"
+            f"sys.argv = [{script!r}, '--output', {str(tmp_path / 'out.json')!r}]\n"
+            "with mock.patch.object(torch, 'manual_seed', side_effect=KeyboardInterrupt):\n"
+            f"    runpy.run_path({str(ROOT / 'experiments' / script)!r}, run_name='__main__')\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (completed.returncode, completed.stderr) == (130, "\n"), completed
+    assert not (tmp_path / "out.json").exists()
+
+
 def refusal_of(script: str, **env: str) -> str:
     """The one-line error of `script` refusing a variable (exit status 2) before it ran anything (PYTHON=echo)."""
     completed = subprocess.run(
