@@ -32,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.report import markdown_table, summary_rows
     from streaming_llm.eval.results import data_label, list_results, read_result, write_json_atomically
 
+    output_dir = Path(args.output_dir).expanduser()  # no shell expands the ~ of --output-dir=~/runs
+    if not output_dir.is_dir():  # else a mistyped folder would read as "no results" in it
+        raise ValueError(f"--output-dir {args.output_dir} is not a folder (of results of streaming-llm eval)")
     tag = f"s{args.n_sink}_w{args.window_size}"
     # Per method, its longest run of at most --num-tokens tokens (blocks preferred over the decode loop at equal
     # length): the stream is scored causally, so a run on the first N tokens has the NLLs of those N tokens.
     best: dict[str, tuple] = {}
     sources = set()
-    for path in list_results(args.output_dir):
+    for path in list_results(output_dir):
         record, _ = read_result(path)
         if record["n_sink"] != args.n_sink or record["window_size"] != args.window_size or record["num_tokens"] > args.num_tokens:
             continue
@@ -48,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if record["method"] not in best or key > best[record["method"]][0]:
             best[record["method"]] = (key, path, record)
     if not best:
-        raise SystemExit(f"no results ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
+        raise ValueError(f"no results ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
     if len(sources) > 1:  # one table compares methods on one stream of one model
         listed = ", ".join(f"{model} on {data}" for model, data in sorted(sources))
-        raise SystemExit(f"{args.output_dir} holds results of several models or texts ({listed}): pass --model, "
+        raise ValueError(f"{args.output_dir} holds results of several models or texts ({listed}): pass --model, "
                          "or keep each stream's results in its own folder")
     order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
              "kvpress_decode_shipped", "kvpress_decode_corrected"]
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(files, boundaries, samples)
     table = markdown_table(rows)
     print(table)
-    summary_dir = Path(args.output_dir) / "summary"
+    summary_dir = output_dir / "summary"
     summary_dir.mkdir(parents=True, exist_ok=True)
     (summary_dir / f"table__T{args.num_tokens}__{tag}.md").write_text(table + "\n", encoding="utf-8")
     # Cross-checks over the common prefix of two runs (NLL files are float32: resolution ~1e-6).
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max |dNLL| {a} vs {b} over the first {common} predictions: {delta.max():.3g}"
                   f" (first step > 1e-3: {checks[-1]['first_step_above_1e-3']})")
     write_json_atomically(summary_dir / f"table__T{args.num_tokens}__{tag}.json", {"rows": rows, "recompute_samples": samples, "cross_checks": checks})
-    png = Path(args.output_dir) / f"nll_curves__T{args.num_tokens}__{tag}.png"
+    png = output_dir / f"nll_curves__T{args.num_tokens}__{tag}.png"
     plot_nll_curves(files, png, capacity=args.n_sink + args.window_size, context_length=args.context_length)
     print(f"figure: {png}", file=sys.stderr)
     return 0

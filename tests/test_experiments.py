@@ -89,7 +89,7 @@ def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path,
     other = save_tiny_chat_llama(tmp_path / "b" / "model_b", seed=1)
     assert run_main(capsys, "eval", "--model", str(other), *stream, "--methods", "dense",
                     "--output-dir", str(tmp_path / "out"))[0] == 0
-    with pytest.raises(SystemExit, match="holds results of several models or texts"):
+    with pytest.raises(ValueError, match="holds results of several models or texts"):
         summarize_results.main(summary)
     assert summarize_results.main([*summary, "--model", "model_a"]) == 0
 
@@ -308,6 +308,23 @@ def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
         "tokens 1–20", "tokens 21–63"]  # before any eviction | the rest of the 64-token stream
     with pytest.raises(ValueError, match=r"^--context-length must be >= 1 \(the model's trained context, in tokens\), got 0$"):
         script.main([*options, "--context-length", "0"])
+
+
+def test_summary_refuses_a_folder_that_is_not_there_and_expands_a_tilde(tmp_path, monkeypatch):
+    """A mistyped --output-dir (or a file) was reported as 'no results ... in <dir>' with exit status 1 and without the
+    script's name, and --output-dir=~/runs looked for a folder named '~' in the working directory."""
+    script = load_script("summarize_results")
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16"]
+    with pytest.raises(ValueError, match=f"^--output-dir {tmp_path}/missing is not a folder \\(of results of streaming-llm eval\\)$"):
+        script.main([*options, "--output-dir", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"^no results \\(s4_w16, at most 120 tokens\\) in {tmp_path}/empty$"):
+        script.main([*options, "--output-dir", str(tmp_path / "empty")])
+    write_fake_result(tmp_path / "home" / "runs", "dense", 64)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert script.main([*options, "--output-dir=~/runs"]) == 0
+    assert (tmp_path / "home" / "runs" / "summary" / "table__T120__s4_w16.md").is_file() and not (tmp_path / "~").exists()
 
 
 def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
