@@ -1,6 +1,6 @@
 # Sourced by every experiment script (not run on its own). It
 # - makes the folders and files a caller names (OUTPUT_DIR, OUTPUT_ROOT, a DATA file) absolute against the caller's
-#   folder, before the script moves to the repository root, where the defaults (results/...) are meant;
+#   folder (a leading ~ against $HOME), before the script moves to the repository root, where the defaults (results/...) are meant;
 # - picks the Python that has the package: $PYTHON if given, else the repository's .venv, else `python`; the CLI
 #   runs as "$PYTHON" -m streaming_llm.cli, so no virtual environment needs activating;
 # - offers `fail` and `positive_int`, which refuse a bad variable in one line before anything runs.
@@ -10,6 +10,10 @@ from_caller() {  # from_caller NAME...: each variable that is set and holds a re
   local name value
   for name in "$@"; do
     value=${!name:-}
+    if [[ "$value" == "~" || "$value" == "~/"* ]]; then  # quoted (OUTPUT_DIR="~/runs"), so no shell expanded it
+      value=$HOME${value:1}
+      printf -v "$name" '%s' "$value"
+    fi
     if [[ -n "$value" && "$value" != /* ]]; then
       if [[ "$name" != DATA || -e "$CALLER_DIR/$value" ]]; then  # DATA may also be a `datasets` spec
         printf -v "$name" '%s' "$CALLER_DIR/$value"

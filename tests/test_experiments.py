@@ -68,6 +68,16 @@ def test_scripts_take_the_callers_relative_paths_and_run_the_cli_through_python(
     assert "--data wikitext:wikitext-2-raw-v1" in spec[0]  # a datasets spec is not a path
 
 
+def test_scripts_expand_a_quoted_tilde_in_the_callers_paths(tmp_path):
+    """OUTPUT_DIR="~/runs" (quoted, so no shell expanded it) was taken for a relative path and made <caller's
+    folder>/~/runs: the results went to a folder named '~'."""
+    home = tmp_path / "home"
+    lines = commands_of("run_comprehensive_comparisons.sh", cwd=tmp_path, OUTPUT_DIR="~/runs", HOME=str(home))
+    assert lines and all(f"--output-dir {home}/runs" in line for line in lines)
+    lines = commands_of("run_everything.sh", cwd=tmp_path, OUTPUT_ROOT="~", HOME=str(home))
+    assert f"--output-dir {home}/comprehensive " in lines[0]
+
+
 def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path, capsys):
     """summarize_results wrote into <dir>/summary without creating it (run_everything.sh failed on a fresh folder),
     and put two models' results in one table."""
