@@ -50,15 +50,17 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_SHAPES),
+                        help="model shape, random weights (default smollm2-135m)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the shape kept (compilation time; default 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda where there is one, else cpu")
-    parser.add_argument("--n-sink", type=int, default=4)
-    parser.add_argument("--window-size", type=int, default=60)
+    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
+    parser.add_argument("--window-size", type=int, default=60, help="recent tokens kept next to the sinks (default 60)")
     parser.add_argument("--tokens", type=int, default=400, help="stream length (default 400: six frame moves at 64)")
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES)
+    parser.add_argument("--prompt", type=int, default=16, help="tokens fed as the first block (default 16)")
+    parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                        help="compile the fast step (default auto: on CUDA)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     validate_common_args(args)  # --device, --n-sink, --window-size

@@ -17,17 +17,25 @@ from streaming_llm.cli_common import validate_common_args
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--context-length", type=int, default=4096)
-    parser.add_argument("--continuation-length", type=int, default=512)
-    parser.add_argument("--n-sink", type=int, default=4)
-    parser.add_argument("--window-size", type=int, default=1020)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--timing-repeats", type=int, default=20)
-    parser.add_argument("--output-dir", default="results/kvpress")
-    parser.add_argument("--demo-tokens", type=int, default=400, help="decode-loop demo of the kept positions (0 = skip)")
-    parser.add_argument("--demo-window", type=int, default=60, help="window of the kept-positions demo (n_sink = --n-sink)")
-    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--context-length", type=int, default=4096,
+                        help="tokens prefilled and compressed (default 4096)")
+    parser.add_argument("--continuation-length", type=int, default=512,
+                        help="tokens scored after the context (default 512)")
+    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks kept (default 4)")
+    parser.add_argument("--window-size", type=int, default=1020,
+                        help="recent tokens kept next to the sinks (default 1020)")
+    parser.add_argument("--data", default=None,
+                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
+    parser.add_argument("--model", default=None,
+                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--timing-repeats", type=int, default=20, help="repeats of the rerotation timing (default 20)")
+    parser.add_argument("--output-dir", default="results/kvpress",
+                        help="folder of the result JSON (default results/kvpress)")
+    parser.add_argument("--demo-tokens", type=int, default=400,
+                        help="tokens of the decode-loop demo of the kept positions (default 400; 0 = skip)")
+    parser.add_argument("--demo-window", type=int, default=60,
+                        help="window of the kept-positions demo (default 60; n_sink = --n-sink)")
+    parser.add_argument("--force", action="store_true", help="replace an existing result (default: keep it and stop)")
     args = parser.parse_args(argv)
     validate_common_args(args)  # --n-sink, --window-size
     if args.context_length <= args.n_sink + args.window_size:

@@ -35,14 +35,20 @@ def int_list(option: str, spec: str, low: int, high: int | None = None, bound: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-tokens", type=int, default=4096)
-    parser.add_argument("--chunk-sizes", default="64,256,1020")
-    parser.add_argument("--strides", default="256,512", help="strides of the sliding-window baseline (window = capacity)")
-    parser.add_argument("--n-sink", type=int, default=4)
-    parser.add_argument("--window-size", type=int, default=1020)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--output-dir", default="results/comprehensive/chunked")
+    parser.add_argument("--num-tokens", type=int, default=4096, help="stream length in tokens (default 4096)")
+    parser.add_argument("--chunk-sizes", default="64,256,1020",
+                        help="chunk sizes of the chunked evaluation, comma-separated (default 64,256,1020)")
+    parser.add_argument("--strides", default="256,512",
+                        help="strides of the sliding-window baseline (window = capacity), comma-separated (default 256,512)")
+    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
+    parser.add_argument("--window-size", type=int, default=1020,
+                        help="recent tokens kept next to the sinks (default 1020)")
+    parser.add_argument("--data", default=None,
+                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
+    parser.add_argument("--model", default=None,
+                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--output-dir", default="results/comprehensive/chunked",
+                        help="folder of the result JSON (default results/comprehensive/chunked)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")
     parser.add_argument("--force", action="store_true", help="replace a result of another model or text")
     args = parser.parse_args(argv)

@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu runs a smoke check (2 layers, 65 slots, every variant against matmul, "
                              "no timing)")
-    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--replays", type=int, default=20, help="timed replays per variant (default 20)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     validate_common_args(args)  # --device

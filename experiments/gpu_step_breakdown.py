@@ -63,16 +63,18 @@ def kernels(decoder, device, steps: int, top: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama-2-7b", choices=sorted(MODEL_SHAPES))
-    parser.add_argument("--capacity", type=int, default=4096)
-    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--shape", default="llama-2-7b", choices=sorted(MODEL_SHAPES),
+                        help="model shape, random weights (default llama-2-7b)")
+    parser.add_argument("--capacity", type=int, default=4096, help="cache size in tokens (default 4096)")
+    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu profiles on the CPU (a small --shape: the CPU profile nests operators)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="default bfloat16")
     parser.add_argument("--decode-attention", default="grouped",
-                        help=f"comma-separated formulations of our step, from: {', '.join(DECODE_ATTENTION)}")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--top", type=int, default=15)
+                        help=f"comma-separated formulations of our step, from: {', '.join(DECODE_ATTENTION)} (default grouped)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per method (default 15)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     validate_common_args(args)  # --device, --n-sink

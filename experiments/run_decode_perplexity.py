@@ -18,16 +18,22 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-tokens", type=int, default=4096)
-    parser.add_argument("--methods", default="streaming_pos_shift", help="methods with an exact block path, comma-separated")
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--n-sink", type=int, default=4)
-    parser.add_argument("--window-size", type=int, default=1020)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--output-dir", default="results/comprehensive")
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--num-tokens", type=int, default=4096, help="stream length in tokens (default 4096)")
+    parser.add_argument("--methods", default="streaming_pos_shift",
+                        help="methods with an exact block path, comma-separated (default streaming_pos_shift)")
+    parser.add_argument("--block-size", type=int, default=256,
+                        help="block size of the parallel evaluator (default 256)")
+    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
+    parser.add_argument("--window-size", type=int, default=1020,
+                        help="recent tokens kept next to the sinks (default 1020)")
+    parser.add_argument("--data", default=None,
+                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
+    parser.add_argument("--model", default=None,
+                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--output-dir", default="results/comprehensive",
+                        help="folder of the results and of summary/ (default results/comprehensive)")
+    parser.add_argument("--force", action="store_true", help="run again what is already written (default: reuse it)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")
     args = parser.parse_args(argv)
     if args.block_size < 2:  # block_size 1 is the decode loop itself: it would be compared with itself
         raise ValueError(f"--block-size must be >= 2, got {args.block_size}: the parallel evaluator needs blocks of at "

@@ -16,14 +16,16 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-tokens", type=int, default=20480)
-    parser.add_argument("--n-sink", type=int, default=4)
-    parser.add_argument("--window-size", type=int, default=1020)
-    parser.add_argument("--context-length", type=int, default=8192, help="the model's trained context (SmolLM2: 8192)")
-    parser.add_argument("--output-dir", default="results/comprehensive")
+    parser.add_argument("--num-tokens", type=int, default=20480, help="longest run taken, in tokens (default 20480)")
+    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks of the results taken (default 4)")
+    parser.add_argument("--window-size", type=int, default=1020, help="window of the results taken (default 1020)")
+    parser.add_argument("--context-length", type=int, default=8192,
+                        help="the model's trained context (default 8192, SmolLM2's)")
+    parser.add_argument("--output-dir", default="results/comprehensive",
+                        help="folder of the results; the table and figure are written there (default results/comprehensive)")
     parser.add_argument("--model", default=None,
                         help="only this model's results (its result name, e.g. SmolLM2-135M-Instruct), where the folder "
-                             "holds several models' or texts' results")
+                             "holds several models' or texts' results (default: every model's)")
     args = parser.parse_args(argv)
     if args.context_length < 1:
         raise ValueError(f"--context-length must be >= 1 (the model's trained context, in tokens), got {args.context_length}")

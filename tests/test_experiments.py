@@ -33,6 +33,30 @@ def load_script(name: str):
     return script
 
 
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "experiments").glob("*.py")))
+def test_every_option_of_every_script_is_described_with_its_default(script, monkeypatch):
+    """--help of eval_streaming_llm.py listed --num-tokens, --chunk-sizes, --n-sink, ... with no word on them, and the
+    other scripts many of theirs; an option whose default is a value (not None, off or empty) names it in its help,
+    as the CLI's do (tests/test_cli.py)."""
+    import argparse
+
+    parsers = []
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *args, **kwargs: parsers.append(self) or (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    main = load_script(script).main
+    with pytest.raises(SystemExit):
+        main() if script.startswith(("check_", "gpu_")) else main([])
+    [parser] = parsers
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        label = f"{script} {action.option_strings}"
+        assert action.help, f"{label} has no help"
+        if action.default not in (None, False, []):
+            assert "default" in action.help, f"{label} does not say its default {action.default!r}"
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("*.sh")))
 def test_every_shell_script_parses(script):
     subprocess.run(["bash", "-n", str(ROOT / "experiments" / script)], check=True, timeout=60)
