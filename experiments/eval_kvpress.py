@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.loading import load_model
 
     output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
-    data = describe_source(args.data, text=load_text(args.data))
+    text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
+    data = describe_source(args.data, text=text)
     model_name = _model_name(args.model)
     path = output_dir / (
         f"{model_name}__{data_label(data)}__L{args.context_length}_m{args.continuation_length}"
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exists (use --force): {path}", file=sys.stderr)
         return 0
     model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.context_length + args.continuation_length)
+    ids = load_tokens(tokenizer, args.data, args.context_length + args.continuation_length, text=text)
     report = compare_prefill_protocol(
         model, ids, args.context_length, args.continuation_length, args.n_sink, args.window_size, args.timing_repeats
     )

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.loading import load_model
 
     output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
-    data = describe_source(args.data, text=load_text(args.data))
+    text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
+    data = describe_source(args.data, text=text)
     path = output_dir / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
     if path.is_file() and not args.force:  # the name carries no model or text: never replace another's silently
         previous = json.loads(path.read_text(encoding="utf-8"))
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{path} holds the result of {previous.get('model')} on another text or model; "
                              "use another --output-dir, or --force to replace it")
     model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.num_tokens)
+    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text)
     progress = not args.quiet and sys.stderr.isatty()
 
     # The decode loop's NLLs, computed with the exact parallel evaluator (equal to it, tests/test_eval_parallel.py).

@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                          "choose from " + ", ".join(name for name, method in METHODS.items() if method.feed == "exact"))
     args.output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work (as `streaming-llm eval` does), the summary's too
     prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
-    data = describe_source(args.data, text=load_text(args.data))
+    text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
+    data = describe_source(args.data, text=text)
     model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.num_tokens)
+    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text)
     common = dict(model_name=_model_name(args.model), data=data, n_sink=args.n_sink, window_size=args.window_size,
                   output_dir=args.output_dir, force=args.force, progress=not args.quiet and sys.stderr.isatty())
     rows = []

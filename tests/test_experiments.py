@@ -291,6 +291,34 @@ def test_kvpress_eval_checks_the_cache_sizes_before_loading(experiment, tmp_path
     assert str(error.value) == message
 
 
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A 2-layer random Llama with the embedded tokenizer, saved as a model folder."""
+    from streaming_llm.bench.soak import save_tiny_chat_llama
+
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.mark.parametrize("script, options", [
+    ("eval_streaming_llm", ["--num-tokens", "40", "--chunk-sizes", "8", "--strides", "8", "--quiet"]),
+    ("run_decode_perplexity", ["--num-tokens", "40", "--block-size", "8", "--quiet"]),
+    ("eval_kvpress", ["--context-length", "30", "--continuation-length", "8", "--timing-repeats", "1",
+                      "--demo-tokens", "0"]),
+])
+def test_evals_read_a_text_from_a_pipe(tiny_chat_model, tmp_path, capsys, script, options):
+    """--data <(cmd) (a pipe, read once) was read again to tokenize it after the model was loaded, and refused as
+    "text file '/dev/fd/63': the text is empty" (the fix of `streaming-llm eval`, a6c3c7c, had not reached them)."""
+    text = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40
+    read_end, write_end = os.pipe()
+    os.write(write_end, text.encode("utf-8"))  # ~3 KB: fits the pipe's buffer
+    os.close(write_end)
+    try:
+        assert load_script(script).main(["--model", str(tiny_chat_model), "--n-sink", "2", "--window-size", "14",
+                                          *options, "--data", f"/dev/fd/{read_end}", "--output-dir", str(tmp_path)]) == 0
+    finally:
+        os.close(read_end)
+
+
 def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
     """DEVICE=gpu or CUDA ran the CPU branch (a 100,000-token stream among it); METHODS was ignored on CPU."""
     for device in ("gpu", "CUDA", "cuda:x"):
