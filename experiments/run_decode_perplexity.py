@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--num-tokens must be >= 2 (one prediction), got {args.num_tokens}")
 
     from streaming_llm.cli_common import validate_common_args
-    from streaming_llm.data import describe_source, load_text, load_tokens
+    from streaming_llm.data import check_text_holds, describe_source, load_text, load_tokens
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method
     from streaming_llm.eval.methods import METHODS, get_methods
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work (as `streaming-llm eval` does), the summary's too
     prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
     text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
+    check_text_holds(text, args.num_tokens)  # before the model is loaded
     data = describe_source(args.data, text=text)
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text)

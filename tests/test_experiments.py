@@ -319,6 +319,21 @@ def test_evals_read_a_text_from_a_pipe(tiny_chat_model, tmp_path, capsys, script
         os.close(read_end)
 
 
+@pytest.mark.parametrize("script, options, option", [
+    ("eval_streaming_llm", ["--strides", "8", "--num-tokens", "4096"], "--num-tokens 4096"),
+    ("run_decode_perplexity", ["--num-tokens", "4096"], "--num-tokens 4096"),
+    ("eval_kvpress", ["--context-length", "4000", "--continuation-length", "96"], "--context-length + --continuation-length 4096"),
+])
+def test_evals_refuse_more_tokens_than_the_text_holds_before_loading(experiment, tmp_path, script, options, option):
+    """A stream longer than the --data text was refused after the model was loaded, as "num_tokens=4096, but the text
+    has only <n> tokens" (no option named); the scripts now check it first, as `streaming-llm eval` does."""
+    (tmp_path / "short.txt").write_text("a short text\n")
+    with pytest.raises(ValueError) as error:
+        experiment(script).main(["--n-sink", "4", "--window-size", "16", *options, "--data", str(tmp_path / "short.txt"),
+                                 "--output-dir", str(tmp_path / "out")])
+    assert str(error.value) == f"{option}: the text holds 13 bytes, and a token takes at least one"
+
+
 def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
     """DEVICE=gpu or CUDA ran the CPU branch (a 100,000-token stream among it); METHODS was ignored on CPU."""
     for device in ("gpu", "CUDA", "cuda:x"):
