@@ -75,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     data = describe_source(args.data, text=text)
     path = output_dir / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
     if path.is_file() and not args.force:  # the name carries no model or text: never replace another's silently
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if (previous.get("model"), previous.get("data", {}).get("sha256")) != (_model_name(args.model), data.get("sha256")):
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # not UTF-8 or not JSON
+            previous = None
+        if not (isinstance(previous, dict) and isinstance(previous.get("data"), dict)):
+            raise ValueError(f"{path} is not a result of this script; use another --output-dir, or --force to replace it")
+        if (previous.get("model"), previous["data"].get("sha256")) != (_model_name(args.model), data.get("sha256")):
             raise ValueError(f"{path} holds the result of {previous.get('model')} on another text or model; "
                              "use another --output-dir, or --force to replace it")
     model, tokenizer = load_model(args.model)

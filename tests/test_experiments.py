@@ -334,6 +334,19 @@ def test_evals_refuse_more_tokens_than_the_text_holds_before_loading(experiment,
     assert str(error.value) == f"{option}: the text holds 13 bytes, and a token takes at least one"
 
 
+@pytest.mark.parametrize("content", [b'{"model": "x", "data": {', b"[1]", b"\xff", b'{"model": "x", "data": "text"}'])
+def test_chunked_eval_names_a_foreign_file_in_the_place_of_its_result(experiment, tmp_path, content):
+    """A file of that name which is no result of the script was refused as a bare JSON or UTF-8 error ("Expecting
+    property name enclosed in double quotes: line 2 column 1 (char 25)") without naming it, or ended in a traceback
+    ("'list' object has no attribute 'get'")."""
+    path = tmp_path / "chunked__T64__s4_w16.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        experiment("eval_streaming_llm").main(["--n-sink", "4", "--window-size", "16", "--strides", "8", "--num-tokens",
+                                               "64", "--output-dir", str(tmp_path)])
+    assert str(error.value) == f"{path} is not a result of this script; use another --output-dir, or --force to replace it"
+
+
 def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
     """DEVICE=gpu or CUDA ran the CPU branch (a 100,000-token stream among it); METHODS was ignored on CPU."""
     for device in ("gpu", "CUDA", "cuda:x"):
