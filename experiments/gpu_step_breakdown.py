@@ -78,6 +78,10 @@ def main() -> int:
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     validate_common_args(args)  # --device, --n-sink
+    if args.capacity <= args.n_sink:
+        raise ValueError(f"--capacity must exceed --n-sink ({args.n_sink}); got {args.capacity}")
+    if args.steps < 1 or args.top < 1:
+        raise ValueError(f"--steps and --top must be >= 1; got --steps {args.steps}, --top {args.top}")
     require_cuda(args.device)
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)

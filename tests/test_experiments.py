@@ -160,10 +160,16 @@ def test_measurements_check_their_output_file_first(tmp_path, script, options):
         assert completed.stderr.splitlines()[-1] == f"{script}: error: {message}"
 
 
+SMALL_BREAKDOWN = ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float32"]  # not a 7B model on a CPU
+
+
 @pytest.mark.parametrize("script, options, message", [
     ("check_fast_path.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
     ("gpu_attention_microbench.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
     ("gpu_step_breakdown.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
+    ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--capacity", "0"], "--capacity must exceed --n-sink (4); got 0"),
+    ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--capacity", "4"], "--capacity must exceed --n-sink (4); got 4"),
+    ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--steps", "0"], "--steps and --top must be >= 1; got --steps 0, --top 15"),
     ("check_fast_path.py", ["--device", "cpu", "--layers", "0"],
      "--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers 0, --prompt 16, --tokens 400"),
     ("check_fast_path.py", ["--device", "cpu", "--layers", "1", "--tokens", "3", "--prompt", "4"],
@@ -172,7 +178,9 @@ def test_measurements_check_their_output_file_first(tmp_path, script, options):
 def test_measurements_refuse_a_bad_device_or_length_in_one_line(script, options, message):
     """--device gpu ended in torch's traceback ('Expected one of cpu, cuda, ...'); check_fast_path's --layers 0 was
     refused as 'this llama model rotates no features' and --prompt 0 or --tokens 0 as 'input_ids must be a [batch, n]
-    tensor' (no option named), and --tokens below --prompt streamed a shorter prompt than asked."""
+    tensor' (no option named), and --tokens below --prompt streamed a shorter prompt than asked; gpu_step_breakdown's
+    --capacity 0 ended in a traceback ('cannot reshape tensor of 0 elements'), --capacity 4 (= --n-sink) as 'window_size
+    must be an integer >= 1' after its first measurement, and --steps 0 as 'no median for empty data'."""
     completed = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *options],
                                capture_output=True, text=True, timeout=120)
     assert (completed.returncode, completed.stdout) == (2, ""), completed
