@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streaming_llm.cli_common import validate_common_args
+from streaming_llm.cli_common import add_stream_options, validate_common_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens prefilled and compressed (default 4096)")
     parser.add_argument("--continuation-length", type=int, default=512,
                         help="tokens scored after the context (default 512)")
-    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks kept (default 4)")
-    parser.add_argument("--window-size", type=int, default=1020,
-                        help="recent tokens kept next to the sinks (default 1020)")
-    parser.add_argument("--data", default=None,
-                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
-    parser.add_argument("--model", default=None,
-                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+    add_stream_options(parser)  # --n-sink, --window-size, --data, --model
     parser.add_argument("--timing-repeats", type=int, default=20, help="repeats of the rerotation timing (default 20)")
     parser.add_argument("--output-dir", default="results/kvpress",
                         help="folder of the result JSON (default results/kvpress)")

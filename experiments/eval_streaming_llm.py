@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from streaming_llm.cli_common import validate_common_args
+from streaming_llm.cli_common import add_stream_options, validate_common_args
 
 
 def int_list(option: str, spec: str, low: int, high: int | None = None, bound: str = "") -> list[int]:
@@ -40,13 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="chunk sizes of the chunked evaluation, comma-separated (default 64,256,1020)")
     parser.add_argument("--strides", default="256,512",
                         help="strides of the sliding-window baseline (window = capacity), comma-separated (default 256,512)")
-    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
-    parser.add_argument("--window-size", type=int, default=1020,
-                        help="recent tokens kept next to the sinks (default 1020)")
-    parser.add_argument("--data", default=None,
-                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
-    parser.add_argument("--model", default=None,
-                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+    add_stream_options(parser)  # --n-sink, --window-size, --data, --model
     parser.add_argument("--output-dir", default="results/comprehensive/chunked",
                         help="folder of the result JSON (default results/comprehensive/chunked)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streaming_llm.cli_common import add_stream_options, validate_common_args
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -23,13 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods with an exact block path, comma-separated (default streaming_pos_shift)")
     parser.add_argument("--block-size", type=int, default=256,
                         help="block size of the parallel evaluator (default 256)")
-    parser.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
-    parser.add_argument("--window-size", type=int, default=1020,
-                        help="recent tokens kept next to the sinks (default 1020)")
-    parser.add_argument("--data", default=None,
-                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
-    parser.add_argument("--model", default=None,
-                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+    add_stream_options(parser)  # --n-sink, --window-size, --data, --model
     parser.add_argument("--output-dir", default="results/comprehensive",
                         help="folder of the results and of summary/ (default results/comprehensive)")
     parser.add_argument("--force", action="store_true", help="run again what is already written (default: reuse it)")
@@ -41,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_tokens < 2:
         raise ValueError(f"--num-tokens must be >= 2 (one prediction), got {args.num_tokens}")
 
-    from streaming_llm.cli_common import validate_common_args
     from streaming_llm.data import check_text_holds, describe_source, load_text, load_tokens
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method

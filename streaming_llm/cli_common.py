@@ -104,6 +104,18 @@ def common_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def add_stream_options(parser: argparse.ArgumentParser) -> None:
+    """--n-sink, --window-size, --data and --model of the experiment scripts, with the CLI's defaults (check them
+    with validate_common_args)."""
+    parser.add_argument("--n-sink", type=int, default=DEFAULT_N_SINK, help=f"attention sinks (default {DEFAULT_N_SINK})")
+    parser.add_argument("--window-size", type=int, default=DEFAULT_WINDOW_SIZE,
+                        help=f"recent tokens kept next to the sinks (default {DEFAULT_WINDOW_SIZE})")
+    parser.add_argument("--data", default=None,
+                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
+    parser.add_argument("--model", default=None,
+                        help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
+
+
 def validate_common_args(args: argparse.Namespace) -> None:
     """Refuse bad common options before anything is loaded: ValueError with the reason."""
     n_sink, window_size = getattr(args, "n_sink", DEFAULT_N_SINK), getattr(args, "window_size", DEFAULT_WINDOW_SIZE)
