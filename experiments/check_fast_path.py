@@ -67,7 +67,7 @@ def main() -> int:
     if args.layers < 1 or args.prompt < 1 or args.tokens < args.prompt:
         raise ValueError(f"--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers {args.layers}, "
                          f"--prompt {args.prompt}, --tokens {args.tokens}")
-    require_cuda(args.device)
+    args.device = require_cuda(args.device)  # auto: cuda where there is one
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
 
     torch.manual_seed(0)

@@ -101,7 +101,7 @@ def main() -> int:
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     validate_common_args(args)  # --device
-    require_cuda(args.device)
+    args.device = require_cuda(args.device)  # auto: cuda where there is one
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)
     dtype = torch.bfloat16

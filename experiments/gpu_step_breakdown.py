@@ -82,7 +82,7 @@ def main() -> int:
         raise ValueError(f"--capacity must exceed --n-sink ({args.n_sink}); got {args.capacity}")
     if args.steps < 1 or args.top < 1:
         raise ValueError(f"--steps and --top must be >= 1; got --steps {args.steps}, --top {args.top}")
-    require_cuda(args.device)
+    args.device = require_cuda(args.device)  # auto: cuda where there is one
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)
     variants = [v for v in args.decode_attention.split(",") if v]

@@ -214,13 +214,21 @@ def run_script(main, argv: list[str] | None = None) -> int:
         return 130
 
 
-def require_cuda(device: str) -> None:
-    """ValueError unless `device` is usable: a CUDA device asked for on a machine without one is named in one line."""
+def require_cuda(device: str) -> str:
+    """The device a GPU script runs on (its --device, checked by validate_common_args): auto is CUDA where there is
+    one, else the CPU. ValueError for a CUDA device asked for on a machine without one, and for mps (the scripts time
+    CUDA kernels, or run a CPU smoke check)."""
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device here (this script measures the GPU; --device cpu for a "
                          "small smoke run where it offers one)")
+    if device == "mps":
+        raise ValueError("--device mps: this script measures CUDA (--device cuda), or runs a small smoke check on the CPU "
+                         "(--device cpu)")
+    return device
 
 
 def one_line(error: BaseException) -> str:

@@ -3,6 +3,7 @@ commands it runs with which options. PYTHON=echo prints them instead of running 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -167,6 +168,8 @@ SMALL_BREAKDOWN = ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float
     ("check_fast_path.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
     ("gpu_attention_microbench.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
     ("gpu_step_breakdown.py", ["--device", "gpu"], "--device must be cpu, cuda, cuda:N, mps or auto; got 'gpu'"),
+    ("gpu_attention_microbench.py", ["--device", "mps"], "--device mps: this script measures CUDA (--device cuda), or "
+                                                          "runs a small smoke check on the CPU (--device cpu)"),
     ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--capacity", "0"], "--capacity must exceed --n-sink (4); got 0"),
     ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--capacity", "4"], "--capacity must exceed --n-sink (4); got 4"),
     ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--steps", "0"], "--steps and --top must be >= 1; got --steps 0, --top 15"),
@@ -185,6 +188,20 @@ def test_measurements_refuse_a_bad_device_or_length_in_one_line(script, options,
                                capture_output=True, text=True, timeout=120)
     assert (completed.returncode, completed.stdout) == (2, ""), completed
     assert completed.stderr == f"{script}: error: {message}\n"
+
+
+def test_gpu_scripts_take_device_auto(tmp_path):
+    """--device auto (which validate_common_args accepts) went to torch.device as it was, a traceback ('Expected one of
+    cpu, cuda, ... device type at start of device string: auto'); it is CUDA where there is one, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: auto would time it")
+    completed = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_attention_microbench.py"), "--device",
+                                "auto", "--output", str(tmp_path / "smoke.json")], capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0, completed
+    assert json.loads((tmp_path / "smoke.json").read_text())["device"] == "cpu"
 
 
 @pytest.mark.parametrize("script", ["long_prompt_memory.py", "sliding_ring_memory.py"])
