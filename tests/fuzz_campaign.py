@@ -480,8 +480,10 @@ def float64_errors(case: dict, sensitivity_eps: float = 1e-6, trials: int = 3) -
     """Per row of a case over TOLERANCE, is it rounding or a defect?
 
     - "package", "reference": max |dlogit| of the package's logits and of the reference's, both float32, against the
-      reference run in float64 on the same weights and tokens (a mixture of experts with transformers' eager expert
-      loop: its grouped matmul takes no float64). Of one size: both round, and the model amplifies it.
+      reference run on the model cast to float64, same tokens (a mixture of experts with transformers' eager expert
+      loop: its grouped matmul takes no float64). Not float64 throughout: the reference turns RoPE angles in float32,
+      as transformers does, and some of the model's own modules (Gemma's RMSNorm) compute in float32 whatever the
+      dtype (SEMANTICS.md §6). Of one size: both round, and the model amplifies it.
     - "sensitivity": the largest max |dlogit| of the float32 reference when every weight is scaled by
       1 + sensitivity_eps * N(0, 1) (`trials` draws): a few float32 ulps. As large as the difference found: the
       logits jump at a rounding-level change of their inputs (a router choosing between two experts whose scores
