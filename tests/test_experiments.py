@@ -34,6 +34,21 @@ def load_script(name: str):
     return script
 
 
+def run_as_script(monkeypatch, capsys, script: str, *args: str) -> tuple[int, str, str]:
+    """`python experiments/<script> args` in this process (runpy, as __main__: the script's own exit path, without
+    ~4 s of interpreter start-up): (exit status, stdout, stderr). An exception the script lets out fails the test."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    try:
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(ROOT / "experiments" / script), run_name="__main__")
+    except KeyboardInterrupt:  # out of the script: a traceback for its user (and pytest would stop the session)
+        pytest.fail(f"{script} let a KeyboardInterrupt out")
+    out, err = capsys.readouterr()
+    return exit.value.code, out, err
+
+
 @pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "experiments").glob("*.py")))
 def test_every_option_of_every_script_is_described_with_its_default(script, monkeypatch):
     """--help of eval_streaming_llm.py listed --num-tokens, --chunk-sizes, --n-sink, ... with no word on them, and the
@@ -129,16 +144,15 @@ def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path,
     assert summarize_results.main([*summary, "--model", "model_a"]) == 0
 
 
-def test_gpu_scripts_say_they_need_cuda():
+def test_gpu_scripts_say_they_need_cuda(monkeypatch, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    completed = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_step_breakdown.py")],
-                               capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 2 and "Traceback" not in completed.stderr
-    assert completed.stderr.strip() == ("gpu_step_breakdown.py: error: --device cuda: no CUDA device here (this script "
-                                        "measures the GPU; --device cpu for a small smoke run where it offers one)")
+    status, _, err = run_as_script(monkeypatch, capsys, "gpu_step_breakdown.py")
+    assert status == 2
+    assert err.strip() == ("gpu_step_breakdown.py: error: --device cuda: no CUDA device here (this script "
+                           "measures the GPU; --device cpu for a small smoke run where it offers one)")
 
 
 @pytest.mark.parametrize("script, options", [
@@ -147,18 +161,18 @@ def test_gpu_scripts_say_they_need_cuda():
     ("gpu_step_breakdown.py", ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float32", "--capacity", "16",
                                "--steps", "1"]),
 ])
-def test_measurements_check_their_output_file_first(tmp_path, script, options):
+def test_measurements_check_their_output_file_first(tmp_path, monkeypatch, capsys, script, options):
     """--output naming a folder (or a path under a file) failed after the whole measurement ('Is a directory'), and
     --output=~/x.json wrote into a folder named '~' in the working directory (the GPU scripts not even atomically)."""
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for output, message in ((str(tmp_path), f"--output {tmp_path} is a folder: give a file path in it"),
                             ("~/file/x.json", f"--output ~/file/x.json: {tmp_path}/home/file is a file, not a folder")):
-        completed = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *options, f"--output={output}"],
-                                   capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                                   env={**os.environ, "HOME": str(tmp_path / "home")})
-        assert completed.returncode == 2 and completed.stdout == "", completed
-        assert completed.stderr.splitlines()[-1] == f"{script}: error: {message}"
+        status, out, err = run_as_script(monkeypatch, capsys, script, *options, f"--output={output}")
+        assert (status, out) == (2, ""), err
+        assert err.splitlines()[-1] == f"{script}: error: {message}"
 
 
 SMALL_BREAKDOWN = ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float32"]  # not a 7B model on a CPU
@@ -178,43 +192,38 @@ SMALL_BREAKDOWN = ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float
     ("check_fast_path.py", ["--device", "cpu", "--layers", "1", "--tokens", "3", "--prompt", "4"],
      "--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers 1, --prompt 4, --tokens 3"),
 ])
-def test_measurements_refuse_a_bad_device_or_length_in_one_line(script, options, message):
+def test_measurements_refuse_a_bad_device_or_length_in_one_line(monkeypatch, capsys, script, options, message):
     """--device gpu ended in torch's traceback ('Expected one of cpu, cuda, ...'); check_fast_path's --layers 0 was
     refused as 'this llama model rotates no features' and --prompt 0 or --tokens 0 as 'input_ids must be a [batch, n]
     tensor' (no option named), and --tokens below --prompt streamed a shorter prompt than asked; gpu_step_breakdown's
     --capacity 0 ended in a traceback ('cannot reshape tensor of 0 elements'), --capacity 4 (= --n-sink) as 'window_size
     must be an integer >= 1' after its first measurement, and --steps 0 as 'no median for empty data'."""
-    completed = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *options],
-                               capture_output=True, text=True, timeout=120)
-    assert (completed.returncode, completed.stdout) == (2, ""), completed
-    assert completed.stderr == f"{script}: error: {message}\n"
+    assert run_as_script(monkeypatch, capsys, script, *options) == (2, "", f"{script}: error: {message}\n")
 
 
-def test_gpu_scripts_take_device_auto(tmp_path):
+def test_gpu_scripts_take_device_auto(tmp_path, monkeypatch, capsys):
     """--device auto (which validate_common_args accepts) went to torch.device as it was, a traceback ('Expected one of
     cpu, cuda, ... device type at start of device string: auto'); it is CUDA where there is one, else the CPU."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: auto would time it")
-    completed = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_attention_microbench.py"), "--device",
-                                "auto", "--output", str(tmp_path / "smoke.json")], capture_output=True, text=True,
-                               timeout=120)
-    assert completed.returncode == 0, completed
+    status, _, err = run_as_script(monkeypatch, capsys, "gpu_attention_microbench.py", "--device", "auto", "--output",
+                                   str(tmp_path / "smoke.json"))
+    assert status == 0, err
     assert json.loads((tmp_path / "smoke.json").read_text())["device"] == "cpu"
 
 
 @pytest.mark.parametrize("script", ["long_prompt_memory.py", "sliding_ring_memory.py"])
-def test_memory_measurements_stop_on_ctrl_c_without_a_traceback(tmp_path, script):
+def test_memory_measurements_stop_on_ctrl_c_without_a_traceback(tmp_path, monkeypatch, capsys, script):
     """Ctrl-C during the measurement printed a KeyboardInterrupt traceback (the scripts ran main() without
     run_script); now exit status 130, nothing on stderr but a line break, and no --output file. The interrupt is
     raised where the script seeds its model (torch.manual_seed)."""
-    code = ("import runpy, sys, torch\nfrom unittest import mock\n"
-            f"sys.argv = [{script!r}, '--output', {str(tmp_path / 'out.json')!r}]\n"
-            "with mock.patch.object(torch, 'manual_seed', side_effect=KeyboardInterrupt):\n"
-            f"    runpy.run_path({str(ROOT / 'experiments' / script)!r}, run_name='__main__')\n")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert (completed.returncode, completed.stderr) == (130, "\n"), completed
+    import torch
+
+    monkeypatch.setattr(torch, "manual_seed", mock.Mock(side_effect=KeyboardInterrupt))
+    status, _, err = run_as_script(monkeypatch, capsys, script, "--output", str(tmp_path / "out.json"))
+    assert (status, err) == (130, "\n")
     assert not (tmp_path / "out.json").exists()
 
 
