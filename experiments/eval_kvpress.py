@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.continuation_length < 1 or args.timing_repeats < 1 or args.demo_window < 1 or args.demo_tokens < 0:
         raise ValueError("--continuation-length, --timing-repeats and --demo-window must be >= 1, --demo-tokens >= 0")
 
-    from streaming_llm.data import check_text_holds, describe_source, load_text, load_tokens
+    from streaming_llm.data import load_tokens, read_source
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.kvpress_compare import compare_prefill_protocol
     from streaming_llm.eval.results import (data_label, device_description, git_commit, prepare_output_dir, versions,
@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.loading import load_model
 
     output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
-    text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
-    check_text_holds(text, args.context_length + args.continuation_length, "--context-length + --continuation-length")
-    data = describe_source(args.data, text=text)
+    text, data = read_source(args.data, args.context_length + args.continuation_length,
+                             "--context-length + --continuation-length")  # read once, checked before the model is loaded
     model_name = _model_name(args.model)
     path = output_dir / (
         f"{model_name}__{data_label(data)}__L{args.context_length}_m{args.continuation_length}"

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from streaming_llm.data import check_text_holds, describe_source, load_text, load_tokens
+    from streaming_llm.data import load_tokens, read_source
     from streaming_llm.eval.chunked import chunked_streaming_perplexity, deviation, strided_window_perplexity
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.methods import METHODS
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.loading import load_model
 
     output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
-    text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
-    check_text_holds(text, args.num_tokens)  # before the model is loaded
-    data = describe_source(args.data, text=text)
+    text, data = read_source(args.data, args.num_tokens)  # read once, checked before the model is loaded
     path = output_dir / f"chunked__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
     if path.is_file() and not args.force:  # the name carries no model or text: never replace another's silently
         try:

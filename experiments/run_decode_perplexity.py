@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_tokens < 2:
         raise ValueError(f"--num-tokens must be >= 2 (one prediction), got {args.num_tokens}")
 
-    from streaming_llm.data import check_text_holds, describe_source, load_text, load_tokens
+    from streaming_llm.data import load_tokens, read_source
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method
     from streaming_llm.eval.methods import METHODS, get_methods
@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                          "choose from " + ", ".join(name for name, method in METHODS.items() if method.feed == "exact"))
     args.output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work (as `streaming-llm eval` does), the summary's too
     prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
-    text = load_text(args.data)  # read once: a pipe (--data <(cmd)) gives its text only once
-    check_text_holds(text, args.num_tokens)  # before the model is loaded
-    data = describe_source(args.data, text=text)
+    text, data = read_source(args.data, args.num_tokens)  # read once, checked before the model is loaded
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text)
     common = dict(model_name=_model_name(args.model), data=data, n_sink=args.n_sink, window_size=args.window_size,

@@ -144,7 +144,7 @@ def _model_name(model_arg) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm eval`."""
     from streaming_llm.cli_common import show_progress
-    from streaming_llm.data import check_text_holds, describe_source, load_text, load_tokens
+    from streaming_llm.data import load_tokens, read_source
     from streaming_llm.eval.harness import run_method, run_recompute_sample
     from streaming_llm.eval.results import prepare_output_dir
     from streaming_llm.loading import load_model
@@ -163,9 +163,7 @@ def run_eval(args: argparse.Namespace) -> int:
     plot_path = check_figure_path(args.plot, "--plot") if args.plot else None
     output_dir = prepare_output_dir(args.output_dir)
 
-    text = load_text(args.data)
-    check_text_holds(text, args.num_tokens)
-    data = describe_source(args.data, text=text)
+    text, data = read_source(args.data, args.num_tokens)
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if any(method.name != "dense" for method in methods):  # every other method holds n_sink + window_size tokens
         check_capacity(model.config, n_sink + window_size)
