@@ -308,13 +308,21 @@ def test_every_option_of_every_command_is_described_with_its_default(capsys):
     for name, command in commands.items():
         status, _, _ = run_main(capsys, name, "--help")
         assert status == 0, name
-        for action in command._actions:
-            if isinstance(action, argparse._HelpAction):
-                continue
-            label = f"{name} {action.option_strings or action.dest}"
-            assert action.help, f"{label} has no help"
-            if action.default not in (None, False, []):
-                assert "default" in action.help, f"{label} does not say its default {action.default!r}"
+        assert_options_described(command, name)
+
+
+def assert_options_described(parser, name: str) -> None:
+    """Every option of `parser` (the program `name`) has help, and one whose default is a value (not None, off or
+    empty) names it there."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        label = f"{name} {action.option_strings or action.dest}"
+        assert action.help, f"{label} has no help"
+        if action.default not in (None, False, []):
+            assert "default" in action.help, f"{label} does not say its default {action.default!r}"
 
 
 def test_missing_optional_commands_are_skipped(monkeypatch, capsys):

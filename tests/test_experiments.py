@@ -56,6 +56,8 @@ def test_every_option_of_every_script_is_described_with_its_default(script, monk
     as the CLI's do (tests/test_cli.py)."""
     import argparse
 
+    from test_cli import assert_options_described
+
     parsers = []
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
                         lambda self, *args, **kwargs: parsers.append(self) or (_ for _ in ()).throw(SystemExit(0)))
@@ -64,13 +66,7 @@ def test_every_option_of_every_script_is_described_with_its_default(script, monk
     with pytest.raises(SystemExit):
         main() if script.startswith(("check_", "gpu_")) else main([])
     [parser] = parsers
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        label = f"{script} {action.option_strings}"
-        assert action.help, f"{label} has no help"
-        if action.default not in (None, False, []):
-            assert "default" in action.help, f"{label} does not say its default {action.default!r}"
+    assert_options_described(parser, script)
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "experiments").glob("*.sh")))
