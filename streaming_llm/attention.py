@@ -3,7 +3,8 @@
 The model's own attention modules compute q, k, v and RoPE and call `cache.update(...)` as usual; they
 then call this function instead of sdpa/eager. When the cache is a StreamingKVCache, the layer it just
 updated computes the sink + window attention of SEMANTICS.md (docs/semantics.md); any other cache
-(or none) falls back to transformers' sdpa attention, so a prepared model still runs densely.
+(or none) falls back to the attention the model had (its eager attention, else transformers' sdpa), so a prepared
+model still runs densely, as before.
 
 The hand-off from `cache.update` to this function is a thread-local slot: update() is always called
 right before the attention function of the same layer, in the same thread. The mask is handed off the same
@@ -13,6 +14,7 @@ passes on to the mask function it calls next), so that a prepared model run dens
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -72,9 +74,15 @@ def softmax_with_sink_logits(scores: torch.Tensor, s_aux: torch.Tensor | None) -
 
 
 def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """A prepared model run without a StreamingKVCache: transformers' SDPA attention, or, for Gemma 2's logit
-    soft-capping and GPT-OSS's learned sink logits (which SDPA does not apply), the same softmax written out as the
-    model's eager attention does."""
+    """A prepared model run without a StreamingKVCache: the model's own eager attention where it was loaded with
+    eager attention (prepare_model records it), so that it gives the same logits, and attention weights, as before;
+    otherwise transformers' SDPA attention, or, for Gemma 2's logit soft-capping and GPT-OSS's learned sink logits
+    (which SDPA does not apply), the same softmax written out as the model's eager attention does."""
+    if getattr(module, "streaming_dense_attention", None) == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager(module, query, key, value, _additive_mask(attention_mask, query, key), dropout=dropout,
+                         scaling=scaling, **kwargs)
     softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
     if softcap is None and s_aux is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -91,6 +99,19 @@ def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     scores = cap_scores(query @ key.transpose(-1, -2) * (module.scaling if scaling is None else scaling), softcap)
     weights = softmax_with_sink_logits(scores + attention_mask[..., :m], s_aux).to(value.dtype)
     return (weights @ value).transpose(1, 2).contiguous(), None
+
+
+def _additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The mask an eager attention takes (transformers' eager_mask): 0 where a key is seen, the dtype's lowest value
+    where it is hidden, [b, 1, n, m]; from the SDPA mask the streaming mask function built (boolean, or None for
+    plain causal attention over the last n of m positions)."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        return attention_mask
+    n, m = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        attention_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)[None, None]
+    zero = torch.tensor(0.0, device=query.device, dtype=query.dtype)
+    return torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
 
 
 def streaming_attention_forward(
@@ -199,7 +220,9 @@ def prepare_model(model: nn.Module) -> nn.Module:
     Checks the architecture (ValueError naming the supported ones), gives every attention layer the
     model's rotary frequencies and its own sliding window (`models.sliding_windows`: from the config, as the model's
     mask reads it; Qwen2-MoE and PhiMoE do not pass theirs on to the attention function), and switches
-    `config._attn_implementation` to "streaming_llm". Returns the model, unchanged otherwise.
+    `config._attn_implementation` to "streaming_llm". Run without a StreamingKVCache, the model attends as it did
+    before: with its own eager attention if it was loaded with `attn_implementation="eager"`, else with SDPA.
+    Returns the model, unchanged otherwise.
     """
     architecture = describe(model)
     windows = sliding_windows(model.config)
@@ -208,5 +231,8 @@ def prepare_model(model: nn.Module) -> nn.Module:
                          f"layers where its config names {len(windows)}")
     for module, rotary, window in zip(architecture.attention_modules, architecture.layer_rotaries, windows):
         module.streaming_rotary, module.streaming_window = rotary, window
+        previous = getattr(module.config, "_attn_implementation", None)
+        if previous != ATTN_IMPLEMENTATION:  # what the model ran before (kept by a second prepare_model)
+            module.streaming_dense_attention = previous
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model

@@ -1,0 +1,44 @@
+"""Using the package leaves the user's model and other code as they were: a wrapped or prepared model run without a
+StreamingKVCache is the model as loaded, bit for bit (plain forward, generate with transformers' own caches)."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import random_ids
+from transformers import StaticCache
+
+from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper, prepare_model
+
+WRAPS = {
+    "prepare_model": prepare_model,
+    "wrapper": lambda model: StreamingLLMWrapper(model, n_sink=2, window_size=6)(random_ids(12, seed=1)[None]),
+    "fast": lambda model: FastStreamingWrapper(model, n_sink=2, window_size=6, compile="never")(random_ids(12, seed=1)[None]),
+}
+
+
+def greedy_scores(model, input_ids, **kwargs):
+    out = model.generate(input_ids, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("wrap", sorted(WRAPS))
+def test_an_eager_model_wrapped_runs_densely_as_before_bit_for_bit(model, wrap):
+    """The tiny models are loaded with eager attention. A prepared model run without a StreamingKVCache ran
+    transformers' SDPA instead: logits off by ~4e-6 from the same model before wrapping, and output_attentions=True,
+    which eager attention serves, failed (IndexError). It runs the model's own eager attention now."""
+    assert model.config._attn_implementation == "eager"
+    before, wrapped = copy.deepcopy(model), copy.deepcopy(model)
+    WRAPS[wrap](wrapped)
+    input_ids = random_ids(16, seed=2, batch=2)
+    padding = torch.ones_like(input_ids)
+    padding[1, :3] = 0
+    for kwargs in ({}, {"attention_mask": padding}):
+        assert torch.equal(wrapped(input_ids, **kwargs).logits, before(input_ids, **kwargs).logits)
+    attentions = wrapped(input_ids, output_attentions=True).attentions
+    assert all(torch.equal(a, b) for a, b in zip(attentions, before(input_ids, output_attentions=True).attentions))
+    for cache in (lambda m: {}, lambda m: {"past_key_values": StaticCache(config=m.config, max_cache_len=32)}):
+        for got, expected in zip(greedy_scores(wrapped, input_ids[:1], **cache(wrapped)),
+                                 greedy_scores(before, input_ids[:1], **cache(before))):
+            assert torch.equal(got, expected)
