@@ -15,8 +15,10 @@ the first n_sink tokens. SortedStreamingLLMPress sorts the kept indices, the lin
 
 Importing kvpress wraps every function in transformers' ALL_ATTENTION_FUNCTIONS (for head-wise presses such
 as AdaKV, none of which is used here; the wrapper passes `dropout` as the 6th positional argument, which this
-package's attention functions take there, as transformers' do). This module removes those wrappers again right
-after importing kvpress, so that a comparison runs exactly the registered attention. Entering a press also sets
+package's attention functions take there, as transformers' do). This module removes the wrappers around this
+package's own attention functions again right after importing kvpress, so that a streaming comparison runs exactly
+the registered attention; transformers' functions keep theirs (a pass-through for every press but a head-wise one,
+which a user of kvpress in the same process may need). Entering a press also sets
 `self_attn.rotary_emb` on each decoder layer of the model (a shared reference to the model's rotary embedding; it
 stays after exit).
 """
@@ -36,19 +38,23 @@ from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from streaming_llm.attention import ATTN_IMPLEMENTATION
 from streaming_llm.cache import validate_sizes
+from streaming_llm.fast import STATIC_ATTN_IMPLEMENTATION
 from streaming_llm.checks import check_int, check_token_ids
 from streaming_llm.models import UnsupportedModelError
 
 
 def _remove_kvpress_attention_wrappers() -> None:
-    """Undo kvpress.attention_patch.patch_attention_functions (run at kvpress import) for every attention function.
+    """Undo kvpress.attention_patch.patch_attention_functions (run at kvpress import) for this package's attention
+    functions. transformers' own (sdpa, flash, ...) keep kvpress's wrappers: a head-wise press (AdaKV) used elsewhere
+    in the process needs them, and they pass the call through unchanged for every other press.
 
     It installs its wrappers as local overrides of ALL_ATTENTION_FUNCTIONS; deleting an override restores the
     registered function.
     """
-    for name in list(ALL_ATTENTION_FUNCTIONS):
-        if getattr(ALL_ATTENTION_FUNCTIONS[name], "__module__", None) == "kvpress.attention_patch":
+    for name in (ATTN_IMPLEMENTATION, STATIC_ATTN_IMPLEMENTATION):
+        if getattr(ALL_ATTENTION_FUNCTIONS.get(name), "__module__", None) == "kvpress.attention_patch":
             del ALL_ATTENTION_FUNCTIONS[name]
 
 
