@@ -20,8 +20,8 @@ import threading
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from streaming_llm.models import check_capacity, describe, sliding_windows
 
@@ -85,7 +85,9 @@ def _dense_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                          scaling=scaling, **kwargs)
     softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
     if softcap is None and s_aux is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        # looked up, as the model itself does: an override of "sdpa" (kvpress's wrapper for head-wise presses) applies
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
     n, m = query.shape[-2], key.shape[-2]
     if attention_mask is None:  # SDPA's causal shortcut: the queries are the last n of the m positions
         attention_mask = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)

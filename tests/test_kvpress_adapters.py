@@ -183,11 +183,20 @@ def test_a_press_that_does_not_cut_the_cache_back_is_reported(kv_model):
         stepper.step(random_ids(12, seed=11)[None])
 
 
+def adakv_decode(model):
+    """Logits of one decode step after a prefill compressed by a head-wise press (AdaKV hides keys per head)."""
+    from kvpress import AdaKVPress, KnormPress
+
+    input_ids, cache = random_ids(24, seed=5)[None], DynamicCache()
+    with AdaKVPress(KnormPress(compression_ratio=0.5))(model):
+        model(input_ids, past_key_values=cache)
+    return model(input_ids[:, :1], past_key_values=cache, cache_position=torch.tensor([24])).logits
+
+
 def test_importing_the_adapters_unwraps_only_our_attention_and_leaves_head_wise_presses_working(monkeypatch):
     """kvpress wraps every attention function at import (module docstring). The adapters removed every wrapper, so a
     head-wise press (AdaKV) used elsewhere in the same process silently attended to the keys it had hidden (decode
     logits off by 5); only this package's functions are unwrapped now, and AdaKV decodes as with kvpress alone."""
-    from kvpress import AdaKVPress, KnormPress
     from kvpress.attention_patch import attention_patch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -197,17 +206,23 @@ def test_importing_the_adapters_unwraps_only_our_attention_and_leaves_head_wise_
     assert not wrapped & {"streaming_llm", "streaming_llm_static"}
     model = build_llama()
     model.set_attn_implementation("sdpa")
-    input_ids = random_ids(24, seed=5)[None]
-
-    def adakv_decode():
-        cache = DynamicCache()
-        with AdaKVPress(KnormPress(compression_ratio=0.5))(model):
-            model(input_ids, past_key_values=cache)
-        return model(input_ids[:, :1], past_key_values=cache, cache_position=torch.tensor([24])).logits
-
-    got = adakv_decode()
+    got = adakv_decode(model)
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", attention_patch(sdpa_attention_forward))  # kvpress's own
-    torch.testing.assert_close(got, adakv_decode(), rtol=0, atol=0)
+    torch.testing.assert_close(got, adakv_decode(model), rtol=0, atol=0)
+
+
+def test_a_head_wise_press_on_a_prepared_model_is_as_on_the_model():
+    """A prepared SDPA model run without a StreamingKVCache called transformers' SDPA function directly, past
+    kvpress's wrapper in the registry, so AdaKV on it attended to the keys it had hidden (decode logits off by 5); it
+    calls the registered "sdpa", as the model itself does."""
+    import copy
+
+    from streaming_llm import prepare_model
+
+    model = build_llama()
+    model.set_attn_implementation("sdpa")
+    prepared = prepare_model(copy.deepcopy(model))
+    torch.testing.assert_close(adakv_decode(prepared), adakv_decode(model), rtol=0, atol=0)
 
 
 def test_our_attention_functions_run_under_kvpress_attention_wrapper():
