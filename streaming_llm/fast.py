@@ -332,6 +332,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     _batch_size = 1
 
+    def _placement(self) -> tuple:
+        """The dtype (RoPE frequencies, buffers) and the device (buffers, compiled step) the wrapper was made for."""
+        parameter = next(self.model.parameters())
+        return parameter.dtype, parameter.device
+
     @property
     def tokens_seen(self) -> int:
         self._follow_cache()
@@ -401,6 +406,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
+        self._check_model_unchanged()
         self._follow_cache()
         self._take_batch(token_ids.shape[0])
         if self.seen < self.n_sink:

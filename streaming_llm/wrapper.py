@@ -36,6 +36,7 @@ class StreamingLLMWrapper:
         self.architecture = describe(model)
         check_capacity(model.config, n_sink + window_size)
         self.model = prepare_model(model)
+        self._made_for = self._placement()
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self.cache = self._new_cache()
@@ -55,8 +56,22 @@ class StreamingLLMWrapper:
         """Forget the stream: the next call starts at stream position 0."""
         self.cache = self._new_cache()
 
+    def _placement(self) -> tuple:
+        """What the wrapper took from the model when it was made: its RoPE frequencies, in the model's dtype."""
+        return (next(self.model.parameters()).dtype,)
+
+    def _check_model_unchanged(self) -> None:
+        """A model cast (model.half(), .to(torch.bfloat16)) after the wrapper was made casts its RoPE frequencies too,
+        which the wrapper had taken before: refused, rather than streamed with frequencies the model no longer has."""
+        placement = self._placement()
+        if placement != self._made_for:
+            made, now = (" on ".join(map(str, state)) for state in (self._made_for, placement))
+            raise ValueError(f"the model was cast or moved after this wrapper was made ({made}, now {now}); the "
+                             "wrapper took its RoPE frequencies (and its buffers) then: make a new wrapper for it")
+
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check_model_unchanged()
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or min(input_ids.shape) < 1:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, n] tensor with batch, n >= 1; got {shape}")

@@ -42,3 +42,25 @@ def test_an_eager_model_wrapped_runs_densely_as_before_bit_for_bit(model, wrap):
         for got, expected in zip(greedy_scores(wrapped, input_ids[:1], **cache(wrapped)),
                                  greedy_scores(before, input_ids[:1], **cache(before))):
             assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("wrapper_class", [StreamingLLMWrapper, FastStreamingWrapper])
+def test_a_model_cast_after_the_wrapper_was_made_is_refused_in_one_line(llama_model, wrapper_class):
+    """model.to(torch.bfloat16) also casts the model's RoPE frequencies, which the wrapper had taken in float32: the
+    plain wrapper streamed on with the old ones (not the cast model's: a fresh wrapper's logits differed), the fast one
+    refused with 'reset it', which did not help, or failed inside index_copy_ mid-stream. Both name the cast now."""
+    model = copy.deepcopy(llama_model)
+    kwargs = {"compile": "never"} if wrapper_class is FastStreamingWrapper else {}
+    wrapper = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
+    input_ids = random_ids(10, seed=3)[None]
+    wrapper(input_ids)
+    model.to(torch.bfloat16)
+    for feed in (lambda: wrapper(input_ids[:, :1]), lambda: wrapper.reset() or wrapper(input_ids)):
+        with pytest.raises(ValueError, match=r"cast or moved after this wrapper was made \(torch.float32.*now "
+                                             r"torch.bfloat16.*make a new wrapper"):
+            feed()
+    if wrapper_class is FastStreamingWrapper:
+        with pytest.raises(ValueError, match="cast or moved after this wrapper was made"):
+            wrapper.step(input_ids[:, :1])
+    fresh = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
+    assert fresh(input_ids).dtype == torch.bfloat16
