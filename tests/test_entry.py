@@ -33,3 +33,14 @@ def test_ctrl_c_while_the_command_line_imports_is_a_quiet_exit_130():
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err
+
+
+def test_python_dash_m_runs_the_command_line():
+    """`python -m streaming_llm` is the `streaming-llm` command (for an environment whose scripts are not on PATH):
+    the same usage line, and the same exit status 2 for a command that does not exist."""
+    help_run = subprocess.run([sys.executable, "-m", "streaming_llm", "--help"], capture_output=True, text=True,
+                              timeout=120)
+    assert help_run.returncode == 0 and help_run.stdout.startswith("usage: streaming-llm "), help_run.stderr
+    wrong = subprocess.run([sys.executable, "-m", "streaming_llm", "no-such-command"], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "no-such-command" in wrong.stderr and "Traceback" not in wrong.stderr
