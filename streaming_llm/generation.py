@@ -43,7 +43,7 @@ class SamplingConfig:
     """How the next token is chosen from the logits of the last fed token.
 
     temperature: 0 picks the most likely token (greedy); > 0 samples from softmax(logits / temperature).
-    top_k: sample among the k most likely tokens only (0 = no limit).
+    top_k: sample among the k most likely tokens only, and those tied with the k-th (0 = no limit).
     top_p: nucleus sampling, the smallest set of tokens whose probability reaches top_p (1 = no limit).
     repetition_penalty: CTRL-style (Keskar et al. 2019), > 1 discourages repeats: a positive logit is
       divided by it, a negative one multiplied; applied to the distinct ids among the last
@@ -127,7 +127,7 @@ class TokenSampler:
         return int(ids[torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)])
 
     def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, ids) of the tokens top-k and then top-p keep, most likely first.
+        """(logits, ids) of the tokens top-k (with any tied with the k-th) and then top-p keep, most likely first.
 
         Without top_k, the nucleus is looked for among the NUCLEUS_PROBE most likely tokens first and
         the whole vocabulary is sorted only when they do not hold top_p of the mass: exact either way.
@@ -135,6 +135,12 @@ class TokenSampler:
         config, vocab = self.config, logits.shape[-1]
         count = min(config.top_k or NUCLEUS_PROBE, vocab)
         values, ids = torch.topk(logits, count)
+        if config.top_k and count < vocab:
+            # Tokens tied with the k-th are as likely as it: all of them stay, as with transformers' TopKLogitsWarper
+            # (common in bf16), not whichever of them topk happened to return first.
+            tied = int((logits >= values[-1]).sum())
+            if tied > count:
+                values, ids = torch.topk(logits, tied)
         if config.top_p < 1.0:
             if config.top_k:  # top-p applies to the distribution top-k left
                 probabilities = torch.softmax(values, dim=-1)

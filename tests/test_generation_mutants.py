@@ -161,11 +161,47 @@ def test_unrestricted_sampling_draws_from_the_whole_vocabulary():
 
 
 def test_top_k_alone_keeps_k_candidates_however_unlikely():
-    """With top_p=1 top-k keeps exactly k tokens, even those whose probability rounds the cumulative sum to 1."""
-    logits = torch.zeros(50)
+    """With top_p=1 top-k keeps exactly k tokens (none tied), even those whose probability rounds the cumulative sum
+    to 1."""
+    logits = -torch.arange(50.0)
     logits[7] = 100.0
     values, ids = TokenSampler(SamplingConfig(temperature=1.0, top_k=5))._candidates(logits)
-    assert len(ids) == 5 and ids[0] == 7 and len(values) == 5
+    assert ids.tolist() == [7, 0, 1, 2, 3] and len(values) == 5
+
+
+def _transformers_candidates(logits: torch.Tensor, config: SamplingConfig) -> set[int]:
+    """The ids transformers' own warpers leave finite, in generate()'s order: temperature, top-k, top-p."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.float()[None]
+    for warper in (TemperatureLogitsWarper(config.temperature), TopKLogitsWarper(config.top_k) if config.top_k else None,
+                   TopPLogitsWarper(config.top_p) if config.top_p < 1 else None):
+        scores = warper(None, scores) if warper is not None else scores
+    return set(torch.nonzero(scores[0] > -float("inf"))[:, 0].tolist())
+
+
+def _candidates(logits: torch.Tensor, config: SamplingConfig) -> set[int]:
+    """The ids the sampler can draw (a -inf logit kept among them has probability 0)."""
+    values, ids = TokenSampler(config)._candidates(logits / config.temperature)
+    return set(ids[values > -float("inf")].tolist())
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.95])
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_does(top_p):
+    """Bug found by the audit: top-k kept exactly k tokens, so of the tokens tied with the k-th (30-60% of steps
+    at top_k 10-50 for the embedded model in bf16) it kept whichever torch.topk returned first. transformers'
+    TopKLogitsWarper keeps every token tied with the k-th; so does the sampler now, and the candidates equal
+    transformers' on bf16-rounded logits of several vocabulary sizes, with -inf entries."""
+    logits = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, 0.0])
+    config = SamplingConfig(temperature=1.0, top_k=3, top_p=top_p)
+    assert _candidates(logits, config) == _transformers_candidates(logits, config) == {0, 1, 2, 3, 4}
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (7, 100, 3000):
+        logits = (torch.randn(vocab, generator=generator) * 4).to(torch.bfloat16).float()
+        logits[torch.rand(vocab, generator=generator) < 0.2] = -float("inf")
+        for top_k in (1, 5, 40):
+            config = SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+            assert _candidates(logits, config) == _transformers_candidates(logits, config)
 
 
 @pytest.mark.parametrize("top_k", [0, 4])
