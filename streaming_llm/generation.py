@@ -48,7 +48,8 @@ class SamplingConfig:
     repetition_penalty: CTRL-style (Keskar et al. 2019), > 1 discourages repeats: a positive logit is
       divided by it, a negative one multiplied; applied to the distinct ids among the last
       `repetition_window` tokens of the stream (prompt included), so its cost does not grow with the stream.
-    seed: seeds the sampler's own torch.Generator, an integer in [0, 2**63) (None: non-deterministic).
+    seed: seeds the sampler's own torch.Generator, an integer in [0, 2**63) (None: non-deterministic): once per
+      generate_stream call, once per StreamingChat conversation (its turns draw on; reset() seeds it again).
     Every accepted value samples without NaN: a temperature too small to divide by acts as greedy.
     """
 
@@ -258,7 +259,8 @@ class GenerationStream:
     caller that continues the stream feeds it first (StreamingChat does).
     """
 
-    def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress):
+    def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress,
+                 *, sampler: TokenSampler | None = None):
         check_wrapper(wrapper)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         prefill_block_size = check_int("prefill_block_size", prefill_block_size, 1)
@@ -280,6 +282,8 @@ class GenerationStream:
         self.stop_token_ids = stop_token_id_set(stop_token_ids)
         self.prefill_block_size = prefill_block_size
         self.progress = progress
+        # A sampler that outlives the stream (StreamingChat's, one per conversation) draws on where it stopped.
+        self._sampler = TokenSampler(self.sampling) if sampler is None else sampler
         self.prompt_tokens = ids.numel()
         self.new_tokens = 0
         self.prefill_seconds = 0.0
@@ -316,7 +320,7 @@ class GenerationStream:
         self.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
 
-        sampler = TokenSampler(self.sampling)
+        sampler = self._sampler
         recent = deque(self.prompt_ids[-self.sampling.repetition_window :].tolist(), maxlen=self.sampling.repetition_window)
         decoder = IncrementalDecoder(self.tokenizer, context_ids=self.prompt_ids[-DECODE_CONTEXT_TOKENS:].tolist())
         stopper = StopStringFilter(self.stop)
@@ -489,6 +493,7 @@ class StreamingChat:
     ValueError. One that only re-formats the last answer (e.g. strips its trailing spaces) is fed from
     the first character that differs (with a warning).
 
+    A seeded `sampling` seeds the conversation once: later turns draw on from where the earlier ones stopped.
     `send(text)` yields the answer's Pieces; once it is exhausted, `last_turn` describes the turn.
     `messages` holds the conversation text (the template needs it); the model's memory of it is the
     fixed cache. An exception inside a turn leaves the cache in an unknown state: call reset().
@@ -526,6 +531,8 @@ class StreamingChat:
         self._answer_start = 0  # len(seen_text) where the last answer begins
         self._pending_token: int | None = None  # last sampled token, not fed yet
         self._pending_text = ""  # its text, as it continues the answer
+        # One sampler for the conversation: a seed is drawn from once, not again from its start each turn.
+        self._sampler = TokenSampler(self.sampling)
         self.turns = 0
         self.last_turn: TurnResult | None = None
 
@@ -565,14 +572,17 @@ class StreamingChat:
         messages = self.messages + [{"role": "user", "content": user_text}]
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         feed, seen_text = self._ids_to_reach(rendered)
-        stream = generate_stream(
+        stream = GenerationStream(
             self.wrapper,
             self.tokenizer,
             feed,
             self.sampling,
             self.stop,
             self.max_new_tokens if max_new_tokens is None else max_new_tokens,
-            stop_token_ids=self.stop_token_ids,
+            self.stop_token_ids,
+            DEFAULT_PREFILL_BLOCK_SIZE,
+            False,
+            sampler=self._sampler,
         )
         context_ids = feed[-DECODE_CONTEXT_TOKENS:]
         conversation = self._conversation

@@ -515,6 +515,30 @@ def test_an_empty_system_prompt_adds_no_system_message(byte_tokenizer):
     assert chat.ask("Hello") == "Hi" and [m["role"] for m in chat.messages] == ["user", "assistant"]
 
 
+def test_a_seeded_chat_draws_on_across_turns_and_replays_after_reset(byte_tokenizer):
+    """Bug found by the audit: each turn made a new sampler from the seed, so every answer of a seeded chat drew the
+    same random numbers (three questions over the same distribution got three identical answers). The seed now
+    seeds the conversation once; a new chat with the same seed, or reset(), replays it."""
+    def uniform():  # 1000 ordinary tokens, equally likely
+        logits = torch.full((len(byte_tokenizer),), -float("inf"))
+        logits[3000:4000] = 0.0
+        return logits
+
+    def answers(chat, count=3):
+        return [chat.ask(question) for question in ("a", "b", "c")[:count]]
+
+    def new_chat():
+        sampling = SamplingConfig(temperature=1.0, seed=0)
+        return StreamingChat(ScriptedWrapper(len(byte_tokenizer), uniform), byte_tokenizer, sampling=sampling,
+                             max_new_tokens=6, stop_token_ids=())
+
+    chat = new_chat()
+    first = answers(chat)
+    assert len(set(first)) == 3 and answers(new_chat()) == first
+    chat.reset()
+    assert answers(chat, 1) == first[:1]
+
+
 def test_send_takes_max_new_tokens_as_given(byte_tokenizer):
     """send(max_new_tokens=0) is refused (it once meant the default); a number caps that turn only."""
     chat, wrapper = _chat(byte_tokenizer, ["one two three four five"], max_new_tokens=50)
