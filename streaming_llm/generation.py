@@ -260,7 +260,7 @@ class GenerationStream:
     """
 
     def __init__(self, wrapper, tokenizer, prompt_ids, sampling, stop, max_new_tokens, stop_token_ids, prefill_block_size, progress,
-                 *, sampler: TokenSampler | None = None):
+                 *, sampler: TokenSampler | None = None, earlier_ids: Sequence[int] = ()):
         check_wrapper(wrapper)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         prefill_block_size = check_int("prefill_block_size", prefill_block_size, 1)
@@ -284,6 +284,8 @@ class GenerationStream:
         self.progress = progress
         # A sampler that outlives the stream (StreamingChat's, one per conversation) draws on where it stopped.
         self._sampler = TokenSampler(self.sampling) if sampler is None else sampler
+        # The stream's tokens before prompt_ids (StreamingChat's earlier turns), where the repetition window begins.
+        self._earlier_ids = list(earlier_ids)[-self.sampling.repetition_window :]
         self.prompt_tokens = ids.numel()
         self.new_tokens = 0
         self.prefill_seconds = 0.0
@@ -321,7 +323,8 @@ class GenerationStream:
         start = time.perf_counter()
 
         sampler = self._sampler
-        recent = deque(self.prompt_ids[-self.sampling.repetition_window :].tolist(), maxlen=self.sampling.repetition_window)
+        recent = deque(self._earlier_ids + self.prompt_ids[-self.sampling.repetition_window :].tolist(),
+                       maxlen=self.sampling.repetition_window)
         decoder = IncrementalDecoder(self.tokenizer, context_ids=self.prompt_ids[-DECODE_CONTEXT_TOKENS:].tolist())
         stopper = StopStringFilter(self.stop)
 
@@ -436,7 +439,7 @@ def generate_stream(
 
     prompt_ids: the next tokens of the stream, a list or tensor [n] or [1, n] with n >= 1: the whole
     prompt on a fresh wrapper, only the new part when continuing (the wrapper keeps its cache).
-    sampling: SamplingConfig (default greedy). stop: strings that end generation (not included in the
+    sampling: SamplingConfig (default greedy; its repetition window begins with prompt_ids). stop: strings that end generation (not included in the
     text). stop_token_ids: ids that end generation (e.g. `end_of_turn_ids(...)`; default none).
     Returns a GenerationStream: iterate it for Pieces (token id + text delta), e.g.
 
@@ -533,6 +536,8 @@ class StreamingChat:
         self._pending_text = ""  # its text, as it continues the answer
         # One sampler for the conversation: a seed is drawn from once, not again from its start each turn.
         self._sampler = TokenSampler(self.sampling)
+        # The last tokens fed, for the repetition penalty's window, which reaches back into earlier turns.
+        self._recent: deque[int] = deque(maxlen=self.sampling.repetition_window)
         self.turns = 0
         self.last_turn: TurnResult | None = None
 
@@ -583,6 +588,7 @@ class StreamingChat:
             DEFAULT_PREFILL_BLOCK_SIZE,
             False,
             sampler=self._sampler,
+            earlier_ids=self._recent,
         )
         context_ids = feed[-DECODE_CONTEXT_TOKENS:]
         conversation = self._conversation
@@ -600,9 +606,9 @@ class StreamingChat:
                     return
         finally:
             if answer_ids and self._conversation is conversation:
-                self._record_answer(stream, context_ids, answer_ids, "".join(answer_text), len(feed))
+                self._record_answer(stream, context_ids, answer_ids, "".join(answer_text), feed)
 
-    def _record_answer(self, stream: GenerationStream, context_ids: list[int], answer_ids: list[int], answer_text: str, fed_tokens: int) -> None:
+    def _record_answer(self, stream: GenerationStream, context_ids: list[int], answer_ids: list[int], answer_text: str, feed: list[int]) -> None:
         content_ids = answer_ids[:-1] if stream.stop_reason == "eos" else answer_ids
         self.messages = self.messages + [{"role": "assistant", "content": self._decode_after(context_ids, content_ids)}]
         # Every generated token has been fed except the last one, which the next turn feeds if the template agrees.
@@ -610,11 +616,12 @@ class StreamingChat:
         self._pending_token = answer_ids[-1]
         self._pending_text = self._decode_after((context_ids + answer_ids[:-1])[-DECODE_CONTEXT_TOKENS:], answer_ids[-1:])
         self.seen_text += fed_text
+        self._recent.extend(feed + answer_ids[:-1])
         self.turns += 1
         self.last_turn = TurnResult(
             answer=answer_text,
             new_tokens=len(answer_ids),
-            fed_tokens=fed_tokens,
+            fed_tokens=len(feed),
             stop_reason=stream.stop_reason or "interrupted",
             seconds=stream.prefill_seconds + stream.decode_seconds,
             tokens_per_second=stream.tokens_per_second,

@@ -539,6 +539,27 @@ def test_a_seeded_chat_draws_on_across_turns_and_replays_after_reset(byte_tokeni
     assert answers(chat, 1) == first[:1]
 
 
+def test_the_repetition_window_of_a_chat_reaches_back_into_the_previous_answer(byte_tokenizer):
+    """Bug found by the audit: each turn's repetition window began with that turn's fed tokens, so the previous
+    answer, among the last repetition_window tokens of the conversation, went unpenalised, and a model could
+    repeat it (transformers' generate(), given the whole conversation, penalises it). Here the second answer's
+    most likely token (1.0) is the first answer's word; the penalty 100 brings it to 0.01, under another's 0.5."""
+    paris, rome = ids_of(byte_tokenizer, "Paris") + ids_of(byte_tokenizer, "Rome")
+    end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    steps = iter([{paris: 10.0}, {end: 10.0}, {paris: 1.0, rome: 0.5}])
+
+    def next_logits():
+        logits = torch.zeros(len(byte_tokenizer))
+        for token, value in next(steps).items():
+            logits[token] = value
+        return logits
+
+    chat = StreamingChat(ScriptedWrapper(len(byte_tokenizer), next_logits), byte_tokenizer, stop_token_ids={end},
+                         sampling=SamplingConfig(repetition_penalty=100.0))
+    assert chat.ask("Capital of France?") == "Paris"
+    assert chat.ask("And of Italy?", max_new_tokens=1) == "Rome"
+
+
 def test_send_takes_max_new_tokens_as_given(byte_tokenizer):
     """send(max_new_tokens=0) is refused (it once meant the default); a number caps that turn only."""
     chat, wrapper = _chat(byte_tokenizer, ["one two three four five"], max_new_tokens=50)
