@@ -111,7 +111,8 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-size", type=int, default=DEFAULT_WINDOW_SIZE,
                         help=f"recent tokens kept next to the sinks (default {DEFAULT_WINDOW_SIZE})")
     parser.add_argument("--data", default=None,
-                        help="text source: a .txt file or a datasets spec such as pg19 (default: the embedded text)")
+                        help="text source: a .txt file, - for standard input, or a datasets spec such as pg19 "
+                             "(default: the embedded text)")
     parser.add_argument("--model", default=None,
                         help="model name or path, as `streaming-llm --model` (default: the embedded SmolLM2-135M-Instruct)")
 

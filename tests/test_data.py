@@ -90,6 +90,26 @@ def test_local_utf8_file(tmp_path):
     assert description["name"] == "book.txt"
 
 
+def test_a_dash_is_standard_input_read_once(tmp_path, monkeypatch):
+    """`--data -` was taken for a dataset named "-" (refused as "dataset '-' could not be loaded"): it is standard
+    input, read to its end once; a file named "-" is "./-"."""
+    import io
+
+    text = "Thou art more lovely — and more temperate.\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    assert load_text("-") == text
+    assert describe_source("-", text=text) == {"name": "stdin", "kind": "stdin", "num_chars": len(text),
+                                                "sha256": describe_source(None, text=text)["sha256"]}
+    with pytest.raises(ValueError, match=r"^standard input \(-\): the text is empty$"):
+        load_text("-")  # already read to its end
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("caf\xe9".encode("latin-1"))))
+    with pytest.raises(ValueError, match=r"^standard input \(-\): not valid UTF-8 \(byte 0xe9 at offset 3\)$"):
+        load_text("-")
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "-", b"a file named -")
+    assert load_text("./-") == "a file named -"
+
+
 def test_the_tokens_a_text_can_hold_are_bounded_by_its_utf8_bytes():
     """check_text_holds refuses, before any tokenizer is loaded, only a count no tokenizer can reach: one token per
     UTF-8 byte (not per character: each "é" is two bytes, two byte-level tokens) plus up to 8 special ones (a BOS, a

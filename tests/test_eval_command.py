@@ -243,6 +243,21 @@ def test_eval_reads_a_text_from_a_pipe(model_dir, tmp_path, capsys):
     assert results_of(out)["dense"]["data"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def test_eval_reads_standard_input_for_data_dash(model_dir, tmp_path, capsys, monkeypatch):
+    """`--data -` was taken for a dataset named "-" ("dataset '-' could not be loaded"): it is standard input, read
+    once (as a pipe is), and the result names it."""
+    import io
+    import sys
+
+    text = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", str(tmp_path)]
+    status, out, err = run_main(capsys, *argv, "--data", "-")
+    assert status == 0, err
+    data = results_of(out)["dense"]["data"]
+    assert data["kind"] == "stdin" and data["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def test_a_leading_tilde_in_output_paths_is_the_home_folder(model_dir, tmp_path, capsys, monkeypatch):
     """`--output-dir=~/runs` (no shell expands ~ there) wrote to a folder named "~" in the working directory, and
     `--plot=~/c.png` / `plot -o=~/c.png` checked ~/c.png but wrote ./~/c.png; --data and --model expand ~."""

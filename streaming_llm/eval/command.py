@@ -46,7 +46,8 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
         default=DEFAULT_BLOCK_SIZE,
         help=f"tokens per step for methods with an exact block path; 1 = the decode loop (default {DEFAULT_BLOCK_SIZE})",
     )
-    evaluate.add_argument("--data", default=None, help="text source: a .txt file or a datasets spec name[:config[:split]] (default: embedded text)")
+    evaluate.add_argument("--data", default=None, help="text source: a .txt file, - for standard input (read once, as a pipe such as <(cmd)), or a datasets "
+                          "spec name[:config[:split]] (default: embedded text)")
     evaluate.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where result files go (default {DEFAULT_OUTPUT_DIR})")
     evaluate.add_argument("--force", action="store_true", help="re-run configurations whose results already exist")
     evaluate.add_argument(
