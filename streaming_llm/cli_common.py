@@ -8,13 +8,14 @@ option errors are instant; the loaders import them when called.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 EMBEDDED_ALIAS = "embedded"
 POSITION_MODES = ("pos_shift", "rerotate", "absolute")
@@ -240,10 +241,27 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+@contextlib.contextmanager
+def trial_folder(folder: Path) -> Iterator[None]:
+    """Create `folder` and the missing folders above it for a check, then remove again those it created (each only
+    if still empty): a run refused after its output was checked leaves no folder behind; the first write creates
+    them (atomic_write). A folder that existed before is never touched."""
+    created, probe = [], folder
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    try:
+        yield
+    finally:
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
 def check_output_file(path: str, option: str = "--output") -> Path:
     """The file `option` names (a leading ~ expanded; write to this path, not to the text given), checked before
     any work so that a long run does not fail at its end: not empty, not a folder or a device, and its folder
-    (created if missing, as the final write would) takes new files."""
+    takes new files (a missing one is created for the check and removed again; the write creates it)."""
     if not path.strip():
         raise ValueError(f"{option} is empty: give a file path")
     file = Path(path).expanduser()
@@ -255,9 +273,10 @@ def check_output_file(path: str, option: str = "--output") -> Path:
     if not existing.is_dir():  # mkdir would say "File exists"
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=file.parent):  # the file is written next to it, then renamed
-            pass
+        with trial_folder(file.parent):
+            file.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=file.parent):  # the file is written next to it, then renamed
+                pass
     except OSError as error:
         raise ValueError(f"{option} {path}: cannot write in its folder {file.parent} ({error.strerror or error})") from None
     return file

@@ -108,7 +108,8 @@ def test_bench_command_streams_at_the_largest_cache_size_up_to_1024(tmp_path, ca
 def test_profile_reports_the_cache_stages(tmp_path, capfd):
     """--profile: Chrome traces next to the JSON and the time of each cache stage; rerotate moves its frame (re-rotates
     every stored key) at every step of every layer, pos_shift at most once in 10 steps at capacity 64 (the cache size
-    nearest 1024)."""
+    nearest 1024). The traces are written first, into a new --output-dir, which its check left uncreated."""
+    tmp_path = tmp_path / "new"
     status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "16,64", "--methods", "streaming_pos_shift",
                        "--rounds", "1", "--steps", "1", "--profile", "--output-dir", str(tmp_path), "--tag", "p"])
     out, err = capfd.readouterr()  # the tables the user asked for go to stdout (they were status lines, hidden by -q)
@@ -331,6 +332,17 @@ def test_bench_refuses_bad_methods_before_creating_the_output_folder(tmp_path, c
     """--methods is checked before --output-dir is created: a refused run leaves no empty folder behind."""
     assert cli.main(["bench", "--methods", "fastest", "--output-dir", str(tmp_path / "new"), "--quiet"]) == 2
     assert "unknown method" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_bench_refused_after_its_output_check_leaves_no_folder_behind(tmp_path, capsys):
+    """--output-dir was created when checked, before the model was loaded: a --model that cannot be loaded (or a
+    bench that could time nothing) left an empty new folder behind."""
+    assert cli.main(["bench", "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "new" / "sub"),
+                     "--quiet"]) == 2
+    assert "no-such-model" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    assert cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "16", "--methods", "kvpress_decode", "--rounds",
+                     "1", "--steps", "1", "--quiet", "--output-dir", str(tmp_path / "new"), "--tag", "k"]) == 2
+    assert "no method could be timed" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_the_dense_methods_stop_one_below_the_sliding_window():

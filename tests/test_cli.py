@@ -511,6 +511,15 @@ def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_
     assert_one_line_error(status, err, fragment)
 
 
+def test_a_refused_chat_leaves_no_folder_for_its_output(script_file, tmp_path, capsys):
+    """--output's folder was created when --output was checked, so a run refused afterwards (here the model) left an
+    empty new folder behind."""
+    output = tmp_path / "new" / "sub" / "answers.jsonl"
+    status, _, err = run_main(capsys, "chat", "--model", "./no/such/model", "--script", str(script_file), "--output", str(output))
+    assert_one_line_error(status, err, "no/such/model")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [script_file.name]
+
+
 def test_chat_output_with_a_leading_tilde_is_written_in_the_home_folder(model_dir, tmp_path, capsys, monkeypatch):
     """`--output=~/answers.jsonl` was checked as ~/answers.jsonl, then written to ./~/answers.jsonl."""
     home = tmp_path / "home"

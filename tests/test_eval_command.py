@@ -275,6 +275,19 @@ def test_a_leading_tilde_in_output_paths_is_the_home_folder(model_dir, tmp_path,
     assert (home / "p.pdf").is_file() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize("refused", [["--model", "no-such-model"], ["--data", "no-such-text.txt"]])
+def test_a_refused_eval_leaves_no_folder_behind(model_dir, tmp_path, capsys, monkeypatch, refused):
+    """--output-dir (and --plot's folder) were created when checked, before --data and --model were read, so a run
+    refused then (exit 2) left empty new folders behind; a folder that was there is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old").mkdir()
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--plot", "figs/c.png"]
+    for output_dir in ("runs/new", "old"):
+        status, _, err = run_main(capsys, *argv, "--output-dir", output_dir, *refused)
+        assert_one_line_error(status, err, "no-such-")
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["old"] and not any((tmp_path / "old").iterdir())
+
+
 def test_eval_checks_the_output_folder_and_the_capacity_before_scoring(model_dir, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")

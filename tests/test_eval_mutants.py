@@ -102,7 +102,22 @@ def test_prepare_output_dir_refuses_a_blank_name_and_a_file(tmp_path):
     afile.write_text("x")
     with pytest.raises(ValueError, match="is not a folder"):
         prepare_output_dir(afile, option="--out")
-    assert prepare_output_dir(tmp_path / "new" / "sub") == tmp_path / "new" / "sub" and (tmp_path / "new" / "sub").is_dir()
+    assert prepare_output_dir(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+
+
+def test_prepare_output_dir_leaves_no_folder_it_created(tmp_path):
+    """It created the folder (and those above it) when checking it, so a run refused afterwards (a bad --model or
+    --data) left an empty new folder behind: it is created for the check and removed again, the first write creates
+    it; a folder that was there stays, and the check still finds one that cannot be created."""
+    assert prepare_output_dir(tmp_path / "new" / "sub") == tmp_path / "new" / "sub"
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    prepare_output_dir(tmp_path / "old" / "sub")
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and list((tmp_path / "old").iterdir()) == []
+    results.write_json_atomically(tmp_path / "new" / "sub" / "r.json", {})  # the write makes the folders
+    assert (tmp_path / "new" / "sub" / "r.json").is_file()
+    with pytest.raises(ValueError, match="cannot create it"):
+        prepare_output_dir(tmp_path / "new" / "sub" / "r.json" / "x")
 
 
 def test_the_nlls_are_written_before_the_json(tmp_path, monkeypatch):

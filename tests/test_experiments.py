@@ -299,9 +299,30 @@ def test_chunked_and_kvpress_evals_check_their_output_dir_first(experiment, tmp_
         main([*options, "--output-dir", ""])
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
+    from streaming_llm.eval import results
+
+    checked, prepare = [], results.prepare_output_dir
+
+    def recorded(*args):  # the folder leaves no trace once the run is refused: record the path it checked
+        checked.append(prepare(*args))
+        return checked[-1]
+
+    monkeypatch.setattr(results, "prepare_output_dir", recorded)
     with pytest.raises(AssertionError, match="the model was loaded"):  # the options passed: the model comes next
         main([*options, "--output-dir=~/runs"])
-    assert (tmp_path / "home" / "runs").is_dir() and not (tmp_path / "~").exists()
+    assert checked == [tmp_path / "home" / "runs"] and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("script, options", [
+    ("eval_streaming_llm", ["--n-sink", "4", "--window-size", "16", "--strides", "8"]),
+    ("eval_kvpress", ["--n-sink", "4", "--window-size", "16", "--context-length", "64"]),
+    ("run_decode_perplexity", ["--n-sink", "4", "--window-size", "16"]),
+])
+def test_a_refused_eval_script_leaves_no_folder_behind(experiment, tmp_path, script, options):
+    """--output-dir was created when checked, before --data was read: a run refused then left an empty folder."""
+    with pytest.raises(ValueError, match="no such file"):
+        experiment(script).main([*options, "--data", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path / "new")])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("options, message", [

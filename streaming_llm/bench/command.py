@@ -169,6 +169,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from streaming_llm.bench.profile import profile_decode
 
         capacity = min(args.cache_sizes, key=lambda c: abs(c - 1024))
+        output_dir.mkdir(parents=True, exist_ok=True)  # the traces are written there first (prepare_output_dir left none)
         for position_mode in ("pos_shift", "rerotate"):
             trace = output_dir / f"{tag}.{position_mode}.trace.json"
             profiled = profile_decode(model, capacity, args.n_sink, position_mode=position_mode, trace_path=str(trace))

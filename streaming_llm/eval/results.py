@@ -89,19 +89,24 @@ def atomic_write(path: Path, write) -> None:
 
 
 def prepare_output_dir(path: str | os.PathLike, option: str = "--output-dir") -> Path:
-    """The folder results go to (a leading ~ expanded), created if missing; ValueError naming `option` and the path
-    when it cannot be (checked before any work, so that a long run does not fail at its first write)."""
+    """The folder results go to (a leading ~ expanded); ValueError naming `option` and the path when it cannot be
+    created or written (checked before any work, so that a long run does not fail at its first write). A missing
+    folder is created for the check and removed again (trial_folder), so that a run refused later leaves none
+    behind: the first write creates it (atomic_write)."""
+    from streaming_llm.cli_common import trial_folder
+
     if not str(path).strip():
         raise ValueError(f"{option} is empty: give a folder")
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{option} {path} is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{option} {path}: cannot create it ({error.strerror or error})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path} is not writable")
+    with trial_folder(folder):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{option} {path}: cannot create it ({error.strerror or error})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{option} {path} is not writable")
     return folder
 
 
