@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exists (use --force): {path}", file=sys.stderr)
         return 0
     model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.context_length + args.continuation_length, text=text)
+    ids = load_tokens(tokenizer, args.data, args.context_length + args.continuation_length, text=text,
+                      option="--context-length + --continuation-length")
     report = compare_prefill_protocol(
         model, ids, args.context_length, args.continuation_length, args.n_sink, args.window_size, args.timing_repeats
     )

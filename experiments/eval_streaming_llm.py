@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{path} holds the result of {previous.get('model')} on another text or model; "
                              "use another --output-dir, or --force to replace it")
     model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text)
+    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text, option="--num-tokens")
     progress = not args.quiet and sys.stderr.isatty()
 
     # The decode loop's NLLs, computed with the exact parallel evaluator (equal to it, tests/test_eval_parallel.py).

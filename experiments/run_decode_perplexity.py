@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
     text, data = read_source(args.data, args.num_tokens)  # read once, checked before the model is loaded
     model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text)
+    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text, option="--num-tokens")
     common = dict(model_name=_model_name(args.model), data=data, n_sink=args.n_sink, window_size=args.window_size,
                   output_dir=args.output_dir, force=args.force, progress=not args.quiet and sys.stderr.isatty())
     rows = []

@@ -222,6 +222,7 @@ def load_tokens(
     num_tokens: int | None = None,
     add_bos: bool | None = None,
     text: str | None = None,
+    option: str | None = None,
 ) -> torch.Tensor:
     """Token ids of `source`, LongTensor [1, T] with T = num_tokens (or all of the text).
 
@@ -235,7 +236,8 @@ def load_tokens(
     ``num_tokens + 512`` ids is tokenized (doubling until it does), cut at a line break; the ids kept are those
     of the whole text.
 
-    Raises ValueError when the text has fewer than 2 tokens, or fewer than `num_tokens`.
+    Raises ValueError when the text has fewer than 2 tokens, or fewer than `num_tokens` (named `num_tokens=N`, or
+    `<option> N` where a command line gives `option`, e.g. ``"--num-tokens"``).
     """
     if num_tokens is not None:
         num_tokens = check_int("num_tokens", num_tokens, 2, " (one prediction)")
@@ -247,7 +249,8 @@ def load_tokens(
         raise ValueError(f"text has {len(ids)} tokens; need at least 2 (one prediction)")
     if num_tokens is not None:
         if num_tokens > len(ids):
-            raise ValueError(f"num_tokens={num_tokens}, but the text has only {len(ids)} tokens")
+            asked = f"num_tokens={num_tokens}, but" if option is None else f"{option} {num_tokens}:"
+            raise ValueError(f"{asked} the text has only {len(ids)} tokens")
         ids = ids[:num_tokens]
     return torch.tensor([ids], dtype=torch.long)
 

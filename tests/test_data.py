@@ -274,5 +274,8 @@ def test_too_few_tokens(tmp_path, embedded_text):
         load_tokens(tokenizer, str(path), num_tokens=5)
     with pytest.raises(ValueError, match="num_tokens=4, but the text has only 3 tokens"):  # one past the text
         load_tokens(tokenizer, str(path), num_tokens=4)
+    # A command line names its own option (the library keeps its parameter's name).
+    with pytest.raises(ValueError, match="^--num-tokens 4: the text has only 3 tokens$"):
+        load_tokens(tokenizer, str(path), num_tokens=4, option="--num-tokens")
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 2 .one prediction., got 1"):
         load_tokens(tokenizer, str(path), num_tokens=1)

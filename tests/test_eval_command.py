@@ -225,6 +225,17 @@ def test_eval_refuses_more_tokens_than_the_text_can_hold_before_loading_the_mode
     assert_one_line_error(status, err, "--num-tokens 120: the text holds 72 bytes, and a token takes at least one")
 
 
+def test_eval_names_num_tokens_when_the_text_has_fewer_tokens(model_dir, tmp_path, capsys):
+    """A text of enough bytes but fewer tokens than --num-tokens was refused as "num_tokens=120, but the text has only
+    21 tokens", the library's parameter, not the option the user typed."""
+    text = tmp_path / "few.txt"
+    text.write_text(" lighthouse" * 20, encoding="utf-8")  # 220 bytes, one token a word
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--data", str(text), "--output-dir", str(tmp_path / "out")]
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, "--num-tokens 120: the text has only ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_reads_a_text_from_a_pipe(model_dir, tmp_path, capsys):
     """`--data <(cmd)` (a pipe, read once) was read again to tokenize it, after the model was loaded, and refused as
     "the text is empty"."""

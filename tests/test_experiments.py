@@ -385,6 +385,21 @@ def test_evals_refuse_more_tokens_than_the_text_holds_before_loading(experiment,
     assert str(error.value) == f"{option}: the text holds 13 bytes, and a token takes at least one"
 
 
+@pytest.mark.parametrize("script, options, option", [
+    ("eval_streaming_llm", ["--strides", "8", "--num-tokens", "120"], "--num-tokens 120"),
+    ("run_decode_perplexity", ["--num-tokens", "120"], "--num-tokens 120"),
+    ("eval_kvpress", ["--context-length", "100", "--continuation-length", "20"], "--context-length + --continuation-length 120"),
+])
+def test_evals_name_their_option_when_the_text_has_fewer_tokens(tiny_chat_model, tmp_path, script, options, option):
+    """A text of enough bytes but fewer tokens than asked for was refused, once tokenized, as "num_tokens=120, but the
+    text has only 21 tokens": the library's parameter, not the script's option."""
+    (tmp_path / "few.txt").write_text(" lighthouse" * 20, encoding="utf-8")  # 220 bytes, one token a word
+    with pytest.raises(ValueError) as error:
+        load_script(script).main(["--model", str(tiny_chat_model), "--n-sink", "2", "--window-size", "14", *options,
+                                  "--data", str(tmp_path / "few.txt"), "--output-dir", str(tmp_path / "out")])
+    assert str(error.value).startswith(f"{option}: the text has only ")
+
+
 @pytest.mark.parametrize("content", [b'{"model": "x", "data": {', b"[1]", b"\xff", b'{"model": "x", "data": "text"}'])
 def test_chunked_eval_names_a_foreign_file_in_the_place_of_its_result(experiment, tmp_path, content):
     """A file of that name which is no result of the script was refused as a bare JSON or UTF-8 error ("Expecting

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         from streaming_llm.loading import EMBEDDED_MODEL, load_model
 
         model, tokenizer = load_model(None)
-        input_ids = load_tokens(tokenizer, None, args.tokens)
+        input_ids = load_tokens(tokenizer, None, args.tokens, option="--tokens")
         next_ids, model_name, data = slice_token_source(input_ids), EMBEDDED_MODEL, {
             "kind": "embedded Shakespeare corpus (streaming_llm.data.load_tokens)", "num_tokens": args.tokens}
     wrapper = StreamingLLMWrapper(model, args.n_sink, window_size, args.position_mode, args.streaming_mode)

@@ -169,7 +169,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if any(method.name != "dense" for method in methods):  # every other method holds n_sink + window_size tokens
         check_capacity(model.config, n_sink + window_size)
     device = str(next(model.parameters()).device)
-    input_ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text).to(device)
+    input_ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text, option="--num-tokens").to(device)
     model_name = _model_name(args.model)
 
     common = dict(
