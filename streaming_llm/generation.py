@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -267,6 +267,10 @@ class GenerationStream:
         ids = prompt_token_ids(prompt_ids)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty: generation needs at least one token to continue from")
+        self.sampling = sampling_config(sampling)
+        self.stop = stop_strings(stop)
+        self.stop_token_ids = stop_token_id_set(stop_token_ids)
+        check_tokenizer(tokenizer)
         vocab = wrapper.model.get_input_embeddings().num_embeddings
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
             bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
@@ -276,10 +280,7 @@ class GenerationStream:
             )
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.prompt_ids = ids
-        self.sampling = sampling_config(sampling)
-        self.stop = stop_strings(stop)
         self.max_new_tokens = max_new_tokens
-        self.stop_token_ids = stop_token_id_set(stop_token_ids)
         self.prefill_block_size = prefill_block_size
         self.progress = progress
         # A sampler that outlives the stream (StreamingChat's, one per conversation) draws on where it stopped.
@@ -362,8 +363,14 @@ class GenerationStream:
 def prompt_token_ids(prompt_ids) -> torch.Tensor:
     """The prompt as a LongTensor [n]: from a list of ints or an integer tensor [n] or [1, n]; ValueError otherwise
     (a [2, n] batch was flattened into one stream, float ids truncated, bool ids taken as 0/1)."""
-    if isinstance(prompt_ids, (str, bytes)):
+    if isinstance(prompt_ids, (str, bytes)) or (
+        isinstance(prompt_ids, (list, tuple)) and any(isinstance(item, (str, bytes)) for item in prompt_ids)
+    ):
         raise ValueError("prompt_ids must be token ids, not text: tokenize it first (tokenizer(text)['input_ids'])")
+    if isinstance(prompt_ids, Mapping):  # a tokenizer's whole output (a BatchEncoding): its ids are one entry of it
+        raise ValueError("prompt_ids must be token ids, not the tokenizer's whole output: pass its ['input_ids']")
+    if prompt_ids is None:
+        raise ValueError("prompt_ids must be a list or a tensor of token ids, got None")
     try:
         ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.as_tensor(prompt_ids)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -409,10 +416,35 @@ def stop_strings(stop) -> list[str]:
 
 
 def check_wrapper(wrapper) -> None:
-    """TypeError for the model itself where a wrapper around it is expected (a model's output is no logits tensor)."""
+    """TypeError for the model itself where a wrapper around it is expected (a model's output is no logits tensor), and
+    for anything else that is no wrapper (it failed later on its missing .model)."""
     if isinstance(wrapper, torch.nn.Module):
         raise TypeError(f"wrapper must be a StreamingLLMWrapper (or FastStreamingWrapper) around the model, got the model "
                         f"itself ({type(wrapper).__name__}): wrap it first, StreamingLLMWrapper(model, n_sink, window_size)")
+    if not (callable(wrapper) and hasattr(wrapper, "model") and hasattr(wrapper, "reset")):
+        raise TypeError(f"wrapper must be a StreamingLLMWrapper (or FastStreamingWrapper) around the model, got "
+                        f"{_type_name(wrapper)}")
+
+
+def check_tokenizer(tokenizer) -> None:
+    """TypeError unless `tokenizer` is a transformers tokenizer (it decodes the ids it is given; None failed at the first
+    generated token, after the prompt was fed)."""
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("decode", "convert_ids_to_tokens")):
+        raise TypeError(f"tokenizer must be the model's tokenizer (a transformers tokenizer, as load_model returns), got "
+                        f"{_type_name(tokenizer)}")
+
+
+def check_user_text(user_text) -> str:
+    """The text of a user message; TypeError for anything else (None failed inside the chat template's Jinja code)."""
+    if isinstance(user_text, bytes):
+        raise TypeError("user_text must be a string, got bytes: decode it first (user_text.decode('utf-8'))")
+    if not isinstance(user_text, str):
+        raise TypeError(f"user_text must be a string (the user's message), got {_type_name(user_text)}")
+    return user_text
+
+
+def _type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
 
 
 def sampling_config(sampling) -> SamplingConfig:
@@ -512,9 +544,12 @@ class StreamingChat:
         stop: Sequence[str] = (),
         stop_token_ids: Iterable[int] | None = None,
     ):
+        check_wrapper(wrapper)
+        check_tokenizer(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; StreamingChat needs an instruct model's tokenizer")
-        check_wrapper(wrapper)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a string or None, got {_type_name(system_prompt)}")
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.wrapper, self.tokenizer = wrapper, tokenizer
         self.system_prompt = system_prompt
@@ -573,7 +608,14 @@ class StreamingChat:
         return feed, rendered
 
     def send(self, user_text: str, max_new_tokens: int | None = None) -> Iterator[Piece]:
-        """Add a user message and generate the answer: yields its Pieces (iterate to the end)."""
+        """Add a user message and generate the answer: yields its Pieces (iterate to the end). A `user_text` that is no
+        string is a TypeError here, before anything is fed."""
+        check_user_text(user_text)
+        if max_new_tokens is not None:
+            check_int("max_new_tokens", max_new_tokens, 1)
+        return self._answer(user_text, max_new_tokens)
+
+    def _answer(self, user_text: str, max_new_tokens: int | None) -> Iterator[Piece]:
         messages = self.messages + [{"role": "user", "content": user_text}]
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         feed, seen_text = self._ids_to_reach(rendered)

@@ -675,3 +675,42 @@ def test_generation_refuses_the_model_in_place_of_its_wrapper(llama_model):
         list(generate_stream(llama_model, tokenizer, [1, 2], max_new_tokens=2))
     with pytest.raises(TypeError, match=message):
         StreamingChat(llama_model, tokenizer)
+
+
+def test_generation_names_a_tokenizer_wrapper_or_user_text_of_the_wrong_type(llama_model):
+    """generate_stream(wrapper, None, ...) fed the prompt and then failed with "'NoneType' object has no attribute
+    'decode'", a wrapper that was no wrapper with "... has no attribute 'model'", and StreamingChat.ask(None) or
+    .send(None) inside the chat template's Jinja code ("can only concatenate str (not "NoneType") to str"), as did a
+    system_prompt that was no string; each is a TypeError naming the argument, raised before anything is fed. A list
+    of words or a tokenizer's whole output as prompt_ids was refused with torch's words ("too many dimensions 'str'",
+    "Could not infer dtype of tokenizers.Encoding")."""
+    from streaming_llm.generation import StreamingChat, generate_stream, prompt_token_ids
+
+    from tiny_models import tokenizer_of
+
+    tokenizer = tokenizer_of(["[UNK]", "<s>", "hi"])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    wrapper = make_wrapper(llama_model, 2, 8)
+    for bad in (None, "gpt2"):
+        with pytest.raises(TypeError, match=f"^tokenizer must be the model's tokenizer .*, got {type(bad).__name__ if bad else None}$"):
+            generate_stream(wrapper, bad, [1, 2], max_new_tokens=2)
+        with pytest.raises(TypeError, match="^tokenizer must be the model's tokenizer"):
+            StreamingChat(wrapper, bad)
+        with pytest.raises(TypeError, match="^wrapper must be a StreamingLLMWrapper .* around the model, got "):
+            generate_stream(bad, tokenizer, [1, 2], max_new_tokens=2)
+    assert wrapper.tokens_seen == 0  # nothing was fed
+    with pytest.raises(TypeError, match="^system_prompt must be a string or None, got int$"):
+        StreamingChat(wrapper, tokenizer, system_prompt=5)
+    chat = StreamingChat(wrapper, tokenizer, max_new_tokens=2)
+    for bad, message in ((None, "got None"), (5, "got int"), (["hi"], "got list"), (b"hi", "got bytes: decode it first")):
+        with pytest.raises(TypeError, match=f"^user_text must be a string.*{message}"):
+            chat.ask(bad)
+        with pytest.raises(TypeError, match="^user_text must be a string"):
+            chat.send(bad)  # on the call, not at the first piece
+    assert wrapper.tokens_seen == 0 and chat.messages == [] and isinstance(chat.ask("hi"), str)
+    with pytest.raises(ValueError, match=r"^prompt_ids must be token ids, not text: tokenize it first"):
+        prompt_token_ids(["hi", "there"])
+    with pytest.raises(ValueError, match=r"^prompt_ids must be token ids, not the tokenizer's whole output: pass its \['input_ids'\]$"):
+        prompt_token_ids(tokenizer("hi"))
+    with pytest.raises(ValueError, match="^prompt_ids must be a list or a tensor of token ids, got None$"):
+        prompt_token_ids(None)
