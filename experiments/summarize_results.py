@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
-    from streaming_llm.eval.results import data_label, list_results, read_result, write_json_atomically
+    from streaming_llm.eval.results import atomic_write, data_label, list_results, read_result, write_json_atomically
 
     output_dir = Path(args.output_dir).expanduser()  # no shell expands the ~ of --output-dir=~/runs
     if not output_dir.is_dir():  # else a mistyped folder would read as "no results" in it
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(files, boundaries, samples)
     table = markdown_table(rows)
     print(table)
-    summary_dir = output_dir / "summary"
-    summary_dir.mkdir(parents=True, exist_ok=True)
-    (summary_dir / f"table__T{args.num_tokens}__{tag}.md").write_text(table + "\n", encoding="utf-8")
+    summary_dir = output_dir / "summary"  # created by the first write
+    # Next to its folder's other files, written whole or not at all (a failed or interrupted write keeps the old one).
+    atomic_write(summary_dir / f"table__T{args.num_tokens}__{tag}.md", lambda handle: handle.write((table + "\n").encode("utf-8")))
     # Cross-checks over the common prefix of two runs (NLL files are float32: resolution ~1e-6).
     pairs = [("mit", "streaming_pos_shift"), ("streaming_rerotate", "streaming_pos_shift"),
              ("kvpress_decode_corrected", "streaming_absolute"), ("kvpress_decode_shipped", "streaming_absolute"),

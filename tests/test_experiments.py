@@ -466,6 +466,38 @@ def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
         script.main([*options, "--context-length", "0"])
 
 
+def test_an_interrupted_summary_keeps_the_previous_table(experiment, tmp_path, monkeypatch):
+    """The markdown table was written in place (write_text): a write that failed or was interrupted half-way left a
+    truncated table where the previous one had been. It is written to a temporary file and moved in place, as the
+    JSON and the figure are."""
+    import builtins
+    import io
+
+    script = experiment("summarize_results")
+    write_fake_result(tmp_path, "dense", 64)
+    table = tmp_path / "summary" / "table__T120__s4_w16.md"
+    table.parent.mkdir()
+    table.write_text("the previous table\n", encoding="utf-8")
+    real_open = io.open
+
+    def open_failing_midway(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and ".md" in str(file):
+            def write(data, write=handle.write):
+                write(data[: len(data) // 2])
+                raise KeyboardInterrupt
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr(io, "open", open_failing_midway)
+    monkeypatch.setattr(builtins, "open", open_failing_midway)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)])
+    monkeypatch.undo()
+    assert table.read_text(encoding="utf-8") == "the previous table\n"
+    assert sorted(path.name for path in table.parent.iterdir()) == [table.name]
+
+
 def test_summary_refuses_a_folder_that_is_not_there_and_expands_a_tilde(tmp_path, monkeypatch):
     """A mistyped --output-dir (or a file) was reported as 'no results ... in <dir>' with exit status 1 and without the
     script's name, and --output-dir=~/runs looked for a folder named '~' in the working directory."""
