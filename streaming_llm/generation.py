@@ -253,8 +253,10 @@ class GenerationStream:
     """Iterate to generate: yields one Piece per sampled token, then sets the fields below.
 
     stop_reason: "length" (max_new_tokens reached), "eos" (a stop token id was sampled; its Piece is the
-    last one, and the text may still end before a stop string that its flushed text completed) or "stop" (a
-    stop string appeared, also one completed by the last token's flushed text; the text ends right before it).
+    last one, and the text may still end before a stop string that its flushed text completed), "stop" (a
+    stop string appeared, also one completed by the last token's flushed text; the text ends right before it)
+    or "reset" (the wrapper was reset while the stream was iterated: it ends after the Piece being handled, and
+    nothing more is fed into the new, empty stream; text still held back is dropped, pending_token is None).
     pending_token: the last sampled token, which is never fed to the model (as in model.generate()); a
     caller that continues the stream feeds it first (StreamingChat does).
     """
@@ -320,6 +322,7 @@ class GenerationStream:
         device = next(self.wrapper.model.parameters()).device
         start = time.perf_counter()
         logits = self._prefill(device)
+        stream = getattr(self.wrapper, "cache", None)  # reset() replaces it: the stream this generation continues
         self.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
 
@@ -354,6 +357,10 @@ class GenerationStream:
                 yield Piece(token, text)
                 return
             yield Piece(token, text)
+            if getattr(self.wrapper, "cache", None) is not stream:  # wrapper.reset() while the Piece was handled
+                self.stop_reason, self.pending_token = "reset", None
+                self.decode_seconds = time.perf_counter() - start
+                return
             recent.append(token)
             logits = self.wrapper(torch.tensor([[token]], device=device))[0, -1]
             self.pending_token = None

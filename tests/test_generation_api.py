@@ -190,6 +190,28 @@ def test_chat_reset_during_an_answer_abandons_it(model_dir):
     assert again == fresh.ask("Hello!") and chat.messages == fresh.messages
 
 
+@pytest.mark.parametrize("wrapper_kind", WRAPPERS)
+def test_generate_stream_ends_when_its_wrapper_is_reset(model_dir, wrapper_kind):
+    """wrapper.reset() while a generate_stream was iterated: the stream went on, feeding its tokens into the new, empty
+    stream (as StreamingChat.reset() did before 911bfa3). It now ends after the Piece being handled, stop_reason
+    "reset", with nothing fed into the new stream and no pending token to continue from."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    prompt = tokenizer("A long time ago")["input_ids"]
+    stream = generate_stream(wrapper, tokenizer, prompt, max_new_tokens=20)
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            wrapper.reset()
+    assert len(pieces) == 3 and stream.stop_reason == "reset" and stream.pending_token is None
+    assert wrapper.tokens_seen == 0 and stream.new_tokens == 3
+    again = [piece.token_id for piece in generate_stream(wrapper, tokenizer, prompt, max_new_tokens=5)]
+    fresh = WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    assert again == [piece.token_id for piece in generate_stream(fresh, tokenizer, prompt, max_new_tokens=5)]
+    assert again[:3] == [piece.token_id for piece in pieces]
+
+
 def test_generate_stream_stop_rules(model_dir):
     model, tokenizer = load_tiny(model_dir)
     wrapper = StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE)
