@@ -304,9 +304,40 @@ def test_sampling_config_validation(field, value, message):
         SamplingConfig(**{field: value})
 
 
-@pytest.mark.parametrize("example", ["generate_stream.py", "multi_turn.py", "chat_wrapper.py"])
+def run_example(example: str, monkeypatch, *argv: str) -> int:
+    """`python examples/<example> argv...` in this process: its exit status. A KeyboardInterrupt it lets out (a
+    traceback for its user) fails the test instead of stopping pytest."""
+    monkeypatch.setattr(sys, "argv", [example, *argv])
+    try:
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(EXAMPLES / example), run_name="__main__")
+    except KeyboardInterrupt:
+        pytest.fail(f"{example} let a KeyboardInterrupt out")
+    return exit.value.code
+
+
+EXAMPLE_SCRIPTS = ["generate_stream.py", "multi_turn.py", "chat_wrapper.py"]
+
+
+@pytest.mark.parametrize("example", EXAMPLE_SCRIPTS)
 def test_examples_run(example, model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [example, str(model_dir)])
-    runpy.run_path(str(EXAMPLES / example), run_name="__main__")
+    assert run_example(example, monkeypatch, str(model_dir)) == 0
     out = capsys.readouterr().out
     assert "cache" in out
+
+
+@pytest.mark.parametrize("example", EXAMPLE_SCRIPTS)
+def test_examples_refuse_a_bad_model_in_one_line_and_stop_quietly_on_ctrl_c(example, tmp_path, monkeypatch, capsys):
+    """A model path that does not exist (or Ctrl-C) ended the examples in a traceback; they run under run_script, as
+    the experiment scripts do: '<example>: error: <reason>', exit status 2; Ctrl-C, exit status 130 and no traceback."""
+    import streaming_llm
+
+    assert run_example(example, monkeypatch, str(tmp_path / "no-such-model")) == 2
+    assert capsys.readouterr().err == f"{example}: error: model path not found or not a folder: {tmp_path / 'no-such-model'}\n"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streaming_llm, "load_model", interrupted)
+    assert run_example(example, monkeypatch) == 130
+    assert capsys.readouterr().err == "\n"
