@@ -167,7 +167,8 @@ def test_eval_refuses_results_and_checkpoints_of_another_model_with_the_same_nam
 
     checkpoint_path = json_path.with_name(json_path.stem + CHECKPOINT_SUFFIX)
     json_path.unlink()
-    Checkpoint(checkpoint_path, 32, 1, twin["model_fingerprint"]).maybe_save(64, torch.full((119,), 2.0))
+    Checkpoint(checkpoint_path, 32, 1, twin["model_fingerprint"], twin["tokens_fingerprint"]).maybe_save(
+        64, torch.full((119,), 2.0))
     status, _, err = run_main(capsys, *argv, "--model", str(model_dir))
     assert_one_line_error(status, err, "was made with another model of the same name")
     status, out, _ = run_main(capsys, *argv, "--model", str(twin_dir))
@@ -177,6 +178,34 @@ def test_eval_refuses_results_and_checkpoints_of_another_model_with_the_same_nam
 
     nlls = read_result(json_path)[1]
     assert (nlls[:64] == 2.0).all() and not (nlls[64:] == 2.0).any()
+
+
+def test_eval_refuses_results_of_the_same_text_tokenized_otherwise(model_dir, tmp_path, capsys, monkeypatch):
+    """Result names carry the text's sha256, not its token ids: the same text with a BOS put first or not (another
+    tokenizer, a transformers upgrade that converts the GGUF tokenizer otherwise) is another stream, whose result
+    was printed as `skipped (exists)` and mixed with the new ones. It is refused now; the same stream is reused."""
+    from streaming_llm import data
+
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "streaming_pos_shift", "--output-dir", str(tmp_path)]
+    status, out, err = run_main(capsys, *argv)
+    assert status == 0, err
+    first = results_of(out)["streaming_pos_shift"]
+    load_tokens = data.load_tokens
+
+    def flipped(tokenizer, *args, **kwargs):  # a BOS where the tokenizer puts none by default, none where it does
+        return load_tokens(tokenizer, *args, **kwargs, add_bos=not data._prefix_ids(tokenizer, None))
+
+    monkeypatch.setattr(data, "load_tokens", flipped)
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, f"{first['json_path']} was scored on another token stream of the same text")
+    assert "--force" in err
+    status, out, err = run_main(capsys, *argv, "--force")
+    assert status == 0, err
+    other = results_of(out)["streaming_pos_shift"]
+    assert not other["skipped"] and other["tokens_fingerprint"] != first["tokens_fingerprint"]
+    monkeypatch.setattr(data, "load_tokens", load_tokens)
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, "was scored on another token stream of the same text")
 
 
 def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, capsys):

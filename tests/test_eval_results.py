@@ -192,8 +192,9 @@ def test_git_commit_marks_a_dirty_tree(tmp_path):
 
 
 def test_checkpoint_rules(tmp_path):
-    """A checkpoint is resumed only by the same block size and model; one written before fingerprints existed is
-    not taken by a run that has one (it starts afresh); after a resume the next save waits a whole interval."""
+    """A checkpoint is resumed only by the same block size, model and token stream; one written before (tokens)
+    fingerprints existed is not taken by a run that has one (it starts afresh); after a resume the next save waits a
+    whole interval."""
     from streaming_llm.eval.harness import Checkpoint
 
     path = tmp_path / "run.checkpoint.npz"
@@ -205,6 +206,13 @@ def test_checkpoint_rules(tmp_path):
     assert Checkpoint(path, 8, 16, "f1").load().shape == (16,)
     np.savez(path, nlls=np.ones(16), block_size=np.int64(8))  # no fingerprint: written before they existed
     assert Checkpoint(path, 8, 16, "f1").load() is None and Checkpoint(path, 8, 16, None).load().shape == (16,)
+    # the tokens fingerprint likewise: another stream's checkpoint is refused, one without it is not resumed
+    Checkpoint(path, 8, 16, "f1", "t1").maybe_save(16, torch.ones(20))
+    assert Checkpoint(path, 8, 16, "f1", "t1").load().shape == (16,)
+    with pytest.raises(ValueError, match="was scored on another token stream of the same text"):
+        Checkpoint(path, 8, 16, "f1", "t2").load()
+    np.savez(path, nlls=np.ones(16), block_size=np.int64(8), fingerprint=np.array("f1"))
+    assert Checkpoint(path, 8, 16, "f1", "t1").load() is None and Checkpoint(path, 8, 16, "f1").load().shape == (16,)
 
 
 def test_recompute_samples_fit_a_stream_shorter_than_the_capacity():

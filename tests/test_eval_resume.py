@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
+import torch
 
 from streaming_llm.eval.harness import CHECKPOINT_SUFFIX, run_method
 from streaming_llm.eval.methods import METHODS
 from streaming_llm.eval.perplexity import compute_perplexity
-from streaming_llm.eval.results import read_result
+from streaming_llm.eval.results import read_result, tokens_fingerprint
 from tiny_models import make_wrapper, random_ids
 
 DATA = {"name": "random", "kind": "test", "sha256": "fedcba9876543210"}
@@ -20,9 +22,10 @@ class Interrupted(Exception):
     pass
 
 
-def _run(model, output_dir, method, on_block=None, force=False):
+def _run(model, output_dir, method, on_block=None, force=False, ids=None):
+    ids = random_ids(120, seed=11)[None] if ids is None else ids
     return run_method(
-        METHODS[method], copy.deepcopy(model), random_ids(120, seed=11)[None], model_name="tiny-llama", data=DATA,
+        METHODS[method], copy.deepcopy(model), ids, model_name="tiny-llama", data=DATA,
         n_sink=2, window_size=10, block_size=8, output_dir=output_dir, force=force, on_block=on_block,
         checkpoint_every=16,
     )
@@ -62,6 +65,38 @@ def test_force_ignores_a_checkpoint(llama_model, tmp_path):
         _run(llama_model, tmp_path, "streaming_pos_shift", on_block=_interrupt_at(40))
     record, _ = read_result(_run(llama_model, tmp_path, "streaming_pos_shift", force=True).json_path)
     assert "resumed_from_step" not in record
+
+
+def test_results_and_checkpoints_of_another_token_stream_of_the_same_text_are_refused(llama_model, tmp_path):
+    """Result names carry the text's sha256, not its tokenization: the same text tokenized with a BOS (or by another
+    tokenizer) is another stream of ids. Its result was printed as `skipped (exists)`, and its checkpoint's NLLs were
+    resumed into the other stream's result; both are refused now, and the same stream is reused and resumed as before."""
+    ids = random_ids(120, seed=11)[None]
+    with_bos = torch.cat([torch.tensor([[1]]), ids[:, :-1]], dim=1)  # the same text with a BOS, cut to the same length
+    first = _run(llama_model, tmp_path, "streaming_pos_shift", ids=ids)
+    assert first.record["tokens_fingerprint"] == tokens_fingerprint(ids) != tokens_fingerprint(with_bos)
+    with pytest.raises(ValueError, match=f"{first.json_path} was scored on another token stream of the same text "
+                       r"\(fingerprint [0-9a-f]{16}, this stream [0-9a-f]{16}: another tokenizer, or a BOS added or "
+                       r"not\); use another --output-dir, or --force to replace it"):
+        _run(llama_model, tmp_path, "streaming_pos_shift", ids=with_bos)
+    assert _run(llama_model, tmp_path, "streaming_pos_shift", ids=ids).skipped  # the same stream: reused
+    forced = _run(llama_model, tmp_path, "streaming_pos_shift", ids=with_bos, force=True)
+    assert not forced.skipped and forced.record["tokens_fingerprint"] == tokens_fingerprint(with_bos)
+    # a result written before tokens fingerprints existed (every committed one) is taken as it was
+    record = json.loads(first.json_path.read_text())
+    del record["tokens_fingerprint"]
+    first.json_path.write_text(json.dumps(record))
+    assert _run(llama_model, tmp_path, "streaming_pos_shift", ids=ids).skipped
+
+    # A checkpoint of the BOS stream's unfinished run is refused by the other stream, resumed by its own.
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        _run(llama_model, cut, "mit", on_block=_interrupt_at(40), ids=with_bos)
+    (checkpoint,) = cut.iterdir()
+    with pytest.raises(ValueError, match=f"{checkpoint} was scored on another token stream of the same text"):
+        _run(llama_model, cut, "mit", ids=ids)
+    resumed = _run(llama_model, cut, "mit", ids=with_bos)
+    assert resumed.record["resumed_from_step"] == 32 and resumed.record["tokens_fingerprint"] == tokens_fingerprint(with_bos)
 
 
 def test_resume_only_at_a_block_boundary(llama_model, capsys):

@@ -18,11 +18,13 @@ from streaming_llm.eval.results import (
     atomic_write,
     build_record,
     check_same_model,
+    check_same_tokens,
     is_finished,
     model_fingerprint,
     read_result,
     result_paths,
     result_stem,
+    tokens_fingerprint,
     write_result,
 )
 
@@ -37,9 +39,11 @@ class MethodRun:
     skipped: bool
 
 
-def _finished_run(method: str, output_dir: str | os.PathLike, stem: str, force: bool, fingerprint: str) -> MethodRun | None:
+def _finished_run(method: str, output_dir: str | os.PathLike, stem: str, force: bool, fingerprint: str,
+                  tokens: str) -> MethodRun | None:
     """The finished result of `stem` as a skipped run, or None when there is none (or `force`); ValueError when
-    the result there was made with another model of the same name."""
+    the result there was made with another model of the same name, or on another token stream of the same text
+    (`tokens`: this stream's tokens_fingerprint)."""
     if force or not is_finished(output_dir, stem):
         return None
     json_path, _ = result_paths(output_dir, stem)
@@ -48,6 +52,7 @@ def _finished_run(method: str, output_dir: str | os.PathLike, stem: str, force: 
     except ValueError as error:
         raise ValueError(f"{error}; remove it, or pass --force to replace it") from None
     check_same_model(record, fingerprint, json_path)
+    check_same_tokens(record, tokens, json_path)
     return MethodRun(method, record, json_path, skipped=True)
 
 
@@ -82,11 +87,11 @@ def run_method(
     size = method.block_size(block_size)
     evaluator = method.evaluator(block_size)
     stem = result_stem(model_name, data, num_tokens, n_sink, window_size, method.name, evaluator, dtype)
-    fingerprint = model_fingerprint(model)
-    if (finished := _finished_run(method.name, output_dir, stem, force, fingerprint)) is not None:
+    fingerprint, tokens = model_fingerprint(model), tokens_fingerprint(input_ids)
+    if (finished := _finished_run(method.name, output_dir, stem, force, fingerprint, tokens)) is not None:
         return finished
     stepper = method.build(model, n_sink, window_size)
-    checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every, fingerprint)
+    checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every, fingerprint, tokens)
     resume_nlls = None if force else checkpoint.load()
 
     def after_block(end: int, nlls: torch.Tensor) -> None:
@@ -122,6 +127,7 @@ def run_method(
         dtype=dtype,
         extra={**(extra or {}), **result.extra, **_stepper_extra(stepper), "cpu_s": cpu_s},
         fingerprint=fingerprint,
+        input_ids=input_ids,
     )
     if resume_nlls is not None:
         record["resumed_from_step"] = int(resume_nlls.shape[0])
@@ -137,11 +143,12 @@ class Checkpoint:
     """The per-token NLLs of an unfinished run, saved atomically every `every` scored tokens.
 
     Not a result: `is_finished` ignores it, and it is removed once the result is written. A later run of
-    the same configuration (same stem, same block size, same model fingerprint) resumes from it (see
-    compute_perplexity); one made with another model of the same name is refused, an unreadable one named."""
+    the same configuration (same stem, same block size, same model and tokens fingerprints) resumes from it (see
+    compute_perplexity); one made with another model of the same name, or on another token stream of the same text,
+    is refused, an unreadable one named."""
 
-    def __init__(self, path: Path, block_size: int, every: int, fingerprint: str | None = None):
-        self.path, self.block_size, self.every, self.fingerprint = path, block_size, every, fingerprint
+    def __init__(self, path: Path, block_size: int, every: int, fingerprint: str | None = None, tokens: str | None = None):
+        self.path, self.block_size, self.every, self.fingerprint, self.tokens = path, block_size, every, fingerprint, tokens
         self.saved_at = 0
 
     def load(self) -> torch.Tensor | None:
@@ -151,12 +158,15 @@ class Checkpoint:
             with np.load(self.path, allow_pickle=False) as saved:
                 block_size = int(saved["block_size"])
                 stored = (str(saved["fingerprint"]) or None) if "fingerprint" in saved.files else None
+                stored_tokens = (str(saved["tokens_fingerprint"]) or None) if "tokens_fingerprint" in saved.files else None
                 nlls = torch.from_numpy(saved["nlls"].astype(np.float64))
         except (ValueError, OSError, EOFError, KeyError) as error:
             raise ValueError(f"{self.path} is not a readable checkpoint ({error}); remove it, or pass --force") from None
         check_same_model({"model_fingerprint": stored}, self.fingerprint, self.path)
-        if block_size != self.block_size or (stored is None and self.fingerprint is not None):
-            return None  # another block size, or a checkpoint from before fingerprints: start afresh
+        check_same_tokens({"tokens_fingerprint": stored_tokens}, self.tokens, self.path)
+        if (block_size != self.block_size or (stored is None and self.fingerprint is not None)
+                or (stored_tokens is None and self.tokens is not None)):
+            return None  # another block size, or a checkpoint from before (tokens) fingerprints: start afresh
         self.saved_at = nlls.shape[0]
         return nlls
 
@@ -164,9 +174,9 @@ class Checkpoint:
         if self.every <= 0 or end - self.saved_at < self.every:
             return
         array = nlls[:end].detach().cpu().numpy()
-        fingerprint = np.array(self.fingerprint or "")
+        fingerprint, tokens = np.array(self.fingerprint or ""), np.array(self.tokens or "")
         atomic_write(self.path, lambda handle: np.savez(handle, nlls=array, block_size=np.int64(self.block_size),
-                                                        fingerprint=fingerprint))
+                                                        fingerprint=fingerprint, tokens_fingerprint=tokens))
         self.saved_at = end
 
     def remove(self) -> None:
@@ -214,8 +224,8 @@ def run_recompute_sample(
     steps = sample_steps(num_tokens, capacity, num_samples)
     evaluator = f"sample{len(steps)}"
     stem = result_stem(model_name, data, num_tokens, n_sink, window_size, "recompute", evaluator, dtype)
-    fingerprint = model_fingerprint(model)
-    if (finished := _finished_run("recompute", output_dir, stem, force, fingerprint)) is not None:
+    fingerprint, tokens = model_fingerprint(model), tokens_fingerprint(input_ids)
+    if (finished := _finished_run("recompute", output_dir, stem, force, fingerprint, tokens)) is not None:
         return finished
     cpu_started, started = time.process_time(), time.perf_counter()
     with PeakMemory(device) as peak:
@@ -242,6 +252,7 @@ def run_recompute_sample(
         dtype=dtype,
         extra={"sampled_steps": steps, "cpu_s": cpu_s},
         fingerprint=fingerprint,
+        input_ids=input_ids,
     )
     json_path = write_result(output_dir, stem, record, nlls)
     return MethodRun("recompute", record, json_path, skipped=False)

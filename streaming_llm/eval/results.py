@@ -235,6 +235,26 @@ def check_same_model(record: dict, fingerprint: str | None, path: str | os.PathL
         )
 
 
+def tokens_fingerprint(input_ids: torch.Tensor) -> str:
+    """16 hex digits of the sha256 of a token stream: its ids as little-endian int64, in order (the BOS or other
+    prefix included). The same text tokenized by another tokenizer, or with a BOS added or not, gets another."""
+    ids = input_ids.detach().reshape(-1).to("cpu", torch.int64).numpy().astype("<i8", copy=False)
+    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+
+
+def check_same_tokens(record: dict, fingerprint: str | None, path: str | os.PathLike) -> None:
+    """ValueError when `record` (a finished result or a checkpoint) was scored on another token stream than the one
+    whose fingerprint is given: result names carry the text's sha256, not its tokenization (another tokenizer, or a
+    BOS added or not, gives other ids). Records written before tokens fingerprints existed carry none and are taken
+    as they were."""
+    stored = record.get("tokens_fingerprint")
+    if stored is not None and fingerprint is not None and stored != fingerprint:
+        raise ValueError(
+            f"{path} was scored on another token stream of the same text (fingerprint {stored}, this stream "
+            f"{fingerprint}: another tokenizer, or a BOS added or not); use another --output-dir, or --force to replace it"
+        )
+
+
 def list_results(folder: str | os.PathLike) -> list[Path]:
     """Result JSONs in `folder` (not recursive), sorted by name."""
     return sorted(path for path in Path(folder).glob("*.json") if not path.name.startswith("."))
@@ -344,12 +364,14 @@ def build_record(
     dtype: str,
     extra: dict | None = None,
     fingerprint: str | None = None,
+    input_ids: torch.Tensor | None = None,
 ) -> dict:
-    """The JSON record of one finished (run, method)."""
+    """The JSON record of one finished (run, method); `input_ids`, the stream scored, gives its tokens_fingerprint."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model": model_name,
         "model_fingerprint": fingerprint,
+        "tokens_fingerprint": None if input_ids is None else tokens_fingerprint(input_ids),
         "data": data,
         "num_tokens": num_tokens,
         "num_predictions": num_tokens - 1,
