@@ -67,6 +67,9 @@ def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
     ({"extra": {"sampled_steps": [-1]}}, "(extra.sampled_steps is [-1], not a list of steps below 8)"),
     ({"extra": {"sampled_steps": [1.5]}}, "(extra.sampled_steps is [1.5], not a list of steps below 8)"),
     ({"extra": {"sampled_steps": 3}}, "(extra.sampled_steps is 3, not a list of steps below 8)"),
+    ({"tokens_fingerprint": "0123"}, '(tokens_fingerprint is "0123", not 16 hex digits)'),
+    ({"tokens_fingerprint": 12345678901234567}, "(tokens_fingerprint is 12345678901234567, not 16 hex digits)"),
+    ({"tokens_fingerprint": "0123456789ABCDEF"}, '(tokens_fingerprint is "0123456789ABCDEF", not 16 hex digits)'),
 ])
 def test_a_malformed_result_is_named_with_its_field(tmp_path, change, message):
     """A hand-edited result is refused naming the file and the field, before any row is made (these were
@@ -111,8 +114,10 @@ def test_the_smallest_well_formed_results_are_read(tmp_path):
     path.write_text(json.dumps(record))
     assert read_result(path) == (record, None)
     path = _result(tmp_path, "full", [1.0] * 8, extra={"sampled_steps": [0, 7], "cpu_s": None}, perplexity=None,
-                   tokens_per_s=None, wall_s=None, peak_memory_mib=None)
+                   tokens_per_s=None, wall_s=None, peak_memory_mib=None, tokens_fingerprint=None)
     assert read_result(path)[0]["extra"] == {"sampled_steps": [0, 7], "cpu_s": None}
+    path = _result(tmp_path, "printed", [1.0] * 8, tokens_fingerprint="0123456789abcdef")
+    assert read_result(path)[0]["tokens_fingerprint"] == "0123456789abcdef"
 
 
 def test_a_result_with_no_predictions_has_no_sampled_steps(tmp_path):

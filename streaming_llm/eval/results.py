@@ -157,13 +157,19 @@ def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
     return record, nlls
 
 
+def is_fingerprint(value) -> bool:
+    """True for a fingerprint as model_fingerprint and tokens_fingerprint write them: 16 lowercase hex digits."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{16}", value) is not None
+
+
 def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray | None) -> None:
     """ValueError "<file>: not a result file (<field> ...)" unless the fields that the eval, the table and the
     figures read are well formed: model, method and evaluator non-empty strings, data a description, num_tokens,
     n_sink, window_size (and num_predictions) counts, perplexity, tokens_per_s, wall_s, peak_memory_mib numbers or
-    null, extra an object whose sampled_steps (if any) are step indices, and the NLLs a 1-D float array of
-    num_predictions values (NaN marks a sampled result's unscored steps). A hand-edited file is named here, not met
-    as a traceback in a table or a figure."""
+    null, tokens_fingerprint (if any) 16 hex digits, extra an object whose sampled_steps (if any) are step indices,
+    and the NLLs a 1-D float array of num_predictions values (NaN marks a sampled result's unscored steps). A
+    hand-edited file is named here, not met as a traceback in a table or a figure (or, for a fingerprint, as a
+    refusal saying that the result was scored on another token stream)."""
 
     def refuse(what: str) -> ValueError:
         return ValueError(f"{path}: not a result file ({what})")
@@ -185,6 +191,9 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     for key in ("perplexity", "tokens_per_s", "wall_s", "peak_memory_mib"):
         if record.get(key) is not None and not is_number(record[key]):
             raise refuse(f"{key} is {shown(record[key])}, not a number")
+    fingerprint = record.get("tokens_fingerprint")
+    if fingerprint is not None and not is_fingerprint(fingerprint):
+        raise refuse(f"tokens_fingerprint is {shown(fingerprint)}, not 16 hex digits")
     extra = record.get("extra", {})
     if not isinstance(extra, dict):
         raise refuse(f"extra is {shown(extra)}, not an object")
