@@ -3,6 +3,7 @@ exp(mean NLL) of exactly the steps its column names, or "–" where the run did 
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,21 @@ def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
     ({"tokens_fingerprint": "0123"}, '(tokens_fingerprint is "0123", not 16 hex digits)'),
     ({"tokens_fingerprint": 12345678901234567}, "(tokens_fingerprint is 12345678901234567, not 16 hex digits)"),
     ({"tokens_fingerprint": "0123456789ABCDEF"}, '(tokens_fingerprint is "0123456789ABCDEF", not 16 hex digits)'),
+    ({"tokens_prefix_fingerprints": {"9": "0123456789abcdef"}},
+     '(tokens_prefix_fingerprints is {"9": "0123456789abcdef"}, not fingerprints (16 hex digits) of prefixes shorter '
+     'than the 9 tokens)'),
+    ({"tokens_prefix_fingerprints": {"x": "0123456789abcdef"}},
+     '(tokens_prefix_fingerprints is {"x": "0123456789abcdef"}, not fingerprints (16 hex digits) of prefixes shorter '
+     'than the 9 tokens)'),
+    ({"tokens_prefix_fingerprints": {"0": "0123456789abcdef"}},
+     '(tokens_prefix_fingerprints is {"0": "0123456789abcdef"}, not fingerprints (16 hex digits) of prefixes shorter '
+     'than the 9 tokens)'),
+    ({"tokens_prefix_fingerprints": {"4": "0123"}},
+     '(tokens_prefix_fingerprints is {"4": "0123"}, not fingerprints (16 hex digits) of prefixes shorter than the 9 '
+     'tokens)'),
+    ({"tokens_prefix_fingerprints": ["0123456789abcdef"]},
+     '(tokens_prefix_fingerprints is ["0123456789abcdef"], not fingerprints (16 hex digits) of prefixes shorter than '
+     'the 9 tokens)'),
 ])
 def test_a_malformed_result_is_named_with_its_field(tmp_path, change, message):
     """A hand-edited result is refused naming the file and the field, before any row is made (these were
@@ -146,3 +162,57 @@ def test_a_result_without_speed_fields_gets_dashes(tmp_path):
     (row,) = summary_rows([path], boundaries=[0, 8])
     assert row["tokens_per_s"] is None and row["wall_s"] is None
     assert markdown_table([row]).splitlines()[2] == "| full | decode | 9 | 2.72 | 2.72 | – | – | 1 | 100 |"
+
+
+def _stream_result(folder, name, ids, model="m", **extra_fields):
+    """A result on the stream `ids` (its tokens fingerprints as eval writes them), every NLL 1."""
+    from streaming_llm.eval.results import tokens_fingerprint, tokens_prefix_fingerprints
+
+    return _result(folder, name, [1.0] * (ids.numel() - 1), model=model, data={"kind": "file", "name": "t.txt"},
+                   tokens_fingerprint=tokens_fingerprint(ids), tokens_prefix_fingerprints=tokens_prefix_fingerprints(ids),
+                   **extra_fields)
+
+
+def test_results_of_one_text_scored_on_different_token_streams_are_not_compared(tmp_path):
+    """The same text with a BOS put first or not (or another tokenizer) is another stream of ids: a table or a figure
+    put its results beside the other stream's as if token t were the same token in both. They are refused, naming
+    both files; results on prefixes of one stream (a method on its first N tokens), of another model, or written
+    before tokens fingerprints existed are compared as before."""
+    from streaming_llm.eval.plots import plot_nll_curves
+    from streaming_llm.eval.results import tokens_fingerprint, tokens_prefix_fingerprints
+
+    ids = torch.arange(3, 123)
+    with_bos = torch.cat([torch.tensor([1]), ids[:-1]])
+    whole = _stream_result(tmp_path, "whole", ids)
+    prefix = _stream_result(tmp_path, "prefix", ids[:40])  # compared on its first 32 tokens
+    power = _stream_result(tmp_path, "power", ids[:64])  # compared on all of its 64 tokens
+    same = _stream_result(tmp_path, "same", ids)
+    assert [row["file"] for row in summary_rows([whole, prefix, power, same], [0, 8])] == [
+        "whole.json", "prefix.json", "power.json", "same.json"]
+    assert tokens_prefix_fingerprints(ids) == {str(n): tokens_fingerprint(ids[:n]) for n in (16, 32, 64)}
+
+    for name, stream, length in (("bos", with_bos, 120), ("bos_prefix", with_bos[:40], 32), ("bos_power", with_bos[:64], 64)):
+        other = _stream_result(tmp_path, name, stream)
+        for table in ([whole, other], [other, whole]):
+            message = (f"{table[0]} and {table[1]} were scored on different token streams of m on t (the first "
+                       f"{length} tokens: fingerprints ")
+            with pytest.raises(ValueError, match=re.escape(message) + r".*BOS added or not\) and cannot be compared; "
+                               r"score the older again \(streaming-llm eval --force\), or keep each stream's results "
+                               r"in its own --output-dir"):
+                summary_rows(table, [0, 8])
+        with pytest.raises(ValueError, match="were scored on different token streams of m on t"):
+            plot_nll_curves([whole, other], tmp_path / "curves.png")
+    # only the 16th token differs: compared on the first 32 tokens, the shorter result's longest fingerprinted prefix
+    late = ids.clone()
+    late[15] = 0
+    with pytest.raises(ValueError, match="the first 32 tokens"):
+        summary_rows([whole, _stream_result(tmp_path, "late", late[:40])], [0, 8])
+
+    bos = tmp_path / "bos.json"
+    other_model = _stream_result(tmp_path, "other_model", with_bos, model="m2")
+    old = json.loads(bos.read_text())
+    for key in ("tokens_fingerprint", "tokens_prefix_fingerprints"):
+        old.pop(key)
+    (tmp_path / "old.json").write_text(json.dumps(old | {"nlls_file": "bos.nlls.npy"}))
+    assert len(summary_rows([whole, other_model, tmp_path / "old.json"], [0, 8])) == 3
+    assert plot_nll_curves([whole, other_model, tmp_path / "old.json"], tmp_path / "curves.png").is_file()

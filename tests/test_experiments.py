@@ -140,6 +140,32 @@ def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path,
     assert summarize_results.main([*summary, "--model", "model_a"]) == 0
 
 
+def test_summary_refuses_results_of_one_text_tokenized_otherwise(tmp_path, capsys, monkeypatch):
+    """A method scored again on its first 64 tokens after the tokenization changed (a BOS put first or not: another
+    tokenizer, another transformers) has its own file name; the table and figure put it beside the other stream's
+    results as if token t were the same token in both."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import summarize_results
+    from test_cli import run_main
+
+    from streaming_llm import data
+    from streaming_llm.bench.soak import save_tiny_chat_llama
+
+    model = save_tiny_chat_llama(tmp_path / "model")
+    stream = ["--model", str(model), "--num-tokens", "120", "--n-sink", "2", "--window-size", "20", "--block-size",
+              "32", "--quiet", "--output-dir", str(tmp_path / "out")]
+    assert run_main(capsys, "eval", *stream, "--methods", "streaming_pos_shift")[0] == 0
+    load_tokens = data.load_tokens
+    monkeypatch.setattr(data, "load_tokens", lambda tokenizer, *args, **kwargs: load_tokens(
+        tokenizer, *args, **kwargs, add_bos=not data._prefix_ids(tokenizer, None)))
+    assert run_main(capsys, "eval", *stream, "--methods", "dense:64")[0] == 0
+    with pytest.raises(ValueError, match="were scored on different token streams of model on .* first 64 tokens"):
+        summarize_results.main(["--num-tokens", "120", "--n-sink", "2", "--window-size", "20", "--output-dir",
+                                str(tmp_path / "out")])
+
+
 def test_gpu_scripts_say_they_need_cuda(monkeypatch, capsys):
     import torch
 

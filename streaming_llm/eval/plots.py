@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import atomic_write, read_result
+from streaming_llm.eval.results import atomic_write, check_comparable_streams, read_result
 
 # Stable colours and order, so figures from different runs read alike.
 METHOD_STYLES = {
@@ -68,16 +68,18 @@ def plot_nll_curves(
 
     result_files: result JSONs (their .nlls.npy next to them); window: moving-average width in tokens;
     capacity / context_length: draw vertical lines at the cache capacity and the model's trained context.
-    Returns the PNG path.
+    Returns the PNG path. ValueError for results of one model and text scored on different token streams
+    (check_comparable_streams): their curves would be drawn as if token t were the same token in each.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [(path, *read_result(path)) for path in result_files]
+    check_comparable_streams([(path, record) for path, record, _ in results])
     curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
-    for path in result_files:
-        record, nlls = read_result(path)
+    for _, record, nlls in results:
         if nlls is None or nlls.size == 0:
             continue
         curves.append((record, nlls.astype(np.float64)))

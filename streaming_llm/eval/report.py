@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import read_result
+from streaming_llm.eval.results import check_comparable_streams, read_result
 
 
 def _perplexity(values: np.ndarray) -> float | None:
@@ -43,11 +43,13 @@ def segment_label(start: int, end: int) -> str:
 def summary_rows(result_files: list[str | Path], boundaries: list[int], sample_steps: list[int] | None = None) -> list[dict]:
     """One row per result: method, evaluator, tokens, perplexity overall, per segment (consecutive `boundaries`,
     step indices) and at the recompute samples, speed and memory (None where the record has none). ValueError
-    naming the file and the field for a malformed result (read_result)."""
+    naming the file and the field for a malformed result (read_result), and naming two files for results of one
+    model and text scored on different token streams (check_comparable_streams)."""
     segments = list(zip(boundaries[:-1], boundaries[1:]))
+    results = [(path, *read_result(path)) for path in result_files]
+    check_comparable_streams([(path, record) for path, record, _ in results])
     rows = []
-    for path in result_files:
-        record, nlls = read_result(path)
+    for path, record, nlls in results:
         rows.append({
             "method": record["method"],
             "evaluator": record["evaluator"],

@@ -166,10 +166,11 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     """ValueError "<file>: not a result file (<field> ...)" unless the fields that the eval, the table and the
     figures read are well formed: model, method and evaluator non-empty strings, data a description, num_tokens,
     n_sink, window_size (and num_predictions) counts, perplexity, tokens_per_s, wall_s, peak_memory_mib numbers or
-    null, tokens_fingerprint (if any) 16 hex digits, extra an object whose sampled_steps (if any) are step indices,
-    and the NLLs a 1-D float array of num_predictions values (NaN marks a sampled result's unscored steps). A
-    hand-edited file is named here, not met as a traceback in a table or a figure (or, for a fingerprint, as a
-    refusal saying that the result was scored on another token stream)."""
+    null, tokens_fingerprint (if any) 16 hex digits and tokens_prefix_fingerprints (if any) such fingerprints keyed by
+    prefix lengths below num_tokens, extra an object whose sampled_steps (if any) are step indices, and the NLLs a
+    1-D float array of num_predictions values (NaN marks a sampled result's unscored steps). A hand-edited file is
+    named here, not met as a traceback in a table or a figure (or, for a fingerprint, as a refusal saying that the
+    result was scored on another token stream)."""
 
     def refuse(what: str) -> ValueError:
         return ValueError(f"{path}: not a result file ({what})")
@@ -194,6 +195,14 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     fingerprint = record.get("tokens_fingerprint")
     if fingerprint is not None and not is_fingerprint(fingerprint):
         raise refuse(f"tokens_fingerprint is {shown(fingerprint)}, not 16 hex digits")
+    prefixes = record.get("tokens_prefix_fingerprints")
+    if prefixes is not None and not (
+        isinstance(prefixes, dict)
+        and all(n.isascii() and n.isdigit() and 0 < int(n) < record["num_tokens"] and is_fingerprint(value)
+                for n, value in prefixes.items())
+    ):
+        raise refuse(f"tokens_prefix_fingerprints is {shown(prefixes)}, not fingerprints (16 hex digits) of prefixes "
+                     f"shorter than the {record['num_tokens']} tokens")
     extra = record.get("extra", {})
     if not isinstance(extra, dict):
         raise refuse(f"extra is {shown(extra)}, not an object")
@@ -251,6 +260,24 @@ def tokens_fingerprint(input_ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
 
 
+# tokens_prefix_fingerprints holds the fingerprint of the stream's first n ids for every power of two n from this one
+# up to (not including) its length, so that results on prefixes of different lengths can be told apart in one table.
+FIRST_PREFIX_FINGERPRINT = 16
+
+
+def tokens_prefix_fingerprints(input_ids: torch.Tensor) -> dict[str, str]:
+    """{"n": tokens_fingerprint of the first n ids} for n = 16, 32, 64, ... below the stream's length (keys are
+    strings, as JSON has them)."""
+    ids = input_ids.detach().reshape(-1).to("cpu", torch.int64).numpy().astype("<i8", copy=False)
+    digest, done, found = hashlib.sha256(), 0, {}
+    length = FIRST_PREFIX_FINGERPRINT
+    while length < ids.size:
+        digest.update(ids[done:length].tobytes())
+        found[str(length)] = digest.hexdigest()[:16]
+        done, length = length, 2 * length
+    return found
+
+
 def check_same_tokens(record: dict, fingerprint: str | None, path: str | os.PathLike) -> None:
     """ValueError when `record` (a finished result or a checkpoint) was scored on another token stream than the one
     whose fingerprint is given: result names carry the text's sha256, not its tokenization (another tokenizer, or a
@@ -262,6 +289,39 @@ def check_same_tokens(record: dict, fingerprint: str | None, path: str | os.Path
             f"{path} was scored on another token stream of the same text (fingerprint {stored}, this stream "
             f"{fingerprint}: another tokenizer, or a BOS added or not); use another --output-dir, or --force to replace it"
         )
+
+
+def _stream_fingerprints(record: dict) -> dict[int, str]:
+    """{n: fingerprint of the first n ids} that `record` carries (its whole stream's included); {} for none."""
+    if record.get("tokens_fingerprint") is None:
+        return {}
+    found = {int(n): value for n, value in (record.get("tokens_prefix_fingerprints") or {}).items()}
+    found[record["num_tokens"]] = record["tokens_fingerprint"]
+    return found
+
+
+def check_comparable_streams(results: list[tuple[str | os.PathLike, dict]]) -> None:
+    """ValueError naming two files when (path, record) results of one model on one text (the same model name and
+    data_label) were scored on different token streams: a table or a figure would compare their NLLs as if token t
+    were the same token in both. Two results are compared over the longest prefix both carry a fingerprint of (the
+    shorter one's whole stream when its length equals the other's or is a power of two from 16, else at least its
+    first half). Results without a tokens fingerprint (written before they existed) are taken as they were."""
+    seen: dict[tuple, list[tuple]] = {}
+    for path, record in results:
+        prints = _stream_fingerprints(record)
+        if not prints:
+            continue
+        key = (record["model"], data_label(record["data"]))
+        for other_path, other in seen.setdefault(key, []):
+            common = prints.keys() & other.keys()
+            if common and prints[length := max(common)] != other[length]:
+                raise ValueError(
+                    f"{other_path} and {path} were scored on different token streams of {key[0]} on {key[1]} (the "
+                    f"first {length:,} tokens: fingerprints {other[length]} and {prints[length]}; another tokenizer, "
+                    "or a BOS added or not) and cannot be compared; score the older again (streaming-llm eval "
+                    "--force), or keep each stream's results in its own --output-dir"
+                )
+        seen[key].append((path, prints))
 
 
 def list_results(folder: str | os.PathLike) -> list[Path]:
@@ -375,12 +435,13 @@ def build_record(
     fingerprint: str | None = None,
     input_ids: torch.Tensor | None = None,
 ) -> dict:
-    """The JSON record of one finished (run, method); `input_ids`, the stream scored, gives its tokens_fingerprint."""
+    """The JSON record of one finished (run, method); `input_ids`, the stream scored, gives its tokens fingerprints."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model": model_name,
         "model_fingerprint": fingerprint,
         "tokens_fingerprint": None if input_ids is None else tokens_fingerprint(input_ids),
+        "tokens_prefix_fingerprints": None if input_ids is None else tokens_prefix_fingerprints(input_ids),
         "data": data,
         "num_tokens": num_tokens,
         "num_predictions": num_tokens - 1,
