@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.data import load_tokens, read_source
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.kvpress_compare import compare_prefill_protocol
-    from streaming_llm.eval.results import (data_label, device_description, git_commit, prepare_output_dir, versions,
-                                            write_json_atomically)
+    from streaming_llm.eval.results import (data_label, device_description, git_commit, prepare_output_dir,
+                                            tokens_fingerprint, versions, write_json_atomically)
     from streaming_llm.loading import load_model
 
     output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.demo_tokens:
         report["decode_kept_positions_demo"] = kept_positions_demo(model, ids[:, : args.demo_tokens], args.n_sink, args.demo_window)
-    report = {"model": model_name, "data": data, **report, "device": device_description("cpu"),
+    report = {"model": model_name, "data": data, "tokens_fingerprint": tokens_fingerprint(ids), **report,
+              "device": device_description("cpu"),
               "versions": versions(), "git_commit": git_commit(), "command": " ".join(sys.argv)}
     write_json_atomically(path, report)
 

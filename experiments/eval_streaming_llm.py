@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.methods import METHODS
     from streaming_llm.eval.perplexity import compute_perplexity
-    from streaming_llm.eval.results import device_description, git_commit, prepare_output_dir, versions, write_json_atomically
+    from streaming_llm.eval.results import (device_description, git_commit, prepare_output_dir, tokens_fingerprint, versions,
+                                            write_json_atomically)
     from streaming_llm.loading import load_model
 
     output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                      "wall_s": result.wall_s, **deviation(result.nlls, reference.nlls),
                      "vs_window_attention": deviation(result.nlls, window.nlls)})
     write_json_atomically(path, {
-        "model": _model_name(args.model), "data": data, "num_tokens": args.num_tokens, "n_sink": args.n_sink,
+        "model": _model_name(args.model), "data": data, "num_tokens": args.num_tokens,
+        "tokens_fingerprint": tokens_fingerprint(ids), "n_sink": args.n_sink,
         "window_size": args.window_size, "reference": "streaming_pos_shift decode loop", "rows": rows,
         "window_attention_perplexity": window.perplexity, "device": device_description("cpu"),
         "torch_threads": torch.get_num_threads(), "versions": versions(), "git_commit": git_commit(),

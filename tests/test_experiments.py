@@ -394,6 +394,15 @@ def test_evals_read_a_text_from_a_pipe(tiny_chat_model, tmp_path, capsys, script
                                           *options, "--data", f"/dev/fd/{read_end}", "--output-dir", str(tmp_path)]) == 0
     finally:
         os.close(read_end)
+    # every result records the token stream it scored (the text's sha256 does not tell its tokenizations apart)
+    from transformers import AutoTokenizer
+
+    from streaming_llm.data import load_tokens
+    from streaming_llm.eval.results import tokens_fingerprint
+
+    ids = load_tokens(AutoTokenizer.from_pretrained(tiny_chat_model), None, 38 if script == "eval_kvpress" else 40, text=text)
+    records = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    assert records and all(record["tokens_fingerprint"] == tokens_fingerprint(ids) for record in records)
 
 
 @pytest.mark.parametrize("script, options, option", [
