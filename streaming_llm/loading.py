@@ -153,8 +153,8 @@ def load_model(
     except Exception as error:  # a corrupt or truncated file fails in its reader: SafetensorError, UnpicklingError, ...
         raise ValueError(f"could not load model {label!r} (a corrupt or truncated file?): {type(error).__name__}: {_first_line(error)}") from error
     _check_tokenizer(tokenizer, model, label, source)
-    if "gguf_file" in load_kwargs:
-        _without_clean_up(tokenizer)
+    if "gguf_file" in load_kwargs and name_or_path is not None:  # the embedded one was corrected when read
+        _as_the_file_declares(tokenizer, Path(source) / load_kwargs["gguf_file"])
     return model.to(device).eval(), tokenizer
 
 
@@ -170,17 +170,36 @@ def _read_embedded_tokenizer(gguf: Path):
     from transformers import AutoTokenizer
 
     with _quiet_transformers():
-        return _without_clean_up(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        return _as_the_file_declares(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), gguf)
 
 
-def _without_clean_up(tokenizer):
-    """A tokenizer read from a GGUF file, with clean_up_tokenization_spaces off again.
+# The GGUF fields of the special tokens transformers' reader gets wrong, and the tokenizer attribute each one sets.
+GGUF_SPECIAL_TOKENS = {"tokenizer.ggml.eos_token_id": "eos_token", "tokenizer.ggml.padding_token_id": "pad_token"}
 
-    transformers' GGUF reader turns that clean-up on for byte-level BPE tokenizers (its own default is off). It is
-    lossy there: it deletes the space before punctuation and quotes, so that decode(encode(text)) != text
-    ("doctor 'she'" -> "doctor'she'", 21 characters in the first 10^6 of the embedded Shakespeare). Without it the
-    tokens round-trip the text exactly."""
+
+def _as_the_file_declares(tokenizer, gguf: Path):
+    """A tokenizer read from a GGUF file, corrected where transformers' GGUF reader (5.2) departs from the file.
+
+    - clean_up_tokenization_spaces off again: the reader turns it on for byte-level BPE tokenizers (its own default
+      is off). It is lossy there: it deletes the space before punctuation and quotes, so that decode(encode(text))
+      != text ("doctor 'she'" -> "doctor'she'", 21 characters in the first 10^6 of the embedded Shakespeare).
+      Without it the tokens round-trip the text exactly.
+    - eos and pad tokens as the file names them: the reader gives the embedded SmolLM2 file's tokenizer the BOS,
+      <|im_start|> (id 1), as its eos and no pad token, where the file (and the hub's SmolLM2 tokenizer) says
+      <|im_end|> (id 2) for both.
+    The reader also makes the tokenizer put the BOS first, which the file's add_bos_token (false) does not ask for;
+    that is left as it is: the committed evaluation results were scored on streams that begin with it
+    (docs/evaluation.md)."""
+    import gguf as gguf_package
+
     tokenizer.clean_up_tokenization_spaces = False
+    fields = gguf_package.GGUFReader(gguf).fields
+    for key, attribute in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            token_id = int(field.parts[field.data[0]][0])
+            if 0 <= token_id < len(tokenizer):
+                setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
     return tokenizer
 
 

@@ -29,3 +29,26 @@ def test_sinks_beat_window_attention_on_the_embedded_model(embedded_model):
     assert with_sinks.perplexity * 1.5 < window_only.perplexity, (with_sinks.perplexity, window_only.perplexity)
     # Before anything is evicted the two are the same model.
     assert torch.allclose(with_sinks.nlls[: n_sink + window - 1], window_only.nlls[: n_sink + window - 1], atol=1e-4)
+
+
+def test_the_embedded_tokenizer_ends_and_pads_with_the_files_tokens(embedded_model):
+    """transformers' GGUF reader (5.2) gives the embedded tokenizer the BOS, <|im_start|>, as its eos and no pad
+    token; the GGUF file names <|im_end|> for both, as the model's generation config does. The tokenizer follows the
+    file, and still puts the BOS first (the streams of the committed results begin with it: docs/evaluation.md)."""
+    import gguf
+
+    from streaming_llm.generation import end_of_turn_ids
+    from streaming_llm.loading import embedded_model_path
+
+    model, tokenizer = embedded_model
+    fields = gguf.GGUFReader(embedded_model_path()).fields
+    declared = {key: int(fields[key].parts[fields[key].data[0]][0])
+                for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")}
+    assert tokenizer.eos_token_id == declared["tokenizer.ggml.eos_token_id"] == model.generation_config.eos_token_id
+    assert tokenizer.pad_token_id == declared["tokenizer.ggml.padding_token_id"]
+    assert tokenizer.eos_token == "<|im_end|>" != tokenizer.bos_token
+    assert end_of_turn_ids(tokenizer, model) == {tokenizer.eos_token_id}
+    text = "doctor 'she' said: \"to be, or not to be\""
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == declared["tokenizer.ggml.bos_token_id"]
+    assert tokenizer.decode(ids[1:]) == text  # no lossy clean-up of spaces
