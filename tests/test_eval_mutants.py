@@ -240,7 +240,9 @@ def test_peak_memory_falls_back_to_the_process_peak(monkeypatch):
     """Where clear_refs is refused, the process's ru_maxrss (KiB) in MiB, marked rss_process."""
     fake = type("P", (_FakePath,), {"writes": [], "refuse_writes": True, "status": "VmHWM:\t 1 kB\n"})
     monkeypatch.setattr(results, "Path", fake)
-    monkeypatch.setattr(results.resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=5120))
+    import resource
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=5120))
     with PeakMemory("cpu") as peak:
         pass
     assert peak.kind == "rss_process" and peak.peak_mib == 5.0

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -377,7 +376,8 @@ class PeakMemory:
     CUDA: torch.cuda.max_memory_allocated after a reset (tensor memory only). CPU: the process's peak
     resident set size. Linux lets a process reset its peak RSS (writing 5 to /proc/self/clear_refs), so
     the value is this block's peak ("kind": "rss_block"); where that is refused it is the process's peak
-    since start, getrusage's ru_maxrss ("kind": "rss_process"), an upper bound.
+    since start, getrusage's ru_maxrss ("kind": "rss_process"), an upper bound. Where there is no getrusage
+    (Windows: no `resource` module) peak_mib is None ("kind": "unavailable").
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
@@ -403,14 +403,27 @@ class PeakMemory:
         elif self.kind == "rss_block":
             self.peak_mib = _vm_hwm_kib() / 1024
         else:
-            self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            maxrss = _ru_maxrss()
+            self.peak_mib = None if maxrss is None else maxrss / 1024  # Linux: KiB
+            if self.peak_mib is None:
+                self.kind = "unavailable"
+
+
+def _ru_maxrss() -> float | None:
+    """getrusage's ru_maxrss of this process; None where there is no `resource` module (Windows), imported here so
+    that this module (and the CLI, which imports it) loads there."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _vm_hwm_kib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return float(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _ru_maxrss()
 
 
 def build_record(

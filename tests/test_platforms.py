@@ -1,0 +1,46 @@
+"""What the package does on the platforms CI does not run (macOS, Windows, musl), simulated here by monkeypatching:
+sys.platform, a missing /proc, a missing `resource` module (Windows has none), a C library that is not glibc, MPS
+said to be available. Each test names the platform it stands for."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+
+from streaming_llm.eval import results
+
+
+class _NoProc:
+    """Stands in for pathlib.Path in a module, on a system without /proc (macOS, Windows): every access fails."""
+
+    def __init__(self, name):
+        self.name = str(name)
+
+    def write_text(self, text):
+        raise FileNotFoundError(2, "No such file or directory", self.name)
+
+    def read_text(self):
+        raise FileNotFoundError(2, "No such file or directory", self.name)
+
+
+def _fresh_copy(module):
+    """`module` executed again as a new module object (the loaded one untouched)."""
+    spec = importlib.util.spec_from_file_location(f"{module.__name__}_fresh_copy", module.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    return copy
+
+
+# --- Windows: no `resource` module ------------------------------------------------------------------------------
+
+
+def test_results_module_loads_and_peak_memory_degrades_without_resource(monkeypatch):
+    """Windows: `import resource` fails. The results module (which the CLI imports for every command) still loads,
+    and PeakMemory, with neither /proc nor getrusage, reports no number, marked unavailable."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
+    windows_results = _fresh_copy(results)
+    monkeypatch.setattr(windows_results, "Path", _NoProc)
+    with windows_results.PeakMemory("cpu") as peak:
+        pass
+    assert (peak.peak_mib, peak.kind) == (None, "unavailable")
