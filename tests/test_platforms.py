@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 
 
 from streaming_llm.eval import results
@@ -44,3 +45,19 @@ def test_results_module_loads_and_peak_memory_degrades_without_resource(monkeypa
     with windows_results.PeakMemory("cpu") as peak:
         pass
     assert (peak.peak_mib, peak.kind) == (None, "unavailable")
+
+
+# --- macOS: no /proc, ru_maxrss in bytes ------------------------------------------------------------------------
+
+
+def test_peak_memory_reads_macos_ru_maxrss_as_bytes(monkeypatch):
+    """macOS: no /proc (clear_refs cannot be written), and getrusage's ru_maxrss is in bytes, not KiB as on Linux:
+    3 GiB of peak RSS is 3,072 MiB, not 3 MiB x 1024."""
+    import resource
+
+    monkeypatch.setattr(results, "Path", _NoProc)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3 * 2**30))
+    with results.PeakMemory("cpu") as peak:
+        pass
+    assert (peak.peak_mib, peak.kind) == (3 * 1024, "rss_process")

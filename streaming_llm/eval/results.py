@@ -376,8 +376,9 @@ class PeakMemory:
     CUDA: torch.cuda.max_memory_allocated after a reset (tensor memory only). CPU: the process's peak
     resident set size. Linux lets a process reset its peak RSS (writing 5 to /proc/self/clear_refs), so
     the value is this block's peak ("kind": "rss_block"); where that is refused it is the process's peak
-    since start, getrusage's ru_maxrss ("kind": "rss_process"), an upper bound. Where there is no getrusage
-    (Windows: no `resource` module) peak_mib is None ("kind": "unavailable").
+    since start, getrusage's ru_maxrss ("kind": "rss_process": macOS, or Linux without /proc; KiB on Linux,
+    bytes on macOS, both read as MiB), an upper bound. Where there is no getrusage (Windows: no `resource` module)
+    peak_mib is None ("kind": "unavailable").
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
@@ -401,29 +402,22 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif self.kind == "rss_block":
-            self.peak_mib = _vm_hwm_kib() / 1024
+            self.peak_mib = _vm_hwm_mib()
         else:
-            maxrss = _ru_maxrss()
-            self.peak_mib = None if maxrss is None else maxrss / 1024  # Linux: KiB
+            from streaming_llm.cli_common import peak_memory_mb  # ru_maxrss: KiB on Linux, bytes on macOS
+
+            self.peak_mib = peak_memory_mb()
             if self.peak_mib is None:
                 self.kind = "unavailable"
 
 
-def _ru_maxrss() -> float | None:
-    """getrusage's ru_maxrss of this process; None where there is no `resource` module (Windows), imported here so
-    that this module (and the CLI, which imports it) loads there."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _vm_hwm_kib() -> float:
+def _vm_hwm_mib() -> float | None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return float(line.split()[1])
-    return _ru_maxrss()
+            return float(line.split()[1]) / 1024  # the line is "VmHWM:   123456 kB"
+    from streaming_llm.cli_common import peak_memory_mb
+
+    return peak_memory_mb()
 
 
 def build_record(
