@@ -61,3 +61,21 @@ def test_peak_memory_reads_macos_ru_maxrss_as_bytes(monkeypatch):
     with results.PeakMemory("cpu") as peak:
         pass
     assert (peak.peak_mib, peak.kind) == (3 * 1024, "rss_process")
+
+
+# --- macOS with an Apple GPU: --device mps --------------------------------------------------------------------------
+
+
+def test_peak_memory_on_mps_reads_the_mps_allocator(monkeypatch):
+    """A run on mps (the device eval passes is 'mps:0') measures the Metal memory torch's MPS allocator holds (its
+    cache emptied on entry), not the process's RSS, which need not count GPU buffers."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 640 * 2**20)
+    monkeypatch.setattr(results, "Path", _NoProc)
+    with results.PeakMemory("mps:0") as peak:
+        assert calls == ["synchronize", "empty_cache"]
+    assert (peak.peak_mib, peak.kind) == (640.0, "mps_driver_allocated") and calls[-1] == "synchronize"

@@ -379,6 +379,12 @@ class PeakMemory:
     since start, getrusage's ru_maxrss ("kind": "rss_process": macOS, or Linux without /proc; KiB on Linux,
     bytes on macOS, both read as MiB), an upper bound. Where there is no getrusage (Windows: no `resource` module)
     peak_mib is None ("kind": "unavailable").
+
+    MPS (Apple GPU): torch keeps no peak there. The value is the Metal memory torch's MPS allocator holds at the
+    block's end (torch.mps.driver_allocated_memory; its cache emptied on entry, "kind": "mps_driver_allocated"): the
+    allocator keeps freed buffers for reuse, so this covers the block's peak tensor memory (plus what was live
+    before it, and the allocator's rounding), an estimate that misses what the allocator gave back under memory
+    pressure. Not the process's RSS, which need not count GPU buffers.
     """
 
     def __init__(self, device: str | torch.device = "cpu"):
@@ -390,6 +396,10 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)
             self.kind = "cuda_max_memory_allocated"
+        elif self.device.startswith("mps"):
+            torch.mps.synchronize()
+            torch.mps.empty_cache()
+            self.kind = "mps_driver_allocated"
         else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
@@ -401,6 +411,9 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.startswith("cuda"):
             self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.kind == "mps_driver_allocated":
+            torch.mps.synchronize()
+            self.peak_mib = torch.mps.driver_allocated_memory() / 2**20
         elif self.kind == "rss_block":
             self.peak_mib = _vm_hwm_mib()
         else:
