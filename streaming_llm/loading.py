@@ -50,6 +50,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if device.startswith("cuda") and resolved == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError(f"dtype bfloat16 is not supported on {device}")
+    if device.startswith("mps") and resolved == torch.float64:  # torch would fail in model.to() with a TypeError
+        raise ValueError(f"dtype float64 is not supported on {device} (the MPS framework has no float64); use float32")
     return resolved
 
 

@@ -8,6 +8,8 @@ import importlib.util
 import sys
 import types
 
+import pytest
+
 
 from streaming_llm.eval import results
 
@@ -79,3 +81,19 @@ def test_peak_memory_on_mps_reads_the_mps_allocator(monkeypatch):
     with results.PeakMemory("mps:0") as peak:
         assert calls == ["synchronize", "empty_cache"]
     assert (peak.peak_mib, peak.kind) == (640.0, "mps_driver_allocated") and calls[-1] == "synchronize"
+
+
+def test_float64_on_mps_is_refused_before_loading(monkeypatch):
+    """MPS has no float64: --dtype float64 --device mps is a one-line error before the model is read (torch would
+    raise a TypeError, a traceback, when the loaded model is moved there)."""
+    import torch
+
+    from streaming_llm.loading import load_model, resolve_dtype
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for dtype in ("float64", torch.float64):
+        with pytest.raises(ValueError, match="float64 is not supported on mps"):
+            resolve_dtype(dtype, "mps")
+    with pytest.raises(ValueError, match="float64 is not supported on mps"):
+        load_model("/no/such/model", dtype="float64", device="mps")
+    assert resolve_dtype("float32", "mps") == torch.float32
