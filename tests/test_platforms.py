@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 
 from streaming_llm.eval import results
@@ -97,3 +98,68 @@ def test_float64_on_mps_is_refused_before_loading(monkeypatch):
     with pytest.raises(ValueError, match="float64 is not supported on mps"):
         load_model("/no/such/model", dtype="float64", device="mps")
     assert resolve_dtype("float32", "mps") == torch.float32
+
+
+class _OnMPS(torch.Tensor):
+    """A CPU tensor taken for one on mps by the moves eval makes: .to(mps) is itself, .to('cpu') and .cpu() give the
+    plain tensor. Its device stays cpu (so that tensors made with device=... are made), as token ids may."""
+
+    reports_mps = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func == torch.Tensor.device.__get__ and cls.reports_mps:
+            return torch.device("mps", 0)
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor).clone()
+        float64 = func is torch.Tensor.double or (func is torch.Tensor.to and torch.float64 in (*args[1:], *kwargs.values()))
+        if float64 and cls.reports_mps:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64.")
+        if func is torch.Tensor.to:
+            target = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, (str, torch.device))), None)
+            if target is not None:
+                return args[0] if torch.device(target).type == "mps" else args[0].as_subclass(torch.Tensor).clone()
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _MPSLike(_OnMPS):
+    """A CPU tensor that behaves as an MPS one does for the scorers: its device is mps:0, float64 is refused with
+    MPS's TypeError."""
+
+    reports_mps = True
+
+
+def test_the_scorers_take_logits_on_mps():
+    """eval --device mps: the model's logits are on mps, which has no float64; each scorer (the block evaluator, the
+    sampled recompute baseline, the strided window) takes the float64 softmax on the CPU, where it used to fail with
+    torch's TypeError, and scores exactly what it scores on the CPU."""
+    from streaming_llm.eval.baselines import recompute_nlls_at
+    from streaming_llm.eval.chunked import strided_window_perplexity
+    from streaming_llm.eval.perplexity import compute_perplexity
+
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(16, 16, generator=generator)  # logits of the next token = a row per current token
+    ids = torch.randint(0, 16, (1, 12), generator=generator)
+
+    class Stepper:
+        def __init__(self, mps):
+            self.mps = mps
+
+        def reset(self):
+            pass
+
+        def __call__(self, input_ids):
+            logits = table[input_ids.as_subclass(torch.Tensor)]
+            return logits.as_subclass(_MPSLike) if self.mps else logits
+
+    class Model(Stepper):
+        def __call__(self, input_ids, logits_to_keep=0, **kwargs):
+            logits = super().__call__(input_ids)
+            return types.SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+    mps_ids = ids.as_subclass(_OnMPS)  # eval moves the ids to the model's device
+    for run in (lambda mps, ids: compute_perplexity(Stepper(mps), ids, block_size=4).nlls,
+                lambda mps, ids: recompute_nlls_at(Model(mps), ids, capacity=4, steps=[3, 7, 10]),
+                lambda mps, ids: strided_window_perplexity(Model(mps), ids, context_size=5, stride=2).nlls):
+        assert torch.equal(run(True, mps_ids), run(False, ids))

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from streaming_llm.eval.perplexity import token_nlls
+
 
 class DenseStepper:
     """The unmodified model with a growing DynamicCache (w = infinity): exact in blocks too."""
@@ -114,8 +116,7 @@ def recompute_nlls_at(
             logits = model(
                 windows, attention_mask=torch.ones_like(windows), position_ids=positions, use_cache=False, logits_to_keep=1
             ).logits[:, -1]
-            targets = torch.stack([input_ids[0, steps[i] + 1] for i in group]).to(logits.device)
-            nlls[group] = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none").cpu()
+            nlls[group] = token_nlls(logits, torch.stack([input_ids[0, steps[i] + 1] for i in group]))
             if bar is not None:
                 bar.update(len(group))
     if bar is not None:

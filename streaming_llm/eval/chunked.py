@@ -21,11 +21,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from streaming_llm.eval.perplexity import PerplexityResult
+from streaming_llm.eval.perplexity import PerplexityResult, token_nlls
 from streaming_llm.models import describe
 from streaming_llm.rope import RotaryParams
 
@@ -81,7 +80,7 @@ def chunked_streaming_perplexity(
         positions = torch.arange(held, held + chunk.shape[1], device=chunk.device)[None]
         mask = torch.ones(1, held + chunk.shape[1], dtype=torch.long, device=chunk.device)
         logits = model(chunk, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
-        nlls[start:end] = F.cross_entropy(logits[0].double(), input_ids[0, start + 1 : end + 1].to(logits.device), reduction="none").cpu()
+        nlls[start:end] = token_nlls(logits[0], input_ids[0, start + 1 : end + 1])
         _cut_and_rerotate(cache, n_sink, window_size, rotary)
         if bar is not None:
             bar.update(end - start)
@@ -111,7 +110,7 @@ def strided_window_perplexity(
         # Explicit all-ones mask: transformers 5 reads position resets without one as packed sequences.
         logits = model(window, attention_mask=torch.ones_like(window), position_ids=positions, use_cache=False).logits
         scored = logits[0, start - first :]
-        nlls[start:end] = F.cross_entropy(scored.double(), input_ids[0, start + 1 : end + 1].to(scored.device), reduction="none").cpu()
+        nlls[start:end] = token_nlls(scored, input_ids[0, start + 1 : end + 1])
         if bar is not None:
             bar.update(end - start)
     wall = time.perf_counter() - started

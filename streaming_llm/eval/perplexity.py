@@ -48,6 +48,14 @@ def _check_logits(logits, n: int, largest_id: int) -> None:
         raise ValueError(f"the stepper's logits cover {logits.shape[-1]} token ids; the text holds id {largest_id}")
 
 
+def token_nlls(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) of each row of `logits` [n, vocab] (targets [n] on any device): float64 [n], on the CPU. The
+    softmax is taken in float64 on the logits' device; on mps, which has no float64, on the CPU."""
+    if logits.device.type == "mps":
+        logits = logits.cpu()
+    return F.cross_entropy(logits.double(), targets.to(logits.device), reduction="none").cpu()
+
+
 def compute_perplexity(
     stepper: Stepper,
     input_ids: torch.Tensor,
@@ -92,8 +100,7 @@ def compute_perplexity(
             end = min(start + block_size, steps)
             logits = stepper(input_ids[:, start:end])
             _check_logits(logits, end - start, largest_id)
-            targets = input_ids[0, start + 1 : end + 1].to(logits.device)
-            nlls[start:end] = F.cross_entropy(logits[0].double(), targets, reduction="none").cpu()
+            nlls[start:end] = token_nlls(logits[0], input_ids[0, start + 1 : end + 1])
             if bar is not None:
                 bar.update(end - start)
             if on_block is not None:
