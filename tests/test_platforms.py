@@ -163,3 +163,14 @@ def test_the_scorers_take_logits_on_mps():
                 lambda mps, ids: recompute_nlls_at(Model(mps), ids, capacity=4, steps=[3, 7, 10]),
                 lambda mps, ids: strided_window_perplexity(Model(mps), ids, context_size=5, stride=2).nlls):
         assert torch.equal(run(True, mps_ids), run(False, ids))
+
+
+def test_bench_waits_for_the_mps_queue(monkeypatch):
+    """bench --device mps: MPS, like CUDA, queues work and returns; a step is timed from a synchronised device to a
+    synchronised device, or the time is that of queueing it."""
+    from streaming_llm.bench import latency
+
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("synchronize"))
+    latency.synchronized_ms(lambda: calls.append("step"), torch.device("mps", 0))
+    assert calls == ["synchronize", "step", "synchronize"]

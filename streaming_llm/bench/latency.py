@@ -339,8 +339,12 @@ class LatencyRow:
 
 
 def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
+    """Wait for the work queued on `device` (CUDA and MPS run it asynchronously: a step returns before it is done)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
         torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink: int = 4, rounds: int = 5,
