@@ -174,3 +174,18 @@ def test_bench_waits_for_the_mps_queue(monkeypatch):
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("synchronize"))
     latency.synchronized_ms(lambda: calls.append("step"), torch.device("mps", 0))
     assert calls == ["synchronize", "step", "synchronize"]
+
+
+def test_resident_memory_without_proc_is_the_peak_in_mib_and_says_so(monkeypatch):
+    """macOS: no /proc/self/status, so bench's stream and the soak read getrusage's ru_maxrss, which is bytes
+    there: 3 GiB is 3,072 MiB (not 3 MiB x 1024), and the reading says it is the process's peak, not VmRSS."""
+    import resource
+
+    from streaming_llm.bench import latency, memory
+
+    monkeypatch.setattr(memory, "Path", _NoProc)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3 * 2**30))
+    assert memory.resident_memory_mib() == 3072.0
+    assert memory.resident_memory() == (3072.0, "peak_rss_process")
+    assert latency.environment("cpu")["rss_kind"] == "peak_rss_process"

@@ -20,7 +20,7 @@ from torch import nn
 
 from streaming_llm.attention import prepare_model
 from streaming_llm.bench import METHODS
-from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib, tensor_bytes
+from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_kind, resident_memory_mib, tensor_bytes
 from streaming_llm.eval.baselines import RecomputeStepper
 from streaming_llm.models import attention_shape, check_capacity
 from streaming_llm.wrapper import StreamingLLMWrapper
@@ -490,7 +490,8 @@ def environment(device: str) -> dict:
     import transformers
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "device": device, "threads": torch.get_num_threads(), "machine": platform.machine()}
+            "device": device, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "rss_kind": resident_memory_kind()}  # what the stream's rss_bytes are (bench.memory.resident_memory)
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     else:

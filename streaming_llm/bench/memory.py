@@ -10,15 +10,27 @@ from pathlib import Path
 import torch
 
 
-def resident_memory_mib() -> float:
-    """VmRSS of this process in MiB (Linux /proc; getrusage's peak as a fallback elsewhere)."""
+def resident_memory() -> tuple[float, str]:
+    """(MiB, kind) of this process's resident memory. Linux: VmRSS of /proc/self/status, the memory resident now
+    (kind "vmrss"). Without /proc (macOS): the process's peak RSS since it started, getrusage's ru_maxrss (KiB on
+    Linux, bytes on macOS), an upper bound that never comes down (kind "peak_rss_process")."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024  # the line is "VmRSS:   123456 kB"
-    import resource
+                return float(line.split()[1]) / 1024, "vmrss"  # the line is "VmRSS:   123456 kB"
+    from streaming_llm.cli_common import peak_memory_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_mb(), "peak_rss_process"
+
+
+def resident_memory_mib() -> float:
+    """The MiB of resident_memory()."""
+    return resident_memory()[0]
+
+
+def resident_memory_kind() -> str:
+    """The kind of resident_memory() on this platform."""
+    return resident_memory()[1]
 
 
 def release_free_memory() -> None:

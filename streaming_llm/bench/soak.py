@@ -11,7 +11,8 @@ SEMANTICS.md §5). Every `--every` tokens one record is taken:
     tokens_seen     cache.get_seq_length()
     cache_length    cache.get_cache_length() (tokens held, by the layer that holds the most)
     cache_bytes     bytes of every tensor the cache holds, all layers
-    rss_mib         resident memory of this process (VmRSS of /proc/self/status), MiB, read after gc.collect()
+    rss_mib         resident memory of this process (VmRSS of /proc/self/status; without /proc, as on macOS, the
+                    process's peak RSS: the payload's rss_kind says which), MiB, read after gc.collect()
                     (of the objects made since the stream began: those before it are frozen, gc.freeze)
                     and glibc malloc_trim(0): live memory, without the free pages the allocator keeps
     rss_raw_mib     the same, read just before (allocator noise included: a few MiB up and down)
@@ -39,7 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_mib
+from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_kind, resident_memory_mib
 from streaming_llm.eval.results import write_json_atomically
 
 RSS_GROWTH_LIMIT = 0.01
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "streaming_mode": args.streaming_mode,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": device_description("cpu"),
+        "rss_kind": resident_memory_kind(),  # vmrss (Linux) or peak_rss_process (bench.memory.resident_memory)
         "versions": versions(),
         "git_commit": git_commit(),
         "command": " ".join(["python -m streaming_llm.bench.soak", *(argv if argv is not None else sys.argv[1:])]),
