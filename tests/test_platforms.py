@@ -189,3 +189,31 @@ def test_resident_memory_without_proc_is_the_peak_in_mib_and_says_so(monkeypatch
     assert memory.resident_memory_mib() == 3072.0
     assert memory.resident_memory() == (3072.0, "peak_rss_process")
     assert latency.environment("cpu")["rss_kind"] == "peak_rss_process"
+
+
+def test_bench_stream_and_soak_without_any_rss_reading(llama_model, monkeypatch, tmp_path):
+    """Windows: neither /proc nor getrusage. bench --stream-tokens records rss_bytes null (rss_kind unavailable), its
+    table and figure leave the memory out, and the soak runs, its RSS check not measured (passed null), not failed;
+    each used to end in a traceback (ImportError, or arithmetic on None) after the streaming was done."""
+    from streaming_llm.bench import latency, memory, soak
+    from streaming_llm.bench.command import format_stream
+    from streaming_llm.bench.plots import plot_latency
+
+    monkeypatch.setattr(memory, "Path", _NoProc)
+    monkeypatch.setitem(sys.modules, "resource", None)
+    assert memory.resident_memory() == (None, "unavailable")
+    rows = latency.measure_stream(llama_model, 12, 2, checkpoints=[12, 20], block=8, steps=1)
+    assert [row["rss_bytes"] for row in rows] == [None, None] and "n/a" in format_stream(rows)
+    report = {"rows": [{"method": "streaming", "capacity": 12, "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}],
+              "stream": rows, "environment": latency.environment("cpu")}
+    assert report["environment"]["rss_kind"] == "unavailable"
+    plot_latency(report, tmp_path / "latency.png")
+    assert (tmp_path / "latency.png").stat().st_size > 0
+
+    from streaming_llm import StreamingLLMWrapper
+
+    wrapper = StreamingLLMWrapper(soak.build_tiny_llama(seed=0), 2, 6)
+    outcome = soak.run_soak(wrapper, soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=1), num_tokens=60, every=20,
+                            block_size=16, warmup_tokens=20)
+    assert all(record["rss_mib"] is None for record in outcome["records"])
+    assert outcome["checks"]["rss_growth"]["passed"] is None and outcome["passed"]

@@ -269,5 +269,6 @@ def format_table(rows: list[dict]) -> str:
 def format_stream(rows: list[dict]) -> str:
     lines = [f"{'tokens streamed':>16}{'median ms':>11}{'RSS MiB':>10}{'cache len':>11}"]
     for r in rows:
-        lines.append(f"{r['tokens_streamed']:>16}{r['median_ms']:>11.2f}{r['rss_bytes'] / 2**20:>10.1f}{r['cache_length']:>11}")
+        rss = f"{r['rss_bytes'] / 2**20:>10.1f}" if r["rss_bytes"] is not None else f"{'n/a':>10}"
+        lines.append(f"{r['tokens_streamed']:>16}{r['median_ms']:>11.2f}{rss}{r['cache_length']:>11}")
     return "\n".join(lines)

@@ -446,9 +446,10 @@ def measure_stream(model: nn.Module, capacity: int, n_sink: int, checkpoints: li
                 progress.update(n)
         release_free_memory()
         times = [synchronized_ms(lambda: wrapper(token), device) for _ in range(steps)]
+        rss = resident_memory_mib()  # None where the platform reports none (environment's rss_kind "unavailable")
         rows.append({
             "tokens_streamed": wrapper.tokens_seen, "median_ms": statistics.median(times),
-            "rss_bytes": int(resident_memory_mib() * 2**20), "cache_length": wrapper.cache.get_cache_length(),
+            "rss_bytes": None if rss is None else int(rss * 2**20), "cache_length": wrapper.cache.get_cache_length(),
             "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else None,
         })
     return rows

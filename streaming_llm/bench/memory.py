@@ -10,20 +10,22 @@ from pathlib import Path
 import torch
 
 
-def resident_memory() -> tuple[float, str]:
+def resident_memory() -> tuple[float | None, str]:
     """(MiB, kind) of this process's resident memory. Linux: VmRSS of /proc/self/status, the memory resident now
     (kind "vmrss"). Without /proc (macOS): the process's peak RSS since it started, getrusage's ru_maxrss (KiB on
-    Linux, bytes on macOS), an upper bound that never comes down (kind "peak_rss_process")."""
+    Linux, bytes on macOS), an upper bound that never comes down (kind "peak_rss_process"). Without either
+    (Windows: no `resource` module): (None, "unavailable")."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return float(line.split()[1]) / 1024, "vmrss"  # the line is "VmRSS:   123456 kB"
     from streaming_llm.cli_common import peak_memory_mb
 
-    return peak_memory_mb(), "peak_rss_process"
+    peak = peak_memory_mb()
+    return (None, "unavailable") if peak is None else (peak, "peak_rss_process")
 
 
-def resident_memory_mib() -> float:
+def resident_memory_mib() -> float | None:
     """The MiB of resident_memory()."""
     return resident_memory()[0]
 

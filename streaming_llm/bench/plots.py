@@ -9,7 +9,7 @@ from streaming_llm.eval.results import atomic_write
 
 def plot_latency(report: dict, path: Path) -> None:
     """Left: median decode-step latency per method vs cache size (p10-p90 band). Right, if the report
-    streamed: step latency and resident memory vs tokens streamed."""
+    streamed: step latency and resident memory vs tokens streamed (memory left out where it was not measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,12 +40,13 @@ def plot_latency(report: dict, path: Path) -> None:
         right.set_xscale("log")
         right.set_xlabel("tokens streamed")
         right.set_ylabel("decode step latency (ms)", color="tab:blue")
-        memory = right.twinx()
-        memory.plot(tokens, [r["rss_bytes"] / 2**20 for r in stream], marker="s", color="tab:red", label="RSS")
-        memory.set_ylabel("resident memory (MiB)", color="tab:red")
         # From zero, so that "flat" reads as flat rather than as noise blown up to fill the axis.
         right.set_ylim(0, 1.2 * max(r["median_ms"] for r in stream))
-        memory.set_ylim(0, 1.2 * max(r["rss_bytes"] for r in stream) / 2**20)
+        if all(r["rss_bytes"] is not None for r in stream):
+            memory = right.twinx()
+            memory.plot(tokens, [r["rss_bytes"] / 2**20 for r in stream], marker="s", color="tab:red", label="RSS")
+            memory.set_ylabel("resident memory (MiB)", color="tab:red")
+            memory.set_ylim(0, 1.2 * max(r["rss_bytes"] for r in stream) / 2**20)
         right.set_title("our cache along the stream")
         right.grid(alpha=0.3)
     figure.tight_layout()

@@ -12,7 +12,8 @@ SEMANTICS.md §5). Every `--every` tokens one record is taken:
     cache_length    cache.get_cache_length() (tokens held, by the layer that holds the most)
     cache_bytes     bytes of every tensor the cache holds, all layers
     rss_mib         resident memory of this process (VmRSS of /proc/self/status; without /proc, as on macOS, the
-                    process's peak RSS: the payload's rss_kind says which), MiB, read after gc.collect()
+                    process's peak RSS: the payload's rss_kind says which; null where there is neither, as on
+                    Windows), MiB, read after gc.collect()
                     (of the objects made since the stream began: those before it are frozen, gc.freeze)
                     and glibc malloc_trim(0): live memory, without the free pages the allocator keeps
     rss_raw_mib     the same, read just before (allocator noise included: a few MiB up and down)
@@ -23,6 +24,7 @@ SEMANTICS.md §5). Every `--every` tokens one record is taken:
 At the end three checks are evaluated (and the exit status is 1 if one fails):
     cache_length    == min(tokens_seen, capacity) at every record (so == capacity once full)
     rss_growth      (max RSS after warm-up - max RSS during warm-up) / max RSS during warm-up < 1%
+                    (not measured, "passed": null, where there is no RSS reading: it does not fail the soak)
     finite          no NaN/inf logit in the whole stream
 
 The JSON is written to a temporary file next to `--out` and moved in place (os.replace), so an interrupted
@@ -165,8 +167,8 @@ def _soak_loop(wrapper, next_ids, num_tokens: int, every: int, block_size: int, 
                     "tokens_seen": cache.get_seq_length(),
                     "cache_length": cache.get_cache_length(),
                     "cache_bytes": cache_bytes(cache),
-                    "rss_mib": round(resident_memory_mib(), 3),
-                    "rss_raw_mib": round(rss_raw, 3),
+                    "rss_mib": _rounded(resident_memory_mib()),
+                    "rss_raw_mib": _rounded(rss_raw),
                     "max_abs_logit": interval["max_abs_logit"],
                     "nonfinite": interval["nonfinite"],
                     "mean_nll": interval["nll_sum"] / max(1, interval["nll_count"]),
@@ -179,7 +181,7 @@ def _soak_loop(wrapper, next_ids, num_tokens: int, every: int, block_size: int, 
             if progress:
                 last = records[-1]
                 print(
-                    f"{last['tokens_seen']:>10} tokens  held {last['cache_length']}  rss {last['rss_mib']:.1f} MiB  "
+                    f"{last['tokens_seen']:>10} tokens  held {last['cache_length']}  rss {_mib(last['rss_mib'])}  "
                     f"max|logit| {last['max_abs_logit']:.2f}  nll {last['mean_nll']:.3f}  {last['elapsed_s']:.0f} s",
                     file=sys.stderr,
                     flush=True,
@@ -189,10 +191,18 @@ def _soak_loop(wrapper, next_ids, num_tokens: int, every: int, block_size: int, 
     return {
         "records": records,
         "checks": checks,
-        "passed": all(check["passed"] for check in checks.values()),
+        "passed": all(check["passed"] is not False for check in checks.values()),  # None: not measured
         "wall_s": wall_s,
         "tokens_per_s": num_tokens / wall_s if wall_s > 0 else None,
     }
+
+
+def _rounded(mib: float | None) -> float | None:
+    return None if mib is None else round(mib, 3)
+
+
+def _mib(mib: float | None) -> str:
+    return "n/a" if mib is None else f"{mib:.1f} MiB"
 
 
 def evaluate_checks(records: list[dict], capacity: int, warmup_tokens: int, total_nonfinite: int) -> dict:
@@ -204,7 +214,9 @@ def evaluate_checks(records: list[dict], capacity: int, warmup_tokens: int, tota
     cache_bytes_values = sorted({r["cache_bytes"] for r in full})
     during_warmup = [r for r in records if r["tokens_seen"] <= warmup_tokens]
     after_warmup = [r for r in records if r["tokens_seen"] > warmup_tokens]
-    if during_warmup and len(after_warmup) >= 2:
+    if any(r["rss_mib"] is None for r in records):
+        rss = {"passed": None, "reason": "no resident-memory reading on this platform (rss_kind unavailable)"}
+    elif during_warmup and len(after_warmup) >= 2:
         # Baseline: the warm-up's high-water mark. The allocator returns and re-takes pages, so single
         # readings move by a few tenths of a percent; a leak shows as a climb past the warm-up peak and a slope.
         baseline = max(r["rss_mib"] for r in during_warmup)
@@ -312,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **outcome,
     }
-    summary = ", ".join(f"{name} {'ok' if check['passed'] else 'FAILED'}" for name, check in outcome["checks"].items())
+    verdicts = {True: "ok", False: "FAILED", None: "not measured"}
+    summary = ", ".join(f"{name} {verdicts[check['passed']]}" for name, check in outcome["checks"].items())
     print(f"soak {model_name}: {args.tokens} tokens in {outcome['wall_s']:.1f} s; {summary}", file=sys.stderr)
     if args.out:
         print(f"-> {write_json_atomically(args.out, payload)}", file=sys.stderr)
