@@ -3,7 +3,8 @@
 generate() hands the model the whole prompt as one block. This measures what that block costs the cache: a 2-layer
 random Llama (hidden 64, 4 query / 2 kv heads, fp32, one CPU thread), StreamingKVCache(4, 60), a prompt of
 --prompt-tokens random ids, 2 greedy new tokens. Peak RSS growth is the process's maximum resident set during the
-call minus before it (Linux ru_maxrss), so the model and the ids are not counted. The next tokens are recorded so
+call minus before it (getrusage's ru_maxrss, read as cli_common.peak_memory_mb does: KiB on Linux, bytes on macOS;
+Windows, which has no getrusage, is refused), so the model and the ids are not counted. The next tokens are recorded so
 that two runs (two commits) can be seen to compute the same thing.
 
     python experiments/long_prompt_memory.py --prompt-tokens 8192 --output results/generation/long_prompt_8192.json
@@ -12,7 +13,6 @@ that two runs (two commits) can be seen to compute the same thing.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streaming_llm  # noqa: E402
 from streaming_llm import StreamingKVCache, prepare_model  # noqa: E402
-from streaming_llm.cli_common import finish_measurement, measurement_output  # noqa: E402
+from streaming_llm.cli_common import finish_measurement, measurement_output, peak_memory_mb  # noqa: E402
 from streaming_llm.eval.results import git_commit  # noqa: E402
 
 N_SINK, WINDOW_SIZE = 4, 60
@@ -38,12 +38,12 @@ def measure(prompt_tokens: int) -> dict:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(prompt_tokens + 2, 2048))
     model = prepare_model(LlamaForCausalLM(config).eval())
     ids = torch.randint(0, 128, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
-    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    before, started = peak_memory_mb(), time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=StreamingKVCache(N_SINK, WINDOW_SIZE),
                              max_new_tokens=2, do_sample=False)
     seconds = time.perf_counter() - started
-    growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    growth_mib = peak_memory_mb() - before
     return {"kind": "long_prompt_memory", "prompt_tokens": prompt_tokens, "n_sink": N_SINK, "window_size": WINDOW_SIZE,
             "model": "2-layer random Llama (hidden 64, 4/2 heads), fp32, 1 thread",
             "peak_rss_growth_mib": round(growth_mib, 1), "seconds": round(seconds, 3),
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt_tokens < 1:
         parser.error(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    if peak_memory_mb() is None:
+        parser.error("this measurement reads the process's peak RSS (getrusage), which this platform does not report "
+                     "(Windows); run it on Linux or macOS")
     output = measurement_output(parser, args.output)
     record = measure(args.prompt_tokens)
     finish_measurement(record, f"prompt {record['prompt_tokens']} tokens: peak RSS growth "

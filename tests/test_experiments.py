@@ -627,9 +627,11 @@ def test_long_prompt_memory_reports_kib_growth_in_mib_and_writes_nothing_without
 
     monkeypatch.chdir(tmp_path)
     script = load_script("long_prompt_memory")
-    readings = iter([1000, 3048])
-    fake_resource = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=next(readings)))
-    with mock.patch.object(script, "resource", fake_resource):
+    import resource
+
+    readings = iter([1000, 1000, 3048])  # main's check that there is a reading, then before and after the call
+    with mock.patch.object(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=next(readings))), \
+            mock.patch.object(sys, "platform", "linux"):
         assert script.main(["--prompt-tokens", "100"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("prompt 100 tokens: peak RSS growth 2 MiB, ") and list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,29 @@ def test_bench_stream_and_soak_without_any_rss_reading(llama_model, monkeypatch,
                             block_size=16, warmup_tokens=20)
     assert all(record["rss_mib"] is None for record in outcome["records"])
     assert outcome["checks"]["rss_growth"]["passed"] is None and outcome["passed"]
+
+
+def _load_experiment(name: str):
+    """experiments/<name>.py as a fresh module, not run as a script."""
+    path = Path(__file__).resolve().parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_on_another_platform", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_long_prompt_memory_on_macos_and_windows(monkeypatch, capsys):
+    """experiments/long_prompt_memory.py read ru_maxrss as KiB (on macOS it is bytes: 1,024 times the growth) and
+    imported `resource` at its top (on Windows a traceback); its growth is in MiB on both, and Windows is refused in
+    one line before the model is built."""
+    import resource
+
+    readings = iter([2 * 2**30, 2 * 2**30 + 5 * 2**20])  # bytes, as macOS reports them: 5 MiB of growth
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=next(readings)))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _load_experiment("long_prompt_memory").measure(20)["peak_rss_growth_mib"] == 5.0
+    monkeypatch.setitem(sys.modules, "resource", None)
+    windows = _load_experiment("long_prompt_memory")
+    with pytest.raises(SystemExit):
+        windows.main(["--prompt-tokens", "20"])
+    assert "does not report (Windows)" in capsys.readouterr().err
