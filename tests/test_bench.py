@@ -163,6 +163,10 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--tag", "../../escape"], "must be a plain file name"),
     (["bench", "--tag", " "], "must be a plain file name"),
     (["bench", "--tag", ".hidden"], "must be a plain file name"),
+    # names Windows refuses (a run tagged so on Linux could not be checked out there): refused before the run
+    (["bench", "--tag", "run:1"], "none of the characters < > : \" / \\ | ? * that Windows refuses"),
+    (["bench", "--tag", "a<b"], "must be a plain file name"),
+    (["bench", "--tag", "what?"], "must be a plain file name"),
     (["bench", "--cache-sizes", "64,0"], "expected positive integers, got '64,0'"),
     (["bench", "--cache-sizes", ","], "expected comma-separated integers, got ','"),
     (["bench", "--cache-sizes", "64,,128"], "expected comma-separated integers, got '64,,128'"),

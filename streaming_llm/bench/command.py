@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,7 +84,9 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                              "prints the top operators and the time of each cache stage (token writes, rotations, "
                              "frame moves); Chrome traces go next to the JSON (*.trace.json)")
     parser.add_argument("--output-dir", default="results/latency", help="where JSON and PNG go (default results/latency)")
-    parser.add_argument("--tag", default=None, help="name of this run's files (default: shape, device and date)")
+    parser.add_argument("--tag", default=None,
+                        help="name of this run's files: a plain file name, none of < > : \" / \\ | ? * (default: "
+                             "shape, device and date)")
     parser.set_defaults(handler=run_bench)
 
 
@@ -117,8 +120,10 @@ def run_bench(args: argparse.Namespace) -> int:
             check_capacity(config, min(args.cache_sizes))
         except ValueError as error:
             raise ValueError(f"--cache-sizes: every size is too large for --shape {args.shape}: {error}") from None
-    if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")):
-        raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden)")
+    if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")
+                                 or re.search(r'[<>:"/\\|?*\x00-\x1f]', args.tag)):
+        raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden, none of the characters "
+                         "< > : \" / \\ | ? * that Windows refuses in one)")
     device = resolve_device(args.device)
     methods = select_methods(args.methods, device)
     output_dir = prepare_output_dir(args.output_dir)
