@@ -244,3 +244,35 @@ def test_long_prompt_memory_on_macos_and_windows(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         windows.main(["--prompt-tokens", "20"])
     assert "does not report (Windows)" in capsys.readouterr().err
+
+
+def test_piped_prompt_and_output_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Windows: a pipe's encoding is the locale's (cp1252), not UTF-8. generate --prompt-file - read a piped UTF-8
+    prompt as cp1252 (other characters, no error) and wrote '?' for every character cp1252 lacks; both are UTF-8."""
+    import io
+    import json
+
+    from tokenizers import Regex, pre_tokenizers
+    from tiny_models import build_llama, tokenizer_of
+
+    from streaming_llm import cli
+
+    prompt = "Grüße → 世界"
+    model = build_llama()
+    vocab = ["[UNK]", "<s>", *sorted(set(prompt))]
+    vocab += [f"<unused{i}>" for i in range(model.config.vocab_size - len(vocab))]
+    tokenizer = tokenizer_of(vocab, bos=None, pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"))
+    folder = tmp_path / "tiny"  # a token per character
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    stdout_bytes = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(prompt.encode("utf-8")), encoding="cp1252"))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout_bytes, encoding="cp1252", write_through=True))
+    status = cli.main(["generate", "--model", str(folder), "--prompt-file", "-", "--chat-template", "off",
+                       "--max-new-tokens", "2", "--json", "--n-sink", "2", "--window-size", "8", "--quiet"])
+    sys.stdout.flush()
+    assert status == 0
+    record = json.loads(stdout_bytes.getvalue().decode("utf-8"))
+    assert record["prompt_tokens"] == len(prompt)  # read as cp1252, its 18 bytes were 18 other characters
+    print("→ 世界", flush=True)
+    assert stdout_bytes.getvalue().decode("utf-8").endswith("→ 世界\n")
