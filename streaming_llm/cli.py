@@ -29,6 +29,7 @@ from streaming_llm.cli_common import (
     show_progress,
     status,
     validate_common_args,
+    utf8_stdio,
     wrapper_from_args,
 )
 from streaming_llm.eval.results import atomic_write
@@ -590,15 +591,7 @@ def run_info(args: argparse.Namespace) -> int:
 # -- entry point -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
-    # Bytes on stdin that are not UTF-8 arrive as surrogate escapes (as in argv) instead of failing inside the
-    # decoder, whatever the locale, so that require_utf8 names the input and interactive chat can go on. A pipe or a
-    # file is read and written as UTF-8 whatever the locale's encoding (Windows: cp1252, which read a piped prompt's
-    # UTF-8 as other characters and wrote '?' for every character it lacks); a terminal keeps its own.
-    for stream, errors in ((sys.stdout, "replace"), (sys.stdin, "surrogateescape")):
-        try:
-            stream.reconfigure(errors=errors, **({} if stream.isatty() else {"encoding": "utf-8"}))
-        except (AttributeError, ValueError, OSError):
-            pass  # a replaced stream (tests, notebooks) keeps its own settings
+    utf8_stdio()
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser(command=next((word for word in argv if not word.startswith("-")), None))

@@ -201,11 +201,25 @@ def peak_memory_mb() -> float | None:
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
+def utf8_stdio() -> None:
+    """Set up stdin and stdout as the command line and the scripts use them. Bytes on stdin that are not UTF-8 arrive
+    as surrogate escapes (as in argv) instead of failing inside the decoder, whatever the locale, so that require_utf8
+    names the input and interactive chat can go on; a character stdout cannot encode is written as '?'. A pipe or a
+    file is read and written as UTF-8 whatever the locale's encoding (Windows: cp1252, which read a piped prompt's
+    UTF-8 as other characters, and lacks most characters a model writes); a terminal keeps its own."""
+    for stream, errors in ((sys.stdout, "replace"), (sys.stdin, "surrogateescape")):
+        try:
+            stream.reconfigure(errors=errors, **({} if stream.isatty() else {"encoding": "utf-8"}))
+        except (AttributeError, ValueError, OSError):
+            pass  # a replaced stream (tests, notebooks) keeps its own settings
+
+
 def run_script(main, argv: list[str] | None = None) -> int:
     """Run an experiment script's `main(argv)` under the CLI's error contract: a ValueError or OSError (bad input,
     a model or file that cannot be read) is one line, `<script>: error: <reason>`, exit status 2; Ctrl-C exits 130
-    without a traceback."""
+    without a traceback. stdin and stdout are set up as the command line's (utf8_stdio)."""
     name = os.path.basename(sys.argv[0]) or "script"
+    utf8_stdio()
     try:
         return int((main() if argv is None else main(argv)) or 0)
     except (ValueError, OSError) as error:

@@ -276,3 +276,17 @@ def test_piped_prompt_and_output_are_utf8_whatever_the_locale(tmp_path, monkeypa
     assert record["prompt_tokens"] == len(prompt)  # read as cp1252, its 18 bytes were 18 other characters
     print("→ 世界", flush=True)
     assert stdout_bytes.getvalue().decode("utf-8").endswith("→ 世界\n")
+
+
+def test_examples_and_scripts_print_model_text_to_a_pipe(monkeypatch, capsys):
+    """Windows: an example or experiment script printing a model's text to a pipe (cp1252) stopped at its first
+    character cp1252 lacks ("<script>: error: 'charmap' codec can't encode ...", exit status 2); run_script writes
+    pipes as UTF-8, as the command line does."""
+    import io
+
+    from streaming_llm.cli_common import run_script
+
+    stdout_bytes = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout_bytes, encoding="cp1252", write_through=True))
+    assert run_script(lambda: print("世界 →", flush=True)) == 0
+    assert stdout_bytes.getvalue().decode("utf-8") == "世界 →\n" and capsys.readouterr().err == ""
