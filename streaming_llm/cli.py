@@ -304,7 +304,7 @@ def run_generate(args: argparse.Namespace) -> int:
             f"[stats] {stats['new_tokens']} tokens in {stats['decode_seconds']:.2f} s = {stats['tokens_per_second']:.1f} tokens/s "
             f"(prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s); stop: {stats['stop_reason']}; "
             f"cache {stats['cache_length']}/{stats['cache_capacity']} tokens (max {stats['max_cache_length']}) after "
-            f"{stats['tokens_seen']} seen; peak RSS {stats['peak_rss_mib']:.0f} MiB",
+            f"{stats['tokens_seen']} seen; peak RSS {_mib(stats['peak_rss_mib'])}",
             file=sys.stderr,
             flush=True,
         )
@@ -352,6 +352,11 @@ def read_script(path: str) -> list[dict]:
     if not records:
         raise ValueError(f"script {path} has no prompts")
     return records
+
+
+def _mib(value: float | None) -> str:
+    """A memory reading for a status line; n/a where the platform gives none (peak_memory_mb on Windows)."""
+    return "n/a" if value is None else f"{value:.0f} MiB"
 
 
 def _chat_stats_line(chat) -> str:

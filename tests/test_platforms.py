@@ -246,25 +246,32 @@ def test_long_prompt_memory_on_macos_and_windows(monkeypatch, capsys):
     assert "does not report (Windows)" in capsys.readouterr().err
 
 
+def _character_model(tmp_path, characters: str):
+    """A model folder any command takes: the tiny random Llama with a tokenizer of a token per character of
+    `characters` (others are [UNK]), no special token added."""
+    from tokenizers import Regex, pre_tokenizers
+    from tiny_models import build_llama, tokenizer_of
+
+    model = build_llama()
+    vocab = ["[UNK]", "<s>", *sorted(set(characters))]
+    vocab += [f"<unused{i}>" for i in range(model.config.vocab_size - len(vocab))]
+    tokenizer = tokenizer_of(vocab, bos=None, pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"))
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_piped_prompt_and_output_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """Windows: a pipe's encoding is the locale's (cp1252), not UTF-8. generate --prompt-file - read a piped UTF-8
     prompt as cp1252 (other characters, no error) and wrote '?' for every character cp1252 lacks; both are UTF-8."""
     import io
     import json
 
-    from tokenizers import Regex, pre_tokenizers
-    from tiny_models import build_llama, tokenizer_of
-
     from streaming_llm import cli
 
     prompt = "Grüße → 世界"
-    model = build_llama()
-    vocab = ["[UNK]", "<s>", *sorted(set(prompt))]
-    vocab += [f"<unused{i}>" for i in range(model.config.vocab_size - len(vocab))]
-    tokenizer = tokenizer_of(vocab, bos=None, pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"))
-    folder = tmp_path / "tiny"  # a token per character
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = _character_model(tmp_path, prompt)
     stdout_bytes = io.BytesIO()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(prompt.encode("utf-8")), encoding="cp1252"))
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout_bytes, encoding="cp1252", write_through=True))
@@ -290,3 +297,15 @@ def test_examples_and_scripts_print_model_text_to_a_pipe(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(stdout_bytes, encoding="cp1252", write_through=True))
     assert run_script(lambda: print("世界 →", flush=True)) == 0
     assert stdout_bytes.getvalue().decode("utf-8") == "世界 →\n" and capsys.readouterr().err == ""
+
+
+def test_generate_stats_without_a_peak_rss(tmp_path, monkeypatch, capsys):
+    """Windows: no getrusage, so peak_rss_mib is null; generate --stats formatted it as a number (a TypeError
+    traceback once the text was written); the line says n/a."""
+    from streaming_llm import cli
+
+    folder = _character_model(tmp_path, "abc ")
+    monkeypatch.setitem(sys.modules, "resource", None)
+    status = cli.main(["generate", "--model", str(folder), "--prompt", "abc", "--chat-template", "off",
+                       "--max-new-tokens", "2", "--stats", "--n-sink", "2", "--window-size", "8", "--quiet"])
+    assert status == 0 and "peak RSS n/a" in capsys.readouterr().err
