@@ -71,6 +71,8 @@ def test_segments_and_recompute_samples_cover_exactly_their_steps(tmp_path):
     ({"tokens_fingerprint": "0123"}, '(tokens_fingerprint is "0123", not 16 hex digits)'),
     ({"tokens_fingerprint": 12345678901234567}, "(tokens_fingerprint is 12345678901234567, not 16 hex digits)"),
     ({"tokens_fingerprint": "0123456789ABCDEF"}, '(tokens_fingerprint is "0123456789ABCDEF", not 16 hex digits)'),
+    ({"model_fingerprint": "00ff"}, '(model_fingerprint is "00ff", not 16 hex digits)'),
+    ({"model_fingerprint": ["0123456789abcdef"]}, '(model_fingerprint is ["0123456789abcdef"], not 16 hex digits)'),
     ({"tokens_prefix_fingerprints": {"9": "0123456789abcdef"}},
      '(tokens_prefix_fingerprints is {"9": "0123456789abcdef"}, not fingerprints (16 hex digits) of prefixes shorter '
      'than the 9 tokens)'),
@@ -216,3 +218,25 @@ def test_results_of_one_text_scored_on_different_token_streams_are_not_compared(
     (tmp_path / "old.json").write_text(json.dumps(old | {"nlls_file": "bos.nlls.npy"}))
     assert len(summary_rows([whole, other_model, tmp_path / "old.json"], [0, 8])) == 3
     assert plot_nll_curves([whole, other_model, tmp_path / "old.json"], tmp_path / "curves.png").is_file()
+
+
+def test_results_of_two_models_of_one_name_are_not_compared(tmp_path):
+    """Two folders named alike (or a model fine-tuned in place) give results of the same model name whose model
+    fingerprints differ: a table or a figure would show them as rows of one model. They are refused, naming both
+    files; results of the same model, of another name, or written before model fingerprints existed are compared as
+    before."""
+    from streaming_llm.eval.plots import plot_nll_curves
+
+    first = _result(tmp_path, "first", [1.0] * 8, model_fingerprint="0123456789abcdef")
+    again = _result(tmp_path, "again", [1.0] * 8, model_fingerprint="0123456789abcdef")
+    renamed = _result(tmp_path, "renamed", [1.0] * 8, model="m2", model_fingerprint="fedcba9876543210")
+    old = _result(tmp_path, "old", [1.0] * 8)
+    assert len(summary_rows([first, again, renamed, old], [0, 8])) == 4
+    twin = _result(tmp_path, "twin", [1.0] * 8, model_fingerprint="fedcba9876543210")
+    message = (f"{first} and {twin} were made with different models of the same name, m (fingerprints "
+               "0123456789abcdef and fedcba9876543210) and cannot be compared; keep each model's results in its own "
+               "--output-dir")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        summary_rows([first, old, twin], [0, 8])
+    with pytest.raises(ValueError, match="were made with different models of the same name"):
+        plot_nll_curves([first, twin], tmp_path / "curves.png")

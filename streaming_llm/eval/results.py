@@ -191,9 +191,9 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     for key in ("perplexity", "tokens_per_s", "wall_s", "peak_memory_mib"):
         if record.get(key) is not None and not is_number(record[key]):
             raise refuse(f"{key} is {shown(record[key])}, not a number")
-    fingerprint = record.get("tokens_fingerprint")
-    if fingerprint is not None and not is_fingerprint(fingerprint):
-        raise refuse(f"tokens_fingerprint is {shown(fingerprint)}, not 16 hex digits")
+    for key in ("model_fingerprint", "tokens_fingerprint"):
+        if record.get(key) is not None and not is_fingerprint(record[key]):
+            raise refuse(f"{key} is {shown(record[key])}, not 16 hex digits")
     prefixes = record.get("tokens_prefix_fingerprints")
     if prefixes is not None and not (
         isinstance(prefixes, dict)
@@ -304,7 +304,22 @@ def check_comparable_streams(results: list[tuple[str | os.PathLike, dict]]) -> N
     data_label) were scored on different token streams: a table or a figure would compare their NLLs as if token t
     were the same token in both. Two results are compared over the longest prefix both carry a fingerprint of (the
     shorter one's whole stream when its length equals the other's or is a power of two from 16, else at least its
-    first half). Results without a tokens fingerprint (written before they existed) are taken as they were."""
+    first half). Results without a tokens fingerprint (written before they existed) are taken as they were.
+
+    Likewise for results of two models that share a name (two folders of the same name, a model fine-tuned in
+    place): their model fingerprints differ, and the table would show them as rows of one model."""
+    models: dict[str, tuple] = {}
+    for path, record in results:
+        fingerprint = record.get("model_fingerprint")
+        if fingerprint is None:
+            continue
+        other_path, other = models.setdefault(record["model"], (path, fingerprint))
+        if other != fingerprint:
+            raise ValueError(
+                f"{other_path} and {path} were made with different models of the same name, {record['model']} "
+                f"(fingerprints {other} and {fingerprint}) and cannot be compared; keep each model's results in its "
+                "own --output-dir"
+            )
     seen: dict[tuple, list[tuple]] = {}
     for path, record in results:
         prints = _stream_fingerprints(record)
