@@ -296,13 +296,13 @@ def check_output_file(path: str, option: str = "--output") -> Path:
     return file
 
 
-def measurement_output(parser: argparse.ArgumentParser, output: str | None) -> Path | None:
-    """An experiment's --output JSON file (check_output_file), refused through `parser` before the measurement;
-    None without one."""
+def measurement_output(parser: argparse.ArgumentParser, output: str | None, option: str = "--output") -> Path | None:
+    """An experiment's --output JSON file (check_output_file; `option` names it in the message), refused through
+    `parser` before the measurement; None without one."""
     if output is None:
         return None
     try:
-        return check_output_file(output)
+        return check_output_file(output, option)
     except ValueError as error:
         parser.error(str(error))
 

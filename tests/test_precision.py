@@ -139,6 +139,24 @@ def test_the_command_writes_its_tables_as_json(tmp_path, capsys):
     assert f"| {row['max_abs_logit_error']:.2e} | {row['relative_error']:.2e} | 1.0 |" in err
 
 
+@pytest.mark.parametrize("where", ["empty", "folder", "under a file"])
+def test_a_bad_out_is_refused_before_the_measurements(tmp_path, monkeypatch, capsys, where):
+    """--out is checked up front (exit status 2, one line naming --out), not after minutes of measurements."""
+    (tmp_path / "file").write_text("x")
+    out = {"empty": "", "folder": str(tmp_path), "under a file": str(tmp_path / "file" / "precision.json")}[where]
+
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("the study ran")
+
+    monkeypatch.setattr(precision, "rope_precision", no_measurement)
+    with pytest.raises(SystemExit) as exit_info:
+        precision.main(["--positions", "1000", "--dtypes", "float32", "--modes", "pos_shift", "--out", out])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m streaming_llm.bench.precision: error: --out ") and "Traceback" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_run_end_to_end_reports_each_row_as_it_is_measured(tiny, capsys):
     setup = {"n_sink": 4, "window_size": 12, "prefix_tokens": 13, "scored_tokens": 2, "prefix_block": 1}
     rows = precision.run_end_to_end(tiny, ["pos_shift"], [1000, 17], ["float32"], setup, progress=True)

@@ -136,6 +136,24 @@ def test_cli_writes_json_atomically(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["tiny.json"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("where", ["empty", "folder", "under a file"])
+def test_a_bad_out_is_refused_before_the_stream(tmp_path, monkeypatch, capsys, where):
+    """--out is checked up front (exit status 2, one line naming --out), not after the whole soak."""
+    (tmp_path / "file").write_text("x")
+    out = {"empty": "", "folder": str(tmp_path), "under a file": str(tmp_path / "file" / "soak.json")}[where]
+
+    def no_stream(*args, **kwargs):
+        raise AssertionError("the soak ran")
+
+    monkeypatch.setattr(soak, "run_soak", no_stream)
+    with pytest.raises(SystemExit) as exit_info:
+        soak.main(["--model", "tiny", "--tokens", "3000", "--quiet", "--out", out])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("python -m streaming_llm.bench.soak: error: --out ") and "Traceback" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_interrupted_soak_leaves_no_file(tmp_path, monkeypatch):
     """Ctrl-C in the middle of the stream: the exception propagates and no JSON (or temporary file) exists."""
     real_source = soak.random_token_source

@@ -41,6 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from streaming_llm.cli_common import measurement_output
 from streaming_llm.models import attention_shape
 from streaming_llm.positions import PositionPolicy
 from streaming_llm.rope import RotaryParams
@@ -308,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/precision/precision.json")
     args = parser.parse_args(argv)
+    out = measurement_output(parser, args.out, option="--out")  # checked before the measurements, not after them
     torch.set_num_threads(args.threads)
     from streaming_llm.bench.soak import build_tiny_llama
     from streaming_llm.eval.results import write_json_atomically
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(rows, columns), file=sys.stderr)
 
     payload["wall_s"] = time.perf_counter() - started
-    print(f"-> {write_json_atomically(args.out, payload)}", file=sys.stderr)
+    print(f"-> {write_json_atomically(out, payload)}", file=sys.stderr)
     return 0
 
 

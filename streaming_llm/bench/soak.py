@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_kind, resident_memory_mib
+from streaming_llm.cli_common import measurement_output
 from streaming_llm.eval.results import write_json_atomically
 
 RSS_GROWTH_LIMIT = 0.01
@@ -277,7 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", default=None, help="JSON result path")
     parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = measurement_output(parser, args.out, option="--out")  # checked before the stream, not after it
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = {True: "ok", False: "FAILED", None: "not measured"}
     summary = ", ".join(f"{name} {verdicts[check['passed']]}" for name, check in outcome["checks"].items())
     print(f"soak {model_name}: {args.tokens} tokens in {outcome['wall_s']:.1f} s; {summary}", file=sys.stderr)
-    if args.out:
+    if args.out is not None:
         print(f"-> {write_json_atomically(args.out, payload)}", file=sys.stderr)
     return 0 if outcome["passed"] else 1
 
