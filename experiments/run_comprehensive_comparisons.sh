@@ -4,7 +4,8 @@
 #   NUM_TOKENS       stream length (default 20480)
 #   DECODE_TOKENS    prefix scored by the decode-loop-only kvpress methods (default 2048)
 #   RECOMPUTE_SAMPLES steps at which the recompute oracle is run (default 32, spread over the stream)
-#   DATA             text source (default: embedded text); OUTPUT_DIR (default results/comprehensive)
+#   DATA             text source (default: embedded text; not - : two commands read it); OUTPUT_DIR (default
+#                    results/comprehensive)
 #   EXTRA_ARGS       passed on to `streaming-llm eval` and run_decode_perplexity.py (e.g. --force, --quiet)
 #   PYTHON           the Python with the package (default: the repository's .venv); relative paths are the caller's
 #
@@ -19,6 +20,8 @@ RECOMPUTE_SAMPLES=${RECOMPUTE_SAMPLES:-32}
 positive_int DECODE_TOKENS "$DECODE_TOKENS"
 positive_int RECOMPUTE_SAMPLES "$RECOMPUTE_SAMPLES"
 OUTPUT_DIR=${OUTPUT_DIR:-results/comprehensive}
+# Two commands read DATA: standard input would reach the first whole and the second empty.
+[[ "${DATA:-}" != - ]] || fail "DATA=- (standard input) is read by two commands here (eval, then run_decode_perplexity.py): save the text to a file and give DATA=that file"
 DATA_ARGS=()
 if [[ -n "${DATA:-}" ]]; then DATA_ARGS=(--data "$DATA"); fi
 

@@ -469,10 +469,13 @@ def test_latency_run_refuses_an_unknown_device_and_honours_methods_on_cpu():
     ("run_endless_generation.sh", {"LENGTHS": " "}, "LENGTHS is empty: give one or more token counts, e.g. LENGTHS='2000 100000'"),
     ("run_endless_generation.sh", {"LENGTHS": "2000 2k"}, "each of LENGTHS must be a positive integer (digits only), got '2k'"),
     ("run_everything.sh", {"SCALE": "Full"}, "SCALE must be small (the default) or full, got 'Full'"),
+    ("run_comprehensive_comparisons.sh", {"DATA": "-"}, "DATA=- (standard input) is read by two commands here (eval, "
+     "then run_decode_perplexity.py): save the text to a file and give DATA=that file"),
 ])
 def test_scripts_refuse_bad_variables_before_running_anything(tmp_path, script, env, message):
     """NUM_TOKENS went into bash arithmetic unchecked ('abc: unbound variable', 'value too great for base', and a
-    command inside it was run); LENGTHS=' ' generated nothing and exited 0; SCALE=Full ran the small scale."""
+    command inside it was run); LENGTHS=' ' generated nothing and exited 0; SCALE=Full ran the small scale; DATA=-
+    gave run_comprehensive_comparisons.sh's second command an empty standard input (the first had read it)."""
     assert refusal_of(script, OUTPUT_ROOT=str(tmp_path), **env) == f"{script}: error: {message}"
 
 
