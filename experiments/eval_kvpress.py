@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         f"__s{args.n_sink}_w{args.window_size}__kvpress_official.json"
     )
     if path.exists() and not args.force:
-        print(f"exists (use --force): {path}", file=sys.stderr)
+        print(f"{path} exists: it is left as it is and nothing is run (its numbers are neither checked nor printed); "
+              "--force runs the comparison and replaces it", file=sys.stderr)
         return 0
     model, tokenizer = load_model(args.model)
     ids = load_tokens(tokenizer, args.data, args.context_length + args.continuation_length, text=text,

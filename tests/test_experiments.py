@@ -368,6 +368,23 @@ def test_kvpress_eval_checks_the_cache_sizes_before_loading(experiment, tmp_path
     assert str(error.value) == message
 
 
+def test_kvpress_eval_says_what_it_does_with_an_existing_result(experiment, tmp_path, capsys):
+    """An existing result was skipped with 'exists (use --force)', which did not say that nothing of it is read or
+    printed: the file is kept as it is, nothing is run (the model is not loaded), exit status 0."""
+    from streaming_llm.data import read_source
+    from streaming_llm.eval.command import _model_name
+    from streaming_llm.eval.results import data_label
+
+    _, data = read_source(None, 64 + 512, "--context-length + --continuation-length")
+    path = tmp_path / f"{_model_name(None)}__{data_label(data)}__L64_m512__s4_w16__kvpress_official.json"
+    path.write_text("old")
+    assert experiment("eval_kvpress").main(["--n-sink", "4", "--window-size", "16", "--context-length", "64",
+                                            "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr() == ("", f"{path} exists: it is left as it is and nothing is run (its numbers are "
+                                   "neither checked nor printed); --force runs the comparison and replaces it\n")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory):
     """A 2-layer random Llama with the embedded tokenizer, saved as a model folder."""
