@@ -38,12 +38,23 @@ def test_the_embedded_tokenizer_ends_and_pads_with_the_files_tokens(embedded_mod
     import gguf
 
     from streaming_llm.generation import end_of_turn_ids
-    from streaming_llm.loading import embedded_model_path
+    from streaming_llm.loading import embedded_model_path, gguf_metadata
 
     model, tokenizer = embedded_model
     fields = gguf.GGUFReader(embedded_model_path()).fields
     declared = {key: int(fields[key].parts[fields[key].data[0]][0])
                 for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id")}
+    # loading.gguf_metadata, which reads them for the tokenizer, holds every scalar and string of the header as the
+    # gguf package reads it (arrays skipped)
+    expected = {}
+    for key, field in fields.items():
+        if key.startswith("GGUF."):  # the reader's own entries for the file's header counts
+            continue
+        if field.types and field.types[0] == gguf.GGUFValueType.STRING:
+            expected[key] = bytes(field.parts[field.data[0]]).decode("utf-8")
+        elif field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+            expected[key] = field.parts[field.data[0]][0].item()
+    assert gguf_metadata(embedded_model_path()) == expected and len(expected) > 20
     assert tokenizer.eos_token_id == declared["tokenizer.ggml.eos_token_id"] == model.generation_config.eos_token_id
     assert tokenizer.pad_token_id == declared["tokenizer.ggml.padding_token_id"]
     assert tokenizer.eos_token == "<|im_end|>" != tokenizer.bos_token
