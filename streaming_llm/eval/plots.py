@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import atomic_write, check_comparable_streams, read_result
+from streaming_llm.eval.results import atomic_write, check_comparable_results, read_result
 
 # Stable colours and order, so figures from different runs read alike.
 METHOD_STYLES = {
@@ -68,8 +68,8 @@ def plot_nll_curves(
 
     result_files: result JSONs (their .nlls.npy next to them); window: moving-average width in tokens;
     capacity / context_length: draw vertical lines at the cache capacity and the model's trained context.
-    Returns the PNG path. ValueError for results of one model and text scored on different token streams
-    (check_comparable_streams): their curves would be drawn as if token t were the same token in each.
+    Returns the PNG path. ValueError for results of one model and text scored on different token streams, or of
+    two models of one name (check_comparable_results): their curves would be drawn as if they were comparable.
     """
     import matplotlib
 
@@ -77,7 +77,7 @@ def plot_nll_curves(
     import matplotlib.pyplot as plt
 
     results = [(path, *read_result(path)) for path in result_files]
-    check_comparable_streams([(path, record) for path, record, _ in results])
+    check_comparable_results([(path, record) for path, record, _ in results])
     curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
     for _, record, nlls in results:
         if nlls is None or nlls.size == 0:

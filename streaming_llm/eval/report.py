@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import check_comparable_streams, read_result
+from streaming_llm.eval.results import check_comparable_results, read_result
 
 
 def _perplexity(values: np.ndarray) -> float | None:
@@ -44,10 +44,10 @@ def summary_rows(result_files: list[str | Path], boundaries: list[int], sample_s
     """One row per result: method, evaluator, tokens, perplexity overall, per segment (consecutive `boundaries`,
     step indices) and at the recompute samples, speed and memory (None where the record has none). ValueError
     naming the file and the field for a malformed result (read_result), and naming two files for results of one
-    model and text scored on different token streams (check_comparable_streams)."""
+    model and text scored on different token streams, or of two models of one name (check_comparable_results)."""
     segments = list(zip(boundaries[:-1], boundaries[1:]))
     results = [(path, *read_result(path)) for path in result_files]
-    check_comparable_streams([(path, record) for path, record, _ in results])
+    check_comparable_results([(path, record) for path, record, _ in results])
     rows = []
     for path, record, nlls in results:
         rows.append({

@@ -165,7 +165,7 @@ def check_result_fields(path: str | os.PathLike, record: dict, nlls: np.ndarray 
     """ValueError "<file>: not a result file (<field> ...)" unless the fields that the eval, the table and the
     figures read are well formed: model, method and evaluator non-empty strings, data a description, num_tokens,
     n_sink, window_size (and num_predictions) counts, perplexity, tokens_per_s, wall_s, peak_memory_mib numbers or
-    null, tokens_fingerprint (if any) 16 hex digits and tokens_prefix_fingerprints (if any) such fingerprints keyed by
+    null, model_fingerprint and tokens_fingerprint (if any) 16 hex digits, tokens_prefix_fingerprints (if any) such fingerprints keyed by
     prefix lengths below num_tokens, extra an object whose sampled_steps (if any) are step indices, and the NLLs a
     1-D float array of num_predictions values (NaN marks a sampled result's unscored steps). A hand-edited file is
     named here, not met as a traceback in a table or a figure (or, for a fingerprint, as a refusal saying that the
@@ -252,11 +252,15 @@ def check_same_model(record: dict, fingerprint: str | None, path: str | os.PathL
         )
 
 
+def _stream_ids(input_ids: torch.Tensor) -> np.ndarray:
+    """The ids of a token stream as the fingerprints hash them: little-endian int64, in order, flat."""
+    return input_ids.detach().reshape(-1).to("cpu", torch.int64).numpy().astype("<i8", copy=False)
+
+
 def tokens_fingerprint(input_ids: torch.Tensor) -> str:
     """16 hex digits of the sha256 of a token stream: its ids as little-endian int64, in order (the BOS or other
     prefix included). The same text tokenized by another tokenizer, or with a BOS added or not, gets another."""
-    ids = input_ids.detach().reshape(-1).to("cpu", torch.int64).numpy().astype("<i8", copy=False)
-    return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+    return hashlib.sha256(_stream_ids(input_ids).tobytes()).hexdigest()[:16]
 
 
 # tokens_prefix_fingerprints holds the fingerprint of the stream's first n ids for every power of two n from this one
@@ -267,7 +271,7 @@ FIRST_PREFIX_FINGERPRINT = 16
 def tokens_prefix_fingerprints(input_ids: torch.Tensor) -> dict[str, str]:
     """{"n": tokens_fingerprint of the first n ids} for n = 16, 32, 64, ... below the stream's length (keys are
     strings, as JSON has them)."""
-    ids = input_ids.detach().reshape(-1).to("cpu", torch.int64).numpy().astype("<i8", copy=False)
+    ids = _stream_ids(input_ids)
     digest, done, found = hashlib.sha256(), 0, {}
     length = FIRST_PREFIX_FINGERPRINT
     while length < ids.size:
@@ -299,7 +303,7 @@ def _stream_fingerprints(record: dict) -> dict[int, str]:
     return found
 
 
-def check_comparable_streams(results: list[tuple[str | os.PathLike, dict]]) -> None:
+def check_comparable_results(results: list[tuple[str | os.PathLike, dict]]) -> None:
     """ValueError naming two files when (path, record) results of one model on one text (the same model name and
     data_label) were scored on different token streams: a table or a figure would compare their NLLs as if token t
     were the same token in both. Two results are compared over the longest prefix both carry a fingerprint of (the
