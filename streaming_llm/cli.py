@@ -22,6 +22,7 @@ from streaming_llm.cli_common import (
     apply_threads,
     check_output_file,
     common_parent,
+    mib_text,
     model_label,
     one_line,
     peak_memory_mb,
@@ -304,7 +305,7 @@ def run_generate(args: argparse.Namespace) -> int:
             f"[stats] {stats['new_tokens']} tokens in {stats['decode_seconds']:.2f} s = {stats['tokens_per_second']:.1f} tokens/s "
             f"(prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s); stop: {stats['stop_reason']}; "
             f"cache {stats['cache_length']}/{stats['cache_capacity']} tokens (max {stats['max_cache_length']}) after "
-            f"{stats['tokens_seen']} seen; peak RSS {_mib(stats['peak_rss_mib'])}",
+            f"{stats['tokens_seen']} seen; peak RSS {mib_text(stats['peak_rss_mib'])}",
             file=sys.stderr,
             flush=True,
         )
@@ -352,11 +353,6 @@ def read_script(path: str) -> list[dict]:
     if not records:
         raise ValueError(f"script {path} has no prompts")
     return records
-
-
-def _mib(value: float | None) -> str:
-    """A memory reading for a status line; n/a where the platform gives none (peak_memory_mb on Windows)."""
-    return "n/a" if value is None else f"{value:.0f} MiB"
 
 
 def _chat_stats_line(chat) -> str:

@@ -201,6 +201,11 @@ def peak_memory_mb() -> float | None:
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
+def mib_text(value: float | None, decimals: int = 0) -> str:
+    """A memory reading for a status line, "123 MiB"; "n/a" where the platform gives none (Windows)."""
+    return "n/a" if value is None else f"{value:.{decimals}f} MiB"
+
+
 def utf8_stdio() -> None:
     """Set up stdin and stdout as the command line and the scripts use them. Bytes on stdin that are not UTF-8 arrive
     as surrogate escapes (as in argv) instead of failing inside the decoder, whatever the locale, so that require_utf8

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from streaming_llm.bench.memory import cache_bytes, release_free_memory, resident_memory_kind, resident_memory_mib
-from streaming_llm.cli_common import measurement_output
+from streaming_llm.cli_common import measurement_output, mib_text
 from streaming_llm.eval.results import write_json_atomically
 
 RSS_GROWTH_LIMIT = 0.01
@@ -182,7 +182,7 @@ def _soak_loop(wrapper, next_ids, num_tokens: int, every: int, block_size: int, 
             if progress:
                 last = records[-1]
                 print(
-                    f"{last['tokens_seen']:>10} tokens  held {last['cache_length']}  rss {_mib(last['rss_mib'])}  "
+                    f"{last['tokens_seen']:>10} tokens  held {last['cache_length']}  rss {mib_text(last['rss_mib'], 1)}  "
                     f"max|logit| {last['max_abs_logit']:.2f}  nll {last['mean_nll']:.3f}  {last['elapsed_s']:.0f} s",
                     file=sys.stderr,
                     flush=True,
@@ -200,10 +200,6 @@ def _soak_loop(wrapper, next_ids, num_tokens: int, every: int, block_size: int, 
 
 def _rounded(mib: float | None) -> float | None:
     return None if mib is None else round(mib, 3)
-
-
-def _mib(mib: float | None) -> str:
-    return "n/a" if mib is None else f"{mib:.1f} MiB"
 
 
 def evaluate_checks(records: list[dict], capacity: int, warmup_tokens: int, total_nonfinite: int) -> dict:
