@@ -301,8 +301,7 @@ def describe_source(source: str | Path | None = None, text: str | None = None) -
 def read_source(source: str | Path | None, num_tokens: int, option: str = "--num-tokens") -> tuple[str, dict]:
     """The text of `source` and what a results JSON records of it (describe_source), before a model is loaded: read
     once (a pipe, ``--data <(cmd)``, and standard input, ``--data -``, give their text only once: pass it on to
-    load_tokens as `text`) and checked to
-    hold `num_tokens` (check_text_holds, naming `option`)."""
+    load_tokens as `text`) and checked to hold `num_tokens` (check_text_holds, naming `option`)."""
     text = load_text(source)
     check_text_holds(text, num_tokens, option)
     return text, describe_source(source, text=text)

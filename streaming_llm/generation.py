@@ -634,8 +634,8 @@ class StreamingChat:
             self.stop,
             self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             self.stop_token_ids,
-            DEFAULT_PREFILL_BLOCK_SIZE,
-            False,
+            prefill_block_size=DEFAULT_PREFILL_BLOCK_SIZE,
+            progress=False,
             sampler=self._sampler,
             earlier_ids=self._recent,
         )
