@@ -208,6 +208,45 @@ def test_eval_refuses_results_of_the_same_text_tokenized_otherwise(model_dir, tm
     assert_one_line_error(status, err, "was scored on another token stream of the same text")
 
 
+def test_eval_bos_chooses_whether_the_stream_begins_with_the_bos(model_dir, tmp_path, capsys, monkeypatch):
+    """--bos no scores the text without the BOS the tokenizer puts first by default (the embedded GGUF tokenizer
+    does, though its file says not to); --bos yes and no name their results apart from the default stream's, so
+    that neither is refused as another stream of the default one's results, nor reused for it."""
+    from streaming_llm import loading
+    from streaming_llm.data import load_tokens
+    from streaming_llm.eval.results import tokens_fingerprint
+
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "streaming_pos_shift", "--output-dir", str(tmp_path)]
+    runs = {}
+    for bos in ("auto", "no", "yes"):
+        status, out, err = run_main(capsys, *argv, *([] if bos == "auto" else ["--bos", bos]))
+        assert status == 0, err
+        runs[bos] = results_of(out)["streaming_pos_shift"]
+        assert not runs[bos]["skipped"]
+    _, tokenizer = loading.load_model(str(model_dir))
+    assert load_tokens(tokenizer, None, 120)[0, 0] == tokenizer.bos_token_id  # the default stream begins with it
+    for bos, add_bos in (("no", False), ("yes", True), ("auto", None)):
+        assert runs[bos]["tokens_fingerprint"] == tokens_fingerprint(load_tokens(tokenizer, None, 120, add_bos=add_bos))
+    names = {bos: Path(run["json_path"]).name for bos, run in runs.items()}
+    label = names["auto"].split("__")[1]
+    assert names["no"] == names["auto"].replace(label, f"{label}-nobos")
+    assert names["yes"] == names["auto"].replace(label, f"{label}-bos")
+    assert runs["no"]["perplexity"] != runs["auto"]["perplexity"]
+    status, out, err = run_main(capsys, *argv, "--bos", "no")  # its own result, found again
+    assert status == 0 and results_of(out)["streaming_pos_shift"]["skipped"], err
+
+    load_model = loading.load_model
+
+    def without_bos(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        tokenizer.bos_token = None
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "load_model", without_bos)
+    status, _, err = run_main(capsys, *argv, "--bos", "yes", "--force")
+    assert_one_line_error(status, err, "--bos yes: the tokenizer of tiny_chat_llama has no BOS token")
+
+
 def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, capsys):
     argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", str(tmp_path)]
     status, out, _ = run_main(capsys, *argv)

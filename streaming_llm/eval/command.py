@@ -17,6 +17,7 @@ from streaming_llm.models import UnsupportedModelError
 
 DEFAULT_NUM_TOKENS = 4096
 DEFAULT_BLOCK_SIZE = 256
+BOS_CHOICES = {"auto": None, "yes": True, "no": False}  # --bos: load_tokens' add_bos
 DEFAULT_OUTPUT_DIR = "results/comprehensive"
 
 
@@ -48,6 +49,13 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument("--data", default=None, help="text source: a .txt file, - for standard input (read once, as a pipe such as <(cmd)), or a datasets "
                           "spec name[:config[:split]] (default: embedded text)")
+    evaluate.add_argument(
+        "--bos",
+        choices=BOS_CHOICES,
+        default="auto",
+        help="put the tokenizer's BOS token before the text: auto = when tokenizer(text) does (MIT's protocol), yes, or "
+        "no; with yes or no the result names carry -bos or -nobos after the text's (default auto)",
+    )
     evaluate.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where result files go (default {DEFAULT_OUTPUT_DIR})")
     evaluate.add_argument("--force", action="store_true", help="re-run configurations whose results already exist")
     evaluate.add_argument(
@@ -165,11 +173,16 @@ def run_eval(args: argparse.Namespace) -> int:
     output_dir = prepare_output_dir(args.output_dir)
 
     text, data = read_source(args.data, args.num_tokens)
+    add_bos = BOS_CHOICES[args.bos]
+    if add_bos is not None:  # a stream other than the default one: its own result names (results.data_label)
+        data = {**data, "bos": add_bos}
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    if add_bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise ValueError(f"--bos yes: the tokenizer of {_model_name(args.model)} has no BOS token")
     if any(method.name != "dense" for method in methods):  # every other method holds n_sink + window_size tokens
         check_capacity(model.config, n_sink + window_size)
     device = str(next(model.parameters()).device)
-    input_ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text, option="--num-tokens").to(device)
+    input_ids = load_tokens(tokenizer, args.data, args.num_tokens, add_bos=add_bos, text=text, option="--num-tokens").to(device)
     model_name = _model_name(args.model)
 
     common = dict(

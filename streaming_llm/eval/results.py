@@ -41,12 +41,14 @@ def slug(text: str) -> str:
 
 def data_label(data: dict) -> str:
     """Short name of a data source description (describe_source): its name (a file's without its suffix, a
-    dataset spec's whole, dots included) plus 8 hex digits of its sha256."""
+    dataset spec's whole, dots included) plus 8 hex digits of its sha256, and -bos or -nobos where the description
+    says that a BOS was put first or not by choice (eval --bos yes/no; by default, as the tokenizer does)."""
     name = str(data.get("name", "data"))
     if data.get("kind", "file") == "file":
         name = Path(name).stem
     digest = str(data.get("sha256", ""))[:8]
-    return slug(f"{name}-{digest}" if digest else name)
+    bos = "-bos" if data.get("bos") is True else "-nobos" if data.get("bos") is False else ""
+    return slug(f"{name}-{digest}{bos}" if digest else f"{name}{bos}")
 
 
 def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, window_size: int, method: str, evaluator: str,
