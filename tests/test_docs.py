@@ -14,6 +14,7 @@ import inspect
 import io
 import itertools
 import json
+import math
 import os
 import pkgutil
 import re
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -610,6 +612,22 @@ def test_the_perplexity_tables_are_the_committed_results():
         labels = [label.replace("-", "–") for label in readme[0][1:-1]]
         expected = [number(row["segments"][label]) if row["segments"][label] is not None else "" for label in labels]
         assert cells[1:] == [*expected, number(row["ppl_at_recompute_samples"])], f"README.md, row {cells[0]}"
+
+
+def test_the_bos_table_is_the_committed_results():
+    """docs/evaluation.md's "with or without the BOS" table, recomputed from the 4,096-token NLLs of
+    results/comprehensive (BOS first: nlls[i] scores text token i) and results/bos (none: nlls[i] scores text token
+    i + 1), over the text tokens both streams predict."""
+    table = markdown_table("docs/evaluation.md", "| method | text tokens 2–4,095, BOS first")
+    assert [row[0] for row in table[1:]] == ["dense", "window", "streaming_pos_shift", "streaming_rerotate",
+                                             "streaming_absolute", "mit"]
+    for cells in table[1:]:
+        stem = f"__T4096__s4_w1020__{cells[0]}__block256.nlls.npy"
+        (with_bos,), (without,) = (list((ROOT / "results" / folder).glob(f"*{stem}")) for folder in ("comprehensive", "bos"))
+        assert "-nobos__" in without.name and "-nobos__" not in with_bos.name and "-bos__" not in with_bos.name
+        common = np.load(with_bos).astype(np.float64)[1:], np.load(without).astype(np.float64)[:-1]  # text tokens 2-4,095
+        perplexity = lambda nlls: f"{math.exp(nlls.mean()):.3f}"  # noqa: E731
+        assert cells[1:] == [*(perplexity(nlls) for nlls in common), *(perplexity(nlls[1024:]) for nlls in common)], cells[0]
 
 
 def test_the_h100_decode_table_is_the_committed_results():
