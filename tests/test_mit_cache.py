@@ -149,3 +149,85 @@ def test_as_past_key_values_it_says_it_is_no_cache():
             with pytest.raises(TypeError, match=r"StartRecentKVCache is MIT's eviction policy .* not a transformers "
                                                 r"Cache.*StreamingKVCache\(n_sink, window_size, streaming_mode='mit'\)"):
                 run(model)
+
+
+# MIT's evaluation (examples/eval_long_ppl.py --enable_start_recent_kv_cache --enable_pos_shift), ported onto
+# transformers 5's modules as MIT ported transformers 4.33's: each attention module's forward replaced by its
+# pos_shift/modify_llama.py (modify_gpt_neox.py) forward, which caches keys unrotated, rotates every cached key at its
+# index in the cache on every step and the query at the past length (4.33's position_ids); after each step the
+# (keys, values) of every layer are cut by StartRecentKVCache. Written from MIT's code, not from this package's.
+def _mit_pos_shift_forward(self, hidden_states, *args, rotary_emb, **kwargs):
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    batch, q_len, _ = hidden_states.shape
+    assert q_len == 1  # eval_long_ppl feeds one token a step: no causal mask needed
+    if hasattr(self, "query_key_value"):  # GPT-NeoX: [b, n, heads, 3 * head_size], partial rotary
+        qkv = self.query_key_value(hidden_states).view(batch, q_len, -1, 3 * self.head_size).transpose(1, 2)
+        query, key, value = qkv.chunk(3, dim=-1)
+        rotary_ndims, output_projection = self.rotary_ndims, self.dense
+    else:
+        shape = (batch, q_len, -1, self.head_dim)
+        query, key, value = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        rotary_ndims, output_projection = self.head_dim, self.o_proj
+    if self.mit_past is not None:
+        key, value = torch.cat([self.mit_past[0], key], dim=2), torch.cat([self.mit_past[1], value], dim=2)
+    self.mit_present = (key, value)  # what the 4.33 layer returned as present: unrotated keys
+    kv_seq_len = key.shape[2]
+
+    def rotate(x, positions):
+        cos, sin = rotary_emb(x, positions[None])
+        rotated = x[..., :rotary_ndims] * cos[:, None] + rotate_half(x[..., :rotary_ndims]) * sin[:, None]
+        return torch.cat([rotated, x[..., rotary_ndims:]], dim=-1)
+
+    query = rotate(query, torch.tensor([kv_seq_len - 1]))
+    key = rotate(key, torch.arange(kv_seq_len))
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.softmax(query @ key.transpose(2, 3) / query.shape[-1] ** 0.5, dim=-1, dtype=torch.float32)
+    output = (weights.to(value.dtype) @ value).transpose(1, 2).reshape(batch, q_len, -1)
+    return output_projection(output), None
+
+
+@torch.no_grad()
+def mit_eval_long_ppl(model, input_ids: torch.Tensor, start_size: int, recent_size: int) -> torch.Tensor:
+    """NLLs float64 [T - 1] of MIT's loop: token idx fed alone, NLL of idx + 1, then past = kv_cache(past)."""
+    import copy
+    import functools
+    import types
+
+    model = copy.deepcopy(model)
+    body = model.gpt_neox if hasattr(model, "gpt_neox") else model.model
+    attentions = [getattr(layer, "attention", None) or layer.self_attn for layer in body.layers]
+    for attention in attentions:
+        forward = functools.partial(_mit_pos_shift_forward, rotary_emb=body.rotary_emb)
+        attention.forward, attention.mit_past = types.MethodType(forward, attention), None
+    kv_cache = StartRecentKVCache(start_size=start_size, recent_size=recent_size)
+    past_key_values, nlls = None, []
+    for idx in range(input_ids.shape[1] - 1):
+        for layer_idx, attention in enumerate(attentions):
+            attention.mit_past = None if past_key_values is None else past_key_values[layer_idx]
+        logits = model(input_ids[:, idx : idx + 1], use_cache=False).logits[0, -1]
+        nlls.append(torch.nn.functional.cross_entropy(logits.double(), input_ids[0, idx + 1]))
+        past_key_values = kv_cache([attention.mit_present for attention in attentions])
+    return torch.stack(nlls)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("start_size, recent_size", [(4, 8), (0, 6), (2, 1)])
+def test_mit_mode_equals_mits_own_evaluation_loop(architecture, start_size, recent_size):
+    """streaming_mode="mit" (and our own storage) with n_sink = start_size, window_size = recent_size gives the NLLs of
+    MIT's loop, fed one token at a time or in blocks; MIT cuts after the step, so recent_size +- 1 is another method."""
+    from streaming_llm.eval.perplexity import compute_perplexity
+
+    from tiny_models import build_gpt_neox, build_llama, make_wrapper, max_abs_diff, random_ids
+
+    model = build_llama() if architecture == "llama" else build_gpt_neox()
+    input_ids = random_ids(48, seed=11)[None]
+    expected = mit_eval_long_ppl(model, input_ids, start_size, recent_size)
+    for streaming_mode, block_size in (("mit", 1), ("mit", 16), ("ours", 1), ("ours", 16)):
+        wrapper = make_wrapper(model, start_size, recent_size, streaming_mode=streaming_mode)
+        assert max_abs_diff(compute_perplexity(wrapper, input_ids, block_size=block_size).nlls, expected) <= 1e-4
+    for window_size in (recent_size - 1, recent_size + 1):
+        if window_size >= 1:
+            other = compute_perplexity(make_wrapper(model, start_size, window_size), input_ids, block_size=16).nlls
+            assert max_abs_diff(other, expected) > 1e-2
