@@ -183,6 +183,38 @@ def test_a_press_that_does_not_cut_the_cache_back_is_reported(kv_model):
         stepper.step(random_ids(12, seed=11)[None])
 
 
+
+def test_the_bench_times_kvpress_unobserved(kv_model, monkeypatch):
+    """The recorder of kept positions (a TorchFunctionMode around every compress, a list of positions per layer) cost
+    the bench's kvpress_decode a few per cent of each step that kvpress itself does not: the bench runs kvpress
+    unobserved, with the same logits, and such a stepper's kept_positions() says why it has none. Its cache length is
+    still checked after every step."""
+    import copy
+
+    from streaming_llm.bench.latency import make_decoder
+    from streaming_llm.eval import kvpress_adapters
+
+    ids = random_ids(30, seed=12)[None]
+    recorded = KvpressDecodeStepper(kv_model, n_sink=2, window_size=6).step(ids)
+
+    def observed(*args, **kwargs):
+        raise AssertionError("kvpress's compression was observed")
+
+    monkeypatch.setattr(kvpress_adapters._SequenceGatherRecorder, "__torch_function__", observed)
+    unobserved = KvpressDecodeStepper(kv_model, n_sink=2, window_size=6, record_positions=False)
+    assert torch.equal(unobserved.step(ids), recorded)
+    with pytest.raises(ValueError, match="record_positions=False"):
+        unobserved.kept_positions()
+    unobserved.reset()
+    unobserved.press.compression_interval = 2
+    with pytest.raises(RuntimeError, match="kvpress left 9 entries in layer 0 after step 9; expected 8"):
+        unobserved.step(ids)
+    decoder = make_decoder("kvpress_decode", copy.deepcopy(kv_model), n_sink=2, capacity=8)
+    decoder.prepare()
+    decoder.token = ids[:, :1]
+    decoder.step()
+    assert decoder.cache_length() == 8
+
 def adakv_decode(model):
     """Logits of one decode step after a prefill compressed by a head-wise press (AdaKV hides keys per head)."""
     from kvpress import AdaKVPress, KnormPress

@@ -271,7 +271,9 @@ class KvpressDecoder(Decoder):
         from streaming_llm.eval.kvpress_adapters import KvpressDecodeStepper
 
         self.model.set_attn_implementation("sdpa")
-        self.stepper = KvpressDecodeStepper(self.model, self.n_sink, self.capacity - self.n_sink, variant="corrected")
+        # Unobserved: kvpress as its users run it, without our record of the positions it keeps.
+        self.stepper = KvpressDecodeStepper(self.model, self.n_sink, self.capacity - self.n_sink, variant="corrected",
+                                            record_positions=False)
         self.stepper.reset()
         self.stepper.prefill(_random_ids(self.model, self.capacity, self.device))
         self.stepper(_random_ids(self.model, 8, self.device))  # eight compressed steps: steady state

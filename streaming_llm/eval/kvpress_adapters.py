@@ -26,7 +26,7 @@ stays after exit).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -163,14 +163,18 @@ class KvpressDecodeStepper:
     ``model(token, past_key_values=cache, position_ids=[[t]])`` inside ``with DecodingPress(...)(model)``.
     Token t attends to the cache left by step t-1 plus itself; kvpress's forward hook then compresses each
     layer after its attention (SEMANTICS.md §1). kept_positions() reports which stream positions are held.
+    record_positions=False runs the press unobserved, as kvpress runs it (no record of its gathers, no positions
+    kept per layer: a few per cent of a step on CPU), for timing it; kept_positions() is then refused.
     """
 
-    def __init__(self, model: nn.Module, n_sink: int, window_size: int, variant: str = "corrected"):
+    def __init__(self, model: nn.Module, n_sink: int, window_size: int, variant: str = "corrected",
+                 record_positions: bool = True):
         # Integers, as for our cache: a float n_sink (2.5) made compression_ratio_keeping search for ever.
         n_sink, window_size = validate_sizes(n_sink, window_size)
         require_kvpress_support(model)
         self.model = model
         self.n_sink, self.window_size, self.variant = n_sink, window_size, variant
+        self.record_positions = record_positions
         self.cache_capacity = n_sink + window_size
         self.press = DecodingPress(
             base_press=_streaming_press(n_sink, variant),
@@ -193,7 +197,8 @@ class KvpressDecodeStepper:
         check_token_ids("input_ids", input_ids)
         kept_slots: dict[int, torch.Tensor] = {}
         logits = []
-        with self.press(self.model), _recording_kept_slots(self.press, kept_slots):
+        recording = _recording_kept_slots(self.press, kept_slots) if self.record_positions else nullcontext()
+        with self.press(self.model), recording:
             for token_index in range(input_ids.shape[1]):
                 position = self.tokens_seen
                 output = self.model(
@@ -224,7 +229,7 @@ class KvpressDecodeStepper:
         positions = torch.arange(self.tokens_seen, self.tokens_seen + n, device=input_ids.device)
         output = self.model(input_ids=input_ids, past_key_values=self.cache, position_ids=positions[None],
                             attention_mask=torch.ones_like(input_ids), use_cache=True)
-        for layer_idx, layer_positions in enumerate(self._positions):
+        for layer_idx, layer_positions in enumerate(self._positions if self.record_positions else ()):
             kv_heads = self.cache.layers[layer_idx].keys.shape[1]
             new = positions.cpu().view(1, 1, n).expand(1, kv_heads, n)
             self._positions[layer_idx] = new if layer_positions is None else torch.cat([layer_positions, new], dim=-1)
@@ -233,14 +238,16 @@ class KvpressDecodeStepper:
 
     def _advance_positions(self, position: int, kept_slots: dict[int, torch.Tensor]) -> None:
         for layer_idx, layer_positions in enumerate(self._positions):
-            kv_heads = self.cache.layers[layer_idx].keys.shape[1]
-            new = torch.full((1, kv_heads, 1), position, dtype=torch.long)
-            layer_positions = new if layer_positions is None else torch.cat([layer_positions, new], dim=-1)
-            if layer_idx in kept_slots:
-                layer_positions = layer_positions.gather(-1, kept_slots[layer_idx].cpu())
-            self._positions[layer_idx] = layer_positions
             cache_len = self.cache.layers[layer_idx].keys.shape[2]
-            if cache_len != layer_positions.shape[-1] or cache_len != min(position + 1, self.cache_capacity):
+            if self.record_positions:
+                kv_heads = self.cache.layers[layer_idx].keys.shape[1]
+                new = torch.full((1, kv_heads, 1), position, dtype=torch.long)
+                layer_positions = new if layer_positions is None else torch.cat([layer_positions, new], dim=-1)
+                if layer_idx in kept_slots:
+                    layer_positions = layer_positions.gather(-1, kept_slots[layer_idx].cpu())
+                self._positions[layer_idx] = layer_positions
+            recorded = layer_positions.shape[-1] if self.record_positions else cache_len
+            if cache_len != recorded or cache_len != min(position + 1, self.cache_capacity):
                 raise RuntimeError(
                     f"kvpress left {cache_len} entries in layer {layer_idx} after step {position}; "
                     f"expected {min(position + 1, self.cache_capacity)}"
@@ -248,6 +255,8 @@ class KvpressDecodeStepper:
 
     def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
         """Stream positions of the tokens held in layer `layer_idx`, cache order: LongTensor [kv_heads, cache_len]."""
+        if not self.record_positions:
+            raise ValueError("this stepper runs kvpress unobserved (record_positions=False): it has no kept positions")
         positions = self._positions[layer_idx]
         return torch.empty(0, 0, dtype=torch.long) if positions is None else positions[0].clone()
 
