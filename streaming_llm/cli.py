@@ -457,8 +457,26 @@ def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+def _line_editing() -> bool:
+    """Set up input() for a person at a terminal: readline gives arrow keys, history, and lines past the terminal's
+    own limit of 4,095 bytes (without it, a longer paste was cut there, an arrow key reached the model as an escape
+    code, and a backspace without the terminal's iutf8 setting left half a character). Bracketed paste (GNU readline
+    8.1+) makes a paste of several lines one message, sent with Enter, instead of one message per line. True when
+    readline then ends the line itself at Ctrl-D (it does with bracketed paste on)."""
+    try:
+        import readline
+    except ImportError:  # Windows: the console edits the line itself
+        return False
+    if "libedit" in (readline.__doc__ or "") or getattr(readline, "_READLINE_RUNTIME_VERSION", 0) < 0x0801:
+        return False
+    readline.parse_and_bind("set enable-bracketed-paste on")  # Python turns it off, for its own prompt
+    return True
+
+
 def _run_interactive(args: argparse.Namespace, chat) -> int:
     interactive = sys.stdin.isatty()
+    # input() uses readline only where stdout is the terminal too.
+    readline_ends_line = interactive and _line_editing() and sys.stdout.isatty()
     status(
         args,
         f"chatting with {model_label(args)}; cache {chat.wrapper.n_sink} sinks + {chat.wrapper.window_size} window "
@@ -469,7 +487,8 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
             try:
                 line = input("> ")
             except EOFError:
-                _write_text("\n")
+                if not readline_ends_line:
+                    _write_text("\n")
                 break
         else:
             line = sys.stdin.readline()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,61 @@ def run_subprocess(*argv: str, stdin: str | None = None) -> subprocess.Completed
     command = [str(script)] if script.exists() else [sys.executable, "-m", "streaming_llm.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command + list(argv), input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+class Terminal:
+    """`streaming-llm ARGS` run as a person runs it: on a pseudo-terminal that is its controlling terminal (so a ^C
+    typed there is SIGINT), with stdin, stdout and stderr on it. Skipped where there are no pseudo-terminals."""
+
+    # A session leader takes the terminal on its stdin as its controlling one, then becomes the command.
+    LAUNCHER = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'streaming_llm', *sys.argv[1:]])")
+
+    def __init__(self, *argv: str):
+        pty = pytest.importorskip("pty")
+        pytest.importorskip("termios")
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "TERM": "xterm", "INPUTRC": os.devnull}
+        self.process = subprocess.Popen([sys.executable, "-c", self.LAUNCHER, *argv], stdin=slave, stdout=slave,
+                                        stderr=slave, start_new_session=True, env=env)
+        os.close(slave)
+        self.output = b""  # what the terminal showed after the last match
+
+    def _read(self) -> bytes:
+        if not select.select([self.master], [], [], 120)[0]:
+            raise AssertionError(f"the terminal stayed silent; it last showed {self.output[-1000:]!r}")
+        try:
+            return os.read(self.master, 65536)
+        except OSError:  # EIO: the command closed the terminal
+            return b""
+
+    def expect(self, pattern: bytes) -> re.Match:
+        """Read until `pattern` shows; the match (the output after it is kept for the next one)."""
+        while not (match := re.search(pattern, self.output)):
+            data = self._read()
+            if not data:
+                raise AssertionError(f"the command ended before {pattern!r}; the terminal showed {self.output[-1000:]!r}")
+            self.output += data
+        self.output = self.output[match.end():]
+        return match
+
+    def send(self, typed: bytes) -> None:
+        os.write(self.master, typed)
+
+    def answer(self) -> dict:
+        """The next --json answer record, once the prompt for the next line shows (keys typed before it are read by
+        the terminal's own line editing, not by the command's)."""
+        record = json.loads(self.expect(rb'(\{"prompt".*?\})\r\n').group(1))
+        self.expect(b"> ")
+        return record
+
+    def close(self) -> int:
+        """Read to the end; the exit status."""
+        while data := self._read():
+            self.output += data
+        os.close(self.master)
+        return self.process.wait(timeout=60)
 
 
 def assert_one_line_error(status: int, err: str, fragment: str) -> None:
@@ -241,6 +298,25 @@ def test_interactive_chat_on_a_terminal_prompts_and_ends_on_ctrl_d(model_dir, ca
     assert status == 0, err
     assert out.startswith("> ") and "> Hello there" not in out  # piped input is echoed as "> Hello there"
     assert "\n\n> [stats] 1 turns" in out and out.endswith("> \n")  # each line prompted; the EOF's newline
+
+
+def test_interactive_chat_at_a_terminal_edits_lines(model_dir):
+    """Typed at a terminal, a line is edited with readline: without it, arrow keys reached the model as escape codes,
+    a pasted line was cut at the terminal's 4,095 bytes, and a paste of several lines was sent as one message per
+    line; with bracketed paste it is one message, sent with Enter."""
+    terminal = Terminal("chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "2", "--json")
+    terminal.expect(b"> ")
+    terminal.send(b"abc\x1b[D\x1b[DX\r")  # two left arrows
+    assert terminal.answer()["prompt"] == "aXbc"
+    terminal.send(b"\x1b[A\x7f!\r")  # up arrow: the line before, edited
+    assert terminal.answer()["prompt"] == "aXb!"
+    long_line = "streaming " * 600
+    terminal.send(long_line.encode() + b"\r")
+    assert terminal.answer()["prompt"] == long_line
+    terminal.send(b"\x1b[200~first line\nsecond line\x1b[201~\r")  # a paste of two lines, as the terminal sends it
+    assert terminal.answer()["prompt"] == "first line\nsecond line"
+    terminal.send(b"\x04")
+    assert terminal.close() == 0
 
 
 def test_interactive_chat_json_is_one_object_per_line(model_dir, capsys, monkeypatch):
