@@ -473,10 +473,21 @@ def _line_editing() -> bool:
     return True
 
 
+def _input_uses_readline() -> bool:
+    """Whether input() reads with readline (when imported): as CPython decides, where sys.stdin and sys.stdout are
+    the process's own stdin and stdout, both terminals."""
+    try:
+        return sys.stdin.fileno() == 0 and sys.stdout.fileno() == 1 and os.isatty(0) and os.isatty(1)
+    except (AttributeError, ValueError, OSError):  # a replaced stream without a file descriptor
+        return False
+
+
 def _run_interactive(args: argparse.Namespace, chat) -> int:
     interactive = sys.stdin.isatty()
-    # input() uses readline only where stdout is the terminal too.
-    readline_ends_line = interactive and _line_editing() and sys.stdout.isatty()
+    readline_ends_line = interactive and _line_editing() and _input_uses_readline()
+    # The prompt is for the person at the terminal: where stdout is a file or a pipe (a transcript, JSON lines) it goes
+    # to stderr, as input() would have written it into that file.
+    prompt_file = sys.stdout if sys.stdout.isatty() else sys.stderr
     status(
         args,
         f"chatting with {model_label(args)}; cache {chat.wrapper.n_sink} sinks + {chat.wrapper.window_size} window "
@@ -485,10 +496,14 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
     for line_number in itertools.count(1):
         if interactive:
             try:
-                line = input("> ")
+                if prompt_file is sys.stdout:
+                    line = input("> ")  # readline redraws its prompt as the line is edited
+                else:
+                    print("> ", end="", file=prompt_file, flush=True)
+                    line = input()
             except EOFError:
                 if not readline_ends_line:
-                    _write_text("\n")
+                    print(file=prompt_file, flush=True)
                 break
         else:
             line = sys.stdin.readline()

@@ -286,18 +286,35 @@ def test_interactive_chat_commands(model_dir, capsys, monkeypatch):
     assert "unknown command /nonsense" in out
 
 
+class TypedInput(io.StringIO):
+    """stdin at a terminal, as far as isatty() tells."""
+
+    def isatty(self):
+        return True
+
+
 def test_interactive_chat_on_a_terminal_prompts_and_ends_on_ctrl_d(model_dir, capsys, monkeypatch):
     """On a terminal (stdin.isatty(): never under pytest or in CI, so every other chat test took the piped branch) a
     line is read with input("> "), echoed by the terminal and not again; Ctrl-D (EOF) ends the chat on a new line."""
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    monkeypatch.setattr(sys, "stdin", Terminal("Hello there\n/stats\n"))
+    monkeypatch.setattr(sys, "stdin", TypedInput("Hello there\n/stats\n"))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "8")
     assert status == 0, err
     assert out.startswith("> ") and "> Hello there" not in out  # piped input is echoed as "> Hello there"
     assert "\n\n> [stats] 1 turns" in out and out.endswith("> \n")  # each line prompted; the EOF's newline
+
+
+@pytest.mark.parametrize("json_lines", [False, True], ids=["text", "json"])
+def test_typed_chat_with_stdout_in_a_file_prompts_on_stderr(model_dir, capsys, monkeypatch, json_lines):
+    """Typed at a terminal with stdout in a file or a pipe (`chat --json > answers.jsonl`), the prompt "> " went into
+    that file, ahead of every answer (breaking its JSON lines), and the person typing saw none; it goes to stderr."""
+    monkeypatch.setattr(sys, "stdin", TypedInput("Hello there\nTell me more\n"))
+    status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "8",
+                                *(["--json"] if json_lines else []))
+    assert status == 0, err
+    assert not out.startswith(">") and err == "> > > \n"  # a prompt for each line and the one Ctrl-D answered
+    if json_lines:
+        assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["Hello there", "Tell me more"]
 
 
 def test_interactive_chat_at_a_terminal_edits_lines(model_dir):
