@@ -3,17 +3,20 @@ packages when present.
 
 Every subcommand takes the common options of cli_common.py and sets `handler=fn(args) -> exit status`.
 Errors a user can fix (ValueError, a missing file, a bad option) print one line,
-`streaming-llm: error: <reason>`, and exit with status 2; Ctrl-C exits with 130 without a traceback.
+`streaming-llm: error: <reason>`, and exit with status 2; Ctrl-C exits with 130 without a traceback (in a chat typed at
+a terminal, Ctrl-C during an answer stops that answer, and the chat goes on).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -457,6 +460,27 @@ def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+class _AnswerStop:
+    """Ctrl-C while an answer is generated for a person at a terminal, as in other chat programs: the first press stops
+    the answer after the token being computed (so the cache holds whole tokens, and the answer so far stays in the
+    conversation, stop_reason "interrupted"); a second press interrupts as anywhere else (status 130)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self) -> _AnswerStop:
+        self._previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _press(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
 def _line_editing() -> bool:
     """Set up input() for a person at a terminal: readline gives arrow keys, history, and lines past the terminal's
     own limit of 4,095 bytes (without it, a longer paste was cut there, an arrow key reached the model as an escape
@@ -533,16 +557,23 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
         elif command.startswith("/"):
             print(f"unknown command {command}; commands: /reset /stats /exit", file=sys.stderr if args.json else sys.stdout,
                   flush=True)
-        elif args.json:  # one JSON object per answer: stdout stays JSON lines
-            for _ in chat.send(line):
-                pass
-            turn = chat.last_turn
-            print_json({"prompt": line, "answer": turn.answer, "new_tokens": turn.new_tokens,
-                        "fed_tokens": turn.fed_tokens, "stop_reason": turn.stop_reason, **_chat_stats(chat)})
         else:
-            for piece in chat.send(line):
-                _write_text(piece.text)
-            _write_text("\n\n")
+            answer = chat.send(line)
+            # The answer is closed (recorded as far as it went) while Ctrl-C still only stops it.
+            with (_AnswerStop() if interactive else contextlib.nullcontext()) as stop, contextlib.closing(answer):
+                for piece in answer:
+                    if not args.json:
+                        _write_text(piece.text)
+                    if stop is not None and stop.requested:
+                        break
+            if args.json:  # one JSON object per answer: stdout stays JSON lines
+                turn = chat.last_turn
+                print_json({"prompt": line, "answer": turn.answer, "new_tokens": turn.new_tokens,
+                            "fed_tokens": turn.fed_tokens, "stop_reason": turn.stop_reason, **_chat_stats(chat)})
+            else:
+                _write_text("\n\n")
+            if stop is not None and stop.requested:
+                status(args, "[answer stopped (Ctrl-C); it stays in the conversation as far as it went]")
     return 0
 
 

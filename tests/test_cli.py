@@ -7,11 +7,13 @@ special tokens and byte-level pieces are the real ones while a step costs millis
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +80,14 @@ class Terminal:
 
     def __init__(self, *argv: str):
         pty = pytest.importorskip("pty")
-        pytest.importorskip("termios")
+        termios = pytest.importorskip("termios")
         self.master, slave = pty.openpty()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "TERM": "xterm", "INPUTRC": os.devnull}
         self.process = subprocess.Popen([sys.executable, "-c", self.LAUNCHER, *argv], stdin=slave, stdout=slave,
                                         stderr=slave, start_new_session=True, env=env)
         os.close(slave)
+        self.settings = termios.tcgetattr(self.master)  # before the command changes them
         self.output = b""  # what the terminal showed after the last match
 
     def _read(self) -> bytes:
@@ -116,9 +119,12 @@ class Terminal:
         return record
 
     def close(self) -> int:
-        """Read to the end; the exit status."""
+        """Read to the end; the exit status (`settings_left`: the terminal's settings the command left)."""
+        import termios
+
         while data := self._read():
             self.output += data
+        self.settings_left = termios.tcgetattr(self.master)
         os.close(self.master)
         return self.process.wait(timeout=60)
 
@@ -334,6 +340,69 @@ def test_interactive_chat_at_a_terminal_edits_lines(model_dir):
     assert terminal.answer()["prompt"] == "first line\nsecond line"
     terminal.send(b"\x04")
     assert terminal.close() == 0
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_typed_answer_stops_it_and_the_chat_goes_on(model_dir, capsys, monkeypatch, presses):
+    """Ctrl-C while an answer was generated ended the chat (status 130) and the conversation with it. As in other chat
+    programs it stops that answer after the token being computed, which stays in the conversation (stop_reason
+    "interrupted"), and the next line is answered after it: every token fed once, as the template renders the
+    conversation. A second Ctrl-C during the same answer ends the chat, status 130."""
+    from streaming_llm.generation import StreamingChat
+    from streaming_llm.wrapper import StreamingLLMWrapper
+
+    fed, steps, rendered = [], [], []
+    plain_call, plain_send = StreamingLLMWrapper.__call__, StreamingChat.send
+
+    def call(wrapper, input_ids):
+        fed.extend(input_ids[0].tolist())
+        steps.append(input_ids.shape[1] == 1)
+        third_step = steps[-1] and sum(steps) == 3
+        if third_step:
+            os.kill(os.getpid(), signal.SIGINT)  # as a ^C typed at the terminal, while the model runs
+        logits = plain_call(wrapper, input_ids)
+        if third_step and presses == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # again, once the first one was taken
+        return logits
+
+    def send(chat, user_text, max_new_tokens=None):
+        with contextlib.closing(plain_send(chat, user_text, max_new_tokens)) as answer:
+            for index, piece in enumerate(answer):
+                if index == 0:
+                    template = chat.tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
+                    rendered.append(chat.tokenizer.decode(fed, skip_special_tokens=False) == template)
+                yield piece
+
+    monkeypatch.setattr(StreamingLLMWrapper, "__call__", call)
+    monkeypatch.setattr(StreamingChat, "send", send)
+    monkeypatch.setattr(sys, "stdin", TypedInput("Hello there\nTell me more\n"))
+    status, out, err = run_main(capsys, "chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "20", "--json")
+    if presses == 2:
+        assert status == 130 and out == "" and "Traceback" not in err
+        return
+    assert status == 0, err
+    first, second = [json.loads(line) for line in out.splitlines()]
+    assert first["stop_reason"] == "interrupted" and first["new_tokens"] == 4  # the token sampled after the third step
+    assert second["stop_reason"] == "length" and second["turns"] == 2 and second["tokens_seen"] == len(fed)
+    assert rendered == [True, True]
+
+
+def test_ctrl_c_at_a_terminal_stops_the_answer(model_dir):
+    """At a terminal: ^C during an answer says so and shows the prompt again, the conversation goes on with the answer
+    as far as it went, and the terminal's settings are left as they were. (^C at the prompt ends the chat, status 130,
+    as test_keyboard_interrupt_exits_130_without_traceback checks; not typed here: CPython's readline does not see a
+    SIGINT that arrives between showing the prompt and waiting for a key until Enter.)"""
+    terminal = Terminal("chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "100000")
+    terminal.expect(b"> ")
+    terminal.send(b"Hello there\r")
+    terminal.expect(rb"Hello there\r\n.{40}")  # the answer is being written
+    terminal.send(b"\x03")
+    terminal.expect(rb"\[answer stopped \(Ctrl-C\)[^\n]*\n[^>]*> ")
+    terminal.send(b"/stats\r")
+    terminal.expect(rb"\[stats\] 1 turns[^\n]*\(interrupted\)[^>]*> ")
+    terminal.send(b"\x04")
+    assert terminal.close() == 0 and b"Traceback" not in terminal.output
+    assert terminal.settings_left == terminal.settings
 
 
 def test_interactive_chat_json_is_one_object_per_line(model_dir, capsys, monkeypatch):
