@@ -538,7 +538,9 @@ class StreamingChat:
     A seeded `sampling` seeds the conversation once: later turns draw on from where the earlier ones stopped.
     `send(text)` yields the answer's Pieces; once it is exhausted, `last_turn` describes the turn.
     `messages` holds the conversation text (the template needs it); the model's memory of it is the
-    fixed cache. An exception inside a turn leaves the cache in an unknown state: call reset().
+    fixed cache. An exception raised while a turn is fed or generated (KeyboardInterrupt in the middle of a model
+    step, an error) leaves the cache in an unknown state: the next send() is a RuntimeError until reset(). Stopping
+    the iteration of an answer (break, close()) is clean: the answer is recorded as far as it went.
     """
 
     def __init__(
@@ -582,6 +584,7 @@ class StreamingChat:
         self._recent: deque[int] = deque(maxlen=self.sampling.repetition_window)
         self.turns = 0
         self.last_turn: TurnResult | None = None
+        self._failure: str | None = None  # what ended a turn while the model was fed: the cache may hold part of it
 
     def _decode_after(self, context_ids: list[int], ids: list[int]) -> str:
         """Text of `ids` as they continue `context_ids` (so a leading space is kept; no clean-up, which could
@@ -620,6 +623,10 @@ class StreamingChat:
         check_user_text(user_text)
         if max_new_tokens is not None:
             check_int("max_new_tokens", max_new_tokens, 1)
+        if self._failure is not None:
+            raise RuntimeError(f"an earlier answer of this conversation ended with {self._failure} while the model was "
+                               "fed, so the cache may hold part of a token or of a message: call reset() to start a "
+                               "new conversation")
         return self._answer(user_text, max_new_tokens)
 
     def _answer(self, user_text: str, max_new_tokens: int | None) -> Iterator[Piece]:
@@ -653,8 +660,14 @@ class StreamingChat:
                 yield piece
                 if self._conversation is not conversation:  # reset() in between: feed nothing more into the new one
                     return
+        except GeneratorExit:  # the caller stopped iterating, between two tokens
+            raise
+        except BaseException as error:  # raised by the stream: a token may be in some layers' cache and not in others
+            if self._conversation is conversation:
+                self._failure = type(error).__name__
+            raise
         finally:
-            if answer_ids and self._conversation is conversation:
+            if answer_ids and self._conversation is conversation and self._failure is None:
                 self._record_answer(stream, context_ids, answer_ids, "".join(answer_text), feed)
 
     def _record_answer(self, stream: GenerationStream, context_ids: list[int], answer_ids: list[int], answer_text: str, feed: list[int]) -> None:

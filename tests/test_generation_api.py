@@ -190,6 +190,44 @@ def test_chat_reset_during_an_answer_abandons_it(model_dir):
     assert again == fresh.ask("Hello!") and chat.messages == fresh.messages
 
 
+def test_chat_refuses_to_go_on_after_an_interrupted_model_step(model_dir):
+    """KeyboardInterrupt (Ctrl-C in a notebook or a script) in the middle of a model step left that token in some
+    layers' cache, or all of them, while the answer was recorded with it as not yet fed: the next turn fed it again,
+    silently (tokens_seen one more than the tokens of the conversation). The next send() is now a RuntimeError that
+    asks for reset(). Stopping the iteration between two tokens stays clean: the answer is recorded and the next turn
+    goes on from it."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = RecordingWrapper(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), end_id=-1)
+    chat = StreamingChat(wrapper, tokenizer, max_new_tokens=12)
+    answer = chat.send("Hello!")
+    for index, _ in enumerate(answer):
+        if index == 2:
+            break
+    answer.close()
+    assert chat.last_turn.stop_reason == "interrupted" and chat.last_turn.new_tokens == 3
+    assert wrapper.tokens_seen == len(wrapper.fed)
+
+    steps = []
+
+    def interrupt_the_third_step(module, args, output):
+        steps.append(args[0].shape[1] == 1)
+        if sum(steps) == 3 and steps[-1]:
+            raise KeyboardInterrupt  # after the first layer has stored the token
+
+    hook = model.model.layers[0].register_forward_hook(interrupt_the_third_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat.ask("Why?")
+    finally:
+        hook.remove()
+    with pytest.raises(RuntimeError, match=r"ended with KeyboardInterrupt .* call reset\(\)"):
+        chat.send("Go on.")
+    assert chat.turns == 1  # the broken answer is not recorded
+    chat.reset()
+    fresh = StreamingChat(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), tokenizer, max_new_tokens=12)
+    assert chat.ask("Go on.") == fresh.ask("Go on.")
+
+
 @pytest.mark.parametrize("wrapper_kind", WRAPPERS)
 def test_generate_stream_ends_when_its_wrapper_is_reset(model_dir, wrapper_kind):
     """wrapper.reset() while a generate_stream was iterated: the stream went on, feeding its tokens into the new, empty
