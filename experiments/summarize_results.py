@@ -2,7 +2,7 @@
 
     python experiments/summarize_results.py --num-tokens 20480
 
-Reads the results of <output-dir> for n_sink/window (per method its longest run of at most --num-tokens tokens),
+Reads the results of <output-dir> for n_sink/window, of one dtype (per method its longest run of at most --num-tokens tokens),
 prints the markdown table, writes it to <output-dir>/summary/table__T<n>.md and the figure to
 <output-dir>/nll_curves__T<n>__s<s>_w<w>.png.
 """
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model's trained context (default 8192, SmolLM2's)")
     parser.add_argument("--output-dir", default="results/comprehensive",
                         help="folder of the results; the table and figure are written there (default results/comprehensive)")
+    parser.add_argument("--dtype", default=None,
+                        help="only results of this dtype (e.g. float32, bfloat16), where the folder holds several "
+                             "(default: the one dtype its results have)")
     parser.add_argument("--model", default=None,
                         help="only this model's results (its result name, e.g. SmolLM2-135M-Instruct), where the folder "
                              "holds several models' or texts' results (default: every model's)")
@@ -41,23 +44,30 @@ def main(argv: list[str] | None = None) -> int:
     # Per method, its longest run of at most --num-tokens tokens (blocks preferred over the decode loop at equal
     # length): the stream is scored causally, so a run on the first N tokens has the NLLs of those N tokens.
     best: dict[str, tuple] = {}
-    sources = set()
+    sources, dtypes = set(), set()
     for path in list_results(output_dir):
         record, _ = read_result(path)
         if record["n_sink"] != args.n_sink or record["window_size"] != args.window_size or record["num_tokens"] > args.num_tokens:
             continue
-        if args.model is not None and record["model"] != args.model:
+        dtype = str(record.get("dtype", "float32"))
+        if (args.model is not None and record["model"] != args.model) or args.dtype not in (None, dtype):
             continue
         sources.add((record["model"], data_label(record["data"])))
+        dtypes.add(dtype)
         key = (record["num_tokens"], record["evaluator"] != "decode" or record["method"].startswith("kvpress"))
         if record["method"] not in best or key > best[record["method"]][0]:
             best[record["method"]] = (key, path, record)
     if not best:
-        raise ValueError(f"no results ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
+        what = "results" if args.dtype is None else f"{args.dtype} results"
+        raise ValueError(f"no {what} ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
     if len(sources) > 1:  # one table compares methods on one stream of one model
         listed = ", ".join(f"{model} on {data}" for model, data in sorted(sources))
         raise ValueError(f"{args.output_dir} holds results of several models or texts ({listed}): pass --model, "
                          "or keep each stream's results in its own folder")
+    if len(dtypes) > 1:  # a bfloat16 run on more tokens would have been taken for a method's float32 row
+        raise ValueError(f"{args.output_dir} holds results in several dtypes ({', '.join(sorted(dtypes))}): pass --dtype")
+    if (dtype := dtypes.pop()) != "float32":  # its own table and figure, named as its results are
+        tag += f"__{dtype}"
     order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
              "kvpress_decode_shipped", "kvpress_decode_corrected"]
     chosen = sorted(best.values(), key=lambda item: order.index(item[2]["method"]) if item[2]["method"] in order else len(order))

@@ -193,7 +193,7 @@ def test_eval_refuses_results_of_the_same_text_tokenized_otherwise(model_dir, tm
     load_tokens = data.load_tokens
 
     def flipped(tokenizer, *args, **kwargs):  # a BOS where the tokenizer puts none by default, none where it does
-        return load_tokens(tokenizer, *args, **kwargs, add_bos=not data._prefix_ids(tokenizer, None))
+        return load_tokens(tokenizer, *args, **{**kwargs, "add_bos": not data._prefix_ids(tokenizer, None)})
 
     monkeypatch.setattr(data, "load_tokens", flipped)
     status, _, err = run_main(capsys, *argv)

@@ -140,6 +140,36 @@ def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path,
     assert summarize_results.main([*summary, "--model", "model_a"]) == 0
 
 
+def test_summary_keeps_to_one_dtype(tmp_path, capsys):
+    """A bfloat16 run on more tokens than a method's float32 one was taken for that method's row, beside float32 rows,
+    in a table that shows no dtype. A folder of several dtypes is refused now; --dtype picks one."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import summarize_results
+    from test_cli import run_main
+
+    from streaming_llm.bench.soak import save_tiny_chat_llama
+
+    model = save_tiny_chat_llama(tmp_path / "model")
+    stream = ["--model", str(model), "--num-tokens", "120", "--n-sink", "2", "--window-size", "20", "--block-size",
+              "32", "--quiet", "--output-dir", str(tmp_path / "out")]
+    assert run_main(capsys, "eval", *stream, "--methods", "dense:64,streaming_pos_shift")[0] == 0
+    assert run_main(capsys, "eval", *stream, "--methods", "dense", "--dtype", "bfloat16")[0] == 0
+    summary = ["--num-tokens", "120", "--n-sink", "2", "--window-size", "20", "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"holds results in several dtypes \(bfloat16, float32\): pass --dtype"):
+        summarize_results.main(summary)
+    assert summarize_results.main([*summary, "--dtype", "float32"]) == 0
+    rows = json.loads((tmp_path / "out" / "summary" / "table__T120__s2_w20.json").read_text())["rows"]
+    assert [(row["method"], row["num_tokens"]) for row in rows] == [("dense", 64), ("streaming_pos_shift", 120)]
+    assert summarize_results.main([*summary, "--dtype", "bfloat16"]) == 0
+    rows = json.loads((tmp_path / "out" / "summary" / "table__T120__s2_w20__bfloat16.json").read_text())["rows"]
+    assert [(row["method"], row["num_tokens"]) for row in rows] == [("dense", 120)]
+    assert (tmp_path / "out" / "nll_curves__T120__s2_w20__bfloat16.png").is_file()
+    with pytest.raises(ValueError, match="no float16 results"):
+        summarize_results.main([*summary, "--dtype", "float16"])
+
+
 def test_summary_refuses_results_of_one_text_tokenized_otherwise(tmp_path, capsys, monkeypatch):
     """A method scored again on its first 64 tokens after the tokenization changed (a BOS put first or not: another
     tokenizer, another transformers) has its own file name; the table and figure put it beside the other stream's
@@ -159,7 +189,7 @@ def test_summary_refuses_results_of_one_text_tokenized_otherwise(tmp_path, capsy
     assert run_main(capsys, "eval", *stream, "--methods", "streaming_pos_shift")[0] == 0
     load_tokens = data.load_tokens
     monkeypatch.setattr(data, "load_tokens", lambda tokenizer, *args, **kwargs: load_tokens(
-        tokenizer, *args, **kwargs, add_bos=not data._prefix_ids(tokenizer, None)))
+        tokenizer, *args, **{**kwargs, "add_bos": not data._prefix_ids(tokenizer, None)}))
     assert run_main(capsys, "eval", *stream, "--methods", "dense:64")[0] == 0
     with pytest.raises(ValueError, match="were scored on different token streams of model on .* first 64 tokens"):
         summarize_results.main(["--num-tokens", "120", "--n-sink", "2", "--window-size", "20", "--output-dir",
