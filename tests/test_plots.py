@@ -111,6 +111,8 @@ def test_sampled_results_alone_are_drawn_as_points(tmp_path, figures):
     unscored = _sampled(tmp_path, [], [])  # beside it, a sampled result with no scored step draws nothing
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # not the figure's: matplotlib up to 3.10 calls pyparsing's parseString, which pyparsing 3.3 deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
         plot_nll_curves([sampled, unscored], tmp_path / "f.png", window=4, capacity=4)
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG
     (axis,) = figures[0].axes
