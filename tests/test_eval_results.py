@@ -15,7 +15,7 @@ from streaming_llm.eval.harness import run_method
 from streaming_llm.eval.methods import METHODS
 from streaming_llm.eval.plots import moving_average
 from streaming_llm.eval.results import list_results, read_result, result_stem, write_result
-from tiny_models import random_ids
+from tiny_models import VOCAB_SIZE, random_ids
 
 DATA = {"name": "random", "kind": "test", "sha256": "0123456789abcdef"}
 
@@ -86,6 +86,37 @@ def test_a_run_in_another_dtype_is_not_taken_for_the_float32_one(llama_model, tm
     assert not bfloat16.skipped and bfloat16.json_path.name.endswith("__block8__bfloat16.json")
     assert bfloat16.record["dtype"] == "bfloat16" and bfloat16.record["perplexity"] != float32.record["perplexity"]
     assert _run(llama_model, tmp_path).skipped
+
+
+@pytest.mark.parametrize("dropout", ["attention_dropout", "hidden_dropout"])
+def test_a_model_in_training_mode_with_dropout_is_refused(tmp_path, dropout):
+    """A model left in train() mode (from a training loop) gave other NLLs on every run: its dropout drew anew. A
+    model in training mode without dropout scores as in eval mode."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from streaming_llm.eval.harness import run_recompute_sample
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=256, **{dropout: 0.1})
+    model = GPTNeoXForCausalLM(config).train()
+    module = "gpt_neox.layers.0.attention" if dropout == "attention_dropout" else "gpt_neox.emb_dropout"
+    message = f"training mode with dropout \\({module}: 0.1\\).*call model.eval\\(\\)"
+    for method in ("dense", "streaming_pos_shift"):
+        with pytest.raises(ValueError, match=message):
+            _run(model, tmp_path / method, method)
+    with pytest.raises(ValueError, match=message):
+        run_recompute_sample(model, random_ids(30, seed=7)[None], num_samples=2, model_name="tiny", data=DATA, n_sink=2,
+                             window_size=8, output_dir=tmp_path / "recompute")
+    assert not any(tmp_path.rglob("*.json"))
+    scored = _run(model.eval(), tmp_path / "eval", "dense").record["perplexity"]
+    setattr(config, dropout, 0.0)
+    for submodule in model.modules():  # the same weights, in training mode, with no dropout to draw
+        if isinstance(submodule, torch.nn.Dropout):
+            submodule.p = 0.0
+        if hasattr(submodule, "attention_dropout"):
+            submodule.attention_dropout = 0.0
+    assert _run(model.train(), tmp_path / "train", "dense").record["perplexity"] == scored
 
 
 def test_stem_is_deterministic_and_safe():

@@ -90,6 +90,7 @@ def run_method(
     fingerprint, tokens = model_fingerprint(model), tokens_fingerprint(input_ids)
     if (finished := _finished_run(method.name, output_dir, stem, force, fingerprint, tokens)) is not None:
         return finished
+    check_no_dropout(model)
     stepper = method.build(model, n_sink, window_size)
     checkpoint = Checkpoint(Path(output_dir) / f"{stem}{CHECKPOINT_SUFFIX}", size, checkpoint_every, fingerprint, tokens)
     resume_nlls = None if force else checkpoint.load()
@@ -134,6 +135,19 @@ def run_method(
     json_path = write_result(output_dir, stem, record, result.nlls)
     checkpoint.remove()
     return MethodRun(method.name, record, json_path, skipped=False)
+
+
+def check_no_dropout(model: nn.Module) -> None:
+    """ValueError where a part of `model` is in training mode with dropout (an nn.Dropout, or an attention module's
+    attention_dropout, above 0): each run would score other random draws, not the model. The CLI loads models in
+    eval mode; a model from a training loop may still be in train() mode."""
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            raise ValueError(f"the model is in training mode with dropout ({name or 'the model'}: {rate}), so its NLLs "
+                             "would be random draws: call model.eval() before scoring it")
 
 
 CHECKPOINT_SUFFIX = ".checkpoint.npz"
@@ -227,6 +241,7 @@ def run_recompute_sample(
     fingerprint, tokens = model_fingerprint(model), tokens_fingerprint(input_ids)
     if (finished := _finished_run("recompute", output_dir, stem, force, fingerprint, tokens)) is not None:
         return finished
+    check_no_dropout(model)
     cpu_started, started = time.process_time(), time.perf_counter()
     with PeakMemory(device) as peak:
         sampled = recompute_nlls_at(model, input_ids, capacity, steps, progress=progress)
