@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -469,11 +470,15 @@ class _AnswerStop:
         self.requested = False
 
     def __enter__(self) -> _AnswerStop:
-        self._previous = signal.signal(signal.SIGINT, self._press)
+        # Only the main thread may set a signal handler (main() called from another thread: Ctrl-C is not ours to take).
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._press)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
 
     def _press(self, signum, frame) -> None:
         if self.requested:

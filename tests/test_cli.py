@@ -387,6 +387,22 @@ def test_ctrl_c_during_a_typed_answer_stops_it_and_the_chat_goes_on(model_dir, c
     assert rendered == [True, True]
 
 
+def test_typed_chat_in_a_thread_other_than_the_main_one(model_dir, capsys, monkeypatch):
+    """main() called from another thread (only the main thread may set a signal handler): a chat typed at a terminal
+    failed on its first answer ("signal only works in main thread"); it is answered, Ctrl-C being the main thread's."""
+    import threading
+
+    monkeypatch.setattr(sys, "stdin", TypedInput("Hello there\nTell me more\n"))
+    statuses = []
+    thread = threading.Thread(target=lambda: statuses.append(
+        cli.main(["chat", "--model", str(model_dir), *CACHE_OPTIONS, "--max-new-tokens", "4", "--json"])))
+    thread.start()
+    thread.join()
+    out, err = capsys.readouterr()
+    assert statuses == [0], err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["Hello there", "Tell me more"]
+
+
 def test_ctrl_c_at_a_terminal_stops_the_answer(model_dir):
     """At a terminal: ^C during an answer says so and shows the prompt again, the conversation goes on with the answer
     as far as it went, and the terminal's settings are left as they were. (^C at the prompt ends the chat, status 130,
