@@ -119,6 +119,28 @@ def test_a_model_in_training_mode_with_dropout_is_refused(tmp_path, dropout):
     assert _run(model.train(), tmp_path / "train", "dense").record["perplexity"] == scored
 
 
+@pytest.mark.parametrize("rate", [np.float32(0.1), torch.tensor(0.1), torch.nn.Dropout2d(0.1), torch.nn.AlphaDropout(0.1)],
+                         ids=["numpy_float32", "tensor", "dropout2d", "alpha_dropout"])
+def test_dropout_of_any_type_in_training_mode_is_refused(rate):
+    """An attention_dropout held as a numpy float32 or a 0-d tensor (a config set from an array) draws as a float does,
+    and every torch dropout module, not only nn.Dropout, draws in training mode: each was taken for no dropout."""
+    from streaming_llm.eval.harness import check_no_dropout
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    if isinstance(rate, torch.nn.Module):
+        model.append(rate)
+    else:
+        model[0].attention_dropout = rate
+    check_no_dropout(model.eval())
+    with pytest.raises(ValueError, match="training mode with dropout"):
+        check_no_dropout(model.train())
+    for nothing in (0.0, None, torch.tensor(0.0)):
+        model[0].attention_dropout = nothing
+        if isinstance(rate, torch.nn.Module):
+            rate.p = 0.0
+        check_no_dropout(model.train())
+
+
 def test_stem_is_deterministic_and_safe():
     stem = result_stem("my model/v1", DATA, 100, 4, 1020, "dense", "block256")
     assert stem == result_stem("my model/v1", DATA, 100, 4, 1020, "dense", "block256")

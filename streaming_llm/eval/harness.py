@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -137,15 +138,20 @@ def run_method(
     return MethodRun(method.name, record, json_path, skipped=False)
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def check_no_dropout(model: nn.Module) -> None:
-    """ValueError where a part of `model` is in training mode with dropout (an nn.Dropout, or an attention module's
-    attention_dropout, above 0): each run would score other random draws, not the model. The CLI loads models in
-    eval mode; a model from a training loop may still be in train() mode."""
+    """ValueError where a part of `model` is in training mode with dropout (a torch dropout module, or an attention
+    module's attention_dropout, above 0): each run would score other random draws, not the model. The CLI loads models
+    in eval mode; a model from a training loop may still be in train() mode."""
     for name, module in model.named_modules():
         if not module.training:
             continue
-        rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
-        if isinstance(rate, (int, float)) and rate > 0:
+        rate = module.p if isinstance(module, DROPOUT_MODULES) else getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, torch.Tensor) and rate.numel() == 1:
+            rate = rate.item()
+        if isinstance(rate, numbers.Real) and rate > 0:  # numpy's floats too (a config set from an array)
             raise ValueError(f"the model is in training mode with dropout ({name or 'the model'}: {rate}), so its NLLs "
                              "would be random draws: call model.eval() before scoring it")
 
