@@ -91,6 +91,24 @@ def test_bench_command_writes_json_and_png(tmp_path, capsys):
     assert report["bandwidth_floor"] is None and report["ratios_vs_dense_static_compiled"] == []
     assert "streaming_static" in out and "vs static" in out
     assert report["decode_attention"] == "grouped"  # "auto" resolved for the device (CPU)
+    assert report["skipped"] == [] and "not timed" not in out
+
+
+def test_bench_command_records_and_prints_the_methods_it_could_not_time(tmp_path, capsys):
+    """A method asked for but skipped (kvpress does not support GPT-NeoX) is named with its reason and cache sizes
+    under the table and in the JSON, so that a missing column is explained in the results file as well."""
+    status = cli.main(["bench", "--shape", "pythia-70m", "--cache-sizes", "16,32", "--methods",
+                       "streaming_static,kvpress_decode", "--rounds", "1", "--steps", "1", "--quiet",
+                       "--output-dir", str(tmp_path), "--tag", "k"])
+    out = capsys.readouterr().out
+    assert status == 0
+    report = json.loads((tmp_path / "k.json").read_text())
+    assert [row["method"] for row in report["rows"]] == ["streaming_static", "streaming_static"]
+    assert [(skip["method"], skip["capacity"]) for skip in report["skipped"]] == [("kvpress_decode", 16),
+                                                                                  ("kvpress_decode", 32)]
+    reason = report["skipped"][0]["reason"]
+    assert "kvpress 0.5.5 does not support GPTNeoXForCausalLM" in reason and report["skipped"][1]["reason"] == reason
+    assert f"not timed: kvpress_decode at 16, 32: {reason}\n" in out
 
 
 def test_bench_command_streams_at_the_largest_cache_size_up_to_1024(tmp_path, capsys):

@@ -75,9 +75,9 @@ def test_measure_latency_round_robin_warmup_skips_and_readings(monkeypatch, caps
     monkeypatch.setattr(latency, "prepare_attn", lambda decoder: None)
     monkeypatch.setattr(latency, "synchronized_ms", lambda function, device: (function(), float(next(ticks)))[1])
     monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    progress = _Progress(total=2 * 4)
+    progress, skipped = _Progress(total=2 * 4), []
     rows = latency.measure_latency(torch.nn.Linear(1, 1), ["a", "no_value", "b", "no_import"], capacity=16,
-                                   rounds=2, steps_per_round=3, warmup=2, progress=progress)
+                                   rounds=2, steps_per_round=3, warmup=2, progress=progress, skipped=skipped)
     assert [row.method for row in rows] == ["a", "b"]
     assert rows[0].step_ms == [1.0, 2.0, 3.0, 7.0, 8.0, 9.0] and rows[1].step_ms == [4.0, 5.0, 6.0, 10.0, 11.0, 12.0]
     assert decoders["a"].steps == decoders["b"].steps == 2 + 2 * 3
@@ -88,6 +88,8 @@ def test_measure_latency_round_robin_warmup_skips_and_readings(monkeypatch, caps
     assert progress.n == progress.total == 2 * 2 and progress.refreshed == 2  # a skipped method's rounds are not planned
     assert capsys.readouterr().err.splitlines() == ["bench: skipping no_value: no_value cannot run here",
                                                     "bench: skipping no_import: no_import cannot run here"]
+    assert skipped == [{"method": "no_value", "capacity": 16, "reason": "no_value cannot run here"},
+                       {"method": "no_import", "capacity": 16, "reason": "no_import cannot run here"}]
 
 
 def test_summary_passes_the_row_through_and_rounds_setup_to_centiseconds():

@@ -138,7 +138,7 @@ def run_bench(args: argparse.Namespace) -> int:
     progress_bars = show_progress(args)  # status lines and progress bars only on a terminal
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress_bars else (lambda *a: None)
     say(f"bench: shape={args.shape} device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
-    rows = []
+    rows, skipped = [], []
     for capacity in args.cache_sizes:
         progress = None
         if progress_bars:
@@ -146,7 +146,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
             progress = tqdm(total=args.rounds * len(methods), desc=f"capacity {capacity}", leave=False, file=sys.stderr)
         for row in latency.measure_latency(model, methods, capacity, args.n_sink, args.rounds, args.steps,
-                                           progress=progress, decode_attention=args.decode_attention):
+                                           progress=progress, decode_attention=args.decode_attention,
+                                           skipped=skipped):
             rows.append(row.summary())
         if progress is not None:
             progress.close()
@@ -188,7 +189,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "kind": "decode_latency", "shape": args.shape,
         "model": (args.model or "embedded") if args.shape == "embedded" else "random weights", "dtype": args.dtype,
         "n_sink": args.n_sink, "decode_attention": resolve_decode_attention(args.decode_attention, device), "rounds": args.rounds, "steps_per_round": args.steps,
-        "environment": latency.environment(device), "rows": rows, "stream": stream_rows,
+        "environment": latency.environment(device), "rows": rows, "skipped": skipped, "stream": stream_rows,
         "ratios_vs_dense_static": _ratios(rows, "dense_static"),
         "ratios_vs_dense_static_compiled": _ratios(rows, "dense_static_compiled"),
         "bandwidth_floor": _bandwidth_floor(model, device, args.cache_sizes), "compile_counters": _compile_counters(),
@@ -206,6 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_table(rows))
+        print(format_skipped(skipped), end="")
         if report["bandwidth_floor"]:
             floor = report["bandwidth_floor"]
             print(f"bandwidth floor (weights + KV) / {floor['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s: "
@@ -214,6 +216,16 @@ def run_bench(args: argparse.Namespace) -> int:
             print(format_stream(stream_rows))
         print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def format_skipped(skipped: list[dict]) -> str:
+    """A line per method and reason for the methods asked for but not timed (in the JSON as "skipped"): the cache
+    sizes they were skipped at, then why."""
+    sizes: dict[tuple[str, str], list[int]] = {}
+    for skip in skipped:
+        sizes.setdefault((skip["method"], skip["reason"]), []).append(skip["capacity"])
+    return "".join(f"not timed: {method} at {', '.join(map(str, capacities))}: {reason}\n"
+                   for (method, reason), capacities in sizes.items())
 
 
 def _compile_counters() -> dict:
