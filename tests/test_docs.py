@@ -630,12 +630,45 @@ def test_the_bos_table_is_the_committed_results():
         assert cells[1:] == [*(perplexity(nlls) for nlls in common), *(perplexity(nlls[1024:]) for nlls in common)], cells[0]
 
 
-def test_the_h100_decode_table_is_the_committed_results():
-    """README's decode-speed table: the median step of each method and the bandwidth floor in the H100 JSONs."""
+def test_the_gpu_decode_table_is_the_committed_results():
+    """README's decode-speed table: the median step of each method and the bandwidth floor in the H100 and H200 JSONs
+    (a method the run did not time is a dash)."""
     columns = ["dense_static_compiled", "streaming_compiled", "mit", "kvpress_decode", "recompute"]
     table = markdown_table("README.md", "| | dense `StaticCache`, compiled")
-    for cells, shape in zip(table[1:], ("llama-2-7b", "smollm2-135m")):
-        record = json.loads((ROOT / "results" / "latency" / f"h100_compiled_{shape}_bf16.json").read_text())
+    files = {"H100": "h100_compiled_{}_bf16.json", "H200": "h200_{}_bf16.json"}
+    shapes = {"Llama-2-7B": "llama-2-7b", "SmolLM2-135M": "smollm2-135m"}
+    assert len(table) == 1 + len(files) * len(shapes)
+    for cells in table[1:]:
+        label, gpu = cells[0].rsplit(", ", 1)
+        shape = shapes[label.split(" shape")[0]]
+        record = json.loads((ROOT / "results" / "latency" / files[gpu].format(shape)).read_text())
+        assert record["environment"]["gpu"].startswith(f"NVIDIA {gpu}"), cells[0]
         medians = {row["method"]: row["median_ms"] for row in record["rows"]}
         floor = record["bandwidth_floor"]["per_capacity"][0]["floor_ms"]
-        assert cells[1:] == [f"{medians[method]:.2f}" for method in columns] + [f"{floor:.2f}"], cells[0]
+        expected = [f"{medians[method]:.2f}" if method in medians else "—" for method in columns]
+        assert cells[1:] == expected + [f"{floor:.2f}"], cells[0]
+
+
+def test_the_h200_table_of_performance_md_is_the_committed_results():
+    """docs/performance.md's H200 table: median and queued (device) ms of each method and the floor, per shape."""
+    text = read(ROOT / "docs" / "performance.md")
+    section = text[text.index("### Measured on an NVIDIA H200"):]
+    lines = section[section.index("| method |"):].split("\n\n")[0].splitlines()
+    rows = {line.split("|")[1].strip().strip("*"): [cell.strip().strip("*") for cell in line.split("|")[2:-1]]
+            for line in lines[2:]}
+    labels = {"dense_static_compiled": "dense, `StaticCache` compiled (reduce-overhead)",
+              "streaming_compiled": "streaming, static step, compiled, own CUDA graph",
+              "mit": "mit (`StartRecentKVCache`)", "kvpress_decode": "kvpress_decode",
+              "recompute": "recompute (sliding window with re-computation)"}
+    records = [json.loads((ROOT / "results" / "latency" / f"h200_{shape}_bf16.json").read_text())
+               for shape in ("llama-2-7b", "smollm2-135m")]
+    for method, label in labels.items():
+        cells = next(cells for name, cells in rows.items() if name.startswith(label))
+        expected = []
+        for record in records:
+            row = next((row for row in record["rows"] if row["method"] == method), None)
+            expected += ["not timed", ""] if row is None else [f"{row['median_ms']:.2f}", f"{row['device_ms']:.2f}"]
+        assert cells == expected, method
+    floor = next(cells for name, cells in rows.items() if name.startswith("bandwidth floor"))
+    assert floor == [f"{records[0]['bandwidth_floor']['per_capacity'][0]['floor_ms']:.2f}", "",
+                     f"{records[1]['bandwidth_floor']['per_capacity'][0]['floor_ms']:.2f}", ""]
