@@ -185,6 +185,21 @@ class StaticStepCache(Cache):
         return True
 
 
+class WrapperCache(StreamingKVCache):
+    """FastStreamingWrapper's StreamingKVCache, over the wrapper's buffers. While its stream is empty it takes the
+    batch size of the first tokens it is given, as a StreamingKVCache of one's own does (the buffers, allocated for
+    the wrapper's last batch size, are replaced for both)."""
+
+    def __init__(self, wrapper: FastStreamingWrapper, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wrapper = wrapper
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if layer_idx == 0 and key_states.shape[0] != self.max_batch_size:
+            self.wrapper._take_new_batch(self, key_states.shape[0])
+        return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
+
 class GraphedStep:
     """A compiled step captured in one CUDA graph of our own. Each call copies the token ids into the graph's
     input buffer, replays, and returns a copy of the logits: no guard evaluation and no bookkeeping of
@@ -284,11 +299,24 @@ class FastStreamingWrapper(StreamingLLMWrapper):
                 tensor.zero_()
         self.seen = self.base = 0
         self._ring_current = True  # the RingLayers' host state matches the buffers
-        cache = StreamingKVCache(self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
-        for index, layer in enumerate(cache.layers):
-            layer.adopt(self.keys[index], self.values[index], self.sink_keys[index], self._rings[index])
-            layer.rotary = self.architecture.layer_rotaries[index]
+        cache = WrapperCache(self, self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
+        self._adopt_buffers(cache)
+        for layer, rotary in zip(cache.layers, self.architecture.layer_rotaries):
+            layer.rotary = rotary
         return cache
+
+    def _adopt_buffers(self, cache: StreamingKVCache) -> None:
+        for layer, keys, values, sink_keys, ring in zip(cache.layers, self.keys, self.values, self.sink_keys, self._rings):
+            layer.adopt(keys, values, sink_keys, ring)
+
+    def _take_new_batch(self, cache: StreamingKVCache, batch: int) -> None:
+        """The wrapper's empty stream fed a batch of another size through its cache (model.generate()): new buffers
+        of that size, as the wrapper's own calls take it (_take_batch). Anything else is left to the cache's layers,
+        which refuse it."""
+        if batch >= 1 and cache is self._cache and self.seen == 0 and cache.get_seq_length() == 0:
+            self._batch_size = batch
+            self._allocate()
+            self._adopt_buffers(cache)
 
     def _allocate(self) -> None:
         shape = attention_shape(self.model.config)

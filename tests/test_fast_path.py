@@ -266,6 +266,25 @@ def test_calls_after_generate_fed_the_wrappers_cache_take_up_its_stream(llama_mo
     assert fresh.tokens_seen == 13
 
 
+def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
+    """model.generate(batch of 2, past_key_values=fast.cache) on a fresh wrapper starts a stream of 2, as on a
+    StreamingLLMWrapper's cache (it was refused: "this cache holds a batch of 1 streams; got 2 (reset it first)", and
+    wrapper.reset() kept the buffers of 1); the wrapper's own steps go on with that stream, and a stream under way still
+    refuses another batch size."""
+    prompts, ones = random_ids(10, seed=52, batch=2), torch.ones(2, 10, dtype=torch.long)
+    fast = make_fast(llama_model)
+    generated = fast.model.generate(prompts, attention_mask=ones, past_key_values=fast.cache, max_new_tokens=12,
+                                    do_sample=False)
+    stream = torch.cat([generated, random_ids(3, seed=53, batch=2)], dim=1)  # 21 tokens fed, then 4 more
+    streamed = torch.cat([fast.step(stream[:, 21 + i : 22 + i]) for i in range(4)], dim=1)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), stream)
+    assert max_abs_diff(streamed, expected[:, 21:]) <= TOLERANCE
+    longer = torch.cat([stream, stream[:, :1]], dim=1)[:1].expand(3, -1)  # 25 tokens fed, one more, 3 rows
+    with pytest.raises(ValueError, match="holds a batch of 2 streams; got 3"):
+        fast.model.generate(longer, attention_mask=torch.ones_like(longer), past_key_values=fast.cache,
+                            max_new_tokens=1, do_sample=False)
+
+
 def test_a_copy_goes_on_as_the_original(llama_model):
     """copy.deepcopy of a wrapper mid-stream: its static steps looked the copied rotaries up by the originals' id()
     (KeyError)."""
