@@ -142,6 +142,19 @@ def test_bad_chunk_and_stride_are_clear_errors(llama_model):
             chunked_streaming_perplexity(llama_model, ids, n_sink, window_size, chunk_size=2)
 
 
+@pytest.mark.parametrize("ids", [random_ids(10, seed=12, batch=2), random_ids(10, seed=12), random_ids(1, seed=12)[None]],
+                         ids=["batch_of_2", "one_dimensional", "one_token"])
+def test_input_ids_other_than_one_stream_are_refused(llama_model, ids):
+    """Both score one stream [1, T], T >= 2, as compute_perplexity: a batch of 2 made strided_window_perplexity score
+    its first row alone (no error) and chunked_streaming_perplexity fail inside transformers' masking (IndexError), as
+    did a [T] tensor."""
+    shape = r"input_ids must be an integer tensor of token ids of shape \[1, n\], n >= 2"
+    with pytest.raises(ValueError, match=shape):
+        chunked_streaming_perplexity(llama_model, ids, 2, 6, chunk_size=2)
+    with pytest.raises(ValueError, match=shape):
+        strided_window_perplexity(llama_model, ids, context_size=4, stride=2)
+
+
 def test_chunked_without_sinks_and_with_a_one_token_window(llama_model):
     """n_sink=0 and window_size=1 are the smallest caches, accepted; chunk 1 is then the decode loop."""
     ids = random_ids(12, seed=13)[None]

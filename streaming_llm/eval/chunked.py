@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from streaming_llm.checks import check_token_ids
 from streaming_llm.eval.perplexity import PerplexityResult, token_nlls
 from streaming_llm.models import describe
 from streaming_llm.rope import RotaryParams
@@ -60,6 +61,7 @@ def chunked_streaming_perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Seed-style chunked perplexity of input_ids [1, T]: nlls[t] scores token t+1, as compute_perplexity."""
+    check_token_ids("input_ids", input_ids, min_length=2)  # one stream, as compute_perplexity scores
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if n_sink < 0 or window_size < 1:
@@ -96,6 +98,7 @@ def strided_window_perplexity(
 ) -> PerplexityResult:
     """Sliding window with stride over input_ids [1, T]: every prediction made from a fresh window of at most
     `context_size` tokens ending at the predicting token, positions 0..n-1; nlls[t] scores token t+1."""
+    check_token_ids("input_ids", input_ids, min_length=2)
     if not 1 <= stride <= context_size:
         raise ValueError(f"need 1 <= stride <= context_size, got stride={stride}, context_size={context_size}")
     steps = input_ids.shape[1] - 1
