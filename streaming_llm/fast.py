@@ -25,6 +25,7 @@ once per ~capacity tokens for pos_shift, every step for rerotate, never for abso
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 
 import torch
@@ -244,6 +245,19 @@ class TreesStep:
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         torch.compiler.cudagraph_mark_step_begin()
         return self.function(token_ids).clone()
+
+
+def _own_code(function):
+    """`function` (a bound method or a plain function) on a code object of its own. torch.compile keeps its compiled
+    graphs, and counts recompilations (8 at most by default; then fullgraph=True fails), per code object: with the
+    class's methods shared, the 9th wrapper compiled in a process failed (FailOnRecompileLimitHit). Each compiled step
+    gets its own code, dropped with the step."""
+    bound = getattr(function, "__self__", None)
+    plain = getattr(function, "__func__", function)
+    own = types.FunctionType(plain.__code__.replace(), plain.__globals__, plain.__name__, plain.__defaults__,
+                             plain.__closure__)
+    own.__qualname__, own.__kwdefaults__ = plain.__qualname__, plain.__kwdefaults__
+    return own if bound is None else types.MethodType(own, bound)
 
 
 def compiles_step(compile: str, device_type: str, config) -> bool:
@@ -472,6 +486,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """The step for a filling or a full buffer: eager, compiled, or compiled and captured in a CUDA graph."""
         if filling not in self._compiled:
             function = self._static_step_filling if filling else self._static_step_full
+            if self.step_kind != "eager":
+                function = _own_code(function)
             if self.step_kind == "cuda_graph":
                 try:
                     function = GraphedStep(torch.compile(function, fullgraph=True), token_ids)
