@@ -508,6 +508,17 @@ def test_missing_optional_commands_are_skipped(monkeypatch, capsys):
     assert set(cli.build_parser().parse_args(["info"]).command_names) == {"generate", "chat", "info"}
 
 
+@pytest.mark.parametrize("methods", ["kvpress_decode_shipped", "all"])
+def test_a_kvpress_method_without_kvpress_is_one_line_before_the_model_loads(methods, monkeypatch, capsys):
+    """A wheel installed without the [kvpress] extra: a traceback after the model had loaded and the other
+    methods had run; now refused first (the missing model path below would be the error otherwise)."""
+    monkeypatch.setitem(sys.modules, "kvpress", None)  # import kvpress raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "streaming_llm.eval.kvpress_adapters", raising=False)
+    status, out, err = run_main(capsys, "eval", "--model", "./no/such/model", "--methods", methods)
+    assert_one_line_error(status, err, "kvpress_decode_shipped")
+    assert "cannot be imported" in err and "pip install 'streaming-llm[kvpress]'" in err and out == ""
+
+
 # -- errors: one line, exit status 2 ----------------------------------------------------------------------
 def test_progress_goes_to_a_terminal_unless_quiet(monkeypatch):
     import argparse

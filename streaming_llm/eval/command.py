@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import import_module
 from pathlib import Path
 
 from streaming_llm.eval.methods import DEFAULT_METHODS, METHODS, get_methods
@@ -137,6 +138,18 @@ def check_method_options(args: argparse.Namespace, methods, prefixes: dict[str, 
                          "does not include")
 
 
+def check_optional_packages(methods) -> None:
+    """ValueError, before the model loads, for chosen methods whose optional package cannot be imported: the
+    kvpress_decode_* methods need the `kvpress` extra."""
+    needing = [method.name for method in methods if method.name.startswith("kvpress_")]
+    if needing:
+        try:
+            import_module("streaming_llm.eval.kvpress_adapters")
+        except ImportError as error:
+            raise ValueError(f"--methods: {', '.join(needing)} cannot run: kvpress cannot be imported ({error}); "
+                             "pip install 'streaming-llm[kvpress]'") from None
+
+
 def _positive(name: str, value: int | None, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise ValueError(f"--{name} must be >= {minimum}, got {value}")
@@ -166,6 +179,7 @@ def run_eval(args: argparse.Namespace) -> int:
     _positive("recompute-samples", args.recompute_samples)
     methods, prefixes = parse_methods(args.methods)
     check_method_options(args, methods, prefixes)
+    check_optional_packages(methods)
     n_sink, window_size = args.n_sink, args.window_size
     quiet = not show_progress(args)  # progress bars and status lines only on a terminal
     device, dtype = args.device, args.dtype
