@@ -244,6 +244,23 @@ def test_git_commit_marks_a_dirty_tree(tmp_path):
     assert git_commit(tmp_path) == head + "+dirty"
 
 
+def test_git_commit_of_a_package_the_repository_does_not_track_is_none(tmp_path):
+    """A wheel installed in a virtual environment inside a user's own repository: that project's HEAD was recorded
+    in every result file as this code's commit."""
+    import subprocess
+
+    from streaming_llm.eval.results import git_commit
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    package = tmp_path / ".venv" / "lib" / "site-packages" / "streaming_llm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for command in (["init", "-q"], ["add", ".gitignore"], ["commit", "-q", "-m", "x"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True, env={**env, "PATH": "/usr/bin:/bin"})
+    assert git_commit(tmp_path) is not None and git_commit(package) is None
+
+
 def test_checkpoint_rules(tmp_path):
     """A checkpoint is resumed only by the same block size, model and token stream; one written before (tokens)
     fingerprints existed is not taken by a run that has one (it starts afresh); after a resume the next save waits a

@@ -370,12 +370,15 @@ def versions() -> dict:
 
 
 def git_commit(folder: str | os.PathLike | None = None) -> str | None:
-    """HEAD of the repository holding this package, with '+dirty' when tracked files differ; None outside git."""
+    """HEAD of the repository holding this package, with '+dirty' when tracked files differ; None outside git, and
+    where the repository does not track the folder (a wheel installed in a virtual environment inside another
+    project's repository: that HEAD is not this code's)."""
     folder = folder or Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
+        subprocess.run(["git", "ls-files", "--error-unmatch", "."], cwd=folder, capture_output=True, timeout=10, check=True)
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True, timeout=10
         ).stdout.strip()
