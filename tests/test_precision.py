@@ -157,6 +157,27 @@ def test_a_bad_out_is_refused_before_the_measurements(tmp_path, monkeypatch, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--positions", "1000", "100"], "--positions: each stream position must be at least 184 (the sinks and the prefix "
+                                     "fed before it); got 100"),
+    (["--embedded", "--embedded-positions", "1027"], "--embedded-positions: each stream position must be at least "
+                                                     "1028 (the sinks and the prefix fed before it); got 1027"),
+])
+def test_a_stream_position_before_the_prefix_ends_is_refused_before_the_measurements(argv, message, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A position inside the sinks and prefix of the end-to-end check failed with a ValueError traceback after the
+    RoPE study had run; it is refused up front in one line (status 2)."""
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("the study ran")
+
+    monkeypatch.setattr(precision, "rope_precision", no_measurement)
+    with pytest.raises(SystemExit) as exit_info:
+        precision.main([*argv, "--dtypes", "float32", "--out", str(tmp_path / "p.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m streaming_llm.bench.precision: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_end_to_end_reports_each_row_as_it_is_measured(tiny, capsys):
     setup = {"n_sink": 4, "window_size": 12, "prefix_tokens": 13, "scored_tokens": 2, "prefix_block": 1}
     rows = precision.run_end_to_end(tiny, ["pos_shift"], [1000, 17], ["float32"], setup, progress=True)

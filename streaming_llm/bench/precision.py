@@ -48,6 +48,11 @@ from streaming_llm.rope import RotaryParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STREAM_POSITIONS = (10**3, 10**4, 10**5, 10**6, 10**7)
+# The end-to-end checks: the tiny model's, and the embedded model's (--embedded)
+TINY_SETUP = {"model": "tiny random Llama (2 layers, hidden 64, 4/2 heads, vocab 128)", "n_sink": 4,
+              "window_size": 60, "prefix_tokens": 180, "scored_tokens": 32, "prefix_block": 1}
+EMBEDDED_SETUP = {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)", "n_sink": 4,
+                  "window_size": 1020, "prefix_tokens": 1024, "scored_tokens": 16, "prefix_block": 256}
 SMOLLM2_HEAD_DIM, SMOLLM2_ROPE_THETA = 64, 100000.0
 
 
@@ -310,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/precision/precision.json")
     args = parser.parse_args(argv)
     out = measurement_output(parser, args.out, option="--out")  # checked before the measurements, not after them
+    # A stream position is where the scored tokens begin, after the sinks and the prefix of each end-to-end check
+    for option, positions, least in (("--positions", args.positions, TINY_SETUP["n_sink"] + TINY_SETUP["prefix_tokens"]),
+                                     ("--embedded-positions", args.embedded_positions if args.embedded else [],
+                                      EMBEDDED_SETUP["n_sink"] + EMBEDDED_SETUP["prefix_tokens"])):
+        if min(positions, default=least) < least:
+            parser.error(f"{option}: each stream position must be at least {least} (the sinks and the prefix fed "
+                         f"before it); got {min(positions)}")
     torch.set_num_threads(args.threads)
     from streaming_llm.bench.soak import build_tiny_llama
     from streaming_llm.eval.results import write_json_atomically
@@ -339,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("prob TV", "probability_total_variation")]), file=sys.stderr)
 
     tiny = build_tiny_llama(seed=0)
-    tiny_setup = {"model": "tiny random Llama (2 layers, hidden 64, 4/2 heads, vocab 128)", "n_sink": 4,
-                  "window_size": 60, "prefix_tokens": 180, "scored_tokens": 32, "prefix_block": 1}
+    tiny_setup = dict(TINY_SETUP)
     baseline = tiny_setup["n_sink"] + tiny_setup["prefix_tokens"]
     tiny_rows = run_end_to_end(tiny, args.modes, [baseline, *args.positions], args.dtypes, tiny_setup)
     payload["tiny"] = {"setup": tiny_setup, "rows": tiny_rows}
@@ -353,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         from streaming_llm.loading import load_model
 
         model, _ = load_model(None)
-        setup = {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)", "n_sink": 4,
-                 "window_size": 1020, "prefix_tokens": 1024, "scored_tokens": 16, "prefix_block": 256}
+        setup = dict(EMBEDDED_SETUP)
         positions = [setup["n_sink"] + setup["prefix_tokens"], *args.embedded_positions]
         rows = run_end_to_end(model, args.embedded_modes, positions, args.dtypes, setup, progress=True)
         payload["embedded"] = {"setup": setup, "rows": rows}
