@@ -312,6 +312,16 @@ def test_the_readme_installs_outside_the_repository_as_setup_sh_does():
     assert f"streaming_llm-{version}-py3-none-any.whl" in read(ROOT / "README.md")
 
 
+def test_the_distributions_carry_the_licence_text_the_package_declares():
+    """pyproject.toml declared MIT with no licence text in the repository, so the wheel and sdist shipped none (MIT
+    asks for its notice in every copy); the sdist leaves out the tests, which need the whole repository."""
+    import tomllib
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"] == "MIT"
+    assert read(ROOT / "LICENSE").startswith("MIT License\n\nCopyright (c) ")
+    assert "prune tests" in read(ROOT / "MANIFEST.in").splitlines()
+
+
 # -- Python names -------------------------------------------------------------------------------------------------
 def package_modules() -> dict[str, object]:
     """Every module of the package, by its full name."""
