@@ -155,3 +155,27 @@ def test_a_stepper_returning_anything_but_its_logits_is_named(make_logits, fragm
     for ids in ([[5, 63, 7, 1, 2, 3, 4]], [[5, 6, 7, 1, 2, 3, 63]]):  # the largest id inside, or only as the last target
         with pytest.raises(ValueError, match=pattern):
             compute_perplexity(Stepper(), torch.tensor(ids), block_size=3)
+
+
+def test_token_nlls_scores_a_block_a_few_rows_at_a_time_with_the_same_values(monkeypatch):
+    """A block's logits in float64 at once (256 rows x 49,152 for SmolLM2: 100 MB, twice with the log-softmax) were
+    fresh allocations at every block, ~10% of `streaming-llm eval`. On the CPU they are scored a few rows at a time,
+    and each row's NLL is bit for bit the one of the whole block's cross-entropy."""
+    import torch.nn.functional as F
+
+    from streaming_llm.eval import perplexity
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 49152, generator=generator) * 5
+    targets = torch.randint(0, 49152, (256,), generator=generator)
+    expected = F.cross_entropy(logits.double(), targets, reduction="none")
+    cross_entropy, sizes = F.cross_entropy, []
+
+    def counted(input, target, **kwargs):
+        sizes.append(input.numel())
+        return cross_entropy(input, target, **kwargs)
+
+    monkeypatch.setattr(perplexity.F, "cross_entropy", counted)
+    nlls = perplexity.token_nlls(logits, targets)
+    assert nlls.dtype == torch.float64 and torch.equal(nlls, expected)
+    assert sum(sizes) == logits.numel() and max(sizes) * 8 <= 4 * 2**20  # 4 MiB of float64 at a time
