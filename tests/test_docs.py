@@ -698,3 +698,121 @@ def test_the_h200_table_of_performance_md_is_the_committed_results():
     floor = next(cells for name, cells in rows.items() if name.startswith("bandwidth floor"))
     assert floor == [f"{records[0]['bandwidth_floor']['per_capacity'][0]['floor_ms']:.2f}", "",
                      f"{records[1]['bandwidth_floor']['per_capacity'][0]['floor_ms']:.2f}", ""]
+
+
+def latency_medians(name: str) -> dict[tuple[str, int], dict]:
+    """The rows of results/latency/<name>, by (method, capacity)."""
+    record = json.loads((ROOT / "results" / "latency" / name).read_text())
+    return {(row["method"], row["capacity"]): row for row in record["rows"]}
+
+
+def test_the_cpu_decode_table_of_performance_md_is_the_committed_results():
+    """docs/performance.md's CPU table: every method's median ms per cache size in results/latency/cpu_embedded_fp32.json
+    (1,000 ms and over without decimals), and the two ratio rows from those medians."""
+    rows = latency_medians("cpu_embedded_fp32.json")
+    table = markdown_table("docs/performance.md", "| method \\ cache size |")
+    capacities = [int(cell) for cell in table[0][1:]]
+    labels = {"dense, transformers StaticCache": "dense_static", "dense, DynamicCache": "dense_dynamic",
+              "streaming, pos_shift": "streaming_pos_shift", "streaming, static step": "streaming_static",
+              "streaming, rerotate": "streaming_rerotate", "streaming, absolute": "streaming_absolute",
+              "mit (StartRecentKVCache": "mit", "kvpress_decode": "kvpress_decode", "recompute": "recompute"}
+    median = lambda method, capacity: rows[(method, capacity)]["median_ms"]  # noqa: E731
+    ratio = lambda value: f"{value:.0f}x" if value >= 100 else f"{value:.2f}x" if value < 1 else f"{value:.1f}x"  # noqa: E731
+    ratios = {"streaming pos_shift / dense static": ("streaming_pos_shift", "dense_static"),
+              "recompute / streaming pos_shift": ("recompute", "streaming_pos_shift")}
+    assert len(table) == 1 + len(labels) + len(ratios)
+    for cells in table[1:]:
+        if cells[0] in ratios:
+            over, under = ratios[cells[0]]
+            expected = [ratio(median(over, capacity) / median(under, capacity)) for capacity in capacities]
+        else:
+            method = next(method for label, method in labels.items() if cells[0].startswith(label))
+            expected = [f"{value:,.0f}" if value >= 1000 else f"{value:.1f}" for value in
+                        (median(method, capacity) for capacity in capacities)]
+        assert cells[1:] == expected, cells[0]
+
+
+def test_the_h100_tables_of_performance_md_are_the_committed_results():
+    """docs/performance.md's H100 tables: the compiled run (median and queued ms per method, the floor) from
+    results/latency/h100_compiled_*_bf16.json, and the first run's medians from results/latency/h100_*_bf16.json."""
+    labels = {"dense, StaticCache compiled": "dense_static_compiled", "streaming, static step, compiled": "streaming_compiled",
+              "mit (StartRecentKVCache)": "mit", "kvpress_decode": "kvpress_decode", "recompute": "recompute"}
+    compiled = [latency_medians(f"h100_compiled_{shape}_bf16.json") for shape in ("llama-2-7b", "smollm2-135m")]
+    table = markdown_table("docs/performance.md", "| method | 7B shape, 4,096: median ms")  # the first: the H100's
+    assert len(table) == 1 + len(labels) + 1
+    for cells in table[1:-1]:
+        method = next(method for label, method in labels.items() if cells[0].startswith(label))
+        expected = []
+        for rows in compiled:
+            row = next(row for (name, _), row in rows.items() if name == method)
+            expected += [f"{row['median_ms']:.2f}", f"{row['device_ms']:.2f}"]
+        assert cells[1:] == expected, cells[0]
+    floors = [json.loads((ROOT / "results" / "latency" / f"h100_compiled_{shape}_bf16.json").read_text())["bandwidth_floor"]
+              for shape in ("llama-2-7b", "smollm2-135m")]
+    assert table[-1][0].startswith("bandwidth floor") and f"{floors[0]['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s" in table[-1][0]
+    assert table[-1][1:] == [f"{floors[0]['per_capacity'][0]['floor_ms']:.2f}", "", f"{floors[1]['per_capacity'][0]['floor_ms']:.2f}", ""]
+
+    first = [latency_medians(f"h100_{shape}_bf16.json") for shape in ("llama-2-7b", "smollm2-135m")]
+    labels = {"dense, transformers StaticCache, eager": "dense_static", "dense, StaticCache compiled": "dense_static_compiled",
+              "dense, DynamicCache": "dense_dynamic", "streaming pos_shift, general path": "streaming_pos_shift",
+              "streaming rerotate": "streaming_rerotate", "streaming absolute": "streaming_absolute",
+              "streaming, static step, eager": "streaming_static", "streaming, static step, reduce-overhead": "streaming_compiled",
+              "mit": "mit", "kvpress_decode": "kvpress_decode", "recompute": "recompute"}
+    table = markdown_table("docs/performance.md", "| method | Llama-2-7B shape, cache 4,096 |")
+    assert len(table) == 1 + len(labels)
+    for cells in table[1:]:
+        method = next(method for label, method in labels.items() if cells[0].startswith(label))
+        assert cells[1:] == [f"{next(row for (name, _), row in rows.items() if name == method)['median_ms']:.2f}"
+                             for rows in first], cells[0]
+
+
+def test_the_evaluator_chunked_and_kvpress_tables_of_evaluation_md_are_the_committed_results():
+    """docs/evaluation.md's smaller tables: decode loop vs parallel evaluator (summary/decode_vs_parallel__T4096*.json),
+    kvpress's own protocol (results/kvpress/*kvpress_official.json) and the chunked protocols
+    (comprehensive/chunked/chunked__T2048*.json)."""
+    results = ROOT / "results"
+    [summary] = json.loads((results / "comprehensive" / "summary" / "decode_vs_parallel__T4096__s4_w1020.json").read_text())["rows"]
+    table = markdown_table("docs/evaluation.md", "| evaluator | perplexity | tokens/s (wall) | CPU s |")
+    assert table[1:] == [
+        [table[1][0], f"{summary['perplexity_decode']:.5f}", f"{summary['decode_tokens_per_s']:.1f}", f"{summary['decode_cpu_s']:.1f}"],
+        [table[2][0], f"{summary['perplexity_parallel']:.5f}", f"{summary['parallel_tokens_per_s']:.1f}", f"{summary['parallel_cpu_s']:.1f}"]]
+    assert table[1][0].startswith("decode loop") and table[2][0].startswith("parallel (blocks of 256)")
+
+    [official] = (results / "kvpress").glob("*__L2048_m256__s4_w1020__kvpress_official.json")
+    perplexity = json.loads(official.read_text())["perplexity"]
+    table = markdown_table("docs/evaluation.md", "| variant | what |")
+    assert {cells[0]: cells[2] for cells in table[1:]} == {name: f"{value:.4f}" for name, value in perplexity.items()}
+
+    record = json.loads((results / "comprehensive" / "chunked" / "chunked__T2048__s4_w1020.json").read_text())
+    table = markdown_table("docs/evaluation.md", "| protocol | perplexity |")
+    assert len(table) == 1 + len(record["rows"])
+    for cells, row in zip(table[1:], record["rows"]):
+        assert cells[0].split(" (")[0].replace(",", "") == row["protocol"].split(" (")[0].replace(",", ""), cells[0]
+        zero = lambda value, text: "0" if value == 0 else text  # noqa: E731
+        assert cells[1:] == [f"{row['perplexity']:.4f}", zero(row["max_abs_delta_nll"], f"{row['max_abs_delta_nll']:.2f}"),
+                             zero(row["mean_abs_delta_nll"], f"{row['mean_abs_delta_nll']:.3f}"),
+                             f"{row['perplexity_ratio']:.4f}"], cells[0]
+
+
+def test_the_precision_tables_of_reliability_md_are_the_committed_results():
+    """docs/reliability.md §2's end-to-end tables (SmolLM2, tiny): max |Δlogit| (two significant digits, or one in
+    e-notation) and top-1 agreement per position, mode and dtype, from results/precision/precision.json."""
+    record = json.loads((ROOT / "results" / "precision" / "precision.json").read_text())
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    for model, header in (("embedded", "| P | absolute fp32 | absolute bf16 | absolute fp16 | pos_shift fp32 | pos_shift bf16 | pos_shift fp16 |\n"),
+                          ("tiny", "| P | absolute fp32 | absolute bf16 | absolute fp16 | pos_shift fp32 | pos_shift bf16 | pos_shift fp16 | rerotate fp32")):
+        text = read(ROOT / "docs" / "reliability.md")
+        start = text.index(header)
+        table = [[cell.strip() for cell in line.strip()[1:-1].split("|")]
+                 for line in text[start:].split("\n\n")[0].splitlines() if not line.startswith("|---")]
+        rows = {(row["mode"], row["stream_position"], row["dtype"]): row for row in record[model]["rows"]}
+        positions = sorted({position for _, position, _ in rows})
+        assert len(table) == 1 + len(positions), model
+        for cells, position in zip(table[1:], positions):
+            assert cells[0].replace(",", "") == str(position) or cells[0] == f"10^{len(str(position)) - 1}", (model, cells[0])
+            for column, cell in zip(table[0][1:], cells[1:]):
+                mode, dtype = column.split()
+                row = rows[(mode, position, dtypes[dtype])]
+                error, agreement = re.fullmatch(r"(\S+) \((\d+)%\)", cell).groups()
+                assert float(error) == float(f"{row['max_abs_logit_error']:.2g}"), (model, position, column)
+                assert int(agreement) == round(100 * row["top1_agreement"]), (model, position, column)
