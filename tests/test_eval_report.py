@@ -240,3 +240,26 @@ def test_results_of_two_models_of_one_name_are_not_compared(tmp_path):
         summary_rows([first, old, twin], [0, 8])
     with pytest.raises(ValueError, match="were made with different models of the same name"):
         plot_nll_curves([first, twin], tmp_path / "curves.png")
+
+
+
+def test_results_of_one_model_in_two_dtypes_are_compared(tmp_path, monkeypatch):
+    """eval writes a bfloat16 run next to the float32 ones (…__bfloat16); the weights' dtype is part of the model
+    fingerprint, so the two fingerprints differ. `streaming-llm plot` of that folder stopped with "made with different
+    models of the same name"; the results are compared, and the figure names the dtype of the non-float32 curves.
+    Two fingerprints in one dtype are still refused."""
+    import matplotlib.axes
+
+    from streaming_llm.eval.plots import plot_nll_curves
+
+    single = _result(tmp_path, "single", [1.0] * 8, model_fingerprint="0123456789abcdef", dtype="float32")
+    half = _result(tmp_path, "half", [1.1] * 8, model_fingerprint="fedcba9876543210", dtype="bfloat16")
+    assert len(summary_rows([single, half], [0, 8])) == 2
+    labels, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *args, **kwargs: labels.append(kwargs.get("label")) or plot(self, *args, **kwargs))
+    assert plot_nll_curves([single, half], tmp_path / "curves.png").is_file()
+    assert sorted(label.split(" (")[0] for label in labels) == ["half bfloat16", "single"]
+    twin = _result(tmp_path, "twin", [1.0] * 8, model_fingerprint="0000000000000000", dtype="bfloat16")
+    with pytest.raises(ValueError, match="were made with different models of the same name"):
+        summary_rows([half, twin], [0, 8])

@@ -49,6 +49,12 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
+def _method_text(record: dict) -> str:
+    """The method, with the dtype where it is not float32 ("dense bfloat16"): one folder may hold both."""
+    dtype = record.get("dtype", "float32")
+    return record["method"] if dtype == "float32" else f"{record['method']} {dtype}"
+
+
 def _perplexity_text(record: dict) -> str:
     perplexity = record["perplexity"]
     return "n/a" if perplexity is None else f"{perplexity:.2f}"
@@ -99,7 +105,7 @@ def plot_nll_curves(
     for record, nlls in full:
         color, style = METHOD_STYLES.get(record["method"], (None, "-"))
         steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
-        label = f"{record['method']} (ppl {_perplexity_text(record)}, {record['evaluator']}, {record['num_tokens']} tok)"
+        label = f"{_method_text(record)} (ppl {_perplexity_text(record)}, {record['evaluator']}, {record['num_tokens']} tok)"
         axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=label)
     if not full:
         # Sampled results alone (recompute at chosen steps): too sparse for a moving average, so their scored
@@ -109,7 +115,7 @@ def plot_nll_curves(
             if scored.size == 0:
                 continue
             color, _ = METHOD_STYLES.get(record["method"], (None, "-"))
-            label = (f"{record['method']} (ppl {_perplexity_text(record)}, {record['evaluator']}, "
+            label = (f"{_method_text(record)} (ppl {_perplexity_text(record)}, {record['evaluator']}, "
                      f"{scored.size} sampled of {record['num_tokens']} tok)")
             axis.plot(scored + 1, nlls[scored], color=color, marker="o", markersize=4, linewidth=0.6, label=label)
     if lower is not None:
@@ -123,7 +129,7 @@ def plot_nll_curves(
                 continue
             color, _ = METHOD_STYLES.get(record["method"], (None, "-"))
             lower.plot(steps + 1, nlls[steps] - oracle[steps], color=color, marker="o", markersize=3, linewidth=0.6,
-                       label=record["method"])
+                       label=_method_text(record))
         lower.axhline(0.0, color="black", linewidth=0.8)
         lower.set_ylabel(f"NLL − {oracle_record['method']}\n(at its {scored.size} sampled tokens)")
         lower.set_xlabel("token index in the stream")

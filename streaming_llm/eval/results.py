@@ -313,13 +313,15 @@ def check_comparable_results(results: list[tuple[str | os.PathLike, dict]]) -> N
     first half). Results without a tokens fingerprint (written before they existed) are taken as they were.
 
     Likewise for results of two models that share a name (two folders of the same name, a model fine-tuned in
-    place): their model fingerprints differ, and the table would show them as rows of one model."""
-    models: dict[str, tuple] = {}
+    place): their model fingerprints differ, and the table would show them as rows of one model. The fingerprint
+    holds the weights' dtype, so results of one model in two dtypes (…__bfloat16 next to the float32 ones, as
+    eval writes them into one --output-dir) are compared, not taken for two models."""
+    models: dict[tuple, tuple] = {}
     for path, record in results:
         fingerprint = record.get("model_fingerprint")
         if fingerprint is None:
             continue
-        other_path, other = models.setdefault(record["model"], (path, fingerprint))
+        other_path, other = models.setdefault((record["model"], record.get("dtype", "float32")), (path, fingerprint))
         if other != fingerprint:
             raise ValueError(
                 f"{other_path} and {path} were made with different models of the same name, {record['model']} "
