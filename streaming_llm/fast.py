@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -189,15 +190,17 @@ class StaticStepCache(Cache):
 class WrapperCache(StreamingKVCache):
     """FastStreamingWrapper's StreamingKVCache, over the wrapper's buffers. While its stream is empty it takes the
     batch size of the first tokens it is given, as a StreamingKVCache of one's own does (the buffers, allocated for
-    the wrapper's last batch size, are replaced for both)."""
+    the wrapper's last batch size, are replaced for both). It holds the wrapper weakly: a copy of the cache
+    (copy.deepcopy) copies its buffers, not the wrapper and its model, and goes on as a StreamingKVCache of its own."""
 
     def __init__(self, wrapper: FastStreamingWrapper, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.wrapper = wrapper
+        self._wrapper = weakref.ref(wrapper)
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if layer_idx == 0 and key_states.shape[0] != self.max_batch_size:
-            self.wrapper._take_new_batch(self, key_states.shape[0])
+        wrapper = self._wrapper()
+        if wrapper is not None and layer_idx == 0 and key_states.shape[0] != self.max_batch_size:
+            wrapper._take_new_batch(self, key_states.shape[0])
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
 

@@ -280,6 +280,23 @@ def test_calls_after_generate_fed_the_wrappers_cache_take_up_its_stream(llama_mo
     assert fresh.tokens_seen == 13
 
 
+def test_a_copy_of_the_wrappers_cache_copies_the_stream_not_the_model(llama_model):
+    """copy.deepcopy(fast.cache) copied the wrapper and its whole model too, once the cache held the wrapper (to take a
+    new batch size); it holds it weakly now: the copy has its own buffers and goes on as the original does."""
+    fast = make_fast(llama_model)
+    input_ids = random_ids(40, seed=59)
+    feed_stream(fast, input_ids[:30])
+    memo = {}
+    copied = copy.deepcopy(fast.cache, memo)
+    assert id(fast.model) not in memo and id(fast) not in memo
+    assert copied.layers[0].keys is not fast.keys[0]
+    wrapper = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    wrapper.cache = copied
+    continued = torch.cat([wrapper(input_ids[None, t : t + 1])[0] for t in range(30, 40)])
+    assert max_abs_diff(continued, torch.cat([fast(input_ids[None, t : t + 1])[0] for t in range(30, 40)])) <= TOLERANCE
+    assert copied.get_seq_length() == fast.tokens_seen == 40
+
+
 def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
     """model.generate(batch of 2, past_key_values=fast.cache) on a fresh wrapper starts a stream of 2, as on a
     StreamingLLMWrapper's cache (it was refused: "this cache holds a batch of 1 streams; got 2 (reset it first)", and
