@@ -165,7 +165,9 @@ class StreamingLayer(CacheLayerMixin):
             self.leave_inference_mode()
         if key_states.shape[0] != self.values.shape[0]:
             raise ValueError(
-                f"this cache holds a batch of {self.values.shape[0]} streams; got {key_states.shape[0]} (reset it first)"
+                f"this cache holds a batch of {self.values.shape[0]} streams; got {key_states.shape[0]} (a stream "
+                "goes on with its batch size: generate() with num_return_sequences or num_beams > 1 multiplies it; "
+                "reset the cache for a new batch)"
             )
         held = (self.values.shape[1], self.values.shape[-1], self.values.dtype, self.values.device)
         if (key_states.shape[1], value_states.shape[-1], value_states.dtype, value_states.device) != held:

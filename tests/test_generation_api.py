@@ -120,6 +120,25 @@ def test_generate_refuses_strategies_that_take_tokens_back(model_dir, strategy):
                        max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=tokenizer.eos_token_id, **options)
 
 
+def test_a_continued_cache_given_more_sequences_names_why_its_batch_grew(model_dir):
+    """A conversation's cache (one stream) handed to generate() with num_return_sequences=2 was refused with
+    '... got 2 (reset it first)', advice that loses the conversation; the message now says what multiplied the batch,
+    and the cache is left as it was."""
+    model, tokenizer = load_tiny(model_dir)
+    prepare_model(model)
+    cache = StreamingKVCache(n_sink=N_SINK, window_size=WINDOW_SIZE)
+    ids = user_turn(tokenizer, "Tell me a long story.")[None]
+    options = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=tokenizer.eos_token_id)
+    answer = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False, **options)
+    seen = cache.get_seq_length()
+    more = torch.cat([answer, ids], dim=1)
+    with pytest.raises(ValueError, match=r"holds a batch of 1 streams; got 2 \(a stream goes on with its batch size: "
+                                         r"generate\(\) with num_return_sequences or num_beams > 1 multiplies it"):
+        model.generate(more, attention_mask=torch.ones_like(more), past_key_values=cache, num_return_sequences=2,
+                       do_sample=True, **options)
+    assert cache.get_seq_length() == seen
+
+
 class RecordingWrapper:
     """A StreamingLLMWrapper that records every token fed; with `end_after`, the end-of-turn token wins
     the greedy choice once that many single tokens were fed in a turn (so some answers end by eos)."""
