@@ -6,7 +6,8 @@
 #   RECOMPUTE_SAMPLES steps at which the recompute oracle is run (default 32, spread over the stream)
 #   DATA             text source (default: embedded text; not - : two commands read it); OUTPUT_DIR (default
 #                    results/comprehensive)
-#   EXTRA_ARGS       passed on to `streaming-llm eval` and run_decode_perplexity.py (e.g. --force, --quiet)
+#   EXTRA_ARGS       passed on to `streaming-llm eval` and run_decode_perplexity.py: options both take (--force, --quiet,
+#                    --model, --dtype, --device, --threads)
 #   PYTHON           the Python with the package (default: the repository's .venv); relative paths are the caller's
 #
 # Each method's result is written as soon as it finishes; a finished configuration is skipped when the

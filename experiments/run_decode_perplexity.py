@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.cli_common import add_stream_options, validate_common_args
+from streaming_llm.cli_common import DTYPE_NAMES, add_stream_options, apply_threads, validate_common_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=256,
                         help="block size of the parallel evaluator (default 256)")
     add_stream_options(parser)  # --n-sink, --window-size, --data, --model
+    # The model options of `streaming-llm eval` (run_comprehensive_comparisons.sh passes its EXTRA_ARGS to both).
+    parser.add_argument("--device", default="auto", metavar="{cpu,cuda,cuda:N,mps,auto}",
+                        help="where the model runs (default auto: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights and compute dtype (default float32)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--output-dir", default="results/comprehensive",
                         help="folder of the results and of summary/ (default results/comprehensive)")
     parser.add_argument("--force", action="store_true", help="run again what is already written (default: reuse it)")
@@ -44,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.results import prepare_output_dir, read_result, write_json_atomically
     from streaming_llm.loading import load_model
 
-    validate_common_args(args)  # --n-sink, --window-size
+    validate_common_args(args)  # --n-sink, --window-size, --threads, --device
+    apply_threads(args)
     methods = get_methods(args.methods)
     inexact = [method.name for method in methods if method.feed != "exact"]
     if inexact:
@@ -53,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir = prepare_output_dir(args.output_dir)  # ~ expanded; checked before any work (as `streaming-llm eval` does), the summary's too
     prepare_output_dir(Path(args.output_dir) / "summary", "--output-dir")
     text, data = read_source(args.data, args.num_tokens)  # read once, checked before the model is loaded
-    model, tokenizer = load_model(args.model)
-    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text, option="--num-tokens")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    device = str(next(model.parameters()).device)
+    ids = load_tokens(tokenizer, args.data, args.num_tokens, text=text, option="--num-tokens").to(device)
     common = dict(model_name=_model_name(args.model), data=data, n_sink=args.n_sink, window_size=args.window_size,
-                  output_dir=args.output_dir, force=args.force, progress=not args.quiet and sys.stderr.isatty())
+                  output_dir=args.output_dir, force=args.force, progress=not args.quiet and sys.stderr.isatty(),
+                  device=device, dtype=args.dtype)
     rows = []
     for method in methods:
         runs = {size: run_method(method, model, ids, block_size=size, **common) for size in (args.block_size, 1)}
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             "decode_result": runs[1].json_path.name,
             "parallel_result": runs[args.block_size].json_path.name,
         })
-    summary = Path(args.output_dir) / "summary" / f"decode_vs_parallel__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}.json"
+    dtype = "" if args.dtype == "float32" else f"__{args.dtype}"  # named as its results are (next to the float32 ones)
+    summary = Path(args.output_dir) / "summary" / f"decode_vs_parallel__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}{dtype}.json"
     write_json_atomically(summary, {"rows": rows, "note": "speedup_wall depends on the machine's load during each run; "
                                     "speedup_cpu divides the process CPU seconds"})
     print("| method | tokens | ppl decode | ppl parallel | max abs dNLL | decode tok/s | parallel tok/s | speedup (wall) | speedup (CPU s) |")

@@ -452,6 +452,20 @@ def test_evals_read_a_text_from_a_pipe(tiny_chat_model, tmp_path, capsys, script
     assert records and all(record["tokens_fingerprint"] == tokens_fingerprint(ids) for record in records)
 
 
+def test_decode_perplexity_takes_the_model_options_of_eval(tiny_chat_model, tmp_path):
+    """run_comprehensive_comparisons.sh passes EXTRA_ARGS to `streaming-llm eval` and to run_decode_perplexity.py;
+    EXTRA_ARGS="--dtype bfloat16" ran eval, then stopped at 'run_decode_perplexity.py: error: unrecognized arguments:
+    --dtype bfloat16'. It takes --dtype, --device and --threads now; its results and summary are named by dtype, as
+    eval's are (a float32 summary beside them is not replaced)."""
+    assert load_script("run_decode_perplexity").main([
+        "--model", str(tiny_chat_model), "--n-sink", "2", "--window-size", "14", "--num-tokens", "40", "--block-size", "8",
+        "--quiet", "--dtype", "bfloat16", "--device", "cpu", "--threads", "1", "--output-dir", str(tmp_path)]) == 0
+    records = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    assert len(records) == 2 and all(record["dtype"] == "bfloat16" for record in records)
+    [summary] = (tmp_path / "summary").glob("*.json")
+    assert summary.name == "decode_vs_parallel__T40__s2_w14__bfloat16.json"
+
+
 @pytest.mark.parametrize("script, options, option", [
     ("eval_streaming_llm", ["--strides", "8", "--num-tokens", "4096"], "--num-tokens 4096"),
     ("run_decode_perplexity", ["--num-tokens", "4096"], "--num-tokens 4096"),
