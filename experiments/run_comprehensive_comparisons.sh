@@ -36,5 +36,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Decode loop vs the parallel evaluator on a 4,096-token prefix.
 "$PYTHON" experiments/run_decode_perplexity.py --num-tokens "$(( NUM_TOKENS < 4096 ? NUM_TOKENS : 4096 ))" \
   --methods streaming_pos_shift --output-dir "$OUTPUT_DIR" "${DATA_ARGS[@]}" ${EXTRA_ARGS:-}
-# Summary table (docs/evaluation.md) and figure.
-"$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_DIR"
+# Summary table (docs/evaluation.md) and figure, of this run's dtype: the folder may hold another's (results/comprehensive
+# holds float32 results; without --dtype the summary refuses a folder of two).
+SUMMARY_ARGS=()
+read -ra extra <<< "${EXTRA_ARGS:-}"
+for i in "${!extra[@]}"; do
+  case "${extra[$i]}" in
+    --dtype=*) SUMMARY_ARGS=(--dtype "${extra[$i]#--dtype=}") ;;
+    --dtype) SUMMARY_ARGS=(--dtype "${extra[$((i + 1))]:-}") ;;
+  esac
+done
+"$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_DIR" "${SUMMARY_ARGS[@]}"

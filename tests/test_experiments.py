@@ -114,6 +114,17 @@ def test_scripts_expand_a_quoted_tilde_in_the_callers_paths(tmp_path):
     assert f"--output-dir {home}/comprehensive " in lines[0]
 
 
+def test_comprehensive_run_summarizes_the_dtype_it_ran():
+    """With EXTRA_ARGS='--dtype bfloat16' into a folder holding float32 results (results/comprehensive, the default),
+    the run ended in 'summarize_results.py: error: ... holds results in several dtypes (bfloat16, float32): pass
+    --dtype': the summary was not told the run's dtype."""
+    for extra in ("--quiet --dtype bfloat16", "--dtype=bfloat16 --force"):
+        *_, summary = commands_of("run_comprehensive_comparisons.sh", NUM_TOKENS="64", EXTRA_ARGS=extra)
+        assert "summarize_results.py" in summary and summary.endswith(" --dtype bfloat16")
+    *_, summary = commands_of("run_comprehensive_comparisons.sh", NUM_TOKENS="64", EXTRA_ARGS="--quiet")
+    assert "--dtype" not in summary
+
+
 def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path, capsys):
     """summarize_results wrote into <dir>/summary without creating it (run_everything.sh failed on a fresh folder),
     and put two models' results in one table."""
