@@ -816,3 +816,14 @@ def test_the_precision_tables_of_reliability_md_are_the_committed_results():
                 error, agreement = re.fullmatch(r"(\S+) \((\d+)%\)", cell).groups()
                 assert float(error) == float(f"{row['max_abs_logit_error']:.2g}"), (model, position, column)
                 assert int(agreement) == round(100 * row["top1_agreement"]), (model, position, column)
+
+
+def test_the_latency_runs_shown_name_the_files_they_write():
+    """performance.md showed the compiled H100 run as TAG_PREFIX=h100 ... run_decoding_latency.sh, next to links to
+    h100_compiled_*.json: run as shown, it wrote h100_*_bf16.json, over the first run's results the README cites."""
+    text = read(ROOT / "docs" / "performance.md")
+    runs = list(re.finditer(r"TAG_PREFIX=(\S+)[^`]*?run_decoding_latency\.sh", text))
+    assert runs
+    for run in runs:
+        links = re.findall(r"\(\.\./results/latency/([^)]+_bf16\.json)\)", text[run.end():run.end() + 600])
+        assert links and all(link in (f"{run.group(1)}_llama-2-7b_bf16.json", f"{run.group(1)}_smollm2-135m_bf16.json") for link in links), (where(ROOT / "docs" / "performance.md", text, run.start()), links)
