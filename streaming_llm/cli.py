@@ -95,6 +95,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             "--n-sink tokens and the last --window-size tokens, so memory stays fixed however long the stream."
         ),
     )
+    from streaming_llm import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     generate = subparsers.add_parser(

@@ -475,6 +475,16 @@ def test_help_lists_the_commands(capsys):
     assert status == 0 and "--window-size" in out and "--repetition-penalty" in out
 
 
+def test_version_names_the_package_version(capsys):
+    """`streaming-llm --version` (there was none: a bug report could not say which release it ran)."""
+    import tomllib
+    from pathlib import Path
+
+    version = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    status, out, err = run_main(capsys, "--version")
+    assert (status, out, err) == (0, f"streaming-llm {version}\n", "")
+
+
 def test_every_option_of_every_command_is_described_with_its_default(capsys):
     """`plot --title` had no help at all, and `bench --shape` (embedded) and `--stream-tokens` (0) did not say their
     defaults; an option whose default is a value (not None, off or empty) names it in its help."""
