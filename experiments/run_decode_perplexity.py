@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method
     from streaming_llm.eval.methods import METHODS, get_methods
-    from streaming_llm.eval.results import prepare_output_dir, read_result, write_json_atomically
+    from streaming_llm.eval.results import dtype_suffix, prepare_output_dir, read_result, write_json_atomically
     from streaming_llm.loading import load_model
 
     validate_common_args(args)  # --n-sink, --window-size, --threads, --device
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             "decode_result": runs[1].json_path.name,
             "parallel_result": runs[args.block_size].json_path.name,
         })
-    dtype = "" if args.dtype == "float32" else f"__{args.dtype}"  # named as its results are (next to the float32 ones)
-    summary = Path(args.output_dir) / "summary" / f"decode_vs_parallel__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}{dtype}.json"
+    # named as its results are (next to the float32 ones)
+    summary = (Path(args.output_dir) / "summary"
+               / f"decode_vs_parallel__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}{dtype_suffix(args.dtype)}.json")
     write_json_atomically(summary, {"rows": rows, "note": "speedup_wall depends on the machine's load during each run; "
                                     "speedup_cpu divides the process CPU seconds"})
     print("| method | tokens | ppl decode | ppl parallel | max abs dNLL | decode tok/s | parallel tok/s | speedup (wall) | speedup (CPU s) |")

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
-    from streaming_llm.eval.results import atomic_write, data_label, list_results, read_result, write_json_atomically
+    from streaming_llm.eval.results import (atomic_write, data_label, dtype_suffix, list_results, read_result,
+                                             write_json_atomically)
 
     output_dir = Path(args.output_dir).expanduser()  # no shell expands the ~ of --output-dir=~/runs
     if not output_dir.is_dir():  # else a mistyped folder would read as "no results" in it
@@ -66,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                          "or keep each stream's results in its own folder")
     if len(dtypes) > 1:  # a bfloat16 run on more tokens would have been taken for a method's float32 row
         raise ValueError(f"{args.output_dir} holds results in several dtypes ({', '.join(sorted(dtypes))}): pass --dtype")
-    if (dtype := dtypes.pop()) != "float32":  # its own table and figure, named as its results are
-        tag += f"__{dtype}"
+    tag += dtype_suffix(dtypes.pop())  # its own table and figure, named as its results are
     order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
              "kvpress_decode_shipped", "kvpress_decode_corrected"]
     chosen = sorted(best.values(), key=lambda item: order.index(item[2]["method"]) if item[2]["method"] in order else len(order))

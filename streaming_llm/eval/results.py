@@ -57,9 +57,13 @@ def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, windo
     SmolLM2-135M-Instruct__shakespeare-1a2b3c4d__T20480__s4_w1020__streaming_pos_shift__block256; a dtype other
     than float32 is part of it (…__block256__bfloat16), so that a run in another dtype is not taken for this one."""
     parts = [slug(model_name), data_label(data), f"T{num_tokens}", f"s{n_sink}_w{window_size}", slug(method), slug(evaluator)]
-    if dtype != "float32":
-        parts.append(slug(dtype))
-    return "__".join(parts)
+    return "__".join(parts) + dtype_suffix(dtype)
+
+
+def dtype_suffix(dtype: str) -> str:
+    """How a name carries the dtype of what it holds (results, their summary and table): "__<dtype>", or nothing for
+    float32, the default."""
+    return "" if dtype == "float32" else f"__{slug(dtype)}"
 
 
 def result_paths(output_dir: str | os.PathLike, stem: str) -> tuple[Path, Path]:
