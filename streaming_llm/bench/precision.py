@@ -266,6 +266,12 @@ def end_to_end(model, cast_model, mode: str, stream_position: int, n_sink: int, 
     }
 
 
+def first_scored_position(setup: dict) -> int:
+    """The least stream position an end-to-end setup can score: after its sinks and its prefix (end_to_end refuses an
+    earlier one); the baseline row of each check."""
+    return setup["n_sink"] + setup["prefix_tokens"]
+
+
 def run_end_to_end(model, modes, positions, dtype_names, setup: dict, progress: bool = False) -> list[dict]:
     """end_to_end over modes x positions x dtypes; the model is cast once per dtype, the oracle run once per
     (mode, position)."""
@@ -316,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = measurement_output(parser, args.out, option="--out")  # checked before the measurements, not after them
     # A stream position is where the scored tokens begin, after the sinks and the prefix of each end-to-end check
-    for option, positions, least in (("--positions", args.positions, TINY_SETUP["n_sink"] + TINY_SETUP["prefix_tokens"]),
+    for option, positions, setup in (("--positions", args.positions, TINY_SETUP),
                                      ("--embedded-positions", args.embedded_positions if args.embedded else [],
-                                      EMBEDDED_SETUP["n_sink"] + EMBEDDED_SETUP["prefix_tokens"])):
+                                      EMBEDDED_SETUP)):
+        least = first_scored_position(setup)
         if min(positions, default=least) < least:
             parser.error(f"{option}: each stream position must be at least {least} (the sinks and the prefix fed "
                          f"before it); got {min(positions)}")
@@ -352,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = build_tiny_llama(seed=0)
     tiny_setup = dict(TINY_SETUP)
-    baseline = tiny_setup["n_sink"] + tiny_setup["prefix_tokens"]
-    tiny_rows = run_end_to_end(tiny, args.modes, [baseline, *args.positions], args.dtypes, tiny_setup)
+    tiny_rows = run_end_to_end(tiny, args.modes, [first_scored_position(tiny_setup), *args.positions], args.dtypes,
+                               tiny_setup)
     payload["tiny"] = {"setup": tiny_setup, "rows": tiny_rows}
     columns = [("mode", "mode"), ("P", "stream_position"), ("dtype", "dtype"), ("max |Δlogit|", "max_abs_logit_error"),
                ("relative", "relative_error"), ("top-1 agree", "top1_agreement")]
@@ -365,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model, _ = load_model(None)
         setup = dict(EMBEDDED_SETUP)
-        positions = [setup["n_sink"] + setup["prefix_tokens"], *args.embedded_positions]
+        positions = [first_scored_position(setup), *args.embedded_positions]
         rows = run_end_to_end(model, args.embedded_modes, positions, args.dtypes, setup, progress=True)
         payload["embedded"] = {"setup": setup, "rows": rows}
         print("\n## SmolLM2-135M end to end\n", file=sys.stderr)
