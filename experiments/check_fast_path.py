@@ -61,6 +61,8 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=16, help="tokens fed as the first block (default 16)")
     parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
                         help="compile the fast step (default auto: on CUDA)")
+    parser.add_argument("--freeze-weights", action="store_true",
+                        help="compile it with inductor freezing (FastStreamingWrapper(freeze_weights=True))")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args()
     validate_common_args(args)  # --device, --n-sink, --window-size
@@ -78,7 +80,8 @@ def main() -> int:
         model = model.to(dtype)
         name = str(dtype).removeprefix("torch.")
         for kind, make in (("general", StreamingLLMWrapper),
-                           ("fast", lambda *a: FastStreamingWrapper(*a, compile=args.compile))):
+                           ("fast", lambda *a: FastStreamingWrapper(*a, compile=args.compile,
+                                                                    freeze_weights=args.freeze_weights))):
             started = time.perf_counter()
             wrapper = make(model, args.n_sink, args.window_size)
             with torch.no_grad():
@@ -90,6 +93,7 @@ def main() -> int:
     report = {
         "kind": "fast_path_check", "shape": args.shape, "layers": args.layers, "n_sink": args.n_sink,
         "window_size": args.window_size, "tokens": args.tokens, "prompt": args.prompt, "compile": args.compile,
+        "freeze_weights": args.freeze_weights,
         "step_kind": step_kinds,
         "environment": environment(args.device), "seconds": seconds,
         "fast_float32_vs_general_float32": compare(logits["fast_float32"], reference),

@@ -250,7 +250,26 @@ class TreesStep:
         return self.function(token_ids).clone()
 
 
-def _own_code(function):
+# Inductor's freezing: the weights (and every other tensor the step reads but never writes that dynamo takes for
+# static) become constants of the compiled graph, folded at compile time; its patterns then concatenate matmuls that
+# read the same input (q/k/v, gate/up) into one each. Off CUDA that concatenation is off by default: turned on.
+FREEZING = {"freezing": True, "cpp.enable_concat_linear": True}
+
+
+def frozen(function):
+    """`function` (compiled with torch.compile) run with inductor freezing. The config is read while dynamo traces
+    (which tensors become graph attributes) and while inductor compiles, both inside a call, so every call is made
+    under it; a step captured in a CUDA graph calls it only to warm up and capture."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        with torch._inductor.config.patch(FREEZING):
+            return function(*args, **kwargs)
+
+    return call
+
+
+def own_code(function):
     """`function` (a bound method or a plain function) on a code object of its own. torch.compile keeps its compiled
     graphs, and counts recompilations (8 at most by default; then fullgraph=True fails), per code object: with the
     class's methods shared, the 9th wrapper compiled in a process failed (FailOnRecompileLimitHit). Each compiled step
@@ -283,9 +302,13 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     """
 
     def __init__(self, model: nn.Module, n_sink: int = 4, window_size: int = 1020, position_mode: str = "pos_shift",
-                 max_block: int = 512, compile: str = "auto", decode_attention: str = "auto"):
+                 max_block: int = 512, compile: str = "auto", decode_attention: str = "auto",
+                 freeze_weights: bool = False):
         if compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {compile!r}")
+        if not isinstance(freeze_weights, bool):
+            raise ValueError(f"freeze_weights must be True or False; got {freeze_weights!r}")
+        self.freeze_weights = freeze_weights  # read by _use_buffers, which the first reset() calls
         self.device = next(model.parameters()).device
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
@@ -355,8 +378,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._use_buffers()
 
     def _use_buffers(self) -> None:
-        """Make the static step work on the buffers just allocated or copied."""
-        for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
+        """Make the static step work on the buffers just allocated or copied. Frozen (freeze_weights), a static
+        tensor the step only reads would become a constant of the graph: the sinks, t and the frame offset, which
+        change between steps, are then ordinary inputs (read from the same address every step all the same)."""
+        written = (*self.keys, *self.values)
+        read = (*self.sink_keys, self.step_position, self.frame_base)
+        for tensor in written if self.freeze_weights else (*written, *read):
             torch._dynamo.mark_static_address(tensor)
         rotate_sinks = [functools.partial(self._rotate_sinks, rotary) for rotary in self.architecture.layer_rotaries]
         self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self.architecture.layer_rotaries,
@@ -490,20 +517,24 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if filling not in self._compiled:
             function = self._static_step_filling if filling else self._static_step_full
             if self.step_kind != "eager":
-                function = _own_code(function)
+                function = own_code(function)
             if self.step_kind == "cuda_graph":
                 try:
-                    function = GraphedStep(torch.compile(function, fullgraph=True), token_ids)
+                    function = GraphedStep(self._compile(function, fullgraph=True), token_ids)
                 except RuntimeError as error:  # a capture this torch/driver refuses: torch.compile's own graphs
                     warnings.warn(f"capturing the decode step in a CUDA graph failed ({error}); using "
                                   "torch.compile(mode='reduce-overhead') instead", RuntimeWarning, stacklevel=3)
                     self.step_kind = "cuda_graph_trees"
             if self.step_kind == "cuda_graph_trees":
-                function = TreesStep(torch.compile(function, mode="reduce-overhead", fullgraph=True))
+                function = TreesStep(self._compile(function, mode="reduce-overhead", fullgraph=True))
             elif self.step_kind == "compiled":
-                function = torch.compile(function, fullgraph=True)
+                function = self._compile(function, fullgraph=True)
             self._compiled[filling] = function
         return self._compiled[filling]
+
+    def _compile(self, function, **options):
+        compiled = torch.compile(function, **options)
+        return frozen(compiled) if self.freeze_weights else compiled
 
     def _static_step_filling(self, token_ids: torch.Tensor) -> torch.Tensor:
         slots = torch.arange(self.n_sink + self.window_size + 1, device=self.step_position.device)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import build_llama
+from tiny_models import build_llama, count_frozen_matmuls
 
 from streaming_llm import cli
 from streaming_llm.bench import COMPILED_METHODS, METHODS
@@ -37,6 +37,31 @@ def test_every_decoder_holds_the_cache_at_capacity(model, method):
         assert decoder.cache_length() == CAPACITY
     if method != "recompute":  # recompute keeps token ids only
         assert decoder.cache_bytes() >= dense_kv_bytes(model, CAPACITY - 1)
+
+
+def test_the_frozen_dense_step_is_the_dense_step_frozen(model, monkeypatch):
+    """dense_static_compiled_frozen, the dense counterpart of streaming_compiled_frozen: its compiled step gives the eager
+    StaticCache step's logits, and reads the cache as it is now (the cache is written by the step, so freezing keeps
+    it an input: were it a constant, the logits after the cache changed would be the old ones). And it is frozen, its
+    projections concatenated, even after dense_static_compiled compiled model.forward: that compiled graph, unfrozen,
+    was reused (torch.compile's guards do not cover inductor's config)."""
+    compiled = make_decoder("dense_static_compiled", model, n_sink=4, capacity=CAPACITY)
+    compiled.prepare()
+    compiled.step()
+    matmuls = count_frozen_matmuls(monkeypatch)
+    decoder = make_decoder("dense_static_compiled_frozen", model, n_sink=4, capacity=CAPACITY)
+    decoder.prepare()
+
+    def logits(forward):
+        return forward(input_ids=decoder.token, past_key_values=decoder.cache, cache_position=decoder.position,
+                       position_ids=decoder.position[None]).logits.clone()
+
+    before = logits(decoder.forward)
+    assert torch.allclose(before, logits(model.forward), atol=1e-5)
+    decoder.cache.layers[0].keys.mul_(-1)
+    after = logits(decoder.forward)
+    assert torch.allclose(after, logits(model.forward), atol=1e-5) and not torch.allclose(after, before, atol=1e-3)
+    assert matmuls == [4 * model.config.num_hidden_layers + 1]  # q/k/v and gate/up one matmul each, and the LM head
 
 
 def test_step_time_summary_is_median_and_nearest_rank_percentiles():

@@ -180,6 +180,17 @@ def test_ratios_divide_each_median_by_the_baselines_at_the_same_capacity():
     assert lines[3].split() == ["mit", "32", "5.00", "4.00", "6.00", "2.0"]
 
 
+def test_table_columns_stay_aligned_under_long_method_names():
+    """The method column is as wide as the longest name: 'dense_static_compiled_frozen' pushed its row's numbers two
+    columns right of the header's."""
+    rows = [{"method": name, "capacity": 1024, "median_ms": 2.0, "p10_ms": 1.0, "p90_ms": 4.0, "cache_bytes": 2**20}
+            for name in ("dense_static_compiled", "dense_static_compiled_frozen", "mit")]
+    header, *lines = format_table(rows).splitlines()
+    end = header.index("capacity") + len("capacity")
+    assert [line[:end].split() for line in lines] == [[row["method"], "1024"] for row in rows]
+    assert {line.index("1024") + 4 for line in lines} == {end}
+
+
 class _FakeCuda:
     """torch.cuda as the CUDA-only readings use it, on a machine without CUDA (CI). `work` counts the device work
     queued so far (decode steps, copies); an event records it, and the time between two events is 2 ms per unit of

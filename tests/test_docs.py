@@ -732,6 +732,21 @@ def test_the_cpu_decode_table_of_performance_md_is_the_committed_results():
         assert cells[1:] == expected, cells[0]
 
 
+def test_the_frozen_weights_cpu_table_of_performance_md_is_the_committed_results():
+    """docs/performance.md's CPU table of the frozen steps: median ms and compile (setup) s of each compiled method in
+    results/latency/cpu_embedded_fp32_frozen.json."""
+    rows = latency_medians("cpu_embedded_fp32_frozen.json")
+    table = markdown_table("docs/performance.md", "| method | median ms | compile s |")
+    labels = {"dense, StaticCache compiled": "dense_static_compiled",
+              "dense, StaticCache compiled, frozen": "dense_static_compiled_frozen",
+              "streaming, static step, compiled": "streaming_compiled",
+              "streaming, static step, compiled, frozen": "streaming_compiled_frozen"}
+    assert [cells[0] for cells in table[1:]] == list(labels)
+    for cells in table[1:]:
+        row = rows[(labels[cells[0]], 1024)]
+        assert cells[1:] == [f"{row['median_ms']:.2f}", f"{row['setup_s']:.2f}"], cells[0]
+
+
 def test_the_h100_tables_of_performance_md_are_the_committed_results():
     """docs/performance.md's H100 tables: the compiled run (median and queued ms per method, the floor) from
     results/latency/h100_compiled_*_bf16.json, and the first run's medians from results/latency/h100_*_bf16.json."""
@@ -820,10 +835,13 @@ def test_the_precision_tables_of_reliability_md_are_the_committed_results():
 
 def test_the_latency_runs_shown_name_the_files_they_write():
     """performance.md showed the compiled H100 run as TAG_PREFIX=h100 ... run_decoding_latency.sh, next to links to
-    h100_compiled_*.json: run as shown, it wrote h100_*_bf16.json, over the first run's results the README cites."""
+    h100_compiled_*.json: run as shown, it wrote h100_*_bf16.json, over the first run's results the README cites. A run
+    not made yet (the frozen-weights run) names the files it will write."""
     text = read(ROOT / "docs" / "performance.md")
     runs = list(re.finditer(r"TAG_PREFIX=(\S+)[^`]*?run_decoding_latency\.sh", text))
     assert runs
     for run in runs:
-        links = re.findall(r"\(\.\./results/latency/([^)]+_bf16\.json)\)", text[run.end():run.end() + 600])
+        after = text[run.end():run.end() + 600].split("\n#")[0]  # up to the next heading
+        # the results it wrote, linked; or, for a run not made yet, the files it will write, named
+        links = re.findall(r"\(\.\./results/latency/([^)]+_bf16\.json)\)", after) or re.findall(r"`([^`]+_bf16\.json)`", after)
         assert links and all(link in (f"{run.group(1)}_llama-2-7b_bf16.json", f"{run.group(1)}_smollm2-135m_bf16.json") for link in links), (where(ROOT / "docs" / "performance.md", text, run.start()), links)

@@ -207,6 +207,18 @@ def test_summary_refuses_results_of_one_text_tokenized_otherwise(tmp_path, capsy
                                 str(tmp_path / "out")])
 
 
+def test_fast_path_check_of_the_frozen_step(tmp_path, monkeypatch, capsys):
+    """check_fast_path.py --freeze-weights (the check the next GPU run makes of freeze_weights), here compiled on CPU:
+    the report says the step was frozen and compiled, and in fp32 the frozen step gives the general path's logits."""
+    status, _, _ = run_as_script(monkeypatch, capsys, "check_fast_path.py", "--device", "cpu", "--compile", "always",
+                                 "--freeze-weights", "--layers", "1", "--window-size", "8", "--tokens", "24",
+                                 "--prompt", "4", "--output", str(tmp_path / "check.json"))
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert status == 0 and report["freeze_weights"] is True
+    assert report["step_kind"] == {"float32": "compiled", "bfloat16": "compiled"}
+    assert report["fast_float32_vs_general_float32"]["max_abs_diff"] <= 1e-4
+
+
 def test_gpu_scripts_say_they_need_cuda(monkeypatch, capsys):
     import torch
 

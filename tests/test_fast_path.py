@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import block_sizes_covering, feed_stream, make_wrapper, max_abs_diff, random_ids
+from tiny_models import (block_sizes_covering, count_frozen_matmuls, feed_stream, make_wrapper, max_abs_diff,
+                         random_ids)
 
 from streaming_llm import fast as fast_module
 from streaming_llm.fast import DECODE_ATTENTION, FastStreamingWrapper, GraphedStep
@@ -114,6 +115,25 @@ def test_wrappers_compiled_one_after_another_each_compile_their_own_step(llama_m
             fast = make_fast(llama_model, 2, 5, compile="always")
             assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
             assert fast.step_kind == "compiled" and len(fast._compiled) == 2
+
+
+def test_frozen_step_sees_the_stream_change_and_runs_one_matmul_per_shared_input(llama_model, monkeypatch):
+    """freeze_weights: inductor freezing makes every static tensor the graph only reads a constant of it. The sinks, t
+    and the frame offset change between steps, so they must stay inputs: while they were marked static as the buffers
+    are, the frozen step's logits were off by up to 9.6 from the second step on. The weights are folded, and each
+    layer's q/k/v and gate/up projections run as one matmul each: 4 per layer and the LM head, where unfrozen 7 per
+    layer. Through filling, frame moves, blocks and a reset."""
+    matmuls = count_frozen_matmuls(monkeypatch)
+    torch._dynamo.reset()
+    fast = make_fast(llama_model, compile="always", freeze_weights=True)
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    input_ids = random_ids(LENGTH, seed=59)
+    sizes = block_sizes_covering(LENGTH, [1] * 40 + [7])
+    assert max_abs_diff(feed_stream(fast, input_ids, sizes), feed_stream(general, input_ids, sizes)) <= TOLERANCE
+    assert matmuls == [4 * llama_model.config.num_hidden_layers + 1] * 2  # the filling and the full step
+    fast.reset()
+    general.reset()
+    assert max_abs_diff(feed_stream(fast, input_ids[:60]), feed_stream(general, input_ids[:60])) <= TOLERANCE
 
 
 @pytest.mark.parametrize("position_mode", ["pos_shift", "absolute"])
@@ -338,6 +358,8 @@ def test_bad_options_are_refused(llama_model):
         make_fast(llama_model, compile="sometimes")
     with pytest.raises(ValueError, match="decode_attention must be auto or one of"):
         make_fast(llama_model, decode_attention="flash")
+    with pytest.raises(ValueError, match="freeze_weights must be True or False"):
+        make_fast(llama_model, freeze_weights="yes")
     query, keys = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 3, 16)
     for softcap in (None, 1.5):  # decode_attention itself refuses a formulation it does not know, soft-capped too
         with pytest.raises(ValueError, match="decode attention must be one of"):

@@ -308,6 +308,24 @@ def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size:
         assert graph["index_copy"] == 2 * layers and graph["scatter"] == 0, graph
 
 
+def count_frozen_matmuls(monkeypatch) -> list[int]:
+    """From now on, for each graph inductor freezes (FastStreamingWrapper(freeze_weights=True), fast.frozen), the
+    matrix products left in it once the weights are folded: appended to the list returned."""
+    import torch._inductor.freezing as freezing
+
+    matmuls = []
+    freeze = freezing.freeze
+
+    def counting_freeze(*args):
+        graph_module, preserved = freeze(*args)
+        matmuls.append(sum(node.op == "call_function" and ("mm" in str(node.target) or "linear" in str(node.target))
+                           for node in graph_module.graph.nodes))
+        return graph_module, preserved
+
+    monkeypatch.setattr(freezing, "freeze", counting_freeze)
+    return matmuls
+
+
 def tokenizer_of(vocab: list[str], bos: str | None = "<s>", pre_tokenizer=None, normalizer=None) -> PreTrainedTokenizerFast:
     """Word-level over `vocab` (split on whitespace unless `pre_tokenizer`); no special token is added by default."""
     backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(vocab)}, unk_token="[UNK]"))

@@ -68,8 +68,9 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                         help=f"comma-separated cache capacities, n-sink included (default {DEFAULT_CACHE_SIZES})")
     parser.add_argument("--methods", default="default",
                         help="comma-separated methods from: " + ", ".join(METHODS) + "; 'all' for every one, "
-                             "'default' for every one except the compiled ones off CUDA (dense_static_compiled, "
-                             "streaming_compiled: a compilation per cache size)")
+                             "'default' for every one except the compiled ones off CUDA (" + ", ".join(COMPILED_METHODS)
+                             + ": a compilation per cache size; *_frozen: compiled with inductor freezing, the "
+                             "weights folded into the graph)")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds per cache size (default 5)")
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per method per round (default 6)")
     parser.add_argument("--stream-tokens", type=int, default=0,
@@ -77,7 +78,8 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                              "--cache-sizes that is <= 1024) and record latency and memory along the way (default 0 = skip)")
     parser.add_argument("--decode-attention", default="auto",
                         choices=("auto", *DECODE_ATTENTION),
-                        help="attention kernel formulation of the static decode step (streaming_static/_compiled; "
+                        help="attention kernel formulation of the static decode step (streaming_static, "
+                             "streaming_compiled[_frozen]; "
                              "see streaming_llm.fast.decode_attention; default auto: gqa on CUDA, grouped elsewhere)")
     parser.add_argument("--profile", action="store_true",
                         help="profile 10 decode steps of our cache (pos_shift and rerotate) at the cache size nearest 1024: "
@@ -266,7 +268,8 @@ def format_table(rows: list[dict]) -> str:
                  for name in ("dense_static", "dense_static_compiled")}
     baselines = {name: values for name, values in baselines.items() if values}
     labels = {"dense_static": "vs static", "dense_static_compiled": "vs compiled"}
-    header = f"{'method':<22}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}"
+    width = max([22, *(len(r["method"]) + 2 for r in rows)])
+    header = f"{'method':<{width}}{'capacity':>9}{'median ms':>11}{'p10':>9}{'p90':>9}"
     with_peak = any(r.get("step_peak_bytes") is not None for r in rows)
     with_device = any(r.get("device_ms") is not None for r in rows)
     lines = [header + "".join(f"{labels[name]:>13}" for name in baselines) + f"{'cache MiB':>11}"
@@ -276,7 +279,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['median_ms'] / values[r['capacity']]:>12.2f}x" if r["capacity"] in values else f"{'':>13}"
             for values in baselines.values()
         )
-        lines.append(f"{r['method']:<22}{r['capacity']:>9}{r['median_ms']:>11.2f}{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+        lines.append(f"{r['method']:<{width}}{r['capacity']:>9}{r['median_ms']:>11.2f}{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}"
                      f"{ratios}{r['cache_bytes'] / 2**20:>11.1f}"
                      + (f"{(r.get('step_peak_bytes') or 0) / 2**20:>10.1f}" if with_peak else "")
                      + (f"{r.get('device_ms') or float('nan'):>11.2f}" if with_device else ""))

@@ -171,6 +171,21 @@ class DenseStaticCompiledDecoder(DenseStaticDecoder):
                      position_ids=self.position[None])
 
 
+class DenseStaticFrozenDecoder(DenseStaticCompiledDecoder):
+    """The compiled StaticCache step with inductor freezing (fast.frozen): the weights are constants of the graph,
+    the projections that read the same input one matmul each; the dense counterpart of streaming_compiled_frozen."""
+
+    name = "dense_static_compiled_frozen"
+
+    def prepare(self):
+        from streaming_llm.fast import frozen, own_code
+
+        DenseStaticDecoder.prepare(self)
+        # On a code object of its own: torch.compile keeps compiled graphs per code object, and its guards do not
+        # cover inductor's config, so model.forward compiled once (dense_static_compiled) would be reused unfrozen.
+        self.forward = frozen(torch.compile(own_code(self.model.forward), mode="reduce-overhead", fullgraph=True))
+
+
 class DenseDynamicDecoder(DenseStaticDecoder):
     """A DynamicCache of `capacity` tokens, cropped back after every step (so the length is constant)."""
 
@@ -223,19 +238,22 @@ class StreamingDecoder(Decoder):
 
 
 class FastStreamingDecoder(Decoder):
-    """FastStreamingWrapper's static decode step (pos_shift): eager ("streaming_static") or compiled with
-    CUDA graphs ("streaming_compiled")."""
+    """FastStreamingWrapper's static decode step (pos_shift): eager ("streaming_static"), compiled with CUDA graphs
+    ("streaming_compiled"), and so with its weights frozen into the graph ("streaming_compiled_frozen")."""
 
-    def __init__(self, model, n_sink, capacity, compile: str, decode_attention: str = "auto"):
+    def __init__(self, model, n_sink, capacity, compile: str, decode_attention: str = "auto",
+                 freeze_weights: bool = False):
         super().__init__(model, n_sink, capacity)
-        self.compile, self.decode_attention = compile, decode_attention
-        self.name = "streaming_compiled" if compile == "always" else "streaming_static"
+        self.compile, self.decode_attention, self.freeze_weights = compile, decode_attention, freeze_weights
+        self.name = ("streaming_static" if compile == "never" else
+                     "streaming_compiled_frozen" if freeze_weights else "streaming_compiled")
 
     def prepare(self):
         from streaming_llm.fast import FastStreamingWrapper
 
         self.wrapper = FastStreamingWrapper(self.model, self.n_sink, self.capacity - self.n_sink, "pos_shift",
-                                            compile=self.compile, decode_attention=self.decode_attention)
+                                            compile=self.compile, decode_attention=self.decode_attention,
+                                            freeze_weights=self.freeze_weights)
         self.wrapper(_random_ids(self.model, 2 * self.capacity, self.device))
 
     def step(self):
@@ -294,9 +312,12 @@ def make_decoder(method: str, model: nn.Module, n_sink: int, capacity: int, deco
         return DenseStaticDecoder(model, n_sink, capacity)
     if method == "dense_static_compiled":
         return DenseStaticCompiledDecoder(model, n_sink, capacity)
-    if method in ("streaming_static", "streaming_compiled"):
+    if method == "dense_static_compiled_frozen":
+        return DenseStaticFrozenDecoder(model, n_sink, capacity)
+    if method in ("streaming_static", "streaming_compiled", "streaming_compiled_frozen"):
         compile = "never" if method == "streaming_static" else "always"
-        return FastStreamingDecoder(model, n_sink, capacity, compile, decode_attention)
+        return FastStreamingDecoder(model, n_sink, capacity, compile, decode_attention,
+                                    freeze_weights=method == "streaming_compiled_frozen")
     if method == "dense_dynamic":
         return DenseDynamicDecoder(model, n_sink, capacity)
     if method.startswith("streaming_"):
