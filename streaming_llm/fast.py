@@ -252,8 +252,11 @@ class TreesStep:
 
 # Inductor's freezing: the weights (and every other tensor the step reads but never writes that dynamo takes for
 # static) become constants of the compiled graph, folded at compile time; its patterns then concatenate matmuls that
-# read the same input (q/k/v, gate/up) into one each. Off CUDA that concatenation is off by default: turned on.
-FREEZING = {"freezing": True, "cpp.enable_concat_linear": True}
+# read the same input (q/k/v, gate/up) into one each. Off CUDA that concatenation is off by default: turned on where
+# this torch has the switch.
+FREEZING = {"freezing": True}
+if hasattr(torch._inductor.config.cpp, "enable_concat_linear"):
+    FREEZING["cpp.enable_concat_linear"] = True
 
 
 def frozen(function):
