@@ -24,6 +24,7 @@ once per ~capacity tokens for pos_shift, every step for rerotate, never for abso
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 import warnings
@@ -444,6 +445,18 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     @cache.setter
     def cache(self, cache: StreamingKVCache) -> None:
         self._cache = cache
+
+    def __deepcopy__(self, memo):
+        """A copy (model, buffers, stream) that compiles steps of its own: a compiled step works on the buffers it was
+        traced with, so the copy's steps ran the original's step on the original's buffers (and a captured CUDA graph
+        cannot be copied)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy({name: value for name, value in self.__dict__.items() if name != "_compiled"},
+                                             memo))
+        copied._compiled = {}
+        copied._use_buffers()
+        return copied
 
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers)."""

@@ -347,6 +347,25 @@ def test_a_copy_goes_on_as_the_original(llama_model):
     assert torch.equal(torch.cat([copied(token) for token in steps], 1), torch.cat([fast(token) for token in steps], 1))
 
 
+@pytest.mark.parametrize("freeze_weights", [False, True])
+def test_a_copy_of_a_compiled_wrapper_compiles_its_own_steps(llama_model, freeze_weights):
+    """copy.deepcopy of a compiled wrapper mid-stream: the copy's compiled steps were the original's, traced on the
+    original's buffers, so the copy's logits were off by up to 9.2 and its steps wrote into the original's stream. Now
+    each goes on as the general path does, the copy first, then the original."""
+    input_ids = random_ids(40, seed=60)
+    fast = make_fast(llama_model, compile="always", freeze_weights=freeze_weights)
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    for wrapper in (fast, general):
+        for position in range(25):
+            wrapper(input_ids[None, position : position + 1])
+    copied = copy.deepcopy(fast)
+    steps = [input_ids[None, i : i + 1] for i in range(25, 40)]
+    expected = torch.cat([general(token) for token in steps], 1)
+    assert max_abs_diff(torch.cat([copied(token) for token in steps], 1), expected) <= TOLERANCE
+    assert max_abs_diff(torch.cat([fast(token) for token in steps], 1), expected) <= TOLERANCE
+    assert copied.step_kind == "compiled" and list(copied._compiled) == [False]  # its own full step, compiled
+
+
 def test_auto_decode_attention_is_resolved_per_device():
     assert fast_module.resolve_decode_attention("auto", "cuda:0") == "gqa"
     assert fast_module.resolve_decode_attention("auto", "cpu") == "grouped"
