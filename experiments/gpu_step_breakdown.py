@@ -73,6 +73,9 @@ def main() -> int:
                         help="default bfloat16")
     parser.add_argument("--decode-attention", default="grouped",
                         help=f"comma-separated formulations of our step, from: {', '.join(DECODE_ATTENTION)} (default grouped)")
+    parser.add_argument("--freeze-weights", action="store_true",
+                        help="also break down our step compiled with inductor freezing (streaming_compiled_frozen, "
+                             "each formulation; CUDA only)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per method (default 15)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
@@ -85,6 +88,8 @@ def main() -> int:
     args.device = require_cuda(args.device)  # auto: cuda where there is one
     output = measurement_output(parser, args.output)  # ~ expanded; checked before the run
     device = torch.device(args.device)
+    if args.freeze_weights and device.type != "cuda":
+        raise ValueError("--freeze-weights needs --device cuda: off CUDA this script runs the steps uncompiled")
     variants = [v for v in args.decode_attention.split(",") if v]
     unknown = [v for v in variants if v not in DECODE_ATTENTION]
     if unknown:
@@ -97,6 +102,9 @@ def main() -> int:
     for variant in variants:
         method = "streaming_compiled" if compile_mode == "always" else "streaming_static"
         decoders.append((f"{method}[{variant}]", make_decoder(method, model, args.n_sink, args.capacity, variant)))
+        if args.freeze_weights:
+            decoders.append((f"streaming_compiled_frozen[{variant}]",
+                             make_decoder("streaming_compiled_frozen", model, args.n_sink, args.capacity, variant)))
     report = {"shape": args.shape, "capacity": args.capacity, "dtype": args.dtype,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "methods": {}}
     for name, decoder in decoders:

@@ -262,6 +262,8 @@ SMALL_BREAKDOWN = ["--device", "cpu", "--shape", "pythia-70m", "--dtype", "float
     ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--capacity", "0"], "--capacity must exceed --n-sink (4); got 0"),
     ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--capacity", "4"], "--capacity must exceed --n-sink (4); got 4"),
     ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--steps", "0"], "--steps and --top must be >= 1; got --steps 0, --top 15"),
+    ("gpu_step_breakdown.py", [*SMALL_BREAKDOWN, "--freeze-weights"],
+     "--freeze-weights needs --device cuda: off CUDA this script runs the steps uncompiled"),
     ("check_fast_path.py", ["--device", "cpu", "--layers", "0"],
      "--layers and --prompt must be >= 1 and --tokens at least --prompt; got --layers 0, --prompt 16, --tokens 400"),
     ("check_fast_path.py", ["--device", "cpu", "--layers", "1", "--tokens", "3", "--prompt", "4"],
