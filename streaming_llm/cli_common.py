@@ -182,7 +182,8 @@ def wrapper_from_args(args: argparse.Namespace):
     if args.streaming_mode == "ours" and (compile_choice == "always" or (compile_choice == "auto" and on_cuda)):
         from streaming_llm.fast import FastStreamingWrapper
 
-        return FastStreamingWrapper(model, compile="always", **options), tokenizer
+        # "auto" stays the wrapper's choice: it compiles no mixture of experts (fast.compiles_step)
+        return FastStreamingWrapper(model, compile=compile_choice, **options), tokenizer
     return StreamingLLMWrapper(model, streaming_mode=args.streaming_mode, **options), tokenizer
 
 

@@ -225,6 +225,30 @@ def test_the_compile_option_picks_the_wrapper(monkeypatch, compile_choice, strea
     assert getattr(wrapper, "step_kind", "compiled") == "compiled"  # "always" on CPU: inductor, no CUDA graph
 
 
+@pytest.mark.parametrize("config_name, compiled", [("LlamaConfig", True), ("MixtralConfig", False)])
+def test_compile_auto_on_cuda_compiles_the_step_where_the_wrapper_would(monkeypatch, config_name, compiled):
+    """--compile auto (the default) on a CUDA device made FastStreamingWrapper(compile="always"), so a mixture of experts
+    had its step compiled, which the wrapper's own "auto" never does (not verified; in float32 transformers' grouped
+    expert matmul fails to trace). The CLI's auto is now the wrapper's."""
+    import argparse
+    from types import SimpleNamespace
+
+    import torch
+    import transformers
+
+    from streaming_llm import cli_common, fast
+    from streaming_llm.fast import compiles_step
+
+    config = getattr(transformers, config_name)()
+    model = SimpleNamespace(config=config, parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda"))]))
+    made = {}
+    monkeypatch.setattr(cli_common, "load_from_args", lambda args: (model, None))
+    monkeypatch.setattr(fast, "FastStreamingWrapper", lambda model, **options: made.update(options) or "fast")
+    args = argparse.Namespace(compile="auto", streaming_mode="ours", n_sink=2, window_size=8, position_mode="pos_shift")
+    assert cli_common.wrapper_from_args(args)[0] == "fast"
+    assert compiles_step(made["compile"], "cuda", config) is compiled
+
+
 def test_generate_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     argv = ["generate", "--model", str(model_dir), "-p", "x", "--max-new-tokens", "20", "--ignore-eos", "--json", "--temperature", "1.0"]
     texts = [json.loads(run_main(capsys, *argv, "--seed", str(seed))[1])["text"] for seed in (1, 1, 2)]
