@@ -449,13 +449,14 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def __deepcopy__(self, memo):
         """A copy (model, buffers, stream) that compiles steps of its own: a compiled step works on the buffers it was
         traced with, so the copy's steps ran the original's step on the original's buffers (and a captured CUDA graph
-        cannot be copied)."""
+        cannot be copied). The copy's cache holds the copy (deepcopy keeps a weak reference as it is)."""
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__dict__.update(copy.deepcopy({name: value for name, value in self.__dict__.items() if name != "_compiled"},
                                              memo))
         copied._compiled = {}
         copied._use_buffers()
+        copied._cache._wrapper = weakref.ref(copied)
         return copied
 
     def reset(self, batch_size: int | None = None) -> None:

@@ -366,6 +366,19 @@ def test_a_copy_of_a_compiled_wrapper_compiles_its_own_steps(llama_model, freeze
     assert copied.step_kind == "compiled" and list(copied._compiled) == [False]  # its own full step, compiled
 
 
+def test_a_copy_of_a_fresh_wrapper_takes_the_batch_size_its_cache_is_given(llama_model):
+    """copy.deepcopy of a fresh wrapper: the copy's cache held the original wrapper (deepcopy keeps a weak reference as
+    it is), so model.generate(batch of 2, past_key_values=copy.cache) was refused ("this cache holds a batch of 1
+    streams"), where the original's cache takes it. The copy's cache holds the copy now."""
+    prompts, ones = random_ids(10, seed=61, batch=2), torch.ones(2, 10, dtype=torch.long)
+    generated = []
+    for wrapper in (copy.deepcopy(make_fast(llama_model)), make_fast(llama_model)):
+        generated.append(wrapper.model.generate(prompts, attention_mask=ones, past_key_values=wrapper.cache,
+                                                max_new_tokens=4, do_sample=False))
+        assert wrapper.keys[0].shape[0] == 2 and wrapper.tokens_seen == 13
+    assert torch.equal(*generated)
+
+
 def test_auto_decode_attention_is_resolved_per_device():
     assert fast_module.resolve_decode_attention("auto", "cuda:0") == "gqa"
     assert fast_module.resolve_decode_attention("auto", "cpu") == "grouped"
