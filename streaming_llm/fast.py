@@ -446,6 +446,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def cache(self, cache: StreamingKVCache) -> None:
         self._cache = cache
 
+    @property
+    def current_cache(self) -> StreamingKVCache:
+        return self._cache
+
     def __deepcopy__(self, memo):
         """A copy (model, buffers, stream) that compiles steps of its own: a compiled step works on the buffers it was
         traced with, so the copy's steps ran the original's step on the original's buffers (and a captured CUDA graph

@@ -52,6 +52,12 @@ class StreamingLLMWrapper:
     def tokens_seen(self) -> int:
         return self.cache.get_seq_length()
 
+    @property
+    def current_cache(self) -> StreamingKVCache:
+        """The current stream's cache object as it is (FastStreamingWrapper's `cache` first brings every layer up to
+        date, a few tensor operations per layer). reset() replaces it, so it tells one stream from the next."""
+        return self.cache
+
     def reset(self) -> None:
         """Forget the stream: the next call starts at stream position 0."""
         self.cache = self._new_cache()
