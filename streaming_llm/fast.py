@@ -298,7 +298,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     (`GraphedStep`) when the model is on a CUDA device and is no mixture of experts (whose compiled step is not
     verified: transformers' grouped expert matmul traces in bf16 only), and runs it eagerly elsewhere; "always"
     compiles on any device (captured on CUDA); "never" runs it eagerly. `step_kind` says which. decode_attention:
-    see `decode_attention`; "auto" picks the formulation measured fastest on the device type.
+    see `decode_attention`; "auto" picks the formulation measured fastest on the device type. freeze_weights: compile
+    the step for a full buffer with inductor freezing (`frozen`), so that the projections which read the same input
+    (q/k/v, gate/up) run as one matmul each. That step then holds the weights as they were at its first call (later
+    changes to them are not seen, nor refused: make a new wrapper) and a concatenated copy of those projections'
+    weights (about 2/3 of a Llama's parameters, once more on the device), which torch's cache of compiled code keeps
+    for the life of the process, after the wrapper is gone (torch 2.13, CPU). Ignored where the step is not compiled.
     Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
     `step(token_ids)` is the hot path for loops that produce their own tokens ([batch, 1] on the model's device):
     of its input it checks the batch size only (a new stream takes it, a stream under way refuses another); calling
@@ -541,21 +546,23 @@ class FastStreamingWrapper(StreamingLLMWrapper):
                 function = own_code(function)
             if self.step_kind == "cuda_graph":
                 try:
-                    function = GraphedStep(self._compile(function, fullgraph=True), token_ids)
+                    function = GraphedStep(self._compile(function, filling, fullgraph=True), token_ids)
                 except RuntimeError as error:  # a capture this torch/driver refuses: torch.compile's own graphs
                     warnings.warn(f"capturing the decode step in a CUDA graph failed ({error}); using "
                                   "torch.compile(mode='reduce-overhead') instead", RuntimeWarning, stacklevel=3)
                     self.step_kind = "cuda_graph_trees"
             if self.step_kind == "cuda_graph_trees":
-                function = TreesStep(self._compile(function, mode="reduce-overhead", fullgraph=True))
+                function = TreesStep(self._compile(function, filling, mode="reduce-overhead", fullgraph=True))
             elif self.step_kind == "compiled":
-                function = self._compile(function, fullgraph=True)
+                function = self._compile(function, filling, fullgraph=True)
             self._compiled[filling] = function
         return self._compiled[filling]
 
-    def _compile(self, function, **options):
+    def _compile(self, function, filling: bool, **options):
+        """torch.compile; frozen (freeze_weights) for the full buffer's step only: each frozen graph holds its own
+        concatenated weights, and the filling step serves only the first window_size tokens of a stream."""
         compiled = torch.compile(function, **options)
-        return frozen(compiled) if self.freeze_weights else compiled
+        return frozen(compiled) if self.freeze_weights and not filling else compiled
 
     def _static_step_filling(self, token_ids: torch.Tensor) -> torch.Tensor:
         slots = torch.arange(self.n_sink + self.window_size + 1, device=self.step_position.device)
