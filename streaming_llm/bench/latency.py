@@ -161,8 +161,13 @@ class DenseStaticCompiledDecoder(DenseStaticDecoder):
     name = "dense_static_compiled"
 
     def prepare(self):
+        from streaming_llm.fast import own_code
+
         super().prepare()
-        self.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        # On a code object of its own, as FastStreamingWrapper compiles its step: torch.compile keeps compiled graphs
+        # per code object, and its guards do not cover inductor's config, so a model.forward compiled before (by
+        # another decoder, frozen or not) would be reused as it was compiled.
+        self.forward = torch.compile(own_code(self.model.forward), mode="reduce-overhead", fullgraph=True)
 
     @torch.no_grad()
     def step(self):
@@ -178,12 +183,10 @@ class DenseStaticFrozenDecoder(DenseStaticCompiledDecoder):
     name = "dense_static_compiled_frozen"
 
     def prepare(self):
-        from streaming_llm.fast import frozen, own_code
+        from streaming_llm.fast import frozen
 
-        DenseStaticDecoder.prepare(self)
-        # On a code object of its own: torch.compile keeps compiled graphs per code object, and its guards do not
-        # cover inductor's config, so model.forward compiled once (dense_static_compiled) would be reused unfrozen.
-        self.forward = frozen(torch.compile(own_code(self.model.forward), mode="reduce-overhead", fullgraph=True))
+        super().prepare()
+        self.forward = frozen(self.forward)  # compiled at its first call, under freezing
 
 
 class DenseDynamicDecoder(DenseStaticDecoder):
