@@ -37,8 +37,7 @@ from streaming_llm.cli_common import (
     utf8_stdio,
     wrapper_from_args,
 )
-from streaming_llm.eval.results import atomic_write
-from streaming_llm.fast import COMPILE_CHOICES
+from streaming_llm.choices import COMPILE_CHOICES
 
 PROG = "streaming-llm"
 # Subcommands owned by other packages: module with `register(subparsers, common_parent)`.
@@ -460,6 +459,8 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
 
 def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:
     """Write all records or nothing (a temporary file in the same folder, renamed when complete)."""
+    from streaming_llm.eval.results import atomic_write
+
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 

@@ -1,7 +1,7 @@
 """The `streaming-llm` console script: the command line (streaming_llm.cli) imported inside the interrupt guard.
 
-Importing the CLI loads torch and transformers (seconds); a Ctrl-C meanwhile exits with status 130 like a
-Ctrl-C during the command itself, without a traceback.
+Importing the CLI is light (a command loads torch and transformers when it runs, inside the CLI's own Ctrl-C handling);
+a Ctrl-C while it imports all the same exits with status 130 like a Ctrl-C during the command, without a traceback.
 """
 
 import sys

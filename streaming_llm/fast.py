@@ -38,13 +38,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
                                  written_outside_inference_mode)
 from streaming_llm.checks import check_int
+from streaming_llm.choices import COMPILE_CHOICES, DECODE_ATTENTION
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
 STATIC_ATTN_IMPLEMENTATION = "streaming_llm_static"
-COMPILE_CHOICES = ("auto", "always", "never")
-DECODE_ATTENTION = ("grouped", "gqa", "expanded_masked", "matmul")
 
 
 def resolve_decode_attention(variant: str, device: torch.device | str) -> str:

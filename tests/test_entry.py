@@ -1,6 +1,6 @@
 """The package's import cost and the console script's first seconds: `import streaming_llm` loads neither torch
 nor transformers (the public names come on first use), and a Ctrl-C while the command line is still importing
-them exits with status 130 and no traceback."""
+them exits with status 130 and no traceback. `--help` and usage errors answer without loading torch either."""
 
 from __future__ import annotations
 
@@ -20,6 +20,23 @@ def test_import_is_light_and_every_public_name_resolves():
     for name in streaming_llm.__all__:
         assert getattr(streaming_llm, name) is not None
     assert set(streaming_llm.__all__) <= set(dir(streaming_llm))
+
+
+def test_help_of_every_command_answers_without_torch():
+    """The parser is built from names only (streaming_llm.choices, the method tables), so `streaming-llm --help`
+    answers at once, not after the seconds torch and transformers take to import."""
+    probe = (
+        "import contextlib, io, sys\n"
+        "from streaming_llm.cli import build_parser, main\n"
+        "commands = list(build_parser().parse_args([]).command_names)\n"
+        "for argv in [['--help'], ['--version']] + [[command, '--help'] for command in commands]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        assert main(argv) == 0 and out.getvalue(), argv\n"
+        "print(len(commands), sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split(" ", 1) == ["6", "[]\n"], loaded.stdout
 
 
 def test_ctrl_c_while_the_command_line_imports_is_a_quiet_exit_130():

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from streaming_llm.bench import COMPILED_METHODS, METHODS
-from streaming_llm.fast import DECODE_ATTENTION
+from streaming_llm.choices import DECODE_ATTENTION
 
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
 

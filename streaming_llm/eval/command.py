@@ -14,7 +14,6 @@ from importlib import import_module
 from pathlib import Path
 
 from streaming_llm.eval.methods import DEFAULT_METHODS, METHODS, get_methods
-from streaming_llm.models import UnsupportedModelError
 
 DEFAULT_NUM_TOKENS = 4096
 DEFAULT_BLOCK_SIZE = 256
@@ -170,7 +169,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from streaming_llm.eval.harness import run_method, run_recompute_sample
     from streaming_llm.eval.results import prepare_output_dir
     from streaming_llm.loading import load_model
-    from streaming_llm.models import check_capacity
+    from streaming_llm.models import UnsupportedModelError, check_capacity
 
     _positive("num-tokens", args.num_tokens, 2)
     _positive("block-size", args.block_size)

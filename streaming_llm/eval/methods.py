@@ -16,9 +16,10 @@ the same capacity without sinks (n_sink=0, window C), `recompute` re-encodes the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 FEEDS = ("exact", "decode", "batched")
 
