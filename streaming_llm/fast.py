@@ -290,13 +290,27 @@ def compiles_step(compile: str, device_type: str, config) -> bool:
     return compile == "always" or (compile == "auto" and device_type == "cuda" and not is_mixture_of_experts(config))
 
 
+def check_compilable(model: nn.Module) -> None:
+    """ValueError where torch.compile is known not to trace the step of this model: transformers' grouped_mm experts
+    (the default experts of its mixtures of experts) trace in bfloat16 only (torch's grouped matmul has no other dtype
+    in its tracing rule), while its batched_mm experts trace in any dtype."""
+    config = model.config.get_text_config()
+    dtype = next(model.parameters()).dtype
+    if (is_mixture_of_experts(config) and getattr(config, "_experts_implementation", None) == "grouped_mm"
+            and dtype != torch.bfloat16):
+        raise ValueError(f"compile='always' cannot compile this mixture of experts in {str(dtype).removeprefix('torch.')}: "
+                         "its experts are transformers' grouped_mm, which compiles in bfloat16 only. Load the model in "
+                         "bfloat16, or call model.set_experts_implementation('batched_mm') first (any dtype), or run the "
+                         "step eagerly (compile='never')")
+
+
 class FastStreamingWrapper(StreamingLLMWrapper):
     """A StreamingLLMWrapper whose one-token steps run the static decode step, compiled on CUDA.
 
     compile: "auto" compiles the step with `torch.compile(fullgraph=True)` and captures it in a CUDA graph
     (`GraphedStep`) when the model is on a CUDA device and is no mixture of experts (whose compiled step is not
-    verified: transformers' grouped expert matmul traces in bf16 only), and runs it eagerly elsewhere; "always"
-    compiles on any device (captured on CUDA); "never" runs it eagerly. `step_kind` says which. decode_attention:
+    verified on a GPU), and runs it eagerly elsewhere; "always" compiles on any device (captured on CUDA), and refuses
+    a mixture of experts whose experts do not trace in its dtype (`check_compilable`); "never" runs it eagerly. `step_kind` says which. decode_attention:
     see `decode_attention`; "auto" picks the formulation measured fastest on the device type. freeze_weights: compile
     the step for a full buffer with inductor freezing (`frozen`), so that the projections which read the same input
     (q/k/v, gate/up) run as one matmul each. That step then holds the weights as they were at its first call (later
@@ -318,6 +332,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             raise ValueError(f"freeze_weights must be True or False; got {freeze_weights!r}")
         self.freeze_weights = freeze_weights  # read by _use_buffers, which the first reset() calls
         self.device = next(model.parameters()).device
+        if compiles_step(compile, self.device.type, model.config):
+            check_compilable(model)  # before the model is prepared: a refused model is left as it was
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
         super().__init__(model, n_sink, window_size, position_mode, "ours", max_block)
         # The RoPEs the layers use (one for most models), each rotating the sinks once per step in _static_step.
