@@ -8,7 +8,7 @@ from torch import nn
 from streaming_llm.attention import prepare_model
 from streaming_llm.cache import StreamingKVCache, validate_config
 from streaming_llm.checks import check_int, is_integer_tensor
-from streaming_llm.models import check_capacity, describe
+from streaming_llm.models import adapter_for, check_capacity, describe
 
 
 class StreamingLLMWrapper:
@@ -36,7 +36,7 @@ class StreamingLLMWrapper:
         self.architecture = describe(model)
         check_capacity(model.config, n_sink + window_size)
         self.model = prepare_model(model)
-        self._made_for = self._placement()
+        self._made_for, self._frequencies = self._placement(), self._rope_frequencies()
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self.cache = self._new_cache()
@@ -66,14 +66,29 @@ class StreamingLLMWrapper:
         """What the wrapper took from the model when it was made: its RoPE frequencies, in the model's dtype."""
         return (next(self.model.parameters()).dtype,)
 
+    def _rope_frequencies(self) -> tuple[torch.Tensor, ...]:
+        """The model's RoPE frequency tensors as they are now (inv_freq; Gemma 3's one per layer type): the objects
+        themselves, which a cast replaces (and a model whose dtype and device are unchanged keeps)."""
+        rotary_embedding = adapter_for(self.model.config).rotary_embedding(self.model)
+        return tuple(tensor for name, tensor in rotary_embedding.named_buffers(recurse=False) if name.endswith("inv_freq"))
+
     def _check_model_unchanged(self) -> None:
         """A model cast (model.half(), .to(torch.bfloat16)) after the wrapper was made casts its RoPE frequencies too,
-        which the wrapper had taken before: refused, rather than streamed with frequencies the model no longer has."""
+        which the wrapper had taken before: refused, rather than streamed with frequencies the model no longer has.
+        So is a cast back (model.half().float()): the dtype is the same again, but the frequencies were rounded (the
+        wrapper streamed on with the old ones, ~1e-3 off a new wrapper's logits on a tiny model, and the fast step
+        rotated the sinks with the old ones and the new token with the new ones)."""
         placement = self._placement()
         if placement != self._made_for:
             made, now = (" on ".join(map(str, state)) for state in (self._made_for, placement))
             raise ValueError(f"the model was cast or moved after this wrapper was made ({made}, now {now}); the "
                              "wrapper took its RoPE frequencies (and its buffers) then: make a new wrapper for it")
+        frequencies = self._rope_frequencies()
+        if len(frequencies) != len(self._frequencies) or any(
+                now is not made for now, made in zip(frequencies, self._frequencies)):
+            raise ValueError("the model's RoPE frequencies were replaced after this wrapper was made (a cast does, even "
+                             "one cast back: model.half().float() rounds them); the wrapper took them then: make a new "
+                             "wrapper for it")
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:

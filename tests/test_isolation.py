@@ -64,3 +64,29 @@ def test_a_model_cast_after_the_wrapper_was_made_is_refused_in_one_line(llama_mo
             wrapper.step(input_ids[:, :1])
     fresh = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
     assert fresh(input_ids).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("wrapper_class", [StreamingLLMWrapper, FastStreamingWrapper])
+def test_a_model_cast_and_cast_back_after_the_wrapper_was_made_is_refused(llama_model, wrapper_class):
+    """model.half().float() leaves the dtype as it was but rounds the model's RoPE frequencies (new tensors): the
+    plain wrapper streamed on with the ones it had taken (1e-3 off a new wrapper's logits here), the fast one rotated
+    the sinks with those and the new token with the model's. Refused now; a cast to the dtype the model already has
+    (no new tensors) is not."""
+    model = copy.deepcopy(llama_model)
+    kwargs = {"compile": "never"} if wrapper_class is FastStreamingWrapper else {}
+    wrapper = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
+    input_ids = random_ids(10, seed=3)[None]
+    wrapper(input_ids)
+    model.float().to("cpu")  # no change: same tensors
+    wrapper(input_ids[:, :1])
+    model.half().float()
+    for feed in (lambda: wrapper(input_ids[:, :1]), lambda: wrapper.reset() or wrapper(input_ids)):
+        with pytest.raises(ValueError, match=r"RoPE frequencies were replaced after this wrapper was made .*make a new "
+                                             r"wrapper"):
+            feed()
+    if wrapper_class is FastStreamingWrapper:
+        with pytest.raises(ValueError, match="RoPE frequencies were replaced"):
+            wrapper.step(input_ids[:, :1])
+    fresh = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
+    within = input_ids[:, :8]  # no more than the cache holds: the model's own logits, with its (rounded) RoPE
+    assert torch.allclose(fresh(within), model(within).logits, atol=1e-4)
