@@ -77,7 +77,8 @@ class StreamingLLMWrapper:
         which the wrapper had taken before: refused, rather than streamed with frequencies the model no longer has.
         So is a cast back (model.half().float()): the dtype is the same again, but the frequencies were rounded (the
         wrapper streamed on with the old ones, ~1e-3 off a new wrapper's logits on a tiny model, and the fast step
-        rotated the sinks with the old ones and the new token with the new ones)."""
+        rotated the sinks with the old ones and the new token with the new ones). And a model that would drop the
+        cache (gradient checkpointing in training mode)."""
         placement = self._placement()
         if placement != self._made_for:
             made, now = (" on ".join(map(str, state)) for state in (self._made_for, placement))
@@ -89,6 +90,12 @@ class StreamingLLMWrapper:
             raise ValueError("the model's RoPE frequencies were replaced after this wrapper was made (a cast does, even "
                              "one cast back: model.half().float() rounds them); the wrapper took them then: make a new "
                              "wrapper for it")
+        # A model left in training mode with gradient checkpointing on (as after fine-tuning): transformers' layers then
+        # drop every cache, so each token was attended alone, silently (logits off by ~8 on the tiny Llama, nothing
+        # kept). Looked for only in training mode: model.training is one attribute, the layers' flags a walk.
+        if self.model.training and getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError("the model is in training mode with gradient checkpointing on, in which transformers drops "
+                             "every cache: call model.eval() (or model.gradient_checkpointing_disable()) to stream")
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:

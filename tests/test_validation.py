@@ -741,3 +741,32 @@ def test_generation_names_a_tokenizer_wrapper_or_user_text_of_the_wrong_type(lla
         prompt_token_ids(tokenizer("hi"))
     with pytest.raises(ValueError, match="^prompt_ids must be a list or a tensor of token ids, got None$"):
         prompt_token_ids(None)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_model_in_training_mode_with_gradient_checkpointing_is_refused(model, fast):
+    """A model left in training mode with gradient checkpointing on (as after fine-tuning): transformers' layers drop
+    every cache then, so each token was attended alone, silently (logits off by ~8, tokens_seen 0). Refused before
+    anything is fed: after model.eval() the stream goes on as if nothing had happened."""
+    import copy
+
+    import torch
+    from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
+
+    from tiny_models import random_ids
+
+    input_ids = random_ids(16, seed=5)[None]
+    expected = make_wrapper(model, 2, 6)(input_ids)
+    changed = copy.deepcopy(model)
+    wrapper = (FastStreamingWrapper(changed, 2, 6, compile="never") if fast else StreamingLLMWrapper(changed, 2, 6))
+    first = wrapper(input_ids[:, :8])
+    changed.gradient_checkpointing_enable()
+    changed.train()
+    feeds = [lambda: wrapper(input_ids[:, 8:9])] + ([lambda: wrapper.step(input_ids[:, 8:9])] if fast else [])
+    for feed in feeds:
+        with pytest.raises(ValueError, match="training mode with gradient checkpointing on.*call model.eval()"):
+            feed()
+    assert wrapper.tokens_seen == 8
+    changed.eval()
+    rest = torch.cat([wrapper(input_ids[:, i : i + 1]) for i in range(8, 16)], dim=1)
+    assert max_abs_diff(torch.cat([first, rest], dim=1), expected) <= 1e-4
