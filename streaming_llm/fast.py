@@ -285,6 +285,25 @@ def own_code(function):
     return own if bound is None else types.MethodType(own, bound)
 
 
+# How many parameters modules of this process have registered (`module.weight = Parameter(...)`,
+# `load_state_dict(..., assign=True)`, the new embedding of `resize_token_embeddings`): a step compiled or captured on a
+# model's parameters compares it at every step, an integer, and looks at the parameters themselves only when it moved.
+_registered_parameters = 0
+
+
+def _count_registration(module: nn.Module, name: str, parameter) -> None:
+    global _registered_parameters
+    _registered_parameters += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def parameter_signature(model: nn.Module) -> tuple:
+    """Which tensors, at which addresses, a model's parameters are: what a captured CUDA graph reads."""
+    return tuple((id(parameter), parameter.data_ptr()) for parameter in model.parameters())
+
+
 def compiles_step(compile: str, device_type: str, config) -> bool:
     """Whether FastStreamingWrapper(compile=...) compiles the step of this model on this device type."""
     return compile == "always" or (compile == "auto" and device_type == "cuda" and not is_mixture_of_experts(config))
@@ -308,16 +327,19 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     """A StreamingLLMWrapper whose one-token steps run the static decode step, compiled on CUDA.
 
     compile: "auto" compiles the step with `torch.compile(fullgraph=True)` and captures it in a CUDA graph
-    (`GraphedStep`) when the model is on a CUDA device and is no mixture of experts (whose compiled step is not
-    verified on a GPU), and runs it eagerly elsewhere; "always" compiles on any device (captured on CUDA), and refuses
-    a mixture of experts whose experts do not trace in its dtype (`check_compilable`); "never" runs it eagerly. `step_kind` says which. decode_attention:
-    see `decode_attention`; "auto" picks the formulation measured fastest on the device type. freeze_weights: compile
-    the step for a full buffer with inductor freezing (`frozen`), so that the projections which read the same input
-    (q/k/v, gate/up) run as one matmul each. That step then holds the weights as they were at its first call (later
-    changes to them are not seen, nor refused: make a new wrapper) and a concatenated copy of those projections'
-    weights (about 2/3 of a Llama's parameters, once more on the device), which torch's cache of compiled code keeps
-    for the life of the process, after the wrapper is gone (torch 2.13, CPU). Ignored where the step is not compiled.
-    Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding.
+    (`GraphedStep`) when the model is on a CUDA device and is no mixture of experts (whose compiled step is not verified
+    on a GPU), and runs it eagerly elsewhere; "always" compiles on any device (captured on CUDA), and refuses a mixture
+    of experts whose experts do not trace in its dtype (`check_compilable`); "never" runs it eagerly. `step_kind` says
+    which. decode_attention: see `decode_attention`; "auto" picks the formulation measured fastest on the device type.
+    freeze_weights: compile the step for a full buffer with inductor freezing (`frozen`), so that the projections which
+    read the same input (q/k/v, gate/up) run as one matmul each. That step then holds the weights as they were when it
+    was built (edits in place are not seen, nor refused: make a new wrapper; replaced parameters build it again, see
+    below) and a concatenated copy of those projections' weights (about 2/3 of a Llama's parameters, once more on the
+    device), which torch's cache of compiled code keeps for the life of the process, after the wrapper is gone (torch
+    2.13, CPU). Ignored where the step is not compiled. Results equal StreamingLLMWrapper's (same positions, same kept
+    tokens) to rounding. A compiled or captured step is built again when the model's parameters become other tensors
+    (`load_state_dict(..., assign=True)`, a resized embedding; `parameter.data = ...` at the next reset()): a CUDA graph
+    reads the memory of its capture.
     `step(token_ids)` is the hot path for loops that produce their own tokens ([batch, 1] on the model's device):
     of its input it checks the batch size only (a new stream takes it, a stream under way refuses another); calling
     the wrapper validates its input as StreamingLLMWrapper does.
@@ -349,6 +371,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # "compiled" (off CUDA), "eager".
         self.step_kind = ("cuda_graph" if self.device.type == "cuda" else "compiled") if compiled else "eager"
         self._compiled: dict[bool, object] = {}
+        self._built_on, self._parameters_seen = (), _registered_parameters  # see _follow_parameters
 
     # -- storage shared by both paths -------------------------------------------------------------------------
     def _new_cache(self) -> StreamingKVCache:
@@ -484,10 +507,23 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return copied
 
     def reset(self, batch_size: int | None = None) -> None:
-        """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers)."""
+        """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers) or the model's
+        parameters are other tensors (`_follow_parameters`)."""
         if batch_size is not None:
             self._batch_size = check_int("batch_size", batch_size, 1)
         self.cache = self._new_cache()
+        if getattr(self, "_compiled", None):  # here also a parameter given new memory in place (`parameter.data = ...`)
+            self._follow_parameters()
+
+    def _follow_parameters(self) -> None:
+        """Drop the built steps if the model's parameters are no longer the tensors they were built on (replaced by
+        `load_state_dict(..., assign=True)`, a resized embedding): a step captured in a CUDA graph reads its
+        parameters at the addresses of its capture, so it would go on with the old weights, or with memory freed
+        since. The next step builds (compiles, captures) them again. A frozen step (freeze_weights) then freezes the
+        new weights; edits in place remain unseen by it."""
+        self._parameters_seen = _registered_parameters
+        if parameter_signature(self.model) != self._built_on:
+            self._compiled.clear()
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -535,6 +571,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = STATIC_ATTN_IMPLEMENTATION
+        if self._parameters_seen != _registered_parameters and self._compiled:
+            self._follow_parameters()
         try:
             logits = self._step_function(filling, token_ids)(token_ids)
         finally:
@@ -556,6 +594,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def _step_function(self, filling: bool, token_ids: torch.Tensor):
         """The step for a filling or a full buffer: eager, compiled, or compiled and captured in a CUDA graph."""
         if filling not in self._compiled:
+            if not self._compiled:
+                self._built_on, self._parameters_seen = parameter_signature(self.model), _registered_parameters
             function = self._static_step_filling if filling else self._static_step_full
             if self.step_kind != "eager":
                 function = own_code(function)

@@ -368,6 +368,61 @@ def test_a_copy_of_a_compiled_wrapper_compiles_its_own_steps(llama_model, freeze
     assert copied.step_kind == "compiled" and list(copied._compiled) == [False]  # its own full step, compiled
 
 
+class BuiltOnItsParameters:
+    """GraphedStep's contract, on CPU: a CUDA graph reads the parameters at the addresses of its capture, so this step
+    runs on the parameters' memory as it was when it was built, whatever the model holds later."""
+
+    def __init__(self, function, token_ids):
+        self.function, model = function, function.__self__.model
+        self.built_on = [(module, name, parameter.data) for module in model.modules()
+                         for name, parameter in module._parameters.items() if parameter is not None]
+
+    def __call__(self, token_ids):
+        held = [module._parameters[name] for module, name, _ in self.built_on]
+        for module, name, parameter in self.built_on:
+            module._parameters[name] = parameter
+        try:
+            return self.function(token_ids)
+        finally:
+            for (module, name, _), parameter in zip(self.built_on, held):
+                module._parameters[name] = parameter
+
+
+def test_a_step_built_on_parameters_since_replaced_is_built_again(llama_model, monkeypatch):
+    """After load_state_dict(..., assign=True) (new parameter tensors), a step captured in a CUDA graph went on reading
+    the old parameters' memory: the old weights, or memory freed since. The step is now built again when the model's
+    parameters are other tensors: noticed at the next step when a parameter was registered anywhere (one integer
+    compared per step; a module made elsewhere leaves the steps as they are), and at reset() for memory given in
+    place (`parameter.data = ...`)."""
+    monkeypatch.setattr(fast_module, "GraphedStep", BuiltOnItsParameters)
+    input_ids = random_ids(80, seed=62)
+    fast = make_fast(llama_model, compile="never")
+    fast.step_kind = "cuda_graph"  # built as on CUDA, by the stand-in above, uncompiled:
+    monkeypatch.setattr(fast, "_compile", lambda function, filling, **options: function)
+    general = make_wrapper(copy.deepcopy(llama_model), N_SINK, WINDOW_SIZE)
+    for position in range(30):
+        token = input_ids[None, position : position + 1]
+        assert max_abs_diff(fast(token), general(token)) <= TOLERANCE
+    step = fast._compiled[False]
+    torch.nn.Linear(2, 2)  # registers parameters of its own
+    fast(input_ids[None, 30:31]), general(input_ids[None, 30:31])
+    assert fast._compiled[False] is step
+    new_weights = {name: tensor * 0.8 for name, tensor in llama_model.state_dict().items()}
+    for wrapper in (fast, general):
+        wrapper.model.load_state_dict(new_weights, assign=True)
+    for position in range(31, 50):
+        token = input_ids[None, position : position + 1]
+        assert max_abs_diff(fast(token), general(token)) <= TOLERANCE, position
+    assert fast._compiled[False] is not step
+    step = fast._compiled[False]
+    for wrapper in (fast, general):
+        for parameter in wrapper.model.parameters():
+            parameter.data = parameter.data * 1.25
+        wrapper.reset()
+    assert max_abs_diff(feed_stream(fast, input_ids[50:]), feed_stream(general, input_ids[50:])) <= TOLERANCE
+    assert fast._compiled[False] is not step
+
+
 def test_a_copy_of_a_fresh_wrapper_takes_the_batch_size_its_cache_is_given(llama_model):
     """copy.deepcopy of a fresh wrapper: the copy's cache held the original wrapper (deepcopy keeps a weak reference as
     it is), so model.generate(batch of 2, past_key_values=copy.cache) was refused ("this cache holds a batch of 1
