@@ -46,11 +46,43 @@ def model(request) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def embedded_model():
-    """The real embedded SmolLM2-135M-Instruct (fp32, CPU) and its tokenizer, loaded once (~18 s).
+def embedded_load():
+    """load_model(None), run once per session, with transformers' GGUF reads counted (~18 s; the count costs nothing).
 
-    No skip: the embedded model is part of the installation, so failing to load it is a failure.
+    The tokenizer's per-process copy is dropped first, so that this load reads the tokenizer too, as a process's first
+    load does: tests/test_validation.py holds the load to one parse of the GGUF file and one tensor-name map (a load of
+    its own cost that test another ~7 s). Returns the model, the tokenizer, the files parsed, the name maps built, and
+    whether the gguf module still held the (counting) functions the load found there when it returned. No skip: the
+    embedded model is part of the installation, so failing to load it is a failure.
     """
-    from streaming_llm.loading import load_model
+    from types import SimpleNamespace
 
-    return load_model(None)
+    import gguf
+
+    from streaming_llm import loading
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    parses, maps = [], []
+
+    def counted_reader(path, *args):
+        parses.append(path)
+        return reader_class(path, *args)
+
+    def counted_map(*args):
+        maps.append(args)
+        return name_map(*args)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = counted_reader, counted_map
+    try:
+        loading._read_embedded_tokenizer.cache_clear()  # the tokenizer is read once per process: read it here
+        model, tokenizer = loading.load_model(None)
+        given_back = gguf.GGUFReader is counted_reader and gguf.get_tensor_name_map is counted_map
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+    return SimpleNamespace(model=model, tokenizer=tokenizer, parses=parses, maps=maps, given_back=given_back)
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded_load):
+    """The real embedded SmolLM2-135M-Instruct (fp32, CPU) and its tokenizer, loaded once (embedded_load)."""
+    return embedded_load.model, embedded_load.tokenizer

@@ -242,32 +242,16 @@ def test_loading_silence_nests_and_gives_back_the_state_it_found(capfd):
         hf_logging.enable_progress_bar()
 
 
-def test_the_embedded_model_is_loaded_with_one_parse_of_its_gguf_file(monkeypatch):
+def test_the_embedded_model_is_loaded_with_one_parse_of_its_gguf_file(embedded_load):
     """transformers' GGUF loader parsed the file for the tokenizer's config, the tokenizer, the model's config and the
     weights (4 parses, ~3.7 s each) and built the weights' tensor-name map once per module (397 times, ~3 s): half of
-    load_model's ~29 s. Each is done once now, and the gguf module is given back as it was found."""
-    import gguf
+    load_model's ~29 s. Each is done once now, and the gguf module is given back as it was found. The session's one
+    load of the embedded model (conftest.embedded_load) counts them: it reads the tokenizer too, as this test's own
+    load did (another ~7 s)."""
+    assert len(embedded_load.parses) == 1 and len(embedded_load.maps) == 1, (embedded_load.parses, embedded_load.maps)
+    assert embedded_load.given_back
+    assert embedded_load.tokenizer.eos_token == "<|im_end|>" and embedded_load.model.config.num_hidden_layers == 30
 
-    from streaming_llm import loading
-
-    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    parses, maps = [], []
-
-    def counted_reader(path, *args):
-        parses.append(path)
-        return reader_class(path, *args)
-
-    def counted_map(*args):
-        maps.append(args)
-        return name_map(*args)
-
-    monkeypatch.setattr(gguf, "GGUFReader", counted_reader)
-    monkeypatch.setattr(gguf, "get_tensor_name_map", counted_map)
-    loading._read_embedded_tokenizer.cache_clear()  # the tokenizer is read once per process: read it here
-    model, tokenizer = loading.load_model(None)
-    assert len(parses) == 1 and len(maps) == 1, (parses, maps)
-    assert gguf.GGUFReader is counted_reader and gguf.get_tensor_name_map is counted_map
-    assert tokenizer.eos_token == "<|im_end|>" and model.config.num_hidden_layers == 30
 
 def test_unavailable_devices_are_clear_errors(monkeypatch):
     import torch
