@@ -160,8 +160,12 @@ def test_one_long_call_keeps_the_positions_small(llama_model, position_mode, str
     input_ids = random_ids(1600, seed=30)
     wrapper = make_wrapper(llama_model, 4, 50, position_mode=position_mode, streaming_mode=streaming_mode,
                            max_block=100_000)
-    expected = naive_streaming_logits(llama_model, input_ids, 4, 50, position_mode)
-    assert max_abs_diff(wrapper(input_ids[None])[0], expected) <= TOLERANCE
+    if position_mode not in _LONG_REFERENCES:  # ~1.4 s of Python per mode: both pos_shift cases hold to one
+        _LONG_REFERENCES[position_mode] = naive_streaming_logits(llama_model, input_ids, 4, 50, position_mode)
+    assert max_abs_diff(wrapper(input_ids[None])[0], _LONG_REFERENCES[position_mode]) <= TOLERANCE
+
+
+_LONG_REFERENCES: dict = {}  # position mode -> the reference logits of test_one_long_call_keeps_the_positions_small
 
 
 

@@ -106,12 +106,13 @@ def test_failed_capture_falls_back_to_reduce_overhead(model, monkeypatch):
 def test_wrappers_compiled_one_after_another_each_compile_their_own_step(llama_model):
     """torch.compile counts recompilations per code object (8 by default, then fullgraph=True fails): the 9th
     compiled wrapper of a process failed with FailOnRecompileLimitHit while the step was the class's method. Each
-    compiled step runs its own code now; here the limit is 1, so the second wrapper failed before."""
+    compiled step runs its own code now; here the limit is 1, so the second wrapper failed before (a third, ~1.5 s
+    more, adds nothing to that)."""
     torch._dynamo.reset()
     input_ids = random_ids(12, seed=58)
     expected = feed_stream(make_wrapper(llama_model, 2, 5), input_ids)
     with torch._dynamo.config.patch(recompile_limit=1):
-        for _ in range(3):
+        for _ in range(2):
             fast = make_fast(llama_model, 2, 5, compile="always")
             assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
             assert fast.step_kind == "compiled" and len(fast._compiled) == 2
