@@ -44,24 +44,35 @@ def test_an_eager_model_wrapped_runs_densely_as_before_bit_for_bit(model, wrap):
             assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("wrapper_class", [StreamingLLMWrapper, FastStreamingWrapper])
-def test_a_model_cast_after_the_wrapper_was_made_is_refused_in_one_line(llama_model, wrapper_class):
-    """model.to(torch.bfloat16) also casts the model's RoPE frequencies, which the wrapper had taken in float32: the
-    plain wrapper streamed on with the old ones (not the cast model's: a fresh wrapper's logits differed), the fast one
-    refused with 'reset it', which did not help, or failed inside index_copy_ mid-stream. Both name the cast now."""
+def fed_wrapper(llama_model, wrapper_class):
+    """A copy of the model, a wrapper of the class on it (the fast one uncompiled), its kwargs, and the 10 ids fed."""
     model = copy.deepcopy(llama_model)
     kwargs = {"compile": "never"} if wrapper_class is FastStreamingWrapper else {}
     wrapper = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
     input_ids = random_ids(10, seed=3)[None]
     wrapper(input_ids)
-    model.to(torch.bfloat16)
-    for feed in (lambda: wrapper(input_ids[:, :1]), lambda: wrapper.reset() or wrapper(input_ids)):
-        with pytest.raises(ValueError, match=r"cast or moved after this wrapper was made \(torch.float32.*now "
-                                             r"torch.bfloat16.*make a new wrapper"):
+    return model, wrapper, kwargs, input_ids
+
+
+def assert_every_feed_refused(wrapper, input_ids, pattern: str) -> None:
+    """A token, a new stream after reset(), and the fast wrapper's step() are each refused with `pattern`."""
+    feeds = [lambda: wrapper(input_ids[:, :1]), lambda: wrapper.reset() or wrapper(input_ids)]
+    if isinstance(wrapper, FastStreamingWrapper):
+        feeds.append(lambda: wrapper.step(input_ids[:, :1]))
+    for feed in feeds:
+        with pytest.raises(ValueError, match=pattern):
             feed()
-    if wrapper_class is FastStreamingWrapper:
-        with pytest.raises(ValueError, match="cast or moved after this wrapper was made"):
-            wrapper.step(input_ids[:, :1])
+
+
+@pytest.mark.parametrize("wrapper_class", [StreamingLLMWrapper, FastStreamingWrapper])
+def test_a_model_cast_after_the_wrapper_was_made_is_refused_in_one_line(llama_model, wrapper_class):
+    """model.to(torch.bfloat16) also casts the model's RoPE frequencies, which the wrapper had taken in float32: the
+    plain wrapper streamed on with the old ones (not the cast model's: a fresh wrapper's logits differed), the fast one
+    refused with 'reset it', which did not help, or failed inside index_copy_ mid-stream. Both name the cast now."""
+    model, wrapper, kwargs, input_ids = fed_wrapper(llama_model, wrapper_class)
+    model.to(torch.bfloat16)
+    assert_every_feed_refused(wrapper, input_ids, r"cast or moved after this wrapper was made \(torch.float32.*now "
+                                                  r"torch.bfloat16.*make a new wrapper")
     fresh = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
     assert fresh(input_ids).dtype == torch.bfloat16
 
@@ -72,21 +83,12 @@ def test_a_model_cast_and_cast_back_after_the_wrapper_was_made_is_refused(llama_
     plain wrapper streamed on with the ones it had taken (1e-3 off a new wrapper's logits here), the fast one rotated
     the sinks with those and the new token with the model's. Refused now; a cast to the dtype the model already has
     (no new tensors) is not."""
-    model = copy.deepcopy(llama_model)
-    kwargs = {"compile": "never"} if wrapper_class is FastStreamingWrapper else {}
-    wrapper = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
-    input_ids = random_ids(10, seed=3)[None]
-    wrapper(input_ids)
+    model, wrapper, kwargs, input_ids = fed_wrapper(llama_model, wrapper_class)
     model.float().to("cpu")  # no change: same tensors
     wrapper(input_ids[:, :1])
     model.half().float()
-    for feed in (lambda: wrapper(input_ids[:, :1]), lambda: wrapper.reset() or wrapper(input_ids)):
-        with pytest.raises(ValueError, match=r"RoPE frequencies were replaced after this wrapper was made .*make a new "
-                                             r"wrapper"):
-            feed()
-    if wrapper_class is FastStreamingWrapper:
-        with pytest.raises(ValueError, match="RoPE frequencies were replaced"):
-            wrapper.step(input_ids[:, :1])
+    assert_every_feed_refused(wrapper, input_ids, r"RoPE frequencies were replaced after this wrapper was made .*make a "
+                                                  r"new wrapper")
     fresh = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
     within = input_ids[:, :8]  # no more than the cache holds: the model's own logits, with its (rounded) RoPE
     assert torch.allclose(fresh(within), model(within).logits, atol=1e-4)
