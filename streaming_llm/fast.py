@@ -299,6 +299,11 @@ def _count_registration(module: nn.Module, name: str, parameter) -> None:
 torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 
 
+# What torch.compile raises when it cannot trace a step (dynamo's own errors, and a guard on a value known only at run
+# time, as a mixture of experts' loop over the experts a token picked): refused in one sentence (`_static_token`).
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
+
+
 def parameter_signature(model: nn.Module) -> tuple:
     """Which tensors, at which addresses, a model's parameters are: what a captured CUDA graph reads."""
     return tuple((id(parameter), parameter.data_ptr()) for parameter in model.parameters())
@@ -329,8 +334,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     compile: "auto" compiles the step with `torch.compile(fullgraph=True)` and captures it in a CUDA graph
     (`GraphedStep`) when the model is on a CUDA device and is no mixture of experts (whose compiled step is not verified
     on a GPU), and runs it eagerly elsewhere; "always" compiles on any device (captured on CUDA), and refuses a mixture
-    of experts whose experts do not trace in its dtype (`check_compilable`); "never" runs it eagerly. `step_kind` says
-    which. decode_attention: see `decode_attention`; "auto" picks the formulation measured fastest on the device type.
+    of experts whose experts do not trace in its dtype (`check_compilable`) at once, any other step torch.compile cannot
+    trace at its first step (ValueError); "never" runs it eagerly. `step_kind` says which. decode_attention: see
+    `decode_attention`; "auto" picks the formulation measured fastest on the device type.
     freeze_weights: compile the step for a full buffer with inductor freezing (`frozen`), so that the projections which
     read the same input (q/k/v, gate/up) run as one matmul each. That step then holds the weights as they were when it
     was built (edits in place are not seen, nor refused: make a new wrapper; replaced parameters build it again, see
@@ -575,6 +581,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             self._follow_parameters()
         try:
             logits = self._step_function(filling, token_ids)(token_ids)
+        except COMPILE_ERRORS as error:  # the stream is as it was: the graph failed before it ran
+            self._compiled.pop(filling, None)
+            cause = str(error).strip().split("\n")[0]
+            raise ValueError(f"torch.compile could not compile this model's decode step ({type(error).__name__}: "
+                             f"{cause}); run the step eagerly: compile='never' (--compile never)") from error
         finally:
             config._attn_implementation = previous
         # t advances outside the graph: a graph input it reads, never one it writes besides the buffers.
@@ -602,6 +613,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             if self.step_kind == "cuda_graph":
                 try:
                     function = GraphedStep(self._compile(function, filling, fullgraph=True), token_ids)
+                except COMPILE_ERRORS:
+                    raise  # the step does not compile at all: reduce-overhead would not either
                 except RuntimeError as error:  # a capture this torch/driver refuses: torch.compile's own graphs
                     warnings.warn(f"capturing the decode step in a CUDA graph failed ({error}); using "
                                   "torch.compile(mode='reduce-overhead') instead", RuntimeWarning, stacklevel=3)

@@ -327,3 +327,17 @@ def test_layers_of_one_type_share_its_rope_and_a_type_without_frequencies_is_nam
     monkeypatch.setattr(model.model.layers[2].self_attn, "layer_type", "chunked_attention")
     with pytest.raises(ValueError, match="this gemma3_text model's rotary embedding has no chunked_attention_inv_freq"):
         describe(model)
+
+
+def test_a_step_torch_compile_cannot_trace_is_refused_in_one_sentence():
+    """AFMoE's own experts loop over the experts a token picked, a guard on values known only at run time: with
+    compile="always" the first compiled step failed with torch's traceback (GuardOnDataDependentSymNode). Now one
+    ValueError naming the way out, and the stream is as it was (the graph failed before it ran)."""
+    model = build_llama_family("afmoe")
+    fast = FastStreamingWrapper(model, N_SINK, WINDOW_SIZE, compile="always")
+    input_ids = random_ids(LENGTH, seed=9)
+    fast(input_ids[None, :N_SINK])
+    with pytest.raises(ValueError, match=r"torch.compile could not compile this model's decode step \(GuardOnData.*"
+                                         r"compile='never'"):
+        fast(input_ids[None, N_SINK : N_SINK + 1])
+    assert fast.tokens_seen == N_SINK and int(fast.step_position) == N_SINK
