@@ -572,13 +572,13 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """Token t >= n_sink of every stream through the static step, once the stream is taken up (_follow_cache)
         and its batch size checked (_take_batch): by step(), or by _feed for a call with one token."""
         filling = self.seen < self.n_sink + self.window_size  # some slot is still empty
+        if self._parameters_seen != _registered_parameters and self._compiled:
+            self._follow_parameters()
         # The model runs the static attention for this step only, so that the model keeps working with a plain
         # StreamingKVCache in between (set on the config directly: set_attn_implementation walks every module).
         config = self.model.config
         previous = config._attn_implementation
         config._attn_implementation = STATIC_ATTN_IMPLEMENTATION
-        if self._parameters_seen != _registered_parameters and self._compiled:
-            self._follow_parameters()
         try:
             logits = self._step_function(filling, token_ids)(token_ids)
         except COMPILE_ERRORS as error:  # the stream is as it was: the graph failed before it ran
