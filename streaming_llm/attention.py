@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -216,6 +217,22 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, streaming_attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, streaming_mask)
 
 
+_model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_model_locks_lock = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock the wrappers of `model` hold while it runs for them (and prepare_model while it sets it up): a
+    FastStreamingWrapper's step switches the model's config to the static attention for the step, which every
+    layer of another thread's forward pass on the same model would read. Kept beside the model, not on it (a
+    lock does not deepcopy), and dropped with it."""
+    lock = _model_locks.get(model)
+    if lock is None:
+        with _model_locks_lock:
+            lock = _model_locks.setdefault(model, threading.RLock())
+    return lock
+
+
 def prepare_model(model: nn.Module) -> nn.Module:
     """Make `model` run the streaming attention whenever its cache is a StreamingKVCache.
 
@@ -224,8 +241,13 @@ def prepare_model(model: nn.Module) -> nn.Module:
     mask reads it; Qwen2-MoE and PhiMoE do not pass theirs on to the attention function), and switches
     `config._attn_implementation` to "streaming_llm". Run without a StreamingKVCache, the model attends as it did
     before: with its own eager attention if it was loaded with `attn_implementation="eager"`, else with SDPA.
-    Returns the model, unchanged otherwise.
+    Returns the model, unchanged otherwise. Runs under `model_lock(model)`, as the wrappers' forward passes do.
     """
+    with model_lock(model):
+        return _prepare(model)
+
+
+def _prepare(model: nn.Module) -> nn.Module:
     architecture = describe(model)
     windows = sliding_windows(model.config)
     if len(windows) != len(architecture.attention_modules):

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from streaming_llm.attention import model_lock
 from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
                                  written_outside_inference_mode)
 from streaming_llm.checks import check_int
@@ -562,11 +563,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
         self._check_model_unchanged()
-        self._follow_cache()
-        self._take_batch(token_ids.shape[0])
-        if self.seen < self.n_sink:
-            return self._feed_general(token_ids)
-        return self._static_token(token_ids)
+        with model_lock(self.model):  # as __call__: the step switches the model's attention for its duration
+            self._follow_cache()
+            self._take_batch(token_ids.shape[0])
+            if self.seen < self.n_sink:
+                return self._feed_general(token_ids)
+            return self._static_token(token_ids)
 
     def _static_token(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token t >= n_sink of every stream through the static step, once the stream is taken up (_follow_cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from streaming_llm.attention import prepare_model
+from streaming_llm.attention import model_lock, prepare_model
 from streaming_llm.cache import StreamingKVCache, validate_config
 from streaming_llm.checks import check_int, is_integer_tensor
 from streaming_llm.models import adapter_for, check_capacity, describe
@@ -114,7 +114,8 @@ class StreamingLLMWrapper:
             raise ValueError(f"token ids must lie in [0, {embeddings.num_embeddings}) for this model; got values in "
                              f"[{low}, {high}]")
         input_ids = input_ids.to(embeddings.weight.device)  # a tokenizer's CPU ids for a model on a GPU
-        logits = [self._feed(block) for block in input_ids.split(self.max_block, dim=1)]
+        with model_lock(self.model):  # wrappers of one model in several threads take turns (attention.model_lock)
+            logits = [self._feed(block) for block in input_ids.split(self.max_block, dim=1)]
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:

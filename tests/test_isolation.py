@@ -92,3 +92,51 @@ def test_a_model_cast_and_cast_back_after_the_wrapper_was_made_is_refused(llama_
     fresh = wrapper_class(model, n_sink=2, window_size=6, **kwargs)
     within = input_ids[:, :8]  # no more than the cache holds: the model's own logits, with its (rounded) RoPE
     assert torch.allclose(fresh(within), model(within).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("other_feeds", ["a wrapper made before", "a wrapper it makes"])
+def test_wrappers_on_one_model_in_two_threads_take_turns(llama_model, other_feeds):
+    """One model shared by the handlers of a thread pool (a chat server, a Gradio demo): a FastStreamingWrapper's step
+    switches the model's attention to its static one for the step, so another thread's wrapper that ran during that
+    step ran the static attention on its StreamingKVCache and failed, and one made then (prepare_model) switched the
+    model back mid-step. Their forward passes and prepare_model take turns (a lock per model): each stream gives its
+    own logits, and the model is left on the streaming attention."""
+    import threading
+
+    model, copied = copy.deepcopy(llama_model), copy.deepcopy(llama_model)
+    ids = random_ids(12, seed=4)[None]
+    fast, general = (FastStreamingWrapper(model, n_sink=2, window_size=6, compile="never"),
+                     StreamingLLMWrapper(model, n_sink=2, window_size=6))
+    fast(ids[:, :8])  # its next token takes the static step
+    reference = FastStreamingWrapper(copied, n_sink=2, window_size=6, compile="never")
+    reference(ids[:, :8])
+    expected_step = reference.step(ids[:, 8:9])
+    expected_general = StreamingLLMWrapper(copied, n_sink=2, window_size=6)(ids)
+    main, outcome, entered = threading.current_thread(), {}, threading.Event()
+
+    def feed_other():
+        try:
+            wrapper = general if other_feeds == "a wrapper made before" else StreamingLLMWrapper(model, n_sink=2, window_size=6)
+            outcome["logits"] = wrapper(ids)
+        except Exception as error:  # shown by the assertion below
+            outcome["error"] = error
+
+    other = threading.Thread(target=feed_other)
+
+    def start_the_other_mid_step(module, args):
+        if threading.current_thread() is other:
+            entered.set()
+        elif threading.current_thread() is main and not other.ident:
+            other.start()  # it runs its whole forward pass inside this step if it may start one
+            if entered.wait(timeout=0.5):
+                other.join()
+
+    handle = model.model.layers[0].register_forward_pre_hook(start_the_other_mid_step)
+    try:
+        step = fast.step(ids[:, 8:9])
+        other.join()
+    finally:
+        handle.remove()
+    assert "error" not in outcome, outcome.get("error")
+    assert torch.equal(outcome["logits"], expected_general) and torch.equal(step, expected_step)
+    assert model.config._attn_implementation == "streaming_llm"
