@@ -93,14 +93,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from streaming_llm.bench import latency
-    from streaming_llm.cli_common import show_progress
-    from streaming_llm.eval.results import prepare_output_dir, write_json_atomically
-    from streaming_llm.loading import resolve_device, resolve_dtype
-    from streaming_llm.fast import resolve_decode_attention
-
+    # The options that need neither torch nor a device are checked first: a usage error answers at once.
     if args.rounds < 1 or args.steps < 1:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
@@ -111,6 +104,20 @@ def run_bench(args: argparse.Namespace) -> int:
                          f"got {args.stream_tokens}")
     if args.model is not None and args.shape != "embedded":
         raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
+    if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")
+                                 or re.search(r'[<>:"/\\|?*\x00-\x1f]', args.tag)):
+        raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden, none of the characters "
+                         "< > : \" / \\ | ? * that Windows refuses in one)")
+    methods = select_methods(args.methods, "cpu")  # the names; "default" depends on the device, resolved below
+
+    import torch
+
+    from streaming_llm.bench import latency
+    from streaming_llm.cli_common import show_progress
+    from streaming_llm.eval.results import prepare_output_dir, write_json_atomically
+    from streaming_llm.loading import resolve_device, resolve_dtype
+    from streaming_llm.fast import resolve_decode_attention
+
     if args.shape != "embedded":  # the shape's config is known without building its weights (7B of them)
         from streaming_llm.models import check_capacity
 
@@ -122,12 +129,9 @@ def run_bench(args: argparse.Namespace) -> int:
             check_capacity(config, min(args.cache_sizes))
         except ValueError as error:
             raise ValueError(f"--cache-sizes: every size is too large for --shape {args.shape}: {error}") from None
-    if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")
-                                 or re.search(r'[<>:"/\\|?*\x00-\x1f]', args.tag)):
-        raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden, none of the characters "
-                         "< > : \" / \\ | ? * that Windows refuses in one)")
     device = resolve_device(args.device)
-    methods = select_methods(args.methods, device)
+    if args.methods == "default":
+        methods = select_methods(args.methods, device)
     output_dir = prepare_output_dir(args.output_dir)
     dtype = resolve_dtype(args.dtype, device)
     if args.shape == "embedded" and args.model is not None:
