@@ -93,6 +93,17 @@ def written_outside_inference_mode(tensor: torch.Tensor) -> bool:
     return tensor.is_inference() and not torch.is_inference_mode_enabled()
 
 
+def stopped_pass_error(first_layer_seen: int, later_layer_seen: int) -> RuntimeError:
+    """The error for a stream whose layers hold different numbers of tokens: a forward pass stopped between two layers
+    (an exception or KeyboardInterrupt raised in a later layer, or in a hook on one, after the first had stored the
+    step's tokens). Fed on, such a stream was attended, silently, as a stream some layers never saw (logits off by 1 to
+    4 on the tiny Llama), whether the token was fed again or not."""
+    return RuntimeError(f"a forward pass through this stream stopped part-way (an exception or KeyboardInterrupt in a "
+                        f"layer): its first layer holds {first_layer_seen} tokens, a later one {later_layer_seen}, so "
+                        "the layers no longer hold the same stream; reset it (wrapper.reset(), cache.reset()) to start "
+                        "a new one")
+
+
 def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tensor, policy: PositionPolicy) -> bool:
     """The fused path needs PyTorch's CPU flash kernel (it returns the log-sum-exp the sink merge needs), a
     dtype it takes, and a block with no new sink tokens (so every query has a visible window key)."""
@@ -674,7 +685,8 @@ class StreamingKVCache(Cache):
         return self.cache_capacity
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        if layer_idx >= len(self.layers) and self.layer_class_to_replicate is None:
+        new_layer = layer_idx >= len(self.layers)
+        if new_layer and self.layer_class_to_replicate is None:
             raise ValueError(f"this cache was made for {len(self.layers)} layers (num_layers); the model has more: "
                              "leave num_layers out, or give the model's number of layers")
         if layer_idx == 0:  # a new forward pass: per-step values shared across layers are recomputed
@@ -684,6 +696,12 @@ class StreamingKVCache(Cache):
                 warnings.warn("StreamingKVCache is run with autograd on: the cache is for inference, no gradient "
                               "flows through its buffers (backward fails) and the autograd graph grows with the "
                               "stream; run the model under torch.no_grad() or torch.inference_mode()", stacklevel=2)
+            # Passes run the layers in order: one that stopped part-way left its last layer behind the first.
+            if self.layers and self.layers[-1].seen != self.layers[0].seen:
+                raise stopped_pass_error(self.layers[0].seen, self.layers[-1].seen)
+        elif new_layer and self.layers[0].seen > key_states.shape[-2]:
+            # a layer made only now (num_layers=None) after the first pass: that pass stopped before this layer
+            raise stopped_pass_error(self.layers[0].seen - key_states.shape[-2], 0)
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         expect_streaming_attention(self, layer_idx)
         return keys, values

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.attention import model_lock
 from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
-                                 written_outside_inference_mode)
+                                 stopped_pass_error, written_outside_inference_mode)
 from streaming_llm.checks import check_int
 from streaming_llm.choices import COMPILE_CHOICES, DECODE_ATTENTION
 from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
@@ -479,6 +479,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             raise RuntimeError("this FastStreamingWrapper's cache was reset or given new buffers outside the wrapper; "
                                "call wrapper.reset() to start a new stream")
         if (layers[0].seen, layers[0].base) != (self.seen, self.base):
+            if layers[-1].seen != layers[0].seen:  # a block stopped between two layers (StreamingKVCache.update)
+                raise stopped_pass_error(layers[0].seen, layers[-1].seen)
             self.seen, self.base = layers[0].seen, layers[0].base
             self.step_position.fill_(self.seen)
             self.frame_base.fill_(self.base)

@@ -497,6 +497,64 @@ def test_a_hand_off_left_by_another_cache_does_not_fail_the_next_stream(llama_mo
         stale.update(states, states, 1)
 
 
+# (wrapper, tokens fed first, tokens of the call stopped in its second layer, whether that call is a fast step())
+STOPPED_PASSES = {
+    "general path, a block": ("general", 10, 3, False),
+    "general path, the first block (layers made as the model reaches them)": ("general", 0, 10, False),
+    "general path, a token": ("general", 12, 1, False),
+    "fast wrapper, a block": ("fast", 10, 3, False),
+    "fast wrapper, a sink token": ("fast", 1, 1, True),
+    "fast wrapper, the static step": ("fast", 12, 1, True),
+}
+
+
+@pytest.mark.parametrize("stopped", STOPPED_PASSES)
+def test_a_pass_stopped_between_two_layers_is_refused_or_left_out(llama_model, stopped):
+    """KeyboardInterrupt (or any exception, here from a hook on the first layer) in the middle of a forward pass left the
+    step's tokens in the first layer's cache and not in the second's; the stream went on with them, silently (logits off
+    by 1 to 4 whether the token was fed again or not). The next call is now refused, saying why, until reset(). The
+    fast wrapper's static step stores its token in every layer's buffer at once and advances the stream after the pass:
+    stopped, it leaves the stream as it was, and the token fed again continues it exactly."""
+    import copy
+
+    import torch
+
+    from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
+
+    from tiny_models import random_ids
+
+    kind, before, length, step = STOPPED_PASSES[stopped]
+    model = copy.deepcopy(llama_model)
+    wrapper = (FastStreamingWrapper(model, 2, 6, compile="never") if kind == "fast" else StreamingLLMWrapper(model, 2, 6))
+    ids = random_ids(before + length + 4, seed=7)[None]
+    expected = make_wrapper(llama_model, 2, 6)(ids)
+    if before:
+        wrapper(ids[:, :before])
+
+    def stop(module, args, output):
+        raise KeyboardInterrupt
+
+    feed = wrapper.step if step else wrapper
+    handle = model.model.layers[0].register_forward_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            feed(ids[:, before : before + length])
+    finally:
+        handle.remove()
+    if stopped == "fast wrapper, the static step":
+        assert wrapper.tokens_seen == before
+        assert max_abs_diff(torch.cat([feed(ids[:, t : t + 1]) for t in range(before, ids.shape[1])], 1),
+                            expected[:, before:]) <= 1e-4
+        return
+    for again in (lambda: wrapper(ids[:, before : before + length]), lambda: wrapper(ids[:, -1:]),
+                  lambda: feed(ids[:, -1:])):
+        with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer holds \d+ tokens, a later one "
+                                               r"\d+, .* reset it"):
+            again()
+    wrapper.reset()
+    assert max_abs_diff(wrapper(ids), expected) <= 1e-4
+
+
 def test_an_attention_mask_of_the_new_tokens_only_is_named_as_such(llama_model):
     """A mask covering only the new tokens was refused as a "padded batch (an attention_mask with zeros)"."""
     import copy
