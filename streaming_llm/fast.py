@@ -198,10 +198,25 @@ class WrapperCache(StreamingKVCache):
         super().__init__(*args, **kwargs)
         self._wrapper = weakref.ref(wrapper)
 
+    def _take_up_static_steps(self) -> None:
+        """Bring the layers up to date with the wrapper's static steps since they were last read, as `wrapper.cache`
+        does: a reference kept from before those steps (or `wrapper.current_cache`) held the stream as it was then, so
+        model(...) or generate() fed it from there, over the tokens since, silently (logits off by ~7 on the tiny
+        Llama)."""
+        wrapper = self._wrapper()
+        if wrapper is not None and not wrapper._ring_current and wrapper._cache is self:
+            wrapper._resume_layers()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        self._take_up_static_steps()  # generate() feeds the ids past this count
+        return super().get_seq_length(layer_idx)
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         wrapper = self._wrapper()
-        if wrapper is not None and layer_idx == 0 and key_states.shape[0] != self.max_batch_size:
-            wrapper._take_new_batch(self, key_states.shape[0])
+        if wrapper is not None and layer_idx == 0:
+            self._take_up_static_steps()
+            if key_states.shape[0] != self.max_batch_size:
+                wrapper._take_new_batch(self, key_states.shape[0])
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
 
@@ -489,10 +504,13 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def cache(self) -> StreamingKVCache:
         """The StreamingKVCache over the shared buffers, brought up to date with the static steps taken since."""
         if not self._ring_current:
-            for layer in self._cache.layers:
-                layer.resume(self.seen, self.base)
-            self._ring_current = True
+            self._resume_layers()
         return self._cache
+
+    def _resume_layers(self) -> None:
+        for layer in self._cache.layers:
+            layer.resume(self.seen, self.base)
+        self._ring_current = True
 
     @cache.setter
     def cache(self, cache: StreamingKVCache) -> None:

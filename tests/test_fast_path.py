@@ -285,6 +285,30 @@ def test_the_stream_goes_on_after_generate_fed_the_wrappers_cache(llama_model, p
         fast(stream[None, :1])
 
 
+@pytest.mark.parametrize("kept", ["cache", "current_cache"])
+def test_a_cache_reference_kept_from_before_static_steps_feeds_the_stream_as_it_is_now(llama_model, kept):
+    """`cache = fast.cache` (or `fast.current_cache`) read before some static steps, then handed to the model: its
+    layers held the stream as it was when it was read, so model(...) and generate() fed it from there, over the tokens
+    since (logits off by ~7, the count 2 short). They take the steps up first now, as `fast.cache` does when read."""
+    input_ids, ones = random_ids(40, seed=54), torch.ones(1, 20, dtype=torch.long)
+    fast = make_fast(llama_model)
+    fast(input_ids[None, :6])
+    cache = getattr(fast, kept)
+    streamed = [fast.step(input_ids[None, t : t + 1])[0] for t in range(6, 10)]
+    # with its cache_position, the model does not ask the cache for its length first
+    streamed.append(fast.model(input_ids[None, 10:12], past_key_values=cache, cache_position=torch.arange(10, 12)).logits[0])
+    fast.step(input_ids[None, 12:13])  # static again, then generate() is given the whole stream so far
+    generated = fast.model.generate(input_ids[None, :20], attention_mask=ones, past_key_values=cache, max_new_tokens=5,
+                                    do_sample=False)
+    assert fast.tokens_seen == 24 == cache.get_seq_length()
+    stream = torch.cat([generated[0], input_ids[25:28]])
+    streamed.append(torch.cat([fast.step(stream[None, t : t + 1])[0] for t in range(24, 28)]))
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), stream)
+    assert max_abs_diff(torch.cat(streamed[:5]), expected[6:12]) <= TOLERANCE
+    assert max_abs_diff(streamed[5], expected[24:]) <= TOLERANCE
+    assert torch.equal(generated[0, 20:], expected[19:24].argmax(-1))
+
+
 def test_calls_after_generate_fed_the_wrappers_cache_take_up_its_stream(llama_model):
     """Whatever is called first after model.generate(past_key_values=fast.cache) takes the stream up where generate
     left it: a direct step() (not from the wrapper's own, older count: the stream rewound), and a call with another
