@@ -490,9 +490,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if not self._ring_current:
             return
         layers = self._cache.layers
-        if any(layer.keys is not keys for layer, keys in zip(layers, self.keys)):
-            raise RuntimeError("this FastStreamingWrapper's cache was reset or given new buffers outside the wrapper; "
-                               "call wrapper.reset() to start a new stream")
+        if len(layers) != len(self.keys) or any(layer.keys is not keys for layer, keys in zip(layers, self.keys)):
+            raise RuntimeError("this FastStreamingWrapper's cache was reset, replaced (wrapper.cache = ...) or given new "
+                               "buffers outside the wrapper; call wrapper.reset() to start a new stream")
         if (layers[0].seen, layers[0].base) != (self.seen, self.base):
             if layers[-1].seen != layers[0].seen:  # a block stopped between two layers (StreamingKVCache.update)
                 raise stopped_pass_error(layers[0].seen, layers[-1].seen)
@@ -514,7 +514,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     @cache.setter
     def cache(self, cache: StreamingKVCache) -> None:
-        self._cache = cache
+        # The next call looks at the cache given (_follow_cache), which only the wrapper's own passes: the static step
+        # went on with the wrapper's buffers and count, as if no other cache had been given.
+        self._cache, self._ring_current = cache, True
 
     @property
     def current_cache(self) -> StreamingKVCache:

@@ -347,6 +347,28 @@ def test_a_copy_of_the_wrappers_cache_copies_the_stream_not_the_model(llama_mode
     assert copied.get_seq_length() == fast.tokens_seen == 40
 
 
+@pytest.mark.parametrize("given", ["a new StreamingKVCache", "a copy of its own cache"])
+def test_a_cache_given_to_the_wrapper_after_static_steps_is_refused(llama_model, given):
+    """fast.cache = another cache after static steps: the next step went on with the wrapper's own buffers and count, as
+    if nothing had been given (a new cache: logits of the old stream, off by ~8 from a new one's; a copy taken 3 tokens
+    earlier: its stream not rewound). Refused now, as a block fed next already was, saying what to do."""
+    from streaming_llm import StreamingKVCache
+
+    input_ids = random_ids(40, seed=55)
+    fast = make_fast(llama_model)
+    fast(input_ids[None, :6])
+    snapshot = copy.deepcopy(fast.cache)
+    for t in range(6, 12):
+        fast.step(input_ids[None, t : t + 1])
+    for feed in (lambda: fast.step(input_ids[None, 12:13]), lambda: fast(input_ids[None, 12:14])):
+        fast.cache = StreamingKVCache(N_SINK, WINDOW_SIZE) if given == "a new StreamingKVCache" else snapshot
+        with pytest.raises(RuntimeError, match=r"replaced \(wrapper.cache = ...\) .* call wrapper.reset\(\)"):
+            feed()
+    fast.reset()
+    assert max_abs_diff(feed_stream(fast, input_ids), feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE),
+                                                                  input_ids)) <= TOLERANCE
+
+
 def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
     """model.generate(batch of 2, past_key_values=fast.cache) on a fresh wrapper starts a stream of 2, as on a
     StreamingLLMWrapper's cache (it was refused: "this cache holds a batch of 1 streams; got 2 (reset it first)", and
