@@ -257,6 +257,8 @@ class GenerationStream:
     stop string appeared, also one completed by the last token's flushed text; the text ends right before it)
     or "reset" (the wrapper was reset while the stream was iterated: it ends after the Piece being handled, and
     nothing more is fed into the new, empty stream; text still held back is dropped, pending_token is None).
+    A wrapper fed by anything else while the stream is suspended (a second generate_stream, a call of the wrapper) is a
+    RuntimeError at the next token: one generation at a time per wrapper.
     pending_token: the last sampled token, which is never fed to the model (as in model.generate()); a
     caller that continues the stream feeds it first (StreamingChat does).
     """
@@ -323,6 +325,7 @@ class GenerationStream:
         start = time.perf_counter()
         logits = self._prefill(device)
         stream = current_cache(self.wrapper)  # reset() replaces it: the stream this generation continues
+        fed = tokens_seen(self.wrapper)  # what it held when this generation last fed it
         self.prefill_seconds = time.perf_counter() - start
         start = time.perf_counter()
 
@@ -361,8 +364,16 @@ class GenerationStream:
                 self.stop_reason, self.pending_token = "reset", None
                 self.decode_seconds = time.perf_counter() - start
                 return
+            if tokens_seen(self.wrapper) != fed:
+                # Going on, it fed its token after another's and took their logits for its own, silently.
+                raise RuntimeError(f"the wrapper's stream was fed outside this generation since it last fed it "
+                                   f"({tokens_seen(self.wrapper) - fed:+d} tokens: another generate_stream or "
+                                   "StreamingChat on the same wrapper, or a call of the wrapper itself), so the model no "
+                                   "longer holds what it has fed; give each stream a wrapper of its own "
+                                   "(copy.deepcopy(wrapper) branches one)")
             recent.append(token)
             logits = self.wrapper(torch.tensor([[token]], device=device))[0, -1]
+            fed = tokens_seen(self.wrapper)
             self.pending_token = None
             self.decode_seconds = time.perf_counter() - start
 
@@ -372,6 +383,11 @@ def current_cache(wrapper):
     it (`cache` on a FastStreamingWrapper first rebuilds every layer's slot positions: a few tensor operations per
     layer, which read per token slowed every step), else `cache`."""
     return wrapper.current_cache if hasattr(wrapper, "current_cache") else getattr(wrapper, "cache", None)
+
+
+def tokens_seen(wrapper) -> int | None:
+    """The tokens the wrapper's stream has taken (None for a wrapper that does not say)."""
+    return getattr(wrapper, "tokens_seen", None)
 
 
 def prompt_token_ids(prompt_ids) -> torch.Tensor:
@@ -547,7 +563,8 @@ class StreamingChat:
     `messages` holds the conversation text (the template needs it); the model's memory of it is the
     fixed cache. An exception raised while a turn is fed or generated (KeyboardInterrupt in the middle of a model
     step, an error) leaves the cache in an unknown state: the next send() is a RuntimeError until reset(). Stopping
-    the iteration of an answer (break, close()) is clean: the answer is recorded as far as it went.
+    the iteration of an answer (break, close()) is clean: the answer is recorded as far as it went. A wrapper reset or fed
+    outside the conversation between two turns (another StreamingChat on it) makes the next send() a RuntimeError too.
     """
 
     def __init__(
@@ -592,6 +609,9 @@ class StreamingChat:
         self.turns = 0
         self.last_turn: TurnResult | None = None
         self._failure: str | None = None  # what ended a turn while the model was fed: the cache may hold part of it
+        # The wrapper's stream as this conversation left it (its cache object, the tokens it has taken), so that a reset
+        # or a feed from outside (another StreamingChat on the same wrapper) is noticed at the next send().
+        self._stream = (current_cache(self.wrapper), tokens_seen(self.wrapper))
 
     def _decode_after(self, context_ids: list[int], ids: list[int]) -> str:
         """Text of `ids` as they continue `context_ids` (so a leading space is kept; no clean-up, which could
@@ -634,6 +654,13 @@ class StreamingChat:
             raise RuntimeError(f"an earlier answer of this conversation ended with {self._failure} while the model was "
                                "fed, so the cache may hold part of a token or of a message: call reset() to start a "
                                "new conversation")
+        cache, fed = self._stream
+        if current_cache(self.wrapper) is not cache or tokens_seen(self.wrapper) != fed:
+            raise RuntimeError("this conversation's wrapper was reset or fed outside it since its last answer (another "
+                               "StreamingChat or generate_stream on the same wrapper, a call of the wrapper itself, or "
+                               "an answer of this conversation still being iterated), so the model no longer holds the "
+                               "conversation: give each conversation a wrapper of its own, finish the answer (or close() "
+                               "it), or call reset() to start a new conversation")
         return self._answer(user_text, max_new_tokens)
 
     def _answer(self, user_text: str, max_new_tokens: int | None) -> Iterator[Piece]:
@@ -686,6 +713,8 @@ class StreamingChat:
         self._pending_text = self._decode_after((context_ids + answer_ids[:-1])[-DECODE_CONTEXT_TOKENS:], answer_ids[-1:])
         self.seen_text += fed_text
         self._recent.extend(feed + answer_ids[:-1])
+        cache, fed = self._stream
+        self._stream = (cache, None if fed is None else fed + len(feed) + len(answer_ids) - 1)
         self.turns += 1
         self.last_turn = TurnResult(
             answer=answer_text,

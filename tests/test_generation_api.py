@@ -247,6 +247,32 @@ def test_chat_refuses_to_go_on_after_an_interrupted_model_step(model_dir):
     assert chat.ask("Go on.") == fresh.ask("Go on.")
 
 
+SHARED_WRAPPER = {
+    "a second StreamingChat made on it": lambda chat, wrapper: StreamingChat(wrapper, chat.tokenizer).ask("Hi!"),
+    "a call of the wrapper": lambda chat, wrapper: wrapper(torch.tensor([[5, 6, 7]])),
+    "wrapper.reset() during an answer": lambda chat, wrapper: [wrapper.reset() for _ in chat.send("Hmm?")],
+    "an answer left unfinished": lambda chat, wrapper: [answer := chat.send("Hmm?"), next(answer), next(answer)],
+}
+
+
+@pytest.mark.parametrize("outside", SHARED_WRAPPER)
+def test_chat_refuses_to_go_on_after_its_wrapper_was_reset_or_fed_outside_it(model_dir, outside):
+    """Between two turns of a StreamingChat, its wrapper was reset (by a second StreamingChat made on it, or during an
+    answer) or fed (by a call of its own, or an answer still suspended): the next turn fed only its new part, so the
+    model answered without the conversation, or with another's tokens in it, silently. send() now refuses, saying why,
+    until reset(); the conversation then starts again as a fresh one."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    chat = StreamingChat(wrapper, tokenizer, max_new_tokens=8)
+    chat.ask("Hello!")
+    kept = SHARED_WRAPPER[outside](chat, wrapper)  # noqa: F841 (an unfinished answer is kept suspended)
+    with pytest.raises(RuntimeError, match=r"wrapper was reset or fed outside it since its last answer .* call reset\(\)"):
+        chat.send("And then?")
+    chat.reset()
+    fresh = StreamingChat(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), tokenizer, max_new_tokens=8)
+    assert chat.ask("And then?") == fresh.ask("And then?") and chat.ask("Why?") == fresh.ask("Why?")
+
+
 @pytest.mark.parametrize("wrapper_kind", WRAPPERS)
 def test_generate_stream_ends_when_its_wrapper_is_reset(model_dir, wrapper_kind):
     """wrapper.reset() while a generate_stream was iterated: the stream went on, feeding its tokens into the new, empty
@@ -267,6 +293,35 @@ def test_generate_stream_ends_when_its_wrapper_is_reset(model_dir, wrapper_kind)
     fresh = WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE)
     assert again == [piece.token_id for piece in generate_stream(fresh, tokenizer, prompt, max_new_tokens=5)]
     assert again[:3] == [piece.token_id for piece in pieces]
+
+
+@pytest.mark.parametrize("wrapper_kind", WRAPPERS)
+@pytest.mark.parametrize("other", ["the wrapper itself", "another generate_stream"])
+def test_generate_stream_refuses_to_go_on_after_its_wrapper_was_fed_elsewhere(model_dir, wrapper_kind, other):
+    """A generate_stream suspended between two tokens while the same wrapper was fed by a call of its own or by a second
+    generate_stream: resumed, it fed its token after those and sampled from their logits as if they were its own (each
+    of two interleaved streams then continued neither's text). It now refuses to go on, saying why; the other stream
+    and the wrapper are left as they are."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    first, second = tokenizer("A long time ago")["input_ids"], tokenizer("Once upon a time")["input_ids"]
+    stream = iter(generate_stream(wrapper, tokenizer, first, max_new_tokens=20))
+    taken = [next(stream).token_id for _ in range(3)]  # the first two are fed, the third is pending
+    if other == "the wrapper itself":
+        wrapper(torch.tensor([second]))
+    else:
+        intruder = iter(generate_stream(wrapper, tokenizer, second, max_new_tokens=6))
+        intruded = [next(intruder).token_id]
+    seen = wrapper.tokens_seen
+    with pytest.raises(RuntimeError, match=r"fed outside this generation since it last fed it \(\+\d+ tokens.*give "
+                                           r"each stream a wrapper of its own"):
+        next(stream)
+    assert wrapper.tokens_seen == seen
+    if other == "another generate_stream":  # the second goes on, after the first's prompt and its two fed tokens
+        intruded += [piece.token_id for piece in intruder]
+        fresh = WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+        fresh(torch.tensor([first + taken[:2]]))
+        assert intruded == [piece.token_id for piece in generate_stream(fresh, tokenizer, second, max_new_tokens=6)]
 
 
 def test_generate_stream_does_not_rebuild_the_static_steps_cache_per_token(model_dir, monkeypatch):
