@@ -656,6 +656,9 @@ class StreamingKVCache(Cache):
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
         self._shared: dict = {}
         self._warned_autograd = False
+        # The deepest layer a forward pass has reached: the model's last one once a pass has run to its end (a cache
+        # made for more layers, num_layers, keeps the rest empty).
+        self._depth = -1
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
         super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
 
@@ -696,12 +699,14 @@ class StreamingKVCache(Cache):
                 warnings.warn("StreamingKVCache is run with autograd on: the cache is for inference, no gradient "
                               "flows through its buffers (backward fails) and the autograd graph grows with the "
                               "stream; run the model under torch.no_grad() or torch.inference_mode()", stacklevel=2)
-            # Passes run the layers in order: one that stopped part-way left its last layer behind the first.
-            if self.layers and self.layers[-1].seen != self.layers[0].seen:
-                raise stopped_pass_error(self.layers[0].seen, self.layers[-1].seen)
-        elif new_layer and self.layers[0].seen > key_states.shape[-2]:
-            # a layer made only now (num_layers=None) after the first pass: that pass stopped before this layer
+            # Passes run the layers in order: one that stopped part-way left the deepest layer behind the first.
+            if self._depth > 0 and self.layers[self._depth].seen != self.layers[0].seen:
+                raise stopped_pass_error(self.layers[0].seen, self.layers[self._depth].seen)
+        elif layer_idx > self._depth and self.layers[0].seen > key_states.shape[-2]:
+            # a layer no pass reached before, after the first pass: that pass stopped before this layer
             raise stopped_pass_error(self.layers[0].seen - key_states.shape[-2], 0)
+        if layer_idx > self._depth:
+            self._depth = layer_idx
         keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
         expect_streaming_attention(self, layer_idx)
         return keys, values

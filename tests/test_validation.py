@@ -555,6 +555,44 @@ def test_a_pass_stopped_between_two_layers_is_refused_or_left_out(llama_model, s
     assert max_abs_diff(wrapper(ids), expected) <= 1e-4
 
 
+@pytest.mark.parametrize("extra_layers", [0, 1])
+def test_a_cache_made_for_its_layers_refuses_a_first_pass_stopped_part_way_only(llama_model, extra_layers):
+    """StreamingKVCache(num_layers=k) holds its layers from the start: a first pass stopped after the first layer left
+    the others empty, and the next pass filled them with its tokens only. Refused, as where the layers are made as the
+    model reaches them. A cache made for more layers than the model has (extra ones stay empty) streams as before."""
+    import copy
+
+    import torch
+
+    from streaming_llm import StreamingKVCache, prepare_model
+
+    from tiny_models import random_ids
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    layers = model.config.num_hidden_layers + extra_layers
+    ids = random_ids(12, seed=8)[None]
+
+    def feed(cache, block):
+        return model(block, position_ids=torch.zeros_like(block), past_key_values=cache, use_cache=True).logits
+
+    whole = StreamingKVCache(2, 6, num_layers=layers)
+    expected = make_wrapper(llama_model, 2, 6)(ids)
+    assert max_abs_diff(torch.cat([feed(whole, ids[:, :9]), feed(whole, ids[:, 9:])], 1), expected) <= 1e-4
+    stopped = StreamingKVCache(2, 6, num_layers=layers)
+
+    def stop(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[0].register_forward_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            feed(stopped, ids[:, :9])
+    finally:
+        handle.remove()
+    with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer holds 9 tokens, a later one 0"):
+        feed(stopped, ids[:, 9:])
+
+
 def test_an_attention_mask_of_the_new_tokens_only_is_named_as_such(llama_model):
     """A mask covering only the new tokens was refused as a "padded batch (an attention_mask with zeros)"."""
     import copy
