@@ -40,7 +40,7 @@ from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layou
                                  stopped_pass_error, written_outside_inference_mode)
 from streaming_llm.checks import check_int
 from streaming_llm.choices import COMPILE_CHOICES, DECODE_ATTENTION
-from streaming_llm.models import attention_shape, is_mixture_of_experts, sliding_windows
+from streaming_llm.models import attention_shape, compute_device, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
@@ -375,7 +375,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if not isinstance(freeze_weights, bool):
             raise ValueError(f"freeze_weights must be True or False; got {freeze_weights!r}")
         self.freeze_weights = freeze_weights  # read by _use_buffers, which the first reset() calls
-        self.device = next(model.parameters()).device
+        self.device = compute_device(model)  # where the buffers go (an offloaded model's: where accelerate runs it)
         if compiles_step(compile, self.device.type, model.config):
             check_compilable(model)  # before the model is prepared: a refused model is left as it was
         self.decode_attention = resolve_decode_attention(decode_attention, self.device)
@@ -429,7 +429,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     def _allocate(self) -> None:
         shape = attention_shape(self.model.config)
-        parameter = next(self.model.parameters())
+        dtype, device = next(self.model.parameters()).dtype, self.device
         kv_heads, head_dim = shape.kv_heads, shape.head_dim
         batch = self._batch_size
         # Layers whose window is at most window_size + 1 keep a ring of their last `window` tokens (RingLayer.sliding).
@@ -439,11 +439,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # One tensor per layer, each its own allocation (as transformers' StaticCache): a CUDA graph may mutate a
         # static input in place, but not a view of one, which would be a different input aliasing it. A sliding ring
         # has as many slots as its window and no sinks.
-        self.keys = [parameter.new_zeros(batch, kv_heads, sinks + ring, head_dim) for sinks, ring in layouts]
+        self.keys = [torch.zeros(batch, kv_heads, sinks + ring, head_dim, dtype=dtype, device=device)
+                     for sinks, ring in layouts]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
-        self.sink_keys = [parameter.new_zeros(batch, kv_heads, sinks, head_dim) for sinks, _ in layouts]
-        self.step_position = torch.zeros((), dtype=torch.long, device=parameter.device)  # t of the next token
-        self.frame_base = torch.zeros((), dtype=torch.long, device=parameter.device)
+        self.sink_keys = [torch.zeros(batch, kv_heads, sinks, head_dim, dtype=dtype, device=device) for sinks, _ in layouts]
+        self.step_position = torch.zeros((), dtype=torch.long, device=device)  # t of the next token
+        self.frame_base = torch.zeros((), dtype=torch.long, device=device)
         self._use_buffers()
 
     def _use_buffers(self) -> None:

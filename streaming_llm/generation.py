@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from streaming_llm.checks import check_int, is_int, is_integer_tensor, is_number
+from streaming_llm.models import compute_device
 
 # A byte-level piece may end inside a UTF-8 character (up to 4 bytes); past this many undecodable
 # tokens the decoder emits what it has (with U+FFFD) rather than wait for ever.
@@ -321,7 +322,7 @@ class GenerationStream:
         return logits
 
     def _run(self) -> Iterator[Piece]:
-        device = next(self.wrapper.model.parameters()).device
+        device = compute_device(self.wrapper.model)  # (an offloaded model's weights are on the meta device)
         start = time.perf_counter()
         logits = self._prefill(device)
         stream = current_cache(self.wrapper)  # reset() replaces it: the stream this generation continues

@@ -113,7 +113,10 @@ class StreamingLLMWrapper:
         if low < 0 or high >= embeddings.num_embeddings:
             raise ValueError(f"token ids must lie in [0, {embeddings.num_embeddings}) for this model; got values in "
                              f"[{low}, {high}]")
-        input_ids = input_ids.to(embeddings.weight.device)  # a tokenizer's CPU ids for a model on a GPU
+        device = embeddings.weight.device
+        # Weights offloaded by accelerate are on the meta device until its hook loads them; the hook also moves the ids.
+        if device.type != "meta" or getattr(embeddings, "_hf_hook", None) is None:
+            input_ids = input_ids.to(device)  # a tokenizer's CPU ids for a model on a GPU
         with model_lock(self.model):  # wrappers of one model in several threads take turns (attention.model_lock)
             logits = [self._feed(block) for block in input_ids.split(self.max_block, dim=1)]
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)

@@ -738,6 +738,41 @@ def test_the_wrapper_moves_ids_to_the_models_embeddings():
     assert fed == ["meta"]
 
 
+@pytest.mark.parametrize("wrapper_class", ["StreamingLLMWrapper", "FastStreamingWrapper"])
+def test_a_model_offloaded_by_accelerate_streams_as_the_model_does(llama_model, wrapper_class):
+    """accelerate's offloading (`device_map` with "cpu" or "disk", `cpu_offload`) leaves the weights on the meta device
+    until its hooks load them for a forward pass. The wrapper moved the ids to the embeddings' device, meta
+    ("Cannot copy out of meta tensor" from inside accelerate), FastStreamingWrapper allocated its buffers there, and
+    generate_stream moved the prompt there. Each now runs where the hooks run the model, with the plain model's
+    logits and tokens."""
+    import copy
+
+    import accelerate
+    import torch
+    from tiny_models import random_ids, tokenizer_of
+
+    import streaming_llm
+    from streaming_llm.generation import generate_stream
+
+    def wrapped(model):
+        kwargs = {"compile": "never"} if wrapper_class == "FastStreamingWrapper" else {}
+        return getattr(streaming_llm, wrapper_class)(model, n_sink=2, window_size=6, **kwargs)
+
+    offloaded = accelerate.cpu_offload(copy.deepcopy(llama_model), execution_device=torch.device("cpu"))
+    assert {parameter.device.type for parameter in offloaded.parameters()} == {"meta"}
+    input_ids = random_ids(16, seed=4)[None]
+    expected = wrapped(copy.deepcopy(llama_model))
+    stream = wrapped(offloaded)
+    for block in (input_ids[:, :5], input_ids[:, 5:6], input_ids[:, 6:]):
+        assert max_abs_diff(stream(block), expected(block)) <= 1e-4
+    tokenizer = tokenizer_of([f"w{index}" for index in range(128)], bos=None)
+    for wrapper in (stream, expected):
+        wrapper.reset()
+    tokens = [[piece.token_id for piece in generate_stream(wrapper, tokenizer, input_ids[0, :8], max_new_tokens=6)]
+              for wrapper in (stream, expected)]
+    assert tokens[0] == tokens[1]
+
+
 def test_batch_size_and_length_of_an_empty_and_a_fed_cache():
     """transformers' Cache properties on a cache that holds nothing yet failed inside it (IndexError, AttributeError,
     max() of nothing); they say 0 streams and the capacity, then the stream's batch."""

@@ -143,6 +143,21 @@ def is_mixture_of_experts(config) -> bool:
                                                       "moe_num_experts"))
 
 
+def compute_device(model: nn.Module) -> torch.device:
+    """The device `model` computes on: its first parameter's, or, for weights offloaded by accelerate (on the meta
+    device until its hooks load them for a forward pass: `device_map` with "cpu" or "disk", `cpu_offload`), the device
+    its hooks load them to (the first hook's `execution_device`, in module order)."""
+    device = next(model.parameters()).device
+    if device.type != "meta":
+        return device
+    for module in model.modules():
+        execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if execution_device is not None and torch.device(execution_device).type != "meta":
+            return torch.device(execution_device)
+    raise ValueError("the model's weights are on the meta device (not loaded) and no accelerate hook loads them: "
+                     "load the model's weights first")
+
+
 def model_type_name(config) -> str:
     return str(getattr(config, "model_type", type(config).__name__))
 
