@@ -8,7 +8,7 @@ from torch import nn
 from streaming_llm.attention import model_lock, prepare_model
 from streaming_llm.cache import StreamingKVCache, validate_config
 from streaming_llm.checks import check_int, is_integer_tensor
-from streaming_llm.models import adapter_for, check_capacity, describe
+from streaming_llm.models import adapter_for, check_capacity, describe, transformers_model
 
 
 class StreamingLLMWrapper:
@@ -37,7 +37,9 @@ class StreamingLLMWrapper:
         check_capacity(model.config, n_sink + window_size)
         self.model = prepare_model(model)
         self._rotary_embedding = adapter_for(model.config).rotary_embedding  # a function: a copy of the wrapper shares it
-        self._frequency_names = [name for name in self._rotary_embedding(model)._buffers if name.endswith("inv_freq")]
+        self._transformers_model = transformers_model(model)  # where _rotary_embedding looks (a PEFT model's base model)
+        self._frequency_names = [name for name in self._rotary_embedding(self._transformers_model)._buffers
+                                 if name.endswith("inv_freq")]
         self._made_for, self._frequencies = self._placement(), self._rope_frequencies()
         self.n_sink, self.window_size = n_sink, window_size
         self.position_mode, self.streaming_mode = position_mode, streaming_mode
@@ -72,7 +74,7 @@ class StreamingLLMWrapper:
         """The model's rotary module and its RoPE frequency tensors as they are now (inv_freq; Gemma 3's one per layer
         type): the objects themselves, which a cast replaces (and a model whose dtype and device are unchanged keeps).
         Read from the module's buffer dict (named_buffers() would build a generator: ~5 us at every step)."""
-        rotary_embedding = self._rotary_embedding(self.model)
+        rotary_embedding = self._rotary_embedding(self._transformers_model)
         buffers = rotary_embedding._buffers
         return (rotary_embedding, *(buffers.get(name) for name in self._frequency_names))
 

@@ -339,3 +339,38 @@ def test_a_step_torch_compile_cannot_trace_is_refused_in_one_sentence():
                                          r"compile='never'"):
         fast(input_ids[None, N_SINK : N_SINK + 1])
     assert fast.tokens_seen == N_SINK and int(fast.step_position) == N_SINK
+
+
+@pytest.mark.parametrize("wrapper_class", ["StreamingLLMWrapper", "FastStreamingWrapper"])
+def test_a_peft_model_streams_as_its_merged_model_and_prompt_learning_is_refused(llama_model, wrapper_class):
+    """A LoRA model from peft's get_peft_model (a PeftModelForCausalLM around the transformers model) was refused for
+    Llama-structured models with "'LlamaForCausalLM' object has no attribute 'rotary_emb'": the adapters looked for
+    model.model.rotary_emb, and a PEFT model's `model` is the transformers model itself. It streams as its merged model
+    now (the wrappers and prepare_model). Prefix and prompt tuning add virtual tokens to every forward pass: refused
+    in one sentence, the model left as it was (they streamed wrong logits, or failed inside the static step)."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    import streaming_llm
+    from streaming_llm import StreamingKVCache
+
+    def wrapped(model):
+        kwargs = {"compile": "never"} if wrapper_class == "FastStreamingWrapper" else {}
+        return getattr(streaming_llm, wrapper_class)(model, n_sink=2, window_size=6, **kwargs)
+
+    torch.manual_seed(3)
+    lora = get_peft_model(copy.deepcopy(llama_model), LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False,
+                                                                 target_modules=["q_proj", "k_proj", "v_proj"]))
+    merged = copy.deepcopy(lora).merge_and_unload()
+    input_ids = random_ids(16, seed=8)
+    streamed = feed_stream(wrapped(lora), input_ids, [5, 1, 1, 9])
+    assert max_abs_diff(streamed, feed_stream(wrapped(copy.deepcopy(merged)), input_ids)) <= TOLERANCE
+    prompt = input_ids[None, :5]
+    generated = [prepare_model(model).generate(prompt, past_key_values=StreamingKVCache(2, 6), max_new_tokens=10,
+                                               do_sample=False) for model in (lora, merged)]
+    assert torch.equal(*generated)
+
+    prefix = get_peft_model(copy.deepcopy(llama_model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    for make in (wrapped, prepare_model):
+        with pytest.raises(ValueError, match="prompt learning"):
+            make(prefix)
+    assert prefix.config._attn_implementation == "eager"

@@ -158,6 +158,21 @@ def compute_device(model: nn.Module) -> torch.device:
                      "load the model's weights first")
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (`peft.get_peft_model`), whose adapters (LoRA) sit inside its modules:
+    its attention modules and rotary embedding are the ones that run. Any other model as it is. ValueError for a PEFT
+    model with prompt learning (prefix or prompt tuning), whose virtual tokens every forward pass adds (a cache of
+    their own, or embeddings before the ids): a stream fed into a cache of sinks and a window has no place for them."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if not callable(get_base_model):
+        return model
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        raise ValueError("a PEFT model with prompt learning (prefix or prompt tuning) adds its virtual tokens to every "
+                         "forward pass, which a streaming cache cannot take: stream the base model, or a model with "
+                         "adapters such as LoRA")
+    return get_base_model()
+
+
 def model_type_name(config) -> str:
     return str(getattr(config, "model_type", type(config).__name__))
 
@@ -183,8 +198,9 @@ def describe(model: nn.Module) -> Architecture:
                 f"RoPE type {rope_type!r} changes its frequencies with the sequence length, which a fixed-position "
                 f"streaming cache cannot honour; supported RoPE types: {', '.join(STATIC_ROPE_TYPES)}"
             )
-    rotary_emb = adapter.rotary_embedding(model)
-    attention_modules = adapter.attention_modules(model)
+    # (a PEFT model's `model` attribute is not the transformers model's, so the adapters read the transformers model)
+    rotary_emb = adapter.rotary_embedding(transformers_model(model))
+    attention_modules = adapter.attention_modules(transformers_model(model))
     return Architecture(
         model_type=config.model_type,
         layer_rotaries=_layer_rotaries(rotary_emb, attention_modules, [adapter.applies_rope(module) for module in
