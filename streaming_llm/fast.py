@@ -40,7 +40,7 @@ from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layou
                                  stopped_pass_error, written_outside_inference_mode)
 from streaming_llm.checks import check_int
 from streaming_llm.choices import COMPILE_CHOICES, DECODE_ATTENTION
-from streaming_llm.models import attention_shape, compute_device, is_mixture_of_experts, sliding_windows
+from streaming_llm.models import attention_shape, compute_device, describe, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
 from streaming_llm.wrapper import StreamingLLMWrapper
 
@@ -375,6 +375,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if not isinstance(freeze_weights, bool):
             raise ValueError(f"freeze_weights must be True or False; got {freeze_weights!r}")
         self.freeze_weights = freeze_weights  # read by _use_buffers, which the first reset() calls
+        describe(model)  # StreamingLLMWrapper's refusal of what is no supported model, before its config is read here
         self.device = compute_device(model)  # where the buffers go (an offloaded model's: where accelerate runs it)
         if compiles_step(compile, self.device.type, model.config):
             check_compilable(model)  # before the model is prepared: a refused model is left as it was

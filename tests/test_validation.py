@@ -73,6 +73,19 @@ def test_a_model_without_its_head_is_refused_by_name(llama_model):
             use(llama_model.model)
 
 
+def test_the_fast_wrapper_refuses_what_is_no_causal_lm_as_the_wrapper_does(llama_model):
+    """A model inside torch.nn.DataParallel (or anything without a config) failed in FastStreamingWrapper with
+    "'DataParallel' object has no attribute 'config'", where StreamingLLMWrapper says what it expects."""
+    import torch
+
+    from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
+
+    for model in (torch.nn.DataParallel(llama_model), llama_model.state_dict()):
+        for wrapper_class in (StreamingLLMWrapper, FastStreamingWrapper):
+            with pytest.raises(TypeError, match="expected a Hugging Face causal language model .* got (DataParallel|OrderedDict)"):
+                wrapper_class(model, 4, 8)
+
+
 def test_model_without_rotary_features_is_refused():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
