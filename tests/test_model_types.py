@@ -348,6 +348,7 @@ def test_a_peft_model_streams_as_its_merged_model_and_prompt_learning_is_refused
     model.model.rotary_emb, and a PEFT model's `model` is the transformers model itself. It streams as its merged model
     now (the wrappers and prepare_model). Prefix and prompt tuning add virtual tokens to every forward pass: refused
     in one sentence, the model left as it was (they streamed wrong logits, or failed inside the static step)."""
+    pytest.importorskip("peft")  # installed with kvpress
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     import streaming_llm
