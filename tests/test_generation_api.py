@@ -265,9 +265,10 @@ def test_chat_refuses_to_go_on_after_its_wrapper_was_reset_or_fed_outside_it(mod
     wrapper = StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE)
     chat = StreamingChat(wrapper, tokenizer, max_new_tokens=8)
     chat.ask("Hello!")
-    kept = SHARED_WRAPPER[outside](chat, wrapper)  # noqa: F841 (an unfinished answer is kept suspended)
+    kept = SHARED_WRAPPER[outside](chat, wrapper)  # an unfinished answer is kept suspended until the refusal
     with pytest.raises(RuntimeError, match=r"wrapper was reset or fed outside it since its last answer .* call reset\(\)"):
         chat.send("And then?")
+    del kept
     chat.reset()
     fresh = StreamingChat(StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE), tokenizer, max_new_tokens=8)
     assert chat.ask("And then?") == fresh.ask("And then?") and chat.ask("Why?") == fresh.ask("Why?")
