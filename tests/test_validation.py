@@ -75,14 +75,16 @@ def test_a_model_without_its_head_is_refused_by_name(llama_model):
 
 def test_the_fast_wrapper_refuses_what_is_no_causal_lm_as_the_wrapper_does(llama_model):
     """A model inside torch.nn.DataParallel (or anything without a config) failed in FastStreamingWrapper with
-    "'DataParallel' object has no attribute 'config'", where StreamingLLMWrapper says what it expects."""
+    "'DataParallel' object has no attribute 'config'", where StreamingLLMWrapper says what it expects (and, for a
+    model held by DataParallel, where it is)."""
     import torch
 
     from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
 
-    for model in (torch.nn.DataParallel(llama_model), llama_model.state_dict()):
+    for model, got in ((torch.nn.DataParallel(llama_model), r"DataParallel; pass the model it holds \(.module\)"),
+                       (llama_model.state_dict(), "OrderedDict$")):
         for wrapper_class in (StreamingLLMWrapper, FastStreamingWrapper):
-            with pytest.raises(TypeError, match="expected a Hugging Face causal language model .* got (DataParallel|OrderedDict)"):
+            with pytest.raises(TypeError, match=f"expected a Hugging Face causal language model .* got {got}"):
                 wrapper_class(model, 4, 8)
 
 

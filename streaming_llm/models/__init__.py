@@ -181,7 +181,10 @@ def describe(model: nn.Module) -> Architecture:
     """Inspect a loaded Hugging Face causal LM; ValueError if streaming cannot support it."""
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or config is None:
-        raise TypeError(f"expected a Hugging Face causal language model (a torch module with a .config), got {type(model).__name__}")
+        inner = getattr(model, "module", None)  # torch's DataParallel and DistributedDataParallel hold the model here
+        hint = "; pass the model it holds (.module)" if isinstance(inner, nn.Module) and hasattr(inner, "config") else ""
+        raise TypeError(f"expected a Hugging Face causal language model (a torch module with a .config), got "
+                        f"{type(model).__name__}{hint}")
     output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
     if output_embeddings is None:  # AutoModel's bare decoder: no logits to stream
         raise TypeError(f"expected a causal language model with its head (AutoModelForCausalLM), got a "
