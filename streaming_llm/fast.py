@@ -516,8 +516,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     @cache.setter
     def cache(self, cache: StreamingKVCache) -> None:
-        # The next call looks at the cache given (_follow_cache), which only the wrapper's own passes: the static step
-        # went on with the wrapper's buffers and count, as if no other cache had been given.
+        # Marked current, so that the next call looks at the cache given (_follow_cache) and refuses one that does not
+        # hold the wrapper's buffers: the static step went on with its own buffers and count, as if none had been given.
         self._cache, self._ring_current = cache, True
 
     @property

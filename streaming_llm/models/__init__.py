@@ -202,8 +202,8 @@ def describe(model: nn.Module) -> Architecture:
                 f"streaming cache cannot honour; supported RoPE types: {', '.join(STATIC_ROPE_TYPES)}"
             )
     # (a PEFT model's `model` attribute is not the transformers model's, so the adapters read the transformers model)
-    rotary_emb = adapter.rotary_embedding(transformers_model(model))
-    attention_modules = adapter.attention_modules(transformers_model(model))
+    inner = transformers_model(model)
+    rotary_emb, attention_modules = adapter.rotary_embedding(inner), adapter.attention_modules(inner)
     return Architecture(
         model_type=config.model_type,
         layer_rotaries=_layer_rotaries(rotary_emb, attention_modules, [adapter.applies_rope(module) for module in
