@@ -110,6 +110,7 @@ def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tenso
     return (
         query.device.type == "cpu"
         and query.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_autocast_enabled("cpu")  # an op autocast does not cast: q (rotated) and v differ there
         and int(new_positions[0]) >= policy.n_sink
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
@@ -171,6 +172,10 @@ class StreamingLayer(CacheLayerMixin):
     def update(self, key_states, value_states, cache_kwargs=None):
         """Record the step's new keys/values; the attention function consumes them (see attention.py)."""
         if not self.is_initialized:
+            self.begun_under_autocast = torch.is_autocast_enabled(key_states.device.type)
+            if self.begun_under_autocast:  # one dtype for both (`_held_dtype`)
+                dtype = torch.promote_types(key_states.dtype, value_states.dtype)
+                key_states, value_states = key_states.to(dtype), value_states.to(dtype)
             self.lazy_initialization(key_states, value_states)
         elif written_outside_inference_mode(self.values):
             self.leave_inference_mode()
@@ -180,6 +185,8 @@ class StreamingLayer(CacheLayerMixin):
                 "goes on with its batch size: generate() with num_return_sequences or num_beams > 1 multiplies it; "
                 "reset the cache for a new batch)"
             )
+        if (key_states.dtype, value_states.dtype) != (self.values.dtype, self.values.dtype):
+            key_states, value_states = self._held_dtype(key_states, value_states)
         held = (self.values.shape[1], self.values.shape[-1], self.values.dtype, self.values.device)
         if (key_states.shape[1], value_states.shape[-1], value_states.dtype, value_states.device) != held:
             raise ValueError(  # another model (heads, head size) or the same one moved to another dtype or device
@@ -194,6 +201,27 @@ class StreamingLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.seen
+
+    begun_under_autocast = False
+
+    def _held_dtype(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's keys and values in the dtype the layer holds, where torch.autocast made them differ from it: its
+        projections come out in autocast's dtype, and a model that rotates keys with angles in its own dtype (Llama)
+        turns them back, so a step's keys and values differ from each other and from a stream begun outside it (refused
+        as keys of "another dtype": "make a new one for this model"). Under autocast they are cast to the held dtype
+        (the attention computes in autocast's all the same); a layer begun under it that held them in autocast's dtype
+        (no RoPE: SmolLM3's every fourth) takes the model's wider one after it, as torch.cat would. Anything else is
+        left to update's refusal (a model cast after the stream began)."""
+        dtype = self.values.dtype
+        if torch.is_autocast_enabled(key_states.device.type):
+            return key_states.to(dtype), value_states.to(dtype)
+        if (self.begun_under_autocast and key_states.dtype == value_states.dtype
+                and torch.promote_types(dtype, key_states.dtype) == key_states.dtype):
+            for name, held in list(vars(self).items()):
+                if isinstance(held, torch.Tensor) and held.is_floating_point():
+                    setattr(self, name, held.to(key_states.dtype))
+            self.dtype = key_states.dtype
+        return key_states, value_states
 
     def leave_inference_mode(self) -> None:
         """Go on outside torch.inference_mode() with a stream begun inside it: the held tensors were inference

@@ -153,6 +153,9 @@ class StaticStepLayer(CacheLayerMixin):
         if self.ring_position is not None:
             slot = slots = (self.ring_position % self.keys.shape[-2]).reshape(1)
         key_states = self.to_half_layout(key_states)
+        if (key_states.dtype, value_states.dtype) != (self.keys.dtype, self.values.dtype):
+            # under torch.autocast (StreamingLayer._held_dtype): the buffers hold the model's dtype
+            key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
         n_sink = self.sink_keys.shape[-2]
         if n_sink:
             # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks

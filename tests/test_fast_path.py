@@ -540,6 +540,46 @@ def test_a_stream_begun_under_inference_mode_goes_on_outside_it(llama_model):
                        expected)
 
 
+def test_a_stream_under_autocast_and_begun_or_continued_outside_it(llama_model):
+    """torch.autocast("cpu", dtype=torch.bfloat16) around the calls on an fp32 model (common in notebooks): the
+    projections give bfloat16 keys and values, and Llama's RoPE (angles in float32) turns the keys back to float32.
+    Every wrapper failed inside torch ("expected scalar type Float but found BFloat16" from the fused CPU attention,
+    index_copy_'s dtypes in the static step) or refused the stream as another model's ("this cache holds keys of another
+    shape, dtype or device ... make a new one for this model"), also a stream begun outside autocast and continued
+    under it, or the reverse. Now each streams within bfloat16's tolerance of the float32 stream (logits up to ~6
+    here; the dense model under the same autocast is 0.2 off its float32 logits); SmolLM3's layer without RoPE, which
+    holds bfloat16 when begun under autocast, takes float32 after it; model.generate() picks the same tokens."""
+    from tiny_models import build_llama_family
+
+    from streaming_llm import StreamingKVCache, prepare_model
+
+    ids = random_ids(40, seed=1).reshape(1, -1)
+    pieces = [(0, 16), *((i, i + 1) for i in range(16, 28)), (28, 34), *((i, i + 1) for i in range(34, 40))]
+    plans = {"under it": [True] * 20, "begun under it": [True] + [False] * 19, "continued under it": [False] + [True] * 19}
+
+    def stream(wrapper, under):  # blocks and single tokens
+        logits = []
+        for index, (start, stop) in enumerate(pieces):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under[index]):
+                logits.append(wrapper(ids[:, start:stop]).float())
+        return torch.cat(logits, dim=1)
+
+    smollm3 = build_llama_family("smollm3")
+    for model, make in ((llama_model, lambda model: make_wrapper(model, 2, 8)),
+                        (llama_model, lambda model: make_wrapper(model, 2, 8, streaming_mode="mit")),
+                        (llama_model, lambda model: make_fast(model, 2, 8, compile="never")),
+                        (smollm3, lambda model: make_wrapper(model, 2, 8))):
+        expected = stream(make(model), [False] * 20)
+        for name, under in plans.items():
+            assert max_abs_diff(stream(make(model), under), expected) < 0.3, name
+    model = prepare_model(copy.deepcopy(llama_model))
+    expected = model.generate(ids[:, :20], past_key_values=StreamingKVCache(2, 8), max_new_tokens=10, do_sample=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generated = model.generate(ids[:, :20], past_key_values=StreamingKVCache(2, 8), max_new_tokens=10,
+                                   do_sample=False)
+    assert torch.equal(generated, expected)
+
+
 def test_autograd_on_is_named_once(llama_model):
     """The cache is for inference: with autograd on (no torch.no_grad()), its in-place buffers make backward fail
     and keep every step's graph alive, so memory grows with the stream. It runs, but says so once per cache."""
