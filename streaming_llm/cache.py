@@ -185,7 +185,8 @@ class StreamingLayer(CacheLayerMixin):
                 "goes on with its batch size: generate() with num_return_sequences or num_beams > 1 multiplies it; "
                 "reset the cache for a new batch)"
             )
-        if (key_states.dtype, value_states.dtype) != (self.values.dtype, self.values.dtype):
+        held_dtype = self.values.dtype
+        if key_states.dtype is not held_dtype or value_states.dtype is not held_dtype:  # (dtypes are singletons)
             key_states, value_states = self._held_dtype(key_states, value_states)
         held = (self.values.shape[1], self.values.shape[-1], self.values.dtype, self.values.device)
         if (key_states.shape[1], value_states.shape[-1], value_states.dtype, value_states.device) != held:
