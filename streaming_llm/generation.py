@@ -370,8 +370,8 @@ class GenerationStream:
                 raise RuntimeError(f"the wrapper's stream was fed outside this generation since it last fed it "
                                    f"({tokens_seen(self.wrapper) - fed:+d} tokens: another generate_stream or "
                                    "StreamingChat on the same wrapper, or a call of the wrapper itself), so the model no "
-                                   "longer holds what it has fed; give each stream a wrapper of its own "
-                                   "(copy.deepcopy(wrapper) branches one)")
+                                   "longer holds what it has fed; give each stream a wrapper of its own (wrappers of one model "
+                                   "share its weights: make another on the same model)")
             recent.append(token)
             logits = self.wrapper(torch.tensor([[token]], device=device))[0, -1]
             fed = tokens_seen(self.wrapper)
