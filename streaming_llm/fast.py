@@ -515,6 +515,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def _resume_layers(self) -> None:
         for layer in self._cache.layers:
             layer.resume(self.seen, self.base)
+        # The static steps went through every layer: a pass has reached the last one (StreamingKVCache._depth; with
+        # n_sink = 0 the first token is a static step, and the first block after it was refused as a stopped pass).
+        self._cache._depth = len(self._cache.layers) - 1
         self._ring_current = True
 
     @cache.setter
