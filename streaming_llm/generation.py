@@ -690,6 +690,9 @@ class StreamingChat:
                 if not answer_ids:  # the prompt has been fed
                     self.messages, self.seen_text, self._answer_start = messages, seen_text, len(seen_text)
                     self._pending_token = None
+                    # into the stream the wrapper holds now: a FastStreamingWrapper made or last reset for another
+                    # batch size starts a new one for the first turn's batch of 1 (the next send() was refused)
+                    self._stream = (current_cache(self.wrapper), self._stream[1])
                 answer_ids.append(piece.token_id)
                 answer_text.append(piece.text)
                 yield piece

@@ -274,6 +274,19 @@ def test_chat_refuses_to_go_on_after_its_wrapper_was_reset_or_fed_outside_it(mod
     assert chat.ask("And then?") == fresh.ask("And then?") and chat.ask("Why?") == fresh.ask("Why?")
 
 
+def test_chat_goes_on_on_a_fast_wrapper_last_reset_for_another_batch_size(model_dir):
+    """A FastStreamingWrapper reset for (or fed) a batch of 2 before a StreamingChat was made on it starts a new stream,
+    a new cache object, for the first turn's batch of 1: the chat's second send() was refused as if the wrapper had
+    been reset outside it."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = FastStreamingWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE, compile="never")
+    wrapper.reset(batch_size=2)
+    chat = StreamingChat(wrapper, tokenizer, max_new_tokens=4)
+    fresh = StreamingChat(FastStreamingWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE, compile="never"), tokenizer,
+                          max_new_tokens=4)
+    assert [chat.ask("Hello!"), chat.ask("And then?")] == [fresh.ask("Hello!"), fresh.ask("And then?")]
+
+
 @pytest.mark.parametrize("wrapper_kind", WRAPPERS)
 def test_generate_stream_ends_when_its_wrapper_is_reset(model_dir, wrapper_kind):
     """wrapper.reset() while a generate_stream was iterated: the stream went on, feeding its tokens into the new, empty
