@@ -214,6 +214,16 @@ class WrapperCache(StreamingKVCache):
         self._take_up_static_steps()  # generate() feeds the ids past this count
         return super().get_seq_length(layer_idx)
 
+    def __deepcopy__(self, memo):
+        """A copy of the stream as it is now: a reference kept from before static steps (or `wrapper.current_cache`)
+        takes them up first, as when it is fed. Its copy held the buffers as the steps left them with the count and slot
+        positions of before, and fed on from there (logits off by ~8 on the tiny Llama)."""
+        self._take_up_static_steps()
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         wrapper = self._wrapper()
         if wrapper is not None and layer_idx == 0:

@@ -357,6 +357,25 @@ def test_a_copy_of_the_wrappers_cache_copies_the_stream_not_the_model(llama_mode
     assert copied.get_seq_length() == fast.tokens_seen == 40
 
 
+@pytest.mark.parametrize("kept", ["cache", "current_cache"])
+def test_a_copy_of_a_cache_reference_kept_from_before_static_steps_copies_the_stream_as_it_is_now(llama_model, kept):
+    """copy.deepcopy of `fast.cache` read before some static steps (or of `fast.current_cache`) copied the buffers as the
+    steps left them with the count and slot positions of before: fed on, it gave logits off by ~8 (its count 4 short).
+    It takes the steps up first, as the reference itself does when it is fed."""
+    input_ids = random_ids(16, seed=60)
+    fast = make_fast(llama_model)
+    fast(input_ids[None, :6])
+    cache = getattr(fast, kept)
+    for t in range(6, 10):
+        fast.step(input_ids[None, t : t + 1])
+    copied = copy.deepcopy(cache)
+    assert copied.get_seq_length() == 10
+    wrapper = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    wrapper.cache = copied
+    assert max_abs_diff(wrapper(input_ids[None, 10:])[0], feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE),
+                                                                      input_ids)[10:]) <= TOLERANCE
+
+
 @pytest.mark.parametrize("given", ["a new StreamingKVCache", "a copy of its own cache"])
 def test_a_cache_given_to_the_wrapper_after_static_steps_is_refused(llama_model, given):
     """fast.cache = another cache after static steps: the next step went on with the wrapper's own buffers and count, as
