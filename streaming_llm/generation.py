@@ -656,7 +656,9 @@ class StreamingChat:
                                "fed, so the cache may hold part of a token or of a message: call reset() to start a "
                                "new conversation")
         cache, fed = self._stream
-        if current_cache(self.wrapper) is not cache or tokens_seen(self.wrapper) != fed:
+        seen = tokens_seen(self.wrapper)
+        # A conversation that has fed nothing goes on on any empty stream (its wrapper reset again before the first turn).
+        if not (fed == 0 and seen == 0) and (current_cache(self.wrapper) is not cache or seen != fed):
             raise RuntimeError("this conversation's wrapper was reset or fed outside it since its last answer (another "
                                "StreamingChat or generate_stream on the same wrapper, a call of the wrapper itself, or "
                                "an answer of this conversation still being iterated), so the model no longer holds the "

@@ -274,6 +274,23 @@ def test_chat_refuses_to_go_on_after_its_wrapper_was_reset_or_fed_outside_it(mod
     assert chat.ask("And then?") == fresh.ask("And then?") and chat.ask("Why?") == fresh.ask("Why?")
 
 
+@pytest.mark.parametrize("wrapper_kind", WRAPPERS)
+def test_chat_goes_on_on_its_wrapper_reset_before_its_first_turn(model_dir, wrapper_kind):
+    """wrapper.reset() between making a StreamingChat and its first turn leaves an empty stream, which holds all of the
+    conversation so far: its first send() was refused as if the wrapper had been reset in the middle of it. A wrapper fed
+    before the first turn is still refused."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    chat = StreamingChat(wrapper, tokenizer, max_new_tokens=4)
+    wrapper.reset()
+    fresh = StreamingChat(WRAPPERS[wrapper_kind](model, n_sink=N_SINK, window_size=WINDOW_SIZE), tokenizer, max_new_tokens=4)
+    assert [chat.ask("Hello!"), chat.ask("And then?")] == [fresh.ask("Hello!"), fresh.ask("And then?")]
+    chat.reset()
+    wrapper(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(RuntimeError, match="wrapper was reset or fed outside it"):
+        chat.send("Hello!")
+
+
 def test_chat_goes_on_on_a_fast_wrapper_last_reset_for_another_batch_size(model_dir):
     """A FastStreamingWrapper reset for (or fed) a batch of 2 before a StreamingChat was made on it starts a new stream,
     a new cache object, for the first turn's batch of 1: the chat's second send() was refused as if the wrapper had
