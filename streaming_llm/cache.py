@@ -99,9 +99,9 @@ def stopped_pass_error(first_layer_seen: int, later_layer_seen: int) -> RuntimeE
     step's tokens). Fed on, such a stream was attended, silently, as a stream some layers never saw (logits off by 1 to
     4 on the tiny Llama), whether the token was fed again or not."""
     return RuntimeError(f"a forward pass through this stream stopped part-way (an exception or KeyboardInterrupt in a "
-                        f"layer): its first layer holds {first_layer_seen} tokens, a later one {later_layer_seen}, so "
-                        "the layers no longer hold the same stream; reset it (wrapper.reset(), cache.reset()) to start "
-                        "a new one")
+                        f"layer): its first layer has taken {first_layer_seen} tokens of the stream, a later one "
+                        f"{later_layer_seen}, so the layers no longer hold the same stream; reset it (wrapper.reset(), "
+                        "cache.reset()) to start a new one")
 
 
 def _can_use_fused_cpu_attention(query: torch.Tensor, new_positions: torch.Tensor, policy: PositionPolicy) -> bool:

@@ -220,8 +220,8 @@ def test_step_takes_a_new_streams_batch_size_and_refuses_another_under_way(llama
 
 def test_a_block_after_a_stream_begun_with_static_steps(llama_model):
     """With n_sink = 0 a stream's first token is a static step, which goes through every layer without the cache's
-    update: the first block fed after such steps was refused as a forward pass stopped part-way ("its first layer holds
-    3 tokens, a later one 0"), though every layer held the stream."""
+    update: the first block fed after such steps was refused as a forward pass stopped part-way ("its first layer has
+    taken 3 tokens of the stream, a later one 0"), though every layer held the stream."""
     input_ids = random_ids(12, seed=57)
     expected = feed_stream(make_wrapper(llama_model, 0, WINDOW_SIZE), input_ids)
     fast = make_fast(llama_model, n_sink=0)

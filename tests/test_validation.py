@@ -563,8 +563,8 @@ def test_a_pass_stopped_between_two_layers_is_refused_or_left_out(llama_model, s
         return
     for again in (lambda: wrapper(ids[:, before : before + length]), lambda: wrapper(ids[:, -1:]),
                   lambda: feed(ids[:, -1:])):
-        with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer holds \d+ tokens, a later one "
-                                               r"\d+, .* reset it"):
+        with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer has taken \d+ tokens of the stream, a "
+                                               r"later one \d+, .* reset it"):
             again()
     wrapper.reset()
     assert max_abs_diff(wrapper(ids), expected) <= 1e-4
@@ -604,7 +604,8 @@ def test_a_cache_made_for_its_layers_refuses_a_first_pass_stopped_part_way_only(
             feed(stopped, ids[:, :9])
     finally:
         handle.remove()
-    with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer holds 9 tokens, a later one 0"):
+    with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer has taken 9 tokens of the stream, a later "
+                                           r"one 0"):
         feed(stopped, ids[:, 9:])
 
 
