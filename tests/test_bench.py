@@ -100,6 +100,8 @@ def test_method_selection():
     assert select_methods("mit, recompute", "cpu") == ["mit", "recompute"]
     with pytest.raises(ValueError, match="unknown method"):
         select_methods("mit,fastest", "cpu")
+    with pytest.raises(ValueError, match=r"unknown method\(s\) 'all', 'foo'; choose from .* \(or all, or default, alone\)"):
+        select_methods("all,foo", "cpu")  # the names each quoted, not the list as one
 
 
 def test_bench_command_writes_json_and_png(tmp_path, capsys):

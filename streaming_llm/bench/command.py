@@ -42,7 +42,8 @@ def select_methods(text: str, device: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown method(s) {', '.join(unknown) or text!r}; choose from {', '.join(METHODS)}")
+        named = ", ".join(map(repr, unknown)) or repr(text)
+        raise ValueError(f"unknown method(s) {named}; choose from {', '.join(METHODS)} (or all, or default, alone)")
     repeated = sorted({m for m in methods if methods.count(m) > 1})
     if repeated:
         raise ValueError(f"--methods names {', '.join(repeated)} more than once")
