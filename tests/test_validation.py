@@ -512,6 +512,20 @@ def test_a_hand_off_left_by_another_cache_does_not_fail_the_next_stream(llama_mo
         stale.update(states, states, 1)
 
 
+def interrupt_after_the_first_layer(model, feed) -> None:
+    """Run `feed()` with a KeyboardInterrupt raised after the model's first layer: a forward pass stopped part-way."""
+
+    def stop(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[0].register_forward_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            feed()
+    finally:
+        handle.remove()
+
+
 # (wrapper, tokens fed first, tokens of the call stopped in its second layer, whether that call is a fast step())
 STOPPED_PASSES = {
     "general path, a block": ("general", 10, 3, False),
@@ -545,17 +559,8 @@ def test_a_pass_stopped_between_two_layers_is_refused_or_left_out(llama_model, s
     expected = make_wrapper(llama_model, 2, 6)(ids)
     if before:
         wrapper(ids[:, :before])
-
-    def stop(module, args, output):
-        raise KeyboardInterrupt
-
     feed = wrapper.step if step else wrapper
-    handle = model.model.layers[0].register_forward_hook(stop)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            feed(ids[:, before : before + length])
-    finally:
-        handle.remove()
+    interrupt_after_the_first_layer(model, lambda: feed(ids[:, before : before + length]))
     if stopped == "fast wrapper, the static step":
         assert wrapper.tokens_seen == before
         assert max_abs_diff(torch.cat([feed(ids[:, t : t + 1]) for t in range(before, ids.shape[1])], 1),
@@ -594,16 +599,7 @@ def test_a_cache_made_for_its_layers_refuses_a_first_pass_stopped_part_way_only(
     expected = make_wrapper(llama_model, 2, 6)(ids)
     assert max_abs_diff(torch.cat([feed(whole, ids[:, :9]), feed(whole, ids[:, 9:])], 1), expected) <= 1e-4
     stopped = StreamingKVCache(2, 6, num_layers=layers)
-
-    def stop(module, args, output):
-        raise KeyboardInterrupt
-
-    handle = model.model.layers[0].register_forward_hook(stop)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            feed(stopped, ids[:, :9])
-    finally:
-        handle.remove()
+    interrupt_after_the_first_layer(model, lambda: feed(stopped, ids[:, :9]))
     with pytest.raises(RuntimeError, match=r"stopped part-way .* first layer has taken 9 tokens of the stream, a later "
                                            r"one 0"):
         feed(stopped, ids[:, 9:])
