@@ -717,8 +717,7 @@ class StreamingKVCache(Cache):
         return self.cache_capacity
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        new_layer = layer_idx >= len(self.layers)
-        if new_layer and self.layer_class_to_replicate is None:
+        if layer_idx >= len(self.layers) and self.layer_class_to_replicate is None:
             raise ValueError(f"this cache was made for {len(self.layers)} layers (num_layers); the model has more: "
                              "leave num_layers out, or give the model's number of layers")
         if layer_idx == 0:  # a new forward pass: per-step values shared across layers are recomputed
