@@ -21,7 +21,7 @@ _PUBLIC = {
     "load_model": "streaming_llm.loading",
     "generate_stream": "streaming_llm.generation",
     "StreamingChat": "streaming_llm.generation",
-    "SamplingConfig": "streaming_llm.generation",
+    "SamplingConfig": "streaming_llm.sampling",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def is_int(value) -> bool:
@@ -26,11 +28,15 @@ def check_int(name: str, value, minimum: int, note: str = "") -> int:
 
 def is_integer_tensor(tensor: torch.Tensor) -> bool:
     """True for a tensor of an integer dtype (bool, float and complex are not token ids)."""
+    import torch  # here, not above: SamplingConfig's checks are made before the command line loads torch
+
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def check_token_ids(name: str, ids, min_length: int = 0) -> None:
     """ValueError unless `ids` is an integer tensor of token ids of shape [1, n], n >= min_length."""
+    import torch
+
     if torch.is_tensor(ids):
         if is_integer_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1 and ids.shape[1] >= min_length:
             return

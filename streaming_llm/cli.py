@@ -207,7 +207,7 @@ def check_text_options(args: argparse.Namespace) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    from streaming_llm.generation import SamplingConfig
+    from streaming_llm.sampling import SamplingConfig
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -245,8 +245,6 @@ def _write_text(text: str) -> None:
 # -- generate --------------------------------------------------------------------------------------------
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm generate`."""
-    from streaming_llm.generation import end_of_turn_ids, generate_stream
-
     if args.prompt is None and args.prompt_file is None:
         raise ValueError("give the prompt with --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
     prompt = require_utf8(args.prompt, "--prompt") if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
@@ -254,6 +252,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty" if args.prompt is not None else f"the prompt file {args.prompt_file} is empty")
     check_text_options(args)
     sampling = sampling_from_args(args)
+    from streaming_llm.generation import end_of_turn_ids, generate_stream  # after the usage checks: torch loads here
+
     wrapper, tokenizer = wrapper_from_args(args)
 
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -385,8 +385,6 @@ def _chat_stats(chat) -> dict:
 
 def run_chat(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm chat`."""
-    from streaming_llm.generation import StreamingChat
-
     if args.output is not None and not args.script:
         raise ValueError("--output records the answers of a --script run; give --script too")
     if args.output is not None:
@@ -394,6 +392,8 @@ def run_chat(args: argparse.Namespace) -> int:
     script = read_script(args.script) if args.script else None
     check_text_options(args)
     sampling = sampling_from_args(args)
+    from streaming_llm.generation import StreamingChat  # after the usage checks: torch loads here
+
     wrapper, tokenizer = wrapper_from_args(args)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model_label(args)} has no chat template; chat needs an instruct model (for a base model use generate --chat-template off)")

@@ -24,8 +24,8 @@ def test_import_is_light_and_every_public_name_resolves():
 
 def test_help_of_every_command_answers_without_torch():
     """The parser is built from names only (streaming_llm.choices, the method tables), so `streaming-llm --help`
-    answers at once, not after the seconds torch and transformers take to import. So do bench's usage errors (an
-    unknown method took 4 s)."""
+    answers at once, not after the seconds torch and transformers take to import. So do the usage errors of bench,
+    eval, generate and chat (an unknown method took 4 s, a --top-p of 7 2.5 s)."""
     probe = (
         "import contextlib, io, sys\n"
         "from streaming_llm.cli import build_parser, main\n"
@@ -33,10 +33,14 @@ def test_help_of_every_command_answers_without_torch():
         "for argv in [['--help'], ['--version']] + [[command, '--help'] for command in commands]:\n"
         "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
         "        assert main(argv) == 0 and out.getvalue(), argv\n"
-        "for option, value, words in [('--methods', 'nope', 'unknown method'), ('--methods', 'mit,mit', 'more than once'),\n"
-        "                             ('--rounds', '0', '--rounds'), ('--tag', '../x', 'plain file name')]:\n"
+        "for argv, words in [(['bench', '--methods', 'nope'], 'unknown method'), (['bench', '--methods', 'mit,mit'], 'more than once'),\n"
+        "                    (['bench', '--rounds', '0'], '--rounds'), (['bench', '--tag', '../x'], 'plain file name'),\n"
+        "                    (['eval', '--methods', 'nope'], 'unknown method'), (['eval', '--num-tokens', '1'], '--num-tokens'),\n"
+        "                    (['generate', '--prompt', 'hi', '--top-p', '7'], '--top-p'), (['generate'], '--prompt-file'),\n"
+        "                    (['generate', '--prompt-file', 'no/such/prompt.txt'], 'not found'),\n"
+        "                    (['chat', '--max-new-tokens', '0'], '--max-new-tokens'), (['chat', '--output', 'a.json'], '--script')]:\n"
         "    with contextlib.redirect_stderr(io.StringIO()) as err:\n"
-        "        assert main(['bench', option, value]) == 2 and words in err.getvalue(), err.getvalue()\n"
+        "        assert main(argv) == 2 and words in err.getvalue(), (argv, err.getvalue())\n"
         "print(len(commands), sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -165,11 +165,6 @@ def _model_name(model_arg) -> str:
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm eval`."""
     from streaming_llm.cli_common import show_progress
-    from streaming_llm.data import load_tokens, read_source
-    from streaming_llm.eval.harness import run_method, run_recompute_sample
-    from streaming_llm.eval.results import prepare_output_dir
-    from streaming_llm.loading import load_model
-    from streaming_llm.models import UnsupportedModelError, check_capacity
 
     _positive("num-tokens", args.num_tokens, 2)
     _positive("block-size", args.block_size)
@@ -183,8 +178,14 @@ def run_eval(args: argparse.Namespace) -> int:
     quiet = not show_progress(args)  # progress bars and status lines only on a terminal
     device, dtype = args.device, args.dtype
     plot_path = check_figure_path(args.plot, "--plot") if args.plot else None
-    output_dir = prepare_output_dir(args.output_dir)
+    # after the usage checks above, which answer at once: torch and transformers load here
+    from streaming_llm.data import load_tokens, read_source
+    from streaming_llm.eval.harness import run_method, run_recompute_sample
+    from streaming_llm.eval.results import prepare_output_dir
+    from streaming_llm.loading import load_model
+    from streaming_llm.models import UnsupportedModelError, check_capacity
 
+    output_dir = prepare_output_dir(args.output_dir)
     text, data = read_source(args.data, args.num_tokens)
     add_bos = BOS_CHOICES[args.bos]
     if add_bos is not None:  # a stream other than the default one: its own result names (results.data_label)
