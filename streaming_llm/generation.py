@@ -657,7 +657,7 @@ class StreamingChat:
             raise
         except BaseException as error:  # raised by the stream: a token may be in some layers' cache and not in others
             if self._conversation is conversation:
-                self._failure = type(error).__name__
+                self._failure = _what_ended(error)
             raise
         finally:
             if answer_ids and self._conversation is conversation and self._failure is None:
@@ -687,6 +687,13 @@ class StreamingChat:
     def ask(self, user_text: str, max_new_tokens: int | None = None) -> str:
         """Send a message and return the whole answer."""
         return "".join(piece.text for piece in self.send(user_text, max_new_tokens))
+
+
+def _what_ended(error: BaseException) -> str:
+    """An error that ended a turn, as the next send() names it: its type and the first line of its message (so a
+    refusal from inside the turn, such as a wrapper fed outside the conversation, is named, not only "RuntimeError")."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__} ({lines[0]})" if lines else type(error).__name__
 
 
 def _common_prefix_length(a: str, b: str) -> int:

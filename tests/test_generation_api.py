@@ -247,6 +247,23 @@ def test_chat_refuses_to_go_on_after_an_interrupted_model_step(model_dir):
     assert chat.ask("Go on.") == fresh.ask("Go on.")
 
 
+def test_chat_names_what_ended_a_broken_answer(model_dir):
+    """An answer broken off by generate_stream's refusal (its wrapper fed by a call of its own between two tokens): the
+    next send() said only that the answer "ended with RuntimeError while the model was fed", which reads as a failure
+    of the model; it now quotes the refusal, which names the feed from outside."""
+    model, tokenizer = load_tiny(model_dir)
+    wrapper = StreamingLLMWrapper(model, n_sink=N_SINK, window_size=WINDOW_SIZE)
+    chat = StreamingChat(wrapper, tokenizer, max_new_tokens=8)
+    answer = chat.send("Hello!")
+    next(answer)
+    wrapper(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(RuntimeError, match="fed outside this generation"):
+        next(answer)
+    with pytest.raises(RuntimeError, match=r"ended with RuntimeError \(the wrapper's stream was fed outside this generation .*\) "
+                                           r"while the model was fed, .* call reset\(\)"):
+        chat.send("And then?")
+
+
 SHARED_WRAPPER = {
     "a second StreamingChat made on it": lambda chat, wrapper: StreamingChat(wrapper, chat.tokenizer).ask("Hi!"),
     "a call of the wrapper": lambda chat, wrapper: wrapper(torch.tensor([[5, 6, 7]])),
