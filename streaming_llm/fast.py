@@ -224,6 +224,13 @@ class WrapperCache(StreamingKVCache):
         copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return copied
 
+    def __getstate__(self) -> dict:
+        """Pickled (pickle, torch.save), the stream as it is now (static steps taken up, as by a copy) without the
+        wrapper, which a weak reference cannot carry (pickling failed: "cannot pickle 'weakref.ReferenceType' object"):
+        loaded, it goes on as a StreamingKVCache of its own, as a copy does; a wrapper pickled with it holds it again."""
+        self._take_up_static_steps()
+        return {**self.__dict__, "_wrapper": _no_wrapper}
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         wrapper = self._wrapper()
         if wrapper is not None and layer_idx == 0:
@@ -231,6 +238,11 @@ class WrapperCache(StreamingKVCache):
             if key_states.shape[0] != self.max_batch_size:
                 wrapper._take_new_batch(self, key_states.shape[0])
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
+
+def _no_wrapper() -> None:
+    """The wrapper of a WrapperCache loaded from a pickle (`WrapperCache.__getstate__`): none."""
+    return None
 
 
 class GraphedStep:
@@ -552,6 +564,20 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         copied._use_buffers()
         copied._cache._wrapper = weakref.ref(copied)
         return copied
+
+    def __getstate__(self) -> dict:
+        """Pickled (pickle, torch.save), as a copy is made: the model, the buffers and the stream as it is now, without
+        the built steps (a compiled step, a captured CUDA graph), which the loaded wrapper builds again on its own
+        buffers (pickling failed on the cache's weak reference to the wrapper)."""
+        if not self._ring_current:  # the layers brought up to date with the static steps, as `cache` does
+            self._resume_layers()
+        return {name: value for name, value in self.__dict__.items() if name not in ("_compiled", "static_cache")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._compiled = {}
+        self._use_buffers()
+        self._cache._wrapper = weakref.ref(self)
 
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers) or the model's

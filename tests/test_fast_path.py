@@ -447,6 +447,34 @@ def test_a_copy_of_a_compiled_wrapper_compiles_its_own_steps(llama_model, freeze
     assert copied.step_kind == "compiled" and list(copied._compiled) == [False]  # its own full step, compiled
 
 
+def test_a_pickled_wrapper_or_cache_goes_on_as_the_original(llama_model):
+    """pickle / torch.save of a FastStreamingWrapper mid-stream, or of its cache (a reference read before some static
+    steps), failed: "cannot pickle 'weakref.ReferenceType' object" (the cache holds the wrapper weakly). The cache loads
+    as the stream as it is now, going on in a StreamingLLMWrapper; the wrapper loads with buffers of its own, its cache
+    holding it, and goes on as the original does, whose stream is left as it was."""
+    import io
+    import pickle
+
+    input_ids = random_ids(40, seed=63)
+    fast = make_fast(llama_model, compile="never")
+    fast(input_ids[None, :20])
+    cache = fast.cache
+    for t in range(20, 25):
+        fast.step(input_ids[None, t : t + 1])
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)[25:]
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    general.cache = pickle.loads(pickle.dumps(cache))
+    assert max_abs_diff(torch.cat([general(input_ids[None, t : t + 1])[0] for t in range(25, 40)]), expected) <= TOLERANCE
+    saved = io.BytesIO()
+    torch.save(fast, saved)
+    saved.seek(0)
+    for wrapper in (torch.load(saved, weights_only=False), pickle.loads(pickle.dumps(fast)), fast):
+        assert wrapper.cache._wrapper() is wrapper and wrapper.cache.layers[0].keys is wrapper.keys[0]
+        streamed = torch.cat([wrapper.step(input_ids[None, t : t + 1])[0] for t in range(25, 40)])
+        assert max_abs_diff(streamed, expected) <= TOLERANCE
+        assert wrapper.tokens_seen == 40
+
+
 class BuiltOnItsParameters:
     """GraphedStep's contract, on CPU: a CUDA graph reads the parameters at the addresses of its capture, so this step
     runs on the parameters' memory as it was when it was built, whatever the model holds later."""
