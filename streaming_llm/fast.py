@@ -631,6 +631,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._check_model_unchanged()
         with model_lock(self.model):  # as __call__: the step switches the model's attention for its duration
             self._follow_cache()
+            if written_outside_inference_mode(self.keys[0]):  # buffers made under inference_mode (~0.3 us), as _feed
+                self._leave_inference_mode()
             self._take_batch(token_ids.shape[0])
             if self.seen < self.n_sink:
                 return self._feed_general(token_ids)

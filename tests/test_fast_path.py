@@ -597,6 +597,26 @@ def test_a_stream_begun_under_inference_mode_goes_on_outside_it(llama_model):
                        expected)
 
 
+def test_step_goes_on_outside_inference_mode_with_buffers_made_in_it(llama_model):
+    """fast.step() outside torch.inference_mode() on buffers made inside it (a wrapper made, reset to a new batch size,
+    or copied there: a fork of a stream) failed inside torch ("Inplace update to inference tensor outside
+    InferenceMode"), where calling the wrapper went on. step() now goes on with normal copies too."""
+    ids = random_ids(40, seed=64).reshape(1, -1)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids)
+    with torch.inference_mode():
+        made_inside = make_fast(llama_model, compile="never")
+        resized = make_fast(llama_model, compile="never")
+        resized.reset(batch_size=2)
+        resized(ids[:, :20])  # a new stream of one: buffers of one allocated again, inside the mode
+        made_inside(ids[:, :20])
+        for t in range(20, 25):
+            made_inside.step(ids[:, t : t + 1])
+        fork = copy.deepcopy(made_inside)
+    for wrapper, start in ((made_inside, 25), (fork, 25), (resized, 20)):
+        streamed = torch.cat([wrapper.step(ids[:, t : t + 1]) for t in range(start, 40)], dim=1)
+        assert max_abs_diff(streamed, expected[:, start:]) <= TOLERANCE
+
+
 def test_a_stream_under_autocast_and_begun_or_continued_outside_it(llama_model):
     """torch.autocast("cpu", dtype=torch.bfloat16) around the calls on an fp32 model (common in notebooks): the
     projections give bfloat16 keys and values, and Llama's RoPE (angles in float32) turns the keys back to float32.
