@@ -97,9 +97,11 @@ def stopped_pass_error(first_layer_seen: int, later_layer_seen: int) -> RuntimeE
     """The error for a stream whose layers hold different numbers of tokens: a forward pass stopped between two layers
     (an exception or KeyboardInterrupt raised in a later layer, or in a hook on one, after the first had stored the
     step's tokens). Fed on, such a stream was attended, silently, as a stream some layers never saw (logits off by 1 to
-    4 on the tiny Llama), whether the token was fed again or not."""
+    4 on the tiny Llama), whether the token was fed again or not. The same holds for a stream one model began and a
+    model with another number of layers went on with (a cache given to another wrapper or model): named too."""
     return RuntimeError(f"a forward pass through this stream stopped part-way (an exception or KeyboardInterrupt in a "
-                        f"layer): its first layer has taken {first_layer_seen} tokens of the stream, a later one "
+                        f"layer), or a model with another number of layers than the one that began it went on with it: "
+                        f"its first layer has taken {first_layer_seen} tokens of the stream, a later one "
                         f"{later_layer_seen}, so the layers no longer hold the same stream; reset it (wrapper.reset(), "
                         "cache.reset()) to start a new one")
 

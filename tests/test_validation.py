@@ -512,6 +512,24 @@ def test_a_hand_off_left_by_another_cache_does_not_fail_the_next_stream(llama_mo
         stale.update(states, states, 1)
 
 
+@pytest.mark.parametrize("layers", [3, 1])
+def test_a_stream_given_to_a_model_with_another_number_of_layers_is_refused_naming_it(llama_model, layers):
+    """A wrapper's cache given to a wrapper on a model with more layers (or fewer: refused from its second step) was
+    refused as a forward pass "stopped part-way (an exception or KeyboardInterrupt in a layer)", which none was; the
+    refusal names the other number of layers too."""
+    from tiny_models import build_llama_family, random_ids
+
+    ids = random_ids(24, seed=9)[None]
+    other = make_wrapper(build_llama_family("llama", num_hidden_layers=layers), 2, 6)
+    began = make_wrapper(llama_model, 2, 6)
+    began(ids[:, :20])
+    other.cache = began.cache
+    with pytest.raises(RuntimeError, match=r"or a model with another number of layers than the one that began it went "
+                                           r"on with it: its first layer has taken 2\d tokens of the stream"):
+        for t in range(20, 24):
+            other(ids[:, t : t + 1])
+
+
 def interrupt_after_the_first_layer(model, feed) -> None:
     """Run `feed()` with a KeyboardInterrupt raised after the model's first layer: a forward pass stopped part-way."""
 
