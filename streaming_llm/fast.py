@@ -544,6 +544,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     @cache.setter
     def cache(self, cache: StreamingKVCache) -> None:
+        self._check_cache_given(cache)
         # Marked current, so that the next call looks at the cache given (_follow_cache) and refuses one that does not
         # hold the wrapper's buffers: the static step went on with its own buffers and count, as if none had been given.
         self._cache, self._ring_current = cache, True

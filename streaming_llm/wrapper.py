@@ -49,6 +49,31 @@ class StreamingLLMWrapper:
         return StreamingKVCache(self.n_sink, self.window_size, self.position_mode, self.streaming_mode)
 
     @property
+    def cache(self) -> StreamingKVCache:
+        """The stream's StreamingKVCache (transformers' Cache contract: model() and generate() take it as
+        past_key_values). Another may be given (a copy or a saved stream) if it has the wrapper's settings."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: StreamingKVCache) -> None:
+        self._check_cache_given(cache)
+        self._cache = cache
+
+    def _check_cache_given(self, cache) -> None:
+        """Refuse, when it is given, a cache the wrapper would not stream with as it says: any other Cache (a
+        DynamicCache was fed as is, growing without bound) or None (each call was a stream of its own), and a
+        StreamingKVCache of other settings (streamed by them while n_sink, window_size... reported the wrapper's)."""
+        if not isinstance(cache, StreamingKVCache):
+            raise TypeError(f"wrapper.cache must be a StreamingKVCache, the stream the wrapper keeps; got "
+                            f"{type(cache).__name__} (use the model itself for another cache, reset() for a new stream)")
+        given = (cache.n_sink, cache.window_size, cache.position_mode, cache.streaming_mode)
+        made_for = (self.n_sink, self.window_size, self.position_mode, self.streaming_mode)
+        if given != made_for:
+            settings = "n_sink={}, window_size={}, position_mode={!r}, streaming_mode={!r}".format
+            raise ValueError(f"this cache streams with {settings(*given)}; the wrapper was made with "
+                             f"{settings(*made_for)}: make a wrapper with the cache's settings for it")
+
+    @property
     def cache_capacity(self) -> int:
         return self.n_sink + self.window_size
 

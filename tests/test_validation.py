@@ -915,3 +915,34 @@ def test_a_model_in_training_mode_with_gradient_checkpointing_is_refused(model, 
     changed.eval()
     rest = torch.cat([wrapper(input_ids[:, i : i + 1]) for i in range(8, 16)], dim=1)
     assert max_abs_diff(torch.cat([first, rest], dim=1), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["general", "fast"])
+def test_a_cache_given_to_a_wrapper_is_one_it_streams_with_as_it_says(llama_model, kind):
+    """`wrapper.cache = ...` took anything: a DynamicCache was fed as is (20 tokens in, 20 kept: no stream at all),
+    None made each call a stream of its own, and a StreamingKVCache of other settings streamed by them while the
+    wrapper reported its own n_sink, window_size and capacity. Each is refused when given; the wrapper's stream is
+    left as it was, and a cache of its settings (a copy) is taken."""
+    import copy
+
+    from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
+    from tiny_models import random_ids
+    from transformers import DynamicCache
+
+    model = copy.deepcopy(llama_model)
+    wrapper = FastStreamingWrapper(model, 2, 6, compile="never") if kind == "fast" else StreamingLLMWrapper(model, 2, 6)
+    ids = random_ids(12, seed=5)[None]
+    wrapper(ids[:, :10])
+    kept = copy.deepcopy(wrapper.cache)
+    for given, error, words in [(DynamicCache(), TypeError, "must be a StreamingKVCache.* got DynamicCache"),
+                                (None, TypeError, "got NoneType"),
+                                (StreamingKVCache(1, 3), ValueError, r"streams with n_sink=1, window_size=3, .* made with n_sink=2"),
+                                (StreamingKVCache(2, 6, "rerotate"), ValueError, "position_mode='rerotate'")]:
+        with pytest.raises(error, match=words):
+            wrapper.cache = given
+    assert wrapper.tokens_seen == 10 and wrapper.cache.n_sink == wrapper.n_sink == 2
+    expected = make_wrapper(llama_model, 2, 6)
+    expected(ids[:, :10])
+    general = StreamingLLMWrapper(model, 2, 6)
+    general.cache = kept
+    assert max_abs_diff(general(ids[:, 10:]), expected(ids[:, 10:])) <= 1e-5
