@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     nlls = {record["method"]: read_result(path)[1] for _, path, record in chosen}
     checks = []
     for a, b in pairs:
-        if a in nlls and b in nlls:
+        if nlls.get(a) is not None and nlls.get(b) is not None:  # (None: the result's NLL file is missing)
             common = min(nlls[a].size, nlls[b].size)
             delta = abs(nlls[a][:common].astype("float64") - nlls[b][:common].astype("float64"))
             checks.append({"a": a, "b": b, "predictions": common, "max_abs_delta_nll": float(delta.max()),

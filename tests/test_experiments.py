@@ -151,6 +151,33 @@ def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path,
     assert summarize_results.main([*summary, "--model", "model_a"]) == 0
 
 
+def test_summary_of_a_result_without_its_nll_file_skips_that_cross_check(tmp_path, capsys):
+    """A result whose .nlls.npy file went missing is a row with no segment perplexities (summary_rows) and no curve
+    (plot_nll_curves), but the cross-check of its pair read its NLLs as an array: AttributeError ('NoneType' object
+    has no attribute 'size'), and no summary JSON nor figure was written."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import summarize_results
+    from test_cli import run_main
+
+    from streaming_llm.bench.soak import save_tiny_chat_llama
+
+    model = save_tiny_chat_llama(tmp_path / "model")
+    out = tmp_path / "out"
+    assert run_main(capsys, "eval", "--model", str(model), "--num-tokens", "120", "--n-sink", "2", "--window-size",
+                    "20", "--block-size", "32", "--quiet", "--methods", "window,streaming_pos_shift",
+                    "--output-dir", str(out))[0] == 0
+    (window_nlls,) = out.glob("*window*.nlls.npy")
+    window_nlls.unlink()
+    summary = ["--num-tokens", "120", "--n-sink", "2", "--window-size", "20", "--output-dir", str(out)]
+    assert summarize_results.main(summary) == 0
+    written = json.loads((out / "summary" / "table__T120__s2_w20.json").read_text())
+    assert written["cross_checks"] == []
+    assert [row["method"] for row in written["rows"]] == ["window", "streaming_pos_shift"]
+    assert (out / "nll_curves__T120__s2_w20.png").is_file()
+
+
 def test_summary_keeps_to_one_dtype(tmp_path, capsys):
     """A bfloat16 run on more tokens than a method's float32 one was taken for that method's row, beside float32 rows,
     in a table that shows no dtype. A folder of several dtypes is refused now; --dtype picks one."""
