@@ -197,6 +197,11 @@ class WrapperCache(StreamingKVCache):
     the wrapper's last batch size, are replaced for both). It holds the wrapper weakly: a copy of the cache
     (copy.deepcopy) copies its buffers, not the wrapper and its model, and goes on as a StreamingKVCache of its own."""
 
+    # Set by the wrapper's reset(), which zeroes the buffers this cache holds for the next stream: a reference kept
+    # across it (`old = fast.cache; fast.reset(); fast.cache = old`, or model(..., past_key_values=old)) went on with its
+    # count over zeroed keys, or wrote into the new stream, silently. Fed or given back, it is refused.
+    _ended = False
+
     def __init__(self, wrapper: FastStreamingWrapper, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._wrapper = weakref.ref(wrapper)
@@ -232,12 +237,21 @@ class WrapperCache(StreamingKVCache):
         return {**self.__dict__, "_wrapper": _no_wrapper}
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        wrapper = self._wrapper()
-        if wrapper is not None and layer_idx == 0:
-            self._take_up_static_steps()
-            if key_states.shape[0] != self.max_batch_size:
-                wrapper._take_new_batch(self, key_states.shape[0])
+        if layer_idx == 0:
+            if self._ended:
+                raise ended_stream_error()
+            wrapper = self._wrapper()
+            if wrapper is not None:
+                self._take_up_static_steps()
+                if key_states.shape[0] != self.max_batch_size:
+                    wrapper._take_new_batch(self, key_states.shape[0])
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
+
+def ended_stream_error() -> RuntimeError:
+    return RuntimeError("this cache's stream was ended by the FastStreamingWrapper's reset(), which zeroed the buffers "
+                        "it shares with the wrapper's next stream; to keep a stream, copy it first "
+                        "(copy.deepcopy(wrapper.cache), or of the wrapper)")
 
 
 def _no_wrapper() -> None:
@@ -432,6 +446,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         else:
             for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
                 tensor.zero_()
+            ended = getattr(self, "_cache", None)
+            if ended is not None and ended.layers and ended.layers[0].keys is self.keys[0]:  # not a copy given to it
+                ended._ended = True
         self.seen = self.base = 0
         self._ring_current = True  # the RingLayers' host state matches the buffers
         cache = WrapperCache(self, self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
@@ -545,6 +562,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     @cache.setter
     def cache(self, cache: StreamingKVCache) -> None:
         self._check_cache_given(cache)
+        if getattr(cache, "_ended", False):
+            raise ended_stream_error()
         # Marked current, so that the next call looks at the cache given (_follow_cache) and refuses one that does not
         # hold the wrapper's buffers: the static step went on with its own buffers and count, as if none had been given.
         self._cache, self._ring_current = cache, True

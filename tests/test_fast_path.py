@@ -13,6 +13,7 @@ from tiny_models import (block_sizes_covering, count_frozen_matmuls, feed_stream
                          random_ids)
 
 from streaming_llm import fast as fast_module
+from streaming_llm import prepare_model
 from streaming_llm.fast import DECODE_ATTENTION, FastStreamingWrapper, GraphedStep
 
 TOLERANCE = 1e-4
@@ -396,6 +397,33 @@ def test_a_cache_given_to_the_wrapper_after_static_steps_is_refused(llama_model,
     fast.reset()
     assert max_abs_diff(feed_stream(fast, input_ids), feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE),
                                                                   input_ids)) <= TOLERANCE
+
+
+def test_a_cache_kept_across_reset_is_refused_not_fed_over_zeroed_buffers(llama_model):
+    """reset() zeroes the buffers for the next stream (the compiled steps hold their addresses), and the old cache
+    object holds them too: `old = fast.cache; fast.reset(); fast.cache = old` went on with the old count over zeroed
+    keys (a "restore" of a stream that was gone), and model(..., past_key_values=old) wrote into the new stream,
+    silently. Both are refused now, leaving the new stream as it was; a copy taken before reset() goes on."""
+    model = copy.deepcopy(llama_model)
+    input_ids = random_ids(40, seed=71)
+    fast = make_fast(model, compile="never")
+    fast(input_ids[None, :10])
+    for t in range(10, 14):
+        fast.step(input_ids[None, t : t + 1])
+    old, kept = fast.cache, copy.deepcopy(fast.cache)
+    fast.reset()
+    fast(input_ids[None, :3])
+    prepare_model(model)  # as generate() on the wrapper's cache has it
+    with pytest.raises(RuntimeError, match=r"ended by the FastStreamingWrapper's reset\(\).*copy.deepcopy"):
+        model(input_ids[None, 14:15], past_key_values=old, use_cache=True)
+    with pytest.raises(RuntimeError, match="ended by the FastStreamingWrapper's reset"):
+        fast.cache = old
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    streamed = torch.cat([fast(input_ids[None, 3:20])[0]] + [fast.step(input_ids[None, t : t + 1])[0] for t in range(20, 40)])
+    assert max_abs_diff(streamed, expected[3:]) <= TOLERANCE
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    general.cache = kept
+    assert max_abs_diff(general(input_ids[None, 14:])[0], expected[14:]) <= TOLERANCE
 
 
 def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
