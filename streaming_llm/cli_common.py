@@ -289,16 +289,18 @@ def check_output_file(path: str, option: str = "--output") -> Path:
         raise ValueError(f"{option} {path} is a folder: give a file path in it")
     if file.exists() and not file.is_file():
         raise ValueError(f"{option} {path} is not a regular file")
-    existing = next(folder for folder in (file.parent, *file.parent.parents) if folder.exists())
+    # the folder the file is written in: a link's target's (atomic_write writes through a link)
+    parent = Path(os.path.realpath(file)).parent if file.is_symlink() else file.parent
+    existing = next(folder for folder in (parent, *parent.parents) if folder.exists())
     if not existing.is_dir():  # mkdir would say "File exists"
         raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
     try:
-        with trial_folder(file.parent):
-            file.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=file.parent):  # the file is written next to it, then renamed
+        with trial_folder(parent):
+            parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=parent):  # the file is written next to it, then renamed
                 pass
     except OSError as error:
-        raise ValueError(f"{option} {path}: cannot write in its folder {file.parent} ({error.strerror or error})") from None
+        raise ValueError(f"{option} {path}: cannot write in its folder {parent} ({error.strerror or error})") from None
     return file
 
 

@@ -183,3 +183,19 @@ def test_latency_plot_draws_every_method_and_the_stream_from_zero(tmp_path, figu
     assert right.get_ylim() == pytest.approx((0.0, 1.2 * 3.0))
     assert memory.get_ylim() == pytest.approx((0.0, 1.2 * 1100))
     assert memory.get_lines()[0].get_ydata().tolist() == [110.0, 1100.0]
+
+
+def test_a_figure_path_that_is_a_symlink_is_written_through_the_link(tmp_path, capsys):
+    """`plot -o LINK` writes the figure into the file the link points to, as `>` and cp do; the link stays. The link
+    itself was replaced by a new file (and, run as root with stdout in a file, `-o /dev/stdout` replaced the system's
+    /dev/stdout link by a PNG)."""
+    result = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    (tmp_path / "figures").mkdir()
+    target, link = tmp_path / "figures" / "curves.png", tmp_path / "latest.png"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    status, err = _plot(capsys, result, "-o", link)
+    assert (status, err) == (0, "")
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert target.read_bytes()[:8] == PNG
+    assert [path.name for path in (tmp_path / "figures").iterdir()] == ["curves.png"]  # no temporary file left

@@ -79,7 +79,9 @@ def is_finished(output_dir: str | os.PathLike, stem: str) -> bool:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, then move it in place (never a half file)."""
+    """Call write(file) on a temporary file next to `path`, then move it in place (never a half file). A `path` that
+    is a symbolic link is written through it, into the file it points to (the link stays, as with `>` and cp)."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
