@@ -9,7 +9,9 @@ import functools
 import importlib.util
 import mmap
 import os
+import signal
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -145,8 +147,6 @@ def load_model(
     Any failure to find or read the model (missing or corrupt files, no tokenizer) is a ValueError saying
     what was tried.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     load_kwargs: dict = {}
@@ -169,6 +169,48 @@ def load_model(
         else:
             source, hub_id = str(name_or_path), True
     label = str(name_or_path or EMBEDDED_MODEL)
+    with _interrupt_kept():
+        model, tokenizer = _load(source, load_kwargs, name_or_path, label, hub_id, torch_dtype, attn_implementation)
+    _check_tokenizer(tokenizer, model, label, source)
+    if "gguf_file" in load_kwargs and name_or_path is not None:  # the embedded one was corrected when read
+        _as_the_file_declares(tokenizer, Path(source) / load_kwargs["gguf_file"])
+    return model.to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _interrupt_kept():
+    """A Ctrl-C (SIGINT) while the block runs ends it with KeyboardInterrupt even where transformers loses it: reading
+    a tokenizer, its `except import_protobuf_decode_error():` raises ImportError in place of the KeyboardInterrupt
+    (without protobuf), and AutoTokenizer catches that and loads another tokenizer class; the program went on with a
+    wrong tokenizer. A press is noted, then raised as usual; if the block ends anyway (or fails otherwise), the
+    KeyboardInterrupt is raised again at its end. Only where SIGINT raises KeyboardInterrupt in the main thread."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pressed = []
+
+    def press(signum, frame):
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, press)
+    try:
+        yield
+    except Exception:
+        if pressed:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _load(source: str, load_kwargs: dict, name_or_path, label: str, hub_id: bool, torch_dtype, attn_implementation: str):
+    """(model, tokenizer) read by transformers; ValueError saying what failed (see load_model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     went_offline = False
     try:
         parsed_once = _gguf_parsed_once() if "gguf_file" in load_kwargs else contextlib.nullcontext()
@@ -187,10 +229,7 @@ def load_model(
         raise ValueError(f"could not load model {label!r}: {_first_line(error)}{hint}") from error
     except Exception as error:  # a corrupt or truncated file fails in its reader: SafetensorError, UnpicklingError, ...
         raise ValueError(f"could not load model {label!r} (a corrupt or truncated file?): {type(error).__name__}: {_first_line(error)}") from error
-    _check_tokenizer(tokenizer, model, label, source)
-    if "gguf_file" in load_kwargs and name_or_path is not None:  # the embedded one was corrected when read
-        _as_the_file_declares(tokenizer, Path(source) / load_kwargs["gguf_file"])
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer
 
 
 def embedded_tokenizer():

@@ -583,6 +583,31 @@ def test_thread_counts_are_taken_up_to_four_per_core():
             validate_common_args(argparse.Namespace(threads=threads))
 
 
+@pytest.mark.parametrize("swallowed_as", [None, ImportError])
+def test_ctrl_c_while_loading_ends_the_command_even_where_transformers_swallows_it(model_dir, capsys, monkeypatch,
+                                                                                   swallowed_as):
+    """Ctrl-C while transformers reads a tokenizer could be lost: its `except import_protobuf_decode_error():`
+    raises ImportError in place of the KeyboardInterrupt (without protobuf), which AutoTokenizer catches and then
+    loads another tokenizer class. The command went on, generating with a wrong tokenizer (exit status 0), or ended
+    with a "could not load model" error about protobuf; Ctrl-C ends it with status 130 and no output."""
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained
+
+    def interrupted_read(*args, **kwargs):
+        try:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C pressed while the tokenizer is read
+        except KeyboardInterrupt:
+            if swallowed_as is not None:
+                raise swallowed_as("requires the protobuf library") from None
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", interrupted_read)
+    status, out, err = run_main(capsys, "generate", "--model", str(model_dir), "-p", "hi", "--max-new-tokens", "2",
+                                *CACHE_OPTIONS)
+    assert (status, out, err) == (130, "", "\n")
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
