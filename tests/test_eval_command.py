@@ -322,6 +322,24 @@ def test_eval_reads_a_text_from_a_pipe(model_dir, tmp_path, capsys):
     assert results_of(out)["dense"]["data"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def test_a_text_file_with_a_long_name_gives_results_whose_names_fit(model_dir, tmp_path, capsys):
+    """A --data file whose name is long (200 bytes; a file name may have 255) made result names past the 255 bytes a
+    file name may have: each method was scored, then its result could not be written ("File name too long", exit
+    status 2, the work lost). A long model or text name is shortened in result names, with a hash of it kept."""
+    text = tmp_path / ("a-tale-of-" + "very-" * 38 + "long-names.txt")
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40, encoding="utf-8")
+    assert len(text.name) == 214
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense,streaming_pos_shift",
+            "--data", str(text), "--output-dir", str(tmp_path / "out")]
+    status, out, err = run_main(capsys, *argv)
+    assert status == 0, err
+    paths = [Path(result["json_path"]) for result in results_of(out).values()]
+    assert len(set(paths)) == 2 and all(path.is_file() and len(path.name) <= 200 for path in paths)
+    assert all(path.name.startswith("tiny_chat_llama__a-tale-of-very-very-") for path in paths)
+    status, out, _ = run_main(capsys, *argv)  # the same configuration finds its results again
+    assert status == 0 and all(result["skipped"] for result in results_of(out).values())
+
+
 def test_eval_reads_standard_input_for_data_dash(model_dir, tmp_path, capsys, monkeypatch):
     """`--data -` was taken for a dataset named "-" ("dataset '-' could not be loaded"): it is standard input, read
     once (as a pipe is), and the result names it."""

@@ -57,7 +57,20 @@ def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, windo
     SmolLM2-135M-Instruct__shakespeare-1a2b3c4d__T20480__s4_w1020__streaming_pos_shift__block256; a dtype other
     than float32 is part of it (…__block256__bfloat16), so that a run in another dtype is not taken for this one."""
     parts = [slug(model_name), data_label(data), f"T{num_tokens}", f"s{n_sink}_w{window_size}", slug(method), slug(evaluator)]
-    return "__".join(parts) + dtype_suffix(dtype)
+    return "__".join(_fitting(part) for part in parts) + dtype_suffix(dtype)
+
+
+# The most a name takes of a result's file name: a model folder's or a text's may be long (a file name may have 255
+# bytes), and the stem is followed by ".checkpoint.npz" and, while written, by atomic_write's ".<pid>.tmp".
+LONGEST_STEM_PART = 64
+
+
+def _fitting(part: str) -> str:
+    """`part` of a result name (a slug: ASCII), or where it is longer than LONGEST_STEM_PART its start and 16 hex
+    digits of its sha256, so that two long names stay apart."""
+    if len(part) <= LONGEST_STEM_PART:
+        return part
+    return f"{part[:LONGEST_STEM_PART - 17]}-{hashlib.sha256(part.encode()).hexdigest()[:16]}"
 
 
 def dtype_suffix(dtype: str) -> str:
