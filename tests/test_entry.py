@@ -35,6 +35,7 @@ def test_help_of_every_command_answers_without_torch():
         "        assert main(argv) == 0 and out.getvalue(), argv\n"
         "for argv, words in [(['bench', '--methods', 'nope'], 'unknown method'), (['bench', '--methods', 'mit,mit'], 'more than once'),\n"
         "                    (['bench', '--rounds', '0'], '--rounds'), (['bench', '--tag', '../x'], 'plain file name'),\n"
+        "                    (['bench', '--tag', 'x' * 240, '--methods', 'nope'], 'at most 200'),\n"
         "                    (['eval', '--methods', 'nope'], 'unknown method'), (['eval', '--num-tokens', '1'], '--num-tokens'),\n"
         "                    (['generate', '--prompt', 'hi', '--top-p', '7'], '--top-p'), (['generate'], '--prompt-file'),\n"
         "                    (['generate', '--prompt-file', 'no/such/prompt.txt'], 'not found'),\n"

@@ -13,6 +13,7 @@ from streaming_llm.bench import COMPILED_METHODS, METHODS
 from streaming_llm.choices import DECODE_ATTENTION
 
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
+LONGEST_TAG = 200  # bytes: a file name may have 255, and the tag is followed by up to 35 characters
 
 
 def _int_list(text: str) -> list[int]:
@@ -109,6 +110,10 @@ def run_bench(args: argparse.Namespace) -> int:
                                  or re.search(r'[<>:"/\\|?*\x00-\x1f]', args.tag)):
         raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden, none of the characters "
                          "< > : \" / \\ | ? * that Windows refuses in one)")
+    if args.tag is not None and len(args.tag.encode()) > LONGEST_TAG:  # (the run's files were written after it ran)
+        raise ValueError(f"--tag is {len(args.tag.encode())} bytes long, at most {LONGEST_TAG}: its files' names add "
+                         "up to 35 characters (.pos_shift.trace.json, and a temporary suffix while written), and a file "
+                         "name may have 255 bytes")
     methods = select_methods(args.methods, "cpu")  # the names; "default" depends on the device, resolved below
 
     import torch
