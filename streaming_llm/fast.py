@@ -219,6 +219,20 @@ class WrapperCache(StreamingKVCache):
         self._take_up_static_steps()  # generate() feeds the ids past this count
         return super().get_seq_length(layer_idx)
 
+    # What the layers hold, read through a reference kept from before static steps: as the stream is now (they reported
+    # it as it was when the reference was read: the length, slots and positions of before).
+    def get_cache_length(self, layer_idx: int | None = None) -> int:
+        self._take_up_static_steps()
+        return super().get_cache_length(layer_idx)
+
+    def kept_positions(self, layer_idx: int | None = None) -> torch.Tensor:
+        self._take_up_static_steps()
+        return super().kept_positions(layer_idx)
+
+    def compress(self, layer_idx: int = 0, rotary=None):
+        self._take_up_static_steps()
+        return super().compress(layer_idx, rotary)
+
     def __deepcopy__(self, memo):
         """A copy of the stream as it is now: a reference kept from before static steps (or `wrapper.current_cache`)
         takes them up first, as when it is fed. Its copy held the buffers as the steps left them with the count and slot

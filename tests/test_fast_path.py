@@ -377,6 +377,26 @@ def test_a_copy_of_a_cache_reference_kept_from_before_static_steps_copies_the_st
                                                                       input_ids)[10:]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("kept", ["cache", "current_cache"])
+def test_a_cache_reference_kept_from_before_static_steps_reports_the_stream_as_it_is_now(llama_model, kept):
+    """get_cache_length(), kept_positions() and compress() of `fast.cache` read before some static steps (or of
+    `fast.current_cache`) reported the stream as it was when read (length 6 of 20 held, positions 0-5); they take the
+    steps up first now, as feeding it and get_seq_length() did, and agree with a StreamingLLMWrapper fed the same."""
+    input_ids = random_ids(24, seed=61)
+    fast = make_fast(llama_model, compile="never")
+    fast(input_ids[None, :6])
+    cache = getattr(fast, kept)
+    for t in range(6, 24):
+        fast.step(input_ids[None, t : t + 1])
+    wrapper = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    wrapper(input_ids[None])
+    expected = wrapper.cache
+    assert cache.get_cache_length() == expected.get_cache_length() == N_SINK + WINDOW_SIZE
+    assert torch.equal(cache.kept_positions(), expected.kept_positions())
+    for got, want in zip(cache.compress(1), expected.compress(1)):
+        assert max_abs_diff(got, want) <= TOLERANCE
+
+
 @pytest.mark.parametrize("given", ["a new StreamingKVCache", "a copy of its own cache"])
 def test_a_cache_given_to_the_wrapper_after_static_steps_is_refused(llama_model, given):
     """fast.cache = another cache after static steps: the next step went on with the wrapper's own buffers and count, as
