@@ -613,6 +613,13 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._use_buffers()
         self._cache._wrapper = weakref.ref(self)
 
+    def __copy__(self):
+        """copy.copy: Python's shallow copy (buffers, cache and steps shared), not through the pickling hooks above,
+        whose __setstate__ pointed the cache both share at the copy (the original's cache then lost its wrapper)."""
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
     def reset(self, batch_size: int | None = None) -> None:
         """Forget the stream; the compiled steps are kept unless the batch size changes (new buffers) or the model's
         parameters are other tensors (`_follow_parameters`)."""
