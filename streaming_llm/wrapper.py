@@ -59,6 +59,13 @@ class StreamingLLMWrapper:
         self._check_cache_given(cache)
         self._cache = cache
 
+    def __setstate__(self, state: dict) -> None:
+        """Loaded (pickle, torch.load): a wrapper saved while `cache` was a plain attribute holds it as "cache", which
+        the property hid (every call failed: no attribute '_cache')."""
+        if "cache" in state and "_cache" not in state:
+            state = {("_cache" if name == "cache" else name): value for name, value in state.items()}
+        self.__dict__.update(state)
+
     def _check_cache_given(self, cache) -> None:
         """Refuse, when it is given, a cache the wrapper would not stream with as it says: any other Cache (a
         DynamicCache was fed as is, growing without bound) or None (each call was a stream of its own), and a

@@ -946,3 +946,27 @@ def test_a_cache_given_to_a_wrapper_is_one_it_streams_with_as_it_says(llama_mode
     general = StreamingLLMWrapper(model, 2, 6)
     general.cache = kept
     assert max_abs_diff(general(ids[:, 10:]), expected(ids[:, 10:])) <= 1e-5
+
+
+def test_a_wrapper_pickled_while_its_cache_was_an_attribute_loads_and_goes_on(llama_model):
+    """A StreamingLLMWrapper pickled (torch.save) before `cache` became a property holds "cache" in its state: loaded,
+    every call failed ("object has no attribute '_cache'"). It loads as the stream it holds, and goes on with it."""
+    import copyreg
+    import pickle
+
+    from streaming_llm import StreamingLLMWrapper
+    from tiny_models import random_ids
+
+    class SavedBefore:  # the pickle such a wrapper made: its __dict__, "cache" in it
+        def __init__(self, wrapper):
+            self.state = {("cache" if name == "_cache" else name): value for name, value in vars(wrapper).items()}
+
+        def __reduce__(self):
+            return copyreg._reconstructor, (StreamingLLMWrapper, object, None), self.state
+
+    ids = random_ids(30, seed=6)[None]
+    wrapper, expected = make_wrapper(llama_model, 2, 6), make_wrapper(llama_model, 2, 6)
+    wrapper(ids[:, :20]), expected(ids[:, :20])
+    loaded = pickle.loads(pickle.dumps(SavedBefore(wrapper)))
+    assert type(loaded) is StreamingLLMWrapper and loaded.tokens_seen == 20
+    assert max_abs_diff(loaded(ids[:, 20:]), expected(ids[:, 20:])) <= 1e-5
