@@ -93,6 +93,13 @@ def written_outside_inference_mode(tensor: torch.Tensor) -> bool:
     return tensor.is_inference() and not torch.is_inference_mode_enabled()
 
 
+def made_as(buffer: torch.Tensor):
+    """A context in which new tensors are made as `buffer` was: an inference tensor only if it is one. A layer's slot
+    positions rebuilt under torch.inference_mode() beside buffers made outside it (a FastStreamingWrapper reset, or its
+    cache read, in that mode) could not be written outside it ("Inplace update to inference tensor")."""
+    return torch.inference_mode(torch.is_inference_mode_enabled() and buffer.is_inference())
+
+
 def stopped_pass_error(first_layer_seen: int, later_layer_seen: int) -> RuntimeError:
     """The error for a stream whose layers hold different numbers of tokens: a forward pass stopped between two layers
     (an exception or KeyboardInterrupt raised in a later layer, or in a hook on one, after the first had stored the
@@ -499,18 +506,20 @@ class RingLayer(StreamingLayer):
         Allocated at the first attention, or given by FastStreamingWrapper (its static decode step writes them too)."""
         self.keys, self.values, self.sink_keys, self.sliding = keys, values, sink_keys, sliding
         self.dtype, self.device = keys.dtype, keys.device
-        self.positions = torch.full((keys.shape[-2],), -1, dtype=torch.long, device=keys.device)
+        with made_as(keys):
+            self.positions = torch.full((keys.shape[-2],), -1, dtype=torch.long, device=keys.device)
         self.is_initialized = True
 
     def resume(self, seen: int, base: int) -> None:
         """Take up a stream whose tokens were written into the buffers by someone else (the static decode step):
         `seen` tokens so far, window keys stored at p - base. Rebuilds the slot positions from `seen`."""
         n_sink, ring = self.layout
-        sinks = torch.arange(n_sink, device=self.device)
-        offsets = torch.arange(ring, device=self.device)
-        ring_seen = seen - n_sink  # tokens that went to the ring so far; the latest one of each slot is held
-        latest = n_sink + offsets + ring * torch.div(ring_seen - 1 - offsets, ring, rounding_mode="floor")
-        self.positions = torch.cat([torch.where(sinks < seen, sinks, -1), torch.where(offsets < ring_seen, latest, -1)])
+        with made_as(self.keys):
+            sinks = torch.arange(n_sink, device=self.device)
+            offsets = torch.arange(ring, device=self.device)
+            ring_seen = seen - n_sink  # tokens that went to the ring so far; the latest one of each slot is held
+            latest = n_sink + offsets + ring * torch.div(ring_seen - 1 - offsets, ring, rounding_mode="floor")
+            self.positions = torch.cat([torch.where(sinks < seen, sinks, -1), torch.where(offsets < ring_seen, latest, -1)])
         self.seen, self.base = seen, base
 
     def held_blocks(self):

@@ -688,6 +688,28 @@ def test_step_goes_on_outside_inference_mode_with_buffers_made_in_it(llama_model
         assert max_abs_diff(streamed, expected[:, start:]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("inside", ["reset()", "a read of its cache"])
+def test_a_wrapper_made_outside_inference_mode_goes_on_outside_it_after_a_reset_or_read_in_it(llama_model, inside):
+    """A FastStreamingWrapper made outside torch.inference_mode(), reset inside it (or its cache read inside it after
+    static steps: `fast.cache.kept_positions()` in a notebook cell under the mode), then fed outside it: the cache's
+    slot positions, rebuilt under the mode, were an inference tensor beside normal buffers, and the next block failed
+    inside torch ("Inplace update to inference tensor outside InferenceMode")."""
+    ids = random_ids(24, seed=65)[None]
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids[0])
+    fast = make_fast(llama_model, compile="never")
+    fast(ids[:, :8])
+    for t in range(8, 12):
+        fast.step(ids[:, t : t + 1])
+    with torch.inference_mode():
+        if inside == "reset()":
+            fast.reset()
+        else:
+            fast.cache.kept_positions()
+    start = 0 if inside == "reset()" else 12
+    streamed = [fast(ids[:, start:20])] + [fast.step(ids[:, t : t + 1]) for t in range(20, 24)]
+    assert max_abs_diff(torch.cat(streamed, dim=1)[0], expected[start:]) <= TOLERANCE
+
+
 def test_a_stream_under_autocast_and_begun_or_continued_outside_it(llama_model):
     """torch.autocast("cpu", dtype=torch.bfloat16) around the calls on an fp32 model (common in notebooks): the
     projections give bfloat16 keys and values, and Llama's RoPE (angles in float32) turns the keys back to float32.
