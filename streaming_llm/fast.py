@@ -257,6 +257,10 @@ class WrapperCache(StreamingKVCache):
             wrapper = self._wrapper()
             if wrapper is not None:
                 self._take_up_static_steps()
+                if wrapper._cache is self and written_outside_inference_mode(wrapper.keys[0]):
+                    # buffers made in torch.inference_mode(), fed outside it (generate()): copies the wrapper shares,
+                    # not the layers' own (it then refused its cache as "given new buffers outside the wrapper")
+                    wrapper._leave_inference_mode()
                 if key_states.shape[0] != self.max_batch_size:
                     wrapper._take_new_batch(self, key_states.shape[0])
         return super().update(key_states, value_states, layer_idx, cache_kwargs)

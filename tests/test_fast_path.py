@@ -710,6 +710,20 @@ def test_a_wrapper_made_outside_inference_mode_goes_on_outside_it_after_a_reset_
     assert max_abs_diff(torch.cat(streamed, dim=1)[0], expected[start:]) <= TOLERANCE
 
 
+def test_generate_outside_inference_mode_on_the_cache_of_a_wrapper_made_inside_it(llama_model):
+    """A FastStreamingWrapper made and fed inside torch.inference_mode(), its cache then handed to model.generate()
+    outside it (a documented flow): the cache's layers went on with copies of their own, and the wrapper's next call
+    refused its cache as "given new buffers outside the wrapper". The wrapper's buffers are copied for both now."""
+    ids = random_ids(12, seed=66)[None]
+    with torch.inference_mode():
+        fast = make_fast(llama_model, compile="never")
+        fast(ids[:, :8])
+    out = fast.model.generate(ids, past_key_values=fast.cache, max_new_tokens=3, do_sample=False)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), out[0])
+    assert fast.tokens_seen == 14
+    assert max_abs_diff(fast.step(out[:, 14:])[0], expected[14:]) <= TOLERANCE
+
+
 def test_a_stream_under_autocast_and_begun_or_continued_outside_it(llama_model):
     """torch.autocast("cpu", dtype=torch.bfloat16) around the calls on an fp32 model (common in notebooks): the
     projections give bfloat16 keys and values, and Llama's RoPE (angles in float32) turns the keys back to float32.
