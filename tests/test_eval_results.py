@@ -306,3 +306,17 @@ def test_methods_are_taken_once_each_in_the_order_given():
     from streaming_llm.eval.methods import get_methods
 
     assert [method.name for method in get_methods("mit, dense,mit,dense")] == ["mit", "dense"]
+
+
+def test_a_long_name_that_fit_keeps_the_result_name_it_had(llama_model, tmp_path):
+    """Result names are cut only where they would not fit in a file name: a model or text name of 65 to ~150
+    characters made names that fit, and its results (and checkpoints) were found again by a later run; cut at 64
+    characters whatever the length, they were no longer found, and every method was scored again."""
+    data = {**DATA, "name": "the-complete-works-of-william-shakespeare-in-modern-spelling-first-folio"}
+    stem = result_stem("tiny-llama", data, 30, 2, 8, "streaming_pos_shift", "block8")
+    assert stem == "tiny-llama__" + data["name"] + "-01234567__T30__s2_w8__streaming_pos_shift__block8"
+    run = run_method(METHODS["streaming_pos_shift"], copy.deepcopy(llama_model), random_ids(30, seed=7)[None],
+                     model_name="tiny-llama", data=data, n_sink=2, window_size=8, block_size=8, output_dir=tmp_path)
+    assert run.json_path.name == stem + ".json"
+    long_data = {**DATA, "name": "x" * 200}  # one that would not fit: cut, with a hash of it
+    assert len(result_stem("tiny-llama", long_data, 30, 2, 8, "streaming_pos_shift", "block8")) < 150

@@ -57,12 +57,16 @@ def result_stem(model_name: str, data: dict, num_tokens: int, n_sink: int, windo
     SmolLM2-135M-Instruct__shakespeare-1a2b3c4d__T20480__s4_w1020__streaming_pos_shift__block256; a dtype other
     than float32 is part of it (…__block256__bfloat16), so that a run in another dtype is not taken for this one."""
     parts = [slug(model_name), data_label(data), f"T{num_tokens}", f"s{n_sink}_w{window_size}", slug(method), slug(evaluator)]
+    stem = "__".join(parts) + dtype_suffix(dtype)
+    if len(stem) <= LONGEST_STEM:  # the name it always had: earlier runs' results and checkpoints are found again
+        return stem
     return "__".join(_fitting(part) for part in parts) + dtype_suffix(dtype)
 
 
-# The most a name takes of a result's file name: a model folder's or a text's may be long (a file name may have 255
-# bytes), and the stem is followed by ".checkpoint.npz" and, while written, by atomic_write's ".<pid>.tmp".
+# The most a name takes of a result's file name where the whole would not fit: a model folder's or a text's may be
+# long (a file name may have 255 bytes), and the stem is written as ".<stem>.checkpoint.npz.<pid>.tmp" (atomic_write).
 LONGEST_STEM_PART = 64
+LONGEST_STEM = 255 - len(".") - len(".checkpoint.npz") - len(".4194304.tmp")  # (the largest pid Linux gives)
 
 
 def _fitting(part: str) -> str:
