@@ -257,7 +257,8 @@ class WrapperCache(StreamingKVCache):
             wrapper = self._wrapper()
             if wrapper is not None:
                 self._take_up_static_steps()
-                if wrapper._cache is self and written_outside_inference_mode(wrapper.keys[0]):
+                if (wrapper._cache is self and written_outside_inference_mode(wrapper.keys[0])
+                        and self.layers[0].keys is wrapper.keys[0]):  # (not layers emptied by Cache.reset(), fed since)
                     # buffers made in torch.inference_mode(), fed outside it (generate()): copies the wrapper shares,
                     # not the layers' own (it then refused its cache as "given new buffers outside the wrapper")
                     wrapper._leave_inference_mode()

@@ -724,6 +724,24 @@ def test_generate_outside_inference_mode_on_the_cache_of_a_wrapper_made_inside_i
     assert max_abs_diff(fast.step(out[:, 14:])[0], expected[14:]) <= TOLERANCE
 
 
+def test_a_cache_emptied_and_fed_inside_inference_mode_goes_on_outside_it_with_its_own_keys(llama_model):
+    """The cache of a FastStreamingWrapper made inside torch.inference_mode(), emptied by transformers' Cache.reset()
+    and fed again inside the mode (its layers then hold buffers of their own), fed outside it: its layers were given
+    copies of the wrapper's buffers, which hold the stream from before the reset, in place of their own keys (logits
+    off by ~8, silently). They go on with copies of their own, as a StreamingKVCache's layers do."""
+    ids = random_ids(40, seed=67)[None]
+    with torch.inference_mode():
+        fast = make_fast(llama_model, compile="never")
+        fast(random_ids(30, seed=68)[None])  # an earlier stream, in the wrapper's buffers
+        cache = fast.cache
+        cache.reset()
+        fast.model(ids[:, :25], past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        logits = fast.model(ids[:, 25:], past_key_values=cache, use_cache=True).logits
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids[0])
+    assert max_abs_diff(logits[0], expected[25:]) <= TOLERANCE
+
+
 def test_a_stream_under_autocast_and_begun_or_continued_outside_it(llama_model):
     """torch.autocast("cpu", dtype=torch.bfloat16) around the calls on an fp32 model (common in notebooks): the
     projections give bfloat16 keys and values, and Llama's RoPE (angles in float32) turns the keys back to float32.
