@@ -512,7 +512,8 @@ class RingLayer(StreamingLayer):
 
     def resume(self, seen: int, base: int) -> None:
         """Take up a stream whose tokens were written into the buffers by someone else (the static decode step):
-        `seen` tokens so far, window keys stored at p - base. Rebuilds the slot positions from `seen`."""
+        `seen` tokens so far, window keys stored at p - base. Rebuilds the slot positions from `seen`, a tensor of the
+        buffers' kind (made_as)."""
         n_sink, ring = self.layout
         with made_as(self.keys):
             sinks = torch.arange(n_sink, device=self.device)

@@ -740,6 +740,27 @@ def test_a_cache_emptied_and_fed_inside_inference_mode_goes_on_outside_it_with_i
         logits = fast.model(ids[:, 25:], past_key_values=cache, use_cache=True).logits
     expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids[0])
     assert max_abs_diff(logits[0], expected[25:]) <= TOLERANCE
+@pytest.mark.parametrize("n_sink", [0, N_SINK])
+def test_a_block_outside_inference_mode_after_static_steps_or_reset_in_it(llama_model, n_sink):
+    """Buffers made outside torch.inference_mode(), a static step taken in it (its cache then read, by model(...,
+    past_key_values=fast.cache) or `fast.cache`), or reset() in it: the layers' slot positions, rebuilt in the mode, were
+    inference tensors, and the next block outside it failed inside torch ("Inplace update to inference tensor outside
+    InferenceMode"), its pass stopped after some layers had stored it (every later call refused). They are normal
+    tensors, as the buffers are: the stream goes on as one run wholly outside the mode."""
+    ids = random_ids(30, seed=72).reshape(1, -1)
+    expected = feed_stream(make_wrapper(llama_model, n_sink, WINDOW_SIZE), ids)
+    fast, after_reset = make_fast(llama_model, n_sink, compile="never"), make_fast(llama_model, n_sink, compile="never")
+    after_reset(ids[:, :3])
+    with torch.inference_mode():
+        if n_sink:
+            fast(ids[:, :n_sink])
+        streamed = [fast.step(ids[:, n_sink : n_sink + 1])]
+        streamed.append(fast.model(ids[:, n_sink + 1 : 8], past_key_values=fast.cache, use_cache=True).logits)
+        after_reset.reset()
+    streamed.append(fast(ids[:, 8:20]))
+    streamed += [fast.step(ids[:, t : t + 1]) for t in range(20, 30)]
+    assert max_abs_diff(torch.cat(streamed, dim=1), expected[:, n_sink:]) <= TOLERANCE
+    assert max_abs_diff(after_reset(ids), expected) <= TOLERANCE
 
 
 def test_a_stream_under_autocast_and_begun_or_continued_outside_it(llama_model):
