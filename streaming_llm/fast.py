@@ -525,14 +525,17 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     def _leave_inference_mode(self) -> None:
         """Go on outside torch.inference_mode() with buffers allocated inside it (inference tensors may not be
-        written in place outside that mode): copies, shared again with the cache's layers."""
+        written in place outside that mode): copies, shared again with the cache's layers (where they hold them: a
+        cache given to the wrapper since keeps its own, and is refused by _follow_cache)."""
+        held = self.keys
         self.keys, self.values, self.sink_keys = ([tensor.clone() for tensor in group]
                                                   for group in (self.keys, self.values, self.sink_keys))
         self.step_position, self.frame_base = self.step_position.clone(), self.frame_base.clone()
         self._use_buffers()
-        for layer, keys, values, sink_keys in zip(self._cache.layers, self.keys, self.values, self.sink_keys):
-            layer.keys, layer.values, layer.sink_keys = keys, values, sink_keys
-            layer.leave_inference_mode()  # the slot positions
+        for layer, old, keys, values, sink_keys in zip(self._cache.layers, held, self.keys, self.values, self.sink_keys):
+            if layer.keys is old:
+                layer.keys, layer.values, layer.sink_keys = keys, values, sink_keys
+                layer.leave_inference_mode()  # the slot positions
 
     _batch_size = 1
 
@@ -646,9 +649,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self._follow_cache()
+        # Copies of buffers made under inference_mode first: _follow_cache writes the step counters (their stream begun
+        # by model.generate(past_key_values=fast.cache) under it failed there, inside torch, outside it).
         if written_outside_inference_mode(self.keys[0]):
             self._leave_inference_mode()
+        self._follow_cache()
         self._take_batch(input_ids.shape[0])
         if input_ids.shape[1] == 1 and self.seen >= self.n_sink:
             return self._static_token(input_ids)
@@ -676,9 +681,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
         self._check_model_unchanged()
         with model_lock(self.model):  # as __call__: the step switches the model's attention for its duration
-            self._follow_cache()
             if written_outside_inference_mode(self.keys[0]):  # buffers made under inference_mode (~0.3 us), as _feed
                 self._leave_inference_mode()
+            self._follow_cache()
             self._take_batch(token_ids.shape[0])
             if self.seen < self.n_sink:
                 return self._feed_general(token_ids)
