@@ -459,6 +459,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """A fresh stream over the buffers (allocated on first use or for a new batch size, zeroed otherwise, so
         that the compiled graphs, which hold their addresses, stay valid); the general path's RingLayers get the
         same tensors."""
+        if not getattr(self, "_ring_current", True):
+            # The stream left behind goes on where a reference kept to it is fed (its buffers are left as they are
+            # for a new batch size): with the static steps since the cache was last read, not from before them.
+            self._resume_layers()
         if (getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size
                 or written_outside_inference_mode(self.keys[0])):
             self._allocate()
@@ -586,6 +590,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._check_cache_given(cache)
         if getattr(cache, "_ended", False):
             raise ended_stream_error()
+        if not self._ring_current:
+            # The static steps since the cache was last read go with the cache replaced: kept aside and fed (model(...,
+            # past_key_values=old)), it took them up only while it was the wrapper's, and fed on from before them.
+            self._resume_layers()
         # Marked current, so that the next call looks at the cache given (_follow_cache) and refuses one that does not
         # hold the wrapper's buffers: the static step went on with its own buffers and count, as if none had been given.
         self._cache, self._ring_current = cache, True

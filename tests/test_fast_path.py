@@ -446,6 +446,31 @@ def test_a_cache_kept_across_reset_is_refused_not_fed_over_zeroed_buffers(llama_
     assert max_abs_diff(general(input_ids[None, 14:])[0], expected[14:]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("left", ["replaced", "reset for another batch size"])
+def test_a_cache_that_left_the_wrapper_keeps_the_static_steps_taken_before(llama_model, left):
+    """A reference to fast.cache kept while static steps ran, then the wrapper given another cache (`fast.cache = ...`)
+    or reset for another batch size (new buffers: the old ones, and their stream, stay as they were): the kept cache
+    took the steps up only while it was the wrapper's, so fed afterwards (in a StreamingLLMWrapper, or model(...,
+    past_key_values=kept)) it went on from before them, over their keys, silently (logits off by ~4)."""
+    from streaming_llm import StreamingKVCache
+
+    ids = random_ids(30, seed=74).reshape(1, -1)
+    fast = make_fast(llama_model, compile="never")
+    fast(ids[:, :6])
+    kept = fast.cache
+    for t in range(6, 10):
+        fast.step(ids[:, t : t + 1])
+    if left == "replaced":
+        fast.cache = StreamingKVCache(N_SINK, WINDOW_SIZE)
+    else:
+        fast.reset(batch_size=2)
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    general.cache = kept
+    assert general.tokens_seen == 10
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids)
+    assert max_abs_diff(general(ids[:, 10:20]), expected[:, 10:20]) <= TOLERANCE
+
+
 def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
     """model.generate(batch of 2, past_key_values=fast.cache) on a fresh wrapper starts a stream of 2, as on a
     StreamingLLMWrapper's cache (it was refused: "this cache holds a batch of 1 streams; got 2 (reset it first)", and
