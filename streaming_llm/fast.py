@@ -469,12 +469,15 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         else:
             for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
                 tensor.zero_()
-            ended = getattr(self, "_cache", None)
-            if ended is not None and ended.layers and ended.layers[0].keys is self.keys[0]:  # not a copy given to it
-                ended._ended = True
+            # The cache made over these buffers, even if another was given to the wrapper since (`fast.cache = ...`:
+            # kept aside, it fed on over the zeroed buffers, into the new stream), not a copy given to it.
+            for ended in (getattr(self, "_cache", None), getattr(self, "_own_cache", None)):
+                if ended is not None and ended.layers and ended.layers[0].keys is self.keys[0]:
+                    ended._ended = True
         self.seen = self.base = 0
         self._ring_current = True  # the RingLayers' host state matches the buffers
-        cache = WrapperCache(self, self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
+        cache = self._own_cache = WrapperCache(self, self.n_sink, self.window_size, self.position_mode, "ours",
+                                               num_layers=len(self.keys))
         self._adopt_buffers(cache)
         for layer, rotary in zip(cache.layers, self.architecture.layer_rotaries):
             layer.rotary = rotary

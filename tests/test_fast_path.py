@@ -471,6 +471,26 @@ def test_a_cache_that_left_the_wrapper_keeps_the_static_steps_taken_before(llama
     assert max_abs_diff(general(ids[:, 10:20]), expected[:, 10:20]) <= TOLERANCE
 
 
+def test_reset_ends_the_cache_over_its_buffers_even_after_another_was_given(llama_model):
+    """`kept = fast.cache; fast.cache = other; fast.reset()`: reset() zeroed the buffers for the next stream but ended
+    only the cache the wrapper held then (`other`), so the kept one, still over those buffers, fed on (model(...,
+    past_key_values=kept)) over zeroed keys and into the new stream, silently. It is refused, as a cache kept across
+    reset() is, and the new stream is left as it was."""
+    from streaming_llm import StreamingKVCache
+
+    ids, other_ids = random_ids(20, seed=75).reshape(1, -1), random_ids(20, seed=76).reshape(1, -1)
+    fast = make_fast(llama_model, compile="never")
+    fast(ids[:, :10])
+    kept = fast.cache
+    fast.cache = StreamingKVCache(N_SINK, WINDOW_SIZE)
+    fast.reset()
+    fast(other_ids[:, :5])
+    with pytest.raises(RuntimeError, match=r"ended by the FastStreamingWrapper's reset\(\)"):
+        fast.model(ids[:, 10:11], past_key_values=kept, use_cache=True)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), other_ids)
+    assert max_abs_diff(fast(other_ids[:, 5:]), expected[:, 5:]) <= TOLERANCE
+
+
 def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
     """model.generate(batch of 2, past_key_values=fast.cache) on a fresh wrapper starts a stream of 2, as on a
     StreamingLLMWrapper's cache (it was refused: "this cache holds a batch of 1 streams; got 2 (reset it first)", and
