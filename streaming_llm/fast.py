@@ -250,6 +250,14 @@ class WrapperCache(StreamingKVCache):
         self._take_up_static_steps()
         return {**self.__dict__, "_wrapper": _no_wrapper}
 
+    def reset(self) -> None:
+        """transformers' Cache.reset(), also through a reference read before static steps: the steps are taken up first,
+        so that the wrapper sees the layers reset at its next call and refuses to go on (_follow_cache), as after
+        `fast.cache.reset()`. It went on with its own count over the buffers, the stream the caller had reset, silently,
+        and its `cache` then failed inside the package (AttributeError: 'NoneType' object has no attribute ...)."""
+        self._take_up_static_steps()
+        super().reset()
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         if layer_idx == 0:
             if self._ended:

@@ -491,6 +491,26 @@ def test_reset_ends_the_cache_over_its_buffers_even_after_another_was_given(llam
     assert max_abs_diff(fast(other_ids[:, 5:]), expected[:, 5:]) <= TOLERANCE
 
 
+def test_a_cache_reset_through_a_reference_kept_while_static_steps_ran_is_noticed(llama_model):
+    """Cache.reset() of a reference to fast.cache read before some static steps (or of a StreamingLLMWrapper's cache
+    given it): the wrapper, whose layers it had not taken up, went on with its own count over the buffers, the stream
+    the caller had reset, silently, and reading its `cache` or reset() then failed with an AttributeError. It refuses to go
+    on, as after fast.cache.reset(), and reset() starts a new stream."""
+    ids = random_ids(30, seed=77).reshape(1, -1)
+    fast = make_fast(llama_model, compile="never")
+    fast(ids[:, :6])
+    kept = fast.cache
+    for t in range(6, 10):
+        fast.step(ids[:, t : t + 1])
+    kept.reset()
+    assert kept.get_seq_length() == 0
+    with pytest.raises(RuntimeError, match=r"call wrapper.reset\(\)"):
+        fast.step(ids[:, 10:11])
+    fast.reset()
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids)
+    assert max_abs_diff(feed_stream(fast, ids, [6] + [1] * 24), expected) <= TOLERANCE
+
+
 def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(llama_model):
     """model.generate(batch of 2, past_key_values=fast.cache) on a fresh wrapper starts a stream of 2, as on a
     StreamingLLMWrapper's cache (it was refused: "this cache holds a batch of 1 streams; got 2 (reset it first)", and
