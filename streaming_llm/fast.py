@@ -577,6 +577,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if (layers[0].seen, layers[0].base) != (self.seen, self.base):
             if layers[-1].seen != layers[0].seen:  # a block stopped between two layers (StreamingKVCache.update)
                 raise stopped_pass_error(layers[0].seen, layers[-1].seen)
+            if written_outside_inference_mode(self.step_position):  # a stream begun by generate() under the mode
+                self._leave_inference_mode()
             self.seen, self.base = layers[0].seen, layers[0].base
             self.step_position.fill_(self.seen)
             self.frame_base.fill_(self.base)

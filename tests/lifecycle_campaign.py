@@ -59,7 +59,7 @@ warnings.filterwarnings("ignore")
 from tiny_models import VOCAB_SIZE, build_gpt_neox, build_llama, build_llama_family, check_bookkeeping  # noqa: E402
 from tiny_models import tokenizer_of  # noqa: E402
 
-from streaming_llm import StreamingKVCache, StreamingLLMWrapper  # noqa: E402
+from streaming_llm import StreamingLLMWrapper  # noqa: E402
 from streaming_llm.fast import FastStreamingWrapper  # noqa: E402
 from streaming_llm.generation import StreamingChat, generate_stream  # noqa: E402
 
