@@ -467,10 +467,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """A fresh stream over the buffers (allocated on first use or for a new batch size, zeroed otherwise, so
         that the compiled graphs, which hold their addresses, stay valid); the general path's RingLayers get the
         same tensors."""
-        if not getattr(self, "_ring_current", True):
-            # The stream left behind goes on where a reference kept to it is fed (its buffers are left as they are
-            # for a new batch size): with the static steps since the cache was last read, not from before them.
-            self._resume_layers()
+        # The stream left behind goes on where a reference kept to it is fed (its buffers are left as they are for a
+        # new batch size): with the static steps since the cache was last read, not from before them.
+        self._resume_layers()
         if (getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size
                 or written_outside_inference_mode(self.keys[0])):
             self._allocate()
@@ -553,6 +552,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
                 layer.leave_inference_mode()  # the slot positions
 
     _batch_size = 1
+    _ring_current = True  # (before the first cache is made)
 
     def _placement(self) -> tuple:
         """The dtype (RoPE frequencies, buffers) and the device (buffers, compiled step) the wrapper was made for."""
@@ -567,7 +567,11 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     def _follow_cache(self) -> None:
         """Take up the stream where the cache's layers have it, when they are the current state (no static step
         since `cache` was last read): whoever holds `wrapper.cache` may have fed it since (model.generate(...,
-        past_key_values=wrapper.cache)), on the same buffers through the general path."""
+        past_key_values=wrapper.cache)), on the same buffers through the general path. Buffers made under
+        torch.inference_mode() and used outside it are copied first (~0.3 us per call): the step counters written here
+        and the static step's writes would fail inside torch (a stream begun by generate() under the mode too)."""
+        if written_outside_inference_mode(self.keys[0]):
+            self._leave_inference_mode()
         if not self._ring_current:
             return
         layers = self._cache.layers
@@ -577,8 +581,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if (layers[0].seen, layers[0].base) != (self.seen, self.base):
             if layers[-1].seen != layers[0].seen:  # a block stopped between two layers (StreamingKVCache.update)
                 raise stopped_pass_error(layers[0].seen, layers[-1].seen)
-            if written_outside_inference_mode(self.step_position):  # a stream begun by generate() under the mode
-                self._leave_inference_mode()
             self.seen, self.base = layers[0].seen, layers[0].base
             self.step_position.fill_(self.seen)
             self.frame_base.fill_(self.base)
@@ -586,11 +588,14 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     @property
     def cache(self) -> StreamingKVCache:
         """The StreamingKVCache over the shared buffers, brought up to date with the static steps taken since."""
-        if not self._ring_current:
-            self._resume_layers()
+        self._resume_layers()
         return self._cache
 
     def _resume_layers(self) -> None:
+        """Bring the cache's layers up to date with the static steps taken since they were last current (none: nothing
+        to do)."""
+        if self._ring_current:
+            return
         for layer in self._cache.layers:
             layer.resume(self.seen, self.base)
         # The static steps went through every layer: a pass has reached the last one (StreamingKVCache._depth; with
@@ -603,10 +608,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._check_cache_given(cache)
         if getattr(cache, "_ended", False):
             raise ended_stream_error()
-        if not self._ring_current:
-            # The static steps since the cache was last read go with the cache replaced: kept aside and fed (model(...,
-            # past_key_values=old)), it took them up only while it was the wrapper's, and fed on from before them.
-            self._resume_layers()
+        # The static steps since the cache was last read go with the cache replaced: kept aside and fed (model(...,
+        # past_key_values=old)), it took them up only while it was the wrapper's, and fed on from before them.
+        self._resume_layers()
         # Marked current, so that the next call looks at the cache given (_follow_cache) and refuses one that does not
         # hold the wrapper's buffers: the static step went on with its own buffers and count, as if none had been given.
         self._cache, self._ring_current = cache, True
@@ -632,8 +636,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """Pickled (pickle, torch.save), as a copy is made: the model, the buffers and the stream as it is now, without
         the built steps (a compiled step, a captured CUDA graph), which the loaded wrapper builds again on its own
         buffers (pickling failed on the cache's weak reference to the wrapper)."""
-        if not self._ring_current:  # the layers brought up to date with the static steps, as `cache` does
-            self._resume_layers()
+        self._resume_layers()  # the layers brought up to date with the static steps, as `cache` does
         return {name: value for name, value in self.__dict__.items() if name not in ("_compiled", "static_cache")}
 
     def __setstate__(self, state: dict) -> None:
@@ -670,10 +673,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
 
     # -- feeding ------------------------------------------------------------------------------------------------
     def _feed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Copies of buffers made under inference_mode first: _follow_cache writes the step counters (their stream begun
-        # by model.generate(past_key_values=fast.cache) under it failed there, inside torch, outside it).
-        if written_outside_inference_mode(self.keys[0]):
-            self._leave_inference_mode()
         self._follow_cache()
         self._take_batch(input_ids.shape[0])
         if input_ids.shape[1] == 1 and self.seen >= self.n_sink:
@@ -702,8 +701,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """Decode one token per stream ([batch, 1] ids on the model's device); logits [batch, 1, vocab]."""
         self._check_model_unchanged()
         with model_lock(self.model):  # as __call__: the step switches the model's attention for its duration
-            if written_outside_inference_mode(self.keys[0]):  # buffers made under inference_mode (~0.3 us), as _feed
-                self._leave_inference_mode()
             self._follow_cache()
             self._take_batch(token_ids.shape[0])
             if self.seen < self.n_sink:
