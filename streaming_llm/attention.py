@@ -14,6 +14,7 @@ passes on to the mask function it calls next), so that a prepared model run dens
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import weakref
@@ -52,6 +53,22 @@ def expect_streaming_attention(cache, layer_idx: int) -> None:
 def expect_streaming_mask(cache, cache_position: torch.Tensor) -> None:
     """Called by StreamingKVCache.get_mask_sizes: the mask built next for this cache_position is a streaming step's."""
     _handoff.mask_cache, _handoff.mask_position = cache, cache_position
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def under_other_half_autocast(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether torch.autocast of the other half dtype than `dtype` (what a layer holds) is on: a bfloat16 model under
+    float16 autocast, or the reverse. Its promoting ops (torch.cat: RoPE's rotate_half, the kept blocks, the sinks)
+    refuse that mix ("Unexpected floating ScalarType in at::autocast::prioritize"), so the streaming attention and
+    the cache's re-rotations then run with autocast off, in the model's own dtype, as its weights are."""
+    return (dtype in HALF_DTYPES and torch.is_autocast_enabled(device_type)
+            and dtype != torch.get_autocast_dtype(device_type))
+
+
+def autocast_off_if(condition: bool, device_type: str):
+    return torch.autocast(device_type, enabled=False) if condition else contextlib.nullcontext()
 
 
 def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -153,8 +170,15 @@ def streaming_attention_forward(
     if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
         pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
     scaling = module.scaling if scaling is None else scaling
-    output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"), module.streaming_window,
-                                            kwargs.get("s_aux"))
+    held, device_type = pending["values"].dtype, query.device.type
+    autocast_off = under_other_half_autocast(held, device_type)
+    if autocast_off:  # the step in the held dtype; keys and values are in it already (StreamingLayer._held_dtype)
+        query = query.to(held)
+        if pending["sin"] is not None:
+            pending["cos"], pending["sin"] = pending["cos"].to(held), pending["sin"].to(held)
+    with autocast_off_if(autocast_off, device_type):
+        output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"),
+                                                module.streaming_window, kwargs.get("s_aux"))
     return output.transpose(1, 2).contiguous(), None
 
 

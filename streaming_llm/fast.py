@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import model_lock
+from streaming_llm.attention import autocast_off_if, model_lock, under_other_half_autocast
 from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
                                  stopped_pass_error, written_outside_inference_mode)
 from streaming_llm.checks import check_int
@@ -161,7 +161,9 @@ class StaticStepLayer(CacheLayerMixin):
             # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks
             # through a slice instead made it copy the whole key buffer twice per layer per step.
             slots = torch.cat([torch.arange(n_sink, device=slot.device), slot])
-            key_states = torch.cat([self.rotate_sinks(self.sink_keys).to(key_states.dtype), key_states], dim=2)
+            device_type = key_states.device.type
+            with autocast_off_if(under_other_half_autocast(self.keys.dtype, device_type), device_type):
+                key_states = torch.cat([self.rotate_sinks(self.sink_keys).to(key_states.dtype), key_states], dim=2)
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slot, value_states)
         return self.keys, self.values
@@ -733,10 +735,12 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.seen += 1
         new_base = self._cache.policy.next_base(self.base, self.seen)
         if new_base != self.base:
-            for keys, sink_keys, rotary in zip(self.keys, self.sink_keys, self.architecture.layer_rotaries):
-                # the ring: after the sinks' slots, or a sliding ring's every slot (RingLayer.shift_window_keys)
-                window = keys[:, :, sink_keys.shape[-2] :]
-                window.copy_(rerotate_keys(window, self.base - new_base, rotary.inv_freq))
+            device_type = self.keys[0].device.type
+            with autocast_off_if(under_other_half_autocast(self.keys[0].dtype, device_type), device_type):
+                for keys, sink_keys, rotary in zip(self.keys, self.sink_keys, self.architecture.layer_rotaries):
+                    # the ring: after the sinks' slots, or a sliding ring's every slot (RingLayer.shift_window_keys)
+                    window = keys[:, :, sink_keys.shape[-2] :]
+                    window.copy_(rerotate_keys(window, self.base - new_base, rotary.inv_freq))
             self.base = new_base
             self.frame_base.fill_(new_base)
         return logits
