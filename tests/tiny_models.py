@@ -267,13 +267,16 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size: int) -> None:
+def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size: int,
+                              steps: tuple[bool, ...] = (True, False)) -> None:
     """What CUDA graphs need, checked on CPU: torch.compile traces the whole static step with fullgraph=True (a graph
     break raises), and every tensor the graph writes in place is a static input (the per-layer buffers); a write to
     any other input (a view of a buffer, say) makes inductor skip CUDA-graph capture on GPU. And each buffer is
     written by exactly one index_copy, as in transformers' StaticCache step: a slice write (slice_scatter) made
     inductor copy the whole key buffer twice per layer per step (+1.2 ms of 8.5 at the 7B shape on an H100). The
-    traced step streams the same logits as the general path."""
+    traced step streams the same logits as the general path. `steps`: which to trace, the filling (True) and the full
+    (False) step; one not traced runs eagerly. They differ only in the mask the step passes to the same modeling code,
+    and each trace takes seconds: the test of every model type traces the full step alone."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._guards import TracingContext
@@ -294,13 +297,13 @@ def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size:
     torch._dynamo.reset()
     fast = FastStreamingWrapper(copy.deepcopy(model), n_sink=n_sink, window_size=window_size)
     fast.step_kind = "eager"  # compiled below with the inspecting backend instead of inductor
-    for filling in (True, False):
+    for filling in steps:
         function = fast._static_step_filling if filling else fast._static_step_full
         fast._compiled[filling] = torch.compile(function, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
     input_ids = random_ids(60, seed=47)
     streamed = feed_stream(fast, input_ids)
     assert max_abs_diff(streamed, feed_stream(make_wrapper(model, n_sink, window_size), input_ids)) <= 1e-4
-    assert len(graphs) == 2  # the filling and the full step, each traced once: no recompilation along the stream
+    assert len(graphs) == len(steps)  # the filling and the full step, each traced once: no recompilation along the stream
     for graph in graphs:
         layers = model.config.get_text_config().num_hidden_layers
         assert len(graph["mutated"]) == 2 * layers  # each layer's key and value buffer, nothing else
