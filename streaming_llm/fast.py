@@ -469,32 +469,116 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         """A fresh stream over the buffers (allocated on first use or for a new batch size, zeroed otherwise, so
         that the compiled graphs, which hold their addresses, stay valid); the general path's RingLayers get the
         same tensors."""
+        self._fresh_buffers()
+        self.seen = self.base = 0
+        self._ring_current = True  # the RingLayers' host state matches the buffers
+        cache = WrapperCache(self, self.n_sink, self.window_size, self.position_mode, "ours", num_layers=len(self.keys))
+        self._hold(cache)
+        return cache
+
+    def _fresh_buffers(self) -> None:
+        """Buffers for a new stream of `_batch_size`: new ones for another batch size (or after inference mode), else
+        the same ones zeroed, so that the compiled graphs, which hold their addresses, stay valid. The caches over
+        zeroed buffers are ended."""
         # The stream left behind goes on where a reference kept to it is fed (its buffers are left as they are for a
         # new batch size): with the static steps since the cache was last read, not from before them.
         self._resume_layers()
-        if (getattr(self, "keys", None) is None or self.keys[0].shape[0] != self._batch_size
-                or written_outside_inference_mode(self.keys[0])):
+        if not self._buffers_reusable():
             self._allocate()
-        else:
-            for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
-                tensor.zero_()
-            # The cache made over these buffers, even if another was given to the wrapper since (`fast.cache = ...`:
-            # kept aside, it fed on over the zeroed buffers, into the new stream), not a copy given to it.
-            for ended in (getattr(self, "_cache", None), getattr(self, "_own_cache", None)):
-                if ended is not None and ended.layers and ended.layers[0].keys is self.keys[0]:
-                    ended._ended = True
-        self.seen = self.base = 0
-        self._ring_current = True  # the RingLayers' host state matches the buffers
-        cache = self._own_cache = WrapperCache(self, self.n_sink, self.window_size, self.position_mode, "ours",
-                                               num_layers=len(self.keys))
+            return
+        for tensor in (*self.keys, *self.values, *self.sink_keys, self.step_position, self.frame_base):
+            tensor.zero_()
+        # Every cache over these buffers: the wrapper's, and the one it made (a cache given to the wrapper takes the
+        # buffers and lets the one it replaces go on copies: `_let_go`), not a copy given to it.
+        for ended in (getattr(self, "_cache", None), getattr(self, "_own_cache", None)):
+            if ended is not None and ended.layers and ended.layers[0].keys is self.keys[0]:
+                ended._ended = True
+
+    def _buffers_reusable(self) -> bool:
+        return (getattr(self, "keys", None) is not None and self.keys[0].shape[0] == self._batch_size
+                and not written_outside_inference_mode(self.keys[0]))
+
+    def _let_go(self) -> None:
+        """The stream the buffers hold goes on in the caches over them, on copies of their own, before a cache given to
+        the wrapper takes the buffers: kept aside, the replaced stream stays as it was, as a StreamingLLMWrapper leaves
+        it (new buffers, for another batch size, leave it the old ones)."""
+        if not self._buffers_reusable():
+            return
+        for cache in {id(cache): cache for cache in (self._cache, self._own_cache)}.values():
+            if cache.layers and cache.layers[0].keys is self.keys[0]:
+                for layer in cache.layers:
+                    layer.keys, layer.values, layer.sink_keys = (tensor.clone() for tensor in
+                                                                 (layer.keys, layer.values, layer.sink_keys))
+
+    def _hold(self, cache: WrapperCache, seen: int = 0, base: int = 0) -> None:
+        """Make `cache` the stream over the buffers, which hold its first `seen` tokens (window keys at p - base)."""
+        self._own_cache = cache
         self._adopt_buffers(cache)
         for layer, rotary in zip(cache.layers, self.architecture.layer_rotaries):
             layer.rotary = rotary
-        return cache
+            if seen:
+                layer.resume(seen, base)
 
     def _adopt_buffers(self, cache: StreamingKVCache) -> None:
         for layer, keys, values, sink_keys, ring in zip(cache.layers, self.keys, self.values, self.sink_keys, self._rings):
             layer.adopt(keys, values, sink_keys, ring)
+
+    def _take_up_given(self, cache: StreamingKVCache) -> None:
+        """`wrapper.cache = cache` with a cache over other tensors (a copy, a loaded one, a StreamingLLMWrapper's): its
+        stream is copied into the wrapper's buffers, which its layers then hold, so that it goes on, in this very
+        object, through the static step (its graphs keep their buffers); the stream it replaces stays as it was, on
+        copies (`_let_go`). Refused, the wrapper left as it was, where the cache holds another FastStreamingWrapper's
+        buffers, another model's keys, or layers that hold different numbers of tokens."""
+        if type(cache) not in (StreamingKVCache, WrapperCache):
+            raise TypeError(f"a FastStreamingWrapper takes a StreamingKVCache as its stream; got a {type(cache).__name__}")
+        layers = cache.layers
+        owner = cache._wrapper() if isinstance(cache, WrapperCache) else None
+        if owner is not None and owner is not self and layers and layers[0].keys is getattr(owner, "keys", [None])[0]:
+            raise ValueError("this cache is another FastStreamingWrapper's stream (it holds that wrapper's buffers); give "
+                             "this wrapper a copy of it: copy.deepcopy(other.cache)")
+        if all(layer.seen == 0 for layer in layers):
+            self._let_go()
+            self._fresh_buffers()  # nothing held yet: a new stream over the buffers, in this cache
+            self.seen = self.base = 0
+            self._ring_current = True
+            self._become_wrapper_cache(cache, len(self.keys))
+            self._hold(cache)
+            return
+        seen, base = layers[0].seen, layers[0].base
+        if len(layers) != len(self.keys) or any(layer.seen != seen for layer in layers):
+            raise stopped_pass_error(seen, next((layer.seen for layer in layers if layer.seen != seen), 0))
+        batch = layers[0].values.shape[0]
+        expected = [((batch, *keys.shape[1:]), (batch, *sinks.shape[1:]), ring)
+                    for keys, sinks, ring in zip(self.keys, self.sink_keys, self._rings)]
+        given = [(tuple(layer.keys.shape), tuple(layer.sink_keys.shape), layer.sliding) for layer in layers]
+        placement = (self.keys[0].dtype, self.keys[0].device)
+        if given != expected or any((layer.keys.dtype, layer.keys.device) != placement for layer in layers):
+            expected, given = [shapes[0] for shapes in expected], [shapes[0] for shapes in given]
+            raise ValueError(f"this cache holds keys of another shape, dtype or device (layers of {given[0]}, "
+                             f"{layers[0].keys.dtype}, {layers[0].keys.device}) than this wrapper's model streams "
+                             f"({expected[0]}, {placement[0]}, {placement[1]}): make a new one for this model")
+        self._batch_size = batch
+        self._let_go()
+        self._fresh_buffers()
+        with torch.no_grad():
+            for layer, keys, values, sink_keys in zip(layers, self.keys, self.values, self.sink_keys):
+                keys.copy_(layer.keys)
+                values.copy_(layer.values)
+                sink_keys.copy_(layer.sink_keys)
+        self._become_wrapper_cache(cache, len(self.keys))
+        self._hold(cache, seen, base)
+        self._ring_current = True
+        self.seen, self.base = seen, base
+        self.step_position.fill_(seen)
+        self.frame_base.fill_(base)
+
+    def _become_wrapper_cache(self, cache: StreamingKVCache, num_layers: int) -> None:
+        """A StreamingKVCache given to the wrapper becomes a WrapperCache of it (a reference kept to it takes up the
+        static steps when fed or read, as `wrapper.cache` itself does), with one layer per buffer."""
+        cache.__class__ = WrapperCache
+        cache._wrapper, cache._ended = weakref.ref(self), False
+        while len(cache.layers) < num_layers:
+            cache.layers.append(cache._new_layer())
 
     def _take_new_batch(self, cache: StreamingKVCache, batch: int) -> None:
         """The wrapper's empty stream fed a batch of another size through its cache (model.generate()): new buffers
@@ -578,7 +662,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             return
         layers = self._cache.layers
         if len(layers) != len(self.keys) or any(layer.keys is not keys for layer, keys in zip(layers, self.keys)):
-            raise RuntimeError("this FastStreamingWrapper's cache was reset, replaced (wrapper.cache = ...) or given new "
+            raise RuntimeError("this FastStreamingWrapper's cache was reset (Cache.reset()) or given new "
                                "buffers outside the wrapper; call wrapper.reset() to start a new stream")
         if (layers[0].seen, layers[0].base) != (self.seen, self.base):
             if layers[-1].seen != layers[0].seen:  # a block stopped between two layers (StreamingKVCache.update)
@@ -613,8 +697,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # The static steps since the cache was last read go with the cache replaced: kept aside and fed (model(...,
         # past_key_values=old)), it took them up only while it was the wrapper's, and fed on from before them.
         self._resume_layers()
-        # Marked current, so that the next call looks at the cache given (_follow_cache) and refuses one that does not
-        # hold the wrapper's buffers: the static step went on with its own buffers and count, as if none had been given.
+        if not cache.layers or cache.layers[0].keys is not self.keys[0]:
+            self._take_up_given(cache)  # before, the next call refused it ("replaced ... call wrapper.reset()")
+        # Marked current, so that the next call takes up the cache's count (_follow_cache).
         self._cache, self._ring_current = cache, True
 
     @property

@@ -397,26 +397,76 @@ def test_a_cache_reference_kept_from_before_static_steps_reports_the_stream_as_i
         assert max_abs_diff(got, want) <= TOLERANCE
 
 
-@pytest.mark.parametrize("given", ["a new StreamingKVCache", "a copy of its own cache"])
-def test_a_cache_given_to_the_wrapper_after_static_steps_is_refused(llama_model, given):
-    """fast.cache = another cache after static steps: the next step went on with the wrapper's own buffers and count, as
-    if nothing had been given (a new cache: logits of the old stream, off by ~8 from a new one's; a copy taken 3 tokens
-    earlier: its stream not rewound). Refused now, as a block fed next already was, saying what to do."""
+@pytest.mark.parametrize("given", ["a new StreamingKVCache", "a copy taken earlier", "a loaded pickle",
+                                   "a StreamingLLMWrapper's cache", "its cache for a batch of 2"])
+def test_a_cache_given_to_the_wrapper_goes_on_through_its_static_step(llama_model, given):
+    """`fast.cache = kept` (a copy, a saved stream loaded, a StreamingLLMWrapper's cache), as a StreamingLLMWrapper takes
+    it: the next call refused it ("cache was reset, replaced (wrapper.cache = ...) ... call wrapper.reset()"), and
+    tokens_seen raised, so a saved stream went on only in the general wrapper. The given stream is copied into the
+    wrapper's buffers, which the given object then holds: it goes on, through the static step, as a wrapper fed the
+    same tokens; it is the wrapper's cache, read through it; the stream it replaced stays as it was (on copies of the
+    buffers), and goes on when given back."""
+    import pickle
+
     from streaming_llm import StreamingKVCache
 
     input_ids = random_ids(40, seed=55)
     fast = make_fast(llama_model)
+    counter = CountingSteps(fast)
     fast(input_ids[None, :6])
     snapshot = copy.deepcopy(fast.cache)
     for t in range(6, 12):
         fast.step(input_ids[None, t : t + 1])
-    for feed in (lambda: fast.step(input_ids[None, 12:13]), lambda: fast(input_ids[None, 12:14])):
-        fast.cache = StreamingKVCache(N_SINK, WINDOW_SIZE) if given == "a new StreamingKVCache" else snapshot
-        with pytest.raises(RuntimeError, match=r"replaced \(wrapper.cache = ...\) .* call wrapper.reset\(\)"):
-            feed()
-    fast.reset()
-    assert max_abs_diff(feed_stream(fast, input_ids), feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE),
-                                                                  input_ids)) <= TOLERANCE
+    replaced = fast.cache
+    batch = 2 if given == "its cache for a batch of 2" else 1
+    start = {"a new StreamingKVCache": 0, "a StreamingLLMWrapper's cache": 12}.get(given, 6)  # (12: as many as fast's)
+    if given == "a new StreamingKVCache":
+        cache = StreamingKVCache(N_SINK, WINDOW_SIZE)
+    elif given in ("a StreamingLLMWrapper's cache", "its cache for a batch of 2"):
+        general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+        general(input_ids[None, :start].expand(batch, start))
+        cache = general.cache
+    else:
+        cache = pickle.loads(pickle.dumps(snapshot)) if given == "a loaded pickle" else snapshot
+    fast.cache = cache
+    assert fast.cache is cache and fast.tokens_seen == start
+    ids = input_ids[None].expand(batch, 40)
+    streamed = torch.cat([fast.step(ids[:, start : start + 1]), fast(ids[:, start + 1 : start + 4])]
+                         + [fast.step(ids[:, t : t + 1]) for t in range(start + 4, 40)], dim=1)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    assert max_abs_diff(streamed, expected[start:].expand(batch, -1, -1)) <= TOLERANCE
+    assert counter.calls["full"] > 6 and cache.get_seq_length() == 40 and cache.layers[0].keys is fast.keys[0]
+    fast.cache = replaced
+    assert fast.tokens_seen == 12 and replaced.layers[0].keys is fast.keys[0]
+    assert max_abs_diff(fast(input_ids[None, 12:20])[0], expected[12:20]) <= TOLERANCE
+
+
+def test_a_cache_the_wrapper_cannot_go_on_with_is_refused_when_given(llama_model):
+    """What `fast.cache = ...` cannot take is refused at once, the wrapper's stream left as it was: another
+    FastStreamingWrapper's live stream (its buffers: two wrappers would write one stream), another model's keys, and a
+    stream whose layers hold different numbers of tokens (a pass stopped part-way)."""
+    from tiny_models import build_llama_family
+
+    from streaming_llm import StreamingKVCache
+
+    input_ids = random_ids(30, seed=56)
+    fast, other = make_fast(llama_model), make_fast(llama_model)
+    fast(input_ids[None, :8])
+    other(input_ids[None, :5])
+    narrow = make_wrapper(build_llama_family("llama", num_key_value_heads=1), N_SINK, WINDOW_SIZE)
+    narrow(input_ids[None, :5])
+    stopped = copy.deepcopy(other.cache)
+    stopped.layers[-1].seen -= 1
+    refusals = ((other.cache, ValueError, r"another FastStreamingWrapper's stream .*copy.deepcopy\(other.cache\)"),
+                (narrow.cache, ValueError, r"keys of another shape, dtype or device .*make a new one for this model"),
+                (stopped, RuntimeError, r"stopped part-way"))
+    for cache, error, message in refusals:
+        with pytest.raises(error, match=message):
+            fast.cache = cache
+    assert isinstance(narrow.cache, StreamingKVCache) and type(narrow.cache) is StreamingKVCache
+    assert other.tokens_seen == 5 and fast.tokens_seen == 8
+    streamed = torch.cat([fast(input_ids[None, 8:12])[0]] + [fast.step(input_ids[None, t : t + 1])[0] for t in range(12, 30)])
+    assert max_abs_diff(streamed, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)[8:]) <= TOLERANCE
 
 
 def test_a_cache_kept_across_reset_is_refused_not_fed_over_zeroed_buffers(llama_model):
@@ -471,11 +521,12 @@ def test_a_cache_that_left_the_wrapper_keeps_the_static_steps_taken_before(llama
     assert max_abs_diff(general(ids[:, 10:20]), expected[:, 10:20]) <= TOLERANCE
 
 
-def test_reset_ends_the_cache_over_its_buffers_even_after_another_was_given(llama_model):
+def test_a_cache_replaced_and_then_reset_away_keeps_its_stream(llama_model):
     """`kept = fast.cache; fast.cache = other; fast.reset()`: reset() zeroed the buffers for the next stream but ended
     only the cache the wrapper held then (`other`), so the kept one, still over those buffers, fed on (model(...,
-    past_key_values=kept)) over zeroed keys and into the new stream, silently. It is refused, as a cache kept across
-    reset() is, and the new stream is left as it was."""
+    past_key_values=kept)) over zeroed keys and into the new stream, silently. A cache given to the wrapper now leaves
+    the one it replaces its stream on copies of the buffers: `kept` goes on as its own stream, as it would after a
+    StreamingLLMWrapper was given another cache, and the wrapper's new stream is left as it was."""
     from streaming_llm import StreamingKVCache
 
     ids, other_ids = random_ids(20, seed=75).reshape(1, -1), random_ids(20, seed=76).reshape(1, -1)
@@ -485,8 +536,9 @@ def test_reset_ends_the_cache_over_its_buffers_even_after_another_was_given(llam
     fast.cache = StreamingKVCache(N_SINK, WINDOW_SIZE)
     fast.reset()
     fast(other_ids[:, :5])
-    with pytest.raises(RuntimeError, match=r"ended by the FastStreamingWrapper's reset\(\)"):
-        fast.model(ids[:, 10:11], past_key_values=kept, use_cache=True)
+    assert kept.layers[0].keys is not fast.keys[0]
+    logits = fast.model(ids[:, 10:20], past_key_values=kept, use_cache=True).logits
+    assert max_abs_diff(logits, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), ids)[:, 10:]) <= TOLERANCE
     expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), other_ids)
     assert max_abs_diff(fast(other_ids[:, 5:]), expected[:, 5:]) <= TOLERANCE
 

@@ -8,6 +8,7 @@ import copy
 from unittest import mock
 
 import pytest
+import torch
 from reference import naive_streaming_logits
 from tiny_models import (block_sizes_covering, build_gemma3_multimodal, build_llama_family, check_compiled_step_graphs,
                          dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids)
@@ -173,6 +174,21 @@ def test_one_token_steps_hide_exactly_the_keys_at_the_window_or_beyond(model_typ
                                   compile="never")
     for path, wrapper in (("general", general), ("static", static)):
         assert max_abs_diff(feed_stream(wrapper, input_ids), expected) <= TOLERANCE, path
+
+
+@pytest.mark.parametrize("window_size", [WINDOW - 1, WINDOW + 3])
+def test_a_stream_begun_in_the_general_wrapper_goes_on_in_the_fast_one(window_size):
+    """`fast.cache = general.cache` on Gemma 3's text model: its sliding layers' rings (W slots, no sinks, where
+    W <= window_size + 1) and full layers' buffers are copied into the static step's, and the stream goes on as the
+    reference does, past the point where every ring has wrapped."""
+    model, input_ids = build("gemma3_text"), random_ids(LENGTH, seed=36)
+    expected = naive_streaming_logits(model, input_ids, 1, window_size)
+    general = make_wrapper(model, 1, window_size)
+    general(input_ids[None, :19])
+    fast = FastStreamingWrapper(copy.deepcopy(model), 1, window_size, compile="never")
+    fast.cache = general.cache
+    streamed = torch.cat([fast.step(input_ids[None, t : t + 1])[0] for t in range(19, LENGTH)])
+    assert max_abs_diff(streamed, expected[19:]) <= TOLERANCE
 
 
 def test_kv_cache_bytes_counts_every_stream_of_a_batch_in_the_models_dtype():
