@@ -417,7 +417,7 @@ def test_a_cache_given_to_the_wrapper_goes_on_through_its_static_step(llama_mode
     snapshot = copy.deepcopy(fast.cache)
     for t in range(6, 12):
         fast.step(input_ids[None, t : t + 1])
-    replaced = fast.cache
+    replaced, built = fast.cache, fast._compiled[True]  # (the filling step: 12 tokens do not fill the buffers)
     batch = 2 if given == "its cache for a batch of 2" else 1
     start = {"a new StreamingKVCache": 0, "a StreamingLLMWrapper's cache": 12}.get(given, 6)  # (12: as many as fast's)
     if given == "a new StreamingKVCache":
@@ -430,6 +430,7 @@ def test_a_cache_given_to_the_wrapper_goes_on_through_its_static_step(llama_mode
         cache = pickle.loads(pickle.dumps(snapshot)) if given == "a loaded pickle" else snapshot
     fast.cache = cache
     assert fast.cache is cache and fast.tokens_seen == start
+    assert (fast._compiled.get(True) is built) is (batch == 1)  # the step is built again for new buffers only
     ids = input_ids[None].expand(batch, 40)
     streamed = torch.cat([fast.step(ids[:, start : start + 1]), fast(ids[:, start + 1 : start + 4])]
                          + [fast.step(ids[:, t : t + 1]) for t in range(start + 4, 40)], dim=1)
