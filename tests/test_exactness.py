@@ -195,3 +195,41 @@ def test_train_mode_applies_no_attention_dropout():
     assert wrapper.model.training and fast.model.training
     assert torch.equal(streamed[True][0], streamed[False][0]) and torch.equal(streamed[True][1], streamed[False][1])
     assert max_abs_diff(streamed[False][0], naive_streaming_logits(model.eval(), ids, N_SINK, WINDOW_SIZE)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("position_mode, streaming_mode, fast", [("pos_shift", "ours", False), ("rerotate", "ours", False),
+                                                                 ("pos_shift", "mit", False), ("rerotate", "mit", False),
+                                                                 ("pos_shift", "ours", True), ("rerotate", "ours", True)])
+def test_a_stream_past_2_to_the_53_tokens_attends_as_a_short_one(llama_model, position_mode, streaming_mode, fast):
+    """An endless stream at constant cost: after N tokens the logits are those of a short stream holding the same sinks
+    and window (pos_shift and rerotate attend by distances inside the cache only). The stream is fast-forwarded by K
+    tokens, K a multiple of the ring's window_size + 1 slots and of pos_shift's re-basing period capacity + 1: every
+    counter (each layer's `seen`, frame offset `base`, the window slots' stream positions; the fast step's t and frame
+    offset, taken up from the layers) moves by K and the stored keys, kept in the frame p - base, stay as they are,
+    which is the state K more tokens of the same window leave. K is past 2**53, where float64 and float32 no longer
+    hold every integer: a position converted to a float before it is made relative would show here. Checked bit for
+    bit at 2**24, 2**31, 2**53 and 2**62 on both tiny models, token by token and in blocks."""
+    from streaming_llm.fast import FastStreamingWrapper
+
+    n_sink, window_size = 2, 9
+    period = (window_size + 1) * (n_sink + window_size + 1)
+    fast_forward = period * (2**53 // period + 1)
+    input_ids = random_ids(70, seed=31)[None]
+    if fast:
+        wrapper = FastStreamingWrapper(copy.deepcopy(llama_model), n_sink, window_size, position_mode, compile="never")
+    else:
+        wrapper = make_wrapper(llama_model, n_sink, window_size, position_mode=position_mode,
+                               streaming_mode=streaming_mode)
+    wrapper(input_ids[:, :40])
+    long = copy.deepcopy(wrapper)
+    for layer in long.cache.layers:
+        layer.seen += fast_forward
+        layer.base += 0 if layer.stores_raw_keys else fast_forward
+        layer.positions = torch.where(layer.positions >= n_sink, layer.positions + fast_forward, layer.positions)
+    for start, size in [(40, 1), (41, 1), (42, 13), (55, 1), (56, 1), (57, 5), *((i, 1) for i in range(62, 70))]:
+        block = input_ids[:, start : start + size]
+        assert max_abs_diff(long(block), wrapper(block)) <= TOLERANCE, f"tokens {start}..{start + size - 1}"
+    assert long.tokens_seen == wrapper.tokens_seen + fast_forward
+    assert torch.equal(long.cache.kept_positions(), torch.where(wrapper.cache.kept_positions() >= n_sink,
+                                                                wrapper.cache.kept_positions() + fast_forward,
+                                                                wrapper.cache.kept_positions()))
