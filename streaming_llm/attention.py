@@ -163,20 +163,22 @@ def streaming_attention_forward(
     check_capacity(module.config, cache.cache_capacity)
     cache.layers[layer_idx].rotary = rotary
     pending = cache.layers[layer_idx].pending
-    if rotary.interleaved:  # q, k and the model's angles in rotate-half order (the same permutation: q·k unchanged)
-        query, pending["keys"] = rotary.to_half_layout(query), rotary.to_half_layout(pending["keys"])
-        if pending["sin"] is not None:
-            pending["cos"], pending["sin"] = rotary.model_angles(pending["cos"]), rotary.model_angles(pending["sin"])
-    if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
-        pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
-    scaling = module.scaling if scaling is None else scaling
     held, device_type = pending["values"].dtype, query.device.type
+    # Under autocast of the other half dtype the whole step runs with autocast off, the interleaved models' reordering
+    # too: a partly rotated head (GLM, GLM-4) is reordered with a torch.cat, which refuses the keys in the held dtype.
     autocast_off = under_other_half_autocast(held, device_type)
-    if autocast_off:  # the step in the held dtype; keys and values are in it already (StreamingLayer._held_dtype)
-        query = query.to(held)
-        if pending["sin"] is not None:
-            pending["cos"], pending["sin"] = pending["cos"].to(held), pending["sin"].to(held)
     with autocast_off_if(autocast_off, device_type):
+        if rotary.interleaved:  # q, k and the model's angles in rotate-half order (the same permutation: q·k unchanged)
+            query, pending["keys"] = rotary.to_half_layout(query), rotary.to_half_layout(pending["keys"])
+            if pending["sin"] is not None:
+                pending["cos"], pending["sin"] = rotary.model_angles(pending["cos"]), rotary.model_angles(pending["sin"])
+        if pending["sin"] is None and rotary.rotary_ndims:  # SmolLM3 rotates but passes no cos/sin to cache.update
+            pending["cos"], pending["sin"] = _model_rotation(rotary, kwargs.get("position_ids"), query.dtype)
+        scaling = module.scaling if scaling is None else scaling
+        if autocast_off:  # the step in the held dtype; keys and values are in it already (StreamingLayer._held_dtype)
+            query = query.to(held)
+            if pending["sin"] is not None:
+                pending["cos"], pending["sin"] = pending["cos"].to(held), pending["sin"].to(held)
         output = cache.layers[layer_idx].attend(query, rotary, scaling, kwargs.get("softcap"),
                                                 module.streaming_window, kwargs.get("s_aux"))
     return output.transpose(1, 2).contiguous(), None

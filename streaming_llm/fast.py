@@ -152,17 +152,19 @@ class StaticStepLayer(CacheLayerMixin):
         slot = slots = cache_kwargs["cache_position"]
         if self.ring_position is not None:
             slot = slots = (self.ring_position % self.keys.shape[-2]).reshape(1)
-        key_states = self.to_half_layout(key_states)
         if (key_states.dtype, value_states.dtype) != (self.keys.dtype, self.values.dtype):
             # under torch.autocast (StreamingLayer._held_dtype): the buffers hold the model's dtype
             key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
         n_sink = self.sink_keys.shape[-2]
-        if n_sink:
-            # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks
-            # through a slice instead made it copy the whole key buffer twice per layer per step.
-            slots = torch.cat([torch.arange(n_sink, device=slot.device), slot])
-            device_type = key_states.device.type
-            with autocast_off_if(under_other_half_autocast(self.keys.dtype, device_type), device_type):
+        device_type = key_states.device.type
+        # (the reordering of a partly rotated interleaved head, GLM's, is a torch.cat too: under autocast of the other
+        # half dtype, in the held dtype with autocast off, as the sinks)
+        with autocast_off_if(under_other_half_autocast(self.keys.dtype, device_type), device_type):
+            key_states = self.to_half_layout(key_states)
+            if n_sink:
+                # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks
+                # through a slice instead made it copy the whole key buffer twice per layer per step.
+                slots = torch.cat([torch.arange(n_sink, device=slot.device), slot])
                 key_states = torch.cat([self.rotate_sinks(self.sink_keys).to(key_states.dtype), key_states], dim=2)
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slot, value_states)

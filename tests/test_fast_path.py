@@ -974,6 +974,32 @@ def test_a_half_model_under_autocast_of_the_other_half_dtype(llama_model):
     assert counter.calls["full"] > 0
 
 
+@pytest.mark.parametrize("dtype, other", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_a_partly_rotated_interleaved_half_model_under_autocast_of_the_other_half_dtype(dtype, other):
+    """GLM (interleaved rotary pairs, half of each head rotated): the streaming attention reorders q and k into
+    rotate-half order with a torch.cat (the rotated features, then the rest), which ran before autocast was turned off,
+    on keys in the held dtype: a stream begun outside autocast and continued under the other half dtype's, and every
+    FastStreamingWrapper stream under it (its buffers hold the model's dtype), failed inside torch ("Unexpected floating
+    ScalarType in at::autocast::prioritize") where the plain model runs. They stream as llama's do."""
+    from tiny_models import build_llama_family
+
+    ids = random_ids(30, seed=2).reshape(1, -1)
+    pieces = [(0, 8), *((i, i + 1) for i in range(8, 30))]
+    model = build_llama_family("glm").to(dtype)
+
+    def stream(wrapper, under, begun_under):
+        logits = []
+        for index, (start, stop) in enumerate(pieces):
+            with torch.autocast("cpu", dtype=other, enabled=under and (begun_under or index > 0)):
+                logits.append(wrapper(ids[:, start:stop]).float())
+        return torch.cat(logits, dim=1)
+
+    for make in (lambda: make_wrapper(model, 2, 6), lambda: make_fast(model, 2, 6, compile="never")):
+        expected = stream(make(), False, False)
+        for begun_under in (True, False):
+            assert max_abs_diff(stream(make(), True, begun_under), expected) < 0.3, begun_under
+
+
 def test_autograd_on_is_named_once(llama_model):
     """The cache is for inference: with autograd on (no torch.no_grad()), its in-place buffers make backward fail
     and keep every step's graph alive, so memory grows with the stream. It runs, but says so once per cache."""
