@@ -538,6 +538,13 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         if owner is not None and owner is not self and layers and layers[0].keys is getattr(owner, "keys", [None])[0]:
             raise ValueError("this cache is another FastStreamingWrapper's stream (it holds that wrapper's buffers); give "
                              "this wrapper a copy of it: copy.deepcopy(other.cache)")
+        # A cache made for more layers than the model's (StreamingKVCache(num_layers=...), which a StreamingLLMWrapper
+        # streams with, the rest left empty): its layers past the model's are dropped when it is taken up. It was taken
+        # empty, the wrapper's stream let go, and every call then refused it ("cache was reset (Cache.reset())").
+        if any(layer.seen for layer in layers[len(self.keys):]):
+            raise ValueError(f"this cache holds the stream of a model with more layers ({len(layers)}) than this "
+                             f"wrapper's model ({len(self.keys)}): make a new one for this model")
+        layers = layers[: len(self.keys)]
         if all(layer.seen == 0 for layer in layers):
             self._let_go()
             self._fresh_buffers()  # nothing held yet: a new stream over the buffers, in this cache
@@ -579,6 +586,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         static steps when fed or read, as `wrapper.cache` itself does), with one layer per buffer."""
         cache.__class__ = WrapperCache
         cache._wrapper, cache._ended = weakref.ref(self), False
+        del cache.layers[num_layers:]  # (empty: `_take_up_given` refuses a cache whose layers past the model's hold tokens)
+        cache._depth = min(cache._depth, num_layers - 1)
         while len(cache.layers) < num_layers:
             cache.layers.append(cache._new_layer())
 

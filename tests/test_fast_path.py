@@ -470,6 +470,38 @@ def test_a_cache_the_wrapper_cannot_go_on_with_is_refused_when_given(llama_model
     assert max_abs_diff(streamed, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)[8:]) <= TOLERANCE
 
 
+@pytest.mark.parametrize("fed", [0, 9])
+def test_a_cache_made_for_more_layers_than_the_model_is_taken_up_when_given(llama_model, fed):
+    """`StreamingKVCache(num_layers=5)` for a model of 2 layers: a StreamingLLMWrapper streams with it (the layers past
+    the model's stay empty). Given to a FastStreamingWrapper, an empty one was taken, the wrapper's stream let go and its
+    buffers zeroed, and every call then refused it ("cache was reset (Cache.reset())"); one that held tokens was refused
+    as a pass stopped part-way. It goes on as the general wrapper's stream; one whose extra layers hold tokens (another
+    model's stream) is refused when given, the wrapper left as it was."""
+    from streaming_llm import StreamingKVCache
+
+    input_ids = random_ids(40, seed=57)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    general.cache = StreamingKVCache(N_SINK, WINDOW_SIZE, num_layers=5)
+    if fed:
+        general(input_ids[None, :fed])
+    fast = make_fast(llama_model)
+    fast(input_ids[None, :3])
+    fast.cache = general.cache
+    assert fast.tokens_seen == fed
+    streamed = torch.cat([fast(input_ids[None, fed : fed + 2])[0]] + [fast.step(input_ids[None, t : t + 1])[0]
+                                                                       for t in range(fed + 2, 40)])
+    assert max_abs_diff(streamed, expected[fed:]) <= TOLERANCE
+    deeper = StreamingKVCache(N_SINK, WINDOW_SIZE, num_layers=5)
+    deeper_general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    deeper_general.cache = deeper
+    deeper_general(input_ids[None, :4])
+    deeper.layers[3].seen = 4  # as a model with more layers would have left it
+    with pytest.raises(ValueError, match="a model with more layers"):
+        fast.cache = deeper
+    assert fast.tokens_seen == 40
+
+
 def test_a_cache_kept_across_reset_is_refused_not_fed_over_zeroed_buffers(llama_model):
     """reset() zeroes the buffers for the next stream (the compiled steps hold their addresses), and the old cache
     object holds them too: `old = fast.cache; fast.reset(); fast.cache = old` went on with the old count over zeroed
