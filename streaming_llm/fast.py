@@ -201,10 +201,19 @@ class WrapperCache(StreamingKVCache):
     the wrapper's last batch size, are replaced for both). It holds the wrapper weakly: a copy of the cache
     (copy.deepcopy) copies its buffers, not the wrapper and its model, and goes on as a StreamingKVCache of its own."""
 
-    # Set by the wrapper's reset(), which zeroes the buffers this cache holds for the next stream: a reference kept
-    # across it (`old = fast.cache; fast.reset(); fast.cache = old`, or model(..., past_key_values=old)) went on with its
-    # count over zeroed keys, or wrote into the new stream, silently. Fed or given back, it is refused.
-    _ended = False
+    @property
+    def _ended(self) -> bool:
+        """Set by the wrapper's reset(), which zeroes the buffers this cache holds for the next stream: a reference kept
+        across it (`old = fast.cache; fast.reset(); fast.cache = old`, or model(..., past_key_values=old)) went on with
+        its count over zeroed keys, or wrote into the new stream, silently. Fed or given back, it is refused. Kept on
+        the first layer, which a shallow copy of the cache (copy.copy) shares: such a copy fed on over the zeroed
+        buffers (logits off by ~5)."""
+        return bool(self.layers) and getattr(self.layers[0], "ended_by_reset", False)
+
+    @_ended.setter
+    def _ended(self, ended: bool) -> None:
+        if self.layers:
+            self.layers[0].ended_by_reset = ended
 
     def __init__(self, wrapper: FastStreamingWrapper, *args, **kwargs):
         super().__init__(*args, **kwargs)
