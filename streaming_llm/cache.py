@@ -18,6 +18,7 @@ every step by `StartRecentKVCache`, as MIT's code does.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -701,11 +702,19 @@ class StreamingKVCache(Cache):
         # made for more layers, num_layers, keeps the rest empty).
         self._depth = -1
         layers = None if num_layers is None else [self._new_layer() for _ in range(num_layers)]
-        super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._new_layer)
+        super().__init__(layers=layers, layer_class_to_replicate=None if layers is not None else self._layer_factory())
+
+    def _layer_factory(self) -> functools.partial:
+        """What makes a layer of this cache: its layer class with the cache's policy and per-step values. Given to
+        transformers as `layer_class_to_replicate` (a layer for each one the model reaches), it holds no reference to the
+        cache: the bound method `self._new_layer` did, a reference cycle that left every dropped or reset() stream, its
+        keys and values with it, to Python's cyclic garbage collector (40 streams of 4,094 tokens alive at once in a loop
+        of StreamingLLMWrapper resets on the tiny Llama; on a GPU, memory the next stream could not have)."""
+        layer_class = RingLayer if self.streaming_mode == "ours" else ContiguousLayer
+        return functools.partial(layer_class, self.policy, self._shared)
 
     def _new_layer(self) -> StreamingLayer:
-        layer_class = RingLayer if self.streaming_mode == "ours" else ContiguousLayer
-        return layer_class(self.policy, self._shared)
+        return self._layer_factory()()
 
     def __repr__(self) -> str:
         return (
