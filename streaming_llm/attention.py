@@ -71,6 +71,13 @@ def autocast_off_if(condition: bool, device_type: str):
     return torch.autocast(device_type, enabled=False) if condition else contextlib.nullcontext()
 
 
+def in_held_dtype(held: torch.Tensor):
+    """The context a cache's own torch.cat and re-rotation of what it holds (`held`) run in: autocast off under
+    autocast of the other half dtype than `held`'s (under_other_half_autocast), as it is otherwise."""
+    device_type = held.device.type
+    return autocast_off_if(under_other_half_autocast(held.dtype, device_type), device_type)
+
+
 def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """Gemma 2's attention logit soft-capping, softcap * tanh(scores / softcap); the scores as they are without."""
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streaming_llm.attention import autocast_off_if, model_lock, under_other_half_autocast
+from streaming_llm.attention import in_held_dtype, model_lock
 from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
                                  stopped_pass_error, written_outside_inference_mode)
 from streaming_llm.checks import check_int
@@ -156,10 +156,9 @@ class StaticStepLayer(CacheLayerMixin):
             # under torch.autocast (StreamingLayer._held_dtype): the buffers hold the model's dtype
             key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
         n_sink = self.sink_keys.shape[-2]
-        device_type = key_states.device.type
         # (the reordering of a partly rotated interleaved head, GLM's, is a torch.cat too: under autocast of the other
         # half dtype, in the held dtype with autocast off, as the sinks)
-        with autocast_off_if(under_other_half_autocast(self.keys.dtype, device_type), device_type):
+        with in_held_dtype(self.keys):
             key_states = self.to_half_layout(key_states)
             if n_sink:
                 # One write per buffer, as StaticCache's step, which inductor performs in place. Writing the sinks
@@ -840,8 +839,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self.seen += 1
         new_base = self._cache.policy.next_base(self.base, self.seen)
         if new_base != self.base:
-            device_type = self.keys[0].device.type
-            with autocast_off_if(under_other_half_autocast(self.keys[0].dtype, device_type), device_type):
+            with in_held_dtype(self.keys[0]):
                 for keys, sink_keys, rotary in zip(self.keys, self.sink_keys, self.architecture.layer_rotaries):
                     # the ring: after the sinks' slots, or a sliding ring's every slot (RingLayer.shift_window_keys)
                     window = keys[:, :, sink_keys.shape[-2] :]
