@@ -19,6 +19,15 @@ from tiny_models import ARCHITECTURES, build_gpt_neox, build_llama  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the README's test command): one worker a CPU, four at most. Each worker runs one thread (above),
+    builds its own session fixtures and holds their memory, and its CLI tests start their own Pythons.
+    PYTEST_XDIST_AUTO_NUM_WORKERS, where set, decides instead (xdist's own hook reads it)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     """Every test runs without autograd."""
