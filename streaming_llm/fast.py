@@ -547,11 +547,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             raise ValueError("this cache is another FastStreamingWrapper's stream (it holds that wrapper's buffers); give "
                              "this wrapper a copy of it: copy.deepcopy(other.cache)")
         # A cache made for more layers than the model's (StreamingKVCache(num_layers=...), which a StreamingLLMWrapper
-        # streams with, the rest left empty): its layers past the model's are dropped when it is taken up. It was taken
-        # empty, the wrapper's stream let go, and every call then refused it ("cache was reset (Cache.reset())").
-        if any(layer.seen for layer in layers[len(self.keys):]):
-            raise ValueError(f"this cache holds the stream of a model with more layers ({len(layers)}) than this "
-                             f"wrapper's model ({len(self.keys)}): make a new one for this model")
+        # streams with, the rest left empty; _check_cache_given refuses one whose extra layers hold tokens): its layers
+        # past the model's are dropped when it is taken up. It was taken empty, the wrapper's stream let go, and every
+        # call then refused it ("cache was reset (Cache.reset())").
         layers = layers[: len(self.keys)]
         if all(layer.seen == 0 for layer in layers):
             self._let_go()

@@ -79,6 +79,13 @@ class StreamingLLMWrapper:
             settings = "n_sink={}, window_size={}, position_mode={!r}, streaming_mode={!r}".format
             raise ValueError(f"this cache streams with {settings(*given)}; the wrapper was made with "
                              f"{settings(*made_for)}: make a wrapper with the cache's settings for it")
+        # A cache may be made for more layers than the model's (StreamingKVCache(num_layers=...)), the rest left empty.
+        # One that holds a deeper model's stream was fed once, its first layers with this model's keys beside the other
+        # model's, and refused only at the next call ("a forward pass ... stopped part-way").
+        depth = len(self.architecture.attention_modules)
+        if any(layer.seen for layer in cache.layers[depth:]):
+            raise ValueError(f"this cache holds the stream of a model with more layers ({len(cache.layers)}) than this "
+                             f"wrapper's model ({depth}): make a new one for this model")
 
     @property
     def cache_capacity(self) -> int:

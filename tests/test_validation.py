@@ -514,15 +514,19 @@ def test_a_hand_off_left_by_another_cache_does_not_fail_the_next_stream(llama_mo
 
 @pytest.mark.parametrize("layers", [3, 1])
 def test_a_stream_given_to_a_model_with_another_number_of_layers_is_refused_naming_it(llama_model, layers):
-    """A wrapper's cache given to a wrapper on a model with more layers (or fewer: refused from its second step) was
-    refused as a forward pass "stopped part-way (an exception or KeyboardInterrupt in a layer)", which none was; the
-    refusal names the other number of layers too."""
+    """A wrapper's cache given to a wrapper on a model with more layers was refused as a forward pass "stopped part-way
+    (an exception or KeyboardInterrupt in a layer)", which none was; the refusal names the other number of layers too.
+    One given to a model with fewer layers went on for one step before that refusal: it is refused when given."""
     from tiny_models import build_llama_family, random_ids
 
     ids = random_ids(24, seed=9)[None]
     other = make_wrapper(build_llama_family("llama", num_hidden_layers=layers), 2, 6)
     began = make_wrapper(llama_model, 2, 6)
     began(ids[:, :20])
+    if layers < 2:
+        with pytest.raises(ValueError, match=r"a model with more layers \(2\) than this wrapper's model \(1\)"):
+            other.cache = began.cache
+        return
     other.cache = began.cache
     with pytest.raises(RuntimeError, match=r"or a model with another number of layers than the one that began it went "
                                            r"on with it: its first layer has taken 2\d tokens of the stream"):
@@ -922,11 +926,13 @@ def test_a_cache_given_to_a_wrapper_is_one_it_streams_with_as_it_says(llama_mode
     """`wrapper.cache = ...` took anything: a DynamicCache was fed as is (20 tokens in, 20 kept: no stream at all),
     None made each call a stream of its own, and a StreamingKVCache of other settings streamed by them while the
     wrapper reported its own n_sink, window_size and capacity. Each is refused when given; the wrapper's stream is
-    left as it was, and a cache of its settings (a copy) is taken."""
+    left as it was, and a cache of its settings (a copy) is taken. The stream of a deeper model (4 layers, this one's
+    2) was fed once in the general wrapper, its first layers with this model's keys beside that model's, and refused
+    only at the next call; it is refused when given."""
     import copy
 
     from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
-    from tiny_models import random_ids
+    from tiny_models import build_llama_family, random_ids
     from transformers import DynamicCache
 
     model = copy.deepcopy(llama_model)
@@ -934,10 +940,13 @@ def test_a_cache_given_to_a_wrapper_is_one_it_streams_with_as_it_says(llama_mode
     ids = random_ids(12, seed=5)[None]
     wrapper(ids[:, :10])
     kept = copy.deepcopy(wrapper.cache)
+    deeper = StreamingLLMWrapper(build_llama_family("llama", num_hidden_layers=4), 2, 6)
+    deeper(ids[:, :3])
     for given, error, words in [(DynamicCache(), TypeError, "must be a StreamingKVCache.* got DynamicCache"),
                                 (None, TypeError, "got NoneType"),
                                 (StreamingKVCache(1, 3), ValueError, r"streams with n_sink=1, window_size=3, .* made with n_sink=2"),
-                                (StreamingKVCache(2, 6, "rerotate"), ValueError, "position_mode='rerotate'")]:
+                                (StreamingKVCache(2, 6, "rerotate"), ValueError, "position_mode='rerotate'"),
+                                (deeper.cache, ValueError, r"a model with more layers \(4\) than this wrapper's model \(2\)")]:
         with pytest.raises(error, match=words):
             wrapper.cache = given
     assert wrapper.tokens_seen == 10 and wrapper.cache.n_sink == wrapper.n_sink == 2
