@@ -32,6 +32,7 @@ from streaming_llm.cli_common import (
     peak_memory_mb,
     print_json,
     show_progress,
+    sigterm_as_exit,
     status,
     validate_common_args,
     utf8_stdio,
@@ -668,15 +669,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
     utf8_stdio()
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        parser = build_parser(command=next((word for word in argv if not word.startswith("-")), None))
-        args = parser.parse_args(argv)
-        if args.handler is None:
-            raise UsageError(f"choose a command: {', '.join(args.command_names)} (see {PROG} --help)")
-        validate_common_args(args)
-        apply_threads(args)
-        return int(args.handler(args) or 0)
-    except SystemExit as exit_request:  # --help, --version
+        with sigterm_as_exit():
+            argv = sys.argv[1:] if argv is None else list(argv)
+            parser = build_parser(command=next((word for word in argv if not word.startswith("-")), None))
+            args = parser.parse_args(argv)
+            if args.handler is None:
+                raise UsageError(f"choose a command: {', '.join(args.command_names)} (see {PROG} --help)")
+            validate_common_args(args)
+            apply_threads(args)
+            return int(args.handler(args) or 0)
+    except SystemExit as exit_request:  # --help, --version, SIGTERM (sigterm_as_exit: status 143)
         return exit_request.code if isinstance(exit_request.code, int) else 0
     except (UsageError, ValueError, OSError) as error:
         if isinstance(error, BrokenPipeError):  # stdout closed early, e.g. `| head`: stop quietly

@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -220,6 +222,25 @@ def utf8_stdio() -> None:
             pass  # a replaced stream (tests, notebooks) keeps its own settings
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within it, SIGTERM (`kill`, a job scheduler's stop) ends the command as SystemExit(143), not at once: `finally`
+    blocks run, so a results file being written leaves no hidden temporary beside it (atomic_write). In the main
+    thread only, where Python runs signal handlers; the handler before it is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def run_script(main, argv: list[str] | None = None) -> int:
     """Run an experiment script's `main(argv)` under the CLI's error contract: a ValueError or OSError (bad input,
     a model or file that cannot be read) is one line, `<script>: error: <reason>`, exit status 2; Ctrl-C exits 130
@@ -227,7 +248,10 @@ def run_script(main, argv: list[str] | None = None) -> int:
     name = os.path.basename(sys.argv[0]) or "script"
     utf8_stdio()
     try:
-        return int((main() if argv is None else main(argv)) or 0)
+        with sigterm_as_exit():
+            return int((main() if argv is None else main(argv)) or 0)
+    except SystemExit as exit_request:  # SIGTERM (sigterm_as_exit), --help
+        return exit_request.code if isinstance(exit_request.code, int) else 0
     except (ValueError, OSError) as error:
         print(f"{name}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 2

@@ -468,3 +468,36 @@ def test_plot_names_the_file_it_cannot_read_and_writes_the_format_asked(model_di
         status, _, err = run_main(capsys, "plot", str(bad))
         assert_one_line_error(status, err, f"{bad} {message}")
         bad.unlink()
+
+
+def test_sigterm_while_a_result_is_written_ends_the_command_with_no_file_left(model_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM (`kill`, a job scheduler's stop) killed the command where it stood: a result being written left its
+    hidden `.<name>.<pid>.tmp` beside the results for good. It now ends the command as SystemExit, exit status 143
+    (128 + 15), after the write's own cleanup, and the handler before it is put back."""
+    import os
+    import signal
+
+    class Stray(Exception):
+        pass
+
+    def stray(signum, frame):  # where the command leaves SIGTERM as it was, this test fails, not the process running it
+        raise Stray
+
+    fsync, calls = os.fsync, []
+
+    def terminated_during_write(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return fsync(fd)
+
+    previous = signal.signal(signal.SIGTERM, stray)
+    try:
+        monkeypatch.setattr(os, "fsync", terminated_during_write)
+        status, out, _ = run_main(capsys, "eval", "--model", str(model_dir), *STREAM, "--methods", "dense",
+                                  "--output-dir", str(tmp_path))
+        assert signal.getsignal(signal.SIGTERM) is stray
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (status, out, len(calls)) == (143, "", 1)
+    assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == []
