@@ -248,10 +248,8 @@ def run_script(main, argv: list[str] | None = None) -> int:
     name = os.path.basename(sys.argv[0]) or "script"
     utf8_stdio()
     try:
-        with sigterm_as_exit():
+        with sigterm_as_exit():  # (its SystemExit(143) goes on to the script's sys.exit, as --help's does)
             return int((main() if argv is None else main(argv)) or 0)
-    except SystemExit as exit_request:  # SIGTERM (sigterm_as_exit), --help
-        return exit_request.code if isinstance(exit_request.code, int) else 0
     except (ValueError, OSError) as error:
         print(f"{name}: error: {one_line(error)}", file=sys.stderr, flush=True)
         return 2

@@ -333,6 +333,30 @@ def test_memory_measurements_stop_on_ctrl_c_without_a_traceback(tmp_path, monkey
     assert not (tmp_path / "out.json").exists()
 
 
+def test_an_experiment_script_ends_on_sigterm_with_status_143_and_no_output(tmp_path, monkeypatch, capsys):
+    """SIGTERM killed an experiment script where it stood; under run_script it ends as SystemExit(143), its `finally`
+    blocks run, and the handler before it is put back. Raised where the script seeds its model (torch.manual_seed)."""
+    import signal
+
+    import torch
+
+    class Stray(Exception):
+        pass
+
+    def stray(signum, frame):  # where the script leaves SIGTERM as it was, this test fails, not the process running it
+        raise Stray
+
+    monkeypatch.setattr(torch, "manual_seed", mock.Mock(side_effect=lambda *_: signal.raise_signal(signal.SIGTERM)))
+    previous = signal.signal(signal.SIGTERM, stray)
+    try:
+        status, _, err = run_as_script(monkeypatch, capsys, "long_prompt_memory.py", "--output", str(tmp_path / "o.json"))
+        assert signal.getsignal(signal.SIGTERM) is stray
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (status, err) == (143, "")
+    assert not (tmp_path / "o.json").exists()
+
+
 def refusal_of(script: str, **env: str) -> str:
     """The one-line error of `script` refusing a variable (exit status 2) before it ran anything (PYTHON=echo)."""
     completed = subprocess.run(
