@@ -298,14 +298,30 @@ def _no_wrapper() -> None:
     return None
 
 
+class SinkAngles:
+    """The cos and sin of a static step's sink offset, per RoPE (by id): set by the step, read by every layer's
+    `rotate_sinks_by`. Held apart from the wrapper, so that the functions of its StaticStepCache do not refer to it."""
+
+    by_rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def rotate_sinks_by(angles: SinkAngles, rotary: RotaryParams, sink_keys: torch.Tensor) -> torch.Tensor:
+    """A layer's sinks, kept at their own positions, rotated by this step's offset (the angles the step set for the
+    layer's RoPE)."""
+    cos, sin = angles.by_rotary[id(rotary)]
+    return apply_rotation(sink_keys.float(), cos, sin)
+
+
 class GraphedStep:
     """A compiled step captured in one CUDA graph of our own. Each call copies the token ids into the graph's
     input buffer, replays, and returns a copy of the logits: no guard evaluation and no bookkeeping of
     torch.compile's CUDA-graph trees on the host (measured on an H100: ~1 ms of host time per step at the
     Llama-2-7B shape). Every other input of the step is a tensor at a fixed address (buffers, t, frame offset)."""
 
-    def __init__(self, function, token_ids: torch.Tensor):
+    def __init__(self, function, wrapper: FastStreamingWrapper, token_ids: torch.Tensor):
+        """`function(wrapper, token_ids)`: the step captured; neither is kept (the graph holds the buffers)."""
         self.token_ids = token_ids.clone()
+        function = functools.partial(function, wrapper)
         self._warm_up(function)
         self.graph, self.logits = self._capture(function)
 
@@ -327,7 +343,7 @@ class GraphedStep:
             logits = function(self.token_ids)
         return graph, logits
 
-    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, wrapper: FastStreamingWrapper, token_ids: torch.Tensor) -> torch.Tensor:
         self.token_ids.copy_(token_ids)
         self.graph.replay()
         return self.logits.clone()
@@ -339,9 +355,9 @@ class TreesStep:
     def __init__(self, function):
         self.function = function
 
-    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, wrapper: FastStreamingWrapper, token_ids: torch.Tensor) -> torch.Tensor:
         torch.compiler.cudagraph_mark_step_begin()
-        return self.function(token_ids).clone()
+        return self.function(wrapper, token_ids).clone()
 
 
 # Inductor's freezing: the weights (and every other tensor the step reads but never writes that dynamo takes for
@@ -634,7 +650,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         read = (*self.sink_keys, self.step_position, self.frame_base)
         for tensor in written if self.freeze_weights else (*written, *read):
             torch._dynamo.mark_static_address(tensor)
-        rotate_sinks = [functools.partial(self._rotate_sinks, rotary) for rotary in self.architecture.layer_rotaries]
+        self._sink_angles = SinkAngles()
+        rotate_sinks = [functools.partial(rotate_sinks_by, self._sink_angles, rotary)
+                        for rotary in self.architecture.layer_rotaries]
         self.static_cache = StaticStepCache(self.keys, self.values, self.sink_keys, self.architecture.layer_rotaries,
                                             rotate_sinks, [self.step_position if ring else None for ring in self._rings])
         if hasattr(self, "_compiled"):
@@ -823,7 +841,7 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         previous = config._attn_implementation
         config._attn_implementation = STATIC_ATTN_IMPLEMENTATION
         try:
-            logits = self._step_function(filling, token_ids)(token_ids)
+            logits = self._step_function(filling, token_ids)(self, token_ids)
         except COMPILE_ERRORS as error:  # the stream is as it was: the graph failed before it ran
             self._compiled.pop(filling, None)
             cause = str(error).strip().split("\n")[0]
@@ -847,16 +865,19 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return logits
 
     def _step_function(self, filling: bool, token_ids: torch.Tensor):
-        """The step for a filling or a full buffer: eager, compiled, or compiled and captured in a CUDA graph."""
+        """The step for a filling or a full buffer, called as `step(wrapper, token_ids)`: eager, compiled, or compiled
+        and captured in a CUDA graph. It is given the wrapper at each call, not bound to it: the steps the wrapper
+        keeps then make no reference cycle with it, so that a wrapper dropped is freed at once (its buffers, and the
+        model if nothing else holds it), not at some later run of Python's cycle collector."""
         if filling not in self._compiled:
             if not self._compiled:
                 self._built_on, self._parameters_seen = parameter_signature(self.model), _registered_parameters
-            function = self._static_step_filling if filling else self._static_step_full
+            function = type(self)._static_step_filling if filling else type(self)._static_step_full
             if self.step_kind != "eager":
                 function = own_code(function)
             if self.step_kind == "cuda_graph":
                 try:
-                    function = GraphedStep(self._compile(function, filling, fullgraph=True), token_ids)
+                    function = GraphedStep(self._compile(function, filling, fullgraph=True), self, token_ids)
                 except COMPILE_ERRORS:
                     raise  # the step does not compile at all: reduce-overhead would not either
                 except RuntimeError as error:  # a capture this torch/driver refuses: torch.compile's own graphs
@@ -904,12 +925,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         return {window: self._additive((slots <= t) & (distance < window)) if hides else None
                 for window, hides in self._sliding_windows.items()}
 
-    def _rotate_sinks(self, rotary: RotaryParams, sink_keys: torch.Tensor) -> torch.Tensor:
-        """A layer's sinks, kept at their own positions, rotated by this step's offset (the angles of _static_step
-        for the layer's RoPE)."""
-        cos, sin = self._sink_angles[id(rotary)]
-        return apply_rotation(sink_keys.float(), cos, sin)
-
     def _static_step(self, token_ids: torch.Tensor, mask: torch.Tensor | None,
                      ring_masks: dict[int, torch.Tensor | None]) -> torch.Tensor:
         """Token t (t >= n_sink) of every stream: the whole step on device tensors, nothing read back. `mask`: the
@@ -917,10 +932,10 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         policy, t = self._cache.policy, self.step_position
         window_position = t - self.frame_base
         ring_slot = self.n_sink + (t - self.n_sink) % (self.window_size + 1)
-        # The sinks' offset (window frame - sink frame), once per step and RoPE for every layer's _rotate_sinks.
+        # The sinks' offset (window frame - sink frame), once per step and RoPE for every layer's rotate_sinks_by.
         sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
         offset = (window_position - sink_position).reshape(1)
-        self._sink_angles = {id(rotary): cos_sin(offset, rotary.inv_freq) for rotary in self._distinct_rotaries}
+        self._sink_angles.by_rotary = {id(rotary): cos_sin(offset, rotary.inv_freq) for rotary in self._distinct_rotaries}
         batch = token_ids.shape[0]
         output = self.model(
             input_ids=token_ids,
@@ -933,6 +948,6 @@ class FastStreamingWrapper(StreamingLLMWrapper):
             streaming_window_masks=self._window_masks(sink_position),
             streaming_ring_masks=ring_masks,
         )
-        self._sink_angles = None
+        self._sink_angles.by_rotary = None
         return output.logits
 

@@ -26,18 +26,24 @@ def make_fast(model, n_sink=N_SINK, window_size=WINDOW_SIZE, **options):
 
 
 class CountingSteps:
-    """Counts calls of the static step functions (so a test knows the fast path, not the general one, ran)."""
+    """Counts calls of the static step functions (so a test knows the fast path, not the general one, ran): the
+    wrapper becomes an instance of a subclass whose steps count (the wrapper looks its steps up on its class)."""
 
     def __init__(self, wrapper):
         self.calls = {"filling": 0, "full": 0}
-        for name in self.calls:
-            original = getattr(wrapper, f"_static_step_{name}")
+        base = type(wrapper)
 
-            def counted(*args, _name=name, _original=original):
-                self.calls[_name] += 1
-                return _original(*args)
+        def counting(name):
+            original = getattr(base, f"_static_step_{name}")
 
-            setattr(wrapper, f"_static_step_{name}", counted)
+            def counted(wrapper, *args):
+                self.calls[name] += 1
+                return original(wrapper, *args)
+
+            return counted
+
+        wrapper.__class__ = type(f"Counting{base.__name__}", (base,),
+                                 {f"_static_step_{name}": counting(name) for name in self.calls})
 
 
 @pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
@@ -701,17 +707,17 @@ class BuiltOnItsParameters:
     """GraphedStep's contract, on CPU: a CUDA graph reads the parameters at the addresses of its capture, so this step
     runs on the parameters' memory as it was when it was built, whatever the model holds later."""
 
-    def __init__(self, function, token_ids):
-        self.function, model = function, function.__self__.model
-        self.built_on = [(module, name, parameter.data) for module in model.modules()
+    def __init__(self, function, wrapper, token_ids):
+        self.function = function
+        self.built_on = [(module, name, parameter.data) for module in wrapper.model.modules()
                          for name, parameter in module._parameters.items() if parameter is not None]
 
-    def __call__(self, token_ids):
+    def __call__(self, wrapper, token_ids):
         held = [module._parameters[name] for module, name, _ in self.built_on]
         for module, name, parameter in self.built_on:
             module._parameters[name] = parameter
         try:
-            return self.function(token_ids)
+            return self.function(wrapper, token_ids)
         finally:
             for (module, name, _), parameter in zip(self.built_on, held):
                 module._parameters[name] = parameter
@@ -1050,3 +1056,28 @@ def test_autograd_on_is_named_once(llama_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(ids, past_key_values=StreamingKVCache(2, 4))  # under the tests' no_grad: silent
+
+
+@pytest.mark.parametrize("compile", ["never", "always"])
+def test_a_dropped_wrapper_is_freed_at_once_with_its_buffers_and_model(llama_model, compile):
+    """A process that makes a FastStreamingWrapper per job (a model per request, a benchmark per shape) has each one's
+    buffers and model back when it drops it, not at some later run of Python's cycle collector: its built steps (bound
+    methods, a compiled one) and its static cache's sink rotations referred back to it, so that every wrapper dropped
+    stayed in memory, on the GPU too, until then."""
+    import gc
+    import weakref
+
+    input_ids = random_ids(3 * (N_SINK + WINDOW_SIZE), seed=66)
+    fast = make_fast(llama_model, compile=compile)
+    fast(input_ids[None, :6])
+    for t in range(6, input_ids.shape[0]):
+        fast.step(input_ids[None, t : t + 1])
+    assert set(fast._compiled) == {True, False}  # both steps built: the filling and the full buffer's
+    alive = [weakref.ref(thing) for thing in (fast, fast.model, fast.keys[0], fast.static_cache)]
+    gc.collect()
+    gc.disable()
+    try:
+        del fast
+        assert [ref() is None for ref in alive] == [True] * len(alive)
+    finally:
+        gc.enable()

@@ -298,7 +298,7 @@ def check_compiled_step_graphs(model: torch.nn.Module, n_sink: int, window_size:
     fast = FastStreamingWrapper(copy.deepcopy(model), n_sink=n_sink, window_size=window_size)
     fast.step_kind = "eager"  # compiled below with the inspecting backend instead of inductor
     for filling in steps:
-        function = fast._static_step_filling if filling else fast._static_step_full
+        function = FastStreamingWrapper._static_step_filling if filling else FastStreamingWrapper._static_step_full
         fast._compiled[filling] = torch.compile(function, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
     input_ids = random_ids(60, seed=47)
     streamed = feed_stream(fast, input_ids)
