@@ -49,7 +49,7 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_SHAPES),
                         help="model shape, random weights (default smollm2-135m)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the shape kept (compilation time; default 4)")

@@ -16,7 +16,7 @@ from streaming_llm.cli_common import add_stream_options, validate_common_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--context-length", type=int, default=4096,
                         help="tokens prefilled and compressed (default 4096)")
     parser.add_argument("--continuation-length", type=int, default=512,

@@ -34,7 +34,7 @@ def int_list(option: str, spec: str, low: int, high: int | None = None, bound: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--num-tokens", type=int, default=4096, help="stream length in tokens (default 4096)")
     parser.add_argument("--chunk-sizes", default="64,256,1020",
                         help="chunk sizes of the chunked evaluation, comma-separated (default 64,256,1020)")

@@ -93,7 +93,7 @@ def diagnostic_variants(query, keys, values) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu runs a smoke check (2 layers, 65 slots, every variant against matmul, "
                              "no timing)")

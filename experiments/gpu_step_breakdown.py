@@ -62,7 +62,7 @@ def kernels(decoder, device, steps: int, top: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-2-7b", choices=sorted(MODEL_SHAPES),
                         help="model shape, random weights (default llama-2-7b)")
     parser.add_argument("--capacity", type=int, default=4096, help="cache size in tokens (default 4096)")

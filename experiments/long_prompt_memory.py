@@ -52,7 +52,7 @@ def measure(prompt_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt-tokens", type=int, default=8192, help="prompt length in tokens (default 8192)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ from streaming_llm.cli_common import DTYPE_NAMES, add_stream_options, apply_thre
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--num-tokens", type=int, default=4096, help="stream length in tokens (default 4096)")
     parser.add_argument("--methods", default="streaming_pos_shift",
                         help="methods with an exact block path, comma-separated (default streaming_pos_shift)")

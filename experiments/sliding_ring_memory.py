@@ -73,7 +73,7 @@ def measure(prompt_tokens: int, steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt-tokens", type=int, default=4200, help="prompt length in tokens (default 4200)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed after it (default 32)")
     parser.add_argument("--output", default=None, help="JSON file to write (default: print only)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--num-tokens", type=int, default=20480, help="longest run taken, in tokens (default 20480)")
     parser.add_argument("--n-sink", type=int, default=4, help="attention sinks of the results taken (default 4)")
     parser.add_argument("--window-size", type=int, default=1020, help="window of the results taken (default 1020)")

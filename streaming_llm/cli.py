@@ -52,6 +52,13 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Options by their whole names only: argparse's abbreviations took `eval --output x.json` for `--output-dir`
+    (chat and plot's --output is a file), and wrote the results into a folder named x.json."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import assert_one_line_error, run_main, tiny_checkpoint
+from test_experiments import load_script
 
 pytest.importorskip("kvpress")
 
@@ -501,3 +502,19 @@ def test_sigterm_while_a_result_is_written_ends_the_command_with_no_file_left(mo
         signal.signal(signal.SIGTERM, previous)
     assert (status, out, len(calls)) == (143, "", 1)
     assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+@pytest.mark.parametrize("argv", [["eval", *STREAM, "--methods", "dense"], ["bench", "--methods", "dense_static"]])
+def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(model_dir, tmp_path, capsys, monkeypatch, argv):
+    """argparse took any unambiguous prefix for the whole option: `eval --output x.json` (chat's and plot's --output is
+    a file) was eval's --output-dir, and the results went into a new folder named x.json. Options are now whole names
+    only, in every subcommand and experiment script."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(capsys, *argv, "--model", str(model_dir), "--output", "x.json")
+    assert_one_line_error(status, err, "unrecognized arguments: --output x.json")
+    assert list(tmp_path.iterdir()) == []
+    script = load_script("eval_kvpress")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--output", "x"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --output x" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
