@@ -712,6 +712,17 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._resume_layers()
         return self._cache
 
+    def __del__(self) -> None:
+        """A wrapper dropped leaves its stream current: a reference kept to its cache from before its last static steps
+        (`kept = fast.cache`, `fast.step(...)`, `del fast`) held the count and slots of then, over buffers the steps had
+        moved on, and model(..., past_key_values=kept) fed on from there, silently (logits off by ~7 on the tiny
+        Llama): the cache takes the steps up from the wrapper, which was gone. Not by a shallow copy (copy.copy) of a
+        wrapper that lives on, whose stream it shares with counts that may be older (the cache's weak reference names
+        its wrapper; it is already cleared when the cycle collector frees it); nor where __init__ failed (no stream)."""
+        cache = self.__dict__.get("_cache")
+        if cache is not None and not self._ring_current and cache._wrapper() in (self, None):
+            self._resume_layers()
+
     def _resume_layers(self) -> None:
         """Bring the cache's layers up to date with the static steps taken since they were last current (none: nothing
         to do)."""

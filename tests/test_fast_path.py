@@ -5,6 +5,7 @@ type in test_model_types.py.
 """
 
 import copy
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -1083,3 +1084,38 @@ def test_a_dropped_wrapper_is_freed_at_once_with_its_buffers_and_model(llama_mod
         assert [ref() is None for ref in alive] == [True] * len(alive)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("freed_by", ["its last reference", "the cycle collector"])
+def test_a_cache_kept_from_before_static_steps_goes_on_after_its_wrapper_is_gone(llama_model, freed_by):
+    """`kept = fast.cache`, static steps, then the wrapper dropped: the kept cache asked the wrapper for the steps it had
+    not seen, and with the wrapper gone it fed on from the count of before over buffers the steps had moved on (logits
+    off by ~7). The wrapper now brings its stream up to date as it goes; a shallow copy dropped while the wrapper lives
+    on (its counts older) leaves the stream alone."""
+    import gc
+
+    input_ids = random_ids(40, seed=67)
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)[20:]
+    fast = make_fast(llama_model, compile="never")
+    fast(input_ids[None, :10])
+    kept, model = fast.cache, fast.model
+    for t in range(10, 14):
+        fast.step(input_ids[None, t : t + 1])
+    shallow = copy.copy(fast)  # (counts of 14 tokens, not yet in the layers)
+    for t in range(14, 18):
+        fast.step(input_ids[None, t : t + 1])
+    assert fast.cache is kept and kept.get_seq_length() == 18
+    del shallow
+    assert kept.get_seq_length() == 18  # (not taken back to 14 by the copy)
+    for t in range(18, 20):
+        fast.step(input_ids[None, t : t + 1])
+    alive = weakref.ref(fast)
+    if freed_by == "the cycle collector":
+        fast.cycle = fast
+    del fast
+    gc.collect()
+    assert alive() is None
+    block = input_ids[None, 20:]
+    with torch.no_grad():
+        logits = model(block, position_ids=torch.zeros_like(block), past_key_values=kept, use_cache=True).logits
+    assert max_abs_diff(logits[0], expected) <= TOLERANCE
