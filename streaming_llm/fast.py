@@ -451,8 +451,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     read the same input (q/k/v, gate/up) run as one matmul each. That step then holds the weights as they were when it
     was built (edits in place are not seen, nor refused: make a new wrapper; replaced parameters build it again, see
     below) and a concatenated copy of those projections' weights (about 2/3 of a Llama's parameters, once more on the
-    device), which torch's cache of compiled code keeps for the life of the process, after the wrapper is gone (torch
-    2.13, CPU). Ignored where the step is not compiled. Results equal StreamingLLMWrapper's (same positions, same kept
+    device; on CPU ~1.9x the parameters' bytes, docs/performance.md), which torch's cache of compiled code keeps for
+    the life of the process, after the wrapper is gone (torch 2.13, CPU). Ignored where the step is not compiled. Results equal StreamingLLMWrapper's (same positions, same kept
     tokens) to rounding. A compiled or captured step is built again when the model's parameters become other tensors
     (`load_state_dict(..., assign=True)`, a resized embedding; `parameter.data = ...` at the next reset()): a CUDA graph
     reads the memory of its capture.
