@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import types
 import warnings
 import weakref
@@ -720,6 +721,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         wrapper that lives on, whose stream it shares with counts that may be older (the cache's weak reference names
         its wrapper; it is already cleared when the cycle collector frees it); nor where __init__ failed (no stream)."""
         cache = self.__dict__.get("_cache")
+        if sys.is_finalizing():  # the interpreter is exiting: no caller is left to feed a kept cache
+            return
         if cache is not None and not self._ring_current and cache._wrapper() in (self, None):
             self._resume_layers()
 

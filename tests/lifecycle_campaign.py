@@ -5,8 +5,9 @@ Every program is drawn from one integer seed (random.Random(seed)): a tiny model
 small sliding window on one layer), one or two stream configurations (n_sink 0-3, window_size 2-8, a position mode;
 StreamingLLMWrapper, sometimes with MIT storage, or FastStreamingWrapper(compile="never")), batch 1 or 2, and 15-40
 operations on a set of streams that share the model: feed a block, fast.step(), reset() (fast: reset(batch_size=...)),
-Cache.reset(), copy.deepcopy of a wrapper (a new stream), a fork (copy.deepcopy(wrapper.cache) given to a new
-StreamingLLMWrapper, or to a FastStreamingWrapper), one wrapper's cache given to another (shared), pickle / torch.save
+Cache.reset(), copy.deepcopy of a wrapper (a new stream), a wrapper dropped (its kept caches go on), a fork
+(copy.deepcopy(wrapper.cache) given to a new StreamingLLMWrapper, or to a FastStreamingWrapper), one wrapper's cache
+given to another (shared), pickle / torch.save
 round trips of a wrapper or of its cache, model(ids, past_key_values=cache) with any position_ids, model.generate(...,
 past_key_values=cache), reads of cache / current_cache / tokens_seen (with the bookkeeping checks of
 tiny_models.check_bookkeeping), a cache reference kept and fed later or given back, generate_stream consumed in part and
@@ -534,7 +535,16 @@ class Program:
 
     OPS = {"feed": 30, "reset": 5, "cache_reset": 1, "deepcopy": 3, "fork": 4, "share": 2, "pickle_wrapper": 2,
            "pickle_cache": 3, "model_call": 8, "generate": 6, "read": 6, "keep": 4, "feed_kept": 4, "restore_kept": 3,
-           "generate_stream": 4, "resume_generation": 3, "chat": 2, "new_stream": 2}
+           "generate_stream": 4, "resume_generation": 3, "chat": 2, "new_stream": 2, "drop": 2}
+
+    def op_drop(self, s: Stream):
+        """`del wrapper`: the caches kept from it go on (feed_kept, restore_kept) as it left them."""
+        if len(self.streams) == 1:
+            self.op_new_stream(s)
+        self.say(f"  del {s} (what was kept of it goes on)")
+        self.streams.remove(s)
+        self.generations = [state for state in self.generations if state["stream"] is not s]  # (they hold it)
+        s.wrapper = None
 
     def op_new_stream(self, s: Stream):
         new = self.new_stream()
