@@ -62,6 +62,22 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, whose "unrecognized arguments" (found by this, the top parser, after the subcommand's) named
+        `streaming-llm --help`: it names the subcommand's help, and the options an unknown one begins (`--output`:
+        did you mean --output-dir?), as abbreviations are not taken."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(namespace, "command", None)
+            subcommands = self._subparsers._group_actions[0].choices if self._subparsers else {}
+            parser = subcommands.get(command, self)
+            known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+            begun = [option for option in known for word in extras
+                     if word.startswith("--") and len(word.split("=")[0]) > 2 and option.startswith(word.split("=")[0])]
+            hint = f"; did you mean {' or '.join(dict.fromkeys(begun))}?" if begun else ""
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)}{hint} (see {parser.prog} --help)")
+        return namespace
+
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int, per: str) -> None:
     sampling = parser.add_argument_group("generation")

@@ -508,10 +508,11 @@ def test_sigterm_while_a_result_is_written_ends_the_command_with_no_file_left(mo
 def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(model_dir, tmp_path, capsys, monkeypatch, argv):
     """argparse took any unambiguous prefix for the whole option: `eval --output x.json` (chat's and plot's --output is
     a file) was eval's --output-dir, and the results went into a new folder named x.json. Options are now whole names
-    only, in every subcommand and experiment script."""
+    only, in every subcommand and experiment script; the CLI names the options an unknown one begins."""
     monkeypatch.chdir(tmp_path)
     status, _, err = run_main(capsys, *argv, "--model", str(model_dir), "--output", "x.json")
-    assert_one_line_error(status, err, "unrecognized arguments: --output x.json")
+    assert_one_line_error(status, err, f"unrecognized arguments: --output x.json; did you mean --output-dir? "
+                                       f"(see streaming-llm {argv[0]} --help)")
     assert list(tmp_path.iterdir()) == []
     script = load_script("eval_kvpress")
     with pytest.raises(SystemExit) as exit_info:
