@@ -71,9 +71,9 @@ class _Parser(argparse.ArgumentParser):
             command = getattr(namespace, "command", None)
             subcommands = self._subparsers._group_actions[0].choices if self._subparsers else {}
             parser = subcommands.get(command, self)
-            known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
-            begun = [option for option in known for word in extras
-                     if word.startswith("--") and len(word.split("=")[0]) > 2 and option.startswith(word.split("=")[0])]
+            known = [option for action in parser._actions for option in action.option_strings]
+            unknown = [word.split("=")[0] for word in extras if word.startswith("--") and len(word.split("=")[0]) > 2]
+            begun = [option for option in known for word in unknown if option.startswith(word)]
             hint = f"; did you mean {' or '.join(dict.fromkeys(begun))}?" if begun else ""
             raise UsageError(f"unrecognized arguments: {' '.join(extras)}{hint} (see {parser.prog} --help)")
         return namespace

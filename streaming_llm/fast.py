@@ -453,8 +453,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     was built (edits in place are not seen, nor refused: make a new wrapper; replaced parameters build it again, see
     below) and a concatenated copy of those projections' weights (about 2/3 of a Llama's parameters, once more on the
     device; on CPU ~1.9x the parameters' bytes, docs/performance.md), which torch's cache of compiled code keeps for
-    the life of the process, after the wrapper is gone (torch 2.13, CPU). Ignored where the step is not compiled. Results equal StreamingLLMWrapper's (same positions, same kept
-    tokens) to rounding. A compiled or captured step is built again when the model's parameters become other tensors
+    the life of the process, after the wrapper is gone (torch 2.13, CPU). Ignored where the step is not compiled.
+    Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding. A compiled or captured step is built again when the model's parameters become other tensors
     (`load_state_dict(..., assign=True)`, a resized embedding; `parameter.data = ...` at the next reset()): a CUDA graph
     reads the memory of its capture.
     `step(token_ids)` is the hot path for loops that produce their own tokens ([batch, 1] on the model's device):
@@ -720,9 +720,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         Llama): the cache takes the steps up from the wrapper, which was gone. Not by a shallow copy (copy.copy) of a
         wrapper that lives on, whose stream it shares with counts that may be older (the cache's weak reference names
         its wrapper; it is already cleared when the cycle collector frees it); nor where __init__ failed (no stream)."""
-        cache = self.__dict__.get("_cache")
         if sys.is_finalizing():  # the interpreter is exiting: no caller is left to feed a kept cache
             return
+        cache = self.__dict__.get("_cache")
         if cache is not None and not self._ring_current and cache._wrapper() in (self, None):
             self._resume_layers()
 
@@ -949,7 +949,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         # The sinks' offset (window frame - sink frame), once per step and RoPE for every layer's rotate_sinks_by.
         sink_position = t if policy.mode == "absolute" else t.clamp(max=policy.capacity)
         offset = (window_position - sink_position).reshape(1)
-        self._sink_angles.by_rotary = {id(rotary): cos_sin(offset, rotary.inv_freq) for rotary in self._distinct_rotaries}
+        self._sink_angles.by_rotary = {id(rotary): cos_sin(offset, rotary.inv_freq)
+                                       for rotary in self._distinct_rotaries}
         batch = token_ids.shape[0]
         output = self.model(
             input_ids=token_ids,

@@ -306,7 +306,8 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m streaming_llm.bench.precision", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m streaming_llm.bench.precision", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--positions", type=int, nargs="+", default=list(STREAM_POSITIONS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["absolute", "pos_shift"],

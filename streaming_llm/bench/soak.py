@@ -257,7 +257,8 @@ def evaluate_checks(records: list[dict], capacity: int, warmup_tokens: int, tota
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m streaming_llm.bench.soak", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m streaming_llm.bench.soak", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--model", choices=("tiny", "embedded"), default="tiny",
                         help="tiny: 2-layer random Llama built in memory; embedded: SmolLM2-135M-Instruct (GGUF)")
     parser.add_argument("--tokens", type=int, default=20_000, help="stream length")
