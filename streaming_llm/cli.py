@@ -189,21 +189,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 # -- shared helpers --------------------------------------------------------------------------------------
-def require_utf8(text: str, what: str) -> str:
-    """`text` if it is UTF-8 text; ValueError naming `what` otherwise. Python carries bytes that are not UTF-8
-    (in argv, or stdin with the C/POSIX locale) as surrogate escapes, which no tokenizer takes."""
+def require_utf8(text: str, what: str, encoding: str | None = None) -> str:
+    """`text` as UTF-8 text; ValueError naming `what` where it is not. Python carries the bytes it could not decode (in
+    argv, or stdin) as surrogate escapes, which no tokenizer takes: they are taken back to bytes with `encoding`, the
+    one they were decoded with (default: argv's), and read as UTF-8. So UTF-8 that only the locale could not read
+    (PYTHONUTF8=0 in the C locale decodes argv as ASCII) is the text it is; it was refused as "not UTF-8"."""
     try:
         text.encode("utf-8")
+        return text
     except UnicodeEncodeError as error:
-        offset = len(text[: error.start].encode("utf-8"))
-        raise ValueError(f"{what} is not UTF-8 text (byte offset {offset})") from None
-    return text
+        offset = len(text[: error.start].encode("utf-8", "surrogateescape"))
+    try:
+        return text.encode(encoding or sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = error.start
+    except UnicodeEncodeError:  # (not the escapes of that encoding's decoding)
+        pass
+    raise ValueError(f"{what} is not UTF-8 text (byte offset {offset})")
+
+
+def stdin_encoding() -> str:
+    """What stdin's bytes were decoded with (utf8_stdio: UTF-8 for a pipe or a file, a terminal's own otherwise)."""
+    return getattr(sys.stdin, "encoding", None) or "utf-8"
 
 
 def read_text_file(path: str, what: str) -> str:
     """The UTF-8 text of `path` ('-' = stdin; a pipe such as <(cmd) works too); ValueError naming the file otherwise."""
     if path == "-":
-        return require_utf8(sys.stdin.read(), f"{what} (stdin)")
+        return require_utf8(sys.stdin.read(), f"{what} (stdin)", stdin_encoding())
     file = Path(path).expanduser()
     if not file.exists():
         raise ValueError(f"{what} not found: {path}")
@@ -221,13 +234,13 @@ def check_text_options(args: argparse.Namespace) -> None:
     """Refuse, before the model is loaded, a --system or --stop text that is not UTF-8 (see require_utf8), an empty
     --stop, and --system without the chat template."""
     if args.system is not None:
-        require_utf8(args.system, "--system")
+        args.system = require_utf8(args.system, "--system")
         if getattr(args, "chat_template", None) == "off":
             raise ValueError("--system needs the chat template (--chat-template auto/on with an instruct model)")
     for stop in args.stop:
         if not stop:
             raise ValueError("--stop needs a non-empty text")
-        require_utf8(stop, "--stop")
+    args.stop = [require_utf8(stop, "--stop") for stop in args.stop]
 
 
 def sampling_from_args(args: argparse.Namespace):
@@ -570,7 +583,7 @@ def _run_interactive(args: argparse.Namespace, chat) -> int:
             if not args.json:
                 _write_text(f"> {line}\n")
         try:
-            require_utf8(line, f"input line {line_number}")
+            line = require_utf8(line, f"input line {line_number}", stdin_encoding())
         except ValueError as error:  # one bad line is not the end of the conversation
             print(f"{PROG}: error: {error}; line ignored", file=sys.stderr, flush=True)
             continue

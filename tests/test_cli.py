@@ -738,6 +738,26 @@ def test_non_utf8_stdin_subprocess(model_dir):
     assert_one_line_error(result.returncode, result.stderr.decode(), "prompt file (stdin) is not UTF-8 text (byte offset 3)")
 
 
+def test_utf8_text_a_c_locale_decoded_as_ascii_is_taken_as_the_text_it_is(model_dir):
+    """With PYTHONUTF8=0 in the C locale Python decodes argv (and a terminal's stdin) as ASCII, carrying every byte
+    over 127 as a surrogate escape: a UTF-8 prompt, --system or --stop was refused as "not UTF-8 text". The bytes are
+    read back and taken as UTF-8; bytes that are not UTF-8 are still refused, at their offset."""
+    assert cli.require_utf8("Café".encode().decode("ascii", "surrogateescape"), "--prompt", "ascii") == "Café"
+    with pytest.raises(ValueError, match=r"--stop is not UTF-8 text \(byte offset 3\)"):
+        cli.require_utf8(b"caf\xe9".decode("ascii", "surrogateescape"), "--stop", "ascii")
+    script = Path(sys.executable).with_name("streaming-llm")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "streaming_llm.cli"]
+    command += ["generate", "--model", str(model_dir), "-p", "Café naïf", "--stop", "é", "--max-new-tokens", "6"]
+    outputs = []
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUTF8"}
+    for locale in ({}, {"PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0"}):
+        env = {**environment, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **locale}
+        result = subprocess.run(command, capture_output=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr.decode()
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1]
+
+
 def test_an_empty_prompt_file_is_named(tmp_path, capsys):
     """A prompt file of whitespace only is refused before the model is loaded, naming the file."""
     empty = tmp_path / "empty.txt"
