@@ -1061,21 +1061,38 @@ def test_autograd_on_is_named_once(llama_model):
         model(ids, past_key_values=StreamingKVCache(2, 4))  # under the tests' no_grad: silent
 
 
-@pytest.mark.parametrize("compile", ["never", "always"])
-def test_a_dropped_wrapper_is_freed_at_once_with_its_buffers_and_model(llama_model, compile):
+class CapturedOnce(GraphedStep):
+    """GraphedStep keeping what the real one keeps: a "graph" and the logits of its capture (which ran the step once),
+    not the step function it captured, nor the wrapper (a replay gives those logits again)."""
+
+    def _warm_up(self, function):
+        pass
+
+    def _capture(self, function):
+        return SimpleNamespace(replay=lambda: None), function(self.token_ids)
+
+
+@pytest.mark.parametrize("compile", ["never", "always", "captured"])
+def test_a_dropped_wrapper_is_freed_at_once_with_its_buffers_and_model(llama_model, compile, monkeypatch):
     """A process that makes a FastStreamingWrapper per job (a model per request, a benchmark per shape) has each one's
     buffers and model back when it drops it, not at some later run of Python's cycle collector: its built steps (bound
     methods, a compiled one) and its static cache's sink rotations referred back to it, so that every wrapper dropped
-    stayed in memory, on the GPU too, until then."""
+    stayed in memory, on the GPU too, until then. ("captured": the steps built as on CUDA, GraphedStep's protocol.)"""
     import gc
-    import weakref
 
     input_ids = random_ids(3 * (N_SINK + WINDOW_SIZE), seed=66)
-    fast = make_fast(llama_model, compile=compile)
+    if compile == "captured":
+        monkeypatch.setattr(fast_module, "GraphedStep", CapturedOnce)
+        monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    fast = make_fast(llama_model, compile="never" if compile == "captured" else compile)
+    if compile == "captured":
+        fast.step_kind = "cuda_graph"
     fast(input_ids[None, :6])
     for t in range(6, input_ids.shape[0]):
         fast.step(input_ids[None, t : t + 1])
     assert set(fast._compiled) == {True, False}  # both steps built: the filling and the full buffer's
+    if compile == "captured":
+        assert all(type(step) is CapturedOnce for step in fast._compiled.values())
     alive = [weakref.ref(thing) for thing in (fast, fast.model, fast.keys[0], fast.static_cache)]
     gc.collect()
     gc.disable()
