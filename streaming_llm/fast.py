@@ -713,14 +713,14 @@ class FastStreamingWrapper(StreamingLLMWrapper):
         self._resume_layers()
         return self._cache
 
-    def __del__(self) -> None:
+    def __del__(self, _exiting=sys.is_finalizing) -> None:
         """A wrapper dropped leaves its stream current: a reference kept to its cache from before its last static steps
         (`kept = fast.cache`, `fast.step(...)`, `del fast`) held the count and slots of then, over buffers the steps had
         moved on, and model(..., past_key_values=kept) fed on from there, silently (logits off by ~7 on the tiny
         Llama): the cache takes the steps up from the wrapper, which was gone. Not by a shallow copy (copy.copy) of a
         wrapper that lives on, whose stream it shares with counts that may be older (the cache's weak reference names
         its wrapper; it is already cleared when the cycle collector frees it); nor where __init__ failed (no stream)."""
-        if sys.is_finalizing():  # the interpreter is exiting: no caller is left to feed a kept cache
+        if _exiting():  # the interpreter is exiting (its modules' names may be gone): no caller is left to feed a cache
             return
         cache = self.__dict__.get("_cache")
         if cache is not None and not self._ring_current and cache._wrapper() in (self, None):

@@ -5,6 +5,7 @@ type in test_model_types.py.
 """
 
 import copy
+import os
 import weakref
 from types import SimpleNamespace
 
@@ -1136,3 +1137,28 @@ def test_a_cache_kept_from_before_static_steps_goes_on_after_its_wrapper_is_gone
     with torch.no_grad():
         logits = model(block, position_ids=torch.zeros_like(block), past_key_values=kept, use_cache=True).logits
     assert max_abs_diff(logits[0], expected) <= TOLERANCE
+
+
+def test_a_wrapper_alive_when_python_exits_leaves_no_error(tmp_path):
+    """A FastStreamingWrapper freed while the interpreter exits, after its module's names were cleared (here over a
+    torch.compile'd model, whose compiled code keeps the wrapper until then): its __del__ failed ("Exception ignored in
+    ... FastStreamingWrapper.__del__ ... AttributeError: 'NoneType' object has no attribute 'is_finalizing'")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ends_with_a_wrapper.py"
+    script.write_text(
+        "import sys\n"
+        "import torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny_models import build_llama, random_ids\n"
+        "from streaming_llm.fast import FastStreamingWrapper\n"
+        "fast = FastStreamingWrapper(torch.compile(build_llama(), backend='eager'), n_sink=2, window_size=8)\n"
+        "print(tuple(fast(random_ids(20, seed=3)[None]).shape))\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and result.stdout == "(1, 20, 128)\n", result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr[-2000:]
