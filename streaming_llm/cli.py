@@ -232,7 +232,7 @@ def read_text_file(path: str, what: str) -> str:
 
 def check_text_options(args: argparse.Namespace) -> None:
     """Refuse, before the model is loaded, a --system or --stop text that is not UTF-8 (see require_utf8), an empty
-    --stop, and --system without the chat template."""
+    --stop, and --system without the chat template; UTF-8 the locale could not decode becomes the text it is."""
     if args.system is not None:
         args.system = require_utf8(args.system, "--system")
         if getattr(args, "chat_template", None) == "off":
