@@ -454,9 +454,9 @@ class FastStreamingWrapper(StreamingLLMWrapper):
     below) and a concatenated copy of those projections' weights (about 2/3 of a Llama's parameters, once more on the
     device; on CPU ~1.9x the parameters' bytes, docs/performance.md), which torch's cache of compiled code keeps for
     the life of the process, after the wrapper is gone (torch 2.13, CPU). Ignored where the step is not compiled.
-    Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding. A compiled or captured step is built again when the model's parameters become other tensors
-    (`load_state_dict(..., assign=True)`, a resized embedding; `parameter.data = ...` at the next reset()): a CUDA graph
-    reads the memory of its capture.
+    Results equal StreamingLLMWrapper's (same positions, same kept tokens) to rounding. A compiled or captured step is
+    built again when the model's parameters become other tensors (`load_state_dict(..., assign=True)`, a resized
+    embedding; `parameter.data = ...` at the next reset()): a CUDA graph reads the memory of its capture.
     `step(token_ids)` is the hot path for loops that produce their own tokens ([batch, 1] on the model's device):
     of its input it checks the batch size only (a new stream takes it, a stream under way refuses another); calling
     the wrapper validates its input as StreamingLLMWrapper does.
