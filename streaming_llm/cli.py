@@ -72,8 +72,8 @@ class _Parser(argparse.ArgumentParser):
             subcommands = self._subparsers._group_actions[0].choices if self._subparsers else {}
             parser = subcommands.get(command, self)
             known = [option for action in parser._actions for option in action.option_strings]
-            unknown = [word.split("=")[0] for word in extras if word.startswith("--") and len(word.split("=")[0]) > 2]
-            begun = [option for option in known for word in unknown if option.startswith(word)]
+            unknown = [name for name in (word.split("=")[0] for word in extras) if name.startswith("--") and name != "--"]
+            begun = [option for option in known for name in unknown if option.startswith(name)]
             hint = f"; did you mean {' or '.join(dict.fromkeys(begun))}?" if begun else ""
             raise UsageError(f"unrecognized arguments: {' '.join(extras)}{hint} (see {parser.prog} --help)")
         return namespace
@@ -198,13 +198,13 @@ def require_utf8(text: str, what: str, encoding: str | None = None) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError as error:
-        offset = len(text[: error.start].encode("utf-8", "surrogateescape"))
+        first_escape = error.start
     try:
         return text.encode(encoding or sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
     except UnicodeDecodeError as error:
         offset = error.start
     except UnicodeEncodeError:  # (not the escapes of that encoding's decoding)
-        pass
+        offset = len(text[:first_escape].encode("utf-8"))
     raise ValueError(f"{what} is not UTF-8 text (byte offset {offset})")
 
 
