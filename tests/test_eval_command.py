@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import assert_one_line_error, run_main, tiny_checkpoint
-from test_experiments import load_script
+from test_experiments import load_script, stray_sigterm_handler
 
 pytest.importorskip("kvpress")
 
@@ -478,12 +478,6 @@ def test_sigterm_while_a_result_is_written_ends_the_command_with_no_file_left(mo
     import os
     import signal
 
-    class Stray(Exception):
-        pass
-
-    def stray(signum, frame):  # where the command leaves SIGTERM as it was, this test fails, not the process running it
-        raise Stray
-
     fsync, calls = os.fsync, []
 
     def terminated_during_write(fd):
@@ -492,14 +486,10 @@ def test_sigterm_while_a_result_is_written_ends_the_command_with_no_file_left(mo
             signal.raise_signal(signal.SIGTERM)
         return fsync(fd)
 
-    previous = signal.signal(signal.SIGTERM, stray)
-    try:
-        monkeypatch.setattr(os, "fsync", terminated_during_write)
+    monkeypatch.setattr(os, "fsync", terminated_during_write)
+    with stray_sigterm_handler():
         status, out, _ = run_main(capsys, "eval", "--model", str(model_dir), *STREAM, "--methods", "dense",
                                   "--output-dir", str(tmp_path))
-        assert signal.getsignal(signal.SIGTERM) is stray
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert (status, out, len(calls)) == (143, "", 1)
     assert [path.name for path in tmp_path.rglob("*") if path.is_file()] == []
 

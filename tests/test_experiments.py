@@ -3,8 +3,10 @@ commands it runs with which options. PYTHON=echo prints them instead of running 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -333,26 +335,33 @@ def test_memory_measurements_stop_on_ctrl_c_without_a_traceback(tmp_path, monkey
     assert not (tmp_path / "out.json").exists()
 
 
-def test_an_experiment_script_ends_on_sigterm_with_status_143_and_no_output(tmp_path, monkeypatch, capsys):
-    """SIGTERM killed an experiment script where it stood; under run_script it ends as SystemExit(143), its `finally`
-    blocks run, and the handler before it is put back. Raised where the script seeds its model (torch.manual_seed)."""
-    import signal
-
-    import torch
+@contextlib.contextmanager
+def stray_sigterm_handler():
+    """SIGTERM handled by a stray handler inside: where the code under test leaves SIGTERM as it was, the test fails (the
+    handler's exception), not the process running it; the code must put this handler back before the block ends."""
 
     class Stray(Exception):
         pass
 
-    def stray(signum, frame):  # where the script leaves SIGTERM as it was, this test fails, not the process running it
+    def stray(signum, frame):
         raise Stray
 
-    monkeypatch.setattr(torch, "manual_seed", mock.Mock(side_effect=lambda *_: signal.raise_signal(signal.SIGTERM)))
     previous = signal.signal(signal.SIGTERM, stray)
     try:
-        status, _, err = run_as_script(monkeypatch, capsys, "long_prompt_memory.py", "--output", str(tmp_path / "o.json"))
+        yield
         assert signal.getsignal(signal.SIGTERM) is stray
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_experiment_script_ends_on_sigterm_with_status_143_and_no_output(tmp_path, monkeypatch, capsys):
+    """SIGTERM killed an experiment script where it stood; under run_script it ends as SystemExit(143), its `finally`
+    blocks run, and the handler before it is put back. Raised where the script seeds its model (torch.manual_seed)."""
+    import torch
+
+    monkeypatch.setattr(torch, "manual_seed", mock.Mock(side_effect=lambda *_: signal.raise_signal(signal.SIGTERM)))
+    with stray_sigterm_handler():
+        status, _, err = run_as_script(monkeypatch, capsys, "long_prompt_memory.py", "--output", str(tmp_path / "o.json"))
     assert (status, err) == (143, "")
     assert not (tmp_path / "o.json").exists()
 
