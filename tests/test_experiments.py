@@ -816,3 +816,23 @@ def test_experiments_take_their_smallest_options_and_long_prompt_decodes_greedil
         record = scripts["long_prompt_memory"].measure(100)
     [(kwargs, out)] = calls
     assert kwargs["do_sample"] is False and record["next_tokens"] == out[0, 100:].tolist() and len(out[0]) == 102
+
+
+def test_compiled_wrapper_memory_records_each_wrapper_alive_and_dropped(tmp_path, capsys):
+    """The measurement behind docs/performance.md's figures of what a compiled (or frozen) wrapper leaves behind
+    (results/latency/cpu_embedded_fp32_compiled_wrapper_memory*.json): a record per wrapper, with it alive and after it
+    is dropped, over the model alone, and the step per wrapper after the first; bad options are refused first."""
+    script = load_script("compiled_wrapper_memory")
+    for options, message in ((["--wrappers", "0"], "--wrappers must be >= 1, got 0"),
+                             (["--tokens", "64"], "--tokens must be more than the capacity, 64, got 64")):
+        with pytest.raises(SystemExit):
+            script.main(["--model", "tiny", *options])
+        assert message in capsys.readouterr().err
+    output = tmp_path / "out" / "memory.json"
+    assert script.main(["--model", "tiny", "--wrappers", "2", "--tokens", "70", "--output", str(output)]) == 0
+    assert "freeze_weights=False: MiB over the model, with each wrapper -> after it is dropped: " in capsys.readouterr().out
+    record = json.loads(output.read_text())
+    assert (record["model"], record["freeze_weights"], record["tokens"]) == ("tiny-llama-random", False, 70)
+    assert [r["wrapper"] for r in record["over_the_model_alone"]] == [1, 2]
+    left = [r["after_drop_mib"] for r in record["over_the_model_alone"]]
+    assert record["left_per_wrapper_after_the_first_mib"] == round(left[1] - left[0], 1)
