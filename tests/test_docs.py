@@ -170,8 +170,6 @@ def parse_cli(command: str, arguments: list[str]) -> None:
     from streaming_llm.cli_common import validate_common_args
 
     parser = cli.build_parser()
-    for each in (parser, *cli_subparsers(parser).values()):
-        each.allow_abbrev = False  # `--stream-token` would pass for `--stream-tokens`
     args = parser.parse_args([command, *arguments])
     validate_common_args(args)
     if command == "eval":
@@ -208,13 +206,40 @@ def test_every_command_in_the_docs_is_accepted(place, kind, program, arguments):
         if parser is None:
             assert not any(word.startswith("-") for word in arguments), f"{place}: {program} takes no options"
             return
-        parser.allow_abbrev = False
         errors = io.StringIO()
         try:
             with contextlib.redirect_stderr(errors):
                 parser.parse_args(arguments)
         except SystemExit:
             pytest.fail(f"{place}: {program} {shlex.join(arguments)}: {errors.getvalue().strip()}")
+
+
+def every_program_parser() -> dict[str, argparse.ArgumentParser]:
+    """The parser of every program a user runs: the CLI and its commands, each experiment script and each
+    `python -m streaming_llm....` module with a main() that parses options."""
+    from streaming_llm import cli
+
+    parsers = {"streaming-llm": cli.build_parser()}
+    parsers |= {f"streaming-llm {name}": parser for name, parser in cli_subparsers(parsers["streaming-llm"]).items()}
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        parsers[str(path.relative_to(ROOT))] = program_parser("script", str(path.relative_to(ROOT)))
+    for path in sorted((ROOT / "streaming_llm").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if "ArgumentParser(" in source and "def main(" in source and path.name != "cli.py":
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            parsers[name] = program_parser("module", name)
+    return {name: parser for name, parser in parsers.items() if parser is not None}
+
+
+def test_every_program_takes_options_by_their_whole_names_only():
+    """argparse takes any unambiguous prefix of an option for the whole option unless told not to: `eval --output
+    x.json` wrote its results into a folder named x.json (eval's --output-dir). Every parser a user meets refuses a
+    prefix, the experiment scripts and bench modules included, so a new script cannot forget to."""
+    parsers = every_program_parser()
+    assert {"streaming-llm eval", "experiments/eval_kvpress.py", "streaming_llm.bench.soak"} <= set(parsers)
+    assert len(parsers) >= 15
+    taking_prefixes = sorted(name for name, parser in parsers.items() if parser.allow_abbrev)
+    assert not taking_prefixes, f"these parsers take a prefix of an option for the option: {taking_prefixes}"
 
 
 def all_options() -> set[str]:
