@@ -271,6 +271,10 @@ def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, c
     (["--methods", "dense", "--recompute-samples", "4"], "--recompute-samples applies to the recompute method"),
     # steps 22..118 past the capacity: 97 to sample from (more were quietly dropped: the result said sample97)
     (["--methods", "recompute", "--recompute-samples", "98"], "--recompute-samples 98: the stream has 97 step(s)"),
+    # recompute:N samples N's steps 22..58 (the samples were spread over all 120 tokens, past the 60 asked for)
+    (["--methods", "recompute:60", "--recompute-samples", "38"], "38: the stream has 37 step(s) to sample from the "
+                                                                  "cache capacity 22 to the end of recompute:60"),
+    (["--methods", "recompute:60", "--recompute-tokens", "50"], "recompute:60 and --recompute-tokens 50 both cut"),
     (["--methods", " dense : 500 "], "dense:500 asks for more tokens than --num-tokens 120"),  # spaces around ':'
     (["--methods", "dense", "--decode-tokens", "40"], "--decode-tokens applies to the decode-loop methods"),
     (["--methods", "dense", "--plot", "curves.xyz"], "cannot write .xyz figures"),
@@ -417,6 +421,14 @@ def test_recompute_sampled_and_on_a_prefix(model_dir, tmp_path, capsys, monkeypa
         ("dense", "block32", 120), ("recompute", "sample3", 120), ("recompute", "recompute32", 50)]
     status, out, _ = run_main(capsys, *argv, "--recompute-samples", "3")
     assert [(r["method"], r["evaluator"]) for r in json.loads(out)["results"]] == [("dense", "block32"), ("recompute", "sample3")]
+    argv[argv.index("dense,recompute")] = "dense,recompute:80"  # the samples fall in recompute's 80 tokens
+    status, out, _ = run_main(capsys, *argv, "--recompute-samples", "3")
+    runs = json.loads(out)["results"]
+    assert [(r["method"], r["evaluator"], r["num_tokens"]) for r in runs] == [
+        ("dense", "block32", 120), ("recompute", "sample3", 80)]
+    steps = json.loads(Path(runs[1]["json_path"]).read_text())["extra"]["sampled_steps"]
+    assert len(steps) == 3 and 22 <= min(steps) and max(steps) < 80
+    argv[argv.index("dense,recompute:80")] = "dense,recompute"
     monkeypatch.setattr(cli_common, "show_progress", lambda args: True)
     status, out, err = run_main(capsys, *argv, "--recompute-samples", "3", "--recompute-tokens", "60",
                                 "--plot", str(tmp_path / "c.png"))

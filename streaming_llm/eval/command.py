@@ -121,17 +121,22 @@ def check_method_options(args: argparse.Namespace, methods, prefixes: dict[str, 
         if tokens is not None and tokens > args.num_tokens:
             raise ValueError(f"{option} {tokens} asks for more tokens than --num-tokens {args.num_tokens}")
     chosen = {method.name for method in methods}
+    if args.recompute_tokens is not None and "recompute" in prefixes:
+        raise ValueError(f"--methods recompute:{prefixes['recompute']} and --recompute-tokens {args.recompute_tokens} "
+                         "both cut recompute's tokens; give one")
     if (args.recompute_samples or args.recompute_tokens) and "recompute" not in chosen:
         option = "--recompute-samples" if args.recompute_samples else "--recompute-tokens"
         raise ValueError(f"{option} applies to the recompute method, which --methods does not include")
     if args.recompute_samples and "recompute" in chosen:
         from streaming_llm.eval.harness import sampled_step_range
 
-        steps = len(sampled_step_range(args.num_tokens, args.n_sink + args.window_size))
+        tokens = prefixes.get("recompute", args.num_tokens)
+        end = f"recompute:{tokens}" if "recompute" in prefixes else f"--num-tokens {tokens}"
+        steps = len(sampled_step_range(tokens, args.n_sink + args.window_size))
         if args.recompute_samples > steps:
             raise ValueError(f"--recompute-samples {args.recompute_samples}: the stream has {steps} step(s) to sample from "
-                             f"the cache capacity {args.n_sink + args.window_size} to the end of --num-tokens "
-                             f"{args.num_tokens}; ask for at most {steps}")
+                             f"the cache capacity {args.n_sink + args.window_size} to the end of {end}; "
+                             f"ask for at most {steps}")
     if args.decode_tokens and not any(method.feed == "decode" for method in methods):
         raise ValueError("--decode-tokens applies to the decode-loop methods (kvpress_decode_*), which --methods "
                          "does not include")
@@ -212,12 +217,12 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     runs = []
     for method in methods:
-        if method.name == "recompute" and args.recompute_samples:
-            runs.append(run_recompute_sample(model, input_ids, num_samples=args.recompute_samples, **common))
+        prefix = min(args.num_tokens, prefixes.get(method.name, args.num_tokens))
+        if method.name == "recompute" and args.recompute_samples:  # spread over recompute:N's tokens, if given
+            runs.append(run_recompute_sample(model, input_ids[:, :prefix], num_samples=args.recompute_samples, **common))
             _report(runs[-1], quiet)
             if not args.recompute_tokens:
                 continue
-        prefix = min(args.num_tokens, prefixes.get(method.name, args.num_tokens))
         if method.name == "recompute" and args.recompute_tokens:
             prefix = min(prefix, args.recompute_tokens)
         if method.feed == "decode" and args.decode_tokens:
