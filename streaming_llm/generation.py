@@ -104,8 +104,10 @@ class TokenSampler:
                 if count < vocab and float(probabilities.sum()) < config.top_p:
                     values, ids = torch.sort(logits, descending=True)
                     probabilities = torch.softmax(values, dim=-1)
-            # Keep a token while the more likely ones hold less than top_p; the most likely always stays.
+            # Keep a token while the more likely ones hold less than top_p; the most likely always stays (a top_p
+            # below float32's smallest value is 0 in the comparison, which would keep none).
             keep = (torch.cumsum(probabilities, dim=-1) - probabilities) < config.top_p
+            keep[0] = True
             values, ids = values[keep], ids[keep]
         return values, ids
 

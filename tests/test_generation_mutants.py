@@ -219,6 +219,18 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it(top_k):
     assert sorted(candidates(0.999)) == [0, 1, 2, 3]  # the tied 1/8s in either order
 
 
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_a_top_p_below_float32s_smallest_value_keeps_the_most_likely_token(top_k):
+    """Bug found by a tester: --top-p 1e-46 (accepted: 0 < top_p <= 1) is 0 in float32, so `0 < top_p` kept no
+    token and torch.multinomial raised on the empty distribution (a traceback from `generate`). The most likely
+    token always stays."""
+    logits = torch.log(torch.tensor([0.125, 0.5, 0.25, 0.125]))
+    for top_p in (1e-46, 1e-300, float.fromhex("0x1p-1074")):
+        sampler = TokenSampler(SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p, seed=0))
+        assert sampler._candidates(logits)[1].tolist() == [1]
+        assert [sampler(logits) for _ in range(3)] == [1] * 3
+
+
 def test_unseeded_samplers_draw_differently():
     """seed=None seeds each sampler's generator from a fresh random source (not a fixed default): two samplers
     over 1000 equally likely tokens draw different sequences."""
