@@ -272,6 +272,12 @@ def _encode_enough(tokenizer, text: str, num_ids: int | None) -> list[int]:
     return _encode(tokenizer, text)
 
 
+def _as_text(name: str) -> str:
+    """A file name as valid text: bytes that are not UTF-8 (which Python carries as lone surrogates, not text that
+    JSON or a plot can hold) are written as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def describe_source(source: str | Path | None = None, text: str | None = None) -> dict:
     """What a results JSON records about `source`: name, kind, where it came from, size and sha256 of the text.
 
@@ -289,9 +295,12 @@ def describe_source(source: str | Path | None = None, text: str | None = None) -
         }
     elif _is_stdin(source):
         description = {"name": "stdin", "kind": "stdin"}
+    elif _looks_like_path(source) and not Path(source).expanduser().is_file():
+        # A pipe (`--data <(cmd)`, /dev/stdin): its name (pipe:[inode]) is another each run; its text names it.
+        description = {"name": "pipe", "kind": "pipe"}
     elif _looks_like_path(source):
         path = Path(source).expanduser().resolve()
-        description = {"name": path.name, "kind": "file", "path": str(path)}
+        description = {"name": _as_text(path.name), "kind": "file", "path": _as_text(str(path))}
     else:
         name, config, split = parse_dataset_spec(source)
         description = {"name": source, "kind": "datasets", "dataset": name, "config": config, "split": split}

@@ -101,6 +101,18 @@ def test_local_utf8_file(tmp_path):
     assert description["name"] == "book.txt"
 
 
+def test_a_file_whose_name_is_not_utf8_is_described_in_text(tmp_path):
+    """A --data file named b"d\\xff.txt" was recorded with its name as Python holds it ("d\\udcff.txt", a lone
+    surrogate): not text, so the plot of its results raised from matplotlib. The byte is written as \\xff."""
+    import json
+
+    path = tmp_path / os.fsdecode(b"d\xff.txt")
+    path.write_text("Thou art more lovely and more temperate.\n", encoding="utf-8")
+    description = describe_source(str(path))
+    assert description["name"] == "d\\xff.txt" and description["path"].endswith("/d\\xff.txt")
+    json.dumps(description, ensure_ascii=False).encode("utf-8")  # raised UnicodeEncodeError on the surrogate
+
+
 def test_a_dash_is_standard_input_read_once(tmp_path, monkeypatch):
     """`--data -` was taken for a dataset named "-" (refused as "dataset '-' could not be loaded"): it is standard
     input, read to its end once; a file named "-" is "./-"."""

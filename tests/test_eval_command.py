@@ -311,20 +311,27 @@ def test_eval_names_num_tokens_when_the_text_has_fewer_tokens(model_dir, tmp_pat
 
 def test_eval_reads_a_text_from_a_pipe(model_dir, tmp_path, capsys):
     """`--data <(cmd)` (a pipe, read once) was read again to tokenize it, after the model was loaded, and refused as
-    "the text is empty"."""
+    "the text is empty". Then its results were named after the pipe (`pipe:[191677]`, another each run), so a
+    finished configuration was scored again and a checkpoint never resumed: a pipe is named by its text, as stdin."""
     import os
 
     text = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40
-    read_end, write_end = os.pipe()
-    os.write(write_end, text.encode("utf-8"))  # ~3 KB: fits the pipe's buffer
-    os.close(write_end)
-    try:
-        argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", str(tmp_path)]
-        status, out, err = run_main(capsys, *argv, "--data", f"/dev/fd/{read_end}")
-    finally:
-        os.close(read_end)
-    assert status == 0, err
-    assert results_of(out)["dense"]["data"]["sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    argv = ["eval", "--model", str(model_dir), *STREAM, "--methods", "dense", "--output-dir", str(tmp_path)]
+    results = []
+    for _ in range(2):
+        read_end, write_end = os.pipe()
+        os.write(write_end, text.encode("utf-8"))  # ~3 KB: fits the pipe's buffer
+        os.close(write_end)
+        try:
+            status, out, err = run_main(capsys, *argv, "--data", f"/dev/fd/{read_end}")
+        finally:
+            os.close(read_end)
+        assert status == 0, err
+        results.append(results_of(out)["dense"])
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert results[0]["data"] == {"name": "pipe", "kind": "pipe", "num_chars": len(text), "sha256": sha}
+    assert Path(results[0]["json_path"]).name.startswith(f"tiny_chat_llama__pipe-{sha[:8]}__T120__")
+    assert results[1]["json_path"] == results[0]["json_path"] and results[1]["skipped"] and not results[0]["skipped"]
 
 
 def test_a_text_file_with_a_long_name_gives_results_whose_names_fit(model_dir, tmp_path, capsys):
