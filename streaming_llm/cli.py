@@ -380,8 +380,12 @@ def read_script(path: str) -> list[dict]:
             raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
         except ValueError as error:  # NaN, Infinity, 1e999
             raise ValueError(f"{path} line {line_number}: {error} (only finite numbers are allowed)") from None
+        except RecursionError:
+            raise ValueError(f"{path} line {line_number}: nested too deeply") from None
         try:
             json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise ValueError(f"{path} line {line_number}: nested too deeply") from None
         except UnicodeEncodeError:
             raise ValueError(f"{path} line {line_number}: a string holds a lone surrogate (an escape \\ud800-\\udfff), which is not text") from None
         if isinstance(record, dict) and "prompt" in record and "turns" in record:
@@ -426,6 +430,9 @@ def run_chat(args: argparse.Namespace) -> int:
         raise ValueError("--output records the answers of a --script run; give --script too")
     if args.output is not None:
         args.output = str(check_output_file(args.output))  # ~ expanded: the path the answers are written to
+        script = Path(args.script).expanduser()
+        if args.script != "-" and script.exists() and Path(args.output).exists() and os.path.samefile(args.output, script):
+            raise ValueError(f"--output {args.output} is the --script file: the answers would replace the prompts")
     script = read_script(args.script) if args.script else None
     check_text_options(args)
     sampling = sampling_from_args(args)

@@ -773,6 +773,9 @@ def test_an_empty_prompt_file_is_named(tmp_path, capsys):
     ("{script}/answers.jsonl", "--output {script}/answers.jsonl: {script} is a file, not a folder"),
     ("{script}/sub/answers.jsonl", "--output {script}/sub/answers.jsonl: {script} is a file, not a folder"),
     ("/dev/null", "--output /dev/null is not a regular file"),
+    # the answers replaced the prompts, with no warning
+    ("{script}", "--output {script} is the --script file: the answers would replace the prompts"),
+    ("{tmp}/./{script.name}", "--output {tmp}/{script.name} is the --script file"),
 ])
 def test_chat_output_is_checked_before_the_model_loads(output, fragment, script_file, tmp_path, capsys):
     """It was only written after the whole script, failing then on an internal temporary file."""
@@ -817,6 +820,7 @@ def test_chat_output_with_a_leading_tilde_is_written_in_the_home_folder(model_di
     ('["a"]', 'line 2: needs a "prompt" string'),
     ('{"prompt": ""}', "line 2: a prompt is empty"),  # sent as an empty message; the interactive chat skips one
     ('{"turns": ["a", " "]}', "line 2: a prompt is empty"),
+    ('{"prompt": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "line 2: nested too deeply"),  # RecursionError
 ])
 def test_script_lines_that_would_lose_or_corrupt_data_are_refused(line, fragment, tmp_path, capsys):
     """A prompt next to turns was dropped; NaN was copied into --output as bare NaN, which is not JSON."""
