@@ -430,8 +430,8 @@ def run_chat(args: argparse.Namespace) -> int:
         raise ValueError("--output records the answers of a --script run; give --script too")
     if args.output is not None:
         args.output = str(check_output_file(args.output))  # ~ expanded: the path the answers are written to
-        script = Path(args.script).expanduser()
-        if args.script != "-" and script.exists() and Path(args.output).exists() and os.path.samefile(args.output, script):
+        script_path = Path(args.script).expanduser()
+        if args.script != "-" and script_path.exists() and Path(args.output).exists() and os.path.samefile(args.output, script_path):
             raise ValueError(f"--output {args.output} is the --script file: the answers would replace the prompts")
     script = read_script(args.script) if args.script else None
     check_text_options(args)
