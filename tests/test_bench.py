@@ -226,6 +226,12 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--steps", "0"], "--rounds and --steps must be >= 1"),
     (["bench", "--rounds", "0"], "--rounds and --steps must be >= 1"),
     (["bench", "--output-dir", __file__], "is not a folder"),
+    # common options bench does not use: they were accepted and ignored (capacity 64 in pos_shift was timed)
+    (["bench", "--window-size", "5000"], "bench does not use --window-size: it times each cache size of --cache-sizes"),
+    (["bench", "--position-mode", "absolute"], "bench does not use --position-mode: each position mode is a method of "
+                                               "--methods (streaming_pos_shift, streaming_rerotate, streaming_absolute)"),
+    (["bench", "--streaming-mode", "mit"], "bench does not use --streaming-mode: each cache is a method of --methods"),
+    (["bench", "--position-mode", "pos_shift"], "bench does not use --position-mode"),  # given, if as the default
 ])
 def test_bench_bad_options(argv, fragment, capsys, monkeypatch, tmp_path):
     """Each bad option is one line on stderr and exit status 2. Were a refusal to break, the bench would fail at once
@@ -420,6 +426,25 @@ def test_the_help_names_every_shape(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert all(shape in out for shape in MODEL_SHAPES)
+
+
+def test_bench_help_says_which_common_options_it_does_not_use(capsys):
+    """bench took --window-size, --position-mode and --streaming-mode, described in its --help as for the other commands
+    ("the most recent N tokens kept"), and ignored them. Its help now says they are refused and what it uses instead;
+    the commands that use them keep their help and defaults, and bench the common options it does use."""
+    assert cli.main(["bench", "--help"]) == 0
+    bench_help = " ".join(capsys.readouterr().out.split())
+    assert "most recent N tokens" not in bench_help and "positions RoPE sees" not in bench_help
+    for option in ("--window-size N", "--position-mode {pos_shift,rerotate,absolute}", "--streaming-mode {ours,mit}"):
+        assert f"{option} not used by bench (refused):" in bench_help
+    assert cli.main(["generate", "--help"]) == 0
+    assert "most recent N tokens" in " ".join(capsys.readouterr().out.split())
+    parser = cli.build_parser()
+    generate = parser.parse_args(["generate", "-p", "hi"])
+    assert (generate.window_size, generate.position_mode, generate.streaming_mode) == (1020, "pos_shift", "ours")
+    bench = parser.parse_args(["bench", "--n-sink", "2", "--dtype", "bfloat16", "--device", "cpu", "--threads", "1"])
+    cli.validate_common_args(bench)  # the common options bench uses are taken
+    assert (bench.n_sink, bench.dtype, bench.device, bench.threads) == (2, "bfloat16", "cpu", 1)
 
 
 def test_cache_sizes_drop_one_trailing_empty_entry_only():

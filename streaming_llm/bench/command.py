@@ -11,8 +11,16 @@ from pathlib import Path
 
 from streaming_llm.bench import COMPILED_METHODS, METHODS
 from streaming_llm.choices import DECODE_ATTENTION
+from streaming_llm.cli_common import without_options
 
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
+# The common options bench does not use (refused when given), and what it uses in their place.
+NOT_USED = {
+    "--window-size": "it times each cache size of --cache-sizes (sinks included)",
+    "--position-mode": "each position mode is a method of --methods (streaming_pos_shift, streaming_rerotate, "
+                       "streaming_absolute)",
+    "--streaming-mode": "each cache is a method of --methods (streaming_* for ours, mit for MIT's)",
+}
 LONGEST_TAG = 200  # bytes: a file name may have 255, and the tag is followed by up to 35 characters
 
 
@@ -54,7 +62,7 @@ def select_methods(text: str, device: str) -> list[str]:
 def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "bench",
-        parents=[common_parent],
+        parents=[without_options(common_parent, "bench", NOT_USED)],
         help="per-token decode latency and memory of every KV-cache strategy, side by side",
         description=(
             "Times one decode step of each method at each cache size, round-robin in one process so the ratios are "
