@@ -1,7 +1,8 @@
 """The `streaming-llm` command: generate, chat and info here; eval/plot and bench registered from their
 packages when present.
 
-Every subcommand takes the common options of cli_common.py and sets `handler=fn(args) -> exit status`.
+Every subcommand takes the common options of cli_common.py (bench refuses those it does not use: without_options) and
+sets `handler=fn(args) -> exit status`.
 Errors a user can fix (ValueError, a missing file, a bad option) print one line,
 `streaming-llm: error: <reason>`, and exit with status 2; Ctrl-C exits with 130 without a traceback (in a chat typed at
 a terminal, Ctrl-C during an answer stops that answer, and the chat goes on).

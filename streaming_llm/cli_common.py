@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import re
@@ -107,6 +108,21 @@ def common_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def without_options(parent: argparse.ArgumentParser, command: str, instead: dict[str, str]) -> argparse.ArgumentParser:
+    """A copy of the common options' `parent` for a `command` that does not use some of them: each option named in
+    `instead` (its flag -> what `command` uses in its place) defaults to None, so that one given shows, and is refused
+    by validate_common_args instead of being ignored; its help says so instead of what it does elsewhere."""
+    parent = copy.deepcopy(parent)  # its actions are shared by every command built on it
+    refusals = {}
+    for action in parent._actions:
+        flag = next((flag for flag in action.option_strings if flag in instead), None)
+        if flag is not None:
+            action.default, action.help = None, f"not used by {command} (refused): {instead[flag]}"
+            refusals[action.dest] = f"{command} does not use {flag}: {instead[flag]}"
+    parent.set_defaults(options_refused=refusals)
+    return parent
+
+
 def add_stream_options(parser: argparse.ArgumentParser) -> None:
     """--n-sink, --window-size, --data and --model of the experiment scripts, with the CLI's defaults (check them
     with validate_common_args)."""
@@ -122,6 +138,9 @@ def add_stream_options(parser: argparse.ArgumentParser) -> None:
 
 def validate_common_args(args: argparse.Namespace) -> None:
     """Refuse bad common options before anything is loaded: ValueError with the reason."""
+    for dest, refusal in getattr(args, "options_refused", {}).items():  # (without_options)
+        if getattr(args, dest, None) is not None:
+            raise ValueError(refusal)
     n_sink, window_size = getattr(args, "n_sink", DEFAULT_N_SINK), getattr(args, "window_size", DEFAULT_WINDOW_SIZE)
     if n_sink is not None and n_sink < 0:
         raise ValueError(f"--n-sink must be >= 0 (0 = no sinks), got {n_sink}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +226,12 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--steps", "0"], "--rounds and --steps must be >= 1"),
     (["bench", "--rounds", "0"], "--rounds and --steps must be >= 1"),
     (["bench", "--output-dir", __file__], "is not a folder"),
+    # common options bench does not use: they were accepted and ignored (capacity 64 in pos_shift was timed)
+    (["bench", "--window-size", "5000"], "bench does not use --window-size: it times each cache size of --cache-sizes"),
+    (["bench", "--position-mode", "absolute"], "bench does not use --position-mode: each position mode is a method of "
+                                               "--methods (streaming_pos_shift, streaming_rerotate, streaming_absolute)"),
+    (["bench", "--streaming-mode", "mit"], "bench does not use --streaming-mode: each cache is a method of --methods"),
+    (["bench", "--position-mode", "pos_shift"], "bench does not use --position-mode"),  # given, if as the default
 ])
 def test_bench_bad_options(argv, fragment, capsys, monkeypatch, tmp_path):
     """Each bad option is one line on stderr and exit status 2. Were a refusal to break, the bench would fail at once
@@ -260,6 +267,62 @@ def test_bench_times_a_model_given_with_the_embedded_shape(tmp_path, tmp_path_fa
     (row,) = report["rows"]
     assert report["model"] == str(folder) and row["cache_length"] == 32 and 32 * 512 <= row["cache_bytes"] < 2 * 32 * 512
     assert [r["tokens_streamed"] for r in report["stream"]][0] >= 32
+
+
+def short_context_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint with max_position_embeddings=128: it holds cache sizes up to 127."""
+    import shutil
+
+    from test_cli import tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("short") / "tiny_128"
+    shutil.copytree(tiny_checkpoint(tmp_path_factory), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    return folder
+
+
+def test_bench_streams_and_profiles_at_a_size_the_model_holds(tmp_path, tmp_path_factory, capsys):
+    """A model of 128 positions, cache sizes 64 and 256: every method was timed at 64 and skipped at 256, then the
+    stream (the largest size <= 1024: 256) failed with "cache capacity ... = 256 is too large", exit 2, and nothing
+    was written; the profile (the size nearest 1024: 256) would have failed there too. Both now take the size they
+    would among those the model holds, said on stderr, and the run is written."""
+    folder = short_context_checkpoint(tmp_path_factory)
+    status = cli.main(["bench", "--model", str(folder), "--cache-sizes", "64,256", "--methods",
+                       "streaming_pos_shift,dense_static", "--rounds", "1", "--steps", "1", "--stream-tokens", "300",
+                       "--profile", "--quiet", "--output-dir", str(tmp_path), "--tag", "tb"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    report = json.loads((tmp_path / "tb.json").read_text())
+    assert [(row["method"], row["capacity"]) for row in report["rows"]] == [("streaming_pos_shift", 64),
+                                                                          ("dense_static", 64)]
+    assert [skip["capacity"] for skip in report["skipped"]] == [256, 256]
+    assert [row["tokens_streamed"] for row in report["stream"]] == [64 + 8, 300 + 8]
+    assert all(row["cache_length"] == 64 for row in report["stream"])
+    assert [profile["capacity"] for profile in report["profile"]] == [64, 64]
+    assert "bench: streaming at cache size 64: the model does not hold 256" in err
+    assert "bench: profiling at cache size 64: the model does not hold 256" in err
+
+
+def test_bench_refuses_cache_sizes_none_of_which_the_model_holds_before_timing(tmp_path, tmp_path_factory, capsys,
+                                                                              monkeypatch):
+    """--model with every size too large: each method was skipped at each size (and the stream failed after them);
+    it is refused in one line once the model is loaded, before anything is timed."""
+    from streaming_llm.bench import latency
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the bench went on to time")
+
+    monkeypatch.setattr(latency, "measure_latency", timed)
+    monkeypatch.setattr(latency, "measure_stream", timed)
+    folder = short_context_checkpoint(tmp_path_factory)
+    status = cli.main(["bench", "--model", str(folder), "--cache-sizes", "256,128", "--methods", "streaming_pos_shift",
+                       "--stream-tokens", "300", "--quiet", "--output-dir", str(tmp_path / "new"), "--tag", "tb"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"error: --cache-sizes: every size is too large for {folder}: cache capacity n_sink + window_size = 128 "
+            "is too large for the model's max_position_embeddings=128") in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_that_can_time_nothing_fails_and_writes_nothing(tmp_path, capsys):
@@ -363,6 +426,25 @@ def test_the_help_names_every_shape(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert all(shape in out for shape in MODEL_SHAPES)
+
+
+def test_bench_help_says_which_common_options_it_does_not_use(capsys):
+    """bench took --window-size, --position-mode and --streaming-mode, described in its --help as for the other commands
+    ("the most recent N tokens kept"), and ignored them. Its help now says they are refused and what it uses instead;
+    the commands that use them keep their help and defaults, and bench the common options it does use."""
+    assert cli.main(["bench", "--help"]) == 0
+    bench_help = " ".join(capsys.readouterr().out.split())
+    assert "most recent N tokens" not in bench_help and "positions RoPE sees" not in bench_help
+    for option in ("--window-size N", "--position-mode {pos_shift,rerotate,absolute}", "--streaming-mode {ours,mit}"):
+        assert f"{option} not used by bench (refused):" in bench_help
+    assert cli.main(["generate", "--help"]) == 0
+    assert "most recent N tokens" in " ".join(capsys.readouterr().out.split())
+    parser = cli.build_parser()
+    generate = parser.parse_args(["generate", "-p", "hi"])
+    assert (generate.window_size, generate.position_mode, generate.streaming_mode) == (1020, "pos_shift", "ours")
+    bench = parser.parse_args(["bench", "--n-sink", "2", "--dtype", "bfloat16", "--device", "cpu", "--threads", "1"])
+    cli.validate_common_args(bench)  # the common options bench uses are taken
+    assert (bench.n_sink, bench.dtype, bench.device, bench.threads) == (2, "bfloat16", "cpu", 1)
 
 
 def test_cache_sizes_drop_one_trailing_empty_entry_only():

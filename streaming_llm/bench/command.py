@@ -11,8 +11,16 @@ from pathlib import Path
 
 from streaming_llm.bench import COMPILED_METHODS, METHODS
 from streaming_llm.choices import DECODE_ATTENTION
+from streaming_llm.cli_common import without_options
 
 DEFAULT_CACHE_SIZES = "256,512,1024,2048,4096"
+# The common options bench does not use (refused when given), and what it uses in their place.
+NOT_USED = {
+    "--window-size": "it times each cache size of --cache-sizes (sinks included)",
+    "--position-mode": "each position mode is a method of --methods (streaming_pos_shift, streaming_rerotate, "
+                       "streaming_absolute)",
+    "--streaming-mode": "each cache is a method of --methods (streaming_* for ours, mit for MIT's)",
+}
 LONGEST_TAG = 200  # bytes: a file name may have 255, and the tag is followed by up to 35 characters
 
 
@@ -54,7 +62,7 @@ def select_methods(text: str, device: str) -> list[str]:
 def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "bench",
-        parents=[common_parent],
+        parents=[without_options(common_parent, "bench", NOT_USED)],
         help="per-token decode latency and memory of every KV-cache strategy, side by side",
         description=(
             "Times one decode step of each method at each cache size, round-robin in one process so the ratios are "
@@ -67,7 +75,8 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
                              "smollm2-135m, pythia-70m, llama-2-7b, gemma3-1b-attention (timing does not depend on "
                              "weights; default embedded)")
     parser.add_argument("--cache-sizes", type=_int_list, default=_int_list(DEFAULT_CACHE_SIZES),
-                        help=f"comma-separated cache capacities, n-sink included (default {DEFAULT_CACHE_SIZES})")
+                        help=f"comma-separated cache capacities, n-sink included; a size the model cannot hold is "
+                             f"skipped, named with the reason (default {DEFAULT_CACHE_SIZES})")
     parser.add_argument("--methods", default="default",
                         help="comma-separated methods from: " + ", ".join(METHODS) + "; 'all' for every one, "
                              "'default' for every one except the compiled ones off CUDA (" + ", ".join(COMPILED_METHODS)
@@ -77,15 +86,16 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed decode steps per method per round (default 6)")
     parser.add_argument("--stream-tokens", type=int, default=0,
                         help="also stream this many tokens through our cache (capacity = the largest of "
-                             "--cache-sizes that is <= 1024) and record latency and memory along the way (default 0 = skip)")
+                             "--cache-sizes that is <= 1024 among those the model holds) and record latency and "
+                             "memory along the way (default 0 = skip)")
     parser.add_argument("--decode-attention", default="auto",
                         choices=("auto", *DECODE_ATTENTION),
                         help="attention kernel formulation of the static decode step (streaming_static, "
                              "streaming_compiled[_frozen]; "
                              "see streaming_llm.fast.decode_attention; default auto: gqa on CUDA, grouped elsewhere)")
     parser.add_argument("--profile", action="store_true",
-                        help="profile 10 decode steps of our cache (pos_shift and rerotate) at the cache size nearest 1024: "
-                             "prints the top operators and the time of each cache stage (token writes, rotations, "
+                        help="profile 10 decode steps of our cache (pos_shift and rerotate) at the cache size nearest "
+                             "1024 among those the model holds: prints the top operators and the time of each cache stage (token writes, rotations, "
                              "frame moves); Chrome traces go next to the JSON (*.trace.json)")
     parser.add_argument("--output-dir", default="results/latency", help="where JSON and PNG go (default results/latency)")
     parser.add_argument("--tag", default=None,
@@ -100,7 +110,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
         raise ValueError(f"every cache size must exceed --n-sink ({args.n_sink}); got {min(args.cache_sizes)}")
-    stream_capacity = max([c for c in args.cache_sizes if c <= 1024] or [min(args.cache_sizes)])
+    stream_capacity = _stream_capacity(args.cache_sizes)  # (a size the model cannot hold is left out once loaded)
     if args.stream_tokens and args.stream_tokens < stream_capacity:
         raise ValueError(f"--stream-tokens must be 0 (skip) or at least the stream's capacity ({stream_capacity}), "
                          f"got {args.stream_tokens}")
@@ -125,16 +135,11 @@ def run_bench(args: argparse.Namespace) -> int:
     from streaming_llm.fast import resolve_decode_attention
 
     if args.shape != "embedded":  # the shape's config is known without building its weights (7B of them)
-        from streaming_llm.models import check_capacity
-
         try:
             config = latency.shape_config(args.shape)
         except ValueError as error:
             raise ValueError(f"--shape: {error}") from None
-        try:  # a size too large skips each method there, with the reason; where none fits, nothing could be timed
-            check_capacity(config, min(args.cache_sizes))
-        except ValueError as error:
-            raise ValueError(f"--cache-sizes: every size is too large for --shape {args.shape}: {error}") from None
+        held_sizes(config, args.cache_sizes, f"--shape {args.shape}")
     device = resolve_device(args.device)
     if args.methods == "default":
         methods = select_methods(args.methods, device)
@@ -146,6 +151,16 @@ def run_bench(args: argparse.Namespace) -> int:
         model, _ = load_model(args.model, dtype=dtype, device=device)
     else:
         model = latency.build_model(args.shape, dtype, device)
+    # Every capacity the run uses is one the model holds, known before any timing (the stream's and the profile's
+    # failed after the timing, and nothing was written)
+    model_name = args.model or ("the embedded model" if args.shape == "embedded" else f"--shape {args.shape}")
+    held = held_sizes(model.config, args.cache_sizes, model_name)
+    stream_capacity, profile_capacity = _stream_capacity(held), _profile_capacity(held)
+    for doing, asked, capacity, wanted in (
+            ("streaming", args.stream_tokens, stream_capacity, _stream_capacity(args.cache_sizes)),
+            ("profiling", args.profile, profile_capacity, _profile_capacity(args.cache_sizes))):
+        if asked and capacity != wanted:  # on stderr whatever the terminal, as a method skipped at a size is
+            print(f"bench: {doing} at cache size {capacity}: the model does not hold {wanted}", file=sys.stderr)
 
     progress_bars = show_progress(args)  # status lines and progress bars only on a terminal
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress_bars else (lambda *a: None)
@@ -186,15 +201,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.profile:
         from streaming_llm.bench.profile import profile_decode
 
-        capacity = min(args.cache_sizes, key=lambda c: abs(c - 1024))
         output_dir.mkdir(parents=True, exist_ok=True)  # the traces are written there first (prepare_output_dir left none)
         for position_mode in ("pos_shift", "rerotate"):
             trace = output_dir / f"{tag}.{position_mode}.trace.json"
-            profiled = profile_decode(model, capacity, args.n_sink, position_mode=position_mode, trace_path=str(trace))
+            profiled = profile_decode(model, profile_capacity, args.n_sink, position_mode=position_mode, trace_path=str(trace))
             if position_mode == "pos_shift":
                 show(profiled.top_operators)
             show(profiled.text())
-            profiles.append({"position_mode": position_mode, "capacity": capacity, "trace": trace.name,
+            profiles.append({"position_mode": position_mode, "capacity": profile_capacity, "trace": trace.name,
                              "stages": profiled.stages, "top_operators": profiled.top_operators})
 
     report = {
@@ -228,6 +242,34 @@ def run_bench(args: argparse.Namespace) -> int:
             print(format_stream(stream_rows))
         print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _stream_capacity(cache_sizes: list[int]) -> int:
+    """The cache size --stream-tokens streams at: the largest up to 1024, or the smallest where every one is larger."""
+    return max([c for c in cache_sizes if c <= 1024] or [min(cache_sizes)])
+
+
+def _profile_capacity(cache_sizes: list[int]) -> int:
+    """The cache size --profile profiles: the one nearest 1024."""
+    return min(cache_sizes, key=lambda c: abs(c - 1024))
+
+
+def held_sizes(config, cache_sizes: list[int], model_name: str) -> list[int]:
+    """The cache sizes the model holds (check_capacity): a larger one skips each method there, with the reason
+    (measure_latency), and the stream and the profile take the size they would among those held; ValueError naming
+    `model_name` where none is held (nothing could be timed)."""
+    from streaming_llm.models import check_capacity
+
+    held, refusal = [], None
+    for capacity in sorted(cache_sizes):
+        try:
+            check_capacity(config, capacity)
+            held.append(capacity)
+        except ValueError as error:
+            refusal = refusal or str(error)  # the smallest size's
+    if not held:
+        raise ValueError(f"--cache-sizes: every size is too large for {model_name}: {refusal}")
+    return held
 
 
 def format_skipped(skipped: list[dict]) -> str:
