@@ -3,6 +3,7 @@ cache bytes (and, on CUDA, what a step allocates), and the command writes one JS
 
 from __future__ import annotations
 
+import os
 import json
 import sys
 from pathlib import Path
@@ -213,6 +214,7 @@ def test_only_the_profiler_notices_are_dropped_from_stderr(capfd):
     (["bench", "--tag", "run:1"], "none of the characters < > : \" / \\ | ? * that Windows refuses"),
     (["bench", "--tag", "a<b"], "must be a plain file name"),
     (["bench", "--tag", "what?"], "must be a plain file name"),
+    (["bench", "--tag", os.fsdecode(b"run\xff")], "--tag is not UTF-8 text (byte offset 3)"),  # UnicodeEncodeError
     (["bench", "--cache-sizes", "64,0"], "expected positive integers, got '64,0'"),
     (["bench", "--cache-sizes", ","], "expected comma-separated integers, got ','"),
     (["bench", "--cache-sizes", "64,,128"], "expected comma-separated integers, got '64,,128'"),

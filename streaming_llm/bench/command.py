@@ -116,6 +116,10 @@ def run_bench(args: argparse.Namespace) -> int:
                          f"got {args.stream_tokens}")
     if args.model is not None and args.shape != "embedded":
         raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
+    if args.tag is not None:  # (not UTF-8, it raised UnicodeEncodeError as its length was counted)
+        from streaming_llm.cli import require_utf8
+
+        args.tag = require_utf8(args.tag, "--tag")
     if args.tag is not None and (not args.tag.strip() or Path(args.tag).name != args.tag or args.tag.startswith(".")
                                  or re.search(r'[<>:"/\\|?*\x00-\x1f]', args.tag)):
         raise ValueError(f"--tag {args.tag!r} must be a plain file name (no folder, not hidden, none of the characters "
