@@ -199,3 +199,30 @@ def test_a_figure_path_that_is_a_symlink_is_written_through_the_link(tmp_path, c
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert target.read_bytes()[:8] == PNG
     assert [path.name for path in (tmp_path / "figures").iterdir()] == ["curves.png"]  # no temporary file left
+
+
+def test_a_title_that_is_not_utf8_is_refused_and_one_the_locale_could_not_read_is_kept(tmp_path, capsys, figures):
+    """--title went to matplotlib as it came from argv: bytes that are not UTF-8 (surrogate escapes) ended in a
+    matplotlib TypeError traceback, exit status 1. It is read as --prompt is (cli.require_utf8): not UTF-8 is one line,
+    exit status 2, no figure; UTF-8 that a C locale decoded as escapes is the text it is."""
+    result = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    status, err = _plot(capsys, result, "-o", tmp_path / "f.png", "--title", b"\xff\xfe".decode("utf-8", "surrogateescape"))
+    assert status == 2 and err == "streaming-llm: error: --title is not UTF-8 text (byte offset 0)\n"
+    assert not (tmp_path / "f.png").exists()
+    status, err = _plot(capsys, result, "-o", tmp_path / "f.png", "--title", "Café".encode().decode("utf-8", "surrogateescape"))
+    assert (status, err) == (0, "") and figures[0].axes[0].get_title() == "Café"
+
+
+@pytest.mark.parametrize(("name", "shown"), [("d\udcff.txt", "d\\xff.txt"), ("d\ud800.txt", "d\\ud800.txt"),
+                                             ("$\\foo$.txt", "\\$\\foo\\$.txt")])
+def test_names_from_result_files_are_drawn_whatever_they_hold(tmp_path, figures, name, shown):
+    """A data file whose name is not UTF-8 is recorded with lone surrogates ("d\\udcff.txt"), which matplotlib refuses
+    (a TypeError traceback from the default title); a name with two '$' was read as math, and "$\\foo$" failed. Names
+    from result files are drawn with the bytes as \\xNN escapes and '$' as a '$'."""
+    path = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "data": {"name": name}, "method": f"dense{name}"}))
+    plot_nll_curves([path], tmp_path / "f.png", window=1)
+    (axis,) = figures[0].axes
+    assert axis.get_title() == f"m on {shown}: n_sink=1, window=3"
+    assert axis.get_lines()[0].get_label().startswith(f"dense{shown} (ppl")

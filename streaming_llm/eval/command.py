@@ -286,13 +286,15 @@ def _collect(paths: list[str]) -> list[Path]:
 
 def run_plot(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm plot`."""
+    from streaming_llm.cli import require_utf8
     from streaming_llm.eval.plots import plot_nll_curves
 
     _positive("smooth", args.smooth)
+    title = require_utf8(args.title, "--title") if args.title is not None else None
     output = check_figure_path(args.output, "--output") if args.output is not None else None
     files = _collect(args.results)
     output = output or files[0].parent / "nll_curves.png"
-    png = plot_nll_curves(list(dict.fromkeys(path.resolve() for path in files)), output, window=args.smooth, title=args.title)
+    png = plot_nll_curves(list(dict.fromkeys(path.resolve() for path in files)), output, window=args.smooth, title=title)
     if getattr(args, "json", False):
         print(json.dumps({"figure": str(png), "results": [str(path) for path in files]}), flush=True)
     else:

@@ -55,6 +55,18 @@ def _method_text(record: dict) -> str:
     return record["method"] if dtype == "float32" else f"{record['method']} {dtype}"
 
 
+def _shown(text) -> str:
+    """`text` read from a result file as matplotlib can draw it: lone surrogates (how Python carries a name that
+    was not UTF-8, such as a data file's) as \\xNN escapes, since matplotlib refuses them, and '$' escaped, since
+    matplotlib would read "$...$" as math and fail on most names."""
+    text = str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte gives ("\\ud800" in JSON)
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("$", r"\$")
+
+
 def _perplexity_text(record: dict) -> str:
     perplexity = record["perplexity"]
     return "n/a" if perplexity is None else f"{perplexity:.2f}"
@@ -106,7 +118,7 @@ def plot_nll_curves(
         color, style = METHOD_STYLES.get(record["method"], (None, "-"))
         steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
         label = f"{_method_text(record)} (ppl {_perplexity_text(record)}, {record['evaluator']}, {record['num_tokens']} tok)"
-        axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=label)
+        axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=_shown(label))
     if not full:
         # Sampled results alone (recompute at chosen steps): too sparse for a moving average, so their scored
         # steps are drawn as points (x = step + 1, the token scored).
@@ -117,7 +129,7 @@ def plot_nll_curves(
             color, _ = METHOD_STYLES.get(record["method"], (None, "-"))
             label = (f"{_method_text(record)} (ppl {_perplexity_text(record)}, {record['evaluator']}, "
                      f"{scored.size} sampled of {record['num_tokens']} tok)")
-            axis.plot(scored + 1, nlls[scored], color=color, marker="o", markersize=4, linewidth=0.6, label=label)
+            axis.plot(scored + 1, nlls[scored], color=color, marker="o", markersize=4, linewidth=0.6, label=_shown(label))
     if lower is not None:
         # A sampled oracle (recompute at chosen steps) is too sparse for a moving average: show each method's
         # NLL minus the oracle's at the sampled steps instead.
@@ -129,9 +141,9 @@ def plot_nll_curves(
                 continue
             color, _ = METHOD_STYLES.get(record["method"], (None, "-"))
             lower.plot(steps + 1, nlls[steps] - oracle[steps], color=color, marker="o", markersize=3, linewidth=0.6,
-                       label=_method_text(record))
+                       label=_shown(_method_text(record)))
         lower.axhline(0.0, color="black", linewidth=0.8)
-        lower.set_ylabel(f"NLL − {oracle_record['method']}\n(at its {scored.size} sampled tokens)")
+        lower.set_ylabel(f"NLL − {_shown(oracle_record['method'])}\n(at its {scored.size} sampled tokens)")
         lower.set_xlabel("token index in the stream")
         lower.grid(True, alpha=0.3)
     longest = max(nlls.size for _, nlls in curves)
@@ -155,7 +167,7 @@ def plot_nll_curves(
         axis.set_ylabel("NLL (nats) at the sampled tokens, log scale")
     first = curves[0][0]
     data = first["data"].get("name", "data") if isinstance(first["data"], dict) else first["data"]
-    axis.set_title(title or f"{first['model']} on {data}: n_sink={first['n_sink']}, window={first['window_size']}")
+    axis.set_title(title or _shown(f"{first['model']} on {data}: n_sink={first['n_sink']}, window={first['window_size']}"))
     axis.grid(True, which="both", alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8, loc="best", framealpha=0.85)
