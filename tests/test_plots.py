@@ -226,3 +226,43 @@ def test_names_from_result_files_are_drawn_whatever_they_hold(tmp_path, figures,
     (axis,) = figures[0].axes
     assert axis.get_title() == f"m on {shown}: n_sink=1, window=3"
     assert axis.get_lines()[0].get_label().startswith(f"dense{shown} (ppl")
+
+
+@pytest.mark.parametrize(("change", "title", "parts", "own_oracle"), [
+    ({"window_size": 5}, "m on d.txt: n_sink=1", ("window=3", "window=5"), False),
+    ({"n_sink": 2}, "m on d.txt: window=3", ("n_sink=1", "n_sink=2"), False),
+    ({"n_sink": 2, "window_size": 2}, "m on d.txt", ("n_sink=1, window=3", "n_sink=2, window=2"), True),  # capacity 4
+    ({"model": "m2"}, "d.txt: n_sink=1, window=3", ("m", "m2"), False),
+    ({"data": {"name": "e.txt"}}, "m: n_sink=1, window=3", ("d.txt", "e.txt"), False),
+    ({"data": {"name": "d.txt", "sha256": "ab" * 32}}, "m: n_sink=1, window=3", ("d", "d-abababab"), False),
+    ({"dtype": "bfloat16"}, "m on d.txt: n_sink=1, window=3", (), False),
+])
+def test_results_of_several_configurations_are_told_apart(tmp_path, figures, change, title, parts, own_oracle):
+    """Results of two configurations in one figure (two `eval --output-dir out` runs at two window sizes, or of two
+    models) were drawn under identical labels, with a title taken from the first result, and every curve minus the
+    first sampled recompute result, whatever its model, text or cache. Each label now carries the settings that differ
+    among the results (the dtype already did), the line style tells the configurations apart, the title states only
+    what they all share, and a curve is compared with a sampled recompute of its own model, dtype, text and cache
+    capacity (n_sink + window_size, all that recompute depends on) or with none."""
+    def result(method, **fields):
+        record = {"model": "m", "data": {"name": "d.txt"}, "num_tokens": 10, "n_sink": 1, "window_size": 3,
+                  "method": method, "evaluator": "decode", "perplexity": 2.0, **fields}
+        stem = f"{method}_{len(list(tmp_path.glob('*.json')))}"
+        return write_result(tmp_path, stem, record, torch.tensor([1.0] * 9 if method == "window" else [2.0] * 9))
+
+    files = [result("window", **change), result("dense"), result("window"), result("dense", **change),
+             _sampled(tmp_path, [2, 5], [0.5, 0.5])]
+    plot_nll_curves(files, tmp_path / "f.png", window=1)
+    upper, lower = figures[0].axes
+    lines = [line for line in upper.get_lines() if not line.get_label().startswith("_")]
+    labels = [line.get_label().split(" (ppl")[0] for line in lines]
+    if parts:
+        assert labels == [f"{method} [{part}]" for method in ("dense", "window") for part in parts]
+        assert [line.get_linestyle() for line in lines] == ["-", "--"] * 2
+    else:
+        assert labels == ["dense", "dense bfloat16", "window", "window bfloat16"]
+    assert upper.get_title() == title
+    compared = {line.get_label() for line in lower.get_lines() if not line.get_label().startswith("_")}
+    assert compared == ({*labels} if own_oracle else {labels[0], labels[2]})
+    assert all(line.get_ydata().tolist() == ([1.5, 1.5] if line.get_label().startswith("dense") else [0.5, 0.5])
+               for line in lower.get_lines() if not line.get_label().startswith("_"))

@@ -84,7 +84,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     plot.add_argument("results", nargs="*", default=[DEFAULT_OUTPUT_DIR], help=f"result JSONs or folders (default {DEFAULT_OUTPUT_DIR})")
     plot.add_argument("--output", "-o", default=None, help="PNG path (default: nll_curves.png next to the first result)")
     plot.add_argument("--smooth", type=int, default=256, help="moving-average width in tokens (default 256)")
-    plot.add_argument("--title", default=None, help="figure title (default: the model, the data, n_sink and window of the first result)")
+    plot.add_argument("--title", default=None, help="figure title (default: the model, the data, n_sink and window that all the results share)")
     plot.set_defaults(handler=run_plot)
 
 
