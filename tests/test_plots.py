@@ -266,3 +266,17 @@ def test_results_of_several_configurations_are_told_apart(tmp_path, figures, cha
     assert compared == ({*labels} if own_oracle else {labels[0], labels[2]})
     assert all(line.get_ydata().tolist() == ([1.5, 1.5] if line.get_label().startswith("dense") else [0.5, 0.5])
                for line in lower.get_lines() if not line.get_label().startswith("_"))
+
+
+def test_a_result_whose_nll_file_is_missing_is_named_and_left_out_of_the_json(tmp_path, capsys, figures):
+    """A result JSON without its .nlls.npy was left out of the figure without a word, while `plot --json` listed it
+    among the results drawn. It still has no curve (as it has no numbers in the table), but a line on stderr names it
+    and --json lists only the results drawn, each once (a file given twice, or with its folder, was listed twice)."""
+    good = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    missing = _result(tmp_path, "window", [1.0, 2.0, 3.0])
+    (tmp_path / "window_decode.nlls.npy").unlink()
+    status = cli.main(["plot", str(good), str(tmp_path), "-o", str(tmp_path / "f.png"), "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0 and err == f"plot: leaving out {missing}: its NLL file window_decode.nlls.npy is missing\n"
+    assert json.loads(out) == {"figure": str(tmp_path / "f.png"), "results": [str(good)]}
+    assert [line.get_label().split(" ")[0] for line in figures[0].axes[0].get_lines()] == ["dense"]

@@ -294,9 +294,12 @@ def run_plot(args: argparse.Namespace) -> int:
     output = check_figure_path(args.output, "--output") if args.output is not None else None
     files = _collect(args.results)
     output = output or files[0].parent / "nll_curves.png"
-    png = plot_nll_curves(list(dict.fromkeys(path.resolve() for path in files)), output, window=args.smooth, title=title)
+    files = list(dict.fromkeys(path.resolve() for path in files))  # a file named twice (or by its folder too) once
+    left_out: list[Path] = []  # results without their NLL file, named on stderr
+    png = plot_nll_curves(files, output, window=args.smooth, title=title, left_out=left_out)
     if getattr(args, "json", False):
-        print(json.dumps({"figure": str(png), "results": [str(path) for path in files]}), flush=True)
+        drawn = [str(path) for path in files if path not in left_out]
+        print(json.dumps({"figure": str(png), "results": drawn}), flush=True)
     else:
         print(png)
     return 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from streaming_llm.eval.results import atomic_write, check_comparable_results, data_label, read_result
+from streaming_llm.eval.results import atomic_write, check_comparable_results, data_label, nlls_path_of, read_result
 
 # Stable colours and order, so figures from different runs read alike.
 METHOD_STYLES = {
@@ -146,6 +147,7 @@ def plot_nll_curves(
     title: str | None = None,
     capacity: int | None = None,
     context_length: int | None = None,
+    left_out: list[Path] | None = None,
 ) -> Path:
     """One PNG with the moving-average NLL (log-scale y) of every result against the token index; when a
     sampled result (recompute at chosen steps) is among them, a lower panel shows the NLL of every result of its
@@ -154,8 +156,10 @@ def plot_nll_curves(
 
     result_files: result JSONs (their .nlls.npy next to them); window: moving-average width in tokens;
     capacity / context_length: draw vertical lines at the cache capacity and the model's trained context.
-    Returns the PNG path. ValueError for results of one model and text scored on different token streams, or of
-    two models of one name (check_comparable_results): their curves would be drawn as if they were comparable.
+    A result whose NLL file is missing has no curve: a line on stderr names it, and it is appended to `left_out`
+    where one is given. Returns the PNG path. ValueError naming the file for a malformed result (read_result), and
+    for results of one model and text scored on different token streams, or of two models of one name
+    (check_comparable_results): their curves would be drawn as if they were comparable.
     """
     import matplotlib
 
@@ -165,15 +169,21 @@ def plot_nll_curves(
     results = [(path, *read_result(path)) for path in result_files]
     check_comparable_results([(path, record) for path, record, _ in results])
     curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
-    for _, record, nlls in results:
-        if nlls is None or nlls.size == 0:
-            continue
-        curves.append((record, nlls.astype(np.float64)))
+    missing = []  # (result, its NLL file): no curve, as the table has no numbers of it (report.summary_rows)
+    for path, record, nlls in results:
+        if nlls is None:
+            missing.append((path, nlls_path_of(path, record)))
+        elif nlls.size:
+            curves.append((record, nlls.astype(np.float64)))
     full = [(record, nlls) for record, nlls in curves if np.isfinite(nlls).all()]
     sampled = [(record, nlls) for record, nlls in curves if not np.isfinite(nlls).all()]
     if not full and not any(np.isfinite(nlls).any() for _, nlls in sampled):
         names = ", ".join(str(path) for path in result_files)
         raise ValueError(f"{names}: no per-token NLLs to plot (each NLL file is missing, empty or holds no finite value)")
+    for path, nlls_path in missing:  # said, not left out without a word
+        print(f"plot: leaving out {path}: its NLL file {nlls_path.name} is missing", file=sys.stderr, flush=True)
+        if left_out is not None:
+            left_out.append(Path(path))
     # Sampled results are too sparse for a moving average: they are the lower panel's oracle where full results
     # are drawn, and drawn as points only where there are none.
     drawn = full or [(record, nlls) for record, nlls in sampled if np.isfinite(nlls).any()]
