@@ -199,3 +199,84 @@ def test_a_figure_path_that_is_a_symlink_is_written_through_the_link(tmp_path, c
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert target.read_bytes()[:8] == PNG
     assert [path.name for path in (tmp_path / "figures").iterdir()] == ["curves.png"]  # no temporary file left
+
+
+def test_a_title_that_is_not_utf8_is_refused_and_one_the_locale_could_not_read_is_kept(tmp_path, capsys, figures):
+    """--title went to matplotlib as it came from argv: bytes that are not UTF-8 (surrogate escapes) ended in a
+    matplotlib TypeError traceback, exit status 1. It is read as --prompt is (cli.require_utf8): not UTF-8 is one line,
+    exit status 2, no figure; UTF-8 that a C locale decoded as escapes is the text it is."""
+    result = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    status, err = _plot(capsys, result, "-o", tmp_path / "f.png", "--title", b"\xff\xfe".decode("utf-8", "surrogateescape"))
+    assert status == 2 and err == "streaming-llm: error: --title is not UTF-8 text (byte offset 0)\n"
+    assert not (tmp_path / "f.png").exists()
+    status, err = _plot(capsys, result, "-o", tmp_path / "f.png", "--title", "Café".encode().decode("utf-8", "surrogateescape"))
+    assert (status, err) == (0, "") and figures[0].axes[0].get_title() == "Café"
+
+
+@pytest.mark.parametrize(("name", "shown"), [("d\udcff.txt", "d\\xff.txt"), ("d\ud800.txt", "d\\ud800.txt"),
+                                             ("$\\foo$.txt", "\\$\\foo\\$.txt")])
+def test_names_from_result_files_are_drawn_whatever_they_hold(tmp_path, figures, name, shown):
+    """A data file whose name is not UTF-8 is recorded with lone surrogates ("d\\udcff.txt"), which matplotlib refuses
+    (a TypeError traceback from the default title); a name with two '$' was read as math, and "$\\foo$" failed. Names
+    from result files are drawn with the bytes as \\xNN escapes and '$' as a '$'."""
+    path = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "data": {"name": name}, "method": f"dense{name}"}))
+    plot_nll_curves([path], tmp_path / "f.png", window=1)
+    (axis,) = figures[0].axes
+    assert axis.get_title() == f"m on {shown}: n_sink=1, window=3"
+    assert axis.get_lines()[0].get_label().startswith(f"dense{shown} (ppl")
+
+
+@pytest.mark.parametrize(("change", "title", "parts", "own_oracle"), [
+    ({"window_size": 5}, "m on d.txt: n_sink=1", ("window=3", "window=5"), False),
+    ({"n_sink": 2}, "m on d.txt: window=3", ("n_sink=1", "n_sink=2"), False),
+    ({"n_sink": 2, "window_size": 2}, "m on d.txt", ("n_sink=1, window=3", "n_sink=2, window=2"), True),  # capacity 4
+    ({"model": "m2"}, "d.txt: n_sink=1, window=3", ("m", "m2"), False),
+    ({"data": {"name": "e.txt"}}, "m: n_sink=1, window=3", ("d.txt", "e.txt"), False),
+    ({"data": {"name": "d.txt", "sha256": "ab" * 32}}, "m: n_sink=1, window=3", ("d", "d-abababab"), False),
+    ({"dtype": "bfloat16"}, "m on d.txt: n_sink=1, window=3", (), False),
+])
+def test_results_of_several_configurations_are_told_apart(tmp_path, figures, change, title, parts, own_oracle):
+    """Results of two configurations in one figure (two `eval --output-dir out` runs at two window sizes, or of two
+    models) were drawn under identical labels, with a title taken from the first result, and every curve minus the
+    first sampled recompute result, whatever its model, text or cache. Each label now carries the settings that differ
+    among the results (the dtype already did), the line style tells the configurations apart, the title states only
+    what they all share, and a curve is compared with a sampled recompute of its own model, dtype, text and cache
+    capacity (n_sink + window_size, all that recompute depends on) or with none."""
+    def result(method, **fields):
+        record = {"model": "m", "data": {"name": "d.txt"}, "num_tokens": 10, "n_sink": 1, "window_size": 3,
+                  "method": method, "evaluator": "decode", "perplexity": 2.0, **fields}
+        stem = f"{method}_{len(list(tmp_path.glob('*.json')))}"
+        return write_result(tmp_path, stem, record, torch.tensor([1.0] * 9 if method == "window" else [2.0] * 9))
+
+    files = [result("window", **change), result("dense"), result("window"), result("dense", **change),
+             _sampled(tmp_path, [2, 5], [0.5, 0.5])]
+    plot_nll_curves(files, tmp_path / "f.png", window=1)
+    upper, lower = figures[0].axes
+    lines = [line for line in upper.get_lines() if not line.get_label().startswith("_")]
+    labels = [line.get_label().split(" (ppl")[0] for line in lines]
+    if parts:
+        assert labels == [f"{method} [{part}]" for method in ("dense", "window") for part in parts]
+        assert [line.get_linestyle() for line in lines] == ["-", "--"] * 2
+    else:
+        assert labels == ["dense", "dense bfloat16", "window", "window bfloat16"]
+    assert upper.get_title() == title
+    compared = {line.get_label() for line in lower.get_lines() if not line.get_label().startswith("_")}
+    assert compared == ({*labels} if own_oracle else {labels[0], labels[2]})
+    assert all(line.get_ydata().tolist() == ([1.5, 1.5] if line.get_label().startswith("dense") else [0.5, 0.5])
+               for line in lower.get_lines() if not line.get_label().startswith("_"))
+
+
+def test_a_result_whose_nll_file_is_missing_is_named_and_left_out_of_the_json(tmp_path, capsys, figures):
+    """A result JSON without its .nlls.npy was left out of the figure without a word, while `plot --json` listed it
+    among the results drawn. It still has no curve (as it has no numbers in the table), but a line on stderr names it
+    and --json lists only the results drawn, each once (a file given twice, or with its folder, was listed twice)."""
+    good = _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    missing = _result(tmp_path, "window", [1.0, 2.0, 3.0])
+    (tmp_path / "window_decode.nlls.npy").unlink()
+    status = cli.main(["plot", str(good), str(tmp_path), "-o", str(tmp_path / "f.png"), "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0 and err == f"plot: leaving out {missing}: its NLL file window_decode.nlls.npy is missing\n"
+    assert json.loads(out) == {"figure": str(tmp_path / "f.png"), "results": [str(good)]}
+    assert [line.get_label().split(" ")[0] for line in figures[0].axes[0].get_lines()] == ["dense"]

@@ -84,7 +84,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     plot.add_argument("results", nargs="*", default=[DEFAULT_OUTPUT_DIR], help=f"result JSONs or folders (default {DEFAULT_OUTPUT_DIR})")
     plot.add_argument("--output", "-o", default=None, help="PNG path (default: nll_curves.png next to the first result)")
     plot.add_argument("--smooth", type=int, default=256, help="moving-average width in tokens (default 256)")
-    plot.add_argument("--title", default=None, help="figure title (default: the model, the data, n_sink and window of the first result)")
+    plot.add_argument("--title", default=None, help="figure title (default: the model, the data, n_sink and window that all the results share)")
     plot.set_defaults(handler=run_plot)
 
 
@@ -291,15 +291,20 @@ def _collect(paths: list[str]) -> list[Path]:
 
 def run_plot(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm plot`."""
+    from streaming_llm.cli import require_utf8
     from streaming_llm.eval.plots import plot_nll_curves
 
     _positive("smooth", args.smooth)
+    title = require_utf8(args.title, "--title") if args.title is not None else None
     output = check_figure_path(args.output, "--output") if args.output is not None else None
     files = _collect(args.results)
     output = output or files[0].parent / "nll_curves.png"
-    png = plot_nll_curves(list(dict.fromkeys(path.resolve() for path in files)), output, window=args.smooth, title=args.title)
+    files = list(dict.fromkeys(path.resolve() for path in files))  # a file named twice (or by its folder too) once
+    left_out: list[Path] = []  # results without their NLL file, named on stderr
+    png = plot_nll_curves(files, output, window=args.smooth, title=title, left_out=left_out)
     if getattr(args, "json", False):
-        print(json.dumps({"figure": str(png), "results": [str(path) for path in files]}), flush=True)
+        drawn = [str(path) for path in files if path not in left_out]
+        print(json.dumps({"figure": str(png), "results": drawn}), flush=True)
     else:
         print(png)
     return 0

@@ -169,7 +169,7 @@ def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
     missing = [key for key in RECORD_KEYS if key not in record] if isinstance(record, dict) else list(RECORD_KEYS)
     if missing:
         raise ValueError(f"{json_path} is not a result file of streaming-llm eval (no {', '.join(missing)})")
-    nlls_path = json_path.with_name(str(record.get("nlls_file", json_path.stem + NLLS_SUFFIX)))
+    nlls_path = nlls_path_of(json_path, record)
     if not nlls_path.is_file():
         nlls = None
     else:
@@ -179,6 +179,12 @@ def read_result(json_path: str | os.PathLike) -> tuple[dict, np.ndarray | None]:
             raise ValueError(f"{nlls_path} is not a readable NLL file ({error})") from None
     check_result_fields(json_path, record, nlls)
     return record, nlls
+
+
+def nlls_path_of(json_path: str | os.PathLike, record: dict) -> Path:
+    """Where the per-token NLLs of the result `json_path` holds are: its nlls_file, next to it."""
+    json_path = Path(json_path)
+    return json_path.with_name(str(record.get("nlls_file", json_path.stem + NLLS_SUFFIX)))
 
 
 def is_fingerprint(value) -> bool:
