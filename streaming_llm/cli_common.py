@@ -108,16 +108,19 @@ def common_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def without_options(parent: argparse.ArgumentParser, command: str, instead: dict[str, str]) -> argparse.ArgumentParser:
+def without_options(parent: argparse.ArgumentParser, command: str, instead: dict[str, str],
+                    hidden: bool = False) -> argparse.ArgumentParser:
     """A copy of the common options' `parent` for a `command` that does not use some of them: each option named in
     `instead` (its flag -> what `command` uses in its place) defaults to None, so that one given shows, and is refused
-    by validate_common_args instead of being ignored; its help says so instead of what it does elsewhere."""
+    by validate_common_args instead of being ignored; its help says so instead of what it does elsewhere (or, hidden,
+    it is left out of the help)."""
     parent = copy.deepcopy(parent)  # its actions are shared by every command built on it
     refusals = {}
     for action in parent._actions:
         flag = next((flag for flag in action.option_strings if flag in instead), None)
         if flag is not None:
-            action.default, action.help = None, f"not used by {command} (refused): {instead[flag]}"
+            action.default = None
+            action.help = argparse.SUPPRESS if hidden else f"not used by {command} (refused): {instead[flag]}"
             refusals[action.dest] = f"{command} does not use {flag}: {instead[flag]}"
     parent.set_defaults(options_refused=refusals)
     return parent

@@ -279,6 +279,10 @@ def test_eval_names_an_unreadable_result_and_offers_force(model_dir, tmp_path, c
     (["--methods", "dense", "--decode-tokens", "40"], "--decode-tokens applies to the decode-loop methods"),
     (["--methods", "dense", "--plot", "curves.xyz"], "cannot write .xyz figures"),
     (["--methods", "dense", "--output-dir", ""], "--output-dir is empty"),
+    # common options eval does not use: accepted and ignored (each method names its modes)
+    (["--methods", "dense", "--position-mode", "absolute"], "eval does not use --position-mode: each method names its "
+                                                             "positions (streaming_pos_shift, streaming_rerotate"),
+    (["--methods", "mit", "--streaming-mode", "ours"], "eval does not use --streaming-mode: each method names its cache"),
 ])
 def test_eval_refuses_options_it_would_ignore_before_loading_the_model(tmp_path, capsys, options, message):
     """Each of these was accepted and silently dropped or clipped (or failed only after the scoring): now one line,
@@ -471,6 +475,19 @@ def test_method_lists_and_option_bounds_at_their_edges():
         _positive("num-tokens", 1, 2)
     assert _model_name(None) == EMBEDDED_MODEL
     assert _model_name("/models/tiny.gguf") == "tiny" and _model_name("org/name") == "name"
+
+
+@pytest.mark.parametrize("option", [["--model", "embedded"], ["--n-sink", "2"], ["--window-size", "60"],
+                                    ["--position-mode", "rerotate"], ["--streaming-mode", "mit"], ["--device", "cpu"],
+                                    ["--dtype", "bfloat16"], ["--threads", "1"]])
+def test_plot_refuses_the_common_options_it_does_not_use(tmp_path, capsys, option):
+    """plot took every common option (--window-size 60, --dtype bfloat16, ...) and ignored it: the figure drew what the
+    results hold whatever was asked. Each is refused in one line, nothing is written, and plot's help lists none."""
+    status, _, err = run_main(capsys, "plot", str(tmp_path), "-o", str(tmp_path / "c.png"), *option)
+    assert_one_line_error(status, err, f"plot does not use {option[0]}: the results it draws say what they were run with")
+    assert list(tmp_path.iterdir()) == []
+    _, help_text, _ = run_main(capsys, "plot", "--help")
+    assert "--smooth" in help_text and "--json" in help_text and option[0] not in help_text
 
 
 def test_plot_names_the_file_it_cannot_read_and_writes_the_format_asked(model_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
+from streaming_llm.cli_common import without_options
 from streaming_llm.eval.methods import DEFAULT_METHODS, METHODS, get_methods
 
 DEFAULT_NUM_TOKENS = 4096
@@ -21,17 +22,30 @@ BOS_CHOICES = {"auto": None, "yes": True, "no": False}  # --bos: load_tokens' ad
 DEFAULT_OUTPUT_DIR = "results/comprehensive"
 
 
+# The common options eval and plot do not use (refused when given, as they were ignored), and what they use instead.
+EVAL_NOT_USED = {
+    "--position-mode": "each method names its positions (streaming_pos_shift, streaming_rerotate, streaming_absolute)",
+    "--streaming-mode": "each method names its cache (streaming_* for ours, mit for MIT's)",
+}
+PLOT_NOT_USED = {
+    option: "the results it draws say what they were run with"
+    for option in ("--model", "--n-sink", "--window-size", "--position-mode", "--streaming-mode", "--device", "--dtype",
+                   "--threads")
+}
+
+
 def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
     """Add `eval` and `plot` to the CLI's subparsers; `common_parent` carries --model, --n-sink, ... ."""
     evaluate = subparsers.add_parser(
         "eval",
-        parents=[common_parent],
+        parents=[without_options(common_parent, "eval", EVAL_NOT_USED)],
         help="perplexity of several methods on one long stream; one result JSON per method",
         description=(
             "Score one token stream with several methods (same token ids, same code path) and write one JSON "
             "per method (+ per-token NLLs) under --output-dir. Methods that allow it run the exact parallel "
             "evaluator in blocks; kvpress_decode_* run the decode loop. Finished configurations are skipped "
-            "unless --force. --position-mode/--streaming-mode do not apply: each method names its modes."
+            "unless --force. Each method names its position mode and cache: --position-mode and --streaming-mode "
+            "are refused."
         ),
     )
     evaluate.add_argument("--num-tokens", type=int, default=DEFAULT_NUM_TOKENS, help=f"stream length in tokens (default {DEFAULT_NUM_TOKENS})")
@@ -77,7 +91,7 @@ def register(subparsers, common_parent: argparse.ArgumentParser) -> None:
 
     plot = subparsers.add_parser(
         "plot",
-        parents=[common_parent],
+        parents=[without_options(common_parent, "plot", PLOT_NOT_USED, hidden=True)],
         help="figure of NLL over the stream from result files",
         description="Draw the moving-average NLL of result JSONs (files, or every JSON of a folder) on one log-scale figure.",
     )
