@@ -268,6 +268,19 @@ def test_results_of_several_configurations_are_told_apart(tmp_path, figures, cha
                for line in lower.get_lines() if not line.get_label().startswith("_"))
 
 
+def test_a_sampled_result_no_curve_shares_a_configuration_with_is_drawn_as_points(tmp_path, figures):
+    """A sampled recompute of another configuration than every full result (window 5 beside results of window 3)
+    was the oracle of none and was drawn nowhere, while `plot --json` listed it among the results drawn. It is drawn
+    as its points, as where there are no full results, and there is no lower panel."""
+    full = _result(tmp_path, "dense", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    sampled = _sampled(tmp_path, [2, 5], [0.5, 0.25], window_size=5)
+    plot_nll_curves([full, sampled], tmp_path / "f.png", window=1)
+    (axis,) = figures[0].axes
+    lines = [line for line in axis.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label().split(" (")[0] for line in lines] == ["dense [window=3]", "recompute [window=5]"]
+    assert lines[1].get_xdata().tolist() == [3, 6] and lines[1].get_ydata().tolist() == [0.5, 0.25]
+
+
 def test_a_result_whose_nll_file_is_missing_is_named_and_left_out_of_the_json(tmp_path, capsys, figures):
     """A result JSON without its .nlls.npy was left out of the figure without a word, while `plot --json` listed it
     among the results drawn. It still has no curve (as it has no numbers in the table), but a line on stderr names it

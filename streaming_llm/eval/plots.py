@@ -184,9 +184,11 @@ def plot_nll_curves(
         print(f"plot: leaving out {path}: its NLL file {nlls_path.name} is missing", file=sys.stderr, flush=True)
         if left_out is not None:
             left_out.append(Path(path))
-    # Sampled results are too sparse for a moving average: they are the lower panel's oracle where full results
-    # are drawn, and drawn as points only where there are none.
-    drawn = full or [(record, nlls) for record, nlls in sampled if np.isfinite(nlls).any()]
+    # Sampled results are too sparse for a moving average: each is the lower panel's oracle of the full results of
+    # its configuration, and drawn as points where there are none (it was left out without a word).
+    configurations = {_oracle_key(record) for record, _ in full}
+    drawn = full + [(record, nlls) for record, nlls in sampled
+                    if np.isfinite(nlls).any() and _oracle_key(record) not in configurations]
     settings = _Settings([record for record, _ in drawn])
     order = list(METHOD_STYLES)
     drawn.sort(key=lambda item: (order.index(item[0]["method"]) if item[0]["method"] in order else len(order),
@@ -199,7 +201,7 @@ def plot_nll_curves(
         if np.isfinite(nlls).any():
             oracles.setdefault(_oracle_key(record), (record, nlls))
     differences = []  # (record, steps, nlls - oracle at those steps, oracle's method, oracle's sampled steps)
-    for record, nlls in drawn if full else []:
+    for record, nlls in full:
         if (found := oracles.get(_oracle_key(record))) is None:
             continue
         oracle_record, oracle = found
@@ -216,7 +218,7 @@ def plot_nll_curves(
     for record, nlls in drawn:
         color, style = METHOD_STYLES.get(record["method"], (None, "-"))
         style = settings.line_style(record) or style
-        if full:
+        if np.isfinite(nlls).all():
             steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
             label = f"{settings.label(record)} (ppl {_perplexity_text(record)}, {record['evaluator']}, {record['num_tokens']} tok)"
             axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=_shown(label))
