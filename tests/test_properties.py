@@ -13,6 +13,9 @@ from tiny_models import feed_stream, make_wrapper, max_abs_diff, random_ids
 
 from streaming_llm import cache as cache_module
 
+# SEMANTICS.md §6: 1e-4, of max |logit| where that is above 1. Keys moved with the cache's frame are re-rotated, and
+# each rotation rounds: a 113-token stream fed as 59 + 54 tokens through 3 + 50 (logits up to 8) gave 1.01e-4 where
+# one token at a time gave 2.2e-5 (the float64 model gives the same; positions off by one give 1e-2 and more).
 TOLERANCE = 1e-4
 
 
@@ -40,11 +43,12 @@ def check_stream(model, n_sink, window_size, position_mode, streaming_mode, seed
     with torch.no_grad():
         streamed = feed_stream(wrapper, input_ids, block_sizes)  # checks get_cache_length() after every call
         expected = naive_streaming_logits(model, input_ids, n_sink, window_size, position_mode)
-    assert max_abs_diff(streamed, expected) <= TOLERANCE
+    assert max_abs_diff(streamed, expected) <= TOLERANCE * max(1.0, expected.abs().max().item())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=streams(max_length=200))
+@example(stream=(3, 50, "pos_shift", "ours", 5933, [59, 54]))  # 1.01e-4 off: failed the absolute 1e-4
 def test_llama_streams_match_reference(llama_model, stream):
     check_stream(llama_model, *stream)
 
