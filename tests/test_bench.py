@@ -3,8 +3,8 @@ cache bytes (and, on CUDA, what a step allocates), and the command writes one JS
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
