@@ -3,7 +3,7 @@
 #   folder (a leading ~ against $HOME), before the script moves to the repository root, where the defaults (results/...) are meant;
 # - picks the Python that has the package: $PYTHON if given, else the repository's .venv, else `python`; the CLI
 #   runs as "$PYTHON" -m streaming_llm.cli, so no virtual environment needs activating;
-# - offers `fail` and `positive_int`, which refuse a bad variable in one line before anything runs.
+# - offers `fail`, `positive_int` and `writable_folder`, which refuse a bad variable in one line before anything runs.
 CALLER_DIR=$PWD
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 from_caller() {  # from_caller NAME...: each variable that is set and holds a relative path is made absolute
@@ -28,6 +28,15 @@ fail() {  # fail MESSAGE: the scripts' one-line error (as the Python scripts': "
 positive_int() {  # positive_int NAME VALUE: fail unless VALUE, the value of variable NAME, is an integer >= 1. Check before
   # any $(( )) on it: bash arithmetic evaluates a name or an a[$(command)] that a variable holds
   [[ "$2" =~ ^[1-9][0-9]{0,17}$ ]] || fail "$1 must be a positive integer (digits only), got '$2'"
+}
+writable_folder() {  # writable_folder NAME: fail unless the folder variable NAME holds is one, or can be made (no file
+  # in its way), for a script that writes it itself only after its long run
+  local path=${!1} probe
+  [[ -n "$path" ]] || fail "$1 is empty: give a folder"
+  probe=$path
+  while [[ ! -e "$probe" ]]; do probe=$(dirname "$probe"); done
+  [[ -d "$probe" ]] || fail "$1 $path: $probe is a file, not a folder"
+  [[ -w "$probe" ]] || fail "$1 $path: $probe is not writable"
 }
 from_caller OUTPUT_DIR OUTPUT_ROOT DATA
 cd "$ROOT"

@@ -7,6 +7,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-results/generation}
+writable_folder OUTPUT_DIR  # (written after the generation: a file in the way failed there, with a traceback)
 read -ra lengths <<< "${LENGTHS:-2000 100000}"
 (( ${#lengths[@]} )) || fail "LENGTHS is empty: give one or more token counts, e.g. LENGTHS='2000 100000'"
 for n in "${lengths[@]}"; do positive_int "each of LENGTHS" "$n"; done

@@ -17,8 +17,10 @@ echo "writing to $OUTPUT_ROOT" >&2
 "$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_ROOT/comprehensive"
 # 2. Decode loop vs parallel evaluator on a prefix (same NLLs, speed ratio).
 "$PYTHON" experiments/run_decode_perplexity.py --num-tokens "$PREFIX" --output-dir "$OUTPUT_ROOT/comprehensive" --quiet
-# 3. kvpress decode loop next to ours (data by environment variable DATA).
-NUM_TOKENS="$PREFIX" OUTPUT_DIR="$OUTPUT_ROOT/comprehensive" EXTRA_ARGS=--quiet PYTHON="$PYTHON" bash experiments/run_kvpress_streaming_decode.sh
+# 3. kvpress decode loop next to ours, on the same text and cache as the other steps (the script's own DATA, N_SINK
+# and WINDOW_SIZE, where set in the environment, reached this step only: one folder held two texts' results).
+env -u DATA -u N_SINK -u WINDOW_SIZE NUM_TOKENS="$PREFIX" OUTPUT_DIR="$OUTPUT_ROOT/comprehensive" EXTRA_ARGS=--quiet \
+  PYTHON="$PYTHON" bash experiments/run_kvpress_streaming_decode.sh
 # 4. kvpress's prefill protocol and the rerotation comparison.
 "$PYTHON" experiments/eval_kvpress.py --context-length "$CONTEXT" --continuation-length "$CONTINUATION" --output-dir "$OUTPUT_ROOT/kvpress"
 # 5. Chunked evaluation and the strided sliding window against the decode loop.

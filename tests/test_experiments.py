@@ -627,6 +627,24 @@ def test_scripts_refuse_bad_variables_before_running_anything(tmp_path, script, 
     assert refusal_of(script, OUTPUT_ROOT=str(tmp_path), **env) == f"{script}: error: {message}"
 
 
+def test_endless_generation_refuses_an_output_folder_it_cannot_make_before_generating(tmp_path):
+    """OUTPUT_DIR naming a file (or a folder under one) was found only when the first JSON was written, after the
+    generation (100,000 tokens by default), and ended in a FileExistsError traceback."""
+    (tmp_path / "afile").write_text("")
+    for output in ("afile", "afile/sub"):
+        assert refusal_of("run_endless_generation.sh", OUTPUT_DIR=str(tmp_path / output), LENGTHS="20") == (
+            f"run_endless_generation.sh: error: OUTPUT_DIR {tmp_path / output}: {tmp_path / 'afile'} is a file, not a folder")
+
+
+def test_run_everything_gives_every_step_the_same_text_and_cache():
+    """DATA, N_SINK and WINDOW_SIZE in the environment reached step 3 (run_kvpress_streaming_decode.sh reads them)
+    and no other: one folder held results on two texts, and its summary was refused."""
+    lines = commands_of("run_everything.sh", DATA=__file__, N_SINK="2", WINDOW_SIZE="60")
+    assert len(lines) >= 5 and not any("--data" in line for line in lines)
+    kvpress = next(line for line in lines if "kvpress_decode_shipped" in line)
+    assert "--n-sink 4 --window-size 1020 " in kvpress
+
+
 def write_fake_result(folder: Path, method: str, num_tokens: int, n_sink: int = 4, window_size: int = 16) -> None:
     import torch
 
