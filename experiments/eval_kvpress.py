@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-repeats", type=int, default=20, help="repeats of the rerotation timing (default 20)")
     parser.add_argument("--output-dir", default="results/kvpress",
                         help="folder of the result JSON (default results/kvpress)")
-    parser.add_argument("--demo-tokens", type=int, default=400,
-                        help="tokens of the decode-loop demo of the kept positions (default 400; 0 = skip)")
+    parser.add_argument("--demo-tokens", type=int, default=None,
+                        help="tokens of the decode-loop demo of the kept positions, at most the stream's (default 400, "
+                             "or the whole stream where shorter; 0 = skip)")
     parser.add_argument("--demo-window", type=int, default=60,
                         help="window of the kept-positions demo (default 60; n_sink = --n-sink)")
     parser.add_argument("--force", action="store_true", help="replace an existing result (default: keep it and stop)")
@@ -35,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.context_length <= args.n_sink + args.window_size:
         raise ValueError(f"--context-length {args.context_length} must exceed the kept n_sink + window_size "
                          f"({args.n_sink + args.window_size}): the press compresses the context down to it")
+    stream = args.context_length + args.continuation_length
+    if args.demo_tokens is None:
+        args.demo_tokens = min(400, stream)
     if args.continuation_length < 1 or args.timing_repeats < 1 or args.demo_window < 1 or args.demo_tokens < 0:
         raise ValueError("--continuation-length, --timing-repeats and --demo-window must be >= 1, --demo-tokens >= 0")
+    if args.demo_tokens > stream:  # (it ran on the stream's tokens, and said nothing)
+        raise ValueError(f"--demo-tokens {args.demo_tokens}: the stream has --context-length + --continuation-length "
+                         f"{stream} tokens")
 
     from streaming_llm.data import load_tokens, read_source
     from streaming_llm.eval.command import _model_name
@@ -105,6 +112,8 @@ def kept_positions_demo(model, ids, n_sink: int, window_size: int) -> dict:
         slots = [int(p) for p in stepper.kept_positions(0)[0].tolist()]
         demo[variant] = {
             "steps": steps,
+            "n_sink": n_sink,
+            "window_size": window_size,
             "slots": slots,
             "true_sinks_kept": sum(p < n_sink for p in slots),
             "in_true_window": sum(p in true_window for p in slots),

@@ -473,6 +473,8 @@ def test_a_refused_eval_script_leaves_no_folder_behind(experiment, tmp_path, scr
     (["--window-size", "-3"], "--window-size must be >= 1, got -3"),
     (["--window-size", "0"], "--window-size must be >= 1, got 0"),
     (["--demo-window", "0"], "--continuation-length, --timing-repeats and --demo-window must be >= 1, --demo-tokens >= 0"),
+    # it ran on the stream's 576 tokens and said nothing
+    (["--demo-tokens", "5000"], "--demo-tokens 5000: the stream has --context-length + --continuation-length 576 tokens"),
 ])
 def test_kvpress_eval_checks_the_cache_sizes_before_loading(experiment, tmp_path, options, message):
     """--n-sink -1 or --window-size -3 ended in a traceback (torch.arange's 'upper bound and lower bound inconsistent'),
