@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     add_stream_options(parser)  # --n-sink, --window-size, --data, --model
     parser.add_argument("--output-dir", default="results/comprehensive/chunked",
                         help="folder of the result JSON (default results/comprehensive/chunked)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (they only appear on a terminal)")
     parser.add_argument("--force", action="store_true", help="replace a result of another model or text")
     args = parser.parse_args(argv)
     validate_common_args(args)  # --n-sink, --window-size

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="results/comprehensive",
                         help="folder of the results and of summary/ (default results/comprehensive)")
     parser.add_argument("--force", action="store_true", help="run again what is already written (default: reuse it)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (they only appear on a terminal)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars (they only appear on a terminal)")
     args = parser.parse_args(argv)
     if args.block_size < 2:  # block_size 1 is the decode loop itself: it would be compared with itself
         raise ValueError(f"--block-size must be >= 2, got {args.block_size}: the parallel evaluator needs blocks of at "

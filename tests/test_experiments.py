@@ -116,6 +116,17 @@ def test_scripts_expand_a_quoted_tilde_in_the_callers_paths(tmp_path):
     assert f"--output-dir {home}/comprehensive " in lines[0]
 
 
+@pytest.mark.parametrize("options", [["--force"], ["--quiet"], ["-q"], ["--model", "m"], ["--dtype", "bfloat16"],
+                                     ["--device", "cpu"], ["--threads", "1"]])
+def test_the_options_extra_args_takes_are_options_of_both_programs(options):
+    """run_comprehensive_comparisons.sh passes EXTRA_ARGS to `streaming-llm eval` and run_decode_perplexity.py: with
+    -q (eval's short --quiet) the whole eval ran, then run_decode_perplexity.py refused it."""
+    from test_docs import cli_subparsers, program_parser
+
+    for parser in (cli_subparsers()["eval"], program_parser("script", "experiments/run_decode_perplexity.py")):
+        parser.parse_args(options)
+
+
 def test_comprehensive_run_summarizes_the_dtype_it_ran():
     """With EXTRA_ARGS='--dtype bfloat16' into a folder holding float32 results (results/comprehensive, the default),
     the run ended in 'summarize_results.py: error: ... holds results in several dtypes (bfloat16, float32): pass
