@@ -14,6 +14,17 @@ import sys
 from pathlib import Path
 
 
+def _is_data(data: dict, wanted: str) -> bool:
+    """Whether `wanted` names the text a result records (describe_source): by its data label, its name (a file's
+    with or without its suffix) or the path given to eval's --data."""
+    from streaming_llm.eval.results import data_label
+
+    name = str(data.get("name", ""))
+    if wanted in (data_label(data), name) or data.get("kind") == "file" and wanted == Path(name).stem:
+        return True
+    return "path" in data and Path(wanted).expanduser().resolve() == Path(data["path"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--num-tokens", type=int, default=20480, help="longest run taken, in tokens (default 20480)")
@@ -27,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="only results of this dtype (e.g. float32, bfloat16), where the folder holds several "
                              "(default: the one dtype its results have)")
     parser.add_argument("--model", default=None,
-                        help="only this model's results (its result name, e.g. SmolLM2-135M-Instruct), where the folder "
-                             "holds several models' or texts' results (default: every model's)")
+                        help="only this model's results (its result name, e.g. SmolLM2-135M-Instruct, or the --model "
+                             "given to eval), where the folder holds several models' results (default: every model's)")
+    parser.add_argument("--data", default=None,
+                        help="only the results on this text (its data label, e.g. shakespeare-c8d9c271, its name, or the "
+                             "--data given to eval), where the folder holds several texts' results (default: every text's)")
     args = parser.parse_args(argv)
     if args.context_length < 1:
         raise ValueError(f"--context-length must be >= 1 (the model's trained context, in tokens), got {args.context_length}")
 
+    from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
     from streaming_llm.eval.results import (atomic_write, data_label, dtype_suffix, list_results, read_result,
@@ -51,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if record["n_sink"] != args.n_sink or record["window_size"] != args.window_size or record["num_tokens"] > args.num_tokens:
             continue
         dtype = str(record.get("dtype", "float32"))
-        if (args.model is not None and record["model"] != args.model) or args.dtype not in (None, dtype):
+        if (args.model is not None and record["model"] not in (args.model, _model_name(args.model))
+                or args.data is not None and not _is_data(record["data"], args.data) or args.dtype not in (None, dtype)):
             continue
         sources.add((record["model"], data_label(record["data"])))
         dtypes.add(dtype)
@@ -63,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"no {what} ({tag}, at most {args.num_tokens} tokens) in {args.output_dir}")
     if len(sources) > 1:  # one table compares methods on one stream of one model
         listed = ", ".join(f"{model} on {data}" for model, data in sorted(sources))
-        raise ValueError(f"{args.output_dir} holds results of several models or texts ({listed}): pass --model, "
-                         "or keep each stream's results in its own folder")
+        models, texts = sorted({model for model, _ in sources}), sorted({data for _, data in sources})
+        options = []  # what tells them apart
+        if len(models) > 1:
+            options.append(f"--model ({' or '.join(models)})")
+        if len(texts) > 1:
+            options.append(f"--data ({' or '.join(texts)})")
+        raise ValueError(f"{args.output_dir} holds results of several models or texts ({listed}): pass "
+                         f"{' and '.join(options)}, or keep each stream's results in its own folder")
     if len(dtypes) > 1:  # a bfloat16 run on more tokens would have been taken for a method's float32 row
         raise ValueError(f"{args.output_dir} holds results in several dtypes ({', '.join(sorted(dtypes))}): pass --dtype")
     tag += dtype_suffix(dtypes.pop())  # its own table and figure, named as its results are

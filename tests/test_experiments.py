@@ -627,15 +627,38 @@ def test_scripts_refuse_bad_variables_before_running_anything(tmp_path, script, 
     assert refusal_of(script, OUTPUT_ROOT=str(tmp_path), **env) == f"{script}: error: {message}"
 
 
-def write_fake_result(folder: Path, method: str, num_tokens: int, n_sink: int = 4, window_size: int = 16) -> None:
+def write_fake_result(folder: Path, method: str, num_tokens: int, n_sink: int = 4, window_size: int = 16,
+                      model: str = "tiny", text: str = "text.txt", sha256: str = "0" * 64) -> None:
     import torch
 
     from streaming_llm.eval.results import write_result
 
-    record = {"model": "tiny", "data": {"name": "text.txt", "sha256": "0" * 64}, "num_tokens": num_tokens,
-              "n_sink": n_sink, "window_size": window_size, "method": method, "evaluator": "block32",
-              "perplexity": 2.0, "tokens_per_s": 100.0, "wall_s": 1.0, "extra": {}}
-    write_result(folder, f"{method}__T{num_tokens}", record, torch.full((num_tokens - 1,), 0.5))
+    record = {"model": model, "data": {"name": text, "kind": "file", "path": f"/texts/{text}", "sha256": sha256},
+              "num_tokens": num_tokens, "n_sink": n_sink, "window_size": window_size, "method": method,
+              "evaluator": "block32", "perplexity": 2.0, "tokens_per_s": 100.0, "wall_s": 1.0, "extra": {}}
+    write_result(folder, f"{model}__{text}__{method}__T{num_tokens}", record, torch.full((num_tokens - 1,), 0.5))
+
+
+def test_summary_keeps_to_one_text_with_data(experiment, tmp_path):
+    """--model could not separate texts: a folder of one model's results on two texts was refused with 'pass
+    --model' even when --model was passed (the filter looked only at the model). --data picks the text (by its data
+    label, its name or the path given to eval) and the refusal names the options that tell the results apart."""
+    script = experiment("summarize_results")
+    for text, sha256 in (("text.txt", "0" * 64), ("other.txt", "1" * 64)):
+        write_fake_result(tmp_path, "dense", 64, text=text, sha256=sha256)
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
+    for model in ([], ["--model", "tiny"], ["--model", "some/folder/tiny"]):
+        with pytest.raises(ValueError, match=r"several models or texts \(tiny on other-11111111, tiny on text-00000000\): "
+                           r"pass --data \(other-11111111 or text-00000000\), or keep"):
+            script.main([*options, *model])
+    for data in ("text-00000000", "text.txt", "text", "/texts/text.txt"):
+        assert script.main([*options, "--model", "tiny", "--data", data]) == 0
+    with pytest.raises(ValueError, match="no results"):
+        script.main([*options, "--data", "missing.txt"])
+    write_fake_result(tmp_path, "dense", 64, model="huge")
+    with pytest.raises(ValueError, match=r"pass --model \(huge or tiny\) and --data \(other-11111111 or text-00000000\)"):
+        script.main(options)
+    assert script.main([*options, "--model", "huge", "--data", "text.txt"]) == 0
 
 
 def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
