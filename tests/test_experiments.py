@@ -127,6 +127,24 @@ def test_comprehensive_run_summarizes_the_dtype_it_ran():
     assert "--dtype" not in summary
 
 
+def test_comprehensive_run_summarizes_the_model_and_text_it_ran(experiment, tmp_path):
+    """With EXTRA_ARGS='--model X' or DATA=<text> into a folder holding other models' or texts' results
+    (results/comprehensive, the default), the whole run ended in 'summarize_results.py: error: ... holds results of
+    several models or texts': the summary was not told the run's model nor text."""
+    from streaming_llm.data import EMBEDDED_NAME
+    from streaming_llm.loading import EMBEDDED_MODEL
+
+    script = experiment("summarize_results")
+    for model, text in (("tiny", "text.txt"), ("tiny", "other.txt"), ("huge", "text.txt"), (EMBEDDED_MODEL, EMBEDDED_NAME)):
+        write_fake_result(tmp_path, "dense", 64, window_size=1020, model=model, text=text, sha256=f"{len(text):064x}")
+    for model, env in (("tiny", {"EXTRA_ARGS": "--quiet --model /models/tiny", "DATA": "/texts/text.txt"}),
+                       ("tiny", {"EXTRA_ARGS": "--model=tiny", "DATA": "other.txt"}), (EMBEDDED_MODEL, {})):
+        *_, summary = commands_of("run_comprehensive_comparisons.sh", NUM_TOKENS="64", OUTPUT_DIR=str(tmp_path), **env)
+        command, *options = summary.split()
+        assert command == "experiments/summarize_results.py"
+        assert script.main(options) == 0, (model, text)
+
+
 def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path, capsys):
     """summarize_results wrote into <dir>/summary without creating it (run_everything.sh failed on a fresh folder),
     and put two models' results in one table."""
