@@ -2,9 +2,10 @@
 
     python experiments/summarize_results.py --num-tokens 20480
 
-Reads the results of <output-dir> for n_sink/window, of one dtype (per method its longest run of at most --num-tokens tokens),
-prints the markdown table, writes it to <output-dir>/summary/table__T<n>.md and the figure to
-<output-dir>/nll_curves__T<n>__s<s>_w<w>.png.
+Reads the results of <output-dir> for n_sink/window, of one model, text and dtype (per method its longest run of at
+most --num-tokens tokens), prints the markdown table, writes it to <output-dir>/summary/table__T<n>__s<s>_w<w>.md (and
+.json; __<dtype> ends the names of a dtype other than float32) and the figure to <output-dir>/nll_curves__T<n>__s<s>_w<w>.png;
+with no NLL file to draw, the table without the figure.
 """
 
 from __future__ import annotations
@@ -47,12 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.context_length < 1:
         raise ValueError(f"--context-length must be >= 1 (the model's trained context, in tokens), got {args.context_length}")
 
+    import numpy as np
+
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
     from streaming_llm.eval.results import (atomic_write, data_label, dtype_suffix, list_results, read_result,
                                              write_json_atomically)
 
+    if not args.output_dir:  # Path("") is the working directory
+        raise ValueError("--output-dir is empty: give a folder")
     output_dir = Path(args.output_dir).expanduser()  # no shell expands the ~ of --output-dir=~/runs
     if not output_dir.is_dir():  # else a mistyped folder would read as "no results" in it
         raise ValueError(f"--output-dir {args.output_dir} is not a folder (of results of streaming-llm eval)")
@@ -123,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                   f" (first step > 1e-3: {checks[-1]['first_step_above_1e-3']})")
     write_json_atomically(summary_dir / f"table__T{args.num_tokens}__{tag}.json", {"rows": rows, "recompute_samples": samples, "cross_checks": checks})
     png = output_dir / f"nll_curves__T{args.num_tokens}__{tag}.png"
+    if not any(values is not None and np.isfinite(values).any() for values in nlls.values()):  # plot would refuse
+        print(f"no figure: no result has per-token NLLs to draw (each NLL file is missing or empty); {png} not written",
+              file=sys.stderr)
+        return 0
     plot_nll_curves(files, png, capacity=args.n_sink + args.window_size, context_length=args.context_length)
     print(f"figure: {png}", file=sys.stderr)
     return 0

@@ -742,6 +742,24 @@ def test_summary_refuses_a_folder_that_is_not_there_and_expands_a_tilde(tmp_path
     assert (tmp_path / "home" / "runs" / "summary" / "table__T120__s4_w16.md").is_file() and not (tmp_path / "~").exists()
 
 
+def test_summary_refuses_an_empty_output_dir_and_writes_its_table_without_nll_files(experiment, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """--output-dir "" read and wrote the working directory (Path("") is "."), where every other script refuses it; a
+    folder whose results had all lost their NLL files got its table, then exit status 2 from the figure."""
+    script = experiment("summarize_results")
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16"]
+    write_fake_result(tmp_path, "dense", 64)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="^--output-dir is empty: give a folder$"):
+        script.main([*options, "--output-dir", ""])
+    assert not (tmp_path / "summary").exists()
+    for path in tmp_path.glob("*.nlls.npy"):
+        path.unlink()
+    assert script.main([*options, "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "summary" / "table__T120__s4_w16.json").is_file() and not list(tmp_path.glob("*.png"))
+    assert capsys.readouterr().err.startswith("no figure: no result has per-token NLLs to draw")
+
+
 def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
     """The measurement behind the long-prompt numbers (results/generation/long_prompt_8192*.json): a one-line summary
     and a JSON record of the prompt, the cache, the memory, the time, the next tokens and the commit; a bad length is
