@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.plots import plot_nll_curves
     from streaming_llm.eval.report import markdown_table, summary_rows
     from streaming_llm.eval.results import (atomic_write, data_label, dtype_suffix, list_results, read_result,
-                                             write_json_atomically)
+                                             summary_source, write_json_atomically)
 
     if not args.output_dir:  # Path("") is the working directory
         raise ValueError("--output-dir is empty: give a folder")
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' and '.join(options)}, or keep each stream's results in its own folder")
     if len(dtypes) > 1:  # a bfloat16 run on more tokens would have been taken for a method's float32 row
         raise ValueError(f"{args.output_dir} holds results in several dtypes ({', '.join(sorted(dtypes))}): pass --dtype")
-    tag += dtype_suffix(dtypes.pop())  # its own table and figure, named as its results are
+    dtype = dtypes.pop()
+    model, data = next((record["model"], record["data"]) for _, _, record in best.values())
+    # its own table and figure, named as its results are: by model and text where the folder holds several
+    name = f"{summary_source(output_dir, model, data)}__T{args.num_tokens}__{tag}{dtype_suffix(dtype)}"
     order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
              "kvpress_decode_shipped", "kvpress_decode_corrected"]
     chosen = sorted(best.values(), key=lambda item: order.index(item[2]["method"]) if item[2]["method"] in order else len(order))
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     summary_dir = output_dir / "summary"  # created by the first write
     # Next to its folder's other files, written whole or not at all (a failed or interrupted write keeps the old one).
-    atomic_write(summary_dir / f"table__T{args.num_tokens}__{tag}.md", lambda handle: handle.write((table + "\n").encode("utf-8")))
+    header = f"{model} on {data_label(data)}, {dtype}\n\n"  # whose numbers: the file name may not say
+    atomic_write(summary_dir / f"table{name}.md", lambda handle: handle.write((header + table + "\n").encode("utf-8")))
     # Cross-checks over the common prefix of two runs (NLL files are float32: resolution ~1e-6).
     pairs = [("mit", "streaming_pos_shift"), ("streaming_rerotate", "streaming_pos_shift"),
              ("kvpress_decode_corrected", "streaming_absolute"), ("kvpress_decode_shipped", "streaming_absolute"),
@@ -126,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                            "first_step_above_1e-3": int((delta > 1e-3).argmax()) if (delta > 1e-3).any() else None})
             print(f"max |dNLL| {a} vs {b} over the first {common} predictions: {delta.max():.3g}"
                   f" (first step > 1e-3: {checks[-1]['first_step_above_1e-3']})")
-    write_json_atomically(summary_dir / f"table__T{args.num_tokens}__{tag}.json", {"rows": rows, "recompute_samples": samples, "cross_checks": checks})
-    png = output_dir / f"nll_curves__T{args.num_tokens}__{tag}.png"
+    write_json_atomically(summary_dir / f"table{name}.json", {
+        "model": model, "data": data_label(data), "n_sink": args.n_sink, "window_size": args.window_size, "dtype": dtype,
+        "rows": rows, "recompute_samples": samples, "cross_checks": checks})
+    png = output_dir / f"nll_curves{name}.png"
     if not any(values is not None and np.isfinite(values).any() for values in nlls.values()):  # plot would refuse
         print(f"no figure: no result has per-token NLLs to draw (each NLL file is missing or empty); {png} not written",
               file=sys.stderr)

@@ -686,7 +686,7 @@ def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
         write_fake_result(tmp_path, method, tokens)
     options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
     assert script.main(options) == 0
-    header = (tmp_path / "summary" / "table__T120__s4_w16.md").read_text().splitlines()[0]
+    header = (tmp_path / "summary" / "table__T120__s4_w16.md").read_text().splitlines()[2]  # under "<model> on <text>"
     assert [column.strip() for column in header.split("|") if column.strip().startswith("tokens ")] == [
         "tokens 1–20", "tokens 21–63"]  # before any eviction | the rest of the 64-token stream
     with pytest.raises(ValueError, match=r"^--context-length must be >= 1 \(the model's trained context, in tokens\), got 0$"):
@@ -758,6 +758,47 @@ def test_summary_refuses_an_empty_output_dir_and_writes_its_table_without_nll_fi
     assert script.main([*options, "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "summary" / "table__T120__s4_w16.json").is_file() and not list(tmp_path.glob("*.png"))
     assert capsys.readouterr().err.startswith("no figure: no result has per-token NLLs to draw")
+
+
+def test_summaries_of_two_models_or_texts_in_one_folder_do_not_replace_each_other(experiment, tmp_path):
+    """summarize_results named its table and figure by length, sinks and window only: summarizing model A, then
+    model B in one folder replaced A's table with B's, and the table never named its model. The names carry the model
+    and text where the folder holds several; the table names them and its JSON records them."""
+    script = experiment("summarize_results")
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
+    write_fake_result(tmp_path, "dense", 64)
+    assert script.main(options) == 0  # one stream: the name it always had
+    assert json.loads((tmp_path / "summary" / "table__T120__s4_w16.json").read_text())["model"] == "tiny"
+    write_fake_result(tmp_path, "dense", 64, model="huge")
+    for model in ("tiny", "huge"):
+        assert script.main([*options, "--model", model]) == 0
+        written = json.loads((tmp_path / "summary" / f"table__{model}__text-00000000__T120__s4_w16.json").read_text())
+        assert {key: written[key] for key in ("model", "data", "n_sink", "window_size", "dtype")} == {
+            "model": model, "data": "text-00000000", "n_sink": 4, "window_size": 16, "dtype": "float32"}
+        table = (tmp_path / "summary" / f"table__{model}__text-00000000__T120__s4_w16.md").read_text()
+        assert table.startswith(f"{model} on text-00000000, float32\n")
+        assert (tmp_path / f"nll_curves__{model}__text-00000000__T120__s4_w16.png").is_file()
+
+
+def test_decode_perplexity_summary_records_its_stream_and_keeps_other_texts_and_methods(tiny_chat_model, tmp_path):
+    """run_decode_perplexity's summary was named by length, sinks and window only and recorded no model, text nor
+    dtype: a run on another text, or of another method, replaced it. It records them now, is named by model and text
+    where the folder holds several, and a run of other methods on the same stream adds its rows."""
+    script = load_script("run_decode_perplexity")
+    options = ["--model", str(tiny_chat_model), "--n-sink", "2", "--window-size", "14", "--num-tokens", "40",
+               "--block-size", "8", "--quiet", "--output-dir", str(tmp_path)]
+    for methods in ("streaming_pos_shift", "streaming_rerotate"):
+        assert script.main([*options, "--methods", methods]) == 0
+    written = json.loads((tmp_path / "summary" / "decode_vs_parallel__T40__s2_w14.json").read_text())
+    assert {key: written[key] for key in ("model", "data", "n_sink", "window_size", "dtype")} == {
+        "model": "tiny", "data": "shakespeare-c8d9c271", "n_sink": 2, "window_size": 14, "dtype": "float32"}
+    assert [row["method"] for row in written["rows"]] == ["streaming_pos_shift", "streaming_rerotate"]
+    text = tmp_path / "other.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40)
+    assert script.main([*options, "--data", str(text)]) == 0
+    [other] = (tmp_path / "summary").glob("decode_vs_parallel__tiny__other-*__T40__s2_w14.json")
+    assert json.loads(other.read_text())["data"] == other.name.split("__")[2]
+    assert json.loads((tmp_path / "summary" / "decode_vs_parallel__T40__s2_w14.json").read_text()) == written
 
 
 def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):
