@@ -36,14 +36,20 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Decode loop vs the parallel evaluator on a 4,096-token prefix.
 "$PYTHON" experiments/run_decode_perplexity.py --num-tokens "$(( NUM_TOKENS < 4096 ? NUM_TOKENS : 4096 ))" \
   --methods streaming_pos_shift --output-dir "$OUTPUT_DIR" "${DATA_ARGS[@]}" ${EXTRA_ARGS:-}
-# Summary table (docs/evaluation.md) and figure, of this run's dtype: the folder may hold another's (results/comprehensive
-# holds float32 results; without --dtype the summary refuses a folder of two).
-SUMMARY_ARGS=()
+# Summary table (docs/evaluation.md) and figure, of this run's model, text and dtype: the folder may hold others'
+# (results/comprehensive holds SmolLM2's float32 results on the embedded text; the summary refuses a folder of several
+# unless told which). summarize_results.py takes --model as eval does (a path or hub id names the model by its last part).
+MODEL=SmolLM2-135M-Instruct  # eval's default, the embedded model (streaming_llm.loading.EMBEDDED_MODEL)
+DTYPE_ARGS=()
 read -ra extra <<< "${EXTRA_ARGS:-}"
 for i in "${!extra[@]}"; do
   case "${extra[$i]}" in
-    --dtype=*) SUMMARY_ARGS=(--dtype "${extra[$i]#--dtype=}") ;;
-    --dtype) SUMMARY_ARGS=(--dtype "${extra[$((i + 1))]:-}") ;;
+    --model=*) MODEL=${extra[$i]#--model=} ;;
+    --model) MODEL=${extra[$((i + 1))]:-} ;;
+    --dtype=*) DTYPE_ARGS=(--dtype "${extra[$i]#--dtype=}") ;;
+    --dtype) DTYPE_ARGS=(--dtype "${extra[$((i + 1))]:-}") ;;
   esac
 done
-"$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_DIR" "${SUMMARY_ARGS[@]}"
+# eval's default text is the embedded one (streaming_llm.data.EMBEDDED_NAME)
+"$PYTHON" experiments/summarize_results.py --num-tokens "$NUM_TOKENS" --output-dir "$OUTPUT_DIR" --model "$MODEL" \
+  --data "${DATA:-shakespeare}" "${DTYPE_ARGS[@]}"

@@ -10,6 +10,7 @@ writes both results under --output-dir (skipped when they exist, unless --force)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method
     from streaming_llm.eval.methods import METHODS, get_methods
-    from streaming_llm.eval.results import dtype_suffix, prepare_output_dir, read_result, write_json_atomically
+    from streaming_llm.eval.results import (data_label, dtype_suffix, prepare_output_dir, read_result, summary_source,
+                                             write_json_atomically)
     from streaming_llm.loading import load_model
 
     validate_common_args(args)  # --n-sink, --window-size, --threads, --device
@@ -87,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             "decode_result": runs[1].json_path.name,
             "parallel_result": runs[args.block_size].json_path.name,
         })
-    # named as its results are (next to the float32 ones)
-    summary = (Path(args.output_dir) / "summary"
-               / f"decode_vs_parallel__T{args.num_tokens}__s{args.n_sink}_w{args.window_size}{dtype_suffix(args.dtype)}.json")
-    write_json_atomically(summary, {"rows": rows, "note": "speedup_wall depends on the machine's load during each run; "
-                                    "speedup_cpu divides the process CPU seconds"})
+    # named as its results are (next to the float32 ones; by model and text where the folder holds several)
+    name = (f"decode_vs_parallel{summary_source(args.output_dir, common['model_name'], data)}__T{args.num_tokens}"
+            f"__s{args.n_sink}_w{args.window_size}{dtype_suffix(args.dtype)}.json")
+    summary = Path(args.output_dir) / "summary" / name
+    source = {"model": common["model_name"], "data": data_label(data), "n_sink": args.n_sink,
+              "window_size": args.window_size, "dtype": args.dtype}
+    if summary.is_file():  # a run of other methods on the same stream adds its rows, rather than replacing the others'
+        previous = json.loads(summary.read_text(encoding="utf-8"))
+        if {key: previous.get(key) for key in source} == source:
+            methods = {row["method"] for row in rows}
+            rows = [row for row in previous["rows"] if row["method"] not in methods] + rows
+    write_json_atomically(summary, {**source, "rows": rows, "note": "speedup_wall depends on the machine's load during "
+                                    "each run; speedup_cpu divides the process CPU seconds"})
     print("| method | tokens | ppl decode | ppl parallel | max abs dNLL | decode tok/s | parallel tok/s | speedup (wall) | speedup (CPU s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -138,6 +138,24 @@ def test_comprehensive_run_summarizes_the_dtype_it_ran():
     assert "--dtype" not in summary
 
 
+def test_comprehensive_run_summarizes_the_model_and_text_it_ran(experiment, tmp_path):
+    """With EXTRA_ARGS='--model X' or DATA=<text> into a folder holding other models' or texts' results
+    (results/comprehensive, the default), the whole run ended in 'summarize_results.py: error: ... holds results of
+    several models or texts': the summary was not told the run's model nor text."""
+    from streaming_llm.data import EMBEDDED_NAME
+    from streaming_llm.loading import EMBEDDED_MODEL
+
+    script = experiment("summarize_results")
+    for model, text in (("tiny", "text.txt"), ("tiny", "other.txt"), ("huge", "text.txt"), (EMBEDDED_MODEL, EMBEDDED_NAME)):
+        write_fake_result(tmp_path, "dense", 64, window_size=1020, model=model, text=text, sha256=f"{len(text):064x}")
+    for model, env in (("tiny", {"EXTRA_ARGS": "--quiet --model /models/tiny", "DATA": "/texts/text.txt"}),
+                       ("tiny", {"EXTRA_ARGS": "--model=tiny", "DATA": "other.txt"}), (EMBEDDED_MODEL, {})):
+        *_, summary = commands_of("run_comprehensive_comparisons.sh", NUM_TOKENS="64", OUTPUT_DIR=str(tmp_path), **env)
+        command, *options = summary.split()
+        assert command == "experiments/summarize_results.py"
+        assert script.main(options) == 0, (model, text)
+
+
 def test_summary_refuses_a_folder_mixing_models_and_creates_its_folder(tmp_path, capsys):
     """summarize_results wrote into <dir>/summary without creating it (run_everything.sh failed on a fresh folder),
     and put two models' results in one table."""
@@ -658,15 +676,38 @@ def test_run_everything_gives_every_step_the_same_text_and_cache():
     assert "--n-sink 4 --window-size 1020 " in kvpress
 
 
-def write_fake_result(folder: Path, method: str, num_tokens: int, n_sink: int = 4, window_size: int = 16) -> None:
+def write_fake_result(folder: Path, method: str, num_tokens: int, n_sink: int = 4, window_size: int = 16,
+                      model: str = "tiny", text: str = "text.txt", sha256: str = "0" * 64) -> None:
     import torch
 
     from streaming_llm.eval.results import write_result
 
-    record = {"model": "tiny", "data": {"name": "text.txt", "sha256": "0" * 64}, "num_tokens": num_tokens,
-              "n_sink": n_sink, "window_size": window_size, "method": method, "evaluator": "block32",
-              "perplexity": 2.0, "tokens_per_s": 100.0, "wall_s": 1.0, "extra": {}}
-    write_result(folder, f"{method}__T{num_tokens}", record, torch.full((num_tokens - 1,), 0.5))
+    record = {"model": model, "data": {"name": text, "kind": "file", "path": f"/texts/{text}", "sha256": sha256},
+              "num_tokens": num_tokens, "n_sink": n_sink, "window_size": window_size, "method": method,
+              "evaluator": "block32", "perplexity": 2.0, "tokens_per_s": 100.0, "wall_s": 1.0, "extra": {}}
+    write_result(folder, f"{model}__{text}__{method}__T{num_tokens}", record, torch.full((num_tokens - 1,), 0.5))
+
+
+def test_summary_keeps_to_one_text_with_data(experiment, tmp_path):
+    """--model could not separate texts: a folder of one model's results on two texts was refused with 'pass
+    --model' even when --model was passed (the filter looked only at the model). --data picks the text (by its data
+    label, its name or the path given to eval) and the refusal names the options that tell the results apart."""
+    script = experiment("summarize_results")
+    for text, sha256 in (("text.txt", "0" * 64), ("other.txt", "1" * 64)):
+        write_fake_result(tmp_path, "dense", 64, text=text, sha256=sha256)
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
+    for model in ([], ["--model", "tiny"], ["--model", "some/folder/tiny"]):
+        with pytest.raises(ValueError, match=r"several models or texts \(tiny on other-11111111, tiny on text-00000000\): "
+                           r"pass --data \(other-11111111 or text-00000000\), or keep"):
+            script.main([*options, *model])
+    for data in ("text-00000000", "text.txt", "text", "/texts/text.txt"):
+        assert script.main([*options, "--model", "tiny", "--data", data]) == 0
+    with pytest.raises(ValueError, match="no results"):
+        script.main([*options, "--data", "missing.txt"])
+    write_fake_result(tmp_path, "dense", 64, model="huge")
+    with pytest.raises(ValueError, match=r"pass --model \(huge or tiny\) and --data \(other-11111111 or text-00000000\)"):
+        script.main(options)
+    assert script.main([*options, "--model", "huge", "--data", "text.txt"]) == 0
 
 
 def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
@@ -676,7 +717,7 @@ def test_summary_shows_only_the_ranges_its_results_cover(experiment, tmp_path):
         write_fake_result(tmp_path, method, tokens)
     options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
     assert script.main(options) == 0
-    header = (tmp_path / "summary" / "table__T120__s4_w16.md").read_text().splitlines()[0]
+    header = (tmp_path / "summary" / "table__T120__s4_w16.md").read_text().splitlines()[2]  # under "<model> on <text>"
     assert [column.strip() for column in header.split("|") if column.strip().startswith("tokens ")] == [
         "tokens 1–20", "tokens 21–63"]  # before any eviction | the rest of the 64-token stream
     with pytest.raises(ValueError, match=r"^--context-length must be >= 1 \(the model's trained context, in tokens\), got 0$"):
@@ -730,6 +771,65 @@ def test_summary_refuses_a_folder_that_is_not_there_and_expands_a_tilde(tmp_path
     monkeypatch.chdir(tmp_path)
     assert script.main([*options, "--output-dir=~/runs"]) == 0
     assert (tmp_path / "home" / "runs" / "summary" / "table__T120__s4_w16.md").is_file() and not (tmp_path / "~").exists()
+
+
+def test_summary_refuses_an_empty_output_dir_and_writes_its_table_without_nll_files(experiment, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """--output-dir "" read and wrote the working directory (Path("") is "."), where every other script refuses it; a
+    folder whose results had all lost their NLL files got its table, then exit status 2 from the figure."""
+    script = experiment("summarize_results")
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16"]
+    write_fake_result(tmp_path, "dense", 64)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="^--output-dir is empty: give a folder$"):
+        script.main([*options, "--output-dir", ""])
+    assert not (tmp_path / "summary").exists()
+    for path in tmp_path.glob("*.nlls.npy"):
+        path.unlink()
+    assert script.main([*options, "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "summary" / "table__T120__s4_w16.json").is_file() and not list(tmp_path.glob("*.png"))
+    assert capsys.readouterr().err.startswith("no figure: no result has per-token NLLs to draw")
+
+
+def test_summaries_of_two_models_or_texts_in_one_folder_do_not_replace_each_other(experiment, tmp_path):
+    """summarize_results named its table and figure by length, sinks and window only: summarizing model A, then
+    model B in one folder replaced A's table with B's, and the table never named its model. The names carry the model
+    and text where the folder holds several; the table names them and its JSON records them."""
+    script = experiment("summarize_results")
+    options = ["--num-tokens", "120", "--n-sink", "4", "--window-size", "16", "--output-dir", str(tmp_path)]
+    write_fake_result(tmp_path, "dense", 64)
+    assert script.main(options) == 0  # one stream: the name it always had
+    assert json.loads((tmp_path / "summary" / "table__T120__s4_w16.json").read_text())["model"] == "tiny"
+    write_fake_result(tmp_path, "dense", 64, model="huge")
+    for model in ("tiny", "huge"):
+        assert script.main([*options, "--model", model]) == 0
+        written = json.loads((tmp_path / "summary" / f"table__{model}__text-00000000__T120__s4_w16.json").read_text())
+        assert {key: written[key] for key in ("model", "data", "n_sink", "window_size", "dtype")} == {
+            "model": model, "data": "text-00000000", "n_sink": 4, "window_size": 16, "dtype": "float32"}
+        table = (tmp_path / "summary" / f"table__{model}__text-00000000__T120__s4_w16.md").read_text()
+        assert table.startswith(f"{model} on text-00000000, float32\n")
+        assert (tmp_path / f"nll_curves__{model}__text-00000000__T120__s4_w16.png").is_file()
+
+
+def test_decode_perplexity_summary_records_its_stream_and_keeps_other_texts_and_methods(tiny_chat_model, tmp_path):
+    """run_decode_perplexity's summary was named by length, sinks and window only and recorded no model, text nor
+    dtype: a run on another text, or of another method, replaced it. It records them now, is named by model and text
+    where the folder holds several, and a run of other methods on the same stream adds its rows."""
+    script = load_script("run_decode_perplexity")
+    options = ["--model", str(tiny_chat_model), "--n-sink", "2", "--window-size", "14", "--num-tokens", "40",
+               "--block-size", "8", "--quiet", "--output-dir", str(tmp_path)]
+    for methods in ("streaming_pos_shift", "streaming_rerotate"):
+        assert script.main([*options, "--methods", methods]) == 0
+    written = json.loads((tmp_path / "summary" / "decode_vs_parallel__T40__s2_w14.json").read_text())
+    assert {key: written[key] for key in ("model", "data", "n_sink", "window_size", "dtype")} == {
+        "model": "tiny", "data": "shakespeare-c8d9c271", "n_sink": 2, "window_size": 14, "dtype": "float32"}
+    assert [row["method"] for row in written["rows"]] == ["streaming_pos_shift", "streaming_rerotate"]
+    text = tmp_path / "other.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York.\n" * 40)
+    assert script.main([*options, "--data", str(text)]) == 0
+    [other] = (tmp_path / "summary").glob("decode_vs_parallel__tiny__other-*__T40__s2_w14.json")
+    assert json.loads(other.read_text())["data"] == other.name.split("__")[2]
+    assert json.loads((tmp_path / "summary" / "decode_vs_parallel__T40__s2_w14.json").read_text()) == written
 
 
 def test_long_prompt_memory_records_what_it_measured(tmp_path, capsys):

@@ -380,6 +380,17 @@ def list_results(folder: str | os.PathLike) -> list[Path]:
     return sorted(path for path in Path(folder).glob("*.json") if not path.name.startswith("."))
 
 
+def summary_source(folder: str | os.PathLike, model_name: str, data: dict) -> str:
+    """The part of a summary's file name that names its model and text ("__<model>__<data label>"), where the
+    folder's results are of several models or texts (else "": the name a one-stream folder's summary always had),
+    so that the summary of one does not replace another's."""
+    records = [read_result(path)[0] for path in list_results(folder)]
+    sources = {(str(record["model"]), data_label(record["data"])) for record in records}
+    if sources <= {(model_name, data_label(data))}:
+        return ""
+    return f"__{slug(model_name)}__{data_label(data)}"
+
+
 def versions() -> dict:
     """Versions of what produced a result."""
     import transformers
