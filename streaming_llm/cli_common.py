@@ -263,11 +263,12 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def run_script(main, argv: list[str] | None = None) -> int:
+def run_script(main, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run an experiment script's `main(argv)` under the CLI's error contract: a ValueError or OSError (bad input,
     a model or file that cannot be read) is one line, `<script>: error: <reason>`, exit status 2; Ctrl-C exits 130
-    without a traceback. stdin and stdout are set up as the command line's (utf8_stdio)."""
-    name = os.path.basename(sys.argv[0]) or "script"
+    without a traceback. stdin and stdout are set up as the command line's (utf8_stdio). `prog` names a module run
+    with `python -m` as its parser does (sys.argv[0] is then the module's file)."""
+    name = prog or os.path.basename(sys.argv[0]) or "script"
     utf8_stdio()
     try:
         with sigterm_as_exit():  # (its SystemExit(143) goes on to the script's sys.exit, as --help's does)

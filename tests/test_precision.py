@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import time
+from unittest import mock
 
 import pytest
 import torch
@@ -176,6 +179,65 @@ def test_a_stream_position_before_the_prefix_ends_is_refused_before_the_measurem
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m streaming_llm.bench.precision: error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--positions", "100000000000000000000"], "--positions: each stream position must be at most 10000000000 (beyond, "
+                                                "the float64 oracle's own angles are off by over 1e-6 rad); got "
+                                                "100000000000000000000"),
+    (["--embedded", "--embedded-positions", "10000000001"], "--embedded-positions: each stream position must be at "
+                                                            "most 10000000000 (beyond, the float64 oracle's own angles "
+                                                            "are off by over 1e-6 rad); got 10000000001"),
+    (["--threads", "0"], "--threads must be at least 1; got 0"),
+])
+def test_a_position_past_the_oracle_or_no_threads_is_refused_before_the_measurements(argv, message, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--positions 10^20 ended in a traceback (ValueError: Overflow when unpacking long long), after the other
+    positions' measurements; below that, positions near 2^53 ran (frame_base looping for years at the largest) against
+    an oracle whose own angles were off by ~1 rad; --threads 0 was a RuntimeError traceback. Now one line, status 2."""
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("the study ran")
+
+    monkeypatch.setattr(precision, "rope_precision", no_measurement)
+    with pytest.raises(SystemExit) as exit_info:
+        precision.main([*argv, "--dtypes", "float32", "--out", str(tmp_path / "p.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m streaming_llm.bench.precision: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frame_base_is_closed_form_at_large_positions(mode):
+    """frame_base looped over every eviction step: ~2 s per call at 10^8 for the tiny capacity, years at 10^15. Now
+    closed form: the loop's value at a few positions, and 10^10 at once."""
+    policy = PositionPolicy(mode, 4, 60)
+
+    def stepped(seen):
+        base, step = 0, 0
+        while step < seen:
+            step = min(seen, base + 2 * policy.capacity + 1) if mode == "pos_shift" else seen
+            base = policy.next_base(base, step)
+        return base
+
+    for seen in [*range(0, 400), 10**5 + 3]:
+        assert precision.frame_base(policy, seen) == stepped(seen)
+    start = time.perf_counter()
+    base = precision.frame_base(policy, 10**10)
+    assert base == stepped(10**10) if mode != "pos_shift" else 0 <= 10**10 - base <= 2 * policy.capacity + 1
+    assert time.perf_counter() - start < 0.1
+
+
+def test_the_command_ends_on_ctrl_c_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """`python -m streaming_llm.bench.precision` ran main() bare: Ctrl-C printed a KeyboardInterrupt traceback. It runs
+    under run_script now: exit status 130, a line break on stderr. Raised where main sets its threads."""
+    import runpy
+
+    monkeypatch.setattr(torch, "set_num_threads", mock.Mock(side_effect=KeyboardInterrupt))
+    monkeypatch.setattr(sys, "argv", ["precision.py", "--positions", "1000", "--out", str(tmp_path / "p.json")])
+    monkeypatch.delitem(sys.modules, "streaming_llm.bench.precision")  # runpy warns about a module already imported
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("streaming_llm.bench.precision", run_name="__main__")
+    assert (exit_info.value.code, capsys.readouterr().err) == (130, "\n")
 
 
 def test_run_end_to_end_reports_each_row_as_it_is_measured(tiny, capsys):

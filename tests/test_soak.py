@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -189,6 +190,55 @@ def test_a_bad_out_is_refused_before_the_stream(tmp_path, monkeypatch, capsys, w
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("python -m streaming_llm.bench.soak: error: --out ") and "Traceback" not in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "0"], "--tokens must be at least 1; got 0"),
+    (["--every", "0"], "--every must be at least 1; got 0"),
+    (["--block", "0"], "--block must be at least 1; got 0"),
+    (["--n-sink", "-1"], "--n-sink must be at least 0; got -1"),
+    (["--window-size", "-3"], "--window-size must be at least 1; got -3"),
+    (["--window-size", "0"], "--window-size must be at least 1; got 0"),
+    (["--warmup", "-5"], "--warmup must be at least 0; got -5"),
+    (["--threads", "0"], "--threads must be at least 1; got 0"),
+    (["--model", "embedded", "--tokens", "100000000"],
+     "--tokens 100000000: the text holds "),  # ... bytes, and a token takes at least one
+])
+def test_a_bad_option_is_refused_in_one_line_before_the_model(argv, message, tmp_path, monkeypatch, capsys):
+    """Zero or negative counts, --threads 0 and more --tokens than the embedded corpus holds ended in a traceback
+    (ValueError, RuntimeError), after the model had loaded for the last; --window-size 0 ran with the default 60
+    (`or`) and --warmup -5 ran to a failed rss_growth check. Now each is one line, exit status 2, before any model."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(soak, "build_tiny_llama", no_model)
+    monkeypatch.setattr("streaming_llm.loading.load_model", no_model)
+    with pytest.raises(SystemExit) as exit_info:
+        soak.main([*argv, "--quiet", "--out", str(tmp_path / "soak.json")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"python -m streaming_llm.bench.soak: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("raised, status, stderr", [
+    (KeyboardInterrupt, 130, "\n"),
+    (ValueError("the text has only 1564850 tokens"), 2,
+     "python -m streaming_llm.bench.soak: error: the text has only 1564850 tokens\n"),
+])
+def test_the_command_ends_on_ctrl_c_or_a_late_error_without_a_traceback(raised, status, stderr, monkeypatch, capsys):
+    """`python -m streaming_llm.bench.soak` ran main() bare: Ctrl-C printed a KeyboardInterrupt traceback, and a
+    ValueError found after the model loaded (the exact token count of the embedded corpus) one too. It runs under
+    run_script now: exit status 130 and a line break; one line and status 2. Raised where main sets its threads."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(torch, "set_num_threads", mock.Mock(side_effect=raised))
+    monkeypatch.setattr(sys, "argv", ["soak.py", "--tokens", "3000", "--quiet"])
+    monkeypatch.delitem(sys.modules, "streaming_llm.bench.soak")  # runpy warns about a module already imported
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("streaming_llm.bench.soak", run_name="__main__")
+    assert (exit_info.value.code, capsys.readouterr().err) == (status, stderr)
 
 
 def test_interrupted_soak_leaves_no_file(tmp_path, monkeypatch):

@@ -276,6 +276,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON result path")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    # Checked before the model loads and the stream runs: each is a one-line error (status 2), not a traceback
+    least = {"--tokens": 1, "--every": 1, "--block": 1, "--n-sink": 0, "--window-size": 1, "--warmup": 0,
+             "--threads": 1}
+    for option, minimum in least.items():
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None and value < minimum:
+            parser.error(f"{option} must be at least {minimum}; got {value}")
+    if args.model == "embedded":  # the corpus's bytes bound its tokens; load_tokens gives the exact count later
+        from streaming_llm.data import check_text_holds, load_text
+
+        try:
+            check_text_holds(load_text(None), args.tokens, option="--tokens")
+        except ValueError as error:
+            parser.error(str(error))
     args.out = measurement_output(parser, args.out, option="--out")  # checked before the stream, not after it
     return args
 
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.results import device_description, git_commit, versions
     from streaming_llm.wrapper import StreamingLLMWrapper
 
-    window_size = args.window_size or (60 if args.model == "tiny" else 1020)
+    window_size = args.window_size if args.window_size is not None else (60 if args.model == "tiny" else 1020)
     capacity = args.n_sink + window_size
     warmup = args.warmup if args.warmup is not None else max(args.tokens // 10, 4 * capacity, args.every)
     if args.model == "tiny":
@@ -333,4 +347,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from streaming_llm.cli_common import run_script
+
+    sys.exit(run_script(main, prog="python -m streaming_llm.bench.soak"))
