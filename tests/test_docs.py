@@ -242,6 +242,23 @@ def test_every_program_takes_options_by_their_whole_names_only():
     assert not taking_prefixes, f"these parsers take a prefix of an option for the option: {taking_prefixes}"
 
 
+def test_every_program_runs_under_the_error_contract():
+    """`python -m streaming_llm.bench.soak --tokens 0` (and --threads 0, Ctrl-C, ...) ended in a traceback: its main
+    ran bare, not under run_script (one line, exit status 2; Ctrl-C 130), as the experiment scripts' do. Every program
+    with options runs so: the experiment scripts and the `python -m streaming_llm....` modules (the CLI's own
+    main, and eval.command's, which calls it, keep the same contract there)."""
+    programs = sorted((ROOT / "experiments").glob("*.py")) + sorted((ROOT / "streaming_llm").rglob("*.py"))
+    bare = []
+    for path in programs:
+        source = path.read_text(encoding="utf-8")
+        if "ArgumentParser(" not in source or '__name__ == "__main__"' not in source or path.name == "cli.py":
+            continue
+        entry = source.split('if __name__ == "__main__":', 1)[1]
+        if "run_script(" not in entry and "cli import main" not in source:
+            bare.append(str(path.relative_to(ROOT)))
+    assert not bare, f"these programs run main() without run_script: {bare}"
+
+
 def all_options() -> set[str]:
     """Every option string of the CLI's commands, of the experiment scripts and of the other programs the docs run."""
     options = set()
