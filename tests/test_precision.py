@@ -165,23 +165,6 @@ def test_a_bad_out_is_refused_before_the_measurements(tmp_path, monkeypatch, cap
                                      "fed before it); got 100"),
     (["--embedded", "--embedded-positions", "1027"], "--embedded-positions: each stream position must be at least "
                                                      "1028 (the sinks and the prefix fed before it); got 1027"),
-])
-def test_a_stream_position_before_the_prefix_ends_is_refused_before_the_measurements(argv, message, tmp_path, monkeypatch,
-                                                                                       capsys):
-    """A position inside the sinks and prefix of the end-to-end check failed with a ValueError traceback after the
-    RoPE study had run; it is refused up front in one line (status 2)."""
-    def no_measurement(*args, **kwargs):
-        raise AssertionError("the study ran")
-
-    monkeypatch.setattr(precision, "rope_precision", no_measurement)
-    with pytest.raises(SystemExit) as exit_info:
-        precision.main([*argv, "--dtypes", "float32", "--out", str(tmp_path / "p.json")])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m streaming_llm.bench.precision: error: {message}"
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("argv, message", [
     (["--positions", "100000000000000000000"], "--positions: each stream position must be at most 10000000000 (beyond, "
                                                 "the float64 oracle's own angles are off by over 1e-6 rad); got "
                                                 "100000000000000000000"),
@@ -190,11 +173,12 @@ def test_a_stream_position_before_the_prefix_ends_is_refused_before_the_measurem
                                                             "are off by over 1e-6 rad); got 10000000001"),
     (["--threads", "0"], "--threads must be at least 1; got 0"),
 ])
-def test_a_position_past_the_oracle_or_no_threads_is_refused_before_the_measurements(argv, message, tmp_path,
-                                                                                      monkeypatch, capsys):
-    """--positions 10^20 ended in a traceback (ValueError: Overflow when unpacking long long), after the other
-    positions' measurements; below that, positions near 2^53 ran (frame_base looping for years at the largest) against
-    an oracle whose own angles were off by ~1 rad; --threads 0 was a RuntimeError traceback. Now one line, status 2."""
+def test_a_stream_position_the_study_cannot_measure_is_refused_before_the_measurements(
+        argv, message, tmp_path, monkeypatch, capsys):
+    """A position inside the sinks and prefix of the end-to-end check failed with a ValueError traceback after the
+    RoPE study had run; --positions 10^20 with a traceback (ValueError: Overflow when unpacking long long), and below
+    that, positions near 2^53 ran (frame_base looping for years at the largest) against an oracle whose own angles were
+    off by ~1 rad; --threads 0 was a RuntimeError traceback. Each is refused up front in one line (status 2)."""
     def no_measurement(*args, **kwargs):
         raise AssertionError("the study ran")
 
