@@ -94,6 +94,18 @@ def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_writing_over_a_folder_names_the_folder_not_the_temporary_file(tmp_path):
+    """A figure or table path that is a folder failed as "Is a directory: .../.nll_curves__T300__s4_w60.png.797.tmp",
+    naming a hidden temporary file the user never gave, after writing it in full. The folder is named, and nothing
+    is written."""
+    folder = tmp_path / "curves.png"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        results.atomic_write(folder, lambda handle: handle.write(b"png"))
+    assert error.value.filename == str(folder) and ".tmp" not in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"] and list(folder.iterdir()) == []
+
+
 def test_prepare_output_dir_refuses_a_blank_name_and_a_file(tmp_path):
     """A name of spaces is no folder (it would create one named '  '); a file is named as not a folder."""
     with pytest.raises(ValueError, match="--output-dir is empty"):

@@ -15,6 +15,7 @@ leaves no results file, at most a `*.tmp` that the next write replaces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -99,6 +100,8 @@ def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temporary file next to `path`, then move it in place (never a half file). A `path` that
     is a symbolic link is written through it, into the file it points to (the link stays, as with `>` and cp)."""
     path = Path(os.path.realpath(path))
+    if path.is_dir():  # (os.replace would refuse it only after the write, naming the temporary file)
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
