@@ -320,3 +320,19 @@ def test_a_long_name_that_fit_keeps_the_result_name_it_had(llama_model, tmp_path
     assert run.json_path.name == stem + ".json"
     long_data = {**DATA, "name": "x" * 200}  # one that would not fit: cut, with a hash of it
     assert len(result_stem("tiny-llama", long_data, 30, 2, 8, "streaming_pos_shift", "block8")) < 150
+
+
+def test_a_summary_is_named_by_its_model_and_text_only_beside_another_models_or_texts(tmp_path):
+    """summary_source: "" in a folder of one model's results on one text (the names summaries always had), the model
+    and data label beside another's; a JSON that is no result (or a broken one) names nothing. It was read as a
+    result, so run_decode_perplexity.py failed at its summary, after its runs, in a folder holding one."""
+    from streaming_llm.eval.results import data_label, summary_source
+
+    data = {"name": "text.txt", "kind": "file", "sha256": "0" * 64}
+    record = {"model": "tiny", "data": data, "num_tokens": 5, "n_sink": 1, "window_size": 2, "method": "dense",
+              "evaluator": "block2", "perplexity": 2.0}
+    write_result(tmp_path, "one", record, torch.zeros(4))
+    (tmp_path / "notes.json").write_text('{"kind": "something else"}')
+    assert summary_source(tmp_path, "tiny", data) == ""
+    write_result(tmp_path, "two", {**record, "model": "huge"}, torch.zeros(4))
+    assert summary_source(tmp_path, "tiny", data) == f"__tiny__{data_label(data)}"

@@ -387,8 +387,13 @@ def summary_source(folder: str | os.PathLike, model_name: str, data: dict) -> st
     """The part of a summary's file name that names its model and text ("__<model>__<data label>"), where the
     folder's results are of several models or texts (else "": the name a one-stream folder's summary always had),
     so that the summary of one does not replace another's."""
-    records = [read_result(path)[0] for path in list_results(folder)]
-    sources = {(str(record["model"]), data_label(record["data"])) for record in records}
+    sources = set()
+    for path in list_results(folder):
+        try:
+            record, _ = read_result(path)
+        except ValueError:  # another JSON (or a broken result): no model or text whose summary this could replace
+            continue
+        sources.add((str(record["model"]), data_label(record["data"])))
     if sources <= {(model_name, data_label(data))}:
         return ""
     return f"__{slug(model_name)}__{data_label(data)}"
