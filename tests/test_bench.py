@@ -288,10 +288,11 @@ def test_bench_streams_and_profiles_at_a_size_the_model_holds(tmp_path, tmp_path
     """A model of 128 positions, cache sizes 64 and 256: every method was timed at 64 and skipped at 256, then the
     stream (the largest size <= 1024: 256) failed with "cache capacity ... = 256 is too large", exit 2, and nothing
     was written; the profile (the size nearest 1024: 256) would have failed there too. Both now take the size they
-    would among those the model holds, said on stderr, and the run is written."""
+    would among those the model holds, said on stderr, and the run is written; --stream-tokens 100, enough for the
+    stream at 64, was refused as less than 256 before the model was loaded."""
     folder = short_context_checkpoint(tmp_path_factory)
     status = cli.main(["bench", "--model", str(folder), "--cache-sizes", "64,256", "--methods",
-                       "streaming_pos_shift,dense_static", "--rounds", "1", "--steps", "1", "--stream-tokens", "300",
+                       "streaming_pos_shift,dense_static", "--rounds", "1", "--steps", "1", "--stream-tokens", "100",
                        "--profile", "--quiet", "--output-dir", str(tmp_path), "--tag", "tb"])
     err = capsys.readouterr().err
     assert status == 0, err
@@ -299,7 +300,7 @@ def test_bench_streams_and_profiles_at_a_size_the_model_holds(tmp_path, tmp_path
     assert [(row["method"], row["capacity"]) for row in report["rows"]] == [("streaming_pos_shift", 64),
                                                                           ("dense_static", 64)]
     assert [skip["capacity"] for skip in report["skipped"]] == [256, 256]
-    assert [row["tokens_streamed"] for row in report["stream"]] == [64 + 8, 300 + 8]
+    assert [row["tokens_streamed"] for row in report["stream"]] == [64 + 8, 100 + 8]
     assert all(row["cache_length"] == 64 for row in report["stream"])
     assert [profile["capacity"] for profile in report["profile"]] == [64, 64]
     assert "bench: streaming at cache size 64: the model does not hold 256" in err
@@ -324,6 +325,28 @@ def test_bench_refuses_cache_sizes_none_of_which_the_model_holds_before_timing(t
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert (f"error: --cache-sizes: every size is too large for {folder}: cache capacity n_sink + window_size = 128 "
             "is too large for the model's max_position_embeddings=128") in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_refuses_a_stream_shorter_than_its_capacity_once_known_before_timing(tmp_path, tmp_path_factory, capsys,
+                                                                                 monkeypatch):
+    """--stream-tokens between the smallest size and the stream's capacity waits for the model (which decides the
+    capacity) and is then refused in one line, before anything is timed."""
+    from streaming_llm.bench import latency
+    from test_cli import tiny_checkpoint
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the bench went on to time")
+
+    monkeypatch.setattr(latency, "measure_latency", timed)
+    folder = tiny_checkpoint(tmp_path_factory)
+    capsys.readouterr()  # (its writing)
+    status = cli.main(["bench", "--model", str(folder), "--cache-sizes", "64,256",
+                       "--methods", "streaming_pos_shift", "--stream-tokens", "100", "--quiet",
+                       "--output-dir", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.strip().splitlines() == [
+        "streaming-llm: error: --stream-tokens must be 0 (skip) or at least the stream's capacity (256), got 100"]
     assert list(tmp_path.iterdir()) == []
 
 

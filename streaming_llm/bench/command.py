@@ -110,10 +110,11 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
         raise ValueError(f"every cache size must exceed --n-sink ({args.n_sink}); got {min(args.cache_sizes)}")
-    stream_capacity = _stream_capacity(args.cache_sizes)  # (a size the model cannot hold is left out once loaded)
-    if args.stream_tokens and args.stream_tokens < stream_capacity:
-        raise ValueError(f"--stream-tokens must be 0 (skip) or at least the stream's capacity ({stream_capacity}), "
-                         f"got {args.stream_tokens}")
+    # The stream's capacity is the largest size <= 1024 that the model holds, known once it is loaded (checked again
+    # then): a count below the smallest size, or below this one where nothing is passed over, is refused at once.
+    stream_capacity = _stream_capacity(args.cache_sizes)
+    if args.stream_tokens and (args.stream_tokens < min(args.cache_sizes) or args.stream_tokens < 0):
+        _refuse_stream_tokens(args.stream_tokens, stream_capacity)
     if args.model is not None and args.shape != "embedded":
         raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
     if args.tag is not None:  # (not UTF-8, it raised UnicodeEncodeError as its length was counted)
@@ -165,6 +166,8 @@ def run_bench(args: argparse.Namespace) -> int:
             ("profiling", args.profile, profile_capacity, _profile_capacity(args.cache_sizes))):
         if asked and capacity != wanted:  # on stderr whatever the terminal, as a method skipped at a size is
             print(f"bench: {doing} at cache size {capacity}: the model does not hold {wanted}", file=sys.stderr)
+    if args.stream_tokens and args.stream_tokens < stream_capacity:
+        _refuse_stream_tokens(args.stream_tokens, stream_capacity)
 
     progress_bars = show_progress(args)  # status lines and progress bars only on a terminal
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress_bars else (lambda *a: None)
@@ -246,6 +249,10 @@ def run_bench(args: argparse.Namespace) -> int:
             print(format_stream(stream_rows))
         print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _refuse_stream_tokens(tokens: int, capacity: int):
+    raise ValueError(f"--stream-tokens must be 0 (skip) or at least the stream's capacity ({capacity}), got {tokens}")
 
 
 def _stream_capacity(cache_sizes: list[int]) -> int:
