@@ -295,12 +295,13 @@ def describe_source(source: str | Path | None = None, text: str | None = None) -
         }
     elif _is_stdin(source):
         description = {"name": "stdin", "kind": "stdin"}
-    elif _looks_like_path(source) and not Path(source).expanduser().is_file():
-        # A pipe (`--data <(cmd)`, /dev/stdin): its name (pipe:[inode]) is another each run; its text names it.
-        description = {"name": "pipe", "kind": "pipe"}
     elif _looks_like_path(source):
-        path = Path(source).expanduser().resolve()
-        description = {"name": _as_text(path.name), "kind": "file", "path": _as_text(str(path))}
+        path = Path(source).expanduser()
+        if path.is_file():
+            path = path.resolve()
+            description = {"name": _as_text(path.name), "kind": "file", "path": _as_text(str(path))}
+        else:  # a pipe (`--data <(cmd)`, /dev/stdin): its name (pipe:[inode]) is another each run; its text names it
+            description = {"name": "pipe", "kind": "pipe"}
     else:
         name, config, split = parse_dataset_spec(source)
         description = {"name": source, "kind": "datasets", "dataset": name, "config": config, "split": split}

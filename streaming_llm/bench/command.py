@@ -113,7 +113,7 @@ def run_bench(args: argparse.Namespace) -> int:
     # The stream's capacity is the largest size <= 1024 that the model holds, known once it is loaded (checked again
     # then): a count below the smallest size, or below this one where nothing is passed over, is refused at once.
     stream_capacity = _stream_capacity(args.cache_sizes)
-    if args.stream_tokens and (args.stream_tokens < min(args.cache_sizes) or args.stream_tokens < 0):
+    if args.stream_tokens and args.stream_tokens < min(args.cache_sizes):  # (a negative count among them)
         _refuse_stream_tokens(args.stream_tokens, stream_capacity)
     if args.model is not None and args.shape != "embedded":
         raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
