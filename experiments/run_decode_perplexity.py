@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from streaming_llm.eval.command import _model_name
     from streaming_llm.eval.harness import run_method
     from streaming_llm.eval.methods import METHODS, get_methods
-    from streaming_llm.eval.results import (data_label, dtype_suffix, prepare_output_dir, read_result, summary_source,
-                                             write_json_atomically)
+    from streaming_llm.eval.results import (data_label, dtype_suffix, prepare_output_dir, read_result, result_sources,
+                                             summary_source, write_json_atomically)
     from streaming_llm.loading import load_model
 
     validate_common_args(args)  # --n-sink, --window-size, --threads, --device
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "parallel_result": runs[args.block_size].json_path.name,
         })
     # named as its results are (next to the float32 ones; by model and text where the folder holds several)
-    name = (f"decode_vs_parallel{summary_source(args.output_dir, common['model_name'], data)}__T{args.num_tokens}"
+    name = (f"decode_vs_parallel{summary_source(result_sources(args.output_dir), common['model_name'], data)}__T{args.num_tokens}"
             f"__s{args.n_sink}_w{args.window_size}{dtype_suffix(args.dtype)}.json")
     summary = Path(args.output_dir) / "summary" / name
     source = {"model": common["model_name"], "data": data_label(data), "n_sink": args.n_sink,

@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     # length): the stream is scored causally, so a run on the first N tokens has the NLLs of those N tokens.
     best: dict[str, tuple] = {}
     sources, dtypes = set(), set()
+    in_folder = set()  # every result's (model, data label): its summaries are named by them where there are several
     for path in list_results(output_dir):
         record, _ = read_result(path)
+        in_folder.add((str(record["model"]), data_label(record["data"])))
         if record["n_sink"] != args.n_sink or record["window_size"] != args.window_size or record["num_tokens"] > args.num_tokens:
             continue
         dtype = str(record.get("dtype", "float32"))
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = dtypes.pop()
     model, data = next((record["model"], record["data"]) for _, _, record in best.values())
     # its own table and figure, named as its results are: by model and text where the folder holds several
-    name = f"{summary_source(output_dir, model, data)}__T{args.num_tokens}__{tag}{dtype_suffix(dtype)}"
+    name = f"{summary_source(in_folder, model, data)}__T{args.num_tokens}__{tag}{dtype_suffix(dtype)}"
     order = ["dense", "window", "streaming_pos_shift", "streaming_rerotate", "streaming_absolute", "mit", "recompute",
              "kvpress_decode_shipped", "kvpress_decode_corrected"]
     chosen = sorted(best.values(), key=lambda item: order.index(item[2]["method"]) if item[2]["method"] in order else len(order))

@@ -326,13 +326,13 @@ def test_a_summary_is_named_by_its_model_and_text_only_beside_another_models_or_
     """summary_source: "" in a folder of one model's results on one text (the names summaries always had), the model
     and data label beside another's; a JSON that is no result (or a broken one) names nothing. It was read as a
     result, so run_decode_perplexity.py failed at its summary, after its runs, in a folder holding one."""
-    from streaming_llm.eval.results import data_label, summary_source
+    from streaming_llm.eval.results import data_label, result_sources, summary_source
 
     data = {"name": "text.txt", "kind": "file", "sha256": "0" * 64}
     record = {"model": "tiny", "data": data, "num_tokens": 5, "n_sink": 1, "window_size": 2, "method": "dense",
               "evaluator": "block2", "perplexity": 2.0}
     write_result(tmp_path, "one", record, torch.zeros(4))
     (tmp_path / "notes.json").write_text('{"kind": "something else"}')
-    assert summary_source(tmp_path, "tiny", data) == ""
+    assert summary_source(result_sources(tmp_path), "tiny", data) == ""
     write_result(tmp_path, "two", {**record, "model": "huge"}, torch.zeros(4))
-    assert summary_source(tmp_path, "tiny", data) == f"__tiny__{data_label(data)}"
+    assert summary_source(result_sources(tmp_path), "tiny", data) == f"__tiny__{data_label(data)}"

@@ -383,17 +383,22 @@ def list_results(folder: str | os.PathLike) -> list[Path]:
     return sorted(path for path in Path(folder).glob("*.json") if not path.name.startswith("."))
 
 
-def summary_source(folder: str | os.PathLike, model_name: str, data: dict) -> str:
-    """The part of a summary's file name that names its model and text ("__<model>__<data label>"), where the
-    folder's results are of several models or texts (else "": the name a one-stream folder's summary always had),
-    so that the summary of one does not replace another's."""
+def result_sources(folder: str | os.PathLike) -> set[tuple[str, str]]:
+    """(model, data label) of each result in `folder`; a JSON that is no result (or a broken one) names none."""
     sources = set()
     for path in list_results(folder):
         try:
             record, _ = read_result(path)
-        except ValueError:  # another JSON (or a broken result): no model or text whose summary this could replace
+        except ValueError:  # another JSON: no model or text whose summary a summary here could replace
             continue
         sources.add((str(record["model"]), data_label(record["data"])))
+    return sources
+
+
+def summary_source(sources: set[tuple[str, str]], model_name: str, data: dict) -> str:
+    """The part of a summary's file name that names its model and text ("__<model>__<data label>"), where the
+    folder's results are of several models or texts (`sources`, as result_sources gives them; else "": the name a
+    one-stream folder's summary always had), so that the summary of one does not replace another's."""
     if sources <= {(model_name, data_label(data))}:
         return ""
     return f"__{slug(model_name)}__{data_label(data)}"
