@@ -214,21 +214,28 @@ def test_every_command_in_the_docs_is_accepted(place, kind, program, arguments):
             pytest.fail(f"{place}: {program} {shlex.join(arguments)}: {errors.getvalue().strip()}")
 
 
+def program_files() -> list[Path]:
+    """The programs with options besides the CLI: each experiment script, and each module run as `python -m
+    streaming_llm....` (it builds a parser and has a __main__ entry)."""
+    paths = sorted((ROOT / "experiments").glob("*.py")) + sorted((ROOT / "streaming_llm").rglob("*.py"))
+    return [path for path in paths if path.name != "cli.py" and "ArgumentParser(" in (source := path.read_text(
+        encoding="utf-8")) and '__name__ == "__main__"' in source]
+
+
 def every_program_parser() -> dict[str, argparse.ArgumentParser]:
-    """The parser of every program a user runs: the CLI and its commands, each experiment script and each
-    `python -m streaming_llm....` module with a main() that parses options."""
+    """The parser of every program a user runs: the CLI and its commands, and program_files'."""
     from streaming_llm import cli
 
     parsers = {"streaming-llm": cli.build_parser()}
     parsers |= {f"streaming-llm {name}": parser for name, parser in cli_subparsers(parsers["streaming-llm"]).items()}
-    for path in sorted((ROOT / "experiments").glob("*.py")):
-        parsers[str(path.relative_to(ROOT))] = program_parser("script", str(path.relative_to(ROOT)))
-    for path in sorted((ROOT / "streaming_llm").rglob("*.py")):
-        source = path.read_text(encoding="utf-8")
-        if "ArgumentParser(" in source and "def main(" in source and path.name != "cli.py":
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for path in program_files():
+        relative = path.relative_to(ROOT)
+        if relative.parts[0] == "experiments":
+            parsers[str(relative)] = program_parser("script", str(relative))
+        else:
+            name = ".".join(relative.with_suffix("").parts)
             parsers[name] = program_parser("module", name)
-    return {name: parser for name, parser in parsers.items() if parser is not None}
+    return parsers
 
 
 def test_every_program_takes_options_by_their_whole_names_only():
@@ -245,17 +252,11 @@ def test_every_program_takes_options_by_their_whole_names_only():
 def test_every_program_runs_under_the_error_contract():
     """`python -m streaming_llm.bench.soak --tokens 0` (and --threads 0, Ctrl-C, ...) ended in a traceback: its main
     ran bare, not under run_script (one line, exit status 2; Ctrl-C 130), as the experiment scripts' do. Every program
-    with options runs so: the experiment scripts and the `python -m streaming_llm....` modules (the CLI's own
-    main, and eval.command's, which calls it, keep the same contract there)."""
-    programs = sorted((ROOT / "experiments").glob("*.py")) + sorted((ROOT / "streaming_llm").rglob("*.py"))
-    bare = []
-    for path in programs:
-        source = path.read_text(encoding="utf-8")
-        if "ArgumentParser(" not in source or '__name__ == "__main__"' not in source or path.name == "cli.py":
-            continue
-        entry = source.split('if __name__ == "__main__":', 1)[1]
-        if "run_script(" not in entry and "cli import main" not in source:
-            bare.append(str(path.relative_to(ROOT)))
+    with options runs so (the CLI's own main keeps the same contract)."""
+    programs = program_files()
+    assert {"experiments/eval_kvpress.py", "streaming_llm/bench/soak.py"} <= {str(p.relative_to(ROOT)) for p in programs}
+    bare = [str(path.relative_to(ROOT)) for path in programs
+            if "run_script(" not in path.read_text(encoding="utf-8").split('if __name__ == "__main__":', 1)[1]]
     assert not bare, f"these programs run main() without run_script: {bare}"
 
 
