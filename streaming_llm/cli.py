@@ -1,8 +1,8 @@
 """The `streaming-llm` command: generate, chat and info here; eval/plot and bench registered from their
 packages when present.
 
-Every subcommand takes the common options of cli_common.py (bench refuses those it does not use: without_options) and
-sets `handler=fn(args) -> exit status`.
+Every subcommand takes the common options of cli_common.py (eval, bench and plot refuse those they do not use:
+without_options) and sets `handler=fn(args) -> exit status`.
 Errors a user can fix (ValueError, a missing file, a bad option) print one line,
 `streaming-llm: error: <reason>`, and exit with status 2; Ctrl-C exits with 130 without a traceback (in a chat typed at
 a terminal, Ctrl-C during an answer stops that answer, and the chat goes on).
@@ -432,7 +432,8 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.output is not None:
         args.output = str(check_output_file(args.output))  # ~ expanded: the path the answers are written to
         script_path = Path(args.script).expanduser()
-        if args.script != "-" and script_path.exists() and Path(args.output).exists() and os.path.samefile(args.output, script_path):
+        if (args.script != "-" and script_path.exists() and Path(args.output).exists()
+                and os.path.samefile(args.output, script_path)):
             raise ValueError(f"--output {args.output} is the --script file: the answers would replace the prompts")
     script = read_script(args.script) if args.script else None
     check_text_options(args)
