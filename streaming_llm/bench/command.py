@@ -110,11 +110,10 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError("--rounds and --steps must be >= 1")
     if min(args.cache_sizes) <= args.n_sink:
         raise ValueError(f"every cache size must exceed --n-sink ({args.n_sink}); got {min(args.cache_sizes)}")
-    # The stream's capacity is the largest size <= 1024 that the model holds, known once it is loaded (checked again
-    # then): a count below the smallest size, or below this one where nothing is passed over, is refused at once.
-    stream_capacity = _stream_capacity(args.cache_sizes)
-    if args.stream_tokens and args.stream_tokens < min(args.cache_sizes):  # (a negative count among them)
-        _refuse_stream_tokens(args.stream_tokens, stream_capacity)
+    # The stream's capacity is the largest size <= 1024 that the model holds, known once it is loaded (checked
+    # then): a count below the smallest size (a negative one among them) is refused at once.
+    if args.stream_tokens and args.stream_tokens < min(args.cache_sizes):
+        _refuse_stream_tokens(args.stream_tokens, _stream_capacity(args.cache_sizes))
     if args.model is not None and args.shape != "embedded":
         raise ValueError(f"--model applies to --shape embedded only; --shape {args.shape} times random weights")
     if args.tag is not None:  # (not UTF-8, it raised UnicodeEncodeError as its length was counted)
@@ -161,13 +160,13 @@ def run_bench(args: argparse.Namespace) -> int:
     model_name = args.model or ("the embedded model" if args.shape == "embedded" else f"--shape {args.shape}")
     held = held_sizes(model.config, args.cache_sizes, model_name)
     stream_capacity, profile_capacity = _stream_capacity(held), _profile_capacity(held)
+    if args.stream_tokens and args.stream_tokens < stream_capacity:
+        _refuse_stream_tokens(args.stream_tokens, stream_capacity)
     for doing, asked, capacity, wanted in (
             ("streaming", args.stream_tokens, stream_capacity, _stream_capacity(args.cache_sizes)),
             ("profiling", args.profile, profile_capacity, _profile_capacity(args.cache_sizes))):
         if asked and capacity != wanted:  # on stderr whatever the terminal, as a method skipped at a size is
             print(f"bench: {doing} at cache size {capacity}: the model does not hold {wanted}", file=sys.stderr)
-    if args.stream_tokens and args.stream_tokens < stream_capacity:
-        _refuse_stream_tokens(args.stream_tokens, stream_capacity)
 
     progress_bars = show_progress(args)  # status lines and progress bars only on a terminal
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress_bars else (lambda *a: None)
