@@ -71,7 +71,7 @@ def mutants(path: str, functions: set[str] | None = None) -> list[dict]:
     lines = source.splitlines(keepends=True)
     found = []
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        (row, col), (end_row, end_col) = token.start, token.end
+        (row, col), (_, end_col) = token.start, token.end
         if token.type == tokenize.OP:
             replacements = OPERATORS.get(token.string, ())
         elif token.type == tokenize.NUMBER:
