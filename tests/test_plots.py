@@ -31,9 +31,9 @@ def figures(monkeypatch):
         close(figure)
 
 
-def _result(folder, method, nlls, evaluator="decode"):
+def _result(folder, method, nlls, evaluator="decode", **fields):
     record = {"model": "m", "data": {"name": "d.txt"}, "num_tokens": len(nlls) + 1, "n_sink": 1, "window_size": 3,
-              "method": method, "evaluator": evaluator, "perplexity": 2.0}
+              "method": method, "evaluator": evaluator, "perplexity": 2.0, **fields}
     return write_result(folder, f"{method}_{evaluator}", record, torch.tensor(nlls, dtype=torch.float64))
 
 
@@ -43,7 +43,8 @@ def test_nll_curves_in_a_stable_order_with_the_sampled_oracle_below(tmp_path, fi
     result has (x = step + 1, the token scored); a step past a result's end is left out."""
     nlls = {"window": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "zeta": [2.0] * 6, "alpha": [3.0] * 6, "dense": [0.5, 1.0, 1.5, 2.0],
             "recompute": [np.nan, 1.0, np.nan, np.nan, 2.0, np.nan]}
-    files = [_result(tmp_path, method, values) for method, values in nlls.items()]
+    files = [_result(tmp_path, method, values, **({"extra": {"sampled_steps": [1, 4]}} if method == "recompute" else {}))
+             for method, values in nlls.items()]
     empty = _result(tmp_path, "empty", [])
     (tmp_path / "no_nlls.json").write_text(files[1].read_text().replace('"zeta_decode.nlls.npy"', '"missing.npy"'))
     out = plot_nll_curves([*files, empty, tmp_path / "no_nlls.json"], tmp_path / "curves", window=2, capacity=4)
@@ -293,3 +294,16 @@ def test_a_result_whose_nll_file_is_missing_is_named_and_left_out_of_the_json(tm
     assert status == 0 and err == f"plot: leaving out {missing}: its NLL file window_decode.nlls.npy is missing\n"
     assert json.loads(out) == {"figure": str(tmp_path / "f.png"), "results": [str(good)]}
     assert [line.get_label().split(" ")[0] for line in figures[0].axes[0].get_lines()] == ["dense"]
+
+
+def test_a_full_result_with_a_non_finite_nll_is_a_curve_not_an_oracle(tmp_path, figures):
+    """A result is sampled when it says so (extra.sampled_steps), not when an NLL is not finite: a dense result with
+    one infinite NLL (a float16 overflow) was taken for a sampled recompute, drawn as points and made the oracle of
+    the lower panel, every other curve drawn as its difference from it."""
+    overflowed = _result(tmp_path, "dense", [1.0, float("inf"), 3.0, 4.0])
+    window = _result(tmp_path, "window", [1.0, 2.0, 3.0, 4.0])
+    plot_nll_curves([overflowed, window], tmp_path / "f.png", window=1)
+    (axis,) = figures[0].axes  # no lower panel
+    lines = [line for line in axis.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["dense (ppl 2.00, decode, 5 tok)", "window (ppl 2.00, decode, 5 tok)"]
+    assert lines[0].get_xdata().tolist() == [1, 2, 3, 4] and lines[0].get_marker() == "None"

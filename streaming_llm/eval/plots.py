@@ -76,6 +76,12 @@ def _perplexity_text(record: dict) -> str:
     return "n/a" if perplexity is None else f"{perplexity:.2f}"
 
 
+def _is_sampled(record: dict) -> bool:
+    """A result scored at chosen steps only (`eval --recompute-samples`: extra.sampled_steps), NaN elsewhere. Not
+    told by its NaNs: a full result with a non-finite NLL (a float16 overflow) is still a curve, not an oracle."""
+    return "sampled_steps" in record.get("extra", {})
+
+
 def _oracle_key(record: dict) -> tuple:
     """What a recompute result depends on: the model and its dtype, the token stream (check_comparable_results holds
     one model's results on one text to one stream) and the cache capacity, n_sink + window_size (it recomputes the
@@ -168,16 +174,16 @@ def plot_nll_curves(
 
     results = [(path, *read_result(path)) for path in result_files]
     check_comparable_results([(path, record) for path, record, _ in results])
-    curves = []  # (record, nlls); a sampled result holds NaN at the steps it did not score
+    curves = []  # (record, nlls); a sampled result (_is_sampled) holds NaN at the steps it did not score
     missing = []  # (result, its NLL file): no curve, as the table has no numbers of it (report.summary_rows)
     for path, record, nlls in results:
         if nlls is None:
             missing.append((path, nlls_path_of(path, record)))
         elif nlls.size:
             curves.append((record, nlls.astype(np.float64)))
-    full = [(record, nlls) for record, nlls in curves if np.isfinite(nlls).all()]
-    sampled = [(record, nlls) for record, nlls in curves if not np.isfinite(nlls).all()]
-    if not full and not any(np.isfinite(nlls).any() for _, nlls in sampled):
+    full = [(record, nlls) for record, nlls in curves if not _is_sampled(record)]
+    sampled = [(record, nlls) for record, nlls in curves if _is_sampled(record)]
+    if not any(np.isfinite(nlls).any() for _, nlls in curves):
         names = ", ".join(str(path) for path in result_files)
         raise ValueError(f"{names}: no per-token NLLs to plot (each NLL file is missing, empty or holds no finite value)")
     for path, nlls_path in missing:  # said, not left out without a word
@@ -218,7 +224,7 @@ def plot_nll_curves(
     for record, nlls in drawn:
         color, style = METHOD_STYLES.get(record["method"], (None, "-"))
         style = settings.line_style(record) or style
-        if np.isfinite(nlls).all():
+        if not _is_sampled(record):
             steps = np.arange(1, nlls.size + 1)  # nlls[t] scores token t+1
             label = f"{settings.label(record)} (ppl {_perplexity_text(record)}, {record['evaluator']}, {record['num_tokens']} tok)"
             axis.plot(steps, moving_average(nlls, window), color=color, linestyle=style, linewidth=1.3, label=_shown(label))
