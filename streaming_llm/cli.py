@@ -377,18 +377,15 @@ def read_script(path: str) -> list[dict]:
             continue
         try:
             record = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+            json.dumps(record, ensure_ascii=False).encode("utf-8")  # as --output will write its fields
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+        except UnicodeEncodeError:  # a ValueError too
+            raise ValueError(f"{path} line {line_number}: a string holds a lone surrogate (an escape \\ud800-\\udfff), which is not text") from None
         except ValueError as error:  # NaN, Infinity, 1e999
             raise ValueError(f"{path} line {line_number}: {error} (only finite numbers are allowed)") from None
-        except RecursionError:
+        except RecursionError:  # in the parser or, for a line just under its limit, in the encoder
             raise ValueError(f"{path} line {line_number}: nested too deeply") from None
-        try:
-            json.dumps(record, ensure_ascii=False).encode("utf-8")
-        except RecursionError:
-            raise ValueError(f"{path} line {line_number}: nested too deeply") from None
-        except UnicodeEncodeError:
-            raise ValueError(f"{path} line {line_number}: a string holds a lone surrogate (an escape \\ud800-\\udfff), which is not text") from None
         if isinstance(record, dict) and "prompt" in record and "turns" in record:
             raise ValueError(f'{path} line {line_number}: has both "prompt" and "turns"; give one')
         turns = record.get("turns", [record["prompt"]] if "prompt" in record else None) if isinstance(record, dict) else None
