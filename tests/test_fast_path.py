@@ -478,6 +478,20 @@ def test_a_cache_the_wrapper_cannot_go_on_with_is_refused_when_given(llama_model
     assert max_abs_diff(streamed, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)[8:]) <= TOLERANCE
 
 
+def test_a_cache_given_before_its_sinks_are_all_fed_holds_only_the_tokens_fed(llama_model):
+    """`fast.cache = general.cache` after 2 of the 4 sinks: the wrapper holds those 2 tokens, no empty sink slot counted
+    as a kept token (get_cache_length, kept_positions), and the stream goes on as the general wrapper's."""
+    input_ids = random_ids(30, seed=70)
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    general(input_ids[None, :2])
+    fast = make_fast(llama_model)
+    fast.cache = general.cache
+    assert fast.cache.get_cache_length() == 2 and fast.cache.kept_positions().tolist() == [0, 1]
+    streamed = torch.cat([fast(input_ids[None, t : t + 1])[0] for t in range(2, 30)])
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    assert max_abs_diff(streamed, expected[2:]) <= TOLERANCE
+
+
 @pytest.mark.parametrize("fed", [0, 9])
 def test_a_cache_made_for_more_layers_than_the_model_is_taken_up_when_given(llama_model, fed):
     """`StreamingKVCache(num_layers=5)` for a model of 2 layers: a StreamingLLMWrapper streams with it (the layers past
