@@ -638,6 +638,22 @@ def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(lla
                             max_new_tokens=1, do_sample=False)
 
 
+def test_a_one_layer_model_streams_as_the_reference():
+    """A model of one layer (a wrapper's buffers, a list of one per layer): blocks, static steps and a reset, as the
+    naive reference streams."""
+    from reference import naive_streaming_logits
+    from tiny_models import build_llama_family
+
+    model = build_llama_family("llama", num_hidden_layers=1)
+    input_ids = random_ids(60, seed=71)
+    expected = naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE)
+    fast = make_fast(model)
+    sizes = block_sizes_covering(60, [6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 5])
+    assert max_abs_diff(feed_stream(fast, input_ids, sizes), expected) <= TOLERANCE
+    fast.reset()
+    assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
+
+
 def test_a_copy_goes_on_as_the_original(llama_model):
     """copy.deepcopy of a wrapper mid-stream: its static steps looked the copied rotaries up by the originals' id()
     (KeyError)."""
