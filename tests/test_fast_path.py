@@ -639,8 +639,8 @@ def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(lla
 
 
 def test_a_one_layer_model_streams_as_the_reference():
-    """A model of one layer (a wrapper's buffers, a list of one per layer): blocks, static steps and a reset, as the
-    naive reference streams."""
+    """A model of one layer (a wrapper's buffers, a list of one per layer): blocks, static steps, a reset and a stream
+    fed through the model itself before the wrapper goes on with it, as the naive reference streams."""
     from reference import naive_streaming_logits
     from tiny_models import build_llama_family
 
@@ -652,6 +652,11 @@ def test_a_one_layer_model_streams_as_the_reference():
     assert max_abs_diff(feed_stream(fast, input_ids, sizes), expected) <= TOLERANCE
     fast.reset()
     assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
+    fast.reset()
+    prefix = input_ids[None, :10]
+    fast.model(prefix, position_ids=torch.zeros_like(prefix), past_key_values=fast.cache, use_cache=True)
+    streamed = torch.cat([fast(input_ids[None, t : t + 1])[0] for t in range(10, 60)])
+    assert fast.tokens_seen == 60 and max_abs_diff(streamed, expected[10:]) <= TOLERANCE
 
 
 def test_a_copy_goes_on_as_the_original(llama_model):
