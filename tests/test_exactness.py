@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 from reference import naive_streaming_logits
-from tiny_models import block_sizes_covering, dense_logits, feed_stream, make_wrapper, max_abs_diff, random_ids
+from tiny_models import (block_sizes_covering, build_llama_family, dense_logits, feed_stream, make_wrapper, max_abs_diff,
+                         random_ids)
 
 TOLERANCE = 1e-4
 POSITION_MODES = ["pos_shift", "rerotate", "absolute"]
@@ -95,6 +96,15 @@ def test_edge_configurations_match_reference(llama_model, n_sink, window_size):
     assert max_abs_diff(streamed, expected) <= TOLERANCE
 
 
+def test_a_model_with_one_attention_head_streams_exactly():
+    """One query head (and one kv head): a block of several tokens is still told from a single token by its length,
+    not by some other axis of the query that is 1 here."""
+    model = build_llama_family("llama", num_attention_heads=1, num_key_value_heads=1)
+    input_ids = random_ids(50, seed=38)
+    streamed = feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids, FEEDINGS["blocks"](50))
+    assert max_abs_diff(streamed, naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE)) <= TOLERANCE
+
+
 def test_batch_rows_are_independent_streams(model):
     """Each batch row is its own stream: a batch of two equals each stream on its own."""
     input_ids = random_ids(LONG_STREAM, seed=26, batch=2)
@@ -103,6 +113,25 @@ def test_batch_rows_are_independent_streams(model):
     for row in range(2):
         expected = naive_streaming_logits(model, input_ids[row], N_SINK, WINDOW_SIZE)
         assert max_abs_diff(streamed[row], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("position_mode", POSITION_MODES)
+def test_compress_gives_the_kept_tokens_in_stream_order_in_both_storages(model, position_mode):
+    """compress(layer): the sinks and the last window_size tokens, keys at their cache slots 0..C-1, in stream order.
+    The ring (stream position p in slot n_sink + (p - n_sink) % (window_size + 1): out of stream order once it wraps,
+    one slot holding an evicted token) gives what MIT mode's tensor, kept in stream order, gives."""
+    length = 75  # the ring has wrapped four times: its oldest slot is at neither end
+    input_ids = random_ids(length, seed=39)
+    kept = list(range(N_SINK)) + list(range(length - WINDOW_SIZE, length))
+    compressed = {}
+    for streaming_mode in STREAMING_MODES:
+        wrapper = make_wrapper(model, N_SINK, WINDOW_SIZE, position_mode=position_mode, streaming_mode=streaming_mode)
+        feed_stream(wrapper, input_ids, FEEDINGS["blocks"](length))
+        assert wrapper.cache.kept_positions().tolist() == kept
+        compressed[streaming_mode] = [wrapper.cache.compress(layer) for layer in range(len(wrapper.cache.layers))]
+    for ours, mit in zip(compressed["ours"], compressed["mit"]):
+        assert ours[0].shape[-2] == N_SINK + WINDOW_SIZE
+        assert max_abs_diff(ours[0], mit[0]) <= TOLERANCE and max_abs_diff(ours[1], mit[1]) <= TOLERANCE
 
 
 @pytest.mark.parametrize("position_mode", POSITION_MODES)

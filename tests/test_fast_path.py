@@ -478,6 +478,20 @@ def test_a_cache_the_wrapper_cannot_go_on_with_is_refused_when_given(llama_model
     assert max_abs_diff(streamed, feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)[8:]) <= TOLERANCE
 
 
+def test_a_cache_given_before_its_sinks_are_all_fed_holds_only_the_tokens_fed(llama_model):
+    """`fast.cache = general.cache` after 2 of the 4 sinks: the wrapper holds those 2 tokens, no empty sink slot counted
+    as a kept token (get_cache_length, kept_positions), and the stream goes on as the general wrapper's."""
+    input_ids = random_ids(30, seed=70)
+    general = make_wrapper(llama_model, N_SINK, WINDOW_SIZE)
+    general(input_ids[None, :2])
+    fast = make_fast(llama_model)
+    fast.cache = general.cache
+    assert fast.cache.get_cache_length() == 2 and fast.cache.kept_positions().tolist() == [0, 1]
+    streamed = torch.cat([fast(input_ids[None, t : t + 1])[0] for t in range(2, 30)])
+    expected = feed_stream(make_wrapper(llama_model, N_SINK, WINDOW_SIZE), input_ids)
+    assert max_abs_diff(streamed, expected[2:]) <= TOLERANCE
+
+
 @pytest.mark.parametrize("fed", [0, 9])
 def test_a_cache_made_for_more_layers_than_the_model_is_taken_up_when_given(llama_model, fed):
     """`StreamingKVCache(num_layers=5)` for a model of 2 layers: a StreamingLLMWrapper streams with it (the layers past
@@ -622,6 +636,27 @@ def test_generate_on_a_fresh_wrappers_cache_takes_the_batch_size_it_is_given(lla
     with pytest.raises(ValueError, match="holds a batch of 2 streams; got 3"):
         fast.model.generate(longer, attention_mask=torch.ones_like(longer), past_key_values=fast.cache,
                             max_new_tokens=1, do_sample=False)
+
+
+def test_a_one_layer_model_streams_as_the_reference():
+    """A model of one layer (a wrapper's buffers, a list of one per layer): blocks, static steps, a reset and a stream
+    fed through the model itself before the wrapper goes on with it, as the naive reference streams."""
+    from reference import naive_streaming_logits
+    from tiny_models import build_llama_family
+
+    model = build_llama_family("llama", num_hidden_layers=1)
+    input_ids = random_ids(60, seed=71)
+    expected = naive_streaming_logits(model, input_ids, N_SINK, WINDOW_SIZE)
+    fast = make_fast(model)
+    sizes = block_sizes_covering(60, [6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 5])
+    assert max_abs_diff(feed_stream(fast, input_ids, sizes), expected) <= TOLERANCE
+    fast.reset()
+    assert max_abs_diff(feed_stream(fast, input_ids), expected) <= TOLERANCE
+    fast.reset()
+    prefix = input_ids[None, :10]
+    fast.model(prefix, position_ids=torch.zeros_like(prefix), past_key_values=fast.cache, use_cache=True)
+    streamed = torch.cat([fast(input_ids[None, t : t + 1])[0] for t in range(10, 60)])
+    assert fast.tokens_seen == 60 and max_abs_diff(streamed, expected[10:]) <= TOLERANCE
 
 
 def test_a_copy_goes_on_as_the_original(llama_model):
