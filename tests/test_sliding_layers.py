@@ -18,7 +18,7 @@ from streaming_llm.cache import kv_cache_bytes
 from streaming_llm import cache as cache_module
 from streaming_llm.fast import FastStreamingWrapper
 from streaming_llm.models import check_capacity, sliding_windows
-from streaming_llm.positions import PositionPolicy
+from streaming_llm.positions import PositionPolicy, visible, visible_in_layer
 
 TOLERANCE = 1e-4
 WINDOW, LENGTH = 8, 48
@@ -228,6 +228,23 @@ def test_a_window_hides_a_key_from_the_farthest_distance_on(position_mode, n_sin
     assert policy.window_hides(farthest, last_position)
     assert not policy.window_hides(farthest + 1, last_position)
     assert not policy.window_hides(None, last_position)
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+def test_a_layers_window_hides_the_keys_at_its_width_or_beyond(position_mode):
+    """visible_in_layer (the general path's mask for a block of queries): of the keys SEMANTICS.md §1 gives query t,
+    those at a distance below the layer's window of 4, the distance taken in the mode's positions; every query and
+    key of a stream of 20 tokens, 2 sinks and a window of 6 (capacity 8)."""
+    t = torch.arange(20)
+
+    def seen(query, key):
+        kept = key <= query and (key < 2 or key >= max(2, query - 6))
+        distance = (min(query, 8) if key < 2 and position_mode != "absolute" else query) - key
+        return kept and distance < 4
+
+    expected = torch.tensor([[seen(query, key) for key in range(20)] for query in range(20)])
+    assert torch.equal(visible_in_layer(PositionPolicy(position_mode, 2, 6), t, t, 4), expected)
+    assert torch.equal(visible_in_layer(PositionPolicy(position_mode, 2, 6), t, t), visible(t, t, 2, 6))
 
 
 def test_the_window_changes_what_a_sliding_layer_sees():
