@@ -180,6 +180,17 @@ def test_long_inputs_are_split_into_exact_blocks(llama_model):
     assert max_abs_diff(streamed[0], expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("length", [2, 3, 4, 5])
+def test_a_call_is_every_block_it_is_fed_in(llama_model, length):
+    """max_block=2: a call of one, two (one cut short or not) or three blocks of 3 streams returns the logits of every
+    token of every row, as feeding them one at a time does (a block is cut along the stream, never across rows)."""
+    input_ids = torch.stack([random_ids(length, seed=30 + row) for row in range(3)])
+    expected = feed_stream(make_wrapper(llama_model, 2, 3), input_ids)
+    streamed = make_wrapper(llama_model, 2, 3, max_block=2)(input_ids)
+    assert streamed.shape == (3, length, llama_model.config.vocab_size)
+    assert max_abs_diff(streamed, expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("position_mode, streaming_mode", [("pos_shift", "ours"), ("rerotate", "ours"),
                                                            ("pos_shift", "mit")])
 def test_one_long_call_keeps_the_positions_small(llama_model, position_mode, streaming_mode):

@@ -64,6 +64,22 @@ def assert_every_feed_refused(wrapper, input_ids, pattern: str) -> None:
             feed()
 
 
+def test_a_model_loaded_with_sdpa_runs_densely_with_its_soft_cap():
+    """A prepared Gemma 2 (attention logit soft-capping) loaded with SDPA, run without a StreamingKVCache, attends as
+    its eager attention does (SDPA applies no soft cap): the written-out softmax, with grouped query heads. (GPT-OSS,
+    whose sink logits take the same path, cannot be loaded with SDPA in transformers 5.)"""
+    from tiny_models import build_llama_family
+
+    model = build_llama_family("gemma2")
+    input_ids = random_ids(12, seed=2)[None]
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        model.set_attn_implementation("sdpa")
+        logits = prepare_model(model)(input_ids).logits
+    assert model.model.layers[0].self_attn.streaming_dense_attention == "sdpa"
+    assert (logits - expected).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("wrapper_class", [StreamingLLMWrapper, FastStreamingWrapper])
 def test_a_model_cast_after_the_wrapper_was_made_is_refused_in_one_line(llama_model, wrapper_class):
     """model.to(torch.bfloat16) also casts the model's RoPE frequencies, which the wrapper had taken in float32: the

@@ -151,6 +151,56 @@ def test_as_past_key_values_it_says_it_is_no_cache():
                 run(model)
 
 
+def test_the_defaults_are_mits():
+    """StartRecentKVCache() is MIT's StartRecentKVCache(): start_size=4, recent_size=512, sequence axis 2 of keys and
+    values (transformers 4.33's [batch, heads, seq, head_dim])."""
+    kept = StartRecentKVCache()(make_past(520))
+    assert_keeps(kept, list(range(4)) + list(range(8, 520)))
+
+
+def test_the_sequence_axis_may_be_the_first():
+    """A past laid out [seq, ...] (k_seq_dim=0, v_seq_dim=0) is cut along that axis, as any other."""
+    cache = StartRecentKVCache(start_size=3, recent_size=4, k_seq_dim=0, v_seq_dim=0)
+    kept = cache(make_past(15, seq_dim=0))
+    assert_keeps(kept, [0, 1, 2, 11, 12, 13, 14], seq_dim=0, value_seq_dim=0)
+
+
+def test_layers_of_different_lengths_are_refused():
+    """Every layer must hold as many entries as the first: the cut reads the length once for all of them."""
+    past = make_past(9)[:1] + make_past(10)[1:]
+    for cut in (lambda c: c(past), lambda c: c.evict_for_space(past, 1), lambda c: c.evict_range(past, 0, 1)):
+        with pytest.raises(ValueError, match=r"as many keys as values .* lengths \[\(9, 9\), \(10, 10\)\]"):
+            cut(StartRecentKVCache(2, 4))
+
+
+def test_a_past_that_is_no_list_of_pairs_is_refused_even_if_it_iterates_as_pairs():
+    """A transformers Cache of 4.x iterated as (keys, values) per layer; only a list or tuple is taken, the form MIT's
+    code indexes (past[0][0])."""
+
+    class IteratesAsPairs:
+        def __iter__(self):
+            return iter(make_past(9))
+
+    for cut in (lambda c: c(IteratesAsPairs()), lambda c: c.evict_for_space(IteratesAsPairs(), 1),
+                lambda c: c.evict_range(IteratesAsPairs(), 0, 1)):
+        with pytest.raises(TypeError, match=r"list of \(keys, values\) per layer.* got IteratesAsPairs"):
+            cut(StartRecentKVCache(2, 4))
+
+
+def test_a_list_of_a_transformers_caches_layers_is_refused():
+    """list(DynamicCache) is a list of (keys, values, sliding window) per layer in transformers 5: refused as a past
+    of another form, not cut (nor a ValueError from unpacking three into two)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.ones(1, 2, 9, 3), torch.ones(1, 2, 9, 3), 0)
+    assert len(list(cache)[0]) == 3
+    for cut in (lambda c: c(list(cache)), lambda c: c.evict_for_space(list(cache), 1),
+                lambda c: c.evict_range(list(cache), 0, 1)):
+        with pytest.raises(TypeError, match=r"list of \(keys, values\) per layer.* got list"):
+            cut(StartRecentKVCache(2, 4))
+
+
 # MIT's evaluation (examples/eval_long_ppl.py --enable_start_recent_kv_cache --enable_pos_shift), ported onto
 # transformers 5's modules as MIT ported transformers 4.33's: each attention module's forward replaced by its
 # pos_shift/modify_llama.py (modify_gpt_neox.py) forward, which caches keys unrotated, rotates every cached key at its

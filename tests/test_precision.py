@@ -253,6 +253,25 @@ def test_mit_storage_with_pos_shift_rotates_within_the_cache(tiny, monkeypatch, 
     assert len(largest) > 200 // block and max(largest) == 8
 
 
+def test_mit_storage_fed_token_by_token_rotates_at_the_cache_slots(tiny, monkeypatch):
+    """MIT's pos-shift, one token a step: the held keys and the new token are rotated at their slots in the cache,
+    0..min(t, C) (MIT's arange(kv_seq_len)), never below 0 nor short of the newest query's slot min(t, C)."""
+    from streaming_llm.rope import RotaryParams
+
+    rotate, rotated = RotaryParams.rotate, set()
+
+    def recording_rotate(self, x, positions):
+        rotated.update(positions.reshape(-1).tolist())
+        return rotate(self, x, positions)
+
+    monkeypatch.setattr(RotaryParams, "rotate", recording_rotate)
+    wrapper = StreamingLLMWrapper(tiny, n_sink=2, window_size=6, position_mode="pos_shift", streaming_mode="mit")
+    for t, token in enumerate(torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(4)).tolist()):
+        rotated.clear()
+        wrapper(torch.tensor([[token]]))
+        assert rotated == set(range(min(t, 8) + 1)), f"step {t}"
+
+
 def test_a_prefix_fed_in_blocks_is_fed_whole(tiny):
     """prefix_block > 1 (the embedded model's setup feeds its prefix 256 tokens at a time): every block is fed whole, the
     last one cut short, and the scored tokens after a jump still agree with the oracle to fp32 rounding."""

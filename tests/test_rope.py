@@ -54,6 +54,20 @@ def test_per_token_deltas(rotary_ndims):
     assert torch.equal(moved[..., rotary_ndims:], rotated[..., rotary_ndims:])
 
 
+def test_deltas_per_stream_of_a_batch():
+    """A LongTensor delta [batch, 1, seq] (broadcast over the heads, as [..., seq] allows) moves each stream's keys by
+    its own amounts: streams of a batch at different positions."""
+    generator = torch.Generator().manual_seed(6)
+    keys = raw_keys(10, seed=6)
+    frequencies = inv_freq(HEAD_DIM)
+    old_positions = torch.randint(0, 200, (2, 10), generator=generator)
+    new_positions = torch.randint(0, 200, (2, 10), generator=generator)
+    rotated = torch.stack([rope(keys[row], old_positions[row], frequencies) for row in range(2)])
+    moved = rerotate_keys(rotated, (new_positions - old_positions)[:, None], frequencies)
+    expected = torch.stack([rope(keys[row], new_positions[row], frequencies) for row in range(2)])
+    assert max_abs_diff(moved, expected) <= TOLERANCE
+
+
 def test_full_rotary_is_the_default():
     keys = raw_keys(8, seed=3)
     frequencies = inv_freq(HEAD_DIM)

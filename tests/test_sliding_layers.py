@@ -18,6 +18,7 @@ from streaming_llm.cache import kv_cache_bytes
 from streaming_llm import cache as cache_module
 from streaming_llm.fast import FastStreamingWrapper
 from streaming_llm.models import check_capacity, sliding_windows
+from streaming_llm.positions import PositionPolicy, visible, visible_in_layer
 
 TOLERANCE = 1e-4
 WINDOW, LENGTH = 8, 48
@@ -202,6 +203,48 @@ def test_kv_cache_bytes_counts_every_stream_of_a_batch_in_the_models_dtype():
     held = held_bytes((*fast.keys, *fast.values, *fast.sink_keys))
     assert held == kv_cache_bytes(model.config, 2, 7, dtype=torch.bfloat16, batch_size=3)
     assert held == 3 * kv_cache_bytes(model.config, 2, 7) // 2  # float32 -> bfloat16 halves each slot
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+@pytest.mark.parametrize("n_sink", [0, 2])
+def test_distances_are_the_closed_form_of_semantics(position_mode, n_sink):
+    """The distance a sliding layer's window is measured in (PositionPolicy.distances, SEMANTICS.md §2): t - p, but
+    min(t, C) - j from query t to sink j under pos_shift and rerotate; for every query and key of a stream."""
+    policy, t = PositionPolicy(position_mode, n_sink, 6), torch.arange(20)
+    expected = t[:, None] - t[None, :]
+    if position_mode != "absolute":
+        expected[:, :n_sink] = t.clamp(max=n_sink + 6)[:, None] - t[None, :n_sink]
+    assert torch.equal(policy.distances(t, t), expected)
+
+
+@pytest.mark.parametrize("position_mode, n_sink, last_position, farthest", [
+    ("pos_shift", 2, 100, 8), ("rerotate", 2, 100, 8), ("pos_shift", 2, 5, 5), ("absolute", 0, 100, 8),
+    ("absolute", 2, 100, 100), ("absolute", 2, 5, 5)])
+def test_a_window_hides_a_key_from_the_farthest_distance_on(position_mode, n_sink, last_position, farthest):
+    """window_hides (whether a layer's window needs a mask at all, on the fast path a graph of its own): a key is at
+    distance min(t, C) at most (sink 0, or the window's oldest key without sinks), t for a sink in absolute mode; a
+    window of exactly that distance hides it, a wider one nothing; a layer without a window hides nothing."""
+    policy = PositionPolicy(position_mode, n_sink, 8 - n_sink)  # capacity 8
+    assert policy.window_hides(farthest, last_position)
+    assert not policy.window_hides(farthest + 1, last_position)
+    assert not policy.window_hides(None, last_position)
+
+
+@pytest.mark.parametrize("position_mode", ["pos_shift", "rerotate", "absolute"])
+def test_a_layers_window_hides_the_keys_at_its_width_or_beyond(position_mode):
+    """visible_in_layer (the general path's mask for a block of queries): of the keys SEMANTICS.md §1 gives query t,
+    those at a distance below the layer's window of 4, the distance taken in the mode's positions; every query and
+    key of a stream of 20 tokens, 2 sinks and a window of 6 (capacity 8)."""
+    t = torch.arange(20)
+
+    def seen(query, key):
+        kept = key <= query and (key < 2 or key >= max(2, query - 6))
+        distance = (min(query, 8) if key < 2 and position_mode != "absolute" else query) - key
+        return kept and distance < 4
+
+    expected = torch.tensor([[seen(query, key) for key in range(20)] for query in range(20)])
+    assert torch.equal(visible_in_layer(PositionPolicy(position_mode, 2, 6), t, t, 4), expected)
+    assert torch.equal(visible_in_layer(PositionPolicy(position_mode, 2, 6), t, t), visible(t, t, 2, 6))
 
 
 def test_the_window_changes_what_a_sliding_layer_sees():

@@ -34,6 +34,22 @@ def test_valid_edges_are_accepted():
     assert StreamingKVCache(n_sink=4, window_size=60).cache_capacity == 64
 
 
+def test_the_wrappers_defaults_are_the_papers(llama_model):
+    """StreamingLLMWrapper(model) streams with 4 sinks and 1,020 recent tokens, pos_shift, the package's own storage,
+    in blocks of 512: the paper's setting, and FastStreamingWrapper's documented defaults (docs/generation.md)."""
+    import copy
+
+    from streaming_llm import FastStreamingWrapper, StreamingLLMWrapper
+
+    def settings(wrapper):
+        return (wrapper.n_sink, wrapper.window_size, wrapper.cache_capacity, wrapper.position_mode,
+                wrapper.streaming_mode, wrapper.max_block)
+
+    general = StreamingLLMWrapper(copy.deepcopy(llama_model))
+    assert settings(general) == (4, 1020, 1024, "pos_shift", "ours", 512)
+    assert settings(FastStreamingWrapper(copy.deepcopy(llama_model), compile="never")) == settings(general)
+
+
 def test_capacity_must_fit_the_model_positions(llama_model):
     """A step attends to capacity + 1 keys at positions 0..capacity: capacity < max_position_embeddings."""
     max_positions = llama_model.config.max_position_embeddings
