@@ -237,6 +237,30 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it(top_k):
 
 
 @pytest.mark.parametrize("top_k", [0, 4])
+def test_top_p_measures_probabilities_not_logits(top_k):
+    """Logits that are not log-probabilities (log p + 3, as a model's are): top_p is a share of the softmax's mass,
+    whatever the logits' offset. A mutation campaign found that `exp(values + logsumexp)` in place of `- logsumexp`
+    failed no test: every top-p test gave normalised logits, whose logsumexp is 0."""
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125])) + 3.0
+
+    def candidates(top_p):
+        return TokenSampler(SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p))._candidates(logits)[1].tolist()
+
+    assert candidates(0.3) == [0] and candidates(0.6) == [0, 1] and len(candidates(0.8)) == 3  # 2 and 3 tie
+
+
+def test_a_nucleus_wider_than_the_probe_is_the_most_likely_tokens():
+    """Where the NUCLEUS_PROBE most likely tokens hold less than top_p, the whole vocabulary is sorted, most likely
+    first: the nucleus of 1,000 slowly falling logits at top_p=0.5 is their first ~380 tokens (an ascending sort,
+    which kept the least likely ones, failed no test)."""
+    logits = torch.linspace(0.0, -1.0, 1000)
+    ids = TokenSampler(SamplingConfig(temperature=1.0, top_p=0.5))._candidates(logits)[1].tolist()
+    probabilities = torch.softmax(logits.double(), dim=-1)
+    expected = int(((torch.cumsum(probabilities, dim=-1) - probabilities) < 0.5).sum())
+    assert expected > NUCLEUS_PROBE and abs(len(ids) - expected) <= 1 and ids == list(range(len(ids)))
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
 def test_a_top_p_below_float32s_smallest_value_keeps_the_most_likely_token(top_k):
     """Bug found by a tester: --top-p 1e-46 (accepted: 0 < top_p <= 1) is 0 in float32, so `0 < top_p` kept no
     token and torch.multinomial raised on the empty distribution (a traceback from `generate`). The most likely
