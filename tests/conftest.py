@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 # Before transformers (and huggingface_hub, which reads it once) is imported: no test reaches the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +26,14 @@ torch.set_num_threads(1)
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# A shell that starts a command in the background without job control (`cmd &` in a script, nohup) starts it with
+# Ctrl-C ignored, and its children inherit that: the tests of what Ctrl-C does (here and in the programs they start)
+# then failed. They get Python's own handler back, as an interactive run has; a process started with it on passes
+# SIGINT's default on to its children.
+if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_xdist_auto_num_workers(config):
