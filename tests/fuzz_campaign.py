@@ -696,13 +696,12 @@ def main():
     parser.add_argument("--commit", help="with --summarize: the commit a log ran at, where its lines do not say")
     args = parser.parse_args()
     if args.summarize:
-        text = json.dumps(summarize(args.summarize, args.commit), indent=1) + "\n"
         if args.out:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as out:
-                out.write(text)
+            from streaming_llm.eval.results import write_json_atomically
+
+            write_json_atomically(args.out, summarize(args.summarize, args.commit))
         else:
-            print(text, end="")
+            print(json.dumps(summarize(args.summarize, args.commit), indent=2))
         return
     if args.replay is not None or args.params:
         case = json.loads(args.params) if args.params else draw_case(args.replay)

@@ -677,12 +677,12 @@ def main():
     global AUTOGRAD
     AUTOGRAD = args.autograd
     if args.summarize:
-        text = json.dumps(summarize(args.summarize), indent=1) + "\n"
         if args.out:
-            with open(args.out, "w") as out:
-                out.write(text)
+            from streaming_llm.eval.results import write_json_atomically
+
+            write_json_atomically(args.out, summarize(args.summarize))
         else:
-            print(text, end="")
+            print(json.dumps(summarize(args.summarize), indent=2))
         return
     if args.replay is not None:
         result = Program(args.replay, verbose=True, max_ops=args.ops).run()

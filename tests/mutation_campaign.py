@@ -208,13 +208,12 @@ def main() -> None:
     parser.add_argument("--out", help="the summary's JSON file")
     args = parser.parse_args()
     if args.summarize:
-        text = json.dumps(summarize(args.summarize), indent=1) + "\n"
         if args.out:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as out:
-                out.write(text)
+            from streaming_llm.eval.results import write_json_atomically
+
+            write_json_atomically(args.out, summarize(args.summarize))
         else:
-            print(text, end="")
+            print(json.dumps(summarize(args.summarize), indent=2))
     elif args.list:
         for path in args.list:
             for m in mutants(path, set(args.functions.split(",")) if args.functions else None):
