@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import io
 import json
@@ -108,9 +109,18 @@ def diff(m: dict) -> str:
                                         f"{m['file']}:{m['line']}", "mutant"))
 
 
-def run_tests(tests: list[str], timeout: float) -> tuple[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="mutant-pyc-")  # never a stale .pyc of another mutant
+def compiled_file(pycache: str, path: str) -> str:
+    """Where Python run with PYTHONPYCACHEPREFIX=pycache keeps the compiled `path` (a mirror of its folder)."""
+    source = os.path.join(ROOT, path)
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return os.path.join(pycache, os.path.dirname(source).lstrip(os.sep), f"{stem}.{sys.implementation.cache_tag}.pyc")
+
+
+def run_tests(tests: list[str], timeout: float, pycache: str) -> tuple[str, float]:
+    """Run the tests once, with compiled files kept in `pycache`, the campaign's own folder: torch and the rest are
+    compiled once for all runs, and the caller deletes the mutated file's before each run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPYCACHEPREFIX=pycache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # (set where the shell sets it: every run compiled torch anew)
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0", *tests]
     started = time.time()
     try:
@@ -146,7 +156,8 @@ def campaign(args) -> None:
         chosen = [m for m in chosen if m["id"] in wanted]
     if args.sample and args.sample < len(chosen):
         chosen = sorted(random.Random(args.seed).sample(chosen, args.sample), key=lambda m: (m["file"], m["line"]))
-    baseline, seconds = run_tests(args.tests, timeout=3600)
+    pycache = tempfile.TemporaryDirectory(prefix="mutant-pyc-")
+    baseline, seconds = run_tests(args.tests, 3600, pycache.name)
     if baseline != "survived":
         sys.exit(f"mutation_campaign: the tests do not pass on the unchanged code ({baseline}); nothing to measure")
     timeout = max(60.0, 3 * seconds)
@@ -161,10 +172,14 @@ def campaign(args) -> None:
             target = os.path.join(ROOT, m["file"])
             with open(target, encoding="utf-8") as f:
                 original = f.read()
+            # The mutant is compiled from its source: a .pyc of the file it replaces, of the same size and written in
+            # the same second, would pass Python's mtime check and run in its place.
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(compiled_file(pycache.name, m["file"]))
             try:
                 with open(target, "w", encoding="utf-8") as f:
                     f.write(m["_source"])
-                outcome, took = run_tests(args.tests, timeout)
+                outcome, took = run_tests(args.tests, timeout, pycache.name)
             finally:
                 with open(target, "w", encoding="utf-8") as f:
                     f.write(original)

@@ -49,3 +49,13 @@ def test_summary_counts_a_mutant_by_its_last_run(tmp_path):
 def test_without_files_or_a_log_it_says_what_to_give():
     done = subprocess.run([sys.executable, mutation_campaign.__file__], capture_output=True, text=True)
     assert done.returncode == 2 and "give --files and --tests" in done.stderr
+
+
+def test_the_compiled_file_it_deletes_is_the_one_python_writes(tmp_path, source_file):
+    """Before each mutant the campaign deletes the mutated file's .pyc from its own PYTHONPYCACHEPREFIX folder (the
+    compiled torch and transformers stay); that is where Python keeps it."""
+    pycache = tmp_path / "pyc"
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(pycache))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-c", "import m"], cwd=tmp_path, env=env, check=True)
+    assert os.path.isfile(mutation_campaign.compiled_file(str(pycache), source_file))
