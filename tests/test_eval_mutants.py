@@ -472,3 +472,53 @@ def test_report_sample_column_at_the_last_step(tmp_path):
     path = _result(tmp_path, "a", [1.0, 2.0, 3.0])
     assert summary_rows([path], [0, 3], sample_steps=[2])[0]["ppl_at_recompute_samples"] == pytest.approx(math.exp(3.0))
     assert summary_rows([path], [0, 3], sample_steps=[3])[0]["ppl_at_recompute_samples"] is None
+
+
+def test_a_checkpoint_every_token_saves_at_every_token(tmp_path):
+    path = tmp_path / "run.checkpoint.npz"
+    checkpoint = Checkpoint(path, 1, 1, "f1")
+    checkpoint.maybe_save(1, torch.ones(4))
+    assert Checkpoint(path, 1, 1, "f1").load().shape == (1,)
+
+
+def test_run_method_by_default_saves_every_1024_tokens_and_shows_no_bar(llama_model, tmp_path, capsys):
+    """The command line relies on these defaults (it passes no checkpoint interval); every argument is passed by
+    name."""
+    table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+
+    class TableStepper:  # the next token's logits depend on this token only: 1,100 tokens score in no time
+        def reset(self):
+            pass
+
+        def __call__(self, input_ids):
+            return table[input_ids]
+
+    def interrupt(end, nlls):
+        if end >= 1024:
+            raise KeyboardInterrupt
+
+    method = Method("table", "exact", "a fixed table of logits", lambda model, n_sink, window_size: TableStepper())
+    with pytest.raises(KeyboardInterrupt):
+        run_method(method=method, model=llama_model, input_ids=(torch.arange(1100) % 16)[None], model_name="tiny-llama",
+                   data=DATA, n_sink=2, window_size=8, block_size=512, output_dir=tmp_path, on_block=interrupt)
+    (checkpoint,) = tmp_path.glob(f"*{harness.CHECKPOINT_SUFFIX}")
+    with np.load(checkpoint) as saved:
+        assert saved["nlls"].shape == (1024,)
+    assert capsys.readouterr().err == ""
+
+
+def test_two_samples_are_the_first_and_last_step_past_the_capacity():
+    assert sample_steps(30, capacity=8, num_samples=2) == [8, 28]
+    assert sample_steps(30, capacity=8, num_samples=1) == [8]
+
+
+def test_run_recompute_sample_times_its_scoring_shows_no_bar_by_default_and_takes_arguments_by_name(
+        llama_model, tmp_path, capsys, monkeypatch):
+    wall, cpu = iter([5.0, 5.5]), iter([1.0, 1.25])
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: next(wall),
+                                                               process_time=lambda: next(cpu)))
+    run = run_recompute_sample(model=llama_model, input_ids=random_ids(30, seed=7)[None], num_samples=3,
+                               model_name="tiny-llama", data=DATA, n_sink=2, window_size=6, output_dir=tmp_path)
+    assert run.record["extra"]["sampled_steps"] == [8, 18, 28] and run.record["extra"]["cpu_s"] == 0.25
+    assert run.record["wall_s"] == 0.5 and run.record["tokens_per_s"] == 6.0
+    assert capsys.readouterr().err == ""
