@@ -521,4 +521,26 @@ def test_run_recompute_sample_times_its_scoring_shows_no_bar_by_default_and_take
                                model_name="tiny-llama", data=DATA, n_sink=2, window_size=6, output_dir=tmp_path)
     assert run.record["extra"]["sampled_steps"] == [8, 18, 28] and run.record["extra"]["cpu_s"] == 0.25
     assert run.record["wall_s"] == 0.5 and run.record["tokens_per_s"] == 6.0
+    assert run.record["block_size"] == 8  # the windows batched per forward (recompute_nlls_at's default)
     assert capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_never_unpickled(tmp_path):
+    path = tmp_path / "run.checkpoint.npz"
+    np.savez(path, nlls=np.array([1.0, 2.0], dtype=object), block_size=np.int64(8), fingerprint=np.array("f1"),
+             tokens_fingerprint=np.array("t1"))
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        Checkpoint(path, 8, 16, "f1", "t1").load()
+
+
+def test_run_method_records_the_cpu_seconds_of_its_scoring(llama_model, tmp_path, monkeypatch):
+    cpu = iter([2.0, 2.75])
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(process_time=lambda: next(cpu)))
+    assert _run(llama_model, tmp_path).record["extra"]["cpu_s"] == 0.75
+
+
+def test_a_recompute_sample_timed_at_zero_seconds_has_infinite_speed(llama_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: 5.0, process_time=lambda: 1.0))
+    run = run_recompute_sample(llama_model, random_ids(30, seed=7)[None], num_samples=2, model_name="tiny-llama",
+                               data=DATA, n_sink=2, window_size=6, output_dir=tmp_path)
+    assert run.record["wall_s"] == 0.0 and run.record["tokens_per_s"] == float("inf")

@@ -174,3 +174,10 @@ def test_the_chunked_and_strided_runs_time_their_own_loop_and_count_every_token(
         monkeypatch.setattr(chunked, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
         result = run()
         assert result.wall_s == 2.0 and result.num_tokens == 9 and result.tokens_per_s == 4.0
+
+
+def test_a_stride_of_zero_is_a_clear_error():
+    from streaming_llm.eval.chunked import strided_window_perplexity
+
+    with pytest.raises(ValueError, match="need 1 <= stride <= context_size, got stride=0, context_size=4"):
+        strided_window_perplexity(_TableModel(), torch.arange(10)[None], context_size=4, stride=0)
