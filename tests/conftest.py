@@ -52,9 +52,24 @@ def _no_grad():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _session_models_stay_as_built(request):
+    """The session's tiny models are shared by every test of a worker: a test that hands one to the package (which
+    switches its attention to the streaming one) changes it for the tests after it, an order-dependent failure. Such a
+    test fails here, by name; it should stream a copy (copy.deepcopy)."""
+    shared = {name: request.getfixturevalue(name) for name in ("llama_model", "gpt_neox_model", "model")
+              if name in request.fixturenames}
+    shared = {name: model for name, model in shared.items() if model.config._attn_implementation == "eager"}
+    yield
+    for name, model in shared.items():  # one changed before this test was named by the test that changed it
+        implementation = model.config._attn_implementation
+        assert implementation == "eager", (
+            f"{request.node.nodeid} changed the session's {name} (attention {implementation!r}): stream a copy")
+
+
 @pytest.fixture(scope="session")
 def llama_model():
-    """Never passed to the package: the dense runs and the naive reference use it as-is."""
+    """Never passed to the package: the dense runs and the naive reference use it as-is (checked after each test)."""
     return build_llama()
 
 

@@ -4,6 +4,7 @@ said to be available. Each test names the platform it stands for."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 import types
@@ -203,7 +204,7 @@ def test_bench_stream_and_soak_without_any_rss_reading(llama_model, monkeypatch,
     monkeypatch.setattr(memory, "Path", _NoProc)
     monkeypatch.setitem(sys.modules, "resource", None)
     assert memory.resident_memory() == (None, "unavailable")
-    rows = latency.measure_stream(llama_model, 12, 2, checkpoints=[12, 20], block=8, steps=1)
+    rows = latency.measure_stream(copy.deepcopy(llama_model), 12, 2, checkpoints=[12, 20], block=8, steps=1)
     assert [row["rss_bytes"] for row in rows] == [None, None] and "n/a" in format_stream(rows)
     report = {"rows": [{"method": "streaming", "capacity": 12, "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0}],
               "stream": rows, "environment": latency.environment("cpu")}
