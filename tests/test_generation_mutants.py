@@ -879,3 +879,13 @@ def test_the_repetition_window_of_a_chat_holds_every_fed_token_of_the_previous_a
                          sampling=SamplingConfig(repetition_penalty=100.0))
     assert chat.ask("Two capitals?") == "ParisRome"
     assert [piece.token_id for piece in chat.send("One more?", max_new_tokens=1)] == [other]
+
+
+def test_the_streamed_text_leaves_out_special_tokens_that_are_not_stop_tokens(byte_tokenizer):
+    """A special token sampled mid-answer (here <|im_start|>, no stop token) is a Piece of its own with no text, as
+    model.generate's decode(skip_special_tokens=True) would show it."""
+    start = byte_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    script = ids_of(byte_tokenizer, "Hello") + [start] + ids_of(byte_tokenizer, " there")
+    wrapper = ScriptedWrapper(len(byte_tokenizer)).speak(script)
+    pieces = list(generate_stream(wrapper, byte_tokenizer, ids_of(byte_tokenizer, "Say"), max_new_tokens=len(script)))
+    assert [piece.token_id for piece in pieces] == script and "".join(piece.text for piece in pieces) == "Hello there"
