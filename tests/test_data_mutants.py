@@ -6,6 +6,7 @@ rest of the suite let through. The tokenizers are tiny word-level ones (tiny_mod
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from pathlib import Path
@@ -117,3 +118,55 @@ def test_offline_datasets_are_loaded_without_streaming(monkeypatch):
 def test_the_embedded_source_is_named_either_way():
     """None and "shakespeare" are the embedded corpus, described as such."""
     assert data._is_embedded(None) and data._is_embedded("shakespeare") and not data._is_embedded("shakespeare.txt")
+
+
+def test_an_error_while_probing_the_hub_is_named_not_taken_for_an_unreachable_hub(monkeypatch):
+    """The hub probe itself can fail (here HF_ENDPOINT's port is no number) before it says whether it went offline:
+    the message names that error, and does not claim the hub cannot be reached, which nothing found out."""
+    from huggingface_hub import constants
+
+    from streaming_llm import hub
+
+    module = types.SimpleNamespace(load_dataset=lambda *args, **kwargs: iter([{"text": "x"}]),
+                                   config=types.SimpleNamespace(HF_HUB_OFFLINE=False))
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example:notaport")
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError) as raised:
+        load_text("some/corpus")
+    message = str(raised.value)
+    assert message.startswith("dataset 'some/corpus' could not be loaded (ValueError: Port could not be cast")
+    assert "cannot be reached" not in message and "HF_HUB_OFFLINE is set" not in message
+
+
+def test_a_text_longer_than_the_models_context_is_tokenized_without_a_warning(tmp_path):
+    """An evaluation text is longer than model_max_length by design: transformers' warning that it is too long for
+    the model (logged once per tokenizer) is not logged by load_tokens, with or without num_tokens."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect()
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        path = write(tmp_path / "verse.txt", "the king " * 40)
+        loud = tokenizer_of(["[UNK]", "<s>", "the", "king"])
+        loud.model_max_length = 8
+        loud.encode("the king " * 40, add_special_tokens=False)
+        assert any("longer than the specified maximum" in record.getMessage() for record in records)
+        records.clear()
+        for num_tokens, expected in ((None, 80), (30, 30)):
+            tokenizer = tokenizer_of(["[UNK]", "<s>", "the", "king"])
+            tokenizer.model_max_length = 8
+            assert load_tokens(tokenizer, path, num_tokens=num_tokens).shape == (1, expected)
+        assert [record.getMessage() for record in records] == []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

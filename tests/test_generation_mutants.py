@@ -8,6 +8,7 @@ tokens a stream samples are known in advance. The byte-level tests use the embed
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 
@@ -689,3 +690,202 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(byte_tokenizer):
         assert len(wrapper.fed) == fed_before
     finally:
         byte_tokenizer.chat_template = template
+
+
+class _Clock:
+    """Stands in for generation.py's `time`: each perf_counter() reads `step` seconds more than the one before, so a
+    stream's timings are exact counts of its clock readings."""
+
+    def __init__(self, start: float = 10.0, step: float = 0.25):
+        self.now, self.step = start - step, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_streams_timings_are_its_prefill_and_decode_intervals(word_tokenizer, monkeypatch):
+    """The clock is read before and after the prompt (0.25 s apart here), then after each fed token and at the
+    end: decode_seconds grows by 0.25 s per token fed, tokens_per_second is new tokens over decode_seconds, and
+    nan before any decoding (not a division by zero)."""
+    import streaming_llm.generation as generation
+
+    monkeypatch.setattr(generation, "time", _Clock())
+    stream = generate_stream(ScriptedWrapper(len(WORDS)).speak([2, 3, 4]), word_tokenizer, [5, 6], max_new_tokens=3)
+    assert stream.tokens_per_second != stream.tokens_per_second  # nan
+    seen = [(piece.token_id, stream.prefill_seconds, stream.decode_seconds) for piece in stream]
+    assert seen == [(2, 0.25, 0.0), (3, 0.25, 0.25), (4, 0.25, 0.75)]
+    assert stream.stop_reason == "length" and stream.tokens_per_second == 4.0
+
+
+def test_a_stream_ended_by_a_reset_keeps_its_decode_time(word_tokenizer, monkeypatch):
+    import streaming_llm.generation as generation
+
+    monkeypatch.setattr(generation, "time", _Clock())
+    wrapper = ScriptedWrapper(len(WORDS)).speak([2, 3, 4])
+    wrapper.cache = object()
+    stream = generate_stream(wrapper, word_tokenizer, [5, 6], max_new_tokens=3)
+    for piece in stream:
+        wrapper.cache = object()  # as wrapper.reset() makes a new cache
+    assert piece.token_id == 2 and stream.stop_reason == "reset" and stream.pending_token is None
+    assert (stream.prefill_seconds, stream.decode_seconds, stream.tokens_per_second) == (0.25, 0.25, 4.0)
+
+
+def test_a_chat_turns_seconds_are_its_prefill_and_decode_time(byte_tokenizer, monkeypatch):
+    import streaming_llm.generation as generation
+
+    monkeypatch.setattr(generation, "time", _Clock())
+    chat, _ = _chat(byte_tokenizer, ["Hi"])
+    assert chat.ask("Hello") == "Hi"
+    turn = chat.last_turn
+    assert (turn.new_tokens, turn.stop_reason) == (2, "eos")  # "Hi" and <|im_end|>
+    assert (turn.seconds, turn.tokens_per_second) == (0.25 + 0.5, 2 / 0.5)
+
+
+@pytest.mark.parametrize("progress, blocks, shown", [(False, 4, False), (True, 3, False), (True, 4, True)])
+def test_the_prompts_progress_bar_shows_from_four_blocks_and_is_cleared(word_tokenizer, capsys, progress, blocks, shown):
+    """progress=True shows a bar while a prompt of four blocks or more is fed (fewer go by too fast to need one), and
+    clears it when done; progress=False never shows one. The prompt is fed one block per call."""
+    wrapper = ScriptedWrapper(len(WORDS), next_logits=lambda: torch.tensor([0.0, 0.0, 1.0, 0, 0, 0, 0, 0]))
+    stream = generate_stream(wrapper, word_tokenizer, [3, 4, 5, 6][:blocks], max_new_tokens=1, prefill_block_size=1,
+                             progress=progress)
+    assert [piece.token_id for piece in stream] == [2]
+    assert wrapper.fed == [3, 4, 5, 6][:blocks] and wrapper.calls == blocks
+    err = capsys.readouterr().err
+    assert ("prompt" in err) is shown and "\n" not in err
+
+
+def test_a_prefill_block_size_below_one_is_refused_before_anything_is_fed(word_tokenizer):
+    wrapper = ScriptedWrapper(len(WORDS)).speak([2])
+    with pytest.raises(ValueError, match="prefill_block_size must be an integer >= 1, got 0"):
+        generate_stream(wrapper, word_tokenizer, [3], prefill_block_size=0)
+    assert wrapper.fed == []
+
+
+@pytest.mark.parametrize("prompt, named", [([1, 8], "token id 8 ("), ([-1, 2], "token id -1 (negative)"),
+                                           ([-1, 9], "token id 9 (")])
+def test_a_prompt_id_outside_the_vocabulary_is_named(word_tokenizer, prompt, named):
+    """The refusal names the id out of range: the one past the vocabulary's end when there is one, else the negative
+    one."""
+    assert len(WORDS) == 8
+    with pytest.raises(ValueError, match=re.escape(named)):
+        generate_stream(ScriptedWrapper(len(WORDS)).speak([2]), word_tokenizer, prompt, max_new_tokens=1)
+
+
+def test_a_chat_answers_up_to_256_tokens_by_default(byte_tokenizer):
+    """A model that never ends its answer is cut at the documented default of 256 new tokens a turn."""
+    word = ids_of(byte_tokenizer, " la")[0]
+
+    def next_logits():
+        logits = torch.zeros(len(byte_tokenizer))
+        logits[word] = 10.0
+        return logits
+
+    chat = StreamingChat(ScriptedWrapper(len(byte_tokenizer), next_logits), byte_tokenizer, stop_token_ids=())
+    chat.ask("Sing.")
+    assert (chat.last_turn.new_tokens, chat.last_turn.stop_reason) == (256, "length")
+
+
+def test_a_chats_max_new_tokens_is_checked_when_it_is_made(byte_tokenizer):
+    """max_new_tokens=0 is refused by the constructor, not at the first send(); 1 answers one token a turn."""
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        _chat(byte_tokenizer, ["Hi there"], max_new_tokens=0)
+    chat, _ = _chat(byte_tokenizer, ["Hi there"], max_new_tokens=1)
+    assert chat.ask("Hello") == "Hi" and (chat.last_turn.new_tokens, chat.last_turn.stop_reason) == (1, "length")
+
+
+def test_send_refuses_max_new_tokens_below_one_when_called(byte_tokenizer):
+    """send(max_new_tokens=0) is refused by the call itself, as a bad user_text is, not later by its first piece."""
+    chat, wrapper = _chat(byte_tokenizer, ["Hi"])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        chat.send("Hello", max_new_tokens=0)
+    assert wrapper.fed == [] and chat.ask("Hello", max_new_tokens=1) == "Hi"
+
+
+def test_the_re_formatting_warning_points_at_the_code_that_iterates_the_answer(byte_tokenizer):
+    """The warning is attributed to the caller's file (where the answer is iterated), not to generation.py or to
+    whatever called the caller."""
+    template = byte_tokenizer.chat_template
+    try:
+        byte_tokenizer.chat_template = _trimming_template(byte_tokenizer)
+        chat, _ = _chat(byte_tokenizer, [" Hi ", "Fine."])
+        chat.ask("Hello")
+        with pytest.warns(UserWarning, match="re-formats the last answer") as warned:
+            answer = []
+            for piece in chat.send("How are you?"):  # (a comprehension is a frame of its own in 3.11)
+                answer.append(piece.text)
+        assert "".join(answer) == "Fine." and [record.filename for record in warned] == [__file__]
+    finally:
+        byte_tokenizer.chat_template = template
+
+
+def test_a_chat_feeds_a_long_turn_without_a_progress_bar(byte_tokenizer, capsys):
+    """A user turn of four prompt blocks or more (here ~1000 tokens) is fed quietly: a chat shows only its answer."""
+    end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    wrapper = ScriptedWrapper(len(byte_tokenizer), next_logits=lambda: torch.nn.functional.one_hot(
+        torch.tensor(end), len(byte_tokenizer)).float())
+    chat = StreamingChat(wrapper, byte_tokenizer, stop_token_ids={end})
+    assert chat.ask("la " * 1000) == "" and chat.last_turn.stop_reason == "eos" and len(wrapper.fed) > 3 * 256
+    assert "prompt" not in capsys.readouterr().err
+
+
+def test_a_chat_records_the_answer_as_it_continues_a_short_turn(word_tokenizer):
+    """A turn fed in fewer tokens than the decoder's context (here two, with a template that renders only the
+    messages' text): the recorded answer keeps the leading space its context gives, as the answer itself has it."""
+    template = word_tokenizer.chat_template
+    try:
+        word_tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+        wrapper = ScriptedWrapper(len(WORDS)).speak(ids_of(word_tokenizer, "is dead") + [1])
+        chat = StreamingChat(wrapper, word_tokenizer, stop_token_ids={1})
+        assert chat.ask("the king") == " is dead" and wrapper.fed == ids_of(word_tokenizer, "the king is dead")
+        assert chat.messages[-1] == {"role": "assistant", "content": " is dead"}
+    finally:
+        word_tokenizer.chat_template = template
+
+
+def test_a_chat_feeds_the_last_token_of_an_answer_as_it_was_sampled(word_tokenizer):
+    """The last token of an answer, sampled but not fed, is fed first at the next turn where the rendering holds its
+    text, as it continues the answer (" dead"). Here the template glues the next message to it ("dead" + "long"):
+    tokenizing that text again would make one unknown word of the two."""
+    template = word_tokenizer.chat_template
+    try:
+        word_tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+        wrapper = ScriptedWrapper(len(WORDS)).speak(ids_of(word_tokenizer, "king is dead live"))
+        chat = StreamingChat(wrapper, word_tokenizer, max_new_tokens=3, stop_token_ids={1})
+        assert chat.ask("the") == " king is dead"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert chat.ask("long", max_new_tokens=1) == " live"
+        assert wrapper.fed == ids_of(word_tokenizer, "the king is dead long")
+    finally:
+        word_tokenizer.chat_template = template
+
+
+def test_the_repetition_window_of_a_chat_holds_every_fed_token_of_the_previous_answer(byte_tokenizer):
+    """The previous answer's tokens all enter the window (not only its first): here its second token, most likely
+    again (1.0), is penalised to 0.01, under another token's 0.5."""
+    paris, rome = ids_of(byte_tokenizer, "Paris") + ids_of(byte_tokenizer, "Rome")
+    other = ids_of(byte_tokenizer, "Oslo")[0]
+    end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    steps = iter([{paris: 10.0}, {rome: 10.0}, {end: 10.0}, {rome: 1.0, other: 0.5}])
+
+    def next_logits():
+        logits = torch.zeros(len(byte_tokenizer))
+        for token, value in next(steps).items():
+            logits[token] = value
+        return logits
+
+    chat = StreamingChat(ScriptedWrapper(len(byte_tokenizer), next_logits), byte_tokenizer, stop_token_ids={end},
+                         sampling=SamplingConfig(repetition_penalty=100.0))
+    assert chat.ask("Two capitals?") == "ParisRome"
+    assert [piece.token_id for piece in chat.send("One more?", max_new_tokens=1)] == [other]
+
+
+def test_the_streamed_text_leaves_out_special_tokens_that_are_not_stop_tokens(byte_tokenizer):
+    """A special token sampled mid-answer (here <|im_start|>, no stop token) is a Piece of its own with no text, as
+    model.generate's decode(skip_special_tokens=True) would show it."""
+    start = byte_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    script = ids_of(byte_tokenizer, "Hello") + [start] + ids_of(byte_tokenizer, " there")
+    wrapper = ScriptedWrapper(len(byte_tokenizer)).speak(script)
+    pieces = list(generate_stream(wrapper, byte_tokenizer, ids_of(byte_tokenizer, "Say"), max_new_tokens=len(script)))
+    assert [piece.token_id for piece in pieces] == script and "".join(piece.text for piece in pieces) == "Hello there"
