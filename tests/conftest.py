@@ -52,19 +52,24 @@ def _no_grad():
         yield
 
 
+_CHANGED_MODELS: set[int] = set()  # the session models a test was already failed for changing
+
+
 @pytest.fixture(autouse=True)
 def _session_models_stay_as_built(request):
     """The session's tiny models are shared by every test of a worker: a test that hands one to the package (which
-    switches its attention to the streaming one) changes it for the tests after it, an order-dependent failure. Such a
-    test fails here, by name; it should stream a copy (copy.deepcopy)."""
-    shared = {name: request.getfixturevalue(name) for name in ("llama_model", "gpt_neox_model", "model")
-              if name in request.fixturenames}
-    shared = {name: model for name, model in shared.items() if model.config._attn_implementation == "eager"}
+    switches its attention to the streaming one) changes it for the tests after it, an order-dependent failure. The
+    first test to change one fails here, by name; it should stream a copy (copy.deepcopy)."""
     yield
-    for name, model in shared.items():  # one changed before this test was named by the test that changed it
+    for name in ("llama_model", "gpt_neox_model"):  # also where the `model` fixture asked for them
+        if name not in request.fixturenames:
+            continue
+        model = request.getfixturevalue(name)
         implementation = model.config._attn_implementation
-        assert implementation == "eager", (
-            f"{request.node.nodeid} changed the session's {name} (attention {implementation!r}): stream a copy")
+        if implementation != "eager" and id(model) not in _CHANGED_MODELS:
+            _CHANGED_MODELS.add(id(model))
+            pytest.fail(f"{request.node.nodeid} changed the session's {name} (attention {implementation!r}): stream "
+                        "a copy", pytrace=False)
 
 
 @pytest.fixture(scope="session")
