@@ -593,6 +593,20 @@ def test_a_seeded_chat_draws_on_across_turns_and_replays_after_reset(byte_tokeni
     assert answers(chat, 1) == first[:1]
 
 
+def _penalised_chat(tokenizer, steps, end: int) -> StreamingChat:
+    """A chat with repetition penalty 100 whose model gives, at each step, the next of `steps` ({token: logit}, every
+    other logit 0); `end` ends a turn."""
+
+    def next_logits():
+        logits = torch.zeros(len(tokenizer))
+        for token, value in next(steps).items():
+            logits[token] = value
+        return logits
+
+    return StreamingChat(ScriptedWrapper(len(tokenizer), next_logits), tokenizer, stop_token_ids={end},
+                         sampling=SamplingConfig(repetition_penalty=100.0))
+
+
 def test_the_repetition_window_of_a_chat_reaches_back_into_the_previous_answer(byte_tokenizer):
     """Bug found by the audit: each turn's repetition window began with that turn's fed tokens, so the previous
     answer, among the last repetition_window tokens of the conversation, went unpenalised, and a model could
@@ -601,15 +615,7 @@ def test_the_repetition_window_of_a_chat_reaches_back_into_the_previous_answer(b
     paris, rome = ids_of(byte_tokenizer, "Paris") + ids_of(byte_tokenizer, "Rome")
     end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
     steps = iter([{paris: 10.0}, {end: 10.0}, {paris: 1.0, rome: 0.5}])
-
-    def next_logits():
-        logits = torch.zeros(len(byte_tokenizer))
-        for token, value in next(steps).items():
-            logits[token] = value
-        return logits
-
-    chat = StreamingChat(ScriptedWrapper(len(byte_tokenizer), next_logits), byte_tokenizer, stop_token_ids={end},
-                         sampling=SamplingConfig(repetition_penalty=100.0))
+    chat = _penalised_chat(byte_tokenizer, steps, end)
     assert chat.ask("Capital of France?") == "Paris"
     assert chat.ask("And of Italy?", max_new_tokens=1) == "Rome"
 
@@ -868,15 +874,7 @@ def test_the_repetition_window_of_a_chat_holds_every_fed_token_of_the_previous_a
     other = ids_of(byte_tokenizer, "Oslo")[0]
     end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
     steps = iter([{paris: 10.0}, {rome: 10.0}, {end: 10.0}, {rome: 1.0, other: 0.5}])
-
-    def next_logits():
-        logits = torch.zeros(len(byte_tokenizer))
-        for token, value in next(steps).items():
-            logits[token] = value
-        return logits
-
-    chat = StreamingChat(ScriptedWrapper(len(byte_tokenizer), next_logits), byte_tokenizer, stop_token_ids={end},
-                         sampling=SamplingConfig(repetition_penalty=100.0))
+    chat = _penalised_chat(byte_tokenizer, steps, end)
     assert chat.ask("Two capitals?") == "ParisRome"
     assert [piece.token_id for piece in chat.send("One more?", max_new_tokens=1)] == [other]
 
