@@ -887,3 +887,21 @@ def test_the_streamed_text_leaves_out_special_tokens_that_are_not_stop_tokens(by
     wrapper = ScriptedWrapper(len(byte_tokenizer)).speak(script)
     pieces = list(generate_stream(wrapper, byte_tokenizer, ids_of(byte_tokenizer, "Say"), max_new_tokens=len(script)))
     assert [piece.token_id for piece in pieces] == script and "".join(piece.text for piece in pieces) == "Hello there"
+
+
+@pytest.mark.parametrize("cut", [2, 3], ids=["one_byte", "two_bytes"])
+def test_a_chat_answer_cut_inside_a_character_is_continued_from_its_own_bytes(byte_tokenizer, cut):
+    """An answer cut by max_new_tokens inside a multi-byte character (龘 is three byte tokens here) renders as U+FFFD
+    in the next turn's template; the model is fed on from the bytes it sampled, with no re-formatting warning,
+    not from the replacement character's own three bytes."""
+    answer = ids_of(byte_tokenizer, "a龘")
+    assert len(answer) == 4  # "a" and the character's three bytes
+    end = byte_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chat, wrapper = _chat(byte_tokenizer, ["a龘"])
+    assert chat.ask("x", max_new_tokens=cut) == "a\ufffd"
+    start = len(wrapper.fed) - (cut - 1)  # where the answer's fed tokens begin (all but the last sampled)
+    wrapper.speak(ids_of(byte_tokenizer, "ok") + [end])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert chat.ask("y") == "ok"
+    assert wrapper.fed[start : start + cut + 1] == answer[:cut] + [end]
