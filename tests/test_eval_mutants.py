@@ -31,7 +31,7 @@ from streaming_llm.eval.results import (
     result_stem,
     write_result,
 )
-from tiny_models import random_ids
+from tiny_models import TableStepper, random_ids
 
 DATA = {"name": "random", "kind": "test", "sha256": "0123456789abcdef"}
 
@@ -484,15 +484,6 @@ def test_a_checkpoint_every_token_saves_at_every_token(tmp_path):
 def test_run_method_by_default_saves_every_1024_tokens_and_shows_no_bar(llama_model, tmp_path, capsys):
     """The command line relies on these defaults (it passes no checkpoint interval); every argument is passed by
     name."""
-    table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
-
-    class TableStepper:  # the next token's logits depend on this token only: 1,100 tokens score in no time
-        def reset(self):
-            pass
-
-        def __call__(self, input_ids):
-            return table[input_ids]
-
     def interrupt(end, nlls):
         if end >= 1024:
             raise KeyboardInterrupt

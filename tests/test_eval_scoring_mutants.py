@@ -12,22 +12,7 @@ import torch.nn.functional as F
 
 from streaming_llm.eval import perplexity
 from streaming_llm.eval.perplexity import PerplexityResult, compute_perplexity, token_nlls
-
-
-class _TableStepper:
-    """A stepper whose logits for each token are a fixed row of a table (the next token depends on this one only);
-    it records the length of every call."""
-
-    def __init__(self, vocab: int = 16, seed: int = 0):
-        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
-        self.calls: list[int] = []
-
-    def reset(self) -> None:
-        self.calls = []
-
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.calls.append(input_ids.shape[1])
-        return self.table[input_ids]
+from tiny_models import TableModel, TableStepper
 
 
 class _RecordingBar:
@@ -64,7 +49,7 @@ def test_tokens_per_second_of_a_run_under_a_second():
 
 def test_compute_perplexity_feeds_one_token_at_a_time_by_default():
     """The default is the decode loop, which decode-only steppers (kvpress) need."""
-    stepper = _TableStepper()
+    stepper = TableStepper()
     compute_perplexity(stepper, torch.arange(9)[None])
     assert stepper.calls == [1] * 8
 
@@ -72,15 +57,15 @@ def test_compute_perplexity_feeds_one_token_at_a_time_by_default():
 def test_wall_time_is_the_scoring_loops_own_clock(monkeypatch):
     clock = iter([100.0, 103.5])
     monkeypatch.setattr(perplexity, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    result = compute_perplexity(_TableStepper(), torch.arange(8)[None], block_size=3)
+    result = compute_perplexity(TableStepper(), torch.arange(8)[None], block_size=3)
     assert result.wall_s == 3.5 and result.tokens_per_s == 2.0
 
 
 def test_the_progress_bar_counts_the_scored_tokens_and_leaves_no_line(recording_bars):
     """A bar of the T-1 predictions that ends full, from the resume point on, and is cleared when done."""
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
-    whole = compute_perplexity(_TableStepper(), ids, block_size=3, progress=True, description="dense")
-    compute_perplexity(_TableStepper(), ids, block_size=3, progress=True, resume_nlls=whole.nlls[:6])
+    whole = compute_perplexity(TableStepper(), ids, block_size=3, progress=True, description="dense")
+    compute_perplexity(TableStepper(), ids, block_size=3, progress=True, resume_nlls=whole.nlls[:6])
     fresh, resumed = recording_bars
     assert fresh.kwargs == dict(total=10, initial=0, desc="dense", unit="tok", leave=False)
     assert fresh.count == 10 and fresh.closed
@@ -113,21 +98,13 @@ def test_token_nlls_scores_as_many_rows_at_a_time_as_fit_its_budget_and_at_least
 # --- baselines -----------------------------------------------------------------------------------------------------
 
 
-class _TableModel(_TableStepper):
-    """The table as a causal LM: model(ids, logits_to_keep=k, **anything).logits, the last k positions' rows."""
-
-    def __call__(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs):
-        logits = super().__call__(input_ids)
-        return types.SimpleNamespace(logits=logits[:, -logits_to_keep:])
-
-
 def test_the_sampled_recompute_shows_a_bar_of_its_steps_only_when_asked(recording_bars):
     from streaming_llm.eval.baselines import recompute_nlls_at
 
     ids = torch.arange(12)[None]
-    quiet = recompute_nlls_at(_TableModel(), ids, capacity=4, steps=[1, 5, 9, 10])
+    quiet = recompute_nlls_at(TableModel(), ids, capacity=4, steps=[1, 5, 9, 10])
     assert recording_bars == []
-    shown = recompute_nlls_at(_TableModel(), ids, capacity=4, steps=[1, 5, 9, 10], batch_windows=2, progress=True)
+    shown = recompute_nlls_at(TableModel(), ids, capacity=4, steps=[1, 5, 9, 10], batch_windows=2, progress=True)
     (bar,) = recording_bars
     assert bar.kwargs == dict(total=4, desc="recompute (sampled)", unit="tok", leave=False)
     assert bar.count == 4 and bar.closed and torch.equal(quiet, shown)
@@ -138,7 +115,7 @@ def test_the_recompute_stepper_holds_at_most_capacity_plus_one_tokens():
     the stream, and its logits are still each window's last."""
     from streaming_llm.eval.baselines import RecomputeStepper
 
-    model = _TableModel()
+    model = TableModel()
     stepper = RecomputeStepper(model, capacity=3)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
     logits, fed = [], 0
@@ -157,7 +134,7 @@ def test_the_chunked_and_strided_bars_count_the_scored_tokens_and_leave_no_line(
 
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
     chunked_streaming_perplexity(llama_model, ids, 1, 3, chunk_size=3, progress=True)
-    strided_window_perplexity(_TableModel(), ids, context_size=5, stride=3, progress=True)
+    strided_window_perplexity(TableModel(), ids, context_size=5, stride=3, progress=True)
     chunked, strided = recording_bars
     assert chunked.kwargs == dict(total=10, desc="chunked3", unit="tok", leave=False)
     assert strided.kwargs == dict(total=10, desc="strided3", unit="tok", leave=False)
@@ -169,7 +146,7 @@ def test_the_chunked_and_strided_runs_time_their_own_loop_and_count_every_token(
 
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5]])
     for run in (lambda: chunked.chunked_streaming_perplexity(llama_model, ids, 1, 3, chunk_size=3),
-                lambda: chunked.strided_window_perplexity(_TableModel(), ids, context_size=5, stride=3)):
+                lambda: chunked.strided_window_perplexity(TableModel(), ids, context_size=5, stride=3)):
         clock = iter([10.0, 12.0])
         monkeypatch.setattr(chunked, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
         result = run()
@@ -180,4 +157,4 @@ def test_a_stride_of_zero_is_a_clear_error():
     from streaming_llm.eval.chunked import strided_window_perplexity
 
     with pytest.raises(ValueError, match="need 1 <= stride <= context_size, got stride=0, context_size=4"):
-        strided_window_perplexity(_TableModel(), torch.arange(10)[None], context_size=4, stride=0)
+        strided_window_perplexity(TableModel(), torch.arange(10)[None], context_size=4, stride=0)

@@ -8,6 +8,7 @@ comparison at 1e-4 can fail.
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -336,3 +337,27 @@ def tokenizer_of(vocab: list[str], bos: str | None = "<s>", pre_tokenizer=None, 
     if normalizer is not None:
         backend.normalizer = normalizer
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token=bos)
+
+
+class TableStepper:
+    """A stepper (reset(), ids -> logits) whose logits for each token are a fixed row of a random table: the next token
+    depends on this one only, so long texts score in no time. It records the length of every call."""
+
+    def __init__(self, vocab: int = 16, seed: int = 0):
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
+        self.calls: list[int] = []
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.calls.append(input_ids.shape[1])
+        return self.table[input_ids]
+
+
+class TableModel(TableStepper):
+    """The table as a causal LM: model(ids, logits_to_keep=k, **anything).logits, the last k positions' rows."""
+
+    def __call__(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **kwargs):
+        logits = super().__call__(input_ids)
+        return types.SimpleNamespace(logits=logits[:, -logits_to_keep:])
