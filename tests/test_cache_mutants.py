@@ -62,3 +62,24 @@ def test_generate_never_compiles_the_model_around_a_streaming_cache(llama_model,
     output = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=StreamingKVCache(2, 4),
                             max_new_tokens=3, do_sample=False, compile_config=compile_everywhere)
     assert output.shape == (1, 8)
+
+
+def test_freeze_weights_freezes_the_full_buffers_step_not_the_filling_one(llama_model, monkeypatch):
+    """The step a long stream runs (every slot filled) is the frozen one; the filling step serves only the first
+    window_size tokens. Here torch.compile is the identity and freezing a marker, so the steps run eagerly."""
+    from streaming_llm import FastStreamingWrapper, fast
+
+    frozen_steps = []
+
+    def mark_frozen(step):
+        frozen_steps.append(step)
+        return step
+
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    monkeypatch.setattr(fast, "frozen", mark_frozen)
+    wrapper = FastStreamingWrapper(copy.deepcopy(llama_model), 2, 4, compile="always", freeze_weights=True)
+    ids = random_ids(10, seed=5)[None]
+    for t in range(ids.shape[1]):
+        wrapper(ids[:, t : t + 1])
+    assert set(wrapper._compiled) == {False, True}
+    assert frozen_steps == [wrapper._compiled[False]]
