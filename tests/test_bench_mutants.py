@@ -260,3 +260,14 @@ def test_the_cuda_only_readings_and_their_units(monkeypatch):
                     lambda: latency.measure_copy_bandwidth("cpu")):
         assert reading() is None
     assert decoder.steps == 5
+
+
+def test_a_cpu_profile_lists_its_top_15_operators_by_self_cpu_time(model, monkeypatch):
+    """Without CUDA there is no CUDA time to sort by: the table is of the operators' own CPU time."""
+    from torch.autograd.profiler_util import EventList
+
+    from streaming_llm.bench import profile
+
+    monkeypatch.setattr(EventList, "table", lambda self, sort_by=None, row_limit=100, **options: (sort_by, row_limit))
+    report = profile.profile_decode(model, capacity=8, n_sink=2, steps=2)
+    assert report.top_operators == ("self_cpu_time_total", 15)

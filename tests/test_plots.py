@@ -307,3 +307,15 @@ def test_a_full_result_with_a_non_finite_nll_is_a_curve_not_an_oracle(tmp_path, 
     lines = [line for line in axis.get_lines() if not line.get_label().startswith("_")]
     assert [line.get_label() for line in lines] == ["dense (ppl 2.00, decode, 5 tok)", "window (ppl 2.00, decode, 5 tok)"]
     assert lines[0].get_xdata().tolist() == [1, 2, 3, 4] and lines[0].get_marker() == "None"
+
+
+def test_a_latency_plot_without_a_stream_is_one_panel_over_powers_of_two(tmp_path, figures):
+    """bench without --stream-tokens: the latency panel alone (no empty second one), its cache-size axis in base 2,
+    where the sizes bench measures (256, 512, ...) fall on the ticks."""
+    rows = [{"method": "streaming", "capacity": capacity, "median_ms": 1.0, "p10_ms": 0.5, "p90_ms": 2.0}
+            for capacity in (256, 1024)]
+    plot_latency({"rows": rows, "stream": [], "shape": "tiny", "dtype": "float32", "environment": {"device": "cpu"}},
+                 tmp_path / "latency.png")
+    (figure,) = figures
+    (left,) = figure.axes
+    assert left.get_xscale() == "log" and left.xaxis.get_transform().base == 2
