@@ -70,23 +70,25 @@ def test_the_help_of_eval_and_bench_names_the_common_options_they_refuse(capsys)
     assert "--n-sink" not in help_text and "not used by" not in help_text
 
 
-class FlushRecorder(io.StringIO):
-    """A text stream that counts its flushes."""
+class Recorder(io.StringIO):
+    """A text stream that keeps what it held at each flush."""
 
-    flushes = 0
+    def __init__(self):
+        super().__init__()
+        self.flushed: list[str] = []
 
     def flush(self) -> None:
-        self.flushes += 1
+        self.flushed.append(self.getvalue())
         super().flush()
 
 
 def test_a_json_line_is_written_as_utf8_text_and_flushed_to_the_stream_given(monkeypatch):
     """--json output keeps non-ASCII text as it is (not \\u escapes), and each object is flushed at once, so a
     program reading a chat's JSON lines from a pipe gets each answer when it is made."""
-    stdout, other = FlushRecorder(), FlushRecorder()
+    stdout, other = Recorder(), Recorder()
     monkeypatch.setattr(sys, "stdout", stdout)
     print_json({"text": "café 世界"})
-    assert stdout.getvalue() == '{"text": "café 世界"}\n' and stdout.flushes == 1
+    assert stdout.getvalue() == '{"text": "café 世界"}\n' and stdout.flushed == [stdout.getvalue()]
     print_json({"n": 1}, file=other)
     assert other.getvalue() == '{"n": 1}\n' and stdout.getvalue().count("\n") == 1
 
@@ -138,18 +140,6 @@ def test_a_templated_prompt_is_fed_with_the_bos_its_template_writes_and_no_secon
                        "--window-size", "8", "--compile", "never"])
     assert status == 0
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 4  # <s> user: hello assistant:
-
-
-class Recorder(io.StringIO):
-    """A text stream that keeps what it held at each flush."""
-
-    def __init__(self):
-        super().__init__()
-        self.flushed: list[str] = []
-
-    def flush(self) -> None:
-        self.flushed.append(self.getvalue())
-        super().flush()
 
 
 class GivenAnswersChat:

@@ -228,16 +228,24 @@ def test_fingerprint_tells_weights_apart_and_ignores_where_and_how_a_model_was_l
         check_same_model({"model": "m", "model_fingerprint": "abc"}, fingerprint, "x.json")
 
 
+def git(folder, *commands) -> None:
+    """Run each git command (a list of arguments) in `folder` as a fixed author, quietly; any failure fails the test."""
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin"}
+    for command in commands:
+        subprocess.run(["git", *command], cwd=folder, check=True, env=env, capture_output=True)
+
+
 def test_git_commit_marks_a_dirty_tree(tmp_path):
     import subprocess
 
     from streaming_llm.eval.results import git_commit
 
     assert git_commit(tmp_path) is None  # not a repository
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     (tmp_path / "f.txt").write_text("a")
-    for command in (["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "x"]):
-        subprocess.run(["git", *command], cwd=tmp_path, check=True, env={**env, "PATH": "/usr/bin:/bin"})
+    git(tmp_path, ["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "x"])
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     assert git_commit(tmp_path) == head
     (tmp_path / "f.txt").write_text("b")
@@ -247,17 +255,13 @@ def test_git_commit_marks_a_dirty_tree(tmp_path):
 def test_git_commit_of_a_package_the_repository_does_not_track_is_none(tmp_path):
     """A wheel installed in a virtual environment inside a user's own repository: that project's HEAD was recorded
     in every result file as this code's commit."""
-    import subprocess
-
     from streaming_llm.eval.results import git_commit
 
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     (tmp_path / ".gitignore").write_text(".venv/\n")
     package = tmp_path / ".venv" / "lib" / "site-packages" / "streaming_llm"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    for command in (["init", "-q"], ["add", ".gitignore"], ["commit", "-q", "-m", "x"]):
-        subprocess.run(["git", *command], cwd=tmp_path, check=True, env={**env, "PATH": "/usr/bin:/bin"})
+    git(tmp_path, ["init", "-q"], ["add", ".gitignore"], ["commit", "-q", "-m", "x"])
     assert git_commit(tmp_path) is not None and git_commit(package) is None
 
 

@@ -12,6 +12,7 @@ import torch
 
 from streaming_llm.eval import results
 from streaming_llm.eval.results import prepare_output_dir, read_result, result_stem, write_json_atomically, write_result
+from test_eval_results import git
 
 DATA = {"name": "random", "kind": "test", "sha256": "0123456789abcdef"}
 
@@ -150,19 +151,10 @@ def test_a_fingerprint_does_not_depend_on_the_order_of_the_config_fields(llama_m
 # --- what a record says about where it was made -------------------------------------------------------------------
 
 
-def _git(folder, *commands):
-    import subprocess
-
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": "/usr/bin:/bin"}
-    for command in commands:
-        subprocess.run(["git", *command], cwd=folder, check=True, env=env, capture_output=True)
-
-
 def test_a_repository_without_a_commit_has_no_commit_to_record(tmp_path):
     """`git rev-parse HEAD` fails there (and prints "HEAD"): the record says null, not "HEAD+dirty"."""
     (tmp_path / "f.txt").write_text("a")
-    _git(tmp_path, ["init", "-q"], ["add", "f.txt"])
+    git(tmp_path, ["init", "-q"], ["add", "f.txt"])
     assert results.git_commit(tmp_path) is None
 
 
@@ -171,7 +163,7 @@ def test_git_commit_prints_nothing_of_gits_own_output(tmp_path, capfd):
     shown to the user of eval."""
     (tmp_path / ".gitignore").write_text("untracked/\n")
     (tmp_path / "untracked").mkdir()
-    _git(tmp_path, ["init", "-q"], ["add", ".gitignore"], ["commit", "-q", "-m", "x"])
+    git(tmp_path, ["init", "-q"], ["add", ".gitignore"], ["commit", "-q", "-m", "x"])
     capfd.readouterr()
     assert results.git_commit(tmp_path) is not None and results.git_commit(tmp_path / "untracked") is None
     assert capfd.readouterr() == ("", "")
