@@ -415,3 +415,38 @@ def test_the_compile_counters_count_graphs_and_cuda_graph_skips_only(monkeypatch
     counters["stats"]["unique_graphs"] = 3
     counters["inductor"].update(cudagraph_skips=2, fxgraph_cache_miss=5)
     assert _compile_counters() == {"unique_graphs": 3, "cudagraph_skips": 2}
+
+
+@pytest.mark.parametrize("shape, dims, extra", [
+    # SmolLM2-135M: 30 layers, 9 query heads sharing 3 kv heads of 64, a tied 49,152-token embedding, RoPE base 10^5
+    ("smollm2-135m", dict(hidden_size=576, intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                          tie_word_embeddings=True), dict(layers=30, heads=9, kv_heads=3, head_dim=64, theta=100000.0)),
+    # Pythia-70M: 6 layers, 8 heads of 64, a quarter of each head rotated, parallel residual
+    ("pythia-70m", dict(hidden_size=512, intermediate_size=2048, vocab_size=50304, max_position_embeddings=2048,
+                        use_parallel_residual=True), dict(layers=6, heads=8, kv_heads=8, head_dim=64, theta=10000)),
+    # Llama-2-7B: 32 layers, 32 heads of 128 (no GQA), 11,008 MLP; positions raised to 8192 to time a 4096 cache
+    ("llama-2-7b", dict(hidden_size=4096, intermediate_size=11008, vocab_size=32000, max_position_embeddings=8192),
+     dict(layers=32, heads=32, kv_heads=32, head_dim=128, theta=10000.0)),
+])
+def test_each_shape_is_the_published_models(shape, dims, extra):
+    """The random-weight shapes time the models they are named after (docs/performance.md's numbers): their attention,
+    MLP and vocabulary as published; no weights are built."""
+    from streaming_llm.models import attention_shape
+
+    config = latency.shape_config(shape)
+    assert {name: getattr(config, name) for name in dims} == dims
+    attention = attention_shape(config)
+    assert (attention.layers, attention.heads, attention.kv_heads, attention.head_dim) == (
+        extra["layers"], extra["heads"], extra["kv_heads"], extra["head_dim"])
+    rope = config.rope_parameters
+    assert rope["rope_theta"] == extra["theta"] and rope.get("partial_rotary_factor", 1.0) == (
+        0.25 if shape == "pythia-70m" else 1.0)
+    assert config._attn_implementation == "sdpa"
+
+
+def test_the_gemma3_shapes_mlp_vocabulary_and_positions():
+    """The gemma3-1b-attention shape cuts Gemma 3 1B's MLP to 1,152 and its vocabulary to 4,096 (so that a CPU times
+    it) and keeps its 32,768 positions and query scale of 256 (its attention, test_bench.py checks)."""
+    config = latency.shape_config("gemma3-1b-attention")
+    assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings,
+            config.query_pre_attn_scalar) == (1152, 4096, 32768, 256)
