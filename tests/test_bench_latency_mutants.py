@@ -450,3 +450,24 @@ def test_the_gemma3_shapes_mlp_vocabulary_and_positions():
     config = latency.shape_config("gemma3-1b-attention")
     assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings,
             config.query_pre_attn_scalar) == (1152, 4096, 32768, 256)
+
+
+def test_a_model_given_is_the_model_timed(fake_bench, monkeypatch, capsys, tmp_path):
+    """--model PATH (with the embedded shape) loads and times that model, never the embedded one (which a real run
+    would then time for minutes: the mutation campaign saw a timeout, not a failure)."""
+    import streaming_llm.loading
+
+    loaded = []
+
+    def load_model(path, dtype, device):
+        loaded.append((path, dtype, device))
+        return fake_bench.model, None
+
+    def build_model(shape, dtype, device):
+        raise AssertionError(f"built the {shape} model")
+
+    monkeypatch.setattr(streaming_llm.loading, "load_model", load_model)
+    monkeypatch.setattr(latency, "build_model", build_model)
+    status, _, err, report = fake_bench(capsys, tmp_path, "--model", "some/model", "--cache-sizes", "16", "--quiet")
+    assert status == 0, err
+    assert loaded == [("some/model", torch.float32, "cpu")] and report["model"] == "some/model"
