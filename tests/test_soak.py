@@ -323,3 +323,17 @@ def test_the_soak_freezes_what_came_before_and_unfreezes_it_after():
     with pytest.raises(KeyboardInterrupt):
         soak.run_soak(wrapper, source, num_tokens=100, every=25, block_size=25, warmup_tokens=25)
     assert gc.get_freeze_count() == 0
+
+
+def test_the_tiny_chat_model_is_saved_without_a_progress_bar(tmp_path, capfd):
+    """transformers' "Writing model shards" bar went to stderr; a test that built the shared tiny checkpoint first and
+    then counted its command's stderr lines failed by test order. Saved quietly now, with the bars' setting kept."""
+    from transformers.utils import logging as hf_logging
+
+    from streaming_llm.bench.soak import save_tiny_chat_llama
+
+    assert hf_logging.is_progress_bar_enabled()
+    folder = save_tiny_chat_llama(tmp_path / "tiny")
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert capfd.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()

@@ -68,13 +68,14 @@ def build_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
 def save_tiny_chat_llama(folder, seed: int = 0):
     """Save a 2-layer random Llama whose vocabulary is the embedded SmolLM2 tokenizer's, with that tokenizer and
     its chat template, to `folder`: a model folder any command takes (`--model FOLDER`), ~25x faster than the
-    embedded model on the same code paths. Returns the folder as a Path."""
+    embedded model on the same code paths. Returns the folder as a Path. Quiet: transformers' "Writing model
+    shards" bar is not shown."""
     from pathlib import Path
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from streaming_llm.bench.latency import TINY_LLAMA
-    from streaming_llm.loading import embedded_tokenizer
+    from streaming_llm.loading import _quiet_transformers, embedded_tokenizer
 
     tokenizer = embedded_tokenizer()
     torch.manual_seed(seed)
@@ -82,8 +83,9 @@ def save_tiny_chat_llama(folder, seed: int = 0):
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=end_of_message, pad_token_id=end_of_message, **TINY_LLAMA)
     folder = Path(folder)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with _quiet_transformers():
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return folder
 
 
