@@ -19,7 +19,9 @@ comparison (< <=, > >=, == !=), arithmetic (+ -, * /, += -=), integer literal (0
 True <-> False, and <-> or, min <-> max, `not` dropped.
 
 It edits the file in place and puts it back after each mutant (also on Ctrl-C), so run it in a clean checkout
-or worktree of its own: it refuses a file with uncommitted changes. Standalone, not a test: one process and the
+or worktree of its own: it refuses a file with uncommitted changes. SIGTERM and SIGHUP put the file back as Ctrl-C does,
+and so does SIGINT in a background job (whose shell made it ignore SIGINT). Pytest options for every run (`-k`,
+`--deselect`) go in PYTEST_ADDOPTS: `--tests` takes paths and node ids. Standalone, not a test: one process and the
 tests' own single thread (the machine is shared).
 """
 
@@ -33,6 +35,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +159,7 @@ def campaign(args) -> None:
         chosen = [m for m in chosen if m["id"] in wanted]
     if args.sample and args.sample < len(chosen):
         chosen = sorted(random.Random(args.seed).sample(chosen, args.sample), key=lambda m: (m["file"], m["line"]))
+    _stop_on_signals()
     pycache = tempfile.TemporaryDirectory(prefix="mutant-pyc-")
     baseline, seconds = run_tests(args.tests, 3600, pycache.name)
     if baseline != "survived":
@@ -190,6 +194,17 @@ def campaign(args) -> None:
             if outcome == "survived":
                 print(f"SURVIVED {m['id']} line {m['line']}: {m['source_line'].strip()}  ->  "
                       f"{m['mutated_line'].strip()}", flush=True)
+
+
+def _stop_on_signals() -> None:
+    """Stop as on Ctrl-C (the mutated file is put back, the pytest run is killed) on SIGTERM, SIGHUP and SIGINT, also
+    where a background job was started with SIGINT ignored."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 def summarize(log_path: str) -> dict:

@@ -59,3 +59,23 @@ def test_the_compiled_file_it_deletes_is_the_one_python_writes(tmp_path, source_
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-c", "import m"], cwd=tmp_path, env=env, check=True)
     assert os.path.isfile(mutation_campaign.compiled_file(str(pycache), source_file))
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_campaign_stops_as_on_ctrl_c_on_termination_signals_also_in_a_background_job(signame):
+    """The file being mutated is put back in a `finally`, which runs on KeyboardInterrupt. A campaign started with
+    `nohup ... &` ignores SIGINT and SIGTERM used to kill it outright: the mutant stayed in the source file."""
+    import signal
+    import time
+
+    signum = getattr(signal, signame)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+    try:
+        mutation_campaign._stop_on_signals()
+        with pytest.raises(KeyboardInterrupt, match=signame):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
