@@ -33,8 +33,9 @@ def is_integer_tensor(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
-def check_token_ids(name: str, ids, min_length: int = 0) -> None:
-    """ValueError unless `ids` is an integer tensor of token ids of shape [1, n], n >= min_length."""
+def check_token_ids(name: str, ids, min_length: int = 1) -> None:
+    """ValueError unless `ids` is an integer tensor of token ids of shape [1, n], n >= min_length (an empty input
+    is refused here, not by a torch error inside the model)."""
     import torch
 
     if torch.is_tensor(ids):
@@ -43,5 +44,4 @@ def check_token_ids(name: str, ids, min_length: int = 0) -> None:
         got = f"shape {tuple(ids.shape)}, {ids.dtype}"
     else:
         got = type(ids).__name__
-    length = f", n >= {min_length}" if min_length else ""
-    raise ValueError(f"{name} must be an integer tensor of token ids of shape [1, n]{length}; got {got}")
+    raise ValueError(f"{name} must be an integer tensor of token ids of shape [1, n], n >= {min_length}; got {got}")

@@ -339,7 +339,7 @@ def kvpress_score_continuation(
     compression, as kvpress's pipeline answers a question; the cache is cut back afterwards, so one prefill
     can score several continuations.
     """
-    check_token_ids("continuation_ids", continuation_ids, min_length=1)
+    check_token_ids("continuation_ids", continuation_ids)
     length = continuation_ids.shape[1]
     context_cache_length = prefill.cache.get_seq_length()
     logits = prefill.last_logits[:, None]  # [1, 1, vocab]
