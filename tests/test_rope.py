@@ -99,25 +99,33 @@ def test_rerotation_composes():
     assert max_abs_diff(moved, rope(keys, positions - 50, frequencies)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("model_type", ["cohere", "glm"])
-def test_interleaved_rotary_is_rotate_half_after_one_permutation(model_type):
-    """An interleaved model's keys (Cohere: full, angles interleaved; GLM: half of each head, angles as [a, a]), as
-    its own RoPE rotates them: re-rotated in the model's order they land where the model puts them; in rotate-half
-    order with the model's angles brought to that order they are undone exactly; queries and keys permuted alike keep
-    every score."""
-    from tiny_models import build_llama_family
+@pytest.mark.parametrize("model_type", ["cohere", "cohere2", "glm", "glm4", "helium", "ernie4_5", "ernie4_5_moe",
+                                        "llama", "gpt_neox", "gemma3"])
+def test_a_models_keys_as_its_own_rope_rotates_them_are_rerotated_and_undone_in_its_layout(model_type):
+    """A model's keys, as its own RoPE rotates them (Cohere and Cohere 2: interleaved, angles interleaved; GLM, GLM-4,
+    Helium, ERNIE 4.5: interleaved, angles as [a, a], GLM's on half of each head; Llama, GPT-NeoX, Gemma 3's language
+    model: rotate-half): re-rotated in the model's order they land where the model puts them; in rotate-half order
+    with the model's angles brought to that order they are undone exactly; queries and keys permuted alike keep every
+    score. (Only Cohere and GLM were checked once: a wrong layout entry for any other type went unnoticed.)"""
+    from tiny_models import build_gemma3_multimodal, build_gpt_neox, build_llama_family
 
-    from streaming_llm.models import describe
+    from streaming_llm.models import adapter_for, attention_shape, describe
 
-    model = build_llama_family(model_type)
-    rotary = describe(model).rotary
-    assert rotary.interleaved and rotary.interleaved_angles == (model_type == "cohere")
+    builders = {"gpt_neox": build_gpt_neox, "gemma3": build_gemma3_multimodal}
+    model = builders[model_type]() if model_type in builders else build_llama_family(model_type)
+    architecture = describe(model)
+    rotary = architecture.rotary
+    assert rotary.interleaved == (model_type not in ("llama", "gpt_neox", "gemma3"))
+    assert rotary.interleaved_angles == (model_type in ("cohere", "cohere2"))
     apply = importlib.import_module(type(model).__module__).apply_rotary_pos_emb  # the model's own RoPE
-    raw = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(3))  # [batch, heads, seq, head_dim]
+    head_dim = attention_shape(model.config).head_dim
+    raw = torch.randn(1, 2, 5, head_dim, generator=torch.Generator().manual_seed(3))  # [batch, heads, seq, head_dim]
     positions = torch.tensor([[0, 3, 7, 20, 41]])
+    rotary_emb = adapter_for(model.config).rotary_embedding(model)
+    per_type = {"layer_type": architecture.attention_modules[0].layer_type} if model_type == "gemma3" else {}
 
     def model_rope(x, shift=0):
-        cos, sin = model.model.rotary_emb(x, positions + shift)
+        cos, sin = rotary_emb(x, positions + shift, **per_type)
         return apply(x, x, cos, sin)[0], cos, sin
 
     rotated, cos, sin = model_rope(raw)
@@ -125,6 +133,6 @@ def test_interleaved_rotary_is_rotate_half_after_one_permutation(model_type):
     undone = rotary.unrotate(rotary.to_half_layout(rotated), rotary.model_angles(cos), rotary.model_angles(sin))
     assert max_abs_diff(undone, rotary.to_half_layout(raw)) <= 1e-5
     assert torch.equal(rotary.to_model_layout(rotary.to_half_layout(raw)), raw)
-    query = torch.randn(1, 2, 1, 16, generator=torch.Generator().manual_seed(4))
+    query = torch.randn(1, 2, 1, head_dim, generator=torch.Generator().manual_seed(4))
     scores = query @ rotated.transpose(-1, -2)
     assert max_abs_diff(rotary.to_half_layout(query) @ rotary.to_half_layout(rotated).transpose(-1, -2), scores) <= 1e-5
