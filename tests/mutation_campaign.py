@@ -19,7 +19,8 @@ comparison (< <=, > >=, == !=), arithmetic (+ -, * /, += -=), integer literal (0
 True <-> False, and <-> or, min <-> max, `not` dropped.
 
 It edits the file in place and puts it back after each mutant (also on Ctrl-C), so run it in a clean checkout
-or worktree of its own: it refuses a file with uncommitted changes. SIGTERM and SIGHUP put the file back as Ctrl-C does,
+or worktree of its own: it refuses a file with uncommitted changes. While it runs, any other test run in that
+checkout tests the current mutant, so try new tests in another copy. SIGTERM and SIGHUP put the file back as Ctrl-C does,
 and so does SIGINT in a background job (whose shell made it ignore SIGINT). Pytest options for every run (`-k`,
 `--deselect`) go in PYTEST_ADDOPTS: `--tests` takes paths and node ids. Standalone, not a test: one process and the
 tests' own single thread (the machine is shared).
@@ -229,8 +230,8 @@ def main() -> None:
     parser.add_argument("--tests", nargs="+", help="pytest arguments: the tests each mutant runs")
     parser.add_argument("--sample", type=int, help="run a seeded random sample of this many mutants")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="+", metavar="ID", help="run just these mutants (FILE:NUMBER)")
-    parser.add_argument("--minutes", type=float, default=0, help="stop after this long (0: no limit)")
+    parser.add_argument("--only", nargs="+", metavar="ID", help="run just these mutants (FILE:NUMBER), in source order")
+    parser.add_argument("--minutes", type=float, default=0, help="stop after this long, counted from the end of the unmutated run (0: no limit)")
     parser.add_argument("--log", default="mutation_log.jsonl")
     parser.add_argument("--list", nargs="+", metavar="FILE", help="print the mutants of these files")
     parser.add_argument("--show", metavar="ID", help="print one mutant as a diff")
