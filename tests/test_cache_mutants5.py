@@ -212,3 +212,37 @@ def test_compress_and_the_mask_sizes_default_to_the_first_layer():
     one_layer = make_wrapper(build_llama_family("llama", num_hidden_layers=1), 2, 4)
     one_layer(random_ids(9, seed=12)[None])
     assert one_layer.cache.get_mask_sizes(torch.arange(9, 10)) == (6 + 1, 0)
+
+
+def test_the_fused_cpu_kernel_takes_every_block_without_new_sink_tokens_and_nothing_else():
+    """The fused CPU flash path (a speed path: its numbers equal the general path's, so only this predicate shows
+    whether it is taken) is for float32 and bfloat16 on the CPU outside autocast, for any block whose first token
+    is at or after the sinks, the block that begins right after them included."""
+    from streaming_llm.cache import _can_use_fused_cpu_attention
+    from streaming_llm.positions import PositionPolicy
+
+    policy = PositionPolicy("pos_shift", 4, 8)
+    query = torch.zeros(1, 2, 3, 8)
+    assert _can_use_fused_cpu_attention(query, torch.tensor([4, 5, 6]), policy)
+    assert _can_use_fused_cpu_attention(query.bfloat16(), torch.tensor([20, 21, 22]), policy)
+    assert not _can_use_fused_cpu_attention(query, torch.tensor([3, 4, 5]), policy)  # a new sink token
+    assert not _can_use_fused_cpu_attention(query.half(), torch.tensor([4, 5, 6]), policy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _can_use_fused_cpu_attention(query, torch.tensor([4, 5, 6]), policy)
+
+
+def test_grouped_attention_is_each_query_heads_attention_in_its_place():
+    """grouped_attention (the written-out path for soft-capped and sink-logit models) gives [batch, heads, n, dv],
+    query head h attending kv head h // groups, for a batch, head count and block length that all differ."""
+    from streaming_llm.cache import grouped_attention
+
+    generator = torch.Generator().manual_seed(5)
+    batch, heads, kv_heads, n, m, dim = 3, 4, 2, 5, 7, 8
+    query = torch.randn(batch, heads, n, dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, m, dim, generator=generator)
+    values = torch.randn(batch, kv_heads, m, dim, generator=generator)
+    expanded_keys, expanded_values = keys.repeat_interleave(2, dim=1), values.repeat_interleave(2, dim=1)
+    want = ((query @ expanded_keys.transpose(-1, -2)) * 0.5).softmax(-1) @ expanded_values
+    got = grouped_attention(query, keys, values, 0.5)
+    assert got.shape == (batch, heads, n, dim)
+    assert torch.allclose(got, want, atol=1e-5)

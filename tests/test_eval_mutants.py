@@ -535,3 +535,15 @@ def test_a_recompute_sample_timed_at_zero_seconds_has_infinite_speed(llama_model
     run = run_recompute_sample(llama_model, random_ids(30, seed=7)[None], num_samples=2, model_name="tiny-llama",
                                data=DATA, n_sink=2, window_size=6, output_dir=tmp_path)
     assert run.record["wall_s"] == 0.0 and run.record["tokens_per_s"] == float("inf")
+
+
+def test_a_registered_method_cannot_be_changed_by_a_caller():
+    """METHODS is one registry for every run in the process: a Method is frozen, so no caller can change how another
+    run's method is fed or built."""
+    import dataclasses
+
+    from streaming_llm.eval.methods import METHODS
+
+    for method in METHODS.values():
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            method.feed = "decode"
