@@ -13,16 +13,18 @@ import copy
 import pytest
 import torch
 
+from test_fast_path import make_fast as fast_path_wrapper
 from tiny_models import feed_stream, make_wrapper, max_abs_diff, random_ids
 
 from streaming_llm import fast as fast_module
-from streaming_llm.fast import DECODE_ATTENTION, FastStreamingWrapper, decode_attention
+from streaming_llm.fast import DECODE_ATTENTION, decode_attention
 
 N_SINK, WINDOW_SIZE = 2, 6
 
 
-def make_fast(model, n_sink=N_SINK, window_size=WINDOW_SIZE, **options):
-    return FastStreamingWrapper(copy.deepcopy(model), n_sink=n_sink, window_size=window_size, compile="never", **options)
+def make_fast(model, n_sink=N_SINK, window_size=WINDOW_SIZE, compile="never", **options):
+    """test_fast_path's fast wrapper over a copy of the model, with this file's sizes, eager unless told otherwise."""
+    return fast_path_wrapper(model, n_sink, window_size, compile=compile, **options)
 
 
 def naive_attention(query, key, value, mask, scaling):
@@ -148,7 +150,7 @@ def test_a_compiled_wrapper_freezes_no_weights_unless_asked(llama_model, monkeyp
     frozen_steps = []
     monkeypatch.setattr(torch, "compile", lambda function, **options: function)
     monkeypatch.setattr(fast_module, "frozen", lambda step: frozen_steps.append(step) or step)
-    wrapper = FastStreamingWrapper(copy.deepcopy(llama_model), 2, 4, compile="always")
+    wrapper = make_fast(llama_model, 2, 4, compile="always")
     assert wrapper.freeze_weights is False
     ids = random_ids(10, seed=5)[None]
     for t in range(ids.shape[1]):
@@ -333,7 +335,7 @@ def test_a_step_torch_compile_refuses_is_named_by_the_first_line_of_its_error(ll
         return call
 
     monkeypatch.setattr(torch, "compile", refusing)
-    fast = FastStreamingWrapper(copy.deepcopy(llama_model), N_SINK, WINDOW_SIZE, compile="always")
+    fast = make_fast(llama_model, compile="always")
     input_ids = random_ids(3, seed=72)[None]
     fast(input_ids[:, :N_SINK])
     with pytest.raises(ValueError) as error:
@@ -377,7 +379,7 @@ def test_every_compiled_step_is_compiled_as_one_whole_graph(llama_model, monkeyp
     options_seen = []
     monkeypatch.setattr(torch, "compile", lambda function, **options: options_seen.append(options) or function)
     monkeypatch.setattr(fast_module, "GraphedStep", RefusedCapture if step_kind == "cuda_graph_trees" else ReplayedGraph)
-    fast = FastStreamingWrapper(copy.deepcopy(llama_model), N_SINK, WINDOW_SIZE, compile="always")
+    fast = make_fast(llama_model, compile="always")
     assert fast.step_kind == "compiled"
     fast.step_kind = "cuda_graph" if step_kind != "compiled" else step_kind
     input_ids = random_ids(20, seed=74)
