@@ -528,8 +528,10 @@ def test_every_option_of_every_command_is_described_with_its_default(capsys):
 
 def assert_options_described(parser, name: str) -> None:
     """Every option of `parser` (the program `name`) has help, and one whose default is a value (not None, off or
-    empty) names it there."""
+    empty) names it there; where the help writes "(default X", X is that value (`plot --smooth` wrote its 256 by
+    hand)."""
     import argparse
+    import re
 
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -538,6 +540,15 @@ def assert_options_described(parser, name: str) -> None:
         assert action.help, f"{label} has no help"
         if action.default not in (None, False, []):
             assert "default" in action.help, f"{label} does not say its default {action.default!r}"
+            stated = re.search(r"\(default:? ([^);]+)", action.help)
+            if stated:
+                value = action.default
+                if isinstance(value, (int, float)):
+                    number = re.match(r"-?[\d.]+", stated[1])
+                    agrees = number is not None and float(number[0]) == value
+                else:
+                    agrees = stated[1].startswith(",".join(map(str, value)) if isinstance(value, list) else value)
+                assert agrees, f"{label} says its default is {stated[1]!r}, not {value!r}"
 
 
 def test_missing_optional_commands_are_skipped(monkeypatch, capsys):

@@ -1,0 +1,101 @@
+"""Gaps the sixth mutation round found in eval/kvpress_compare.py and eval/command.py (docs/reliability.md §8)."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_cli import assert_one_line_error, run_main
+from tiny_models import build_llama_family, random_ids
+
+from streaming_llm.eval import kvpress_compare
+
+
+def test_kept_stream_positions_of_a_context_that_fits_are_all_of_them():
+    """StreamingLLM keeps a context no longer than n_sink + window_size whole; past it, the sinks and the last window."""
+    assert torch.equal(kvpress_compare.kept_stream_positions(5, 2, 6), torch.arange(5))
+    assert torch.equal(kvpress_compare.kept_stream_positions(8, 2, 6), torch.arange(8))
+    assert kvpress_compare.kept_stream_positions(12, 2, 6).tolist() == [0, 1, 6, 7, 8, 9, 10, 11]
+
+
+def test_the_rerotation_timing_is_the_median_of_the_timed_calls(monkeypatch):
+    """One untimed warm-up call, then `repeats` timed ones; the median of their durations (a fake clock)."""
+    ticks = iter([10.0, 10.5, 20.0, 20.1, 30.0, 30.3])
+    monkeypatch.setattr(kvpress_compare, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    calls = []
+    assert kvpress_compare._median_seconds(lambda: calls.append(None), 3) == pytest.approx(0.3)
+    assert len(calls) == 4
+
+
+def test_the_layer0_comparison_sees_a_streamed_key_that_is_off(llama_model, monkeypatch):
+    """The layer-0 keys of our streaming cache are compared with kvpress's by their largest difference: one feature of
+    one kept key off by 0.1 is reported as 0.1 in both storing modes. Without timing_repeats the rerotations are timed
+    20 times, as eval_kvpress.py's --timing-repeats default."""
+    pytest.importorskip("kvpress")
+    from streaming_llm.cache import StreamingKVCache
+
+    compress = StreamingKVCache.compress
+
+    def off_compress(self, layer_idx=0):
+        keys, values = compress(self, layer_idx)
+        keys = keys.clone()
+        keys[..., 3, 0] += 0.1
+        return keys, values
+
+    monkeypatch.setattr(StreamingKVCache, "compress", off_compress)
+    ids = random_ids(52, seed=12)[None]
+    report = kvpress_compare.compare_prefill_protocol(copy.deepcopy(llama_model), ids, 40, 12, 2, 8)
+    for mode in ("rerotate", "pos_shift"):
+        layer0 = report["keys"]["layer0_streaming_cache_compress"][mode]
+        assert layer0["kept_positions_equal"]
+        assert layer0["max_abs_delta_keys_vs_kvpress"] == pytest.approx(0.1, abs=1e-5)
+    assert report["rerotation_timing"]["repeats"] == 20
+
+
+def test_the_comparison_reports_the_largest_key_and_nlls_to_six_decimals(llama_model):
+    """max_abs_key, the scale the key differences are read against, is the largest |key| kvpress keeps in any layer;
+    the per-token NLLs are written rounded to 6 decimals."""
+    pytest.importorskip("kvpress")
+    from streaming_llm.eval.kvpress_adapters import kvpress_prefill_compress
+
+    ids = random_ids(52, seed=12)[None]
+    report = kvpress_compare.compare_prefill_protocol(copy.deepcopy(llama_model), ids, 40, 12, 2, 8, timing_repeats=1)
+    layers = kvpress_prefill_compress(copy.deepcopy(llama_model), ids[:, :40], 2, 8).cache.layers
+    per_layer = [float(layer.keys.abs().max()) for layer in layers]
+    assert per_layer[0] != per_layer[1]
+    assert report["keys"]["max_abs_key"] == max(per_layer)
+    nlls = report["continuation_nlls"]
+    assert set(nlls) == {"kvpress_rerotate", "kvpress_no_rerotate", "dense", "ours_same_protocol", "ours_streaming"}
+    for values in nlls.values():
+        assert len(values) == 12 and all(value == round(value, 6) for value in values)
+    assert any(value != round(value, 5) for values in nlls.values() for value in values)
+
+
+def test_the_layer0_comparison_reads_layer_0_of_a_hybrid_model():
+    """A Qwen2 whose second layer slides within 6 at capacity 10: that layer keeps other positions than layer 0, which
+    the layer-0 comparison is about (its kept positions equal kvpress's)."""
+    pytest.importorskip("kvpress")
+    model = build_llama_family("qwen2", sliding_window=6, use_sliding_window=True, max_window_layers=1)
+    report = kvpress_compare.compare_prefill_protocol(model, random_ids(52, seed=1)[None], 40, 12, 2, 8, timing_repeats=1)
+    for mode in ("rerotate", "pos_shift"):
+        assert report["keys"]["layer0_streaming_cache_compress"][mode]["kept_positions_equal"], mode
+
+
+def test_the_smallest_accepted_eval_counts_pass_the_usage_checks(tmp_path, capsys):
+    """--num-tokens, --recompute-tokens and --decode-tokens of 2, --block-size 1 (the decode loop) and
+    --recompute-samples 1 pass the bounds: the next check (an unknown method) answers."""
+    argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"),
+            "--num-tokens", "2", "--recompute-tokens", "2", "--decode-tokens", "2", "--block-size", "1",
+            "--recompute-samples", "1", "--methods", "no_such_method"]
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, "unknown method(s) no_such_method")
+
+
+@pytest.mark.parametrize("option", ["--block-size", "--recompute-samples"])
+def test_an_eval_count_of_zero_is_refused(tmp_path, capsys, option):
+    argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"), option, "0",
+            "--methods", "no_such_method"]
+    status, _, err = run_main(capsys, *argv)
+    assert_one_line_error(status, err, f"{option} must be >= 1, got 0")
