@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run_main
+from test_cli import assert_one_line_error, run_main, tiny_checkpoint
 from tiny_models import build_llama_family, random_ids
 
 from streaming_llm.eval import kvpress_compare
@@ -99,3 +100,64 @@ def test_an_eval_count_of_zero_is_refused(tmp_path, capsys, option):
             "--methods", "no_such_method"]
     status, _, err = run_main(capsys, *argv)
     assert_one_line_error(status, err, f"{option} must be >= 1, got 0")
+
+
+def test_a_sampled_recompute_run_first_is_reported_as_it_is_written(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """On a terminal each result is reported when it is written, also a sampled recompute that is the first run."""
+    from test_eval_command import STREAM
+
+    from streaming_llm import cli_common
+
+    monkeypatch.setattr(cli_common, "show_progress", lambda args: True)
+    argv = ["eval", "--model", str(tiny_checkpoint(tmp_path_factory)), *STREAM, "--methods", "recompute,dense",
+            "--recompute-samples", "3", "--output-dir", str(tmp_path / "out")]
+    status, out, err = run_main(capsys, *argv)
+    runs = json.loads(out)["results"]
+    assert status == 0 and [(run["method"], run["evaluator"]) for run in runs] == [("recompute", "sample3"),
+                                                                                    ("dense", "block32")]
+    reported = [line.split(" -> ")[1] for line in err.splitlines() if ": ppl " in line]
+    assert reported == [run["json_path"] for run in runs]
+
+
+def test_the_eval_table_has_as_many_columns_in_every_line():
+    """The markdown table `eval` prints without --json: its separator has the header's seven columns, as each row."""
+    from streaming_llm.eval.command import format_table
+
+    record = {"method": "dense", "evaluator": "block32", "num_tokens": 120, "perplexity": 2.0, "tokens_per_s": 10.0,
+              "wall_s": 1.0, "peak_memory_mib": None}
+    lines = format_table([record, {**record, "method": "window", "peak_memory_mib": 12.0}]).splitlines()
+    assert len(lines) == 4 and lines[1] == "|---|---|---|---|---|---|---|"
+    assert {line.count("|") for line in lines} == {8}
+
+
+def test_plot_called_without_a_json_option_prints_the_figure_path(tmp_path, capsys):
+    """run_plot from a parser that has no --json (registered elsewhere than the CLI) prints the figure's path."""
+    import argparse
+
+    from test_plots import _result
+
+    from streaming_llm.eval.command import register
+
+    _result(tmp_path, "dense", [1.0, 2.0, 3.0])
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"), argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(["plot", str(tmp_path), "--output", str(tmp_path / "f.png"), "--smooth", "1"])
+    assert args.handler(args) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'f.png'}\n"
+
+
+def test_the_committed_bos_results_are_the_eval_defaults():
+    """docs/evaluation.md: results/bos is `streaming-llm eval --bos no --output-dir results/bos`, every other option on
+    its default; its results hold the default methods, stream length, cache and block size."""
+    from test_committed_results import RESULTS
+
+    from streaming_llm import cli
+    from streaming_llm.eval.methods import DEFAULT_METHODS
+    from streaming_llm.eval.results import read_result
+
+    args = cli.build_parser().parse_args(["eval", "--bos", "no", "--output-dir", "results/bos"])
+    records = [read_result(path)[0] for path in sorted((RESULTS / "bos").glob("*.json"))]
+    assert sorted(record["method"] for record in records) == sorted(DEFAULT_METHODS) == sorted(args.methods.split(","))
+    for record in records:
+        assert (record["num_tokens"], record["n_sink"], record["window_size"], record["evaluator"]) == (
+            args.num_tokens, args.n_sink, args.window_size, f"block{args.block_size}"), record["method"]
