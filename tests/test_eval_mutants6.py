@@ -6,12 +6,18 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import test_plots
 import torch
 from test_cli import assert_one_line_error, run_main, tiny_checkpoint
+from test_plots import _result, _sampled
 from tiny_models import build_llama_family, random_ids
 
 from streaming_llm.eval import kvpress_compare
+from streaming_llm.eval.plots import moving_average, plot_nll_curves
+
+figures = test_plots.figures  # the fixture: the figures plot_nll_curves closes, kept open
 
 
 def test_kept_stream_positions_of_a_context_that_fits_are_all_of_them():
@@ -134,8 +140,6 @@ def test_plot_called_without_a_json_option_prints_the_figure_path(tmp_path, caps
     """run_plot from a parser that has no --json (registered elsewhere than the CLI) prints the figure's path."""
     import argparse
 
-    from test_plots import _result
-
     from streaming_llm.eval.command import register
 
     _result(tmp_path, "dense", [1.0, 2.0, 3.0])
@@ -161,3 +165,45 @@ def test_the_committed_bos_results_are_the_eval_defaults():
     for record in records:
         assert (record["num_tokens"], record["n_sink"], record["window_size"], record["evaluator"]) == (
             args.num_tokens, args.n_sink, args.window_size, f"block{args.block_size}"), record["method"]
+
+
+def test_a_moving_average_over_one_token_is_the_values_themselves():
+    """--smooth 1 draws the NLLs as they are: not through differences of a running sum, which round 0.2 to
+    0.20000000000000004."""
+    values = np.array([0.1, 0.2, 0.3, 0.7])
+    assert moving_average(values, 1).tolist() == values.tolist()
+    assert moving_average(values, 2).tolist() == pytest.approx([0.1, 0.15, 0.25, 0.5])
+
+
+def test_eval_plot_smooths_as_plot_does_by_default(tmp_path, figures):
+    """`eval --plot` draws with plot_nll_curves' default width, which is `plot --smooth`'s default."""
+    from streaming_llm import cli
+
+    nlls = [float(step % 7) for step in range(299)]
+    plot_nll_curves([_result(tmp_path, "dense", nlls)], tmp_path / "f.png")
+    smooth = cli.build_parser().parse_args(["plot"]).smooth
+    (line,) = figures[0].axes[0].get_lines()
+    assert line.get_ydata().tolist() == moving_average(np.array(nlls), smooth).tolist()
+    assert f"moving average over {smooth} tokens" in figures[0].axes[0].get_ylabel()
+
+
+def test_one_configuration_keeps_each_methods_line_style(tmp_path, figures):
+    """Line styles tell configurations apart only where there are several; with one, each method keeps its own."""
+    files = [_result(tmp_path, method, [1.0, 2.0, 3.0]) for method in ("streaming_rerotate", "mit", "dense")]
+    plot_nll_curves(files, tmp_path / "f.png", window=1)
+    styles = {line.get_label().split(" ")[0]: line.get_linestyle() for line in figures[0].axes[0].get_lines()}
+    assert styles == {"dense": "-", "streaming_rerotate": "--", "mit": ":"}
+
+
+def test_the_lower_panel_draws_each_configuration_in_its_line_style(tmp_path, figures):
+    """Two configurations of one capacity (n_sink 1 + window 3, n_sink 2 + window 2) share a sampled recompute: their
+    differences from it are drawn in the configurations' line styles, as their curves are."""
+    files = [_result(tmp_path, "dense", [2.0] * 9), _result(tmp_path, "window", [1.0] * 9, n_sink=2, window_size=2),
+             _sampled(tmp_path, [2, 5], [0.5, 0.5])]
+    plot_nll_curves(files, tmp_path / "f.png", window=1)
+    upper, lower = figures[0].axes
+    drawn = [line for line in upper.get_lines() if not line.get_label().startswith("_")]
+    compared = [line for line in lower.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_linestyle() for line in drawn] == ["-", "--"]
+    assert [(line.get_label(), line.get_linestyle()) for line in compared] == [
+        (drawn[0].get_label().split(" (ppl")[0], "-"), (drawn[1].get_label().split(" (ppl")[0], "--")]
