@@ -19,14 +19,13 @@ every step by `StartRecentKVCache`, as MIT's code does.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streaming_llm.attention import cap_scores, expect_streaming_attention, expect_streaming_mask, softmax_with_sink_logits
-from streaming_llm.checks import check_int
+from streaming_llm.checks import check_int, warn_at_caller
 from streaming_llm.mit_cache import StartRecentKVCache
 from streaming_llm.positions import POSITION_MODES, PositionPolicy, visible_in_layer
 from streaming_llm.rope import RotaryParams, cos_sin, rerotate_keys, rotation_matrix
@@ -745,9 +744,9 @@ class StreamingKVCache(Cache):
             self._shared.clear()
             if key_states.requires_grad and not self._warned_autograd:
                 self._warned_autograd = True
-                warnings.warn("StreamingKVCache is run with autograd on: the cache is for inference, no gradient "
-                              "flows through its buffers (backward fails) and the autograd graph grows with the "
-                              "stream; run the model under torch.no_grad() or torch.inference_mode()", stacklevel=2)
+                warn_at_caller("StreamingKVCache is run with autograd on: the cache is for inference, no gradient "
+                               "flows through its buffers (backward fails) and the autograd graph grows with the "
+                               "stream; run the model under torch.no_grad() or torch.inference_mode()")
             # Passes run the layers in order: one that stopped part-way left the deepest layer behind the first.
             if self._depth > 0 and self.layers[self._depth].seen != self.layers[0].seen:
                 raise stopped_pass_error(self.layers[0].seen, self.layers[self._depth].seen)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +21,22 @@ def is_int(value) -> bool:
 def is_number(value) -> bool:
     """True for a real number (int, float, numpy's), False for bool and anything else."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn pointed at the first frame outside streaming_llm, transformers and torch: the line of the
+    user's code that led to it, however deep in those packages the warning is found (a fixed stacklevel named a
+    line inside one of them)."""
+    import torch
+    import transformers
+
+    import streaming_llm
+
+    packages = tuple(str(Path(module.__file__).parent) + os.sep for module in (streaming_llm, transformers, torch))
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn_at_caller's caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(packages):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def check_int(name: str, value, minimum: int, note: str = "") -> int:

@@ -28,7 +28,6 @@ import copy
 import functools
 import sys
 import types
-import warnings
 import weakref
 
 import torch
@@ -39,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from streaming_llm.attention import in_held_dtype, model_lock
 from streaming_llm.cache import (StreamingKVCache, grouped_attention, ring_layout, sliding_ring_size,
                                  stopped_pass_error, written_outside_inference_mode)
-from streaming_llm.checks import check_int
+from streaming_llm.checks import check_int, warn_at_caller
 from streaming_llm.choices import COMPILE_CHOICES, DECODE_ATTENTION
 from streaming_llm.models import attention_shape, compute_device, describe, is_mixture_of_experts, sliding_windows
 from streaming_llm.rope import RotaryParams, apply_rotation, cos_sin, rerotate_keys
@@ -895,8 +894,8 @@ class FastStreamingWrapper(StreamingLLMWrapper):
                 except COMPILE_ERRORS:
                     raise  # the step does not compile at all: reduce-overhead would not either
                 except RuntimeError as error:  # a capture this torch/driver refuses: torch.compile's own graphs
-                    warnings.warn(f"capturing the decode step in a CUDA graph failed ({error}); using "
-                                  "torch.compile(mode='reduce-overhead') instead", RuntimeWarning, stacklevel=3)
+                    warn_at_caller(f"capturing the decode step in a CUDA graph failed ({error}); using "
+                                   "torch.compile(mode='reduce-overhead') instead", RuntimeWarning)
                     self.step_kind = "cuda_graph_trees"
             if self.step_kind == "cuda_graph_trees":
                 function = TreesStep(self._compile(function, filling, mode="reduce-overhead", fullgraph=True))

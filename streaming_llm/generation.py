@@ -12,14 +12,13 @@ feeding each turn's new tokens only.
 from __future__ import annotations
 
 import time
-import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from streaming_llm.checks import check_int, is_int, is_integer_tensor
+from streaming_llm.checks import check_int, is_int, is_integer_tensor, warn_at_caller
 from streaming_llm.models import compute_device
 from streaming_llm.sampling import SamplingConfig
 
@@ -589,10 +588,9 @@ class StreamingChat:
                     "already consumed; use a template whose rendering of a conversation extends the rendering "
                     "of every earlier part"
                 )
-            warnings.warn(
+            warn_at_caller(
                 f"the chat template re-formats the last answer ({len(seen) - common} characters differ); "
-                "feeding the rendered conversation from the first difference",
-                stacklevel=3,
+                "feeding the rendered conversation from the first difference"
             )
             seen = rendered[:common]
         suffix = rendered[len(seen) :]

@@ -7,6 +7,7 @@ type in test_model_types.py.
 import copy
 import os
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -106,9 +107,11 @@ def test_failed_capture_falls_back_to_reduce_overhead(model, monkeypatch):
     fast = make_fast(model)
     fast.step_kind = "cuda_graph"
     input_ids = random_ids(30, seed=48)
-    with pytest.warns(RuntimeWarning, match="capturing the decode step in a CUDA graph failed"):
+    with pytest.warns(RuntimeWarning, match="capturing the decode step in a CUDA graph failed") as warned:
         streamed = feed_stream(fast, input_ids)
     assert fast.step_kind == "cuda_graph_trees"
+    # at tiny_models.feed_stream's call of the wrapper (the user's code), not in fast.py
+    assert [Path(record.filename).name for record in warned if "CUDA graph" in str(record.message)] == ["tiny_models.py"]
     assert max_abs_diff(streamed, feed_stream(make_wrapper(model, N_SINK, WINDOW_SIZE), input_ids)) <= TOLERANCE
 
 
@@ -1092,6 +1095,8 @@ def test_autograd_on_is_named_once(llama_model):
         for start in range(0, 12, 3):
             model(ids[:, start : start + 3], past_key_values=cache)
     assert sum("autograd on" in str(warning.message) for warning in caught) == 1
+    # at the model call above, not inside transformers' attention, which calls the cache's update
+    assert [warning.filename for warning in caught if "autograd on" in str(warning.message)] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(ids, past_key_values=StreamingKVCache(2, 4))  # under the tests' no_grad: silent
