@@ -721,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
             apply_threads(args)
             return int(args.handler(args) or 0)
     except SystemExit as exit_request:  # --help, --version, SIGTERM (sigterm_as_exit: status 143)
-        return exit_request.code if isinstance(exit_request.code, int) else 0
+        code = exit_request.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr, flush=True)  # sys.exit("message"): as Python ends on it, the message and 1
+        return 1
     except (UsageError, ValueError, OSError) as error:
         if isinstance(error, BrokenPipeError):  # stdout closed early, e.g. `| head`: stop quietly
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -131,11 +131,13 @@ def test_the_exit_status_is_the_one_the_commands_handler_returns(monkeypatch, re
     assert cli.main(["info"]) == expected
 
 
-@pytest.mark.parametrize("code, expected", [(None, 0), (5, 5)])
-def test_a_handler_that_calls_sys_exit_ends_the_command_with_that_status(monkeypatch, code, expected):
-    """sys.exit() in a handler is a successful end, as for any Python program; sys.exit(N) is status N."""
+@pytest.mark.parametrize("code, expected, err", [(None, 0, ""), (5, 5, ""), ("no model", 1, "no model\n")])
+def test_a_handler_that_calls_sys_exit_ends_the_command_with_that_status(monkeypatch, capsys, code, expected, err):
+    """sys.exit() in a handler is a successful end, as for any Python program; sys.exit(N) is status N; and
+    sys.exit("message") writes the message to stderr and ends with status 1 (it ended with 0 and no word)."""
     def run_info(args):
         sys.exit(code)
 
     monkeypatch.setattr(cli, "run_info", run_info)
     assert cli.main(["info"]) == expected
+    assert capsys.readouterr().err == err
