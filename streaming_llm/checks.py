@@ -1,4 +1,5 @@
-"""Argument checks shared by the public API: one sentence naming the argument, never a torch error later."""
+"""Argument checks shared by the public API: one sentence naming the argument, never a torch error later; and
+`warn_at_caller`, the package's warnings pointed at the user's line."""
 
 from __future__ import annotations
 

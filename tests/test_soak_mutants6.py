@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 
 from streaming_llm import StreamingLLMWrapper
 from streaming_llm.bench import soak
+from test_generation_mutants import _Clock  # soak.py's `time`: perf_counter() steps by `step` from `start`
 from test_soak import _records, _tiny_wrapper
 
 # -- the models and the token sources ------------------------------------------------------------------------
@@ -111,21 +112,10 @@ def test_the_soak_is_silent_unless_asked_and_then_prints_a_line_per_record(capsy
     assert all(f"held {r['cache_length']}" in line for line, r in zip(lines, outcome["records"]))
 
 
-class _Clock:
-    """Stands in for soak.py's `time`: each perf_counter() reads `step` seconds more than the one before, from 100."""
-
-    def __init__(self, step: float):
-        self.now, self.step = 100.0 - step, step
-
-    def perf_counter(self) -> float:
-        self.now += self.step
-        return self.now
-
-
 def test_the_elapsed_and_wall_times_are_read_from_the_start_of_the_stream(monkeypatch):
     """The clock is read at the start, at each record and at the end: elapsed_s is seconds since the start, rounded to
     milliseconds; wall_s the whole stream's, and tokens_per_s the tokens over it."""
-    monkeypatch.setattr(soak, "time", _Clock(1.23456))
+    monkeypatch.setattr(soak, "time", _Clock(start=100.0, step=1.23456))
     wrapper = _tiny_wrapper(n_sink=1, window_size=7)
     outcome = soak.run_soak(wrapper, soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=3), 20, 10, 5, 10)
     assert [r["elapsed_s"] for r in outcome["records"]] == [1.235, 2.469]
@@ -137,7 +127,7 @@ def test_the_elapsed_and_wall_times_are_read_from_the_start_of_the_stream(monkey
 def test_a_stream_timed_at_zero_seconds_has_no_speed(monkeypatch, step, tokens_per_s):
     """A clock that did not move (a coarse timer): tokens_per_s is None, not a division by zero; under a second it is
     the tokens over the seconds."""
-    monkeypatch.setattr(soak, "time", _Clock(step))
+    monkeypatch.setattr(soak, "time", _Clock(start=100.0, step=step))
     wrapper = _tiny_wrapper(n_sink=1, window_size=7)
     outcome = soak.run_soak(wrapper, soak.random_token_source(soak.TINY_VOCAB_SIZE, seed=3), 20, 10, 5, 10)
     assert outcome["tokens_per_s"] == (None if tokens_per_s is None else pytest.approx(tokens_per_s))
