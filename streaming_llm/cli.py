@@ -76,6 +76,9 @@ class _Parser(argparse.ArgumentParser):
             unknown = [name for name in (word.split("=")[0] for word in extras) if name.startswith("--") and name != "--"]
             begun = [option for option in known for name in unknown if option.startswith(name)]
             hint = f"; did you mean {' or '.join(dict.fromkeys(begun))}?" if begun else ""
+            takes_text = any(action.dest == "prompt_text" for action in parser._actions)
+            if takes_text and not any(word.startswith("-") for word in extras):
+                hint = "; a prompt of several words is one argument: quote it"
             raise UsageError(f"unrecognized arguments: {' '.join(extras)}{hint} (see {parser.prog} --help)")
         return namespace
 
@@ -135,6 +138,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ),
     )
     source = generate.add_mutually_exclusive_group()
+    source.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT", help="the prompt text (as --prompt; quote it)")
     source.add_argument("--prompt", "-p", default=None, metavar="TEXT", help="the prompt text")
     source.add_argument("--prompt-file", "-f", default=None, metavar="PATH", help="read the prompt from a UTF-8 file ('-' = stdin)")
     _add_sampling_arguments(generate, max_new_tokens=256, per="after the prompt")
@@ -283,8 +287,10 @@ def _write_text(text: str) -> None:
 # -- generate --------------------------------------------------------------------------------------------
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm generate`."""
+    if args.prompt_text is not None:  # `generate "text"` is `generate --prompt "text"`
+        args.prompt = args.prompt_text
     if args.prompt is None and args.prompt_file is None:
-        raise ValueError("give the prompt with --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
+        raise ValueError("give the prompt as PROMPT, --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
     prompt = require_utf8(args.prompt, "--prompt") if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
     if not prompt.strip():
         raise ValueError("the prompt is empty" if args.prompt is not None else f"the prompt file {args.prompt_file} is empty")

@@ -258,6 +258,21 @@ def test_generate_sampling_is_reproducible_with_a_seed(model_dir, capsys):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_generate_takes_the_prompt_as_its_argument_as_it_takes_it_from_the_option(model_dir, capsys):
+    argv = ["generate", "--model", str(model_dir), "--max-new-tokens", "8", "--ignore-eos", "--json", "--chat-template", "off"]
+    given = json.loads(run_main(capsys, *argv, "The prompt as an argument")[1])
+    option = json.loads(run_main(capsys, *argv, "--prompt", "The prompt as an argument")[1])
+    other = json.loads(run_main(capsys, *argv, "Another prompt")[1])
+    same = ("text", "prompt_tokens", "new_tokens", "stop_reason")
+    assert [given[key] for key in same] == [option[key] for key in same]
+    assert given["prompt_tokens"] != other["prompt_tokens"]
+
+
+def test_an_unknown_option_after_a_prompt_is_not_taken_for_prompt_words(capsys):
+    status, out, err = run_main(capsys, "generate", "x", "--outptu", "3")
+    assert_one_line_error(status, err, "unrecognized arguments: --outptu 3 (see streaming-llm generate --help)")
+
+
 def test_generate_stop_string_and_prompt_file_from_stdin(model_dir, capsys, monkeypatch):
     argv = ["generate", "--model", str(model_dir), "--max-new-tokens", "30", "--ignore-eos", "--json", "--chat-template", "off"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("The prompt from stdin"))
@@ -635,6 +650,8 @@ def test_ctrl_c_while_loading_ends_the_command_even_where_transformers_swallows_
         (["generate", "-p", "x", "--compile", "always", "--streaming-mode", "mit"], "--compile always needs --streaming-mode ours"),
         (["generate", "-p", "x", "--device", "tpu"], "--device must be"),
         (["generate", "--prompt", "x", "--prompt-file", "y"], "not allowed with argument"),
+        (["generate", "x", "--prompt-file", "y"], "argument --prompt-file/-f: not allowed with argument PROMPT"),
+        (["generate", "Once", "upon", "a"], "unrecognized arguments: upon a; a prompt of several words is one argument: quote it"),
         (["generate", "--prompt-file", "."], "prompt file is a folder, not a file: ."),
         (["generate", "-p", "x", "--temperature", "inf"], "--temperature must be >= 0 and finite"),
         (["generate", "-p", "x", "--repetition-penalty", "nan"], "--repetition-penalty must be > 0 and finite"),
