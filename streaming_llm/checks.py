@@ -25,15 +25,16 @@ def is_number(value) -> bool:
 
 
 def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """warnings.warn pointed at the first frame outside streaming_llm, transformers and torch: the line of the
-    user's code that led to it, however deep in those packages the warning is found (a fixed stacklevel named a
-    line inside one of them)."""
+    """warnings.warn pointed at the first frame outside streaming_llm, transformers, torch and accelerate (whose
+    hooks wrap an offloaded model's forward): the line of the user's code that led to it, however deep in those
+    packages the warning is found (a fixed stacklevel named a line inside one of them)."""
     import torch
     import transformers
 
     import streaming_llm
 
-    packages = tuple(str(Path(module.__file__).parent) + os.sep for module in (streaming_llm, transformers, torch))
+    modules = (streaming_llm, transformers, torch, sys.modules.get("accelerate"))  # accelerate: only where loaded
+    packages = tuple(str(Path(module.__file__).parent) + os.sep for module in modules if module is not None)
     frame, level = sys._getframe(1), 2  # stacklevel 2: warn_at_caller's caller
     while frame.f_back is not None and frame.f_code.co_filename.startswith(packages):
         frame, level = frame.f_back, level + 1

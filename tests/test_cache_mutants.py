@@ -45,6 +45,19 @@ def test_the_autograd_warning_points_at_the_users_call_of_the_model(llama_model)
     assert warning.filename == __file__
 
 
+def test_the_autograd_warning_points_past_accelerates_hook_on_the_model(llama_model):
+    """A model under an accelerate hook (device_map, offloading) runs its forward through accelerate's wrapper: the
+    warning named that wrapper's line in accelerate/hooks.py, not the user's call."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = prepare_model(copy.deepcopy(llama_model))
+    add_hook_to_module(model, ModelHook())
+    with torch.enable_grad(), pytest.warns(UserWarning, match="autograd on") as caught:
+        model(random_ids(4, seed=3)[None], past_key_values=StreamingKVCache(2, 4))
+    (warning,) = [warning for warning in caught if "autograd on" in str(warning.message)]
+    assert warning.filename == __file__
+
+
 def test_generate_never_compiles_the_model_around_a_streaming_cache(llama_model, monkeypatch):
     """`is_compileable` is False: transformers compiles generate()'s decode steps for a static-shaped cache (on a GPU,
     or anywhere with `_compile_all_devices`), and this cache's layers change shape as the stream grows."""
