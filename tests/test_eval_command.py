@@ -66,6 +66,24 @@ def test_eval_scores_every_method_and_skips_finished_ones(model_dir, tmp_path, c
     assert {m: r["perplexity"] for m, r in again.items()} == {m: r["perplexity"] for m, r in first.items()}
 
 
+def test_each_models_figure_keeps_its_own_name_in_a_shared_folder(model_dir, neox_dir, tmp_path, capsys):
+    """eval --plot named its figure by stream length and cache only: a second model's (or dtype's) eval in the same
+    folder replaced the first one's figure. It is named as summaries are: by model and text once the folder holds
+    several, and by a dtype other than float32."""
+    argv = [*STREAM, "--methods", "dense,streaming_pos_shift", "--output-dir", str(tmp_path), "--plot"]
+    assert run_main(capsys, "eval", "--model", str(model_dir), *argv)[0] == 0
+    first = tmp_path / "nll_curves_T120_s2_w20.png"
+    drawn = first.read_bytes()
+    status, out, err = run_main(capsys, "eval", "--model", str(neox_dir), *argv)
+    assert status == 0, err
+    (data,) = {Path(result["json_path"]).name.split("__")[1] for result in results_of(out).values()}
+    assert first.read_bytes() == drawn
+    assert (tmp_path / f"nll_curves__tiny_neox__{data}_T120_s2_w20.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_main(capsys, "eval", "--model", str(neox_dir), *argv, "--dtype", "bfloat16")[0] == 0
+    assert (tmp_path / f"nll_curves__tiny_neox__{data}_T120_s2_w20__bfloat16.png").is_file()
+    assert len(list(tmp_path.glob("*.png"))) == 3
+
+
 def test_eval_skips_a_reference_that_cannot_run_the_model(neox_dir, tmp_path, capsys):
     status, out, err = run_main(capsys, "eval", "--model", str(neox_dir), *STREAM, "--output-dir", str(tmp_path),
                                 "--methods", "streaming_pos_shift,kvpress_decode_corrected")
