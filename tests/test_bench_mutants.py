@@ -39,14 +39,15 @@ class _Progress:
 class _FakeDecoder:
     """Counts its steps; its cache length and bytes are read from that count (so when they are read shows)."""
 
-    def __init__(self, name, capacity, fail=None):
+    def __init__(self, name, capacity, fail=None, reason=None):
         self.name, self.capacity, self.fail, self.steps = name, capacity, fail, 0
+        self.reason = reason or f"{name} cannot run here"
         if name == "a":
             self.wrapper = types.SimpleNamespace(step_kind="cuda_graph")
 
     def prepare(self):
         if self.fail is not None:
-            raise self.fail(f"{self.name} cannot run here")
+            raise self.fail(self.reason)
 
     def step(self):
         self.steps += 1
@@ -90,6 +91,26 @@ def test_measure_latency_round_robin_warmup_skips_and_readings(monkeypatch, caps
                                                     "bench: skipping no_import: no_import cannot run here"]
     assert skipped == [{"method": "no_value", "capacity": 16, "reason": "no_value cannot run here"},
                        {"method": "no_import", "capacity": 16, "reason": "no_import cannot run here"}]
+
+
+def test_a_method_skipped_for_the_same_reason_at_the_next_cache_size_is_named_once(monkeypatch, capsys):
+    """kvpress_decode on a model kvpress does not support printed the same line for every cache size; `skipped`
+    (what the JSON and the final "not timed" line report) still gets one entry per size."""
+    def make_decoder(method, model, n_sink, capacity, decode_attention="auto"):
+        reason = "unsupported" if method == "no_model" else f"too big for {capacity}"
+        return _FakeDecoder(method, capacity, ValueError if method != "a" else None, reason=reason)
+
+    monkeypatch.setattr(latency, "make_decoder", make_decoder)
+    monkeypatch.setattr(latency, "prepare_attn", lambda decoder: None)
+    skipped = []
+    for capacity in (16, 32):
+        latency.measure_latency(torch.nn.Linear(1, 1), ["a", "no_model", "no_size"], capacity=capacity, rounds=1,
+                                steps_per_round=1, warmup=0, skipped=skipped)
+    assert capsys.readouterr().err.splitlines() == ["bench: skipping no_model: unsupported",
+                                                    "bench: skipping no_size: too big for 16",
+                                                    "bench: skipping no_size: too big for 32"]
+    assert [(entry["method"], entry["capacity"]) for entry in skipped] == [
+        ("no_model", 16), ("no_size", 16), ("no_model", 32), ("no_size", 32)]
 
 
 def test_summary_passes_the_row_through_and_rounds_setup_to_centiseconds():

@@ -377,7 +377,8 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
                     steps_per_round: int = 6, warmup: int = 3, progress=None,
                     decode_attention: str = "auto", skipped: list[dict] | None = None) -> list[LatencyRow]:
     """Round-robin timing of each method's decode step at one cache size; returns a row per method timed. A method
-    that cannot run (this model, or an optional package missing) is skipped with one line on stderr, and
+    that cannot run (this model, or an optional package missing) is skipped with one line on stderr (not repeated
+    for the next cache size where `skipped` already holds the method and reason), and
     {"method", "capacity", "reason"} is appended to `skipped` where a list is given."""
     device = next(model.parameters()).device
     decoders = []
@@ -388,7 +389,8 @@ def measure_latency(model: nn.Module, methods: list[str], capacity: int, n_sink:
         try:
             decoder.prepare()
         except (ValueError, ImportError) as error:  # cannot run this model / optional package missing: reported
-            print(f"bench: skipping {method}: {error}", file=sys.stderr)
+            if not any((entry["method"], entry["reason"]) == (method, str(error)) for entry in skipped or ()):
+                print(f"bench: skipping {method}: {error}", file=sys.stderr)
             if skipped is not None:
                 skipped.append({"method": method, "capacity": capacity, "reason": str(error)})
             if progress is not None:  # its rounds will not come: the bar still ends at 100%
