@@ -138,7 +138,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ),
     )
     source = generate.add_mutually_exclusive_group()
-    source.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT", help="the prompt text (as --prompt; quote it)")
+    source.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
+                        help="the prompt text (as --prompt; quote it); - reads it from stdin (as --prompt-file -)")
     source.add_argument("--prompt", "-p", default=None, metavar="TEXT", help="the prompt text")
     source.add_argument("--prompt-file", "-f", default=None, metavar="PATH", help="read the prompt from a UTF-8 file ('-' = stdin)")
     _add_sampling_arguments(generate, max_new_tokens=256, per="after the prompt")
@@ -287,7 +288,9 @@ def _write_text(text: str) -> None:
 # -- generate --------------------------------------------------------------------------------------------
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of `streaming-llm generate`."""
-    if args.prompt_text is not None:  # `generate "text"` is `generate --prompt "text"`
+    if args.prompt_text == "-":  # `generate -` is `generate --prompt-file -`
+        args.prompt_file = "-"
+    elif args.prompt_text is not None:  # `generate "text"` is `generate --prompt "text"`
         args.prompt = args.prompt_text
     if args.prompt is None and args.prompt_file is None:
         raise ValueError("give the prompt as PROMPT, --prompt TEXT or --prompt-file PATH ('-' reads stdin)")

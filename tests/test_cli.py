@@ -277,6 +277,9 @@ def test_generate_stop_string_and_prompt_file_from_stdin(model_dir, capsys, monk
     argv = ["generate", "--model", str(model_dir), "--max-new-tokens", "30", "--ignore-eos", "--json", "--chat-template", "off"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("The prompt from stdin"))
     full = json.loads(run_main(capsys, *argv, "--prompt-file", "-")[1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The prompt from stdin"))
+    dash = json.loads(run_main(capsys, *argv, "-")[1])  # `generate -` reads stdin too
+    assert (dash["prompt_tokens"], dash["text"]) == (full["prompt_tokens"], full["text"])
     stop = full["text"][10:14]
     monkeypatch.setattr(sys, "stdin", io.StringIO("The prompt from stdin"))
     cut = json.loads(run_main(capsys, *argv, "--prompt-file", "-", "--stop", stop)[1])
