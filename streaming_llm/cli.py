@@ -170,7 +170,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="PROMPTS.jsonl",
         help='scripted mode: one JSON object per line with a "prompt" string or a "turns" list (MT-Bench style)',
     )
-    chat.add_argument("--output", "-o", default=None, metavar="ANSWERS.jsonl", help="with --script: write one JSON record per answer (written when the script completes)")
+    chat.add_argument("--output", "-o", default=None, metavar="ANSWERS.jsonl", help="with --script: write one JSON record per answer (written when the script completes; "
+                      "stopped by Ctrl-C or SIGTERM, the finished answers go to ANSWERS.partial.jsonl)")
     _add_sampling_arguments(chat, max_new_tokens=256, per="per answer")
     chat.set_defaults(handler=run_chat)
 
@@ -461,36 +462,46 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
     total_turns = sum(len(record["turns"]) for record in script)
     bar = tqdm(total=total_turns, desc="turns", unit="turn", disable=not (args.json and show_progress(args)))
     answers, new_tokens, start = [], 0, time.perf_counter()
-    for record_index, record in enumerate(script):
-        for turn_index, prompt in enumerate(record["turns"]):
-            if not args.json:
-                _write_text(f"USER: {prompt}\n\nASSISTANT: ")
-            for piece in chat.send(prompt):
+    try:
+        for record_index, record in enumerate(script):
+            for turn_index, prompt in enumerate(record["turns"]):
                 if not args.json:
-                    _write_text(piece.text)
-            if not args.json:
-                _write_text("\n\n")
-            turn = chat.last_turn
-            new_tokens += turn.new_tokens
-            answers.append(
-                {
-                    **record["fields"],
-                    "record": record_index,
-                    "turn": turn_index,
-                    "prompt": prompt,
-                    "answer": turn.answer,
-                    "new_tokens": turn.new_tokens,
-                    "fed_tokens": turn.fed_tokens,
-                    "stop_reason": turn.stop_reason,
-                    "tokens_seen": chat.wrapper.tokens_seen,
-                    "cache_length": chat.wrapper.cache.get_cache_length(),
-                    "seconds": round(turn.seconds, 4),
-                }
-            )
-            bar.update()
-    bar.close()
+                    _write_text(f"USER: {prompt}\n\nASSISTANT: ")
+                for piece in chat.send(prompt):
+                    if not args.json:
+                        _write_text(piece.text)
+                if not args.json:
+                    _write_text("\n\n")
+                turn = chat.last_turn
+                new_tokens += turn.new_tokens
+                answers.append(
+                    {
+                        **record["fields"],
+                        "record": record_index,
+                        "turn": turn_index,
+                        "prompt": prompt,
+                        "answer": turn.answer,
+                        "new_tokens": turn.new_tokens,
+                        "fed_tokens": turn.fed_tokens,
+                        "stop_reason": turn.stop_reason,
+                        "tokens_seen": chat.wrapper.tokens_seen,
+                        "cache_length": chat.wrapper.cache.get_cache_length(),
+                        "seconds": round(turn.seconds, 4),
+                    }
+                )
+                bar.update()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: the answers finished so far are kept, beside --output
+        if args.output and answers:
+            partial = partial_path(Path(args.output))
+            _write_jsonl_atomically(partial, answers)
+            print(f"chat: interrupted after {len(answers)} of {total_turns} answers; those are in {partial}",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        bar.close()
     if args.output:
         _write_jsonl_atomically(Path(args.output), answers)
+        partial_path(Path(args.output)).unlink(missing_ok=True)  # an interrupted run's, now superseded
     seconds = time.perf_counter() - start
     summary = {
         "model": model_label(args),
@@ -507,6 +518,12 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
     else:
         status(args, _chat_stats_line(chat) + (f"; {len(answers)} answers written to {args.output}" if args.output else ""))
     return 0
+
+
+def partial_path(output: Path) -> Path:
+    """Where an interrupted --script run leaves the answers it finished: answers.jsonl -> answers.partial.jsonl (never
+    the --output itself, which holds a whole run or nothing)."""
+    return output.with_name(f"{output.stem}.partial{output.suffix}")
 
 
 def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -313,6 +314,44 @@ def test_chat_script_20_turns_records_every_answer(model_dir, script_file, tmp_p
     assert summary["answers"] == 20 and summary["cache_length"] == CAPACITY
     answers = check_answers(output, script_file)
     assert summary["tokens_seen"] == answers[-1]["tokens_seen"]
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, lambda: SystemExit(143)], ids=["ctrl_c", "sigterm"])
+def test_an_interrupted_chat_script_keeps_its_finished_answers_beside_the_output(model_dir, script_file, tmp_path,
+                                                                                capsys, monkeypatch, interruption):
+    """Ctrl-C or SIGTERM in a long --script run lost every answer (--output is written when the script completes).
+    The finished ones now go to answers.partial.jsonl, as a whole run would have recorded them; --output itself is
+    not written. A later run that completes removes that partial file."""
+    from streaming_llm.generation import StreamingChat
+
+    output = tmp_path / "answers.jsonl"
+    argv = ["chat", "--model", str(model_dir), *CACHE_OPTIONS, "--script", str(script_file), "--output", str(output),
+            "--max-new-tokens", "6", "--json", "--quiet"]
+    assert run_main(capsys, *argv)[0] == 0
+    whole = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    output.unlink()
+
+    plain_send, calls = StreamingChat.send, itertools.count()
+
+    def send(self, prompt):
+        if next(calls) == 3:  # during the fourth answer
+            raise interruption()
+        return plain_send(self, prompt)
+
+    monkeypatch.setattr(StreamingChat, "send", send)
+    status, out, err = run_main(capsys, *argv)
+    partial = tmp_path / "answers.partial.jsonl"
+    assert status == (130 if interruption is KeyboardInterrupt else 143) and out == ""
+    assert f"chat: interrupted after 3 of 20 answers; those are in {partial}" in err
+    assert not output.exists()
+    kept = [json.loads(line) for line in partial.read_text(encoding="utf-8").splitlines()]
+    unstable = ("seconds",)
+    assert [{k: v for k, v in a.items() if k not in unstable} for a in kept] == [
+        {k: v for k, v in a.items() if k not in unstable} for a in whole[:3]]
+
+    monkeypatch.setattr(StreamingChat, "send", plain_send)
+    assert run_main(capsys, *argv)[0] == 0
+    assert output.is_file() and not partial.exists()
 
 
 def test_chat_script_subprocess(model_dir, script_file, tmp_path):
