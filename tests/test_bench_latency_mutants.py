@@ -471,3 +471,37 @@ def test_a_model_given_is_the_model_timed(fake_bench, monkeypatch, capsys, tmp_p
     status, _, err, report = fake_bench(capsys, tmp_path, "--model", "some/model", "--cache-sizes", "16", "--quiet")
     assert status == 0, err
     assert loaded == [("some/model", torch.float32, "cpu")] and report["model"] == "some/model"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, _StopBench], ids=["ctrl_c", "crash"])
+def test_a_bench_stopped_part_way_keeps_the_sizes_it_finished(fake_bench, monkeypatch, capsys, tmp_path, stop):
+    """A run stopped in its second cache size (Ctrl-C, a machine's time limit, a crash) wrote nothing: the JSON came
+    at the end. Each finished size is now kept in <tag>.partial.json, marked partial; the run that completes writes
+    <tag>.json and removes it."""
+    import json
+
+    plain = latency.measure_latency
+
+    def measure_latency(model, methods, capacity, *args, **kwargs):
+        if capacity == 32:
+            raise stop()
+        return plain(model, methods, capacity, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_latency", measure_latency)
+    options = ("--cache-sizes", "16,32", "--quiet")
+    if stop is KeyboardInterrupt:
+        assert fake_bench(capsys, tmp_path, *options)[0] == 130
+    else:
+        with pytest.raises(_StopBench):
+            fake_bench(capsys, tmp_path, *options)
+    partial = tmp_path / "t.partial.json"
+    kept = json.loads(partial.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["t.partial.json"]
+    assert kept["partial"] is True and kept["kind"] == "decode_latency" and kept["environment"]["device"] == "cpu"
+    assert [(row["method"], row["capacity"]) for row in kept["rows"]] == [("dense_static", 16), ("mit", 16)]
+
+    monkeypatch.setattr(latency, "measure_latency", plain)
+    status, _, err, report = fake_bench(capsys, tmp_path, *options)
+    assert status == 0 and "partial" not in report, err
+    assert [row["capacity"] for row in report["rows"]] == [16, 16, 32, 32]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.png"]

@@ -171,7 +171,24 @@ def run_bench(args: argparse.Namespace) -> int:
     progress_bars = show_progress(args)  # status lines and progress bars only on a terminal
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress_bars else (lambda *a: None)
     say(f"bench: shape={args.shape} device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
-    rows, skipped = [], []
+    tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    header = {
+        "kind": "decode_latency", "shape": args.shape,
+        "model": (args.model or "embedded") if args.shape == "embedded" else "random weights", "dtype": args.dtype,
+        "n_sink": args.n_sink, "decode_attention": resolve_decode_attention(args.decode_attention, device), "rounds": args.rounds, "steps_per_round": args.steps,
+    }
+    rows, skipped, stream_rows = [], [], []
+    # What is measured is kept as it comes, in <tag>.partial.json (whole, like every JSON here): a run stopped part
+    # way (Ctrl-C, a machine's time limit, a crash in a later size) keeps the sizes it finished. The full report
+    # replaces it at the end.
+    partial_path = output_dir / f"{tag}.partial.json"
+
+    def keep_partial() -> None:
+        if rows or stream_rows:
+            write_json_atomically(partial_path, {**header, "environment": latency.environment(device), "partial": True,
+                                                 "rows": rows, "skipped": skipped, "stream": stream_rows,
+                                                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
     for capacity in args.cache_sizes:
         progress = None
         if progress_bars:
@@ -184,8 +201,8 @@ def run_bench(args: argparse.Namespace) -> int:
             rows.append(row.summary())
         if progress is not None:
             progress.close()
+        keep_partial()
 
-    stream_rows = []
     if args.stream_tokens:
         checkpoints = sorted({stream_capacity, *(n for n in (1_000, 10_000, 50_000, 100_000) if n < args.stream_tokens),
                               args.stream_tokens})
@@ -197,11 +214,11 @@ def run_bench(args: argparse.Namespace) -> int:
         stream_rows = latency.measure_stream(model, stream_capacity, args.n_sink, checkpoints, progress=progress)
         if progress is not None:
             progress.close()
+        keep_partial()
 
     if not rows and not stream_rows:
         raise ValueError("no method could be timed on this model (each was skipped, see above); nothing written")
     profiles = []
-    tag = args.tag or f"{args.shape}_{device.split(':')[0]}_{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     # The profile's tables are output the user asked for: on stdout with the latency table (not with --json).
     show = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
     if args.profile:
@@ -218,10 +235,7 @@ def run_bench(args: argparse.Namespace) -> int:
                              "stages": profiled.stages, "top_operators": profiled.top_operators})
 
     report = {
-        "kind": "decode_latency", "shape": args.shape,
-        "model": (args.model or "embedded") if args.shape == "embedded" else "random weights", "dtype": args.dtype,
-        "n_sink": args.n_sink, "decode_attention": resolve_decode_attention(args.decode_attention, device), "rounds": args.rounds, "steps_per_round": args.steps,
-        "environment": latency.environment(device), "rows": rows, "skipped": skipped, "stream": stream_rows,
+        **header, "environment": latency.environment(device), "rows": rows, "skipped": skipped, "stream": stream_rows,
         "ratios_vs_dense_static": _ratios(rows, "dense_static"),
         "ratios_vs_dense_static_compiled": _ratios(rows, "dense_static_compiled"),
         "bandwidth_floor": _bandwidth_floor(model, device, args.cache_sizes), "compile_counters": _compile_counters(),
@@ -230,6 +244,7 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     json_path = output_dir / f"{tag}.json"
     write_json_atomically(json_path, report)
+    partial_path.unlink(missing_ok=True)
     png_path = output_dir / f"{tag}.png"
     from streaming_llm.bench.plots import plot_latency
 
