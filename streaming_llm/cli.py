@@ -459,6 +459,8 @@ def run_chat(args: argparse.Namespace) -> int:
 def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
     from tqdm.auto import tqdm
 
+    from streaming_llm.eval.results import partial_path
+
     total_turns = sum(len(record["turns"]) for record in script)
     bar = tqdm(total=total_turns, desc="turns", unit="turn", disable=not (args.json and show_progress(args)))
     answers, new_tokens, start = [], 0, time.perf_counter()
@@ -492,7 +494,7 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
                 bar.update()
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: the answers finished so far are kept, beside --output
         if args.output and answers:
-            partial = partial_path(Path(args.output))
+            partial = partial_path(args.output)
             _write_jsonl_atomically(partial, answers)
             print(f"chat: interrupted after {len(answers)} of {total_turns} answers; those are in {partial}",
                   file=sys.stderr, flush=True)
@@ -501,7 +503,7 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
         bar.close()
     if args.output:
         _write_jsonl_atomically(Path(args.output), answers)
-        partial_path(Path(args.output)).unlink(missing_ok=True)  # an interrupted run's, now superseded
+        partial_path(args.output).unlink(missing_ok=True)  # an interrupted run's, now superseded
     seconds = time.perf_counter() - start
     summary = {
         "model": model_label(args),
@@ -518,12 +520,6 @@ def _run_script(args: argparse.Namespace, chat, script: list[dict]) -> int:
     else:
         status(args, _chat_stats_line(chat) + (f"; {len(answers)} answers written to {args.output}" if args.output else ""))
     return 0
-
-
-def partial_path(output: Path) -> Path:
-    """Where an interrupted --script run leaves the answers it finished: answers.jsonl -> answers.partial.jsonl (never
-    the --output itself, which holds a whole run or nothing)."""
-    return output.with_name(f"{output.stem}.partial{output.suffix}")
 
 
 def _write_jsonl_atomically(path: Path, records: list[dict]) -> None:

@@ -134,7 +134,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from streaming_llm.bench import latency
     from streaming_llm.cli_common import show_progress
-    from streaming_llm.eval.results import prepare_output_dir, write_json_atomically
+    from streaming_llm.eval.results import partial_path, prepare_output_dir, write_json_atomically
     from streaming_llm.loading import resolve_device, resolve_dtype
     from streaming_llm.fast import resolve_decode_attention
 
@@ -181,11 +181,11 @@ def run_bench(args: argparse.Namespace) -> int:
     # What is measured is kept as it comes, in <tag>.partial.json (whole, like every JSON here): a run stopped part
     # way (Ctrl-C, a machine's time limit, a crash in a later size) keeps the sizes it finished. The full report
     # replaces it at the end.
-    partial_path = output_dir / f"{tag}.partial.json"
+    json_path = output_dir / f"{tag}.json"
 
     def keep_partial() -> None:
         if rows or stream_rows:
-            write_json_atomically(partial_path, {**header, "environment": latency.environment(device), "partial": True,
+            write_json_atomically(partial_path(json_path), {**header, "environment": latency.environment(device), "partial": True,
                                                  "rows": rows, "skipped": skipped, "stream": stream_rows,
                                                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
@@ -242,9 +242,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "profile": profiles,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    json_path = output_dir / f"{tag}.json"
     write_json_atomically(json_path, report)
-    partial_path.unlink(missing_ok=True)
+    partial_path(json_path).unlink(missing_ok=True)
     png_path = output_dir / f"{tag}.png"
     from streaming_llm.bench.plots import plot_latency
 

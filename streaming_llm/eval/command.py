@@ -254,11 +254,12 @@ def run_eval(args: argparse.Namespace) -> int:
         from streaming_llm.eval.plots import plot_nll_curves
         from streaming_llm.eval.results import dtype_suffix, result_sources, summary_source
 
-        if plot_path is None:  # named as summaries are: by model and text where the folder holds several, and dtype
+        png = plot_path
+        if png is None:  # named as summaries are: by model and text where the folder holds several, and dtype
             record = runs[0].record
             source = summary_source(result_sources(output_dir), record["model"], record["data"])
-            plot_path = output_dir / f"nll_curves{source}_T{args.num_tokens}_s{n_sink}_w{window_size}{dtype_suffix(record['dtype'])}.png"
-        png = plot_path
+            name = f"nll_curves{source}_T{args.num_tokens}_s{n_sink}_w{window_size}{dtype_suffix(record['dtype'])}"
+            png = output_dir / f"{name}.png"
 
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         plot_nll_curves([run.json_path for run in runs], png, capacity=n_sink + window_size, context_length=context)

@@ -148,6 +148,14 @@ def write_result(output_dir: str | os.PathLike, stem: str, record: dict, nlls: t
     return json_path
 
 
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a run stopped part way keeps what it finished, beside the file it would have written: answers.jsonl ->
+    answers.partial.jsonl, <tag>.json -> <tag>.partial.json (never that file itself, which holds a whole run or
+    nothing)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
 def write_json_atomically(path: str | os.PathLike, payload) -> Path:
     """Any JSON-ready payload to `path`, atomically (summaries, comparisons)."""
     path = Path(path)
