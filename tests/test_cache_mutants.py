@@ -35,23 +35,17 @@ def test_a_first_pass_stopped_after_the_first_layer_is_named_with_each_layers_co
         wrapper(ids)
 
 
-def test_the_autograd_warning_points_at_the_users_call_of_the_model(llama_model):
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain", "accelerate_hook"])
+def test_the_autograd_warning_points_at_the_users_call_of_the_model(llama_model, hooked):
     """Attributed to the user's line that ran the model, not to the model's attention that called `cache.update`
-    (where a fixed stacklevel pointed) nor to a frame of torch's module machinery above it."""
-    model = prepare_model(copy.deepcopy(llama_model))
-    with torch.enable_grad(), pytest.warns(UserWarning, match="autograd on") as caught:
-        model(random_ids(4, seed=3)[None], past_key_values=StreamingKVCache(2, 4))
-    (warning,) = [warning for warning in caught if "autograd on" in str(warning.message)]
-    assert warning.filename == __file__
-
-
-def test_the_autograd_warning_points_past_accelerates_hook_on_the_model(llama_model):
-    """A model under an accelerate hook (device_map, offloading) runs its forward through accelerate's wrapper: the
-    warning named that wrapper's line in accelerate/hooks.py, not the user's call."""
+    (where a fixed stacklevel pointed) nor to a frame of torch's module machinery above it. A model under an
+    accelerate hook (device_map, offloading) runs its forward through accelerate's wrapper, whose line in
+    accelerate/hooks.py it named."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
     model = prepare_model(copy.deepcopy(llama_model))
-    add_hook_to_module(model, ModelHook())
+    if hooked:
+        add_hook_to_module(model, ModelHook())
     with torch.enable_grad(), pytest.warns(UserWarning, match="autograd on") as caught:
         model(random_ids(4, seed=3)[None], past_key_values=StreamingKVCache(2, 4))
     (warning,) = [warning for warning in caught if "autograd on" in str(warning.message)]
